@@ -1,0 +1,6 @@
+/** @file The sub-commands of the CLI, each a function that adds itself to the program. */
+import type { Command } from 'commander';
+
+export type RegisterCommand = (program: Command) => void;
+
+export const commands: RegisterCommand[] = [];

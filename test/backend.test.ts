@@ -1,0 +1,13 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { initBackend, currentBackend, BACKEND_ORDER, tf } from '../trainers/tf.ts';
+
+test('initBackend picks a backend, says which, and explains the ones it skipped', async () => {
+  const choice = await initBackend();
+  assert.ok(BACKEND_ORDER.includes(choice.name));
+  assert.equal(currentBackend(), choice);
+  for (const line of choice.skipped) assert.match(line, /^[a-z-]+: .+/);
+  // gradients are registered (tfjs-core alone registers none in Node)
+  const g = tf.grad((x: tf.Tensor) => x.square().sum())(tf.tensor([1, 2, 3]));
+  assert.deepEqual(Array.from(await g.data()), [2, 4, 6]);
+});
