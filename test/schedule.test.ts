@@ -1,13 +1,21 @@
 /**
  * @file Noise schedule goldens (from the checkpoint buffers and computed), q_sample and the loss
- * target on every fixture's training batch, the loss, the optional helpers, and a leak check.
+ * target on every fixture's training batch, the loss, the optional helpers, a leak check, and the
+ * preview sampler built on the schedule (DDIM/Euler with a stub model, PNG infotext).
  */
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
 import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import type { TensorSource } from '../trainers/io/types.ts';
+import { disposeParams } from '../trainers/nets/params.ts';
+import { loadVae, vaeConfigFromKeys } from '../trainers/nets/vae.ts';
+import { ddimTimesteps, eulerSigmas, sampleImage, sampleLatents, savePreviewPng, seededNormal, type Denoiser } from '../trainers/sample.ts';
 import {
   computeSchedule, diffusionLoss, loadSchedule, offsetNoise, weightedDiffusionLoss, type Parameterization, type ScheduleConfig,
 } from '../trainers/schedule.ts';
@@ -136,4 +144,94 @@ test('v target, loss, Min-SNR weights, noise offset; no tensors left behind', as
   assert.throws(() => s.targetFor('x0' as Parameterization, x0, noise, ts), /unknown 'x0'/);
   assert.equal(computeSchedule().betas.length, 1000);
   tf.dispose([x0, noise]);
+});
+
+// ---------------------------------------------------------------- preview sampler
+
+test('preview sampler: DDIM and Euler, eps and v, with guidance: finite, right size, deterministic, no leaks; PNG with infotext', async () => {
+  const model = await openSafetensors('test/fixtures/sd-tiny/model.safetensors');
+  const vae = await loadVae(model, { parts: ['decoder'] });
+  const schedule = await loadSchedule(model);
+  const context = tf.randomNormal([1, 77, 32], 0, 1, 'float32', 1);
+  const uncondContext = tf.zeros([1, 77, 32]);
+  // a stub model that depends on latents, timestep and context, so guidance and steps matter
+  const denoise: Denoiser = (x, t, ctx) =>
+    tf.tidy(() => x.mul(0.5).add(ctx.mean([1, 2]).reshape([-1, 1, 1, 1]).mul(t / 1000)));
+  const inputs = { denoise, schedule, vae, context, uncondContext };
+  const dir = await mkdtemp(join(tmpdir(), 'sidetrain-sample-'));
+  for (const sampler of ['ddim', 'euler'] as const) {
+    for (const parameterization of ['eps', 'v'] as const) {
+      const opts = { sampler, parameterization, steps: 2, cfgScale: 7, seed: 42, width: 64, height: 48 };
+      await sampleImage(inputs, opts); // burn-in
+      const before = tf.memory().numTensors;
+      const a = await sampleImage(inputs, opts);
+      assert.equal(tf.memory().numTensors, before, `${sampler}/${parameterization} leaks tensors`);
+      const b = await sampleImage(inputs, opts);
+      const c = await sampleImage(inputs, { ...opts, seed: 43 });
+      assert.equal(a.rgb.length, 64 * 48 * 3);
+      assert.deepEqual(a.rgb, b.rgb, 'same seed, same image');
+      assert.notDeepEqual(a.rgb, c.rgb, 'another seed, another image');
+      const latents = sampleLatents(inputs, opts);
+      assert.deepEqual(latents.shape, [1, 6, 8, 4]);
+      assert.ok((await latents.data()).every(Number.isFinite));
+      latents.dispose();
+    }
+  }
+  const { rgb, width, height } = await sampleImage(inputs, { parameterization: 'eps', steps: 2, seed: 1, width: 64, height: 64 });
+  const path = join(dir, 'preview.png');
+  const infotext = 'a photo of pallas_cat — ünïcode\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64';
+  await savePreviewPng(path, rgb, width, height, infotext);
+  const meta = await sharp(path).metadata();
+  assert.deepEqual([meta.width, meta.height, meta.channels], [64, 64, 3]);
+  assert.deepEqual(meta.comments, [{ keyword: 'parameters', text: infotext }]);
+  const back = await sharp(path).raw().toBuffer();
+  assert.deepEqual(new Uint8Array(back), rgb);
+  await savePreviewPng(path, rgb, width, height, 'Steps: 2, Seed: 1'); // Latin-1 → tEXt; overwrites
+  assert.deepEqual((await sharp(path).metadata()).comments, [{ keyword: 'parameters', text: 'Steps: 2, Seed: 1' }]);
+  assert.throws(() => sampleLatents(inputs, { parameterization: 'eps', seed: 1, width: 60, height: 64 }), /multiples of 8/);
+  assert.throws(() => sampleLatents({ ...inputs, uncondContext: undefined }, { parameterization: 'eps', seed: 1, width: 64, height: 64 }), /uncondContext/);
+  assert.deepEqual(ddimTimesteps(20, 1000).slice(0, 3), [1, 51, 101]);
+  assert.equal(eulerSigmas(schedule.alphasCumprod, 20).sigmas.length, 21);
+  tf.dispose([context, uncondContext]);
+  disposeParams(vae.params);
+  await model.close();
+  await rm(dir, { recursive: true });
+});
+
+async function maxDiff(a: Tensor, b: Tensor): Promise<number> {
+  const d = tf.tidy(() => tf.abs(a.sub(b)).max());
+  const v = (await d.data())[0]!;
+  d.dispose();
+  return v;
+}
+
+test('preview sampler math: an oracle model that knows the clean latent leads DDIM and Euler to it (eps and v)', async () => {
+  const schedule = await loadSchedule(undefined);
+  const acp = schedule.alphasCumprod;
+  const cfg = { ...vaeConfigFromKeys(new Map(Object.entries(JSON.parse(readFileSync('test/fixtures/sd-tiny/keys-sd15.json', 'utf8')) as Record<string, number[]>))) };
+  const vae = { params: new Map(), cfg };
+  const shape = [1, 2, 4, 4]; // 16×32 px
+  const clean = tf.randomNormal(shape, 0, 1, 'float32', 7); // the latent the oracle "knows"
+  const oracle = (parameterization: Parameterization): Denoiser => (x, t, _ctx) =>
+    tf.tidy(() => {
+      assert.ok(Number.isInteger(t), `integer timesteps expected here, got ${t}`);
+      const a = acp[t]!;
+      const eps = x.sub(clean.mul(Math.sqrt(a))).div(Math.sqrt(1 - a));
+      return parameterization === 'eps' ? eps : eps.mul(Math.sqrt(a)).sub(clean.mul(Math.sqrt(1 - a)));
+    });
+  const noise = tf.tensor(seededNormal(5, 32), shape);
+  for (const parameterization of ['eps', 'v'] as const) {
+    const inputs = { denoise: oracle(parameterization), schedule, vae, context: tf.zeros([1, 1, 1]) };
+    const base = { parameterization, cfgScale: 1, seed: 5, width: 32, height: 16 };
+    // Euler ends at sigma 0, i.e. on the denoised latent; 999/3 keeps the timesteps integer
+    const euler = sampleLatents(inputs, { ...base, sampler: 'euler', steps: 4 });
+    assert.ok((await maxDiff(euler, clean)) < 1e-4, `euler/${parameterization}`);
+    // DDIM (eta 0) keeps the first eps estimate and ends at alphas_prev[0] = acp[0]
+    const ddim = sampleLatents(inputs, { ...base, sampler: 'ddim', steps: 20 });
+    const epsT = noise.sub(clean.mul(Math.sqrt(acp[951]!))).div(Math.sqrt(1 - acp[951]!));
+    const expected = clean.mul(Math.sqrt(acp[0]!)).add(epsT.mul(Math.sqrt(1 - acp[0]!)));
+    assert.ok((await maxDiff(ddim, expected)) < 1e-4, `ddim/${parameterization}`);
+    tf.dispose([euler, ddim, epsT, expected, inputs.context]);
+  }
+  tf.dispose([clean, noise]);
 });
