@@ -82,3 +82,14 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, heads: number, mask?:
   const out = tf.matMul(tf.softmax(scores), vh); // [B·h, Tq, d]
   return out.reshape([b, heads, tq, d]).transpose([0, 2, 1, 3]).reshape([b, tq, c]);
 }
+
+/**
+ * F.interpolate(scale_factor=2, mode='nearest') on NHWC, built from stack+reshape because
+ * tf.image.resizeNearestNeighbor's gradient is wrong on the tfjs CPU backend (4.22: a directional
+ * finite-difference check disagrees) and broadcastTo/tile have no rank-6 gradient.
+ */
+export function upsampleNearest2x(x: Tensor): Tensor {
+  const [b, h, w, c] = x.shape as [number, number, number, number];
+  const rows = tf.stack([x, x], 2).reshape([b, 2 * h, w, c]); // each row twice
+  return tf.stack([rows, rows], 3).reshape([b, 2 * h, 2 * w, c]); // each column twice
+}
