@@ -173,3 +173,64 @@ export function windowIds(tokens: number[], padding: Padding): number[] {
   while (ids.length < CONTEXT_LENGTH) ids.push(pad);
   return ids;
 }
+
+/** A prompt's 77 ids with Textual Inversion placeholders, and where each embedding's vectors go. */
+export interface TokenizedPrompt {
+  ids: number[];
+  /** Per embedding occurrence: positions in `ids` (BOS = 0) that get its vectors, in order. */
+  embeddings: { name: string; positions: number[] }[];
+  /** Tokens (or an embedding that did not fit) were cut off after 75 tokens. */
+  truncated: boolean;
+}
+
+/**
+ * Tokenize a prompt the way the webui does for Textual Inversion (modules/sd_hijack_clip.py
+ * `tokenize_line` + textual_inversion.py `EmbeddingDatabase.find_embedding_at_position`): an
+ * embedding is found by its name's BPE tokens (the longest match wins), and its tokens are
+ * replaced by `numVectors` placeholder ids 0; EmbeddingsWithFixes later puts the vectors at
+ * those positions. Only the first 75-token window is produced (a longer prompt is truncated;
+ * the webui moves an embedding that would cross the window's end to the next chunk).
+ */
+export function tokenizeWithEmbeddings(
+  tokenizer: ClipTokenizer,
+  prompt: string,
+  embeddings: Map<string, number>,
+  padding: Padding,
+): TokenizedPrompt {
+  const lookup = embeddingLookup(tokenizer, embeddings);
+  const bpe = tokenizer.bpe(prompt);
+  const tokens: number[] = [];
+  const found: TokenizedPrompt['embeddings'] = [];
+  let truncated = false;
+  for (let pos = 0; pos < bpe.length; ) {
+    const match = (lookup.get(bpe[pos]!) ?? []).find((m) => m.ids.every((id, j) => bpe[pos + j] === id));
+    const emitted = match ? (embeddings.get(match.name) ?? 0) : 1;
+    if (tokens.length + emitted > MAX_BPE_TOKENS) {
+      truncated = true;
+      break;
+    }
+    if (match) {
+      found.push({ name: match.name, positions: Array.from({ length: emitted }, (_, i) => 1 + tokens.length + i) });
+      tokens.push(...new Array<number>(emitted).fill(0));
+      pos += match.ids.length;
+    } else tokens.push(bpe[pos++]!);
+  }
+  return { ids: windowIds(tokens, padding), embeddings: found, truncated };
+}
+
+/** first BPE id → candidate embeddings, longest token sequence first (webui ids_lookup). */
+function embeddingLookup(tokenizer: ClipTokenizer, embeddings: Map<string, number>): Map<number, { name: string; ids: number[] }[]> {
+  const lookup = new Map<number, { name: string; ids: number[] }[]>();
+  for (const [name, numVectors] of embeddings) {
+    if (!Number.isInteger(numVectors) || numVectors < 1 || numVectors > MAX_BPE_TOKENS) {
+      throw new Error(`embedding '${name}': numVectors must be 1..${MAX_BPE_TOKENS}, got ${numVectors}`);
+    }
+    const ids = tokenizer.bpe(name);
+    if (ids.length === 0) throw new Error(`embedding '${name}': the name has no tokens`);
+    const list = lookup.get(ids[0]!) ?? [];
+    list.push({ name, ids });
+    list.sort((a, b) => b.ids.length - a.ids.length); // stable: ties keep insertion order
+    lookup.set(ids[0]!, list);
+  }
+  return lookup;
+}
