@@ -1,0 +1,147 @@
+// N-API bindings. Every function takes the inputs' and the output's Float32Arrays (the CPU
+// backend's own buffers; the output is allocated by the caller) plus an Int32Array or
+// Float64Array of sizes, checks lengths, and runs synchronously on the calling thread plus
+// the pool.
+#include <node_api.h>
+
+#include <string>
+#include <thread>
+
+#include "gemm.h"
+#include "kernels.h"
+
+namespace {
+
+struct Args {
+  napi_env env;
+  napi_value argv[8];
+  size_t argc = 8;
+  bool failed = false;
+
+  Args(napi_env e, napi_callback_info info) : env(e) { napi_get_cb_info(e, info, &argc, argv, nullptr, nullptr); }
+
+  void fail(const std::string& msg) {
+    if (!failed) napi_throw_type_error(env, nullptr, msg.c_str());
+    failed = true;
+  }
+  template <class T>
+  T* array(size_t i, napi_typedarray_type want, size_t minLen, const char* name) {
+    if (failed) return nullptr;
+    bool is = false;
+    if (i >= argc || napi_is_typedarray(env, argv[i], &is) != napi_ok || !is) {
+      fail(std::string(name) + ": expected a typed array");
+      return nullptr;
+    }
+    napi_typedarray_type type;
+    size_t len;
+    void* data;
+    napi_get_typedarray_info(env, argv[i], &type, &len, &data, nullptr, nullptr);
+    if (type != want) {
+      fail(std::string(name) + ": wrong typed array type");
+      return nullptr;
+    }
+    if (len < minLen) {
+      fail(std::string(name) + ": has " + std::to_string(len) + " elements, needs " + std::to_string(minLen));
+      return nullptr;
+    }
+    return static_cast<T*>(data);
+  }
+  long num(size_t i) {
+    double v = 0;
+    if (!failed && (i >= argc || napi_get_value_double(env, argv[i], &v) != napi_ok)) fail("expected a number");
+    return static_cast<long>(v);
+  }
+};
+
+// (x|dy, w|dy, out, Int32Array[15] ConvShape)
+template <int Which>
+napi_value Conv(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  const int* p = args.array<int>(3, napi_int32_array, 15, "shape");
+  if (!p) return nullptr;
+  st::ConvShape s{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], p[14]};
+  const size_t nx = s.batch * s.inH * s.inW * s.inC, ny = s.batch * s.outH * s.outW * s.outC,
+               nw = s.fH * s.fW * s.inC * s.outC;
+  if (Which == 0) {
+    const float* x = args.array<float>(0, napi_float32_array, nx, "x");
+    const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
+    float* y = args.array<float>(2, napi_float32_array, ny, "y");
+    if (!args.failed) st::conv2d(x, w, y, s);
+  } else if (Which == 1) {
+    const float* dy = args.array<float>(0, napi_float32_array, ny, "dy");
+    const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
+    float* dx = args.array<float>(2, napi_float32_array, nx, "dx");
+    if (!args.failed) st::conv2d_backprop_input(dy, w, dx, s);
+  } else {
+    const float* x = args.array<float>(0, napi_float32_array, nx, "x");
+    const float* dy = args.array<float>(1, napi_float32_array, ny, "dy");
+    float* dw = args.array<float>(2, napi_float32_array, nw, "dw");
+    if (!args.failed) st::conv2d_backprop_filter(x, dy, dw, s);
+  }
+  return nullptr;
+}
+
+// (a, b, out, aOffsets: Float64Array, bOffsets: Float64Array, M, N, K, transA, transB)
+napi_value MatMul(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  args.argc = 8;
+  napi_value argv[10];
+  size_t argc = 10;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  for (int i = 0; i < 8; i++) args.argv[i] = argv[i];
+  args.argc = argc < 8 ? argc : 8;
+  const long M = args.num(5), N = args.num(6), K = args.num(7);
+  bool ta = false, tb = false;
+  if (argc < 10 || napi_get_value_bool(env, argv[8], &ta) != napi_ok || napi_get_value_bool(env, argv[9], &tb) != napi_ok)
+    args.fail("transA/transB: expected booleans");
+  const float* a = args.array<float>(0, napi_float32_array, 0, "a");
+  const float* b = args.array<float>(1, napi_float32_array, 0, "b");
+  size_t count = 0;
+  if (!args.failed) {
+    napi_typedarray_type t;
+    napi_get_typedarray_info(env, argv[3], &t, &count, nullptr, nullptr, nullptr);
+  }
+  const double* ao = args.array<double>(3, napi_float64_array, count, "aOffsets");
+  const double* bo = args.array<double>(4, napi_float64_array, count, "bOffsets");
+  float* out = args.array<float>(2, napi_float32_array, count * M * N, "out");
+  if (args.failed) return nullptr;
+  size_t na, nb;
+  napi_typedarray_type t;
+  napi_get_typedarray_info(env, argv[0], &t, &na, nullptr, nullptr, nullptr);
+  napi_get_typedarray_info(env, argv[1], &t, &nb, nullptr, nullptr, nullptr);
+  for (size_t i = 0; i < count; i++) {
+    if (ao[i] < 0 || ao[i] + M * K > na || bo[i] < 0 || bo[i] + K * N > nb) {
+      args.fail("matmul: batch offset out of range");
+      return nullptr;
+    }
+  }
+  st::matmul(a, b, out, static_cast<long>(count), ao, bo, M, N, K, ta, tb);
+  return nullptr;
+}
+
+napi_value Info(napi_env env, napi_callback_info) {
+  napi_value obj, v;
+  napi_create_object(env, &obj);
+  napi_create_int32(env, st::pool_threads(), &v);
+  napi_set_named_property(env, obj, "threads", v);
+  const char* isa = st::VW == 16 ? "avx512" : st::VW == 8 ? "avx2" : "generic";
+  napi_create_string_utf8(env, isa, NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, obj, "isa", v);
+  return obj;
+}
+
+napi_value Init(napi_env env, napi_value exports) {
+  const napi_property_descriptor props[] = {
+      {"conv2d", nullptr, Conv<0>, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"conv2dBackpropInput", nullptr, Conv<1>, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"conv2dBackpropFilter", nullptr, Conv<2>, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"matmul", nullptr, MatMul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  return exports;
+}
+
+}  // namespace
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)

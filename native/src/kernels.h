@@ -1,0 +1,23 @@
+// The kernels the addon exports, on raw float32 buffers (NHWC activations, [kh,kw,in,out]
+// filters, as in TF.js). Outputs are fully written (callers may pass uninitialised memory).
+#pragma once
+
+namespace st {
+
+struct ConvShape {
+  long batch, inH, inW, inC, outH, outW, outC, fH, fW, sH, sW, dH, dW, padT, padL;
+};
+
+// y[b,oy,ox,co] = Σ x[b, oy*sH+kh*dH-padT, ox*sW+kw*dW-padL, ci] · w[kh,kw,ci,co]
+void conv2d(const float* x, const float* w, float* y, const ConvShape& s);
+// dx = the input gradient of conv2d for dy (dilation 1).
+void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s);
+// dw = the filter gradient of conv2d for x and dy.
+void conv2d_backprop_filter(const float* x, const float* dy, float* dw, const ConvShape& s);
+
+// out[i] = op(a[aOff[i]])·op(b[bOff[i]]) for i < count; a is [M,K] (or [K,M] if transA),
+// b is [K,N] (or [N,K] if transB), out is count×[M,N].
+void matmul(const float* a, const float* b, float* out, long count, const double* aOff,
+            const double* bOff, long M, long N, long K, bool transA, bool transB);
+
+}  // namespace st

@@ -1,0 +1,157 @@
+/**
+ * @file The native CPU kernels (trainers/native) against the stock pure-JS CPU kernels they
+ * replace, on random inputs: conv2d forward and both gradients (strides, same/valid/explicit
+ * padding, 1×1, dilation), batched matmul (transposes, batch broadcast), the fused variants,
+ * fallbacks, and no leaked tensors. Skipped, with the reason, when the addon is not built.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/native/index.ts';
+
+const status = nativeStatus();
+const skip = status.available ? false : status.reason;
+
+/** Deterministic uniform [-1, 1) values (a small LCG, so failures reproduce). */
+function rand(shape: number[], seed: number): Tensor {
+  let s = seed >>> 0;
+  const n = shape.reduce((a, b) => a * b, 1);
+  const v = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    v[i] = s / 2 ** 31 - 1;
+  }
+  return tf.tensor(v, shape);
+}
+
+/** Runs f with the native kernels and with the stock ones; returns both results' values. */
+async function both(f: () => Tensor[]): Promise<{ native: Float32Array[]; stock: Float32Array[] }> {
+  const run = async () => {
+    const outs = tf.tidy(f);
+    const vals = await Promise.all(outs.map(async (t) => (await t.data()) as Float32Array));
+    tf.dispose(outs);
+    return vals;
+  };
+  registerNativeKernels();
+  const native = await run();
+  unregisterNativeKernels();
+  const stock = await run();
+  registerNativeKernels();
+  return { native, stock };
+}
+
+/** Max |a-b| must be within float32 accumulation error of the values' scale. */
+function assertClose(label: string, a: Float32Array, b: Float32Array, k: number) {
+  assert.equal(a.length, b.length, `${label}: length`);
+  let diff = 0, scale = 0;
+  for (let i = 0; i < a.length; i++) {
+    diff = Math.max(diff, Math.abs(a[i]! - b[i]!));
+    scale = Math.max(scale, Math.abs(b[i]!));
+  }
+  // float32 sums of k products of values in [-1, 1]: error ≲ k·eps per output
+  const tol = 4 * Math.max(1, k) * 1.2e-7 * Math.max(1, scale / Math.sqrt(k));
+  assert.ok(diff <= tol, `${label}: max abs diff ${diff} > ${tol} (scale ${scale})`);
+}
+
+type Pad = 'same' | 'valid' | [[number, number], [number, number], [number, number], [number, number]];
+interface ConvCase { x: number[]; w: number[]; stride: number; pad: Pad; dilation?: number }
+
+const convCases: ConvCase[] = [
+  { x: [2, 9, 11, 5], w: [3, 3, 5, 7], stride: 1, pad: 'same' },
+  { x: [1, 9, 11, 5], w: [3, 3, 5, 7], stride: 2, pad: 'valid' },
+  { x: [2, 8, 8, 6], w: [3, 3, 6, 4], stride: 2, pad: 'same' },
+  { x: [1, 8, 10, 4], w: [3, 3, 4, 5], stride: 2, pad: [[0, 0], [0, 1], [0, 1], [0, 0]] }, // VAE Downsample
+  { x: [1, 7, 7, 3], w: [3, 3, 3, 9], stride: 1, pad: [[0, 0], [1, 1], [1, 1], [0, 0]] },
+  { x: [2, 5, 6, 40], w: [1, 1, 40, 70], stride: 1, pad: 'valid' }, // 1×1
+  { x: [1, 7, 9, 8], w: [1, 1, 8, 6], stride: 2, pad: 'valid' }, // 1×1 stride 2: empty phases
+  { x: [1, 11, 10, 3], w: [5, 5, 3, 4], stride: 3, pad: 'same' },
+  { x: [1, 20, 20, 40], w: [3, 3, 40, 33], stride: 1, pad: 'same' }, // K > one k-block, many row blocks
+];
+
+test('native conv2d and its gradients match the stock CPU kernels', { skip }, async () => {
+  await initBackend('cpu-native');
+  for (const [i, c] of convCases.entries()) {
+    const label = `conv ${JSON.stringify(c)}`;
+    const { native, stock } = await both(() => {
+      const x = rand(c.x, 11 + i), w = rand(c.w, 23 + i);
+      const f = (xx: Tensor, ww: Tensor) => tf.conv2d(xx as tf.Tensor4D, ww as tf.Tensor4D, c.stride, c.pad);
+      const y = f(x, w);
+      const r = rand(y.shape, 37 + i); // a random upstream gradient
+      const [dx, dw] = tf.grads((xx: Tensor, ww: Tensor) => f(xx, ww).mul(r).sum())([x, w]);
+      return [y, dx!, dw!];
+    });
+    const [kh, kw, ci, co] = c.w as [number, number, number, number];
+    assertClose(`${label} y`, native[0]!, stock[0]!, kh * kw * ci);
+    assertClose(`${label} dx`, native[1]!, stock[1]!, kh * kw * co);
+    assertClose(`${label} dw`, native[2]!, stock[2]!, c.x[0]! * c.x[1]! * c.x[2]!);
+  }
+});
+
+test('native dilated conv2d forward matches', { skip }, async () => {
+  await initBackend('cpu-native');
+  const { native, stock } = await both(() => [tf.conv2d(rand([1, 12, 13, 6], 1) as tf.Tensor4D, rand([3, 3, 6, 5], 2) as tf.Tensor4D, 1, 'same', 'NHWC', 2)]);
+  assertClose('dilated conv', native[0]!, stock[0]!, 54);
+});
+
+// grad: TF.js's BatchMatMul gradient does not reduce broadcast batch dimensions, so the
+// broadcast cases check the forward product only
+const matmulCases: Array<{ a: number[]; b: number[]; ta: boolean; tb: boolean; grad?: false }> = [
+  { a: [5, 7], b: [7, 3], ta: false, tb: false },
+  { a: [33, 70], b: [70, 45], ta: false, tb: false },
+  { a: [70, 33], b: [70, 45], ta: true, tb: false },
+  { a: [33, 70], b: [45, 70], ta: false, tb: true },
+  { a: [70, 33], b: [45, 70], ta: true, tb: true },
+  { a: [3, 17, 9], b: [3, 9, 13], ta: false, tb: false },
+  { a: [2, 3, 4, 5], b: [5, 6], ta: false, tb: false, grad: false }, // b broadcast over the batch
+  { a: [1, 4, 5], b: [3, 5, 6], ta: false, tb: false, grad: false }, // a broadcast
+  { a: [300, 600], b: [600, 100], ta: false, tb: false }, // several k- and row blocks
+];
+
+test('native batched matmul matches the stock CPU kernel', { skip }, async () => {
+  await initBackend('cpu-native');
+  for (const [i, c] of matmulCases.entries()) {
+    const { native, stock } = await both(() => {
+      const a = rand(c.a, 5 + i), b = rand(c.b, 9 + i);
+      const y = tf.matMul(a, b, c.ta, c.tb);
+      if (c.grad === false) return [y];
+      const r = rand(y.shape, 13 + i);
+      const [da, db] = tf.grads((aa: Tensor, bb: Tensor) => tf.matMul(aa, bb, c.ta, c.tb).mul(r).sum())([a, b]);
+      return [y, da!, db!];
+    });
+    const k = c.ta ? c.a[c.a.length - 2]! : c.a[c.a.length - 1]!;
+    for (const [j, name] of ['y', 'da', 'db'].slice(0, native.length).entries()) assertClose(`matmul ${JSON.stringify(c)} ${name}`, native[j]!, stock[j]!, k * 6);
+  }
+});
+
+test('native matmul broadcasts both batch shapes (the stock kernel gets this case wrong)', { skip }, async () => {
+  await initBackend('cpu-native');
+  const a = () => rand([2, 1, 4, 5], 1), b = () => rand([3, 6, 5], 2);
+  const { native } = await both(() => [tf.matMul(a(), b(), false, true)]);
+  // reference: the stock kernel on explicitly tiled inputs
+  const { stock } = await both(() => [tf.matMul(a().tile([1, 3, 1, 1]), b().reshape([1, 3, 6, 5]).tile([2, 1, 1, 1]), false, true)]);
+  assertClose('broadcast matmul', native[0]!, stock[0]!, 5);
+});
+
+test('native fused matmul and conv2d apply bias and activation like the stock kernels', { skip }, async () => {
+  await initBackend('cpu-native');
+  const { native, stock } = await both(() => [
+    tf.fused.matMul({ a: rand([9, 20], 1), b: rand([7, 20], 2), transposeB: true, bias: rand([7], 3), activation: 'relu' }),
+    tf.fused.conv2d({ x: rand([1, 6, 6, 4], 4) as tf.Tensor4D, filter: rand([3, 3, 4, 5], 5) as tf.Tensor4D, strides: 1, pad: 'same', bias: rand([5], 6), activation: 'leakyrelu', leakyreluAlpha: 0.1 }),
+  ]);
+  assertClose('fused matmul', native[0]!, stock[0]!, 20);
+  assertClose('fused conv2d', native[1]!, stock[1]!, 36);
+});
+
+test('native kernels fall back for int32 and leak no tensors', { skip }, async () => {
+  await initBackend('cpu-native');
+  registerNativeKernels();
+  const ints = tf.matMul(tf.tensor2d([1, 2, 3, 4], [2, 2], 'int32'), tf.tensor2d([5, 6, 7, 8], [2, 2], 'int32'));
+  assert.equal(ints.dtype, 'int32');
+  assert.deepEqual(Array.from(await ints.data()), [19, 22, 43, 50]);
+  ints.dispose();
+  const before = tf.memory().numTensors;
+  const x = rand([1, 8, 8, 4], 1), w = rand([3, 3, 4, 4], 2);
+  const g = tf.tidy(() => tf.grads((xx: Tensor, ww: Tensor) => tf.fused.conv2d({ x: xx as tf.Tensor4D, filter: ww as tf.Tensor4D, strides: 1, pad: 'same', bias: tf.ones([4]), activation: 'relu' }).sum())([x, w]));
+  tf.dispose([x, w, ...g]);
+  assert.equal(tf.memory().numTensors, before);
+});

@@ -1,0 +1,52 @@
+/**
+ * @file Loads the C++ addon built from native/ (by `npm install` → scripts/build-native.mjs)
+ * and describes its functions. Loading throws a one-line reason when the addon is missing,
+ * e.g. the build error recorded in native/build-error.txt.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/** The addon's exports (native/src/addon.cc). Outputs are allocated by the caller. */
+export interface NativeAddon {
+  /** shape: Int32Array [batch, inH, inW, inC, outH, outW, outC, fH, fW, sH, sW, dH, dW, padTop, padLeft] */
+  conv2d(x: Float32Array, filter: Float32Array, y: Float32Array, shape: Int32Array): void;
+  conv2dBackpropInput(dy: Float32Array, filter: Float32Array, dx: Float32Array, shape: Int32Array): void;
+  conv2dBackpropFilter(x: Float32Array, dy: Float32Array, dw: Float32Array, shape: Int32Array): void;
+  /** out[i] = op(a at aOffsets[i]) · op(b at bOffsets[i]), each [M,K]·[K,N] before transposes. */
+  matmul(
+    a: Float32Array, b: Float32Array, out: Float32Array, aOffsets: Float64Array, bOffsets: Float64Array,
+    M: number, N: number, K: number, transposeA: boolean, transposeB: boolean,
+  ): void;
+  /** Threads in the pool and the vector ISA it was compiled for. */
+  info(): { threads: number; isa: string };
+}
+
+const addonPath = fileURLToPath(new URL('../../native/build/Release/sidetrain_native.node', import.meta.url));
+const errorPath = fileURLToPath(new URL('../../native/build-error.txt', import.meta.url));
+
+let loaded: NativeAddon | undefined;
+let loadError: string | undefined;
+
+/** The addon, or throws why it is not available. */
+export function loadAddon(): NativeAddon {
+  if (loaded) return loaded;
+  if (loadError === undefined) {
+    try {
+      loaded = createRequire(import.meta.url)(addonPath) as NativeAddon;
+      return loaded;
+    } catch (err) {
+      loadError = reason(err);
+    }
+  }
+  throw new Error(loadError);
+}
+
+function reason(err: unknown): string {
+  if (existsSync(errorPath)) {
+    const first = readFileSync(errorPath, 'utf8').split('\n')[0]!;
+    return `native kernels not built: ${first} (details in native/build-error.txt; rebuild with \`node scripts/build-native.mjs\`)`;
+  }
+  if (!existsSync(addonPath)) return 'native kernels not built: run `npm install` (or `node scripts/build-native.mjs`)';
+  return `native kernels failed to load: ${String(err instanceof Error ? err.message : err).split('\n')[0]}`;
+}
