@@ -90,7 +90,10 @@ for (const dir of FIXTURES) {
     const context = encodeText(f.params, f.cfg, ids);
     await expectClose(f, f.golden.text.context_tensor, context);
     await expectClose(f, f.golden.text.context_tensor, outs.context);
-    tf.dispose([context, outs as unknown as tf.TensorContainer]);
+    // webui CLIP skip 2 on SD1 = final LN of the second-to-last block; SD2 ignores CLIP skip
+    const skip2 = encodeText(f.params, f.cfg, ids, { clipSkip: 2 });
+    await expectClose(f, f.cfg.family === 'sd1' ? 'text.penultimate_ln' : f.golden.text.context_tensor, skip2);
+    tf.dispose([context, skip2, outs as unknown as tf.TensorContainer]);
   });
 
   test(`${dir}: Textual Inversion ids, positions and ti.context`, async () => {

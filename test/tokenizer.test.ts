@@ -5,7 +5,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { ClipTokenizer, cleanText, windowIds, BOS_ID, EOS_ID, DEFAULT_VOCAB_PATH } from '../trainers/text/tokenizer.ts';
+import {
+  ClipTokenizer, cleanText, tokenizeWithEmbeddings, windowIds, BOS_ID, EOS_ID, DEFAULT_VOCAB_PATH,
+} from '../trainers/text/tokenizer.ts';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
 
@@ -57,4 +59,43 @@ test('clean-up: html entities, curly quotes, full-width forms, whitespace, case'
   assert.equal(cleanText('e\u0301'), '\u00e9'); // NFC
   const tok = await ClipTokenizer.load();
   assert.deepEqual(tok.bpe('don\u2019t'), tok.bpe("don't"));
+});
+
+for (const dir of FIXTURES) {
+  test(`${dir}: Textual Inversion placeholders and vector positions as the webui makes them`, async () => {
+    const golden = JSON.parse(readFileSync(`${dir}/golden.json`, 'utf8'));
+    const ti = golden.textual_inversion;
+    const tok = await ClipTokenizer.load(`${dir}/${golden.tokenizer.vocab_file}`);
+    const padding = golden.family === 'sd1' ? 'eos' : 'zero';
+    (ti.prompts as string[]).forEach((prompt, i) => {
+      const got = tokenizeWithEmbeddings(tok, prompt, new Map([[ti.name, ti.num_vectors]]), padding);
+      assert.deepEqual(got.ids, ti.ids[i]);
+      assert.deepEqual(got.embeddings, [{ name: ti.name, positions: ti.vector_positions[i] }]);
+    });
+  });
+}
+
+test('embeddings: longest name wins, repeats, several names, truncation at 75 tokens', async () => {
+  const tok = await ClipTokenizer.load();
+  const emb = new Map([['cat', 1], ['pallas_cat', 3], ['dog', 2]]);
+  const got = tokenizeWithEmbeddings(tok, 'pallas_cat and cat, dog pallas_cat', emb, 'eos');
+  const and = tok.bpe('and')[0]!;
+  const comma = tok.bpe(',')[0]!;
+  assert.deepEqual(got.ids.slice(0, 13), [BOS_ID, 0, 0, 0, and, 0, comma, 0, 0, 0, 0, 0, EOS_ID]);
+  assert.deepEqual(got.embeddings, [
+    { name: 'pallas_cat', positions: [1, 2, 3] },
+    { name: 'cat', positions: [5] },
+    { name: 'dog', positions: [7, 8] },
+    { name: 'pallas_cat', positions: [9, 10, 11] },
+  ]);
+  assert.equal(got.truncated, false);
+  // 74 plain tokens, then a 2-vector embedding that does not fit in the 75-token window
+  const long = tokenizeWithEmbeddings(tok, `${'a '.repeat(74)}dog`, emb, 'zero');
+  assert.equal(long.truncated, true);
+  assert.deepEqual(long.embeddings, []);
+  assert.equal(long.ids[75], EOS_ID);
+  assert.equal(long.ids[74], tok.bpe('a')[0]);
+  const fits = tokenizeWithEmbeddings(tok, `${'a '.repeat(73)}dog`, emb, 'zero');
+  assert.deepEqual(fits.embeddings, [{ name: 'dog', positions: [74, 75] }]);
+  assert.equal(fits.ids[76], EOS_ID);
 });
