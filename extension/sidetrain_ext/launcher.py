@@ -28,6 +28,7 @@ from .config import Settings, read_settings, resolve_folders, webui_url
 log = logging.getLogger("sidetrain")
 
 EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_PATH = os.path.join(EXTENSION_DIR, "sidecar.log")
 # folder key (config.resolve_folders) → `sidetrain serve` flag
 FOLDER_FLAGS = {
     "webui_dir": "--webui-dir",
@@ -86,9 +87,23 @@ def build_command(settings: Settings, folders: dict, webui: str) -> list:
 
 def _log_file():
     try:
-        return open(os.path.join(EXTENSION_DIR, "sidecar.log"), "ab")
+        return open(LOG_PATH, "ab")
     except OSError:  # a read-only extensions folder: the webui's console gets the output instead
         return None
+
+
+def _spawn(settings: Settings) -> subprocess.Popen:
+    command = build_command(settings, resolve_folders(), webui_url())
+    env = dict(os.environ, **({"SIDETRAIN_TOKEN": settings.token} if settings.token else {}))
+    output = _log_file()
+    try:
+        process = subprocess.Popen(command, cwd=settings.folder or None, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=output, stderr=subprocess.STDOUT if output else None)
+    finally:
+        if output:
+            output.close()  # the child has its own copy
+    log.info("sidetrain: started %s", " ".join(command))
+    return process
 
 
 def start(settings: Optional[Settings] = None, wait: float = 60.0) -> str:
@@ -98,21 +113,15 @@ def start(settings: Optional[Settings] = None, wait: float = 60.0) -> str:
         return f"sidetrain: sidecar already running at {settings.url}"
     process = started.get(settings.url)
     if process is None or process.poll() is not None:
-        command = build_command(settings, resolve_folders(), webui_url())
-        env = dict(os.environ, **({"SIDETRAIN_TOKEN": settings.token} if settings.token else {}))
-        output = _log_file()
-        process = subprocess.Popen(command, cwd=settings.folder or None, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=output, stderr=subprocess.STDOUT if output else None)
-        started[settings.url] = process
-        log.info("sidetrain: started %s", " ".join(command))
+        process = started[settings.url] = _spawn(settings)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if health(settings):
             return f"sidetrain: sidecar up at {settings.url} (pid {process.pid})"
         if process.poll() is not None:
-            return f"sidetrain: sidecar exited with code {process.returncode}; see {EXTENSION_DIR}/sidecar.log"
+            return f"sidetrain: sidecar exited with code {process.returncode}; see {LOG_PATH}"
         time.sleep(0.5)
-    return f"sidetrain: sidecar not answering at {settings.url} after {wait:.0f}s; see {EXTENSION_DIR}/sidecar.log"
+    return f"sidetrain: sidecar not answering at {settings.url} after {wait:.0f}s; see {LOG_PATH}"
 
 
 def autostart_in_background() -> Optional[threading.Thread]:
