@@ -4,3 +4,5 @@ import type { Command } from 'commander';
 export type RegisterCommand = (program: Command) => void;
 
 export const commands: RegisterCommand[] = [];
+commands.push((await import('./serve.ts')).registerServe);
+commands.push((await import('./golden.ts')).registerGolden);

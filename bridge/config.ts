@@ -1,0 +1,104 @@
+/**
+ * @file Server configuration: defaults, environment (SIDETRAIN_HOST/PORT/TOKEN/WEBUI_URL/WEBUI_DIR/
+ * STATE_DIR) and flags, and where outputs go. Output folders come, in order, from explicit
+ * options, `--webui-dir` (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally
+ * sidetrain's own `embeddings/`, `hypernetworks/` and the state dir.
+ */
+import { homedir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Folders } from './spec.ts';
+import type { WebuiClient } from './webui.ts';
+
+export const REPO_DIR = fileURLToPath(new URL('..', import.meta.url));
+
+export interface ServerOptions {
+  host?: string;
+  /** 0 = a random free port (tests). */
+  port?: number;
+  token?: string;
+  stateDir?: string;
+  /** Module exporting `methods` (default trainers/methods.ts). */
+  methodsModule?: string;
+  concurrency?: number;
+  webuiUrl?: string;
+  webuiDir?: string;
+  /** `user:pass` for a webui started with --api-auth. */
+  webuiAuth?: string;
+  webuiRetries?: number;
+  webuiRetryDelayMs?: number;
+  webuiTimeoutMs?: number;
+  /** Explicit output folders (win over everything else). */
+  folders?: Partial<Folders>;
+  vram?: 'off' | 'unload' | 'pause';
+  allowedHosts?: string[];
+  allowedOrigins?: string[];
+  bodyLimit?: string;
+  cancelGraceMs?: number;
+  killGraceMs?: number;
+  stepIntervalMs?: number;
+  maxOldSpaceMb?: number;
+  uiDir?: string;
+  logLevel?: string;
+}
+
+export const DEFAULT_HOST = '127.0.0.1';
+export const DEFAULT_PORT = 7862;
+
+/** Options from the environment; flags given on the command line override them. */
+export function fromEnv(env: NodeJS.ProcessEnv = process.env): ServerOptions {
+  const o: ServerOptions = {};
+  if (env.SIDETRAIN_HOST) o.host = env.SIDETRAIN_HOST;
+  if (env.SIDETRAIN_PORT) o.port = Number(env.SIDETRAIN_PORT);
+  if (env.SIDETRAIN_TOKEN) o.token = env.SIDETRAIN_TOKEN;
+  if (env.SIDETRAIN_WEBUI_URL) o.webuiUrl = env.SIDETRAIN_WEBUI_URL;
+  if (env.SIDETRAIN_WEBUI_DIR) o.webuiDir = env.SIDETRAIN_WEBUI_DIR;
+  if (env.SIDETRAIN_WEBUI_AUTH) o.webuiAuth = env.SIDETRAIN_WEBUI_AUTH;
+  if (env.SIDETRAIN_STATE_DIR) o.stateDir = env.SIDETRAIN_STATE_DIR;
+  return o;
+}
+
+export function stateDirOf(opts: ServerOptions): string {
+  return resolve(opts.stateDir ?? join(homedir(), '.sidetrain'));
+}
+
+/** A1111's folder layout under its root (Forge shares it). */
+export function webuiLayout(dir: string): Partial<Folders> {
+  return {
+    embeddings: join(dir, 'embeddings'),
+    hypernetworks: join(dir, 'models', 'hypernetworks'),
+    checkpoints: join(dir, 'models', 'Stable-diffusion'),
+    lora: join(dir, 'models', 'Lora'),
+  };
+}
+
+const DISCOVERY_TTL_MS = 30_000;
+
+/** Folders now: explicit → --webui-dir → running webui (cached 30 s) → sidetrain's defaults. */
+export function folderResolver(opts: ServerOptions, webui: WebuiClient): () => Promise<Folders> {
+  const state = stateDirOf(opts);
+  const defaults: Folders = {
+    embeddings: join(REPO_DIR, 'embeddings'),
+    hypernetworks: join(REPO_DIR, 'hypernetworks'),
+    checkpoints: join(state, 'checkpoints'),
+    lora: join(state, 'lora'),
+    logs: join(state, 'runs'),
+  };
+  let cached: { at: number; dirs: Partial<Folders> } | undefined;
+  const discover = async (): Promise<Partial<Folders>> => {
+    if (!webui.configured || opts.webuiDir) return {};
+    if (cached && Date.now() - cached.at < DISCOVERY_TTL_MS) return cached.dirs;
+    const d = await webui.dirs();
+    const dirs: Partial<Folders> = {};
+    for (const [k, v] of Object.entries({ embeddings: d?.embeddings, hypernetworks: d?.hypernetworks, checkpoints: d?.checkpoints, lora: d?.lora })) {
+      if (v) dirs[k as keyof Folders] = v;
+    }
+    // Only cache an answer: a webui that is down now may be up at the next job.
+    if (d) cached = { at: Date.now(), dirs };
+    return dirs;
+  };
+  return async () => {
+    const merged = { ...defaults, ...(await discover()), ...(opts.webuiDir ? webuiLayout(opts.webuiDir) : {}), ...opts.folders };
+    return Object.fromEntries(Object.entries(merged).map(([k, v]) => [k, resolve(v!)])) as unknown as Folders;
+  };
+}

@@ -1,0 +1,83 @@
+/**
+ * @file What a job does to and with the webui, reported as `webui` events and never failing the
+ * job: the VRAM hand-off (unload the webui's checkpoint before, reload it after, whatever the
+ * outcome), the gentler mode (freeze the worker while the webui is generating), and after an
+ * output: refresh the webui's list, then check it really registered the file ("ready: use
+ * `pallas_cat`" or the webui's reason).
+ */
+import type { JobRecord, WebuiEvent } from '../schemas/index.ts';
+import type { WebuiClient, WebuiOutcome } from './webui.ts';
+import type { WorkerProcess } from './worker-host.ts';
+
+type Publish = (jobId: string, event: WebuiEvent) => void;
+
+const POLL_MS = 1000;
+
+export class JobWebui {
+  private readonly pollers = new Map<string, NodeJS.Timeout>();
+
+  constructor(
+    private readonly webui: WebuiClient,
+    private readonly vram: 'off' | 'unload' | 'pause',
+    private readonly publish: Publish,
+    private readonly pollMs = POLL_MS,
+  ) {}
+
+  private report(jobId: string, action: WebuiEvent['action'], o: WebuiOutcome): void {
+    this.publish(jobId, { type: 'webui', action, ok: o.ok, message: o.message, ...(o.ready === undefined ? {} : { ready: o.ready }) });
+  }
+
+  /** Before the worker starts (unload) or as it starts (pause poller). */
+  async before(jobId: string, worker: WorkerProcess): Promise<void> {
+    if (!this.webui.configured) return;
+    if (this.vram === 'unload') this.report(jobId, 'unload', await this.webui.unload());
+    if (this.vram === 'pause') this.startPoller(jobId, worker);
+  }
+
+  private startPoller(jobId: string, worker: WorkerProcess): void {
+    let busy = false;
+    let inFlight = false;
+    const timer = setInterval(async () => {
+      if (inFlight) return;
+      inFlight = true;
+      try {
+        const generating = await this.webui.generating();
+        if (generating && !busy && worker.pause()) {
+          busy = true;
+          this.report(jobId, 'pause', { ok: true, message: 'paused: the webui is generating' });
+        } else if (!generating && busy) {
+          busy = false;
+          worker.resume();
+          this.report(jobId, 'resume', { ok: true, message: 'resumed: the webui is idle' });
+        }
+      } finally {
+        inFlight = false;
+      }
+    }, this.pollMs);
+    timer.unref();
+    this.pollers.set(jobId, timer);
+  }
+
+  /** After the worker has exited: refresh + verify an output, give the VRAM back. */
+  async after(job: JobRecord): Promise<void> {
+    const timer = this.pollers.get(job.id);
+    if (timer) clearInterval(timer);
+    this.pollers.delete(job.id);
+    if (!this.webui.configured) return;
+    if (job.output && job.kind && (job.state === 'finished' || job.state === 'cancelled')) {
+      const refreshed = await this.webui.refresh(job.kind);
+      this.report(job.id, 'refresh', refreshed);
+      const verified = refreshed.ok
+        ? await this.webui.verify(job.kind, job.output, job.usage ?? job.output)
+        : { ok: false, ready: false, message: `not confirmed: ${refreshed.message}` };
+      this.report(job.id, 'verify', verified);
+      job.webui = { ready: verified.ready ?? false, message: verified.message };
+    }
+    if (this.vram === 'unload') this.report(job.id, 'reload', await this.webui.reload());
+  }
+
+  stopAll(): void {
+    for (const t of this.pollers.values()) clearInterval(t);
+    this.pollers.clear();
+  }
+}

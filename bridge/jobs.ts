@@ -1,0 +1,309 @@
+/**
+ * @file Jobs: create, queue (one at a time by default), run each in its own worker process, cancel,
+ * resume, delete. Every event a worker sends updates the stored record, goes to the job's log
+ * (and loss CSV for steps) and out through the hub. The webui side effects of a job (VRAM
+ * hand-off, pause while it generates, refresh + check after an output) live in job-webui.ts.
+ */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import type { Logger } from 'pino';
+import { getSchema, type JobRecord } from '../schemas/index.ts';
+import type { JobEvent, MethodEntry } from '../trainers/job.ts';
+import { EventHub, type ServerEvent } from './hub.ts';
+import { JobStore } from './store.ts';
+import { prepareSpec, RequestError, fieldError, type Folders } from './spec.ts';
+import { WorkerProcess, type WorkerHostOptions, type WorkerOutcome } from './worker-host.ts';
+import { JobWebui } from './job-webui.ts';
+import type { WebuiClient } from './webui.ts';
+
+export interface JobManagerOptions {
+  store: JobStore;
+  methods: Record<string, MethodEntry>;
+  /** Current output folders (may ask a running webui). */
+  folders(): Promise<Folders>;
+  webui: WebuiClient;
+  /** 'unload': free the webui's model during a job; 'pause': freeze the job while it generates. */
+  vram?: 'off' | 'unload' | 'pause';
+  worker: WorkerHostOptions;
+  concurrency?: number;
+  log: Logger;
+}
+
+const TERMINAL = new Set(['finished', 'failed', 'cancelled']);
+const ACTIVE = new Set(['queued', 'running']);
+const PERSIST_EVERY_MS = 1000;
+
+export class JobManager {
+  readonly hub = new EventHub();
+  readonly store: JobStore;
+  /** The TF.js backend the last worker reported (`started` event). */
+  backend: string | null = null;
+  private readonly running = new Map<string, { worker: WorkerProcess; cancelling: boolean }>();
+  private readonly queue: string[] = [];
+  private readonly concurrency: number;
+  private readonly webuiSide: JobWebui;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(private readonly opts: JobManagerOptions) {
+    this.store = opts.store;
+    this.concurrency = Math.max(1, opts.concurrency ?? 1);
+    this.webuiSide = new JobWebui(opts.webui, opts.vram ?? 'off', (id, e) => this.publish(id, e));
+  }
+
+  get methods(): Record<string, MethodEntry> {
+    return this.opts.methods;
+  }
+
+  /** Load jobs from disk (running ones become interrupted). */
+  init(): JobRecord[] {
+    const jobs = this.store.load();
+    this.backend = jobs.find((j) => j.backend)?.backend ?? null;
+    return jobs;
+  }
+
+  counts(): { running: number; queued: number; concurrency: number } {
+    return { running: this.running.size, queued: this.queue.length, concurrency: this.concurrency };
+  }
+
+  /** Validate, resolve paths, store as queued and start when a slot is free. */
+  async create(type: string, spec: Record<string, unknown>): Promise<JobRecord> {
+    const prepared = await prepareSpec(this.opts.methods, type, spec, await this.opts.folders());
+    const job: JobRecord = {
+      id: randomBytes(8).toString('hex'),
+      type,
+      spec: prepared,
+      state: 'queued',
+      createdAt: new Date().toISOString(),
+      attempts: 0,
+      step: 0,
+      totalSteps: typeof prepared.steps === 'number' ? prepared.steps : 0,
+      outputs: [],
+      previews: [],
+      snapshots: [],
+    };
+    await this.enqueue(job);
+    return job;
+  }
+
+  /** Start a failed/cancelled/interrupted job again, from its last snapshot when it had begun. */
+  async resume(id: string): Promise<JobRecord> {
+    const job = this.mustGet(id);
+    if (!['failed', 'cancelled', 'interrupted'].includes(job.state)) {
+      throw new RequestError([fieldError('/id', `job is ${job.state}; only failed, cancelled or interrupted jobs can be resumed`)], 409);
+    }
+    const spec = { ...job.spec };
+    if (job.startedAt && 'resume' in (this.schemaProps(job.type) ?? {})) spec.resume = true;
+    job.spec = await prepareSpec(this.opts.methods, job.type, spec, await this.opts.folders());
+    delete job.error;
+    delete job.endedAt;
+    await this.enqueue(job);
+    return job;
+  }
+
+  async cancel(id: string): Promise<JobRecord> {
+    const job = this.mustGet(id);
+    if (job.state === 'queued') {
+      this.queue.splice(this.queue.indexOf(id), 1);
+      job.state = 'cancelled';
+      job.endedAt = new Date().toISOString();
+      delete job.queuePosition;
+      this.publish(id, { type: 'cancelled', step: job.step });
+      await this.persist(job);
+      this.publishQueue();
+    } else if (job.state === 'running') {
+      const run = this.running.get(id);
+      if (run && !run.cancelling) {
+        run.cancelling = true;
+        run.worker.cancel();
+        this.publish(id, { type: 'log', level: 'info', message: 'cancel requested: stopping after the current step' });
+      }
+    } else {
+      throw new RequestError([fieldError('/id', `job is already ${job.state}`)], 409);
+    }
+    return job;
+  }
+
+  async delete(id: string): Promise<void> {
+    const job = this.mustGet(id);
+    if (ACTIVE.has(job.state)) throw new RequestError([fieldError('/id', `job is ${job.state}; cancel it first`)], 409);
+    await this.store.delete(id);
+    this.hub.forget(id);
+  }
+
+  get(id: string): JobRecord | undefined {
+    return this.store.get(id);
+  }
+
+  list(): JobRecord[] {
+    return this.store.list();
+  }
+
+  /** The worker of a running job (tests kill it to prove crash handling). */
+  workerPid(id: string): number | undefined {
+    return this.running.get(id)?.worker.pid;
+  }
+
+  /** Resolve when nothing is running or queued. */
+  idle(): Promise<void> {
+    if (!this.running.size && !this.queue.length) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  /** Cancel everything (server shutdown): queued jobs stay interrupted on disk, running ones stop. */
+  async shutdown(): Promise<void> {
+    this.queue.length = 0;
+    for (const run of this.running.values()) run.worker.cancel();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.idle(), new Promise((r) => (timer = setTimeout(r, 5000)))]);
+    clearTimeout(timer);
+    for (const run of this.running.values()) run.worker.kill('SIGKILL');
+    this.webuiSide.stopAll();
+    await this.store.flush();
+  }
+
+  private schemaProps(type: string): Record<string, unknown> | undefined {
+    const entry = this.opts.methods[type];
+    return entry ? (getSchema(entry.schema)?.properties as Record<string, unknown> | undefined) : undefined;
+  }
+
+  private mustGet(id: string): JobRecord {
+    const job = this.store.get(id);
+    if (!job) throw new RequestError([fieldError('/id', `no job '${id}'`)], 404);
+    return job;
+  }
+
+  private async enqueue(job: JobRecord): Promise<void> {
+    job.state = 'queued';
+    this.queue.push(job.id);
+    job.queuePosition = this.queue.length - 1;
+    await this.persist(job);
+    this.publish(job.id, { type: 'queued', position: job.queuePosition });
+    this.publishState(job);
+    this.pump();
+  }
+
+  private publish(id: string, event: ServerEvent): void {
+    const msg = this.hub.publish(id, event);
+    if (event.type !== 'state') void this.store.append(id, 'events.jsonl', `${JSON.stringify(msg)}\n`).catch(() => {});
+  }
+
+  private publishState(job: JobRecord): void {
+    this.hub.publish(job.id, { type: 'state', job });
+  }
+
+  private publishQueue(): void {
+    this.queue.forEach((id, position) => {
+      const job = this.store.get(id);
+      if (!job || job.queuePosition === position) return;
+      job.queuePosition = position;
+      this.publish(id, { type: 'queued', position });
+    });
+  }
+
+  private async persist(job: JobRecord): Promise<void> {
+    await this.store.save(job);
+  }
+
+  private pump(): void {
+    while (this.running.size < this.concurrency && this.queue.length) {
+      const id = this.queue.shift()!;
+      const job = this.store.get(id);
+      if (!job) continue;
+      const worker = new WorkerProcess(this.opts.worker);
+      this.running.set(id, { worker, cancelling: false });
+      void this.run(job, worker).finally(() => {
+        this.running.delete(id);
+        this.pump();
+        if (!this.running.size && !this.queue.length) for (const w of this.idleWaiters.splice(0)) w();
+      });
+    }
+    this.publishQueue();
+  }
+
+  private async run(job: JobRecord, worker: WorkerProcess): Promise<void> {
+    const log = this.opts.log.child({ job: job.id, type: job.type });
+    Object.assign(job, { state: 'running', startedAt: new Date().toISOString(), attempts: job.attempts + 1 });
+    delete job.queuePosition;
+    await this.persist(job);
+    this.publishState(job);
+    log.info({ attempt: job.attempts }, 'job started');
+    await this.webuiSide.before(job.id, worker);
+    let lastPersist = Date.now();
+    let terminal = false;
+    const csv = join(this.store.jobDir(job.id), 'loss.csv');
+    if (!existsSync(csv)) await this.store.append(job.id, 'loss.csv', 'step,epoch,loss,learn_rate\n');
+    const outcome = await worker.run(job.type, job.spec, {
+      onEvent: (event) => {
+        terminal ||= TERMINAL.has(event.type);
+        this.apply(job, event);
+        this.publish(job.id, withUrl(job, event));
+        if (event.type === 'step') {
+          void this.store.append(job.id, 'loss.csv', `${event.step},${event.epoch},${event.loss},${event.learnRate}\n`);
+          if (Date.now() - lastPersist < PERSIST_EVERY_MS) return;
+        }
+        lastPersist = Date.now();
+        void this.persist(job);
+      },
+      onOutput: (text) => {
+        void this.store.append(job.id, 'worker.log', text);
+        log.debug({ worker: text.trimEnd() }, 'worker output');
+      },
+    });
+    const cancelling = this.running.get(job.id)?.cancelling ?? false;
+    this.settle(job, outcome, cancelling, terminal);
+    log.info({ state: job.state, error: job.error }, 'job ended');
+    await this.persist(job);
+    this.publishState(job);
+    await this.webuiSide.after(job);
+    await this.persist(job);
+    this.publishState(job);
+  }
+
+  /** Fold one worker event into the record. */
+  private apply(job: JobRecord, e: JobEvent): void {
+    if (e.type === 'started') {
+      Object.assign(job, { totalSteps: e.totalSteps, step: e.startStep, backend: e.backend });
+      this.backend = e.backend;
+    } else if (e.type === 'step') {
+      const { type: _t, ...progress } = e;
+      Object.assign(job, { step: e.step, totalSteps: e.totalSteps, progress });
+    } else if (e.type === 'preview') job.previews.push({ step: e.step, path: e.path });
+    else if (e.type === 'snapshot') {
+      job.snapshots.push({ step: e.step, path: e.path });
+      job.lastSnapshot = e.path;
+    } else if (e.type === 'finished') {
+      Object.assign(job, { step: e.step, output: e.output, outputs: e.outputs, kind: e.kind, usage: e.usage });
+    } else if (e.type === 'failed') {
+      Object.assign(job, { step: e.step, error: e.message });
+      if (e.lastSnapshot) job.lastSnapshot = e.lastSnapshot;
+    } else if (e.type === 'cancelled' && e.output) job.output = e.output;
+  }
+
+  /** Turn the worker's outcome into the job's final state (and a terminal event if it sent none). */
+  private settle(job: JobRecord, outcome: WorkerOutcome, cancelling: boolean, terminal: boolean): void {
+    job.endedAt = new Date().toISOString();
+    let event: JobEvent;
+    if (outcome.kind === 'result') {
+      const r = outcome.result;
+      Object.assign(job, { step: r.step, output: r.output, outputs: r.outputs, kind: r.kind, usage: r.usage });
+      job.state = r.cancelled ? 'cancelled' : 'finished';
+      event = r.cancelled
+        ? { type: 'cancelled', step: r.step, output: r.output }
+        : { type: 'finished', step: r.step, output: r.output, outputs: r.outputs, kind: r.kind, usage: r.usage };
+    } else if (cancelling && outcome.kind === 'died') {
+      job.state = 'cancelled';
+      event = { type: 'cancelled', step: job.step };
+    } else {
+      job.state = 'failed';
+      job.error = outcome.message;
+      event = { type: 'failed', step: job.step, message: outcome.message, lastSnapshot: job.lastSnapshot };
+    }
+    if (!terminal || outcome.kind === 'died') this.publish(job.id, event);
+  }
+}
+
+/** Preview events carry a URL the API serves them from. */
+function withUrl(job: JobRecord, e: JobEvent): ServerEvent {
+  return e.type === 'preview' ? { ...e, url: `/api/jobs/${job.id}/previews/${job.previews.length - 1}` } as ServerEvent : e;
+}

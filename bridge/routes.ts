@@ -1,0 +1,188 @@
+/**
+ * @file The route table: path → schemas → handler. It is the single source for both request
+ * validation (bridge/app.ts) and the OpenAPI document (bridge/openapi.ts). Body and query schemas
+ * are names in the schema registry (schemas/index.ts).
+ */
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Request, Response } from 'express';
+import { getSchema, type JobRecord } from '../schemas/index.ts';
+import type { JobManager } from './jobs.ts';
+import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
+import type { WebuiClient } from './webui.ts';
+import { listEmbeddings, listHypernetworks, listLoras, listModels } from './listings.ts';
+
+export interface ServerContext {
+  manager: JobManager;
+  webui: WebuiClient;
+  folders(): Promise<Folders>;
+  version: string;
+}
+
+export interface RouteDef {
+  method: 'get' | 'post' | 'delete';
+  path: string;
+  summary: string;
+  tag: string;
+  body?: string;
+  query?: string;
+  /** Response schema for the success status; `text/…` for non-JSON bodies. */
+  response?: string;
+  status?: number;
+  handler(req: Request, res: Response, ctx: ServerContext): Promise<unknown> | unknown;
+}
+
+const S = (d: string) => `server#/definitions/${d}`;
+
+function job(ctx: ServerContext, req: Request): JobRecord {
+  const j = ctx.manager.get(String(req.params.id));
+  if (!j) throw new RequestError([fieldError('/id', `no job '${String(req.params.id)}'`)], 404);
+  return j;
+}
+
+/** The record as the API shows it: preview URLs added. */
+export function present(j: JobRecord): JobRecord {
+  return { ...j, previews: j.previews.map((p, i) => ({ ...p, url: `/api/jobs/${j.id}/previews/${i}` })) };
+}
+
+const ESTIMATE_MODULE = new URL('../trainers/estimate.ts', import.meta.url);
+
+async function estimate(req: Request, res: Response, ctx: ServerContext): Promise<unknown> {
+  const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
+  const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
+  if (!existsSync(ESTIMATE_MODULE)) {
+    res.status(501);
+    return { error: 'estimates are not available yet: trainers/estimate.ts (estimateJob) is not part of this build' };
+  }
+  const mod = (await import(ESTIMATE_MODULE.href)) as { estimateJob?: (t: string, s: Record<string, unknown>) => unknown };
+  if (typeof mod.estimateJob !== 'function') {
+    res.status(501);
+    return { error: 'trainers/estimate.ts does not export estimateJob(type, spec)' };
+  }
+  return await mod.estimateJob(type, prepared);
+}
+
+export const routes: RouteDef[] = [
+  {
+    method: 'get', path: '/api/health', tag: 'server', summary: 'Health, version, TF.js backend, queue and webui status', response: S('Health'),
+    handler: async (_req, _res, ctx) => ({
+      ok: true, name: 'sidetrain', version: ctx.version, node: process.version, backend: ctx.manager.backend,
+      methods: Object.keys(ctx.manager.methods), queue: ctx.manager.counts(),
+      webui: { url: ctx.webui.url ?? null, up: await ctx.webui.up() }, folders: { ...(await ctx.folders()) },
+    }),
+  },
+  {
+    method: 'get', path: '/api/version', tag: 'server', summary: 'Version and the TF.js backend the last worker used',
+    handler: (_req, _res, ctx) => ({ name: 'sidetrain', version: ctx.version, node: process.version, backend: ctx.manager.backend }),
+  },
+  {
+    method: 'get', path: '/api/methods', tag: 'jobs', summary: 'Training methods and their job schemas', response: S('MethodList'),
+    handler: (_req, _res, ctx) => ({
+      methods: Object.entries(ctx.manager.methods).map(([type, m]) => ({ type, schema: m.schema, jsonSchema: getSchema(m.schema) })),
+    }),
+  },
+  {
+    method: 'post', path: '/api/jobs', tag: 'jobs', summary: 'Start a job (queued if another is running)', body: S('StartJobRequest'), response: 'job', status: 201,
+    handler: async (req, _res, ctx) => {
+      const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
+      return present(await ctx.manager.create(type, spec));
+    },
+  },
+  {
+    method: 'get', path: '/api/jobs', tag: 'jobs', summary: 'List jobs, newest first', query: S('ListJobsQuery'), response: S('JobList'),
+    handler: (req, _res, ctx) => {
+      const { state, limit } = req.query as { state?: string; limit?: string };
+      const jobs = ctx.manager.list().filter((j) => !state || j.state === state);
+      return { jobs: jobs.slice(0, limit ? Number(limit) : undefined).map(present) };
+    },
+  },
+  {
+    method: 'get', path: '/api/jobs/:id', tag: 'jobs', summary: "One job's state", response: 'job',
+    handler: (req, _res, ctx) => present(job(ctx, req)),
+  },
+  {
+    method: 'post', path: '/api/jobs/:id/cancel', tag: 'jobs', summary: 'Cancel: a queued job at once, a running one after its current step (it saves)', response: 'job',
+    handler: async (req, _res, ctx) => present(await ctx.manager.cancel(job(ctx, req).id)),
+  },
+  {
+    method: 'post', path: '/api/jobs/:id/resume', tag: 'jobs', summary: 'Resume a failed, cancelled or interrupted job from its last snapshot', response: 'job',
+    handler: async (req, _res, ctx) => present(await ctx.manager.resume(job(ctx, req).id)),
+  },
+  {
+    method: 'delete', path: '/api/jobs/:id', tag: 'jobs', summary: "Forget a job (its outputs stay)", status: 204,
+    handler: async (req, res, ctx) => {
+      await ctx.manager.delete(job(ctx, req).id);
+      res.status(204).end();
+    },
+  },
+  {
+    method: 'get', path: '/api/jobs/:id/previews', tag: 'jobs', summary: "A job's preview images (URLs)",
+    handler: (req, _res, ctx) => ({ previews: present(job(ctx, req)).previews }),
+  },
+  {
+    method: 'get', path: '/api/jobs/:id/previews/:index', tag: 'jobs', summary: 'One preview image', response: 'image/png',
+    handler: async (req, res, ctx) => {
+      const p = job(ctx, req).previews[Number(req.params.index)];
+      if (!p || !/^\d+$/.test(String(req.params.index))) throw new RequestError([fieldError('/index', 'no such preview')], 404);
+      // Paths come from the job's own events (never from the request).
+      res.type(p.path.split('.').pop() ?? 'png').send(await readFile(p.path));
+    },
+  },
+  {
+    method: 'get', path: '/api/jobs/:id/loss.csv', tag: 'jobs', summary: "A job's loss curve: step,epoch,loss,learn_rate", response: 'text/csv',
+    handler: async (req, res, ctx) => {
+      const file = join(ctx.manager.store.jobDir(job(ctx, req).id), 'loss.csv');
+      res.type('text/csv').send(existsSync(file) ? await readFile(file) : 'step,epoch,loss,learn_rate\n');
+    },
+  },
+  {
+    method: 'get', path: '/api/jobs/:id/log', tag: 'jobs', summary: "A job's events as text (or ?format=jsonl)", response: 'text/plain',
+    handler: async (req, res, ctx) => {
+      const dir = ctx.manager.store.jobDir(job(ctx, req).id);
+      const read = async (f: string) => (existsSync(join(dir, f)) ? await readFile(join(dir, f), 'utf8') : '');
+      const events = await read('events.jsonl');
+      if (req.query.format === 'jsonl') return res.type('application/x-ndjson').send(events);
+      res.type('text/plain').send(formatLog(events) + (await read('worker.log')));
+    },
+  },
+  {
+    method: 'post', path: '/api/estimate', tag: 'jobs', summary: 'Memory and time estimate for a job before it starts', body: S('StartJobRequest'),
+    handler: estimate,
+  },
+  {
+    method: 'get', path: '/api/webui/models', tag: 'webui', summary: "The webui's checkpoints (from its API, else its folder)", response: S('WebuiFileList'),
+    handler: async (_req, _res, ctx) => listModels(ctx.webui, (await ctx.folders()).checkpoints),
+  },
+  {
+    method: 'get', path: '/api/webui/embeddings', tag: 'webui', summary: "The webui's embeddings (loaded/skipped when it is up)", response: S('WebuiFileList'),
+    handler: async (_req, _res, ctx) => listEmbeddings(ctx.webui, (await ctx.folders()).embeddings),
+  },
+  {
+    method: 'get', path: '/api/webui/hypernetworks', tag: 'webui', summary: "The webui's hypernetworks", response: S('WebuiFileList'),
+    handler: async (_req, _res, ctx) => listHypernetworks(ctx.webui, (await ctx.folders()).hypernetworks),
+  },
+  {
+    method: 'get', path: '/api/webui/loras', tag: 'webui', summary: "The webui's LoRAs", response: S('WebuiFileList'),
+    handler: async (_req, _res, ctx) => listLoras(ctx.webui, (await ctx.folders()).lora),
+  },
+];
+
+/** One line per event, for people. */
+export function formatLog(jsonl: string): string {
+  return jsonl
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => {
+      const e = JSON.parse(line) as Record<string, unknown>;
+      const { time, type, jobId: _j, seq: _s, ...rest } = e;
+      const text =
+        type === 'step'
+          ? `step ${rest.step}/${rest.totalSteps} loss ${Number(rest.loss).toFixed(5)} lr ${rest.learnRate} ${Number(rest.itPerSec).toFixed(2)} it/s eta ${Math.round(Number(rest.etaSeconds))}s`
+          : typeof rest.message === 'string'
+            ? `${rest.level ?? rest.action ?? ''} ${rest.message}`.trim()
+            : JSON.stringify(rest);
+      return `${time} [${type}] ${text}\n`;
+    })
+    .join('');
+}

@@ -1,0 +1,133 @@
+/**
+ * @file Runs one job in a child process (bridge/worker.ts, `child_process.fork` with
+ * `--import tsx`) and turns whatever happens to it into one outcome: the method's result, its
+ * error, or the process dying (crash, SIGKILL, out-of-memory). Cancel is an IPC message first,
+ * SIGTERM after a grace period, SIGKILL after a second one.
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import type { JobEvent, JobResult } from '../trainers/job.ts';
+import type { HostMessage, WorkerMessage } from './worker.ts';
+
+export const WORKER_PATH = fileURLToPath(new URL('./worker.ts', import.meta.url));
+
+export interface WorkerHostOptions {
+  /** Module exporting `methods` (default trainers/methods.ts). */
+  methodsModule: string;
+  /** After a cancel message, wait this long before SIGTERM. */
+  cancelGraceMs?: number;
+  /** After SIGTERM, wait this long before SIGKILL. */
+  killGraceMs?: number;
+  /** Forward at most one step event per this many ms. */
+  stepIntervalMs?: number;
+  /** V8 heap limit for the worker (MB), so a runaway job dies alone. */
+  maxOldSpaceMb?: number;
+  env?: NodeJS.ProcessEnv;
+}
+
+export type WorkerOutcome =
+  | { kind: 'result'; result: JobResult }
+  | { kind: 'error'; message: string }
+  | { kind: 'died'; message: string; code: number | null; signal: NodeJS.Signals | null };
+
+export interface WorkerCallbacks {
+  onEvent(event: JobEvent): void;
+  /** Worker stdout/stderr (a method's stray prints, a native crash's last words). */
+  onOutput?(text: string): void;
+}
+
+/** One worker process for one job. */
+export class WorkerProcess {
+  private child: ChildProcess | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  private paused = false;
+
+  constructor(private readonly opts: WorkerHostOptions) {}
+
+  get pid(): number | undefined {
+    return this.child?.pid;
+  }
+
+  /** Start the job; resolves when the worker has exited, with what happened. */
+  run(jobType: string, spec: Record<string, unknown>, cb: WorkerCallbacks): Promise<WorkerOutcome> {
+    const execArgv = ['--import', 'tsx'];
+    if (this.opts.maxOldSpaceMb) execArgv.push(`--max-old-space-size=${this.opts.maxOldSpaceMb}`);
+    const child = fork(WORKER_PATH, [], {
+      execArgv,
+      env: { ...process.env, ...this.opts.env },
+      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
+      serialization: 'advanced',
+    });
+    this.child = child;
+    const out = (b: Buffer) => cb.onOutput?.(b.toString());
+    child.stdout?.on('data', out);
+    child.stderr?.on('data', out);
+    let reported: WorkerOutcome | undefined;
+    child.on('message', (msg: WorkerMessage) => {
+      if (msg.type === 'event') cb.onEvent(msg.event);
+      else if (msg.type === 'result') reported = { kind: 'result', result: msg.result };
+      else if (msg.type === 'error') reported = { kind: 'error', message: msg.message };
+    });
+    const start: HostMessage = {
+      type: 'run',
+      jobType,
+      spec,
+      methodsModule: this.opts.methodsModule,
+      stepIntervalMs: this.opts.stepIntervalMs,
+    };
+    child.send(start);
+    return new Promise((resolve) => {
+      const finish = (code: number | null, signal: NodeJS.Signals | null) => {
+        for (const t of this.timers) clearTimeout(t);
+        this.timers = [];
+        this.child = undefined;
+        resolve(reported ?? { kind: 'died', code, signal, message: deathMessage(code, signal) });
+      };
+      child.on('exit', finish);
+      child.on('error', (err) => {
+        if (child.exitCode === null && child.signalCode === null && !child.pid) finish(null, null);
+        cb.onOutput?.(`worker error: ${err.message}\n`);
+      });
+    });
+  }
+
+  /** Ask the job to stop after its current step; escalate to SIGTERM, then SIGKILL. */
+  cancel(): void {
+    const child = this.child;
+    if (!child) return;
+    if (this.paused) this.resume();
+    if (child.connected) child.send({ type: 'cancel' } satisfies HostMessage);
+    const grace = this.opts.cancelGraceMs ?? 15_000;
+    const killGrace = this.opts.killGraceMs ?? 10_000;
+    this.timers.push(
+      setTimeout(() => {
+        child.kill('SIGTERM');
+        this.timers.push(setTimeout(() => child.kill('SIGKILL'), killGrace));
+      }, grace),
+    );
+  }
+
+  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
+    this.child?.kill(signal);
+  }
+
+  /** Freeze the worker between polls while the webui generates (POSIX only). */
+  pause(): boolean {
+    if (!this.child || this.paused || process.platform === 'win32') return false;
+    this.paused = this.child.kill('SIGSTOP');
+    return this.paused;
+  }
+
+  resume(): boolean {
+    if (!this.child || !this.paused) return false;
+    this.paused = false;
+    return this.child.kill('SIGCONT');
+  }
+}
+
+function deathMessage(code: number | null, signal: NodeJS.Signals | null): string {
+  if (signal === 'SIGKILL') return 'the worker process was killed (SIGKILL; out of memory?)';
+  if (signal) return `the worker process died from ${signal}`;
+  if (code === 134) return 'the worker process aborted (out of memory?)';
+  return `the worker process exited with code ${code} without a result`;
+}

@@ -1,0 +1,100 @@
+/**
+ * @file The worker process: runs ONE training job and exits. Forked by bridge/worker-host.ts with
+ * `--import tsx`; it is the only process of the server that loads TF.js (through the method's
+ * `load()`), so a crash, NaN or out-of-memory here never takes the API down.
+ *
+ * IPC in:  {type:'run', jobType, spec, methodsModule, stepIntervalMs} · {type:'cancel'}
+ * IPC out: {type:'event', event: JobEvent} · {type:'result', result} · {type:'error', message}
+ * SIGTERM aborts like a cancel (the method stops after its current step and saves).
+ */
+import { pathToFileURL } from 'node:url';
+import type { JobEvent, JobResult, MethodEntry } from '../trainers/job.ts';
+
+export type HostMessage =
+  | { type: 'run'; jobType: string; spec: Record<string, unknown>; methodsModule: string; stepIntervalMs?: number }
+  | { type: 'cancel' };
+
+export type WorkerMessage =
+  | { type: 'event'; event: JobEvent }
+  | { type: 'result'; result: JobResult }
+  | { type: 'error'; message: string };
+
+const controller = new AbortController();
+let running = false;
+
+function send(msg: WorkerMessage): Promise<void> {
+  return new Promise((resolve) => {
+    if (!process.connected) return resolve();
+    process.send!(msg, undefined, {}, () => resolve());
+  });
+}
+
+/**
+ * Step events can come thousands a second from a tiny model; forward at most one per interval,
+ * and always the latest one before any other event so the order stays true.
+ */
+function makeEmitter(intervalMs: number): { emit(e: JobEvent): void; flush(): void } {
+  let last = 0;
+  let pending: JobEvent | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const flush = () => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    if (pending) void send({ type: 'event', event: pending });
+    pending = undefined;
+    last = Date.now();
+  };
+  const emit = (event: JobEvent) => {
+    try {
+      if (event.type !== 'step') {
+        flush();
+        void send({ type: 'event', event });
+        return;
+      }
+      pending = event;
+      if (Date.now() - last >= intervalMs) flush();
+      else timer ??= setTimeout(flush, intervalMs - (Date.now() - last));
+    } catch {
+      /* emit never throws (JobContext contract) */
+    }
+  };
+  return { emit, flush };
+}
+
+async function run(msg: Extract<HostMessage, { type: 'run' }>): Promise<void> {
+  running = true;
+  const emitter = makeEmitter(msg.stepIntervalMs ?? 100);
+  try {
+    const mod = (await import(pathToFileURL(msg.methodsModule).href)) as { methods: Record<string, MethodEntry> };
+    const entry = mod.methods[msg.jobType];
+    if (!entry) throw new Error(`unknown job type '${msg.jobType}'`);
+    const runner = await entry.load();
+    const result = await runner(msg.spec, { emit: emitter.emit, signal: controller.signal });
+    emitter.flush();
+    await send({ type: 'result', result });
+    process.exit(0);
+  } catch (err) {
+    emitter.flush();
+    const message = err instanceof Error ? err.message : String(err);
+    await send({ type: 'error', message });
+    process.exit(1);
+  }
+}
+
+async function die(err: unknown): Promise<void> {
+  await send({ type: 'error', message: `worker crashed: ${err instanceof Error ? err.stack ?? err.message : String(err)}` });
+  process.exit(1);
+}
+
+process.on('message', (msg: HostMessage) => {
+  if (msg.type === 'cancel') controller.abort();
+  else if (msg.type === 'run' && !running) void run(msg);
+});
+process.on('SIGTERM', () => controller.abort());
+// The server went away: stop after the current step rather than train for nobody.
+process.on('disconnect', () => {
+  controller.abort();
+  setTimeout(() => process.exit(1), 30_000).unref();
+});
+process.on('uncaughtException', (err) => void die(err));
+process.on('unhandledRejection', (err) => void die(err));
