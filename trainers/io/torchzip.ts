@@ -16,7 +16,7 @@ import { Readable } from 'node:stream';
 import yauzl from 'yauzl';
 import yazl from 'yazl';
 import { TensorRef, type StorageRef } from './pyobjects.ts';
-import { unpickle } from './unpickle.ts';
+import { unpickle, type UnpickleOptions } from './unpickle.ts';
 import { pickleTorch, SaveTensor } from './pickle-write.ts';
 import { DTYPE_BYTES, bytesToFloat32, float32ToBytes, numel, readFully } from './dtypes.ts';
 import { writeFileAtomic, type WriteOptions } from './atomic.ts';
@@ -50,7 +50,7 @@ export interface TorchZip {
   close(): Promise<void>;
 }
 
-export async function openTorchZip(path: string): Promise<TorchZip> {
+export async function openTorchZip(path: string, options: UnpickleOptions = {}): Promise<TorchZip> {
   const st = await stat(path);
   if (st.isDirectory()) throw new Error(`${path}: is a directory, not a torch file`);
   const fh = await open(path, 'r');
@@ -63,7 +63,7 @@ export async function openTorchZip(path: string): Promise<TorchZip> {
       const order = Buffer.from(await zip.member(`${dir}/byteorder`, 16)).toString('latin1').trim();
       if (order !== 'little') throw new Error(`${path}: byteorder is '${order}', only little-endian files are supported`);
     }
-    const { value, globals } = unpickle(await zip.member(pkl.name, MAX_PKL_BYTES), `${path} (${pkl.name})`);
+    const { value, globals } = unpickle(await zip.member(pkl.name, MAX_PKL_BYTES), `${path} (${pkl.name})`, options);
     zip.value = value;
     zip.globals = globals;
     return zip;

@@ -6,7 +6,7 @@
  * (`TensorRef`, `PyOrderedDict`, `Set`, `PyObject`). Anything else is an error naming the
  * global and the file — `os.system`, `builtins.eval`, `posix.system` never get past GLOBAL.
  */
-import { PyGlobal, PyObject, PyOrderedDict, PyTuple, STORAGE_DTYPES, TensorRef, type StorageRef } from './pyobjects.ts';
+import { PyFloat, PyGlobal, PyObject, PyOrderedDict, PyTuple, STORAGE_DTYPES, TensorRef, type StorageRef } from './pyobjects.ts';
 
 /** safe.py's find_class, minus nothing: module → allowed names. */
 const ALLOWED: Readonly<Record<string, readonly string[]>> = Object.freeze({
@@ -26,7 +26,10 @@ export function isAllowedGlobal(module: string, name: string): boolean {
   return ALLOWED[module]?.includes(name) ?? false;
 }
 
-const MARK = Symbol('mark');
+export interface UnpickleOptions {
+  /** Return floats as `PyFloat` (keeps `0.0` apart from `0`; for inspecting and re-writing). */
+  tagFloats?: boolean;
+}
 
 export interface UnpickleResult {
   value: unknown;
@@ -35,8 +38,9 @@ export interface UnpickleResult {
 }
 
 /** Run the pickle in `data` (from `file`, for errors) and return its value. */
-export function unpickle(data: Uint8Array, file: string): UnpickleResult {
+export function unpickle(data: Uint8Array, file: string, options: UnpickleOptions = {}): UnpickleResult {
   const vm = new Vm(data, file);
+  if (options.tagFloats) vm.float = (x) => new PyFloat(x);
   return { value: vm.run(), globals: [...vm.globals] };
 }
 
@@ -46,6 +50,7 @@ class Vm {
   metastack: unknown[][] = [];
   memo = new Map<number, unknown>();
   globals = new Set<string>();
+  float: (x: number) => unknown = (x) => x;
   private view: DataView;
 
   constructor(readonly data: Uint8Array, readonly file: string) {
@@ -257,8 +262,8 @@ const OPS: Record<number, Op> = {
   [c('M')]: (vm) => vm.push(vm.u16()),
   0x8a: (vm) => vm.push(longLE(vm.bytes(vm.u8()))),
   0x8b: (vm) => { const n = vm.i32(); vm.push(longLE(vm.bytes(n))); },
-  [c('F')]: (vm) => vm.push(parseFloat(vm.line())),
-  [c('G')]: (vm) => { const b = vm.bytes(8); vm.push(new DataView(b.buffer, b.byteOffset, 8).getFloat64(0, false)); },
+  [c('F')]: (vm) => vm.push(vm.float(parseFloat(vm.line()))),
+  [c('G')]: (vm) => { const b = vm.bytes(8); vm.push(vm.float(new DataView(b.buffer, b.byteOffset, 8).getFloat64(0, false))); },
   [c('X')]: (vm) => vm.push(vm.utf8(vm.u32())),
   0x8c: (vm) => vm.push(vm.utf8(vm.u8())),
   0x8d: (vm) => vm.push(vm.utf8(vm.u64())),
