@@ -15,6 +15,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -29,13 +30,20 @@ log = logging.getLogger("sidetrain")
 
 EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_PATH = os.path.join(EXTENSION_DIR, "sidecar.log")
-# folder key (config.resolve_folders) → `sidetrain serve` flag
+# folder key (config.resolve_folders) → `sidetrain serve` flag. Only the flags the installed
+# sidetrain lists in `serve --help` are passed (commander exits on an unknown option).
 FOLDER_FLAGS = {
-    "webui_dir": "--webui-dir",
     "embeddings_dir": "--embeddings-dir",
     "hypernetwork_dir": "--hypernetwork-dir",
     "ckpt_dir": "--ckpt-dir",
     "lora_dir": "--lora-dir",
+}
+# `--webui-dir` means "A1111 layout under this folder" to the sidecar (bridge/config.ts webuiLayout)
+A1111_LAYOUT = {
+    "embeddings_dir": ("embeddings",),
+    "hypernetwork_dir": ("models", "hypernetworks"),
+    "ckpt_dir": ("models", "Stable-diffusion"),
+    "lora_dir": ("models", "Lora"),
 }
 
 # Processes this extension started, by sidecar URL. Module state in the `sidetrain_ext` package
@@ -74,14 +82,39 @@ def _program(settings: Settings) -> list:
     return [npx, "--no-install", "sidetrain"]
 
 
-def build_command(settings: Settings, folders: dict, webui: str) -> list:
-    """The argv of `sidetrain serve` for this webui."""
+def supported_flags(program: list) -> set:
+    """The options `sidetrain serve --help` lists (empty if it cannot be run)."""
+    try:
+        result = subprocess.run(program + ["serve", "--help"], capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return set(re.findall(r"--[a-z][a-z0-9-]*", result.stdout))
+
+
+def _is_a1111_layout(folders: dict) -> bool:
+    root = folders.get("webui_dir", "")
+    return all(os.path.normpath(folders.get(key, "")) == os.path.join(root, *parts)
+               for key, parts in A1111_LAYOUT.items())
+
+
+def build_command(settings: Settings, folders: dict, webui: str, supported=None) -> list:
+    """The argv of `sidetrain serve` for this webui. `supported`: the flags serve accepts (None = all).
+    Folders go as explicit flags where serve has them; `--webui-dir` only when it describes them
+    exactly (A1111/Forge default layout) or they are all explicit, since it disables the sidecar's
+    own discovery through `--webui-url` (the webui's /sdapi/v1/cmd-flags)."""
+    accepts = (lambda flag: True) if supported is None else (lambda flag: flag in supported)
     parts = urlsplit(settings.url)
     command = _program(settings) + ["serve", "--host", parts.hostname or "127.0.0.1",
-                                    "--port", str(parts.port or 7862), "--webui-url", webui]
-    for key, flag in FOLDER_FLAGS.items():
-        if folders.get(key):
-            command += [flag, folders[key]]
+                                    "--port", str(parts.port or 7862)]
+    if webui and accepts("--webui-url"):
+        command += ["--webui-url", webui]
+    explicit = [(flag, folders[key]) for key, flag in FOLDER_FLAGS.items() if folders.get(key) and accepts(flag)]
+    if folders.get("webui_dir") and accepts("--webui-dir") and (
+            len(explicit) == len(FOLDER_FLAGS) or _is_a1111_layout(folders)):
+        command += ["--webui-dir", folders["webui_dir"]]
+    for flag, folder in explicit:
+        command += [flag, folder]
     return command
 
 
@@ -93,7 +126,7 @@ def _log_file():
 
 
 def _spawn(settings: Settings) -> subprocess.Popen:
-    command = build_command(settings, resolve_folders(), webui_url())
+    command = build_command(settings, resolve_folders(), webui_url(), supported_flags(_program(settings)))
     env = dict(os.environ, **({"SIDETRAIN_TOKEN": settings.token} if settings.token else {}))
     output = _log_file()
     try:

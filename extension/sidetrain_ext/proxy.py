@@ -81,11 +81,13 @@ def sidecar_origin(settings: Settings) -> str:
 
 
 def forward_headers(conn: HTTPConnection, settings: Settings, drop=frozenset()) -> list:
-    """Request headers for the sidecar: the browser's, minus hop-by-hop, cookies and credentials,
-    with Host/Origin set to the sidecar's own, the token added and X-Forwarded-* describing the
+    """Request headers for the sidecar: the browser's, minus hop-by-hop and cookies, with Host/Origin
+    set to the sidecar's own, the settings' token (if any) added and X-Forwarded-* describing the
     webui side (so the sidecar can build links under `/sidetrain/` if it wants to)."""
+    # with no token in the settings, a token the page itself sends (it asks the user) passes through
+    replaced = REPLACED if settings.token else REPLACED - {"authorization"}
     headers = [(k, v) for k, v in conn.headers.items()
-               if k.lower() not in HOP_BY_HOP | REPLACED | drop]
+               if k.lower() not in HOP_BY_HOP | replaced | drop]
     headers.append(("host", urlsplit(settings.url).netloc))
     if "origin" in conn.headers:
         headers.append(("origin", sidecar_origin(settings)))

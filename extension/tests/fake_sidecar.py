@@ -120,6 +120,10 @@ def main(argv):
     """`fake_sidecar.py serve --host H --port P ...`: serve until killed."""
     import uvicorn
 
+    if "--help" in argv:  # the options the launcher may pass, as `sidetrain serve --help` lists them
+        print("Options:\n  --host <host>\n  --port <port>\n  --webui-url <url>\n  --webui-dir <dir>\n"
+              "  --embeddings-dir <dir>\n  --hypernetwork-dir <dir>\n  --ckpt-dir <dir>\n  --lora-dir <dir>")
+        return
     record = os.environ.get("FAKE_SIDECAR_ARGS")
     if record:
         with open(record, "w") as f:

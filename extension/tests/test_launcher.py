@@ -63,6 +63,18 @@ class LauncherTest(unittest.TestCase):
             "--embeddings-dir", self.folders["embeddings_dir"], "--hypernetwork-dir", self.folders["hypernetwork_dir"],
             "--ckpt-dir", self.folders["ckpt_dir"], "--lora-dir", self.folders["lora_dir"]])
 
+    def test_only_flags_serve_accepts(self):
+        """Today's `serve` has no per-folder flags: `--webui-dir` only where it means the same folders."""
+        serve = {"--host", "--port", "--webui-url", "--webui-dir"}
+        with mock.patch.dict(os.environ, {"PATH": self.bin}):
+            executable(self.bin, "sidetrain", "#!/bin/sh\n")
+            a1111 = launcher.build_command(settings(7862), self.folders, "http://127.0.0.1:7860", serve)
+            self.assertEqual(a1111[-4:], ["--webui-url", "http://127.0.0.1:7860", "--webui-dir", self.root])
+            sdnext = make_webui(self.root, "sdnext")  # embeddings in models/embeddings: not A1111's layout
+            command = launcher.build_command(settings(7862), sdnext, "http://127.0.0.1:7860", serve)
+            self.assertEqual(command[-2:], ["--webui-url", "http://127.0.0.1:7860"])
+            self.assertNotIn("--webui-dir", command)
+
     def test_program_found_on_path(self):
         with mock.patch.dict(os.environ, {"PATH": self.bin}):
             with self.assertRaises(FileNotFoundError) as caught:
