@@ -187,10 +187,14 @@ export async function loadVae(source: TensorSource, opts: VaeLoadOptions = {}): 
 
 /** model.py ResnetBlock without temb: GN→SiLU→conv→GN→SiLU→(dropout)→conv, + skip (1×1 when channels change). */
 function resnetBlock(p: Params, name: string, x: Tensor): Tensor {
-  let h = conv2d(p, `${name}.conv1`, silu(groupNorm(p, `${name}.norm1`, x, EPS)));
-  h = conv2d(p, `${name}.conv2`, silu(groupNorm(p, `${name}.norm2`, h, EPS)));
-  const skip = p.has(`${name}.nin_shortcut.weight`) ? conv2d(p, `${name}.nin_shortcut`, x) : x;
-  return skip.add(h);
+  // A tidy per block frees its intermediates at once: at 512 px one level-0 activation is 128 MB,
+  // and an outer tidy alone would hold every one of them until the whole encoder is done.
+  return tf.tidy(() => {
+    let h = conv2d(p, `${name}.conv1`, silu(groupNorm(p, `${name}.norm1`, x, EPS)));
+    h = conv2d(p, `${name}.conv2`, silu(groupNorm(p, `${name}.norm2`, h, EPS)));
+    const skip = p.has(`${name}.nin_shortcut.weight`) ? conv2d(p, `${name}.nin_shortcut`, x) : x;
+    return skip.add(h);
+  });
 }
 
 /**
@@ -199,18 +203,29 @@ function resnetBlock(p: Params, name: string, x: Tensor): Tensor {
  */
 function attnBlock(p: Params, name: string, x: Tensor): Tensor {
   const [b, h, w, c] = x.shape as [number, number, number, number];
-  const normed = groupNorm(p, `${name}.norm`, x, EPS);
-  const q = conv2d(p, `${name}.q`, normed).reshape([b, h * w, c]); // [B, H·W, C]
-  const k = conv2d(p, `${name}.k`, normed).reshape([b, h * w, c]); // [B, H·W, C]
-  const v = conv2d(p, `${name}.v`, normed).reshape([b, h * w, c]); // [B, H·W, C]
-  const attended = attention(q, k, v, 1).reshape([b, h, w, c]); // [B, H, W, C]
-  return x.add(conv2d(p, `${name}.proj_out`, attended));
+  return tf.tidy(() => {
+    const normed = groupNorm(p, `${name}.norm`, x, EPS);
+    const q = conv2d(p, `${name}.q`, normed).reshape([b, h * w, c]); // [B, H·W, C]
+    const k = conv2d(p, `${name}.k`, normed).reshape([b, h * w, c]); // [B, H·W, C]
+    const v = conv2d(p, `${name}.v`, normed).reshape([b, h * w, c]); // [B, H·W, C]
+    const attended = attention(q, k, v, 1).reshape([b, h, w, c]); // [B, H, W, C]
+    return x.add(conv2d(p, `${name}.proj_out`, attended));
+  });
 }
 
 function midBlock(p: Params, cfg: VaeConfig, name: string, x: Tensor): Tensor {
   let h = resnetBlock(p, `${name}.mid.block_1`, x);
-  if (cfg.midAttention) h = attnBlock(p, `${name}.mid.attn_1`, h);
-  return resnetBlock(p, `${name}.mid.block_2`, h);
+  if (cfg.midAttention) h = replace(h, attnBlock(p, `${name}.mid.attn_1`, h));
+  return replace(h, resnetBlock(p, `${name}.mid.block_2`, h));
+}
+
+/**
+ * Dispose the activation a block has consumed and return the block's output. Safe under tf.grad:
+ * the tape keeps its own references to what backprop needs.
+ */
+function replace(consumed: Tensor, output: Tensor): Tensor {
+  consumed.dispose();
+  return output;
 }
 
 /** model.py Encoder.forward: image [B, H, W, 3] → moments [B, H/f, W/f, 2·z]. */
@@ -220,28 +235,29 @@ function encoder(p: Params, cfg: VaeConfig, image: Tensor): Tensor {
   let h = conv2d(p, `${n}.conv_in`, image);
   for (let i = 0; i < levels; i++) {
     for (let j = 0; j < cfg.numResBlocks; j++) {
-      h = resnetBlock(p, `${n}.down.${i}.block.${j}`, h);
-      if (cfg.attnLevels.includes(i)) h = attnBlock(p, `${n}.down.${i}.attn.${j}`, h);
+      h = replace(h, resnetBlock(p, `${n}.down.${i}.block.${j}`, h));
+      if (cfg.attnLevels.includes(i)) h = replace(h, attnBlock(p, `${n}.down.${i}.attn.${j}`, h));
     }
     // Downsample pads right/bottom only, then 3×3 stride 2 unpadded (fixture README item 2).
-    if (i !== levels - 1) h = conv2d(p, `${n}.down.${i}.downsample.conv`, h, { stride: 2, pad: 'vae-down' });
+    if (i !== levels - 1) h = replace(h, conv2d(p, `${n}.down.${i}.downsample.conv`, h, { stride: 2, pad: 'vae-down' }));
   }
-  h = midBlock(p, cfg, n, h);
-  return conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS)));
+  h = replace(h, midBlock(p, cfg, n, h));
+  return tf.tidy(() => conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS))));
 }
 
 /** model.py Decoder.forward: z [B, h, w, z] → image [B, h·f, w·f, 3]. */
 function decoder(p: Params, cfg: VaeConfig, z: Tensor): Tensor {
   const n = `${cfg.prefix}decoder`;
-  let h = midBlock(p, cfg, n, conv2d(p, `${n}.conv_in`, z));
+  let h = conv2d(p, `${n}.conv_in`, z);
+  h = replace(h, midBlock(p, cfg, n, h));
   for (let i = cfg.chMult.length - 1; i >= 0; i--) {
     for (let j = 0; j <= cfg.numResBlocks; j++) {
-      h = resnetBlock(p, `${n}.up.${i}.block.${j}`, h);
-      if (cfg.attnLevels.includes(i)) h = attnBlock(p, `${n}.up.${i}.attn.${j}`, h);
+      h = replace(h, resnetBlock(p, `${n}.up.${i}.block.${j}`, h));
+      if (cfg.attnLevels.includes(i)) h = replace(h, attnBlock(p, `${n}.up.${i}.attn.${j}`, h));
     }
-    if (i !== 0) h = conv2d(p, `${n}.up.${i}.upsample.conv`, upsampleNearest2x(h));
+    if (i !== 0) h = replace(h, tf.tidy(() => conv2d(p, `${n}.up.${i}.upsample.conv`, upsampleNearest2x(h))));
   }
-  return conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS)));
+  return tf.tidy(() => conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS))));
 }
 
 /** F.interpolate(scale_factor=2, mode='nearest'); resizeNearestNeighbor has a registered gradient. */
