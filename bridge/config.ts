@@ -31,6 +31,8 @@ export interface ServerOptions {
   /** Explicit output folders (win over everything else). */
   folders?: Partial<Folders>;
   vram?: 'off' | 'unload' | 'pause';
+  /** How often the 'pause' mode asks the webui whether it is generating. */
+  pausePollMs?: number;
   allowedHosts?: string[];
   allowedOrigins?: string[];
   bodyLimit?: string;

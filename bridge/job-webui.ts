@@ -20,7 +20,7 @@ export class JobWebui {
     private readonly webui: WebuiClient,
     private readonly vram: 'off' | 'unload' | 'pause',
     private readonly publish: Publish,
-    private readonly pollMs = POLL_MS,
+    private readonly pollMs: number = POLL_MS,
   ) {}
 
   private report(jobId: string, action: WebuiEvent['action'], o: WebuiOutcome): void {

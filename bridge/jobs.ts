@@ -25,6 +25,7 @@ export interface JobManagerOptions {
   webui: WebuiClient;
   /** 'unload': free the webui's model during a job; 'pause': freeze the job while it generates. */
   vram?: 'off' | 'unload' | 'pause';
+  pausePollMs?: number;
   worker: WorkerHostOptions;
   concurrency?: number;
   log: Logger;
@@ -48,7 +49,7 @@ export class JobManager {
   constructor(private readonly opts: JobManagerOptions) {
     this.store = opts.store;
     this.concurrency = Math.max(1, opts.concurrency ?? 1);
-    this.webuiSide = new JobWebui(opts.webui, opts.vram ?? 'off', (id, e) => this.publish(id, e));
+    this.webuiSide = new JobWebui(opts.webui, opts.vram ?? 'off', (id, e) => this.publish(id, e), opts.pausePollMs);
   }
 
   get methods(): Record<string, MethodEntry> {

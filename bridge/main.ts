@@ -56,7 +56,7 @@ export async function startServer(opts: ServerOptions = {}, logger?: Logger): Pr
   });
   const folders = folderResolver(opts, webui);
   const manager = new JobManager({
-    store: new JobStore(stateDirOf(opts)), methods, folders, webui, vram: opts.vram, concurrency: opts.concurrency, log,
+    store: new JobStore(stateDirOf(opts)), methods, folders, webui, vram: opts.vram, pausePollMs: opts.pausePollMs, concurrency: opts.concurrency, log,
     worker: {
       methodsModule, cancelGraceMs: opts.cancelGraceMs, killGraceMs: opts.killGraceMs, stepIntervalMs: opts.stepIntervalMs, maxOldSpaceMb: opts.maxOldSpaceMb,
     },
