@@ -2,6 +2,7 @@
 uvicorn server in a thread on a free 127.0.0.1 port."""
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -15,8 +16,17 @@ for _path in (EXTENSION_DIR, STUBS_DIR):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import uvicorn  # noqa: E402
+try:
+    import fastapi  # noqa: E402,F401
+    import httpx  # noqa: E402,F401
+    import uvicorn  # noqa: E402
+    import websockets  # noqa: E402,F401
+except ImportError as err:  # pragma: no cover
+    raise ImportError(f"{err}: the extension's tests need Debian's python3 with the packages in "
+                      "extension/tests/REQUIREMENTS.md (run them with /usr/bin/python3)") from err
 from modules import paths, shared, shared_items  # noqa: E402
+
+logging.getLogger("sidetrain").setLevel(logging.ERROR)  # "sidecar not reachable" is what some tests provoke
 
 
 def make_webui(root: str, kind: str = "a1111") -> dict:

@@ -74,6 +74,23 @@ class ProxyHttpTest(unittest.TestCase):
         response, _ = self.get("/sidetrain/api/jobs", {"Sec-Fetch-Site": "cross-site"})
         self.assertEqual(response.status, 403)
 
+    def test_without_a_token_setting_the_pages_own_token_passes_through(self):
+        saved = self.settings
+        type(self).settings = Settings(url=saved.url, token="", autostart=False, folder="")
+        try:
+            response, _ = self.get("/sidetrain/api/jobs")
+            self.assertEqual(response.status, 401)  # the sidecar wants a token the webui does not have
+            response, data = self.get("/sidetrain/api/jobs", {"Authorization": f"Bearer {TOKEN}"})
+            self.assertEqual(response.status, 200, data)
+        finally:
+            type(self).settings = saved
+
+    def test_head_and_delete(self):
+        response, data = self.get("/sidetrain/api/jobs/abc", method="DELETE")
+        self.assertEqual((response.status, json.loads(data)["method"]), (200, "DELETE"))
+        response, data = self.get("/sidetrain/api/health", method="HEAD")
+        self.assertEqual((response.status, data), (200, b""))
+
     def test_post_body_arrives_intact(self):
         body = os.urandom(1 << 20)
         response, data = self.get("/sidetrain/api/upload", {"Content-Type": "application/octet-stream"}, "PUT", body)
