@@ -4,8 +4,8 @@
  * here before a worker ever sees it, so a job cannot write outside the webui's folders.
  */
 import { constants } from 'node:fs';
-import { access, lstat, readdir, realpath, stat } from 'node:fs/promises';
-import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
+import { access, lstat, readdir, readlink, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 
 /** A request problem tied to a field; the server turns it into a 400 naming the field. */
 export class PathError extends Error {
@@ -42,21 +42,31 @@ function isInside(root: string, target: string): boolean {
   return rel === '' || (!rel.startsWith(`..${sep}`) && rel !== '..' && !isAbsolute(rel));
 }
 
-/** realpath of the deepest existing ancestor of `p`, with the missing tail appended. */
+/**
+ * realpath of the deepest existing ancestor of `p`, with the missing tail appended. A dangling
+ * symlink is followed by hand (realpath fails on it, yet writing through it would land at its
+ * target).
+ */
 async function realpathPartial(p: string): Promise<string> {
   let existing = p;
   const tail: string[] = [];
-  for (;;) {
+  for (let hops = 0; hops < 64; hops++) {
     try {
-      return resolve(await realpath(existing), ...tail.reverse());
+      return resolve(await realpath(existing), ...[...tail].reverse());
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const st = await lstat(existing).catch(() => undefined);
+      if (st?.isSymbolicLink()) {
+        existing = resolve(dirname(existing), await readlink(existing));
+        continue;
+      }
       const parent = dirname(existing);
       if (parent === existing) return p;
-      tail.push(existing.slice(parent.length + (parent.endsWith(sep) ? 0 : 1)));
+      tail.push(basename(existing));
       existing = parent;
     }
   }
+  throw new PathError('', `too many symlinks resolving ${p}`);
 }
 
 /**

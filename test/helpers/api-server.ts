@@ -98,9 +98,9 @@ export interface EventStream {
 }
 
 /** Connect to a job's (or all jobs') event stream and collect every message. */
-export async function events(base: string, jobId?: string, headers: Record<string, string> = {}): Promise<EventStream> {
+export async function events(base: string, jobId?: string, headers: Record<string, string> = {}, protocols?: string[]): Promise<EventStream> {
   const url = `${base.replace(/^http/, 'ws')}${jobId ? `/api/jobs/${jobId}/events` : '/api/events'}`;
-  const ws = new WebSocket(url, { headers });
+  const ws = new WebSocket(url, protocols ?? [], { headers });
   const messages: any[] = [];
   const waiters: { pred: (m: any) => boolean; resolve: (m: any) => void }[] = [];
   ws.on('message', (data) => {
