@@ -62,6 +62,9 @@ const loaders: Record<BackendName, Loader> = {
 async function setOrThrow(name: string): Promise<void> {
   if (!(await tf.setBackend(name))) throw new Error(`tf.setBackend('${name}') failed`);
   await tf.ready();
+  // The CPU backend's first-use banner ("install tfjs-node") repeats what the choice already says.
+  const backend = tf.backend() as { firstUse?: boolean };
+  if ('firstUse' in backend) backend.firstUse = false;
 }
 
 function firstLine(err: unknown): string {

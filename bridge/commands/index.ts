@@ -6,3 +6,4 @@ export type RegisterCommand = (program: Command) => void;
 export const commands: RegisterCommand[] = [];
 commands.push((await import('./serve.ts')).registerServe);
 commands.push((await import('./golden.ts')).registerGolden);
+commands.push((await import('./inspect.ts')).registerInspect);

@@ -1,0 +1,29 @@
+/** @file `sidetrain golden <fixture-dir>`: check the networks against a fixture's PyTorch goldens. */
+import type { Command } from 'commander';
+
+export function registerGolden(program: Command): void {
+  program
+    .command('golden')
+    .description("compute every tensor named in <dir>/golden.json and compare with the PyTorch goldens (exit 1 if any fails or is missing)")
+    .argument('<dirs...>', 'fixture directories laid out like test/fixtures/sd-tiny')
+    .option('--backend <name>', 'TF.js backend to use (default: the best present)')
+    .action(async (dirs: string[], opts: { backend?: string }) => {
+      const { initBackend } = await import('../../trainers/tf.ts');
+      const { runGolden } = await import('../../trainers/golden.ts');
+      const backend = await initBackend(opts.backend);
+      console.log(`backend: ${backend.name}`);
+      let failed = 0;
+      for (const dir of dirs) {
+        const rows = await runGolden(dir);
+        console.log(`\n${dir}\n${'tensor'.padEnd(80)} ${'max|ours-golden|'.padStart(16)} ${'atol'.padStart(9)}  result`);
+        for (const r of rows) {
+          const result = !r.computed ? 'NOT COMPUTED' : r.pass ? 'pass' : 'FAIL';
+          console.log(`${r.name.padEnd(80)} ${r.maxAbsDiff.toExponential(2).padStart(16)} ${r.atol.toExponential(0).padStart(9)}  ${result}`);
+        }
+        const bad = rows.filter((r) => !r.pass).length;
+        console.log(`${rows.length - bad} passed, ${bad} failed`);
+        failed += bad;
+      }
+      if (failed) process.exitCode = 1;
+    });
+}

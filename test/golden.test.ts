@@ -1,0 +1,37 @@
+/**
+ * @file The golden harness on every fixture copied into the project, on every backend the project
+ * can pick here (each in its own process, as a user would run `npm run golden`). A tensor that
+ * fails its atol or is not computed fails the test.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+
+const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
+// wasm joins once its missing gradient kernels (Conv2DBackpropFilter, …) are registered.
+const CANDIDATES = ['cpu-native', 'cpu'];
+
+/** Backends that load in this install (the addon may not have built). */
+function presentBackends(): string[] {
+  return CANDIDATES.filter((name) => {
+    const probe = spawnSync(process.execPath, ['--import', 'tsx', '-e', `await (await import('./trainers/tf.ts')).initBackend('${name}')`], { encoding: 'utf8' });
+    return probe.status === 0;
+  });
+}
+
+for (const backend of presentBackends()) {
+  test(`golden harness passes on ${FIXTURES.join(' and ')} (${backend})`, () => {
+    let output = '';
+    try {
+      output = execFileSync(process.execPath, ['bin/sidetrain.mjs', 'golden', '--backend', backend, ...FIXTURES], { encoding: 'utf8' });
+    } catch (err) {
+      const e = err as { stdout?: string; stderr?: string };
+      assert.fail(`golden failed on ${backend}:\n${e.stdout ?? ''}${e.stderr ?? ''}`);
+    }
+    assert.match(output, new RegExp(`backend: ${backend}`));
+    const summaries = output.match(/^\d+ passed, \d+ failed$/gm) ?? [];
+    assert.equal(summaries.length, FIXTURES.length);
+    for (const s of summaries) assert.match(s, / 0 failed$/);
+    assert.doesNotMatch(output, /NOT COMPUTED|FAIL/);
+  });
+}

@@ -1,0 +1,197 @@
+/**
+ * @file The golden harness: for a fixture directory laid out like test/fixtures/sd-tiny (read its
+ * README), load `model.safetensors`, compute every output tensor named in `golden.json` from the
+ * inputs it names, and compare with `golden.safetensors` within each tensor's atol. Prompts,
+ * timesteps, names, hypernetwork settings and head counts come from golden.json / config.json.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { tf, type Tensor } from './tf.ts';
+import { openSafetensors } from './io/safetensors.ts';
+import type { TensorSource } from './io/types.ts';
+import { loadSdModel, type SdModel } from './nets/sd.ts';
+import { encodeText, encodeTextHidden, namedTextOutputs } from './nets/clip.ts';
+import { unetForward } from './nets/unet.ts';
+import { vaeEncode, samplePosterior, vaeDecode } from './nets/vae.ts';
+import { hypernetForward, hypernetHook, hypernetSpecFromWebui, type HypernetworkSpec } from './nets/hypernet.ts';
+import { paramToTorch, type Params } from './nets/params.ts';
+import { denoisingLoss, type DiffusionBatch } from './diffusion-loss.ts';
+import { textualInversionLoss } from './textual-inversion.ts';
+import { hypernetworkLoss } from './hypernetwork.ts';
+
+export interface GoldenRow {
+  name: string;
+  /** max |ours − golden|; NaN when not computed. */
+  maxAbsDiff: number;
+  atol: number;
+  pass: boolean;
+  computed: boolean;
+}
+
+type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+type Out = Map<string, Tensor>;
+
+const nchw = (t: Tensor) => t.transpose([0, 3, 1, 2]);
+const nhwc = (t: Tensor) => t.transpose([0, 2, 3, 1]);
+
+interface Ctx {
+  g: Json;
+  inputs: TensorSource;
+  model: SdModel;
+  input(name: string): Promise<Tensor>;
+}
+
+async function textGoldens(c: Ctx, out: Out): Promise<void> {
+  const { params, cfg } = c.model.text!;
+  const h = encodeTextHidden(params, cfg, c.g.text.ids);
+  for (const [name, t] of namedTextOutputs(h)) out.set(name, t);
+}
+
+async function unetGoldens(c: Ctx, out: Out): Promise<void> {
+  const { params, cfg } = c.model.unet!;
+  const x = nhwc(await c.input(c.g.unet.inputs.x));
+  const taps = new Map<string, Tensor>();
+  out.set('unet.out', nchw(unetForward(params, cfg, x, c.g.unet.inputs.timesteps, await c.input(c.g.unet.inputs.context), { taps })));
+  out.set('unet.t_emb', taps.get('t_emb')!).set('unet.emb', taps.get('emb')!);
+}
+
+async function vaeGoldens(c: Ctx, out: Out): Promise<void> {
+  const { params, cfg } = c.model.vae!;
+  const post = vaeEncode(params, cfg, nhwc(await c.input('vae.image')));
+  const sample = samplePosterior(post, nhwc(await c.input('vae.sample_noise')));
+  out.set('vae.posterior_mean', nchw(post.mean)).set('vae.posterior_logvar', nchw(post.logvar));
+  out.set('vae.posterior_std', nchw(post.std)).set('vae.posterior_sample', nchw(sample));
+  out.set('vae.latent_scaled_mean', nchw(post.mean.mul(cfg.scaleFactor)));
+  out.set('vae.decoded', nchw(vaeDecode(params, cfg, nhwc(await c.input('vae.z_scaled')))));
+}
+
+function scheduleGoldens(c: Ctx, out: Out): void {
+  const s = c.model.schedule;
+  out.set('schedule.betas', tf.tensor(s.betas)).set('schedule.alphas_cumprod', tf.tensor(s.alphasCumprod));
+  out.set('schedule.sqrt_alphas_cumprod', tf.tensor(s.sqrtAlphasCumprod));
+  out.set('schedule.sqrt_one_minus_alphas_cumprod', tf.tensor(s.sqrtOneMinusAlphasCumprod));
+}
+
+async function trainBatch(c: Ctx): Promise<DiffusionBatch> {
+  const tb = c.g.train_batch;
+  return { latents: nhwc(await c.input(tb.x0)), noise: nhwc(await c.input(tb.noise)), timesteps: tb.timesteps };
+}
+
+async function trainGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void> {
+  const s = c.model.schedule;
+  out.set('train.x_noisy', nchw(s.qSample(batch.latents, batch.noise, batch.timesteps)));
+  out.set('train.target', nchw(s.targetFor(c.model.prediction, batch.latents, batch.noise, batch.timesteps)));
+  out.set('train.context', encodeText(c.model.text!.params, c.model.text!.cfg, c.g.train_batch.ids));
+}
+
+/** ft.*: every weight trainable; gradients of the named checkpoint keys, in checkpoint layout. */
+function fullModelGoldens(c: Ctx, out: Out, batch: DiffusionBatch): void {
+  const names: string[] = c.g.full_model_gradients.grads;
+  const keys = names.map((n) => n.slice('ft.grad.'.length));
+  const text = c.model.text!;
+  const unet = c.model.unet!;
+  const swap = (p: Params) => new Map([...p].map(([k, t]) => [k, keys.includes(k) ? tf.variable(t, true, `ft/${k}`) : t]));
+  const textP = swap(text.params);
+  const unetP = swap(unet.params);
+  const vars = keys.map((k) => (textP.get(k) ?? unetP.get(k)) as tf.Variable | undefined);
+  const { value, grads } = tf.variableGrads(() => {
+    const context = encodeText(textP, text.cfg, c.g.train_batch.ids);
+    return denoisingLoss({ ...c.model, unet: { params: unetP, cfg: unet.cfg } }, batch, context);
+  }, vars.filter((v): v is tf.Variable => !!v));
+  out.set(c.g.full_model_gradients.loss, value);
+  keys.forEach((k, i) => {
+    const v = vars[i];
+    const shape = text.params.get(k)?.shape ?? unet.params.get(k)?.shape;
+    out.set(names[i]!, v && grads[v.name] ? paramToTorch(grads[v.name]!) : tf.zeros(shape ?? [0]));
+  });
+  vars.forEach((v) => v?.dispose());
+}
+
+async function tiGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void> {
+  const ti = c.g.textual_inversion;
+  const vectors = tf.variable(await c.input('ti.vectors'), true, 'golden/ti');
+  const prompts = ti.ids.map((ids: number[], i: number) => ({ ids, embeddings: [{ name: ti.name, positions: ti.vector_positions[i] }] }));
+  const vectorMap = new Map([[ti.name as string, vectors as Tensor]]);
+  out.set('ti.context', encodeText(c.model.text!.params, c.model.text!.cfg, ti.ids, {
+    splices: prompts.map((p: { embeddings: { positions: number[] }[] }, batchRow: number) => ({ batch: batchRow, positions: p.embeddings[0]!.positions, vectors })),
+  }));
+  const { value, grads } = tf.variableGrads(() => textualInversionLoss({ ...c.model, unet: c.model.unet!, text: c.model.text! }, vectorMap, { ...batch, prompts }), [vectors]);
+  out.set('ti.loss', value).set('ti.grad_vectors', grads[vectors.name]!);
+  vectors.dispose();
+}
+
+async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tensor): Promise<void> {
+  const h = c.g.hypernetwork;
+  const spec: HypernetworkSpec = hypernetSpecFromWebui(
+    { layer_structure: h.layer_structure, activation_func: h.activation_func, is_layer_norm: h.add_layer_norm,
+      use_dropout: h.use_dropout, activate_output: h.activate_output, weight_initialization: h.weight_init },
+    h.enable_sizes,
+  );
+  const params: Params = new Map();
+  for (const name of h.state_tensors as string[]) params.set(name.slice('hn.'.length), tf.variable(await c.input(name), true, `golden/${name}`));
+  const unetContext = await c.input(c.g.unet.inputs.context);
+  for (const size of spec.sizes) {
+    out.set(`hn.k_out.${size}`, hypernetForward(params, spec, size, 'k', unetContext));
+    out.set(`hn.v_out.${size}`, hypernetForward(params, spec, size, 'v', unetContext));
+  }
+  const hnModel = { ...c.model, unet: c.model.unet!, hypernetwork: { params, spec } };
+  const { params: up, cfg } = c.model.unet!;
+  const x = nhwc(await c.input(c.g.unet.inputs.x));
+  out.set('hn.unet_out', nchw(unetForward(up, cfg, x, c.g.unet.inputs.timesteps, unetContext, { hooks: { kv: hypernetHook(params, spec) } })));
+  const vars = [...params.values()] as tf.Variable[];
+  const { value, grads } = tf.variableGrads(() => hypernetworkLoss(hnModel, batch, context), vars);
+  out.set('hn.loss', value);
+  for (const [key, v] of params) out.set(`hn.grad.${key}`, grads[(v as tf.Variable).name]!);
+  vars.forEach((v) => v.dispose());
+}
+
+/** Compute every golden output of `dir` and compare; one row per golden output tensor. */
+export async function runGolden(dir: string): Promise<GoldenRow[]> {
+  const g = JSON.parse(readFileSync(join(dir, 'golden.json'), 'utf8')) as Json;
+  const inputs = await openSafetensors(join(dir, 'golden.safetensors'));
+  const model = await loadSdModel(join(dir, 'model.safetensors'), ['text', 'unet', 'vae-encoder', 'vae-decoder']);
+  const input = async (name: string) => {
+    const { shape } = inputs.info(name);
+    return tf.tensor(await inputs.read(name), shape);
+  };
+  const c: Ctx = { g, inputs, model, input };
+  const out: Out = new Map();
+  try {
+    await textGoldens(c, out);
+    await unetGoldens(c, out);
+    await vaeGoldens(c, out);
+    scheduleGoldens(c, out);
+    const batch = await trainBatch(c);
+    await trainGoldens(c, out, batch);
+    fullModelGoldens(c, out, batch);
+    await tiGoldens(c, out, batch);
+    await hnGoldens(c, out, batch, out.get('train.context')!);
+    return await compare(g, inputs, out);
+  } finally {
+    tf.dispose([...out.values()]);
+    await inputs.close();
+    await model.source.close();
+  }
+}
+
+async function compare(g: Json, inputs: TensorSource, out: Out): Promise<GoldenRow[]> {
+  const rows: GoldenRow[] = [];
+  for (const [name, meta] of Object.entries(g.tensors as Record<string, Json>)) {
+    if (meta.kind !== 'output') continue;
+    const ours = out.get(name);
+    const atol = meta.atol as number;
+    if (!ours) {
+      rows.push({ name, maxAbsDiff: NaN, atol, pass: false, computed: false });
+      continue;
+    }
+    const want = await inputs.read(name);
+    const got = await ours.data();
+    let max = got.length === want.length ? 0 : Infinity;
+    for (let i = 0; i < want.length && max !== Infinity; i++) {
+      const d = Math.abs(got[i]! - want[i]!);
+      if (!(d <= max)) max = Number.isNaN(d) ? Infinity : d;
+    }
+    rows.push({ name, maxAbsDiff: max, atol, pass: max <= atol, computed: true });
+  }
+  return rows;
+}

@@ -1,0 +1,155 @@
+/**
+ * @file The one training loop every method runs (nanoGPT's train.py, diffusers' TI loop): learn
+ * rate from the schedule, gradient accumulation, clipping, optimizer step, loss CSV, progress
+ * events, previews, snapshots, cancel and NaN stops. A method supplies only what differs:
+ * its trainable variables, its loss for a batch, and how it saves.
+ */
+import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { tf, type Tensor } from './tf.ts';
+import type { JobContext } from './job.ts';
+
+/** What a method gives the loop. */
+export interface TrainMethod<Batch> {
+  /** The variables the optimizer updates, by name. */
+  trainable: Map<string, tf.Variable>;
+  /** The next micro-batch for a step (deterministic given the seed and step). */
+  nextBatch(step: number, micro: number): Promise<Batch> | Batch;
+  /** Scalar loss for one micro-batch; called inside tf.variableGrads. */
+  loss(batch: Batch): tf.Scalar;
+  /** Save a snapshot (periodic) or the final output; returns the paths written. */
+  save(step: number, final: boolean): Promise<string[]>;
+  /** Render a preview image for this step; returns its path. */
+  preview?(step: number): Promise<string>;
+  /** Release the batch (cached tensors stay). */
+  disposeBatch?(batch: Batch): void;
+}
+
+export interface Optimizer {
+  step(grads: Map<string, Tensor>, lr: number): void;
+}
+
+export interface LoopOptions {
+  startStep: number;
+  /** Last step (inclusive), as the webui counts: steps are 1-based. */
+  steps: number;
+  gradAccum: number;
+  /** Learn rate for a step (trainers/optim/lr.ts). */
+  learnRate(step: number): number;
+  /** Gradient clipping applied to the accumulated gradients (trainers/optim/clip-grad.ts). */
+  clip?(grads: Map<string, Tensor>): Map<string, Tensor>;
+  optimizer: Optimizer;
+  saveEvery: number;
+  previewEvery: number;
+  /** Steps per epoch, for the CSV's epoch/epoch_step columns. */
+  stepsPerEpoch: number;
+  /** Loss CSV path (`step,epoch,epoch_step,loss,learn_rate`, the webui's textual_inversion_loss.csv columns). */
+  csvPath?: string;
+}
+
+export interface LoopResult {
+  /** The last step whose update was applied. */
+  step: number;
+  cancelled: boolean;
+}
+
+/** Sum gradient maps in place into `acc` (disposing what it replaces). */
+function accumulate(acc: Map<string, Tensor>, grads: Record<string, Tensor>): void {
+  for (const [name, g] of Object.entries(grads)) {
+    const prev = acc.get(name);
+    if (prev) {
+      acc.set(name, prev.add(g));
+      prev.dispose();
+      g.dispose();
+    } else acc.set(name, g);
+  }
+}
+
+async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
+  const grads = new Map<string, Tensor>();
+  let lossSum = 0;
+  const vars = [...method.trainable.values()];
+  for (let micro = 0; micro < opts.gradAccum; micro++) {
+    const batch = await method.nextBatch(step, micro);
+    const { value, grads: g } = tf.variableGrads(() => method.loss(batch).div(opts.gradAccum) as tf.Scalar, vars);
+    lossSum += (await value.data())[0]! * opts.gradAccum;
+    value.dispose();
+    accumulate(grads, byName(method.trainable, g));
+    method.disposeBatch?.(batch);
+  }
+  const clipped = opts.clip ? opts.clip(grads) : grads;
+  opts.optimizer.step(clipped, opts.learnRate(step));
+  tf.dispose([...grads.values(), ...(clipped === grads ? [] : clipped.values())]);
+  return lossSum / opts.gradAccum;
+}
+
+/** variableGrads keys its result by variable name; map back to the method's names. */
+function byName(trainable: Map<string, tf.Variable>, grads: tf.NamedTensorMap): Record<string, Tensor> {
+  const out: Record<string, Tensor> = {};
+  for (const [name, v] of trainable) {
+    const g = grads[v.name];
+    if (g) out[name] = g;
+  }
+  return out;
+}
+
+async function allFinite(vars: Iterable<tf.Variable>): Promise<boolean> {
+  const flags = tf.tidy(() => tf.stack([...vars].map((v) => tf.all(tf.isFinite(v)))));
+  const data = await flags.data();
+  flags.dispose();
+  return data.every((x) => x === 1);
+}
+
+/**
+ * Run steps startStep+1 … steps. Stops after the current step when ctx.signal aborts, and
+ * with an error (after keeping the last good snapshot) when the loss or a variable is NaN/Inf.
+ */
+export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ctx: JobContext): Promise<LoopResult> {
+  if (opts.csvPath && !existsSync(opts.csvPath)) {
+    await mkdir(dirname(opts.csvPath), { recursive: true });
+    await writeFile(opts.csvPath, 'step,epoch,epoch_step,loss,learn_rate\n');
+  }
+  const started = Date.now();
+  let step = opts.startStep;
+  while (step < opts.steps && !ctx.signal.aborted) {
+    const next = step + 1;
+    const loss = await oneStep(method, opts, next);
+    if (!Number.isFinite(loss) || !(await allFinite(method.trainable.values()))) {
+      throw new NonFiniteError(next, loss);
+    }
+    step = next;
+    await report(opts, ctx, step, loss, started);
+    if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
+      for (const path of await method.save(step, false)) ctx.emit({ type: 'snapshot', step, path });
+    }
+    if (method.preview && opts.previewEvery > 0 && step % opts.previewEvery === 0) {
+      ctx.emit({ type: 'preview', step, path: await method.preview(step) });
+    }
+  }
+  return { step, cancelled: ctx.signal.aborted && step < opts.steps };
+}
+
+async function report(opts: LoopOptions, ctx: JobContext, step: number, loss: number, started: number): Promise<void> {
+  const lr = opts.learnRate(step);
+  const epoch = Math.floor((step - 1) / opts.stepsPerEpoch);
+  const epochStep = ((step - 1) % opts.stepsPerEpoch) + 1;
+  if (opts.csvPath) await appendFile(opts.csvPath, `${step},${epoch},${epochStep},${loss},${lr}\n`);
+  const done = step - opts.startStep;
+  const itPerSec = done / Math.max((Date.now() - started) / 1000, 1e-9);
+  const etaSeconds = (opts.steps - step) / Math.max(itPerSec, 1e-9);
+  ctx.emit({ type: 'step', step, totalSteps: opts.steps, epoch, loss, learnRate: lr, itPerSec, etaSeconds });
+}
+
+/** NaN/Inf in the loss or the weights: the run stops and keeps the last good snapshot. */
+export class NonFiniteError extends Error {
+  constructor(
+    readonly step: number,
+    readonly loss: number,
+  ) {
+    super(
+      `step ${step}: the loss or a trained weight became ${Number.isNaN(loss) ? 'NaN' : 'non-finite'} ` +
+        `(loss ${loss}); the last good snapshot was kept — lower the learn rate or enable gradient clipping`,
+    );
+  }
+}

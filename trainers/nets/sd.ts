@@ -1,0 +1,122 @@
+/**
+ * @file A whole Stable Diffusion model opened from one checkpoint: family, parameterization, and
+ * the parts a job asks for (text encoder, UNet, VAE encoder/decoder, schedule), each loaded only
+ * when needed so that a TI job can release the VAE after caching latents.
+ *
+ * What the tensors cannot say (attention head counts, v vs eps, scale factor) comes, as in the
+ * webui (modules/sd_models_config.py find_checkpoint_config_near_filename), from a config next to
+ * the checkpoint: `<stem>.yaml` in ldm's format, or a fixture-style `config.json`; otherwise the
+ * real models' values apply (SD1: 8 UNet heads, SD2: 64-channel heads, text heads = width/64).
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { basename, dirname, extname, join } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { openCheckpoint, type Family, type Prediction } from '../io/checkpoint.ts';
+import type { TensorSource } from '../io/types.ts';
+import { loadParams, type Params } from './params.ts';
+import { textConfigFromKeys, textKeys, type ClipTextConfig } from './clip.ts';
+import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
+import { loadVae, type VaeConfig } from './vae.ts';
+import { loadSchedule, type NoiseSchedule } from '../schedule.ts';
+
+/** What a config next to the checkpoint says about the model. */
+export interface ModelOverrides {
+  unetHeads: HeadOverrides;
+  textHeads?: number;
+  prediction?: Prediction;
+  scaleFactor?: number;
+  /** The file the overrides came from, for messages. */
+  from?: string;
+}
+
+type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** Read `<stem>.yaml` (ldm) or `config.json` (fixture layout) beside the checkpoint, if any. */
+export function modelOverrides(checkpointPath: string): ModelOverrides {
+  const dir = dirname(checkpointPath);
+  const yamlPath = join(dir, `${basename(checkpointPath, extname(checkpointPath))}.yaml`);
+  if (existsSync(yamlPath)) {
+    const params: Json = (parseYaml(readFileSync(yamlPath, 'utf8')) as Json)?.model?.params ?? {};
+    const unet: Json = params.unet_config?.params ?? {};
+    return {
+      unetHeads: pickHeads(unet),
+      prediction: params.parameterization === 'v' ? 'v' : params.parameterization ? 'eps' : undefined,
+      scaleFactor: params.scale_factor,
+      from: yamlPath,
+    };
+  }
+  const jsonPath = join(dir, 'config.json');
+  if (existsSync(jsonPath)) {
+    const cfg = JSON.parse(readFileSync(jsonPath, 'utf8')) as Json;
+    if (cfg.unet?.params) {
+      return {
+        unetHeads: pickHeads(cfg.unet.params),
+        textHeads: cfg.text_encoder?.params?.heads,
+        prediction: cfg.latent_diffusion?.parameterization,
+        scaleFactor: cfg.latent_diffusion?.scale_factor,
+        from: jsonPath,
+      };
+    }
+  }
+  return { unetHeads: {} };
+}
+
+function pickHeads(p: Json): HeadOverrides {
+  const out: HeadOverrides = {};
+  if (typeof p.num_heads === 'number' && p.num_heads > 0) out.numHeads = p.num_heads;
+  if (typeof p.num_head_channels === 'number' && p.num_head_channels > 0) out.numHeadChannels = p.num_head_channels;
+  return out;
+}
+
+export interface SdModel {
+  path: string;
+  source: TensorSource;
+  family: Family;
+  overrides: ModelOverrides;
+  text?: { params: Params; cfg: ClipTextConfig };
+  unet?: { params: Params; cfg: UNetConfig };
+  vae?: { params: Params; cfg: VaeConfig };
+  schedule: NoiseSchedule;
+  /** eps or v: from the file's config/metadata, else decided the webui way (a test UNet run). */
+  prediction: Prediction;
+}
+
+export type SdPart = 'text' | 'unet' | 'vae-encoder' | 'vae-decoder';
+
+export function shapesOf(source: TensorSource): Map<string, number[]> {
+  return new Map(source.keys().map((k) => [k, source.info(k).shape] as [string, number[]]));
+}
+
+/** Load the text encoder from an open source. */
+export async function loadText(source: TensorSource, heads?: number): Promise<{ params: Params; cfg: ClipTextConfig }> {
+  const cfg = textConfigFromKeys(shapesOf(source), heads ? { heads } : {});
+  const { used } = textKeys(cfg);
+  const wanted = new Set(used);
+  return { params: await loadParams(source, [cfg.prefix], (k) => !wanted.has(k)), cfg };
+}
+
+/** Open a checkpoint and load the requested parts. The caller closes `source` when done. */
+export async function loadSdModel(path: string, parts: SdPart[]): Promise<SdModel> {
+  const ckpt = await openCheckpoint(path);
+  const overrides = modelOverrides(path);
+  const source = ckpt.source;
+  const model: SdModel = {
+    path, source, family: ckpt.family, overrides,
+    schedule: await loadSchedule(source),
+    prediction: ckpt.prediction ?? overrides.prediction ?? 'eps',
+  };
+  if (parts.includes('text')) model.text = await loadText(source, overrides.textHeads);
+  if (parts.includes('unet')) model.unet = await loadUnet(source, overrides.unetHeads);
+  const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
+  if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor: overrides.scaleFactor });
+  // SD2 without a config saying which: the webui's test run (needs the UNet)
+  if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
+    model.prediction = detectVPrediction(model.unet.params, model.unet.cfg) ? 'v' : 'eps';
+  }
+  return model;
+}
+
+/** Token padding of the model's tokenizer: SD1 pads with EOS, SD2 (open_clip) with 0. */
+export function paddingFor(family: Family): 'eos' | 'zero' {
+  return family === 'sd1' ? 'eos' : 'zero';
+}
