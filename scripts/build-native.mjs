@@ -67,8 +67,10 @@ function main() {
     return;
   }
   const log = `${res.error ?? ''}${res.stdout ?? ''}${res.stderr ?? ''}`;
-  const errLines = log.split('\n').filter((l) => /error/i.test(l)).slice(0, 5);
-  writeFileSync(errorFile, `native build failed (node-gyp exit ${res.status}): ${errLines.join(' | ') || 'see log'}\n\n${log.slice(-20000)}`);
+  // the first compiler diagnostic if there is one, else the first line that says error
+  const lines = log.split('\n');
+  const first = (lines.find((l) => /error:/.test(l)) ?? lines.find((l) => /error/i.test(l)) ?? 'see log').trim();
+  writeFileSync(errorFile, `native build failed (node-gyp exit ${res.status}): ${first.slice(0, 200)}\n\n${log.slice(-20000)}`);
   console.warn(`sidetrain: native kernels not built (see native/build-error.txt); using WASM / pure-JS CPU`);
 }
 

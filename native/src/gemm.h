@@ -22,19 +22,14 @@ constexpr int VW = 8, MR = 6;
 constexpr int VW = 4, MR = 6;
 #endif
 constexpr int NR = 2 * VW;
-constexpr long KC = 256, MC = MR * 12, NC = NR * 32;
+constexpr long KC = 256, MC = MR * 8;
 
 typedef float vfa __attribute__((vector_size(VW * 4)));                 // aligned (packed B)
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));     // unaligned (C rows)
 
-// Per-thread packing buffers, allocated once per thread and reused by every kernel call.
+// Per-thread A-packing buffer, allocated once per thread and reused by every kernel call.
 struct Scratch {
-  float* a = nullptr;
-  float* b = nullptr;
-  Scratch() {
-    a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MC * KC));
-    b = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * NC));
-  }
+  float* a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MC * KC));
 };
 inline Scratch& scratch() {
   thread_local Scratch s;
@@ -81,79 +76,65 @@ static inline void edge_kernel(long kc, const float* a, const float* b, float* c
     for (int j = 0; j < ncols; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
 }
 
-// One thread's GEMM on the sub-rectangle [m0,m1)×[n0,n1) of C.
+// Packed B of every problem, kept between calls (grown when a call needs more) so that big
+// kernels do not pay first-touch page faults each time. Layout per problem: for each KC block
+// pc, the NR-column panels of that block, panel jr at pc*Npad + jr*kc.
+float* packed_b_buffer(size_t floats);
+
+// Multi-threaded GEMM over `count` problems of equal shape; make(i) returns problem i's
+// packers and row functor as a struct with members a, b, c.
 // PA::pack(dst, m, rows, k0, kc): dst[k*MR + r] = A[m+r][k0+k], zero for r >= rows.
 // PB::pack(dst, n, cols, k0, kc): dst[k*NR + j] = B[k0+k][n+j], zero for j >= cols.
 // CR(m) -> float*: start of row m of C.
-template <class PA, class PB, class CR>
-void gemm_rect(const PA& A, const PB& B, const CR& crow, long m0, long m1, long n0, long n1,
-               long K, bool accumulate) {
-  Scratch& s = scratch();
-  for (long jc = n0; jc < n1; jc += NC) {
-    const long nc = std::min(NC, n1 - jc);
+// B is packed once (in parallel) and shared; then tasks of MC rows × an N chunk each pack their
+// own A block and run the micro-kernels. Tasks are many and small, so a thread that the OS
+// deschedules does not hold the others up.
+template <class Make>
+void gemm_batched(long count, long M, long N, long K, bool accumulate, const Make& make) {
+  if (count <= 0 || M <= 0 || N <= 0 || K <= 0) return;
+  const long npanels = (N + NR - 1) / NR, Npad = npanels * NR, kblocks = (K + KC - 1) / KC;
+  float* bp = packed_b_buffer(static_cast<size_t>(count) * K * Npad);
+  const long bTasks = count * kblocks;
+  parallel_for(static_cast<int>(bTasks), [&](int task) {
+    const long i = task / kblocks, pc = (task % kblocks) * KC, kc = std::min(KC, K - pc);
+    const auto prob = make(i);
+    float* dst = bp + i * K * Npad + pc * Npad;
+    for (long jr = 0; jr < N; jr += NR) prob.b.pack(dst + jr * kc, jr, static_cast<int>(std::min<long>(NR, N - jr)), pc, kc);
+  });
+  const int threads = pool_threads();
+  const long mblocks = (M + MC - 1) / MC;
+  // split N too when there are too few row blocks to keep every thread busy
+  long nchunks = 1;
+  while (count * mblocks * nchunks < 4L * threads && (npanels / (nchunks * 2)) >= 1) nchunks *= 2;
+  const long panelsPerChunk = (npanels + nchunks - 1) / nchunks;
+  const long perProblem = mblocks * nchunks;
+  parallel_for(static_cast<int>(count * perProblem), [&](int task) {
+    const long i = task / perProblem, rest = task % perProblem;
+    const long ic = (rest / nchunks) * MC, mc = std::min(MC, M - ic);
+    const long j0 = (rest % nchunks) * panelsPerChunk * NR, j1 = std::min(N, j0 + panelsPerChunk * NR);
+    if (j0 >= j1) return;
+    const auto prob = make(i);
+    Scratch& s = scratch();
+    const float* bi = bp + i * K * Npad;
     for (long pc = 0; pc < K; pc += KC) {
       const long kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
-      for (long jr = 0; jr < nc; jr += NR)
-        B.pack(s.b + jr * kc, jc + jr, static_cast<int>(std::min<long>(NR, nc - jr)), pc, kc);
-      for (long ic = m0; ic < m1; ic += MC) {
-        const long mc = std::min(MC, m1 - ic);
-        for (long ir = 0; ir < mc; ir += MR)
-          A.pack(s.a + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
-        for (long jr = 0; jr < nc; jr += NR) {
-          const int ncols = static_cast<int>(std::min<long>(NR, nc - jr));
-          for (long ir = 0; ir < mc; ir += MR) {
-            const int nrows = static_cast<int>(std::min<long>(MR, mc - ir));
-            float* rows[MR];
-            for (int r = 0; r < MR; r++) rows[r] = r < nrows ? crow(ic + ir + r) + jc + jr : nullptr;
-            if (nrows == MR && ncols == NR)
-              micro_kernel(kc, s.a + ir * kc, s.b + jr * kc, rows, acc);
-            else
-              edge_kernel(kc, s.a + ir * kc, s.b + jr * kc, rows, nrows, ncols, acc);
-          }
+      for (long ir = 0; ir < mc; ir += MR)
+        prob.a.pack(s.a + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
+      for (long jr = j0; jr < j1; jr += NR) {
+        const int ncols = static_cast<int>(std::min<long>(NR, j1 - jr));
+        const float* b = bi + pc * Npad + jr * kc;
+        for (long ir = 0; ir < mc; ir += MR) {
+          const int nrows = static_cast<int>(std::min<long>(MR, mc - ir));
+          float* rows[MR];
+          for (int r = 0; r < MR; r++) rows[r] = r < nrows ? prob.c(ic + ir + r) + jr : nullptr;
+          if (nrows == MR && ncols == NR)
+            micro_kernel(kc, s.a + ir * kc, b, rows, acc);
+          else
+            edge_kernel(kc, s.a + ir * kc, b, rows, nrows, ncols, acc);
         }
       }
     }
-  }
-}
-
-// A piece of work: rows [m0,m1) × columns [n0,n1) of one problem.
-struct Piece {
-  long m0, m1, n0, n1;
-};
-
-// Splits an M×N output into about `parts` pieces: along M while there are enough rows
-// (each thread then packs only its own A rows), otherwise along N.
-inline int split(long M, long N, int parts, Piece* out) {
-  if (parts <= 1 || (M < 2 * MR && N < 2 * NR)) {
-    out[0] = {0, M, 0, N};
-    return 1;
-  }
-  int n = 0;
-  if (M >= static_cast<long>(parts) * MR * 4 || M >= N) {
-    const long step = ((M + parts - 1) / parts + MR - 1) / MR * MR;
-    for (long m = 0; m < M; m += step) out[n++] = {m, std::min(M, m + step), 0, N};
-  } else {
-    const long step = ((N + parts - 1) / parts + NR - 1) / NR * NR;
-    for (long j = 0; j < N; j += step) out[n++] = {0, M, j, std::min(N, j + step)};
-  }
-  return n;
-}
-
-// Multi-threaded GEMM over `count` problems of equal shape. make(i) returns the packers and
-// row functor of problem i as a tuple-like struct with members a, b, c.
-template <class Make>
-void gemm_batched(long count, long M, long N, long K, bool accumulate, const Make& make) {
-  if (count <= 0 || M <= 0 || N <= 0) return;
-  const int threads = pool_threads();
-  const int per = count >= threads ? 1 : (threads + static_cast<int>(count) - 1) / static_cast<int>(count);
-  Piece pieces[64];
-  const int np = split(M, N, std::min(per, 64), pieces);
-  parallel_for(static_cast<int>(count * np), [&](int task) {
-    const long i = task / np;
-    const Piece& p = pieces[task % np];
-    const auto prob = make(i);
-    gemm_rect(prob.a, prob.b, prob.c, p.m0, p.m1, p.n0, p.n1, K, accumulate);
   });
 }
 

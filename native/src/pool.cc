@@ -82,3 +82,20 @@ int pool_threads() { return pool().size(); }
 void parallel_for(int n, const std::function<void(int)>& f) { pool().run(n, f); }
 
 }  // namespace st
+
+#include "gemm.h"
+
+namespace st {
+
+float* packed_b_buffer(size_t floats) {
+  static float* buf = nullptr;
+  static size_t cap = 0;
+  if (floats > cap) {
+    std::free(buf);
+    cap = floats + floats / 4;
+    buf = static_cast<float*>(std::aligned_alloc(64, ((sizeof(float) * cap + 63) / 64) * 64));
+  }
+  return buf;
+}
+
+}  // namespace st
