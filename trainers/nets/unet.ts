@@ -14,7 +14,7 @@
  *   const eps = unetForward(params, cfg, latents, [999], context); // [B, H, W, 4]
  */
 import { tf, type Tensor } from '../tf.ts';
-import { loadParams, type Params } from './params.ts';
+import { loadParams, param, type Params } from './params.ts';
 import type { TensorSource } from '../io/types.ts';
 import { attention, conv2d, gelu, groupNorm, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
 
@@ -339,10 +339,19 @@ function crossAttention(c: BlockCtx, name: string, x: Tensor, context: Tensor, h
   return linear(c.p, `${name}.to_out.0`, attention(q, k, v, heads)); // scale d_head^-0.5
 }
 
-/** attention.py GEGLU feed-forward: proj → [value | gate], value·gelu_erf(gate) → Linear. */
+/**
+ * attention.py GEGLU feed-forward: proj → [value | gate], value·gelu_erf(gate) → Linear. The proj
+ * weight's rows are split instead of its output (same numbers; a split of the activations along the
+ * channel axis is a slow strided copy on the CPU backends).
+ */
 function feedForward(p: Params, name: string, x: Tensor): Tensor {
-  const [value, gate] = tf.split(linear(p, `${name}.net.0.proj`, x), 2, -1);
-  return linear(p, `${name}.net.2`, value!.mul(gelu(gate!)));
+  const w = param(p, `${name}.net.0.proj.weight`); // [2·inner, C]
+  const b = param(p, `${name}.net.0.proj.bias`); // [2·inner]
+  const inner = w.shape[0]! / 2;
+  const x2 = x.reshape([-1, x.shape[x.rank - 1]!]); // [N, C]
+  const half = (i: number) => tf.matMul(x2, w.slice([i * inner, 0], [inner, -1]), false, true).add(b.slice([i * inner], [inner]));
+  const [value, gate] = [half(0), half(1)]; // first half value, second half gate
+  return linear(p, `${name}.net.2`, value.mul(gelu(gate)).reshape([...x.shape.slice(0, -1), inner]));
 }
 
 /** attention.py BasicTransformerBlock: self-attn, cross-attn, GEGLU, each pre-LayerNorm + residual. */
