@@ -11,7 +11,7 @@ import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { disposeParams, paramToTorch, type Params } from '../trainers/nets/params.ts';
 import {
-  SD15_UNET, SD21_UNET, checkUnetKeys, loadUnet, unetConfigFromKeys, unetForward, unetParamShapes,
+  SD15_UNET, SD21_UNET, checkUnetKeys, detectVPrediction, loadUnet, unetConfigFromKeys, unetForward, unetParamShapes,
   type HeadOverrides, type UNetConfig,
 } from '../trainers/nets/unet.ts';
 
@@ -174,6 +174,20 @@ for (const dir of FIXTURES) {
     await g.file.close();
   }));
 }
+
+test('v-prediction detection (webui is_using_v_parameterization_for_sd2)', async () => {
+  for (const dir of FIXTURES) {
+    const { params, cfg } = await fixtureUnet(dir);
+    const g = JSON.parse(readFileSync(`${dir}/golden.json`, 'utf8')) as { unet: { prediction: string } };
+    assert.equal(detectVPrediction(params, cfg), g.unet.prediction === 'v', dir);
+    // an output pushed far below x (mean(out − x) < −1) is what the webui reads as v
+    const bias = `${cfg.prefix}out.2.bias`;
+    const shifted: Params = new Map(params).set(bias, tf.fill([cfg.outChannels], -3));
+    assert.equal(detectVPrediction(shifted, cfg), true, dir);
+    shifted.get(bias)!.dispose();
+    disposeParams(params);
+  }
+});
 
 test('UNet forward+backward leaks no tensors', () => onGradBackend(async () => {
   const { params, cfg } = await fixtureUnet(FIXTURES[0]!);
