@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { validate, getSchema } from '../schemas/index.ts';
 import { parseLrSchedule, constantWithWarmup, cosineWithWarmup, lrScheduleError, LR_SYNTAX } from '../trainers/optim/lr.ts';
 
 test('webui wiki example "0.005:100, 1e-3:1000, 1e-5": rate until step, last rate to the end', () => {
@@ -110,4 +111,55 @@ test('cosine with warm-up (transformers semantics)', () => {
   const two = cosineWithWarmup({ lr: 1, warmupSteps: 0, maxSteps: 100, cycles: 1 });
   assert.ok(Math.abs(two.getLr(100) - 1) < 1e-12); // a full cosine comes back up
   assert.throws(() => cosineWithWarmup({ lr: 0, warmupSteps: 0, maxSteps: 10 }), /positive/);
+});
+
+// The job schemas carry the schedule's syntax as a pattern; the parser adds the semantic checks.
+
+test('schemas: TI and hypernetwork jobs get the webui defaults; the lr pattern agrees with the parser on syntax', () => {
+  const ti: Record<string, unknown> = { model: 'm.safetensors', images: 'imgs', name: 'pallas_cat' };
+  assert.deepEqual(validate('textual-inversion', ti), []);
+  assert.deepEqual(
+    [ti.lr, ti.steps, ti.vectors, ti.initText, ti.template, ti.batchSize, ti.gradAccum, ti.width, ti.clipGrad, ti.clipGradValue, ti.latentSampling],
+    ['0.005', 3000, 1, '*', 'style_filewords', 1, 1, 512, 'disabled', '0.1', 'once'],
+  );
+  const hn: Record<string, unknown> = { model: 'm.safetensors', images: 'imgs', name: 'hn' };
+  assert.deepEqual(validate('hypernetwork', hn), []);
+  assert.deepEqual([hn.lr, hn.sizes, hn.layerStructure, hn.activation, hn.weightInit, hn.template, hn.activateOutput], ['0.00001', [768, 320, 640, 1280], [1, 2, 1], 'linear', 'Normal', 'hypernetwork', false]);
+  for (const good of ['0.005', '0.005:100, 1e-3:1000, 1e-5', ' 1e-3 : 200 ,5e-4', '0.01:500, 0.001:-1', '.5']) {
+    assert.deepEqual(validate('textual-inversion', { ...ti, lr: good }), [], good);
+    assert.equal(lrScheduleError(good), undefined, good);
+  }
+  for (const bad of ['', 'abc', '0.005:', '0.005:abc', '0.005:100:200', '0.005:100,', '-0.005', '0.005:1.5', 'nan', '1e-3:100 200']) {
+    const errors = validate('textual-inversion', { ...ti, lr: bad });
+    assert.ok(errors.length >= 1 && errors.every((e) => e.field === '/lr'), bad);
+    assert.ok(lrScheduleError(bad), bad);
+  }
+});
+
+test('schemas: bad inputs are field errors (vectors 0/76, name with "/", unknown field, dropout ≥ 1, unknown activation)', () => {
+  const base = { model: 'm', images: 'i', name: 'n' };
+  const fields = (schema: string, spec: object) => validate(schema, { ...base, ...spec }).map((e) => e.field);
+  assert.deepEqual(fields('textual-inversion', { vectors: 0 }), ['/vectors']);
+  assert.deepEqual(fields('textual-inversion', { vectors: 76 }), ['/vectors']);
+  assert.deepEqual(fields('textual-inversion', { name: 'a/b' }), ['/name']);
+  assert.deepEqual(fields('textual-inversion', { name: '..\\x' }), ['/name']);
+  assert.deepEqual(fields('textual-inversion', { width: 500 }), ['/width']);
+  assert.deepEqual(fields('textual-inversion', { tagDropOut: 1.5 }), ['/tagDropOut']);
+  assert.deepEqual(fields('textual-inversion', { stepz: 5 }), ['/stepz']);
+  assert.deepEqual(fields('textual-inversion', {}).length, 0);
+  assert.deepEqual(validate('textual-inversion', {}).map((e) => e.text), ['/model is required', '/images is required', '/name is required']);
+  assert.deepEqual(fields('hypernetwork', { dropoutStructure: [0, 1, 0] }), ['/dropoutStructure/1']);
+  assert.deepEqual(fields('hypernetwork', { activation: 'softmax' }), ['/activation']);
+  assert.deepEqual(fields('hypernetwork', { sizes: [] }), ['/sizes']);
+  assert.deepEqual(fields('hypernetwork', { weightInit: 'Zeros' }), ['/weightInit']);
+});
+
+test('schemas: every option has a description (CLI help, OpenAPI, UI forms)', () => {
+  for (const name of ['textual-inversion', 'hypernetwork']) {
+    const props = getSchema(name)!.properties as Record<string, { description?: string; type?: string }>;
+    for (const [key, p] of Object.entries(props)) {
+      assert.ok(p.description && p.description.length > 10, `${name}.${key} has a description`);
+      assert.ok(p.type, `${name}.${key} has a type beside its $ref`);
+    }
+  }
 });
