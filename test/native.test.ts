@@ -142,6 +142,22 @@ test('native fused matmul and conv2d apply bias and activation like the stock ke
   assertClose('fused conv2d', native[1]!, stock[1]!, 36);
 });
 
+test('native softmax and broadcasting binary ops match the stock CPU kernels', { skip }, async () => {
+  await initBackend('cpu-native');
+  const pairs: Array<[number[], number[]]> = [[[6, 7], [6, 7]], [[6, 7], []], [[6, 7], [6, 1]], [[1, 7], [6, 7]], [[2, 1, 5], [3, 1]], [[4, 3, 1, 5], [3, 2, 1]]];
+  const { native, stock } = await both(() => [
+    tf.softmax(rand([5, 33], 1).mul(4)),
+    tf.softmax(rand([2, 3, 200], 2).mul(10)),
+    ...pairs.flatMap(([sa, sb], i) => {
+      const a = rand(sa, 10 + i), b = rand(sb, 20 + i).add(1.5); // b away from 0 for div
+      return [a.add(b), a.sub(b), b.sub(a), a.mul(b), a.div(b), b.div(a)];
+    }),
+  ]);
+  assertClose('softmax', native[0]!, stock[0]!, 33);
+  assertClose('softmax rank 3', native[1]!, stock[1]!, 200);
+  for (let i = 2; i < native.length; i++) assert.deepEqual(native[i], stock[i], `binary op ${i - 2} (${JSON.stringify(pairs[Math.floor((i - 2) / 6)])})`);
+});
+
 test('native kernels fall back for int32 and leak no tensors', { skip }, async () => {
   await initBackend('cpu-native');
   registerNativeKernels();

@@ -119,6 +119,47 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// (x, y, rows, n)
+napi_value Softmax(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  const long rows = args.num(2), n = args.num(3);
+  const float* x = args.array<float>(0, napi_float32_array, rows * n, "x");
+  float* y = args.array<float>(1, napi_float32_array, rows * n, "y");
+  if (!args.failed && rows > 0 && n > 0) st::softmax(x, y, rows, n);
+  return nullptr;
+}
+
+// (op, a, b, out, shape: Float64Array, aStrides: Float64Array, bStrides: Float64Array)
+napi_value Binary(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  const int op = static_cast<int>(args.num(0));
+  size_t rank = 0;
+  if (!args.failed && args.argc >= 7) {
+    napi_typedarray_type t;
+    napi_get_typedarray_info(env, args.argv[4], &t, &rank, nullptr, nullptr, nullptr);
+  }
+  const double* shp = args.array<double>(4, napi_float64_array, 1, "shape");
+  const double* sa = args.array<double>(5, napi_float64_array, rank, "aStrides");
+  const double* sb = args.array<double>(6, napi_float64_array, rank, "bStrides");
+  if (args.failed) return nullptr;
+  if (rank > 8) {
+    args.fail("binary: rank > 8");
+    return nullptr;
+  }
+  long shape[8], as[8], bs[8], total = 1, aMax = 0, bMax = 0;
+  for (size_t d = 0; d < rank; d++) {
+    shape[d] = static_cast<long>(shp[d]), as[d] = static_cast<long>(sa[d]), bs[d] = static_cast<long>(sb[d]);
+    total *= shape[d];
+    aMax += (shape[d] - 1) * as[d];
+    bMax += (shape[d] - 1) * bs[d];
+  }
+  const float* a = args.array<float>(1, napi_float32_array, total ? aMax + 1 : 0, "a");
+  const float* b = args.array<float>(2, napi_float32_array, total ? bMax + 1 : 0, "b");
+  float* out = args.array<float>(3, napi_float32_array, total, "out");
+  if (!args.failed && total > 0) st::binary(op, a, b, out, static_cast<int>(rank), shape, as, bs);
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value obj, v;
   napi_create_object(env, &obj);
@@ -136,6 +177,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"conv2dBackpropInput", nullptr, Conv<1>, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"conv2dBackpropFilter", nullptr, Conv<2>, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"matmul", nullptr, MatMul, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"softmax", nullptr, Softmax, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"binary", nullptr, Binary, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

@@ -20,4 +20,11 @@ void conv2d_backprop_filter(const float* x, const float* dy, float* dw, const Co
 void matmul(const float* a, const float* b, float* out, long count, const double* aOff,
             const double* bOff, long M, long N, long K, bool transA, bool transB);
 
+// y[r,:] = softmax(x[r,:]) for rows × n.
+void softmax(const float* x, float* y, long rows, long n);
+// out = a op b (op 0 add, 1 sub, 2 mul, 3 div) over `shape` (rank ≥ 1), with per-dimension
+// element strides of a and b (0 where that operand is broadcast).
+void binary(int op, const float* a, const float* b, float* out, int rank, const long* shape,
+            const long* aStrides, const long* bStrides);
+
 }  // namespace st

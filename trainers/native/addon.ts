@@ -18,6 +18,10 @@ export interface NativeAddon {
     a: Float32Array, b: Float32Array, out: Float32Array, aOffsets: Float64Array, bOffsets: Float64Array,
     M: number, N: number, K: number, transposeA: boolean, transposeB: boolean,
   ): void;
+  /** y[r,:] = softmax(x[r,:]) over rows × n. */
+  softmax(x: Float32Array, y: Float32Array, rows: number, n: number): void;
+  /** out = a op b (0 add, 1 sub, 2 mul, 3 div) over shape, with element strides (0 = broadcast). */
+  binary(op: number, a: Float32Array, b: Float32Array, out: Float32Array, shape: Float64Array, aStrides: Float64Array, bStrides: Float64Array): void;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
 }

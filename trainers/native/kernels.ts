@@ -16,7 +16,7 @@ type KernelFunc = tf.KernelFunc;
 type Conv2DInfo = ReturnType<typeof tf.backend_util.computeConv2DInfo>;
 
 /** The parts of tfjs-backend-cpu's MathBackendCPU the kernels use. */
-interface CpuBackend {
+export interface CpuBackend {
   data: { get(dataId: object): { values?: unknown } };
   makeTensorInfo(shape: number[], dtype: tf.DataType, values?: Float32Array): TensorInfo;
   disposeIntermediateTensorInfo(info: TensorInfo): void;

@@ -1,0 +1,81 @@
+// Elementwise kernels where the stock pure-JS ones dominate attention: softmax over the last
+// axis (one pass per row instead of five kernels), and broadcasting float32 binary ops.
+// Binary ops on float32 are exact in either precision, so results equal the stock kernels'.
+#include <cmath>
+
+#include "kernels.h"
+#include "pool.h"
+
+namespace st {
+
+void softmax(const float* x, float* y, long rows, long n) {
+  const long chunk = std::max(1L, 16384 / std::max(1L, n));
+  const long tasks = (rows + chunk - 1) / chunk;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    for (long r = t * chunk; r < std::min(rows, (t + 1) * chunk); r++) {
+      const float* xr = x + r * n;
+      float* yr = y + r * n;
+      float mx = -INFINITY;
+      for (long i = 0; i < n; i++) mx = std::max(mx, xr[i]);
+      double sum = 0;  // double: the row sum is the one long reduction here
+      for (long i = 0; i < n; i++) {
+        yr[i] = std::exp(xr[i] - mx);
+        sum += yr[i];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (long i = 0; i < n; i++) yr[i] *= inv;
+    }
+  });
+}
+
+template <int Op>
+static inline float apply(float a, float b) {
+  return Op == 0 ? a + b : Op == 1 ? a - b : Op == 2 ? a * b : a / b;
+}
+
+template <int Op>
+static void binary_t(const float* a, const float* b, float* out, int rank, const long* shape,
+                     const long* as, const long* bs) {
+  const long n = shape[rank - 1], sa = as[rank - 1], sb = bs[rank - 1];
+  long outer = 1;
+  for (int d = 0; d < rank - 1; d++) outer *= shape[d];
+  const long chunk = std::max(1L, 32768 / std::max(1L, n));
+  const long tasks = (outer + chunk - 1) / chunk;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    for (long o = t * chunk; o < std::min(outer, (t + 1) * chunk); o++) {
+      long rem = o, ao = 0, bo = 0;
+      for (int d = rank - 2; d >= 0; d--) {
+        const long i = rem % shape[d];
+        rem /= shape[d];
+        ao += i * as[d];
+        bo += i * bs[d];
+      }
+      const float* pa = a + ao;
+      const float* pb = b + bo;
+      float* po = out + o * n;
+      if (sa == 1 && sb == 1) {
+        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i], pb[i]);
+      } else if (sa == 1) {
+        const float vb = pb[0];
+        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i], vb);
+      } else if (sb == 1) {
+        const float va = pa[0];
+        for (long i = 0; i < n; i++) po[i] = apply<Op>(va, pb[i]);
+      } else {
+        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i * sa], pb[i * sb]);
+      }
+    }
+  });
+}
+
+void binary(int op, const float* a, const float* b, float* out, int rank, const long* shape,
+            const long* aStrides, const long* bStrides) {
+  switch (op) {
+    case 0: return binary_t<0>(a, b, out, rank, shape, aStrides, bStrides);
+    case 1: return binary_t<1>(a, b, out, rank, shape, aStrides, bStrides);
+    case 2: return binary_t<2>(a, b, out, rank, shape, aStrides, bStrides);
+    default: return binary_t<3>(a, b, out, rank, shape, aStrides, bStrides);
+  }
+}
+
+}  // namespace st
