@@ -52,21 +52,34 @@ async function step(c: KernelCase, xs: Tensor[], dy: Tensor): Promise<number> {
   return performance.now() - t0;
 }
 
+/** Median ms of a few forward + backward steps after a warm-up. */
+async function timeCase(c: KernelCase, backend: string) {
+  const xs = c.inputs.map((s) => tf.randomUniform(s, -1, 1));
+  const dy = tf.tidy(() => tf.onesLike(c.f(...xs)));
+  try {
+    const runs = backend === 'cpu' ? 1 : 3;
+    await step(c, xs, dy); // warm-up: first-call allocation and page faults
+    const times: number[] = [];
+    for (let i = 0; i < runs; i++) times.push(await step(c, xs, dy));
+    times.sort((a, b) => a - b);
+    const ms = times[Math.floor(times.length / 2)]!;
+    return { ms: Math.round(ms * 10) / 10, runs, ratio: Math.round((ms / c.pytorchMs) * 100) / 100 };
+  } finally {
+    tf.dispose([...xs, dy]);
+  }
+}
+
 /** In the child: median ms of each case on this process's backend. */
 async function runCases(backend: string): Promise<Record<string, unknown>[]> {
   await initBackend(backend);
   const rows: Record<string, unknown>[] = [];
   for (const c of CASES.filter((k) => k.backends.includes(backend))) {
-    const xs = c.inputs.map((s) => tf.randomUniform(s, -1, 1));
-    const dy = tf.tidy(() => tf.onesLike(c.f(...xs)));
-    const runs = backend === 'cpu' ? 1 : 3;
-    await step(c, xs, dy); // warm-up: first-call allocation and page faults
-    const times: number[] = [];
-    for (let i = 0; i < runs; i++) times.push(await step(c, xs, dy));
-    tf.dispose([...xs, dy]);
-    times.sort((a, b) => a - b);
-    const ms = times[Math.floor(times.length / 2)]!;
-    rows.push({ case: c.name, backend, ms: Math.round(ms * 10) / 10, runs, pytorchMs: c.pytorchMs, ratio: Math.round((ms / c.pytorchMs) * 100) / 100 });
+    try {
+      rows.push({ case: c.name, backend, ...(await timeCase(c, backend)), pytorchMs: c.pytorchMs });
+    } catch (err) {
+      // e.g. stock WASM has no Conv2DBackpropFilter kernel
+      rows.push({ case: c.name, backend, skipped: String(err instanceof Error ? err.message : err).split('\n')[0] });
+    }
   }
   return rows;
 }
@@ -85,7 +98,7 @@ export async function benchKernels(backends = ['cpu-native', 'wasm', 'cpu']): Pr
       env: { ...process.env, SIDETRAIN_BACKEND: backend },
     });
     const line = child.stdout.split('\n').find((l) => l.startsWith('['));
-    if (child.status !== 0 || !line) rows.push({ case: '*', backend, skipped: `child failed: ${child.stderr.split('\n').filter(Boolean).slice(-1)[0] ?? child.status}` });
+    if (child.status !== 0 || !line) rows.push({ case: '*', backend, skipped: `child failed: ${child.stderr.split('\n').find((l) => /^\w*Error\b|Aborted/.test(l)) ?? `exit ${child.status}`}` });
     else rows.push(...(JSON.parse(line) as Record<string, unknown>[]));
   }
   return rows;

@@ -4,6 +4,11 @@
 // the pool.
 #include <node_api.h>
 
+#include <cstdlib>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <string>
 #include <thread>
 
@@ -171,7 +176,23 @@ napi_value Info(napi_env env, napi_callback_info) {
   return obj;
 }
 
+// Keep freed memory in the process instead of returning it to the OS (what PyTorch gets from
+// jemalloc in the issue-10 setup): tensors' buffers come from calloc, and glibc serves big ones
+// with fresh mmaps, so every new activation paid first-touch page faults, which are expensive
+// in VMs (a 64 MB elementwise op spent most of its time faulting). SIDETRAIN_MALLOC_KEEP=0
+// turns this off.
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+  const char* env = std::getenv("SIDETRAIN_MALLOC_KEEP");
+  if (env && env[0] == '0') return;
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 64 << 20);
+#endif
+}
+
 napi_value Init(napi_env env, napi_value exports) {
+  keep_freed_memory();
   const napi_property_descriptor props[] = {
       {"conv2d", nullptr, Conv<0>, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"conv2dBackpropInput", nullptr, Conv<1>, nullptr, nullptr, nullptr, napi_default, nullptr},
