@@ -32,6 +32,9 @@ export const schemas: Record<string, Record<string, unknown>> = {
     },
   },
 };
+// The hypernetwork stand-in writes to the hypernetworks folder (its own field name).
+const { embeddingsDir: _e, ...rest } = (schemas['stub-method'] as { properties: Record<string, unknown> }).properties;
+schemas['stub-hypernetwork'] = { ...schemas['stub-method'], properties: { ...rest, hypernetworkDir: { type: 'string' } } };
 
 interface StubSpec {
   name: string;
@@ -61,7 +64,7 @@ function crash(how: StubSpec['crash'], step: number): void {
 
 function makeRunner(kind: OutputKind) {
   return async (raw: Record<string, unknown>, ctx: JobContext): Promise<JobResult> => {
-    const spec = raw as unknown as StubSpec;
+    const spec = { ...raw, embeddingsDir: raw.embeddingsDir ?? raw.hypernetworkDir } as unknown as StubSpec;
     const runDir = join(spec.logDir, spec.name);
     const snapFile = join(runDir, 'snapshot.json');
     const output = join(spec.embeddingsDir, `${spec.name}.pt`);
@@ -99,6 +102,6 @@ function makeRunner(kind: OutputKind) {
 
 export const methods: Record<string, MethodEntry> = {
   stub: { schema: 'stub-method', load: async () => makeRunner('embedding') },
-  stub_hypernetwork: { schema: 'stub-method', load: async () => makeRunner('hypernetwork') },
+  stub_hypernetwork: { schema: 'stub-hypernetwork', load: async () => makeRunner('hypernetwork') },
   stub_no_schema: { schema: 'does-not-exist', load: async () => makeRunner('embedding') },
 };
