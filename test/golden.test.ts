@@ -8,8 +8,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
-// wasm joins once its missing gradient kernels (Conv2DBackpropFilter, …) are registered.
-const CANDIDATES = ['cpu-native', 'cpu'];
+const CANDIDATES = ['cpu-native', 'wasm', 'cpu'];
 
 /** Backends that load in this install (the addon may not have built). */
 function presentBackends(): string[] {

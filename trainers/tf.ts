@@ -53,6 +53,8 @@ const loaders: Record<BackendName, Loader> = {
     const dist = require.resolve('@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm');
     wasm.setWasmPaths(dist.slice(0, dist.lastIndexOf('/') + 1));
     await setOrThrow('wasm');
+    // Stock tfjs-backend-wasm 4.22 lacks Conv2DBackpropFilter and other gradient kernels.
+    (await import('./wasm/kernels.ts')).registerWasmKernels();
   },
   cpu: async () => {
     await setOrThrow('cpu');
