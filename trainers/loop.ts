@@ -35,10 +35,10 @@ export interface LoopOptions {
   /** Last step (inclusive), as the webui counts: steps are 1-based. */
   steps: number;
   gradAccum: number;
-  /** Learn rate for a step (trainers/optim/lr.ts). */
-  learnRate(step: number): number;
-  /** Gradient clipping applied to the accumulated gradients (trainers/optim/clip-grad.ts). */
-  clip?(grads: Map<string, Tensor>): Map<string, Tensor>;
+  /** Learn rate of the update that follows `done` completed steps (trainers/optim/lr.ts getLr). */
+  learnRate(done: number): number;
+  /** Gradient clipping of the accumulated gradients before update `done + 1` (trainers/optim/clip-grad.ts). */
+  clip?(grads: Map<string, Tensor>, done: number): Map<string, Tensor>;
   optimizer: Optimizer;
   saveEvery: number;
   previewEvery: number;
@@ -78,8 +78,8 @@ async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: numbe
     accumulate(grads, byName(method.trainable, g));
     method.disposeBatch?.(batch);
   }
-  const clipped = opts.clip ? opts.clip(grads) : grads;
-  opts.optimizer.step(clipped, opts.learnRate(step));
+  const clipped = opts.clip ? opts.clip(grads, step - 1) : grads;
+  opts.optimizer.step(clipped, opts.learnRate(step - 1));
   tf.dispose([...grads.values(), ...(clipped === grads ? [] : clipped.values())]);
   return lossSum / opts.gradAccum;
 }
@@ -131,7 +131,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
 }
 
 async function report(opts: LoopOptions, ctx: JobContext, step: number, loss: number, started: number): Promise<void> {
-  const lr = opts.learnRate(step);
+  const lr = opts.learnRate(step - 1);
   const epoch = Math.floor((step - 1) / opts.stepsPerEpoch);
   const epochStep = ((step - 1) % opts.stepsPerEpoch) + 1;
   if (opts.csvPath) await appendFile(opts.csvPath, `${step},${epoch},${epochStep},${loss},${lr}\n`);

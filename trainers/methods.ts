@@ -1,7 +1,13 @@
 /**
  * @file The registry of training methods, by the job type the API and CLI use. Adding a method is
- * a schema in schemas/ and an entry here; nothing in bridge/ is special-cased.
+ * a schema in schemas/ and an entry here; nothing in bridge/ is special-cased. Methods load
+ * lazily so that the server process never imports TF.js.
  */
-import type { MethodEntry } from './job.ts';
+import type { JobRunner, MethodEntry } from './job.ts';
 
-export const methods: Record<string, MethodEntry> = {};
+export const methods: Record<string, MethodEntry> = {
+  textual_inversion: {
+    schema: 'textual-inversion',
+    load: async () => (await import('./textual-inversion.ts')).runTextualInversion as unknown as JobRunner,
+  },
+};

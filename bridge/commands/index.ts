@@ -7,3 +7,4 @@ export const commands: RegisterCommand[] = [];
 commands.push((await import('./serve.ts')).registerServe);
 commands.push((await import('./golden.ts')).registerGolden);
 commands.push((await import('./inspect.ts')).registerInspect);
+commands.push((await import('./train.ts')).registerTrain);

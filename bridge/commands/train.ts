@@ -1,0 +1,124 @@
+/**
+ * @file `sidetrain train <method> …`: one sub-command per registered method, its flags generated
+ * from the method's JSON Schema (names, help, defaults, choices), or the same as a job file
+ * (`--config job.json|yaml`). The job runs in this process with a progress bar; Ctrl-C or SIGTERM
+ * stops after the current step and saves.
+ */
+import { readFileSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import { parse as parseYaml } from 'yaml';
+import { SingleBar, Presets } from 'cli-progress';
+import { getSchema, validate } from '../../schemas/index.ts';
+import { methods } from '../../trainers/methods.ts';
+import type { JobEvent, JobResult } from '../../trainers/job.ts';
+
+type Prop = { type?: string; description?: string; default?: unknown; enum?: unknown[]; items?: { type?: string }; 'x-cli-alias'?: string; $ref?: string };
+
+/** Short names people type (`train ti`), besides the job type. */
+const ALIASES: Record<string, string[]> = { textual_inversion: ['ti', 'textual-inversion'], hypernetwork: ['hn'] };
+
+const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+
+function parseValue(prop: Prop, raw: string): unknown {
+  if (prop.type === 'integer' || prop.type === 'number') return Number(raw);
+  if (prop.type === 'array') return raw.split(',').map((x) => (prop.items?.type === 'string' ? x.trim() : Number(x)));
+  return raw;
+}
+
+function addOptions(cmd: Command, props: Record<string, Prop>): void {
+  for (const [key, prop] of Object.entries(props)) {
+    const flag = kebab(key);
+    const help = prop.description ?? '';
+    const opt = prop.type === 'boolean'
+      ? new Option(`--${flag}`, help)
+      : new Option(`--${flag} <value>`, help).argParser((raw: string) => parseValue(prop, raw));
+    if (prop.enum) opt.choices(prop.enum.map(String));
+    // the schema fills defaults at validation; help only shows them
+    if (prop.default !== undefined) opt.default(undefined, JSON.stringify(prop.default));
+    cmd.addOption(opt);
+    if (prop['x-cli-alias']) cmd.addOption(new Option(`--${prop['x-cli-alias']} <value>`, `same as --${flag}`).hideHelp().argParser((raw: string) => parseValue(prop, raw)));
+  }
+}
+
+/** Job spec from the job file (if any) overlaid with the flags given on the command line. */
+export function specFrom(props: Record<string, Prop>, opts: Record<string, unknown>): Record<string, unknown> {
+  const spec: Record<string, unknown> = {};
+  if (typeof opts.config === 'string') {
+    const text = readFileSync(opts.config, 'utf8');
+    Object.assign(spec, /\.ya?ml$/i.test(opts.config) ? parseYaml(text) : JSON.parse(text));
+  }
+  for (const [key, prop] of Object.entries(props)) {
+    const alias = prop['x-cli-alias'];
+    const value = opts[key] ?? (alias ? opts[alias] : undefined);
+    if (value !== undefined) spec[key] = value;
+  }
+  return spec;
+}
+
+function progressReporter(): (e: JobEvent) => void {
+  const bar = new SingleBar({ format: '{bar} {value}/{total} | loss {loss} | {rate} it/s | ETA {eta_formatted}', hideCursor: true }, Presets.shades_classic);
+  let started = false;
+  return (e) => {
+    if (e.type === 'started') {
+      bar.start(e.totalSteps, e.startStep, { loss: '-', rate: '-' });
+      started = true;
+      console.error(`backend: ${e.backend}`);
+    } else if (e.type === 'step' && started) {
+      bar.update(e.step, { loss: e.loss.toFixed(5), rate: e.itPerSec.toFixed(2) });
+    } else if (e.type === 'log') {
+      if (started) bar.stop();
+      console.error(`${e.level}: ${e.message}`);
+      if (started) bar.start(bar.getTotal(), (bar as unknown as { value: number }).value ?? 0);
+    } else if (e.type === 'snapshot' || e.type === 'preview') {
+      /* shown in the final summary; the bar keeps its line */
+    }
+    if (e.type === 'finished' || e.type === 'failed' || e.type === 'cancelled') bar.stop();
+  };
+}
+
+/** Run one job in-process; SIGINT/SIGTERM abort it (a second Ctrl-C exits at once). */
+export async function runJobInProcess(type: string, spec: Record<string, unknown>, onEvent: (e: JobEvent) => void): Promise<JobResult> {
+  const errors = validate(methods[type]!.schema, spec);
+  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  const abort = new AbortController();
+  const stop = () => {
+    if (abort.signal.aborted) process.exit(130);
+    abort.abort();
+    console.error('\nstopping after the current step and saving… (Ctrl-C again to quit now)');
+  };
+  process.on('SIGINT', stop).on('SIGTERM', stop);
+  try {
+    const runner = await methods[type]!.load();
+    return await runner(spec, { emit: onEvent, signal: abort.signal });
+  } finally {
+    process.off('SIGINT', stop).off('SIGTERM', stop);
+  }
+}
+
+export function registerTrain(program: Command): void {
+  const train = program.command('train').description('train a model (one sub-command per method)');
+  for (const [type, entry] of Object.entries(methods)) {
+    const props = (getSchema(entry.schema)?.properties ?? {}) as Record<string, Prop>;
+    const cmd = train.command(ALIASES[type]?.[0] ?? type).aliases([type, ...(ALIASES[type]?.slice(1) ?? [])].filter((a) => a !== (ALIASES[type]?.[0] ?? type)));
+    cmd.description(`${type.replace('_', ' ')} job; flags as in schemas/${entry.schema}.json`);
+    cmd.option('--config <file>', 'job file (JSON or YAML) with the same fields; flags override it');
+    addOptions(cmd, props);
+    cmd.action(async (opts: Record<string, unknown>) => {
+      const spec = specFrom(props, opts);
+      if (spec.dryRun) return dryRun(entry.schema, spec);
+      const report = progressReporter();
+      const result = await runJobInProcess(type, spec, report);
+      report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });
+      console.log(`${result.cancelled ? 'stopped at' : 'finished at'} step ${result.step}: ${result.output}`);
+      console.log(`use it in a prompt: ${result.usage}`);
+    });
+  }
+}
+
+/** `--dry-run`: the dataset report, without loading the model. */
+async function dryRun(schema: string, spec: Record<string, unknown>): Promise<void> {
+  const errors = validate(schema, spec);
+  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  const { datasetDryRun } = await import('../../trainers/run-common.ts');
+  console.log(await datasetDryRun(spec as never));
+}
