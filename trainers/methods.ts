@@ -10,4 +10,8 @@ export const methods: Record<string, MethodEntry> = {
     schema: 'textual-inversion',
     load: async () => (await import('./textual-inversion.ts')).runTextualInversion as unknown as JobRunner,
   },
+  hypernetwork: {
+    schema: 'hypernetwork',
+    load: async () => (await import('./hypernetwork.ts')).runHypernetwork as unknown as JobRunner,
+  },
 };

@@ -5,7 +5,7 @@
  * seeded noise and timesteps, previews from sidetrain's own sampler, and the job's settings file.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, extname, join, resolve } from 'node:path';
 import { tf, type Tensor } from './tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
@@ -165,6 +165,22 @@ export async function saveSettings(paths: RunPaths, spec: object, extra: object)
 /** The preview prompt: the spec's, or the first dataset prompt (the webui's "use prompt from dataset"). */
 export function previewPromptText(run: PreparedRun, spec: CommonSpec): string {
   return spec.previewPrompt || run.dataset.batchAt(0, 0).prompts[0]!;
+}
+
+/**
+ * Where a resume starts: the output if it exists, else the newest `<name>-<step>.pt` snapshot a
+ * killed run left in `paths.snapshots`; undefined when there is neither.
+ */
+export async function resumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
+  if (existsSync(paths.output)) return paths.output;
+  if (!existsSync(paths.snapshots)) return undefined;
+  const prefix = `${name}-`;
+  const steps = (await readdir(paths.snapshots))
+    .filter((f) => f.startsWith(prefix) && f.endsWith('.pt'))
+    .map((f) => f.slice(prefix.length, -'.pt'.length))
+    .filter((s) => /^\d+$/.test(s))
+    .map(Number);
+  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.pt`) : undefined;
 }
 
 export function releaseRun(run: PreparedRun): void {
