@@ -8,6 +8,7 @@ import { request } from 'node:http';
 import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { validate } from '../schemas/index.ts';
 import { PathError, safeJoin, sanitizeName } from '../bridge/paths.ts';
@@ -154,5 +155,22 @@ describe('paths and bodies', () => {
   test('validate() names the field without a prefix', () => {
     const errors = validate('server#/definitions/StartJobRequest', { type: 3 });
     assert.deepEqual(errors.map((e) => e.text).sort(), ['/spec is required', '/type must be string']);
+  });
+});
+
+describe('the real job schemas through prepareSpec', () => {
+  test('textual_inversion: defaults filled, paths resolved, errors named', async () => {
+    const { prepareSpec } = await import('../bridge/spec.ts');
+    const dirs = (await import('./helpers/api-server.ts')).makeDirs();
+    const folders = { embeddings: dirs.embeddings, hypernetworks: dirs.hypernetworks, checkpoints: dirs.checkpoints, lora: dirs.lora, logs: dirs.logs };
+    const methods = { textual_inversion: { schema: 'textual-inversion', load: async () => { throw new Error('not loaded here'); } } };
+    const model = fileURLToPath(new URL('./fixtures/sd-tiny/model.safetensors', import.meta.url));
+    const spec = await prepareSpec(methods, 'textual_inversion', { model, images: dirs.images, name: 'pallas_cat' }, folders);
+    assert.equal(spec.embeddingsDir, dirs.embeddings);
+    assert.equal(spec.logDir, dirs.logs);
+    assert.equal(typeof spec.steps, 'number', 'schema default');
+    await assert.rejects(prepareSpec(methods, 'textual_inversion', { model, images: dirs.images, name: 'a/b', steps: 0 }, folders), (e: Error & { errors: { field: string }[] }) =>
+      e.errors.some((x) => x.field === '/spec/steps') && e.errors.some((x) => x.field === '/spec/name'));
+    await assert.rejects(prepareSpec(methods, 'textual_inversion', { model: '/nope.safetensors', images: dirs.images, name: 'x' }, folders), /\/spec\/model/);
   });
 });

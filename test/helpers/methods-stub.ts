@@ -54,7 +54,7 @@ interface StubSpec {
 /** 1×1 PNG, enough for a preview file. */
 const PNG = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==', 'base64');
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise((r) => (ms ? setTimeout(r, ms) : setImmediate(r)));
 
 function crash(how: StubSpec['crash'], step: number): void {
   if (how === 'kill') process.kill(process.pid, 'SIGKILL');
