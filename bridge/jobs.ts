@@ -40,7 +40,7 @@ export class JobManager {
   readonly store: JobStore;
   /** The TF.js backend the last worker reported (`started` event). */
   backend: string | null = null;
-  private readonly running = new Map<string, { worker: WorkerProcess; cancelling: boolean }>();
+  private readonly running = new Map<string, { worker: WorkerProcess; cancelling: boolean; done?: Promise<void> }>();
   private readonly queue: string[] = [];
   private readonly concurrency: number;
   private readonly webuiSide: JobWebui;
@@ -128,6 +128,8 @@ export class JobManager {
   async delete(id: string): Promise<void> {
     const job = this.mustGet(id);
     if (ACTIVE.has(job.state)) throw new RequestError([fieldError('/id', `job is ${job.state}; cancel it first`)], 409);
+    // Ended but still telling the webui about its output: let that finish first.
+    await this.running.get(id)?.done;
     await this.store.delete(id);
     this.hub.forget(id);
   }
@@ -212,8 +214,9 @@ export class JobManager {
       const job = this.store.get(id);
       if (!job) continue;
       const worker = new WorkerProcess(this.opts.worker);
-      this.running.set(id, { worker, cancelling: false });
-      void this.run(job, worker).finally(() => {
+      const slot: { worker: WorkerProcess; cancelling: boolean; done?: Promise<void> } = { worker, cancelling: false };
+      this.running.set(id, slot);
+      slot.done = this.run(job, worker).catch((err) => this.serverError(job, err)).finally(() => {
         this.running.delete(id);
         this.pump();
         if (!this.running.size && !this.queue.length) for (const w of this.idleWaiters.splice(0)) w();
@@ -258,6 +261,16 @@ export class JobManager {
     this.publishState(job);
     await this.webuiSide.after(job);
     await this.persist(job);
+    this.publishState(job);
+  }
+
+  /** A bug on the server side of a run must fail that job, never the server. */
+  private async serverError(job: JobRecord, err: unknown): Promise<void> {
+    const message = `server error while running the job: ${err instanceof Error ? err.message : String(err)}`;
+    this.opts.log.error({ job: job.id, err }, message);
+    if (job.state === 'running') Object.assign(job, { state: 'failed', error: message, endedAt: new Date().toISOString() });
+    this.publish(job.id, { type: 'log', level: 'error', message });
+    await this.persist(job).catch(() => {});
     this.publishState(job);
   }
 

@@ -41,6 +41,9 @@ export class JobStore {
   private readonly jobs = new Map<string, JobRecord>();
   /** Serialises writes per job so an older record never lands after a newer one. */
   private readonly writes = new Map<string, Promise<void>>();
+  /** Deleted ids: a late save from a finishing run must not bring a record back. */
+  private readonly deleted = new Set<string>();
+  private readonly appends = new Map<string, Promise<void>>();
 
   constructor(stateDir: string) {
     this.dir = join(stateDir, 'jobs');
@@ -85,6 +88,7 @@ export class JobStore {
   }
 
   async save(job: JobRecord): Promise<void> {
+    if (this.deleted.has(job.id)) return;
     this.jobs.set(job.id, job);
     const data = JSON.stringify(job, null, 1);
     const prev = this.writes.get(job.id) ?? Promise.resolve();
@@ -93,14 +97,25 @@ export class JobStore {
     await next;
   }
 
-  async append(id: string, file: 'events.jsonl' | 'loss.csv' | 'worker.log', text: string): Promise<void> {
+  /** Append to a job's log file; appends to one file are chained so lines keep their order. */
+  append(id: string, file: 'events.jsonl' | 'loss.csv' | 'worker.log', text: string): Promise<void> {
+    const key = `${id}/${file}`;
     const dir = this.jobDir(id);
-    await mkdir(dir, { recursive: true });
-    await appendFile(join(dir, file), text);
+    const next = (this.appends.get(key) ?? Promise.resolve())
+      .then(async () => {
+        if (this.deleted.has(id)) return;
+        await mkdir(dir, { recursive: true });
+        await appendFile(join(dir, file), text);
+      })
+      .catch(() => {});
+    this.appends.set(key, next);
+    void next.then(() => this.appends.get(key) === next && this.appends.delete(key));
+    return next;
   }
 
   async delete(id: string): Promise<void> {
-    await (this.writes.get(id) ?? Promise.resolve());
+    this.deleted.add(id);
+    await Promise.all([this.writes.get(id), ...[...this.appends].filter(([k]) => k.startsWith(`${id}/`)).map(([, p]) => p)]);
     this.jobs.delete(id);
     this.writes.delete(id);
     await rm(join(this.dir, `${id}.json`), { force: true });
@@ -109,6 +124,6 @@ export class JobStore {
 
   /** Wait for pending writes (tests, shutdown). */
   async flush(): Promise<void> {
-    await Promise.all(this.writes.values());
+    await Promise.all([...this.writes.values(), ...this.appends.values()]);
   }
 }

@@ -183,3 +183,20 @@ describe('schema errors name the field', () => {
     assert.ok(methods.body.methods.find((m: { type: string }) => m.type === 'stub').jsonSchema.properties.steps);
   });
 });
+
+describe('a job that ignores cancel', () => {
+  test('is stopped by SIGTERM then SIGKILL after the grace periods, and shown cancelled', async () => {
+    const t = await startTestServer({ cancelGraceMs: 200, killGraceMs: 200 });
+    try {
+      const res = await start(t, { name: 'stubborn', steps: 100000, stepMs: 5, ignoreAbort: true });
+      const ev = await events(t.base, res.body.id);
+      await ev.waitFor((m) => m.type === 'step');
+      await t.api(`/api/jobs/${res.body.id}/cancel`, { method: 'POST' });
+      const job = await waitJob(t, res.body.id, (j) => j.state === 'cancelled', 5000);
+      assert.ok(job.step < 100000);
+      ev.close();
+    } finally {
+      await t.close();
+    }
+  });
+});
