@@ -22,6 +22,7 @@ export function registerServe(program: Command): void {
     .option('--concurrency <n>', 'jobs run at the same time', (v) => Number(v), 1)
     .option('--allowed-hosts <names>', 'more Host names to accept (comma-separated)', list)
     .option('--allowed-origins <origins>', 'more browser origins to accept (comma-separated)', list)
+    .option('--max-memory <mb>', 'V8 heap limit of each job worker (MB)', (v) => Number(v))
     .option('--methods <module>', 'methods registry module (default trainers/methods.ts)')
     .option('--log-level <level>', 'pino log level', 'info')
     .action(async (o: Record<string, unknown>) => {
@@ -39,6 +40,7 @@ export function registerServe(program: Command): void {
         allowedHosts: o.allowedHosts as string[] | undefined,
         allowedOrigins: o.allowedOrigins as string[] | undefined,
         methodsModule: o.methods as string | undefined,
+        maxOldSpaceMb: o.maxMemory as number | undefined,
         logLevel: o.logLevel as string,
       };
       if (!['off', 'unload', 'pause'].includes(opts.vram!)) throw new Error(`--vram: expected off, unload or pause, got '${opts.vram}'`);
