@@ -148,7 +148,9 @@ const STRUCTURES: { what: string; opts: Record<string, unknown>; keys: string[];
 for (const s of STRUCTURES) {
   test(`written file reads back with the webui's module keys: ${s.what}`, async () => {
     const spec = jobSpec({ sizes: [32], ...s.opts });
+    const tensorsBefore = tf.memory().numTensors;
     const result = await runHypernetwork(spec, context());
+    assert.equal(tf.memory().numTensors, tensorsBefore, 'the run frees every tensor it made');
     const hn = await readHypernetwork(result.output);
     assert.deepEqual(hn.missing, [], 'every metadata key written explicitly');
     assert.deepEqual([...hn.modules.keys()], [32]);
