@@ -4,7 +4,7 @@
  * events, previews, snapshots, cancel and NaN stops. A method supplies only what differs:
  * its trainable variables, its loss for a batch, and how it saves.
  */
-import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { tf, type Tensor } from './tf.ts';
@@ -24,6 +24,11 @@ export interface TrainMethod<Batch> {
   preview?(step: number): Promise<string>;
   /** Release the batch (cached tensors stay). */
   disposeBatch?(batch: Batch): void;
+  /**
+   * Largest |value| a trained weight may reach and still be saved (default: any finite value).
+   * TI: the `.optim` checksum multiplies the vectors by 100 in float32 (webui Embedding.checksum).
+   */
+  maxAbs?: number;
 }
 
 export interface Optimizer {
@@ -94,8 +99,9 @@ function byName(trainable: Map<string, tf.Variable>, grads: tf.NamedTensorMap): 
   return out;
 }
 
-async function allFinite(vars: Iterable<tf.Variable>): Promise<boolean> {
-  const flags = tf.tidy(() => tf.stack([...vars].map((v) => tf.all(tf.isFinite(v)))));
+/** Every value finite and below `maxAbs` (NaN fails the comparison too). */
+async function allInRange(vars: Iterable<tf.Variable>, maxAbs: number): Promise<boolean> {
+  const flags = tf.tidy(() => tf.stack([...vars].map((v) => tf.all(tf.isFinite(v).logicalAnd(tf.abs(v).lessEqual(maxAbs))))));
   const data = await flags.data();
   flags.dispose();
   return data.every((x) => x === 1);
@@ -106,28 +112,45 @@ async function allFinite(vars: Iterable<tf.Variable>): Promise<boolean> {
  * with an error (after keeping the last good snapshot) when the loss or a variable is NaN/Inf.
  */
 export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ctx: JobContext): Promise<LoopResult> {
-  if (opts.csvPath && !existsSync(opts.csvPath)) {
-    await mkdir(dirname(opts.csvPath), { recursive: true });
-    await writeFile(opts.csvPath, 'step,epoch,epoch_step,loss,learn_rate\n');
-  }
+  if (opts.csvPath) await startCsv(opts.csvPath, opts.startStep);
   const started = Date.now();
   let step = opts.startStep;
+  let lastSnapshot: string | undefined;
   while (step < opts.steps && !ctx.signal.aborted) {
     const next = step + 1;
     const loss = await oneStep(method, opts, next);
-    if (!Number.isFinite(loss) || !(await allFinite(method.trainable.values()))) {
-      throw new NonFiniteError(next, loss);
+    if (!Number.isFinite(loss) || !(await allInRange(method.trainable.values(), method.maxAbs ?? Infinity))) {
+      throw new NonFiniteError(next, loss, lastSnapshot);
     }
     step = next;
     await report(opts, ctx, step, loss, started);
     if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
-      for (const path of await method.save(step, false)) ctx.emit({ type: 'snapshot', step, path });
+      const paths = await method.save(step, false);
+      // the snapshot itself; its side files (.optim) are not snapshots of their own
+      lastSnapshot = paths[0] ?? lastSnapshot;
+      if (paths[0]) ctx.emit({ type: 'snapshot', step, path: paths[0] });
     }
     if (method.preview && opts.previewEvery > 0 && step % opts.previewEvery === 0) {
       ctx.emit({ type: 'preview', step, path: await method.preview(step) });
     }
   }
   return { step, cancelled: ctx.signal.aborted && step < opts.steps };
+}
+
+/**
+ * The loss CSV continues at `startStep`: rows past it (written by a run killed after its last
+ * snapshot, or by an earlier run an --overwrite replaces) are dropped so each step appears once.
+ */
+async function startCsv(path: string, startStep: number): Promise<void> {
+  const header = 'step,epoch,epoch_step,loss,learn_rate\n';
+  if (!existsSync(path)) {
+    await mkdir(dirname(path), { recursive: true });
+    await writeFile(path, header);
+    return;
+  }
+  const lines = (await readFile(path, 'utf8')).split('\n').slice(1).filter((l) => l.trim());
+  const kept = lines.filter((l) => Number(l.split(',')[0]) <= startStep);
+  if (kept.length !== lines.length) await writeFile(path, header + kept.map((l) => `${l}\n`).join(''));
 }
 
 async function report(opts: LoopOptions, ctx: JobContext, step: number, loss: number, started: number): Promise<void> {
@@ -146,10 +169,13 @@ export class NonFiniteError extends Error {
   constructor(
     readonly step: number,
     readonly loss: number,
+    /** The last snapshot this run saved, if any (it is left as it was). */
+    readonly lastSnapshot?: string,
   ) {
     super(
-      `step ${step}: the loss or a trained weight became ${Number.isNaN(loss) ? 'NaN' : 'non-finite'} ` +
-        `(loss ${loss}); the last good snapshot was kept — lower the learn rate or enable gradient clipping`,
+      `step ${step}: the loss or a trained weight became ${Number.isNaN(loss) ? 'NaN' : 'non-finite or too large'} ` +
+        `(loss ${loss}); ${lastSnapshot ? `the last good snapshot ${lastSnapshot} was kept` : 'no snapshot had been saved yet; nothing was written'} ` +
+        '— lower the learn rate or enable gradient clipping',
     );
   }
 }

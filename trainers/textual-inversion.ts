@@ -46,6 +46,9 @@ export function textualInversionLoss(model: TiModel, vectors: Map<string, Tensor
   });
 }
 
+/** Embedding.checksum multiplies the vectors by 100 in float32: larger vectors cannot be saved. */
+const MAX_VECTOR_ABS = 3.4028234663852886e38 / 100;
+
 export interface TiSpec extends CommonSpec {
   initText: string;
   vectors: number;
@@ -54,11 +57,14 @@ export interface TiSpec extends CommonSpec {
 
 /**
  * create_embedding: the init text's token embeddings spread over the vectors
- * (`vec[i] = embedded[i * n // numVectors]`); an empty init text gives zeros.
+ * (`vec[i] = embedded[i * n // numVectors]`); an empty init text gives zeros. SD1's
+ * encode_embedding_init_text (modules/sd_hijack_clip.py) calls the HF tokenizer with
+ * `max_length=nvpt`, which truncates to the vector count; SD2's (sd_hijack_open_clip.py) does not.
  */
 export function initialVectors(run: PreparedRun, initText: string, numVectors: number): Tensor {
   const { params, cfg } = run.model.text;
-  const ids = run.tokenizer.bpe(initText);
+  const bpe = run.tokenizer.bpe(initText);
+  const ids = cfg.family === 'sd1' ? bpe.slice(0, numVectors) : bpe;
   if (ids.length === 0) return tf.zeros([numVectors, cfg.width]);
   const rows = Array.from({ length: numVectors }, (_, i) => ids[Math.floor((i * ids.length) / numVectors)]!);
   return tf.gather(param(params, textKeyNames(cfg.family, cfg.prefix).tokenEmbedding), rows);
@@ -109,9 +115,11 @@ async function saveEmbedding(run: PreparedRun, spec: TiSpec, s: TiState, path: s
   const values = (await s.vectors.data()) as Float32Array;
   const shape = s.vectors.shape as [number, number];
   await mkdir(dirname(path), { recursive: true });
-  await writeEmbedding(path, { name: spec.name, values, shape, step, sdCheckpoint: run.modelHash, sdCheckpointName: run.modelName }, { overwrite: true });
+  // .optim first: a kill between the two leaves a .pt only beside the .optim of its own step
+  // (a snapshot) or a hash mismatch the resume detects (the output), never a silent mix
   const { states, group } = toOptimRecords(await s.optimizer.stateDict());
   if (states[0]) await writeEmbeddingOptim(`${path}.optim`, values, states[0], group, { overwrite: true });
+  await writeEmbedding(path, { name: spec.name, values, shape, step, sdCheckpoint: run.modelHash, sdCheckpointName: run.modelName }, { overwrite: true });
   return [path, ...(states[0] ? [`${path}.optim`] : [])];
 }
 
@@ -121,6 +129,7 @@ function tiMethod(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths): 
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), embeddings, paddingFor(run.model.family));
   return {
     trainable: new Map([[spec.name, s.vectors]]),
+    maxAbs: MAX_VECTOR_ABS,
     nextBatch: (step, micro) => diffusionBatch(run, spec, step, micro, embeddings),
     loss: (batch) => textualInversionLoss(run.model, vectorMap, batch),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise]),

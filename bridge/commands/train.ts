@@ -8,7 +8,12 @@ import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { SingleBar, Presets } from 'cli-progress';
-import { getSchema, validate } from '../../schemas/index.ts';
+import { getSchema, validate, type FieldError } from '../../schemas/index.ts';
+import { PathError } from '../paths.ts';
+import { roleOf } from '../spec.ts';
+import { folderResolver, fromEnv } from '../config.ts';
+import type { WebuiClient } from '../webui.ts';
+import { lrScheduleError } from '../../trainers/optim/lr.ts';
 import { methods } from '../../trainers/methods.ts';
 import type { JobEvent, JobResult } from '../../trainers/job.ts';
 
@@ -76,10 +81,36 @@ function progressReporter(): (e: JobEvent) => void {
   };
 }
 
+/** Schema errors for a person: a schedule string the pattern rejects gets the parser's reason and syntax. */
+function validationMessage(schema: string, spec: Record<string, unknown>, errors: FieldError[]): string {
+  const props = (getSchema(schema)?.properties ?? {}) as Record<string, Prop>;
+  return errors.map((e) => {
+    const key = e.field.slice(1);
+    const value = spec[key];
+    const schedule = props[key]?.$ref?.endsWith('/lrSchedule') && typeof value === 'string' && e.message.startsWith('must match pattern');
+    const why = schedule ? lrScheduleError(value, key === 'lr' ? 'learn rate' : key) : undefined;
+    return why ? `${e.field}: ${why}` : e.text;
+  }).join('\n');
+}
+
+/**
+ * Output folders neither the job file nor the flags gave: the configured ones, filled as the
+ * server fills them (bridge/spec.ts prepareSpec; SIDETRAIN_WEBUI_DIR, else sidetrain's own).
+ */
+export async function fillOutputFolders(schema: string, spec: Record<string, unknown>): Promise<void> {
+  const props = (getSchema(schema)?.properties ?? {}) as Record<string, Prop>;
+  const folders = await folderResolver(fromEnv(), { configured: false } as WebuiClient)();
+  for (const [key, prop] of Object.entries(props)) {
+    const role = roleOf(key, prop as Record<string, unknown>);
+    if (typeof role === 'object' && spec[key] === undefined && role.output.length === 1) spec[key] = folders[role.output[0]!];
+  }
+}
+
 /** Run one job in-process; SIGINT/SIGTERM abort it (a second Ctrl-C exits at once). */
 export async function runJobInProcess(type: string, spec: Record<string, unknown>, onEvent: (e: JobEvent) => void): Promise<JobResult> {
-  const errors = validate(methods[type]!.schema, spec);
-  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  const schema = methods[type]!.schema;
+  const errors = validate(schema, spec);
+  if (errors.length) throw new Error(validationMessage(schema, spec, errors));
   const abort = new AbortController();
   const stop = () => {
     if (abort.signal.aborted) process.exit(130);
@@ -90,6 +121,10 @@ export async function runJobInProcess(type: string, spec: Record<string, unknown
   try {
     const runner = await methods[type]!.load();
     return await runner(spec, { emit: onEvent, signal: abort.signal });
+  } catch (err) {
+    // name the field a path check refers to, as the schema's messages do (`/model '…' is not a readable file`)
+    if (err instanceof PathError) throw new Error(`${err.field} ${err.message}`);
+    throw err;
   } finally {
     process.off('SIGINT', stop).off('SIGTERM', stop);
   }
@@ -106,6 +141,7 @@ export function registerTrain(program: Command): void {
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = specFrom(props, opts);
       if (spec.dryRun) return dryRun(entry.schema, spec);
+      await fillOutputFolders(entry.schema, spec);
       const report = progressReporter();
       const result = await runJobInProcess(type, spec, report);
       report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });
@@ -118,7 +154,7 @@ export function registerTrain(program: Command): void {
 /** `--dry-run`: the dataset report, without loading the model. */
 async function dryRun(schema: string, spec: Record<string, unknown>): Promise<void> {
   const errors = validate(schema, spec);
-  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  if (errors.length) throw new Error(validationMessage(schema, spec, errors));
   const { datasetDryRun } = await import('../../trainers/run-common.ts');
   console.log(await datasetDryRun(spec as never));
 }
