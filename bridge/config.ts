@@ -1,8 +1,11 @@
 /**
  * @file Server configuration: defaults, environment (SIDETRAIN_HOST/PORT/TOKEN/WEBUI_URL/WEBUI_DIR/
- * STATE_DIR) and flags, and where outputs go. Output folders come, in order, from explicit
- * options, `--webui-dir` (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally
- * sidetrain's own `embeddings/`, `hypernetworks/` and the state dir.
+ * WEBUI_AUTH/STATE_DIR and the folder variables of FOLDER_SETTINGS) and flags, and where outputs
+ * go. Output folders come, in order, from explicit options (`--embeddings-dir` …), `--webui-dir`
+ * (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally sidetrain's own
+ * `embeddings/`, `hypernetworks/` and the state dir. Explicit folders exist because the other two
+ * sources miss cases: A1111/Forge started with custom folder flags break the `--webui-dir` layout,
+ * and SD.Next keeps its folders in its settings, not in cmd-flags.
  */
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -44,6 +47,17 @@ export interface ServerOptions {
   logLevel?: string;
 }
 
+/**
+ * The explicit output folders: `serve` flag and environment variable per folder. The flag names
+ * are the webui's own (A1111 `modules/cmd_args.py`), so the extension passes its values as they are.
+ */
+export const FOLDER_SETTINGS = [
+  { folder: 'embeddings', flag: '--embeddings-dir', env: 'SIDETRAIN_EMBEDDINGS_DIR', what: 'Textual Inversion embeddings' },
+  { folder: 'hypernetworks', flag: '--hypernetwork-dir', env: 'SIDETRAIN_HYPERNETWORK_DIR', what: 'hypernetworks' },
+  { folder: 'checkpoints', flag: '--ckpt-dir', env: 'SIDETRAIN_CKPT_DIR', what: 'checkpoints' },
+  { folder: 'lora', flag: '--lora-dir', env: 'SIDETRAIN_LORA_DIR', what: 'LoRAs' },
+] as const satisfies readonly { folder: keyof Folders; flag: string; env: string; what: string }[];
+
 export const DEFAULT_HOST = '127.0.0.1';
 export const DEFAULT_PORT = 7862;
 
@@ -57,6 +71,9 @@ export function fromEnv(env: NodeJS.ProcessEnv = process.env): ServerOptions {
   if (env.SIDETRAIN_WEBUI_DIR) o.webuiDir = env.SIDETRAIN_WEBUI_DIR;
   if (env.SIDETRAIN_WEBUI_AUTH) o.webuiAuth = env.SIDETRAIN_WEBUI_AUTH;
   if (env.SIDETRAIN_STATE_DIR) o.stateDir = env.SIDETRAIN_STATE_DIR;
+  for (const { folder, env: name } of FOLDER_SETTINGS) {
+    if (env[name]) (o.folders ??= {})[folder] = env[name];
+  }
   return o;
 }
 

@@ -1,0 +1,117 @@
+/**
+ * @file Explicit output folders: `serve --embeddings-dir/--hypernetwork-dir/--ckpt-dir/--lora-dir`
+ * and SIDETRAIN_*_DIR win over `--webui-dir` and over a running webui's cmd-flags (SD.Next keeps
+ * its folders in settings; A1111 may run with custom folder flags), and a job's output lands
+ * there. The flags are parsed by the real `serve` command, and `serve --help` lists them the way
+ * the webui extension's launcher probes them (extension/sidetrain_ext/launcher.py).
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { Command } from 'commander';
+import type { ServerOptions } from '../bridge/config.ts';
+import { REPO_DIR } from '../bridge/config.ts';
+import { registerServe, serveOptions } from '../bridge/commands/serve.ts';
+import { startFakeWebui } from './helpers/fake-webui.ts';
+import { makeDirs, startTestServer, waitJob, type TestServer } from './helpers/api-server.ts';
+
+const FOLDER_FLAGS = ['--embeddings-dir', '--hypernetwork-dir', '--ckpt-dir', '--lora-dir'];
+
+/** Parse `sidetrain serve ARGS` with the real command definition; returns the server options. */
+async function parseServe(args: string[], env: NodeJS.ProcessEnv = {}): Promise<ServerOptions> {
+  const program = new Command().exitOverride();
+  registerServe(program);
+  let parsed: Record<string, unknown> | undefined;
+  program.commands.find((c) => c.name() === 'serve')!.action((o: Record<string, unknown>) => void (parsed = o));
+  await program.parseAsync(['serve', ...args], { from: 'user' });
+  return serveOptions(parsed!, env);
+}
+
+/** Run a stub job of `type` with no output folder in its spec; its output path. */
+async function runJob(t: TestServer, type: string, name: string): Promise<string> {
+  const res = await t.api('/api/jobs', { method: 'POST', json: { type, spec: { name, steps: 3, stepMs: 0 } } });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  const job = await waitJob(t, res.body.id, (j) => j.state === 'finished' || j.state === 'failed');
+  assert.equal(job.state, 'finished', job.error);
+  assert.ok(existsSync(job.output), job.output);
+  return job.output;
+}
+
+/** Start the test server with the options `serve` produced (stub methods, temp state). */
+const serverFrom = (opts: ServerOptions, dirs = makeDirs()) =>
+  startTestServer({ webuiDir: opts.webuiDir, webuiUrl: opts.webuiUrl, folders: { logs: dirs.logs, ...opts.folders } }, dirs);
+
+describe('explicit output folders', () => {
+  test('`serve --help` lists the folder flags (what the extension launcher probes)', () => {
+    const help = execFileSync(process.execPath, [join(REPO_DIR, 'bin', 'sidetrain.mjs'), 'serve', '--help'], { encoding: 'utf8' });
+    // launcher.py supported_flags(): re.findall(r"--[a-z][a-z0-9-]*", stdout)
+    const listed = new Set(help.match(/--[a-z][a-z0-9-]*/g));
+    for (const flag of [...FOLDER_FLAGS, '--webui-dir', '--webui-url']) assert.ok(listed.has(flag), `${flag} in serve --help`);
+  });
+
+  test('flags win over --webui-dir; the A1111 layout fills the rest; outputs land in the flag folders', async () => {
+    const dirs = makeDirs();
+    const webuiDir = join(dirs.root, 'webui');
+    const custom = { embeddings: join(dirs.root, 'my-embeddings'), hypernetworks: join(dirs.root, 'my-hypernets') };
+    const opts = await parseServe(['--webui-dir', webuiDir, '--embeddings-dir', custom.embeddings, '--hypernetwork-dir', custom.hypernetworks]);
+    assert.deepEqual(opts.folders, custom);
+    const t = await serverFrom(opts, dirs);
+    try {
+      const { folders } = (await t.api('/api/health')).body;
+      assert.equal(folders.embeddings, custom.embeddings);
+      assert.equal(folders.hypernetworks, custom.hypernetworks);
+      assert.equal(folders.checkpoints, join(webuiDir, 'models', 'Stable-diffusion'), 'not overridden: --webui-dir layout');
+      assert.equal(folders.lora, join(webuiDir, 'models', 'Lora'));
+      assert.equal(await runJob(t, 'stub', 'flag_emb'), join(custom.embeddings, 'flag_emb.pt'));
+      assert.equal(await runJob(t, 'stub_hypernetwork', 'flag_hn'), join(custom.hypernetworks, 'flag_hn.pt'));
+      assert.ok(!existsSync(join(webuiDir, 'embeddings', 'flag_emb.pt')));
+    } finally {
+      await t.close();
+    }
+  });
+
+  test('flags win over a running webui’s cmd-flags (SD.Next keeps folders in settings), which still gets the refresh', async () => {
+    const dirs = makeDirs();
+    const webui = await startFakeWebui({ dirs: { embeddings: dirs.embeddings, hypernetworks: dirs.hypernetworks, checkpoints: dirs.checkpoints, lora: dirs.lora } });
+    const settingsDir = join(dirs.root, 'sdnext', 'embeddings');
+    mkdirSync(settingsDir, { recursive: true });
+    const opts = await parseServe(['--webui-url', webui.url, '--embeddings-dir', settingsDir]);
+    const t = await serverFrom(opts, dirs);
+    try {
+      const { folders } = (await t.api('/api/health')).body;
+      assert.equal(folders.embeddings, settingsDir);
+      assert.equal(folders.hypernetworks, dirs.hypernetworks, 'the rest still discovered from cmd-flags');
+      assert.equal(await runJob(t, 'stub', 'sdnext_emb'), join(settingsDir, 'sdnext_emb.pt'));
+      assert.ok(!existsSync(join(dirs.embeddings, 'sdnext_emb.pt')));
+      const calls = webui.calls.map((c) => `${c.method} ${c.path}`);
+      assert.ok(calls.includes('POST /sdapi/v1/refresh-embeddings'));
+    } finally {
+      await t.close();
+      await webui.close();
+    }
+  });
+
+  test('SIDETRAIN_*_DIR set the folders; a flag wins over its variable', async () => {
+    const env = {
+      SIDETRAIN_EMBEDDINGS_DIR: '/env/emb',
+      SIDETRAIN_HYPERNETWORK_DIR: '/env/hn',
+      SIDETRAIN_CKPT_DIR: '/env/ckpt',
+      SIDETRAIN_LORA_DIR: '/env/lora',
+    };
+    assert.deepEqual((await parseServe([], env)).folders, { embeddings: '/env/emb', hypernetworks: '/env/hn', checkpoints: '/env/ckpt', lora: '/env/lora' });
+    const opts = await parseServe(['--lora-dir', '/flag/lora', '--ckpt-dir', '/flag/ckpt'], env);
+    assert.deepEqual(opts.folders, { embeddings: '/env/emb', hypernetworks: '/env/hn', checkpoints: '/flag/ckpt', lora: '/flag/lora' });
+    assert.equal((await parseServe([])).folders, undefined, 'nothing explicit: discovery decides');
+
+    const dirs = makeDirs();
+    const fromEnv = join(dirs.root, 'env-embeddings');
+    const t = await serverFrom(await parseServe(['--webui-dir', join(dirs.root, 'webui')], { SIDETRAIN_EMBEDDINGS_DIR: fromEnv }), dirs);
+    try {
+      assert.equal(await runJob(t, 'stub', 'env_emb'), join(fromEnv, 'env_emb.pt'));
+    } finally {
+      await t.close();
+    }
+  });
+});
