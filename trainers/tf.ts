@@ -13,6 +13,25 @@ export type Variable = tf.Variable;
 
 const require = createRequire(import.meta.url);
 
+// The CPU backend's first-use banner ("install tfjs-node") repeats what initBackend() says;
+// silence it even when a tensor is made before the choice (TF.js then starts the CPU backend).
+const cpuBackend = tf.engine().findBackend('cpu') as { firstUse?: boolean } | null;
+if (cpuBackend && 'firstUse' in cpuBackend) cpuBackend.firstUse = false;
+
+/**
+ * Comparisons have zero gradient, but TF.js registers one only for GreaterEqual: a trained path
+ * through tf.where(greater(...)) (hypernetwork activations such as mish, softplus) would fail.
+ */
+for (const kernelName of ['Greater', 'Less', 'LessEqual', 'Equal', 'NotEqual']) {
+  if (!tf.getGradient(kernelName)) {
+    tf.registerGradient({
+      kernelName,
+      inputsToSave: ['a', 'b'],
+      gradFunc: (_dy, saved) => ({ a: () => tf.zerosLike(saved[0]!), b: () => tf.zerosLike(saved[1]!) }),
+    });
+  }
+}
+
 /** Backend names in the order they are preferred. */
 export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'cpu-native', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKEND_ORDER)[number];
@@ -64,9 +83,6 @@ const loaders: Record<BackendName, Loader> = {
 async function setOrThrow(name: string): Promise<void> {
   if (!(await tf.setBackend(name))) throw new Error(`tf.setBackend('${name}') failed`);
   await tf.ready();
-  // The CPU backend's first-use banner ("install tfjs-node") repeats what the choice already says.
-  const backend = tf.backend() as { firstUse?: boolean };
-  if ('firstUse' in backend) backend.firstUse = false;
 }
 
 function firstLine(err: unknown): string {
