@@ -83,6 +83,7 @@ export function createApp(ctx: ServerContext, opts: AppOptions): express.Express
   app.get('/api/jobs/:id/events', (_req, res) => void res.status(426).json({ error: 'WebSocket only: connect with ws://' }));
   app.get('/openapi.json', (_req, res) => void res.json(openapi(ctx)));
   app.get('/docs', (_req, res) => void res.type('html').send(docsPage()));
+  app.use('/vendor/uplot', express.static(fileURLToPath(new URL('.', import.meta.resolve('uplot'))), { index: false })); // the page's loss chart
   const uiDir = opts.uiDir ?? DEFAULT_UI;
   if (existsSync(uiDir)) app.use(express.static(uiDir, { index: 'index.html', dotfiles: 'deny' }));
   else app.get('/', (_req, res) => void res.redirect('/docs'));

@@ -1,0 +1,163 @@
+/**
+ * @file The training page: loads the methods and their schemas, builds one form per method, shows
+ * the estimate before Train, starts jobs, and keeps the job list and the watched job current
+ * from the WebSocket (`api/events`: a `state` message per job first, then live events).
+ */
+import { ApiError, connectEvents, request } from './api.js';
+import { bytes, duration, el } from './dom.js';
+import { buildForm } from './form.js';
+import { createJobList } from './jobs.js';
+import { createWatch } from './watch.js';
+
+const jobs = new Map();
+const $ = (sel) => document.querySelector(sel);
+let forms = [];
+let current;
+let list;
+let watch;
+
+/** Fold a live event into the job record, so the list and view update before the next state message. */
+function fold(job, m) {
+  if (m.type === 'step') Object.assign(job, { step: m.step, totalSteps: m.totalSteps, progress: { ...m } });
+  else if (m.type === 'started') Object.assign(job, { totalSteps: m.totalSteps, step: m.startStep, backend: m.backend });
+  else if (m.type === 'preview' && !job.previews.some((p) => p.url === m.url)) job.previews = [...job.previews, { step: m.step, path: m.path, url: m.url }];
+  else if (m.type === 'snapshot' && !job.snapshots.some((s) => s.path === m.path)) job.snapshots = [...job.snapshots, { step: m.step, path: m.path }];
+  else if (m.type === 'queued') job.queuePosition = m.position;
+}
+
+function refresh() {
+  list.render([...jobs.values()], watch.id);
+}
+
+function onMessage(m) {
+  if (m.type === 'state') jobs.set(m.jobId, m.job);
+  else if (jobs.has(m.jobId)) fold(jobs.get(m.jobId), m);
+  const job = jobs.get(m.jobId);
+  if (job && m.jobId === watch.id) watch.update(job);
+  watch.event(m);
+  refresh();
+}
+
+function select(id) {
+  const job = jobs.get(id);
+  if (!job) return;
+  void watch.show(job);
+  refresh();
+}
+
+function onChanged(job) {
+  jobs.set(job.id, job);
+  watch.update(job);
+  refresh();
+}
+
+/** Estimate result → text: numbers in bytes and seconds formatted, the rest as given. */
+function describeEstimate(result) {
+  if (!result || typeof result !== 'object') return String(result);
+  return Object.entries(result)
+    .map(([k, v]) => {
+      if (typeof v === 'number' && /bytes|memory|ram|vram/i.test(k)) return `${k}: ${bytes(v)}`;
+      if (typeof v === 'number' && /seconds|time|eta/i.test(k)) return `${k}: ${duration(v)}`;
+      return `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`;
+    })
+    .join(' · ');
+}
+
+let estimateTimer;
+let estimateSeq = 0;
+
+function scheduleEstimate() {
+  clearTimeout(estimateTimer);
+  estimateTimer = setTimeout(estimate, 500);
+}
+
+async function estimate() {
+  const box = $('.estimate');
+  const spec = current.read();
+  const missing = current.required.filter((k) => spec[k] === undefined || spec[k] === '');
+  if (missing.length) {
+    box.textContent = `Estimate: fill in ${missing.join(', ')} first.`;
+    return;
+  }
+  const seq = ++estimateSeq;
+  box.textContent = 'Estimate: …';
+  let text;
+  try {
+    text = `Estimate: ${describeEstimate(await request('api/estimate', { method: 'POST', json: { type: current.type, spec } }))}`;
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    text = err.status === 501 ? 'Estimate: not available on this server.' : `Estimate: ${err.errors.map((e) => e.text).join('; ') || err.message}`;
+  }
+  if (seq === estimateSeq) box.textContent = text;
+}
+
+async function train(event) {
+  event.preventDefault();
+  const button = $('.train');
+  const errorBox = $('.form-error');
+  errorBox.textContent = '';
+  current.clearErrors();
+  button.disabled = true;
+  try {
+    const job = await request('api/jobs', { method: 'POST', json: { type: current.type, spec: current.read() } });
+    jobs.set(job.id, job);
+    select(job.id);
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    const unplaced = current.showErrors(err.errors);
+    errorBox.textContent = unplaced.length ? unplaced.map((e) => e.text).join('; ') : err.errors.length ? 'Fix the fields marked below.' : err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showMethod(type) {
+  current = forms.find((f) => f.type === type);
+  for (const f of forms) f.node.hidden = f !== current;
+  for (const b of document.querySelectorAll('.method-tab')) b.classList.toggle('active', b.dataset.method === type);
+  scheduleEstimate();
+}
+
+function buildForms(methods, components, models) {
+  forms = methods.map((m) => ({ ...buildForm(m, components, models), type: m.type, required: m.jsonSchema?.required ?? [] }));
+  const label = (m) => (m.jsonSchema?.title ?? m.type).replace(/ job$/i, '');
+  $('.method-tabs').replaceChildren(...methods.map((m) => el('button', { type: 'button', class: 'method-tab', 'data-method': m.type, onclick: () => showMethod(m.type) }, label(m))));
+  $('.forms').replaceChildren(...forms.map((f) => f.node));
+  if (!methods.length) $('.forms').textContent = 'This server has no training methods.';
+  else showMethod(methods[0].type);
+}
+
+function showHealth(h) {
+  const webui = h.webui?.url ? `webui ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : 'no webui configured';
+  $('.health').textContent = `v${h.version} · backend ${h.backend ?? '(first job decides)'} · ${webui}`;
+}
+
+async function main() {
+  showHealth(await request('api/health'));
+  const [{ methods }, openapi, models, { jobs: list0 }] = await Promise.all([
+    request('api/methods'),
+    request('openapi.json'),
+    request('api/webui/models').catch(() => ({ items: [] })),
+    request('api/jobs'),
+  ]);
+  buildForms(methods, openapi.components?.schemas ?? {}, models.items ?? []);
+  const form = $('#job-form');
+  form.addEventListener('submit', train);
+  form.addEventListener('input', scheduleEstimate);
+  form.addEventListener('change', scheduleEstimate);
+  list = createJobList($('.job-list'), select);
+  watch = createWatch($('.watch'), { onChanged });
+  for (const j of list0) jobs.set(j.id, j);
+  refresh();
+  const first = list0.find((j) => j.state === 'running') ?? list0[0];
+  if (first) select(first.id);
+  connectEvents(onMessage, (status) => {
+    $('.live').textContent = status === 'open' ? 'live' : 'reconnecting…';
+    $('.live').classList.toggle('down', status !== 'open');
+  });
+}
+
+main().catch((err) => {
+  $('.fatal').hidden = false;
+  $('.fatal').textContent = `Could not load the page: ${err.message}`;
+});
