@@ -269,3 +269,12 @@ test('NaN/Inf: the run stops with NonFiniteError, the last good snapshot stays, 
   assert.equal(existsSync(join(dir, 'log', 'ti_test', 'embeddings', 'ti_test-6.pt')), false);
   assert.equal(existsSync(join(dir, 'emb', 'ti_test.pt')), false);
 });
+
+test('sidetrain demo: its job is a valid TI job on the bundled tiny model and sample photos', async () => {
+  const { demoSpec, DEMO_NAME } = await import('../bridge/commands/demo.ts');
+  const spec = demoSpec();
+  assert.deepEqual(validate('textual-inversion', spec), []);
+  assert.ok(existsSync(spec.model as string) && existsSync(spec.images as string));
+  assert.match(spec.embeddingsDir as string, /[/\\]embeddings$/);
+  assert.equal(spec.name, DEMO_NAME);
+});

@@ -60,7 +60,8 @@ export function specFrom(props: Record<string, Prop>, opts: Record<string, unkno
   return spec;
 }
 
-function progressReporter(): (e: JobEvent) => void {
+/** The terminal progress bar (loss, it/s, ETA) and log lines of a job run in this process. */
+export function progressReporter(): (e: JobEvent) => void {
   const bar = new SingleBar({ format: '{bar} {value}/{total} | loss {loss} | {rate} it/s | ETA {eta_formatted}', hideCursor: true }, Presets.shades_classic);
   let started = false;
   return (e) => {
