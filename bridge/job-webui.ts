@@ -1,7 +1,8 @@
 /**
  * @file What a job does to and with the webui, reported as `webui` events and never failing the
  * job: the VRAM hand-off (unload the webui's checkpoint before, reload it after, whatever the
- * outcome), the gentler mode (freeze the worker while the webui is generating), and after an
+ * outcome), the gentler mode (pause the job while the webui is generating: between steps when the
+ * method calls ctx.waitIfPaused, else frozen with SIGSTOP; see WorkerProcess.pause), and after an
  * output: refresh the webui's list, then check it really registered the file ("ready: use
  * `pallas_cat`" or the webui's reason).
  */
@@ -42,9 +43,11 @@ export class JobWebui {
       inFlight = true;
       try {
         const generating = await this.webui.generating();
-        if (generating && !busy && worker.pause()) {
+        const how = generating && !busy ? worker.pause() : false;
+        if (how) {
           busy = true;
-          this.report(jobId, 'pause', { ok: true, message: 'paused: the webui is generating' });
+          const message = how === 'step' ? 'pausing after the current step: the webui is generating' : 'paused: the webui is generating';
+          this.report(jobId, 'pause', { ok: true, message });
         } else if (!generating && busy) {
           busy = false;
           worker.resume();

@@ -2,7 +2,8 @@
  * @file Runs one job in a child process (bridge/worker.ts, `child_process.fork` with
  * `--import tsx`) and turns whatever happens to it into one outcome: the method's result, its
  * error, or the process dying (crash, SIGKILL, out-of-memory). Cancel is an IPC message first,
- * SIGTERM after a grace period, SIGKILL after a second one.
+ * SIGTERM after a grace period, SIGKILL after a second one. Pause is an IPC message when the
+ * method waits in ctx.waitIfPaused between steps (it says so with 'pausable'), SIGSTOP otherwise.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -40,7 +41,10 @@ export interface WorkerCallbacks {
 export class WorkerProcess {
   private child: ChildProcess | undefined;
   private timers: NodeJS.Timeout[] = [];
-  private paused = false;
+  /** How the worker is paused right now: between steps (IPC), frozen (SIGSTOP), or not. */
+  private paused: 'step' | 'signal' | false = false;
+  /** The method calls ctx.waitIfPaused, so a pause can wait for the end of its step. */
+  private pausable = false;
 
   constructor(private readonly opts: WorkerHostOptions) {}
 
@@ -59,6 +63,8 @@ export class WorkerProcess {
       serialization: 'advanced',
     });
     this.child = child;
+    this.pausable = false;
+    this.paused = false;
     const out = (b: Buffer) => cb.onOutput?.(b.toString());
     child.stdout?.on('data', out);
     child.stderr?.on('data', out);
@@ -67,6 +73,7 @@ export class WorkerProcess {
       if (msg.type === 'event') cb.onEvent(msg.event);
       else if (msg.type === 'result') reported = { kind: 'result', result: msg.result };
       else if (msg.type === 'error') reported = { kind: 'error', message: msg.message };
+      else if (msg.type === 'pausable') this.pausable = true;
     });
     const start: HostMessage = {
       type: 'run',
@@ -111,17 +118,29 @@ export class WorkerProcess {
     this.child?.kill(signal);
   }
 
-  /** Freeze the worker between polls while the webui generates (POSIX only). */
-  pause(): boolean {
-    if (!this.child || this.paused || process.platform === 'win32') return false;
-    this.paused = this.child.kill('SIGSTOP');
+  /**
+   * Pause the job while the webui generates: 'step' = it will wait after its current step (the
+   * method supports ctx.waitIfPaused), 'signal' = frozen now with SIGSTOP (POSIX only; a frozen
+   * step keeps its memory), false = could not pause.
+   */
+  pause(): 'step' | 'signal' | false {
+    const child = this.child;
+    if (!child || this.paused) return false;
+    if (this.pausable && child.connected) {
+      child.send({ type: 'pause' } satisfies HostMessage);
+      this.paused = 'step';
+    } else if (process.platform !== 'win32' && child.kill('SIGSTOP')) this.paused = 'signal';
     return this.paused;
   }
 
   resume(): boolean {
-    if (!this.child || !this.paused) return false;
+    const child = this.child;
+    if (!child || !this.paused) return false;
+    const how = this.paused;
     this.paused = false;
-    return this.child.kill('SIGCONT');
+    if (how === 'signal') return child.kill('SIGCONT');
+    if (child.connected) child.send({ type: 'resume' } satisfies HostMessage);
+    return true;
   }
 }
 

@@ -3,24 +3,53 @@
  * `--import tsx`; it is the only process of the server that loads TF.js (through the method's
  * `load()`), so a crash, NaN or out-of-memory here never takes the API down.
  *
- * IPC in:  {type:'run', jobType, spec, methodsModule, stepIntervalMs} · {type:'cancel'}
- * IPC out: {type:'event', event: JobEvent} · {type:'result', result} · {type:'error', message}
- * SIGTERM aborts like a cancel (the method stops after its current step and saves).
+ * IPC in:  {type:'run', jobType, spec, methodsModule, stepIntervalMs} · {type:'cancel'} ·
+ *          {type:'pause'} · {type:'resume'}
+ * IPC out: {type:'event', event: JobEvent} · {type:'result', result} · {type:'error', message} ·
+ *          {type:'pausable'} (the method called ctx.waitIfPaused: pause it between steps, not with SIGSTOP)
+ * SIGTERM aborts like a cancel (the method stops after its current step and saves). A pause holds
+ * the method in ctx.waitIfPaused until resume or abort.
  */
 import { pathToFileURL } from 'node:url';
 import type { JobEvent, JobResult, MethodEntry } from '../trainers/job.ts';
 
 export type HostMessage =
   | { type: 'run'; jobType: string; spec: Record<string, unknown>; methodsModule: string; stepIntervalMs?: number }
-  | { type: 'cancel' };
+  | { type: 'cancel' }
+  | { type: 'pause' }
+  | { type: 'resume' };
 
 export type WorkerMessage =
   | { type: 'event'; event: JobEvent }
   | { type: 'result'; result: JobResult }
-  | { type: 'error'; message: string };
+  | { type: 'error'; message: string }
+  | { type: 'pausable' };
 
 const controller = new AbortController();
 let running = false;
+/** Pause between steps: set by the host, held by waitIfPaused until resume or abort. */
+const pause = { requested: false, announced: false, waiters: [] as (() => void)[] };
+
+function release(): void {
+  pause.requested = false;
+  for (const wake of pause.waiters.splice(0)) wake();
+}
+controller.signal.addEventListener('abort', release);
+
+/** JobContext.waitIfPaused for the running method; reports when it really holds and lets go. */
+function makeWaitIfPaused(emit: (e: JobEvent) => void): () => Promise<void> {
+  return () => {
+    if (!pause.announced) {
+      pause.announced = true;
+      void send({ type: 'pausable' });
+    }
+    if (!pause.requested || controller.signal.aborted) return Promise.resolve();
+    emit({ type: 'log', level: 'info', message: 'paused between steps' });
+    return new Promise<void>((resolve) => pause.waiters.push(resolve)).then(() => {
+      emit({ type: 'log', level: 'info', message: controller.signal.aborted ? 'pause ended by cancel' : 'resumed' });
+    });
+  };
+}
 
 function send(msg: WorkerMessage): Promise<void> {
   return new Promise((resolve) => {
@@ -69,7 +98,8 @@ async function run(msg: Extract<HostMessage, { type: 'run' }>): Promise<void> {
     const entry = mod.methods[msg.jobType];
     if (!entry) throw new Error(`unknown job type '${msg.jobType}'`);
     const runner = await entry.load();
-    const result = await runner(msg.spec, { emit: emitter.emit, signal: controller.signal });
+    const waitIfPaused = makeWaitIfPaused(emitter.emit);
+    const result = await runner(msg.spec, { emit: emitter.emit, signal: controller.signal, waitIfPaused });
     emitter.flush();
     await send({ type: 'result', result });
     process.exit(0);
@@ -88,6 +118,8 @@ async function die(err: unknown): Promise<void> {
 
 process.on('message', (msg: HostMessage) => {
   if (msg.type === 'cancel') controller.abort();
+  else if (msg.type === 'pause') pause.requested = !controller.signal.aborted;
+  else if (msg.type === 'resume') release();
   else if (msg.type === 'run' && !running) void run(msg);
 });
 process.on('SIGTERM', () => controller.abort());

@@ -32,6 +32,13 @@ export interface JobContext {
   emit(event: JobEvent): void;
   /** Aborted on cancel (Ctrl-C, SIGTERM, API cancel): the method stops after the current step and saves. */
   signal: AbortSignal;
+  /**
+   * Call between steps (`await ctx.waitIfPaused?.()` at the top of each): resolves at once unless
+   * the runner has paused the job (the server's `--vram pause` while the webui generates), then on
+   * resume or abort. Waiting here, not frozen mid-step by SIGSTOP, leaves no half-done GPU work
+   * holding memory and lets a cancel through. The first call tells the runner the method supports it.
+   */
+  waitIfPaused?(): Promise<void>;
 }
 
 export interface JobResult {

@@ -3,7 +3,8 @@
  * trainers/methods.ts): `stub` "trains" by sleeping `stepMs` per step, emits the events a real
  * method emits, writes snapshots, previews and `<embeddingsDir>/<name>.pt`, honours the abort
  * signal (saves and returns cancelled), resumes from its last snapshot, and can be told to crash
- * (`crashAt` + `crash`: throw | exit | kill). No TF.js.
+ * (`crashAt` + `crash`: throw | exit | kill). With `pausable` it awaits ctx.waitIfPaused at the top
+ * of each step, as trainers/loop.ts does. No TF.js.
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -27,6 +28,7 @@ export const schemas: Record<string, Record<string, unknown>> = {
       crashAt: { type: 'integer', minimum: 1 },
       crash: { enum: ['throw', 'exit', 'kill'], default: 'throw' },
       ignoreAbort: { type: 'boolean', default: false },
+      pausable: { type: 'boolean', default: false },
       resume: { type: 'boolean', default: false },
       overwrite: { type: 'boolean', default: false },
     },
@@ -47,6 +49,7 @@ interface StubSpec {
   crashAt?: number;
   crash: 'throw' | 'exit' | 'kill';
   ignoreAbort: boolean;
+  pausable: boolean;
   resume: boolean;
   overwrite: boolean;
 }
@@ -77,6 +80,8 @@ function makeRunner(kind: OutputKind) {
     const t0 = Date.now();
     const first = step;
     while (step < spec.steps && !(ctx.signal.aborted && !spec.ignoreAbort)) {
+      if (spec.pausable) await ctx.waitIfPaused?.();
+      if (ctx.signal.aborted && !spec.ignoreAbort) break;
       await sleep(spec.stepMs);
       step++;
       if (spec.crashAt === step) crash(spec.crash, step);
