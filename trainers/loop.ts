@@ -117,6 +117,8 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
   let step = opts.startStep;
   let lastSnapshot: string | undefined;
   while (step < opts.steps && !ctx.signal.aborted) {
+    await ctx.waitIfPaused?.(); // the server's "pause while the webui generates" mode
+    if (ctx.signal.aborted) break;
     const next = step + 1;
     const loss = await oneStep(method, opts, next);
     if (!Number.isFinite(loss) || !(await allInRange(method.trainable.values(), method.maxAbs ?? Infinity))) {
