@@ -278,3 +278,21 @@ test('sidetrain demo: its job is a valid TI job on the bundled tiny model and sa
   assert.match(spec.embeddingsDir as string, /[/\\]embeddings$/);
   assert.equal(spec.name, DEMO_NAME);
 });
+
+test('--resume from a finished <name>.pt: counts on from its step with its optimizer state; steps not above it is an error', async () => {
+  const dir = await tmp();
+  const first = await runTextualInversion(tiSpec(dir, { steps: 6 }), stubCtx().ctx);
+  assert.equal(first.step, 6);
+  const { ctx, events } = stubCtx();
+  const resumed = await runTextualInversion(tiSpec(dir, { steps: 9, resume: true }), ctx);
+  assert.equal(resumed.step, 9);
+  assert.ok(events.some((e) => e.type === 'started' && e.startStep === 6));
+  assert.equal(events.filter((e) => e.type === 'log' && e.level === 'warn').length, 0, 'the .optim hash matched');
+  const csv = readFileSync(join(dir, 'log', 'ti_test', 'loss.csv'), 'utf8').trim().split('\n').slice(1).map((l) => Number(l.split(',')[0]));
+  assert.deepEqual(csv, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+  const whole = await runTextualInversion(tiSpec(await tmp(), { steps: 9 }), stubCtx().ctx);
+  assert.deepEqual((await readEmbedding(whole.output)).vectors, (await readEmbedding(resumed.output)).vectors);
+  const before = await readFile(resumed.output);
+  await assert.rejects(runTextualInversion(tiSpec(dir, { steps: 9, resume: true }), stubCtx().ctx), /already trained to step 9.*raise the steps/);
+  assert.deepEqual(await readFile(resumed.output), before);
+});
