@@ -9,12 +9,13 @@
  */
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { request as httpRequest, createServer, type Server } from 'node:http';
+import { request as httpRequest, createServer } from 'node:http';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import type { Duplex } from 'node:stream';
 import { pino } from 'pino';
 import type { Page } from 'playwright-core';
 import { startServer, type RunningServer } from '../bridge/main.ts';
@@ -114,8 +115,9 @@ async function mainFlow(): Promise<void> {
   await screenshot(page, 'ui-03-bad-field');
 
   // A real job on the tiny model: step events, loss chart, previews, finished with its prompt.
-  await fillForm({ steps: '10', width: '64', height: '64', previewEvery: '5', previewSteps: '3', saveEvery: '5' });
-  await page.locator('.estimate').filter({ hasText: /^Estimate: (?!fill|…)/ }).waitFor();
+  await fillForm({ steps: '10', width: '64', height: '64', previewEvery: '5', previewSteps: '4', saveEvery: '5' });
+  // Shown before Train: the server's estimate, or a note when this server has none (501).
+  await page.locator('.estimate').filter({ hasText: /^Estimate: (peak memory|not available)/ }).waitFor();
   await page.locator('.train').click();
   assert.equal(await field('steps').locator('.field-error').textContent(), '');
   const watch = page.locator('.watch');
@@ -152,7 +154,7 @@ async function mainFlow(): Promise<void> {
 }
 
 /** A stand-in for the extension's reverse proxy: /sidetrain/… → the sidecar, HTTP and WebSocket, adding the token. */
-function prefixProxy(target: URL): Promise<Server> {
+async function prefixProxy(target: URL): Promise<{ port: number; close(): Promise<void> }> {
   const strip = (url = '/') => (url.startsWith('/sidetrain/') ? url.slice('/sidetrain'.length) : undefined);
   const proxy = createServer((req, res) => {
     const path = strip(req.url);
@@ -165,9 +167,11 @@ function prefixProxy(target: URL): Promise<Server> {
     });
     req.pipe(up);
   });
+  const tunnels = new Set<Duplex>();
   proxy.on('upgrade', (req, socket, head) => {
     const path = strip(req.url);
     if (!path) return void socket.destroy();
+    tunnels.add(socket);
     const upstream = connect(Number(target.port), target.hostname, () => {
       const lines = Object.entries(req.headers)
         .filter(([k]) => !['host', 'origin', 'authorization'].includes(k))
@@ -177,14 +181,23 @@ function prefixProxy(target: URL): Promise<Server> {
       upstream.pipe(socket).pipe(upstream);
     });
     upstream.on('error', () => socket.destroy());
+    tunnels.add(upstream);
   });
-  return new Promise((resolve) => proxy.listen(0, '127.0.0.1', () => resolve(proxy)));
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (proxy.address() as { port: number }).port,
+    close: async () => {
+      for (const s of tunnels) s.destroy(); // upgraded sockets are no longer the server's connections
+      proxy.closeAllConnections();
+      await new Promise((r) => proxy.close(r));
+    },
+  };
 }
 
 test('the page works under the webui proxy prefix /sidetrain/ (relative URLs, live WebSocket)', { timeout: 60_000 }, async () => {
   const proxy = await prefixProxy(new URL(srv.url));
+  const port = proxy.port;
   try {
-    const port = (proxy.address() as { port: number }).port;
     const requested: string[] = [];
     page.on('request', (r) => requested.push(new URL(r.url()).pathname));
     await page.evaluate(() => sessionStorage.clear());
@@ -196,9 +209,10 @@ test('the page works under the webui proxy prefix /sidetrain/ (relative URLs, li
     const outside = requested.filter((p) => !p.startsWith('/sidetrain/'));
     assert.deepEqual(outside, [], 'every request stays under /sidetrain/');
     await screenshot(page, 'ui-07-proxied');
+  } catch (err) {
+    await explain('ui-proxied', err);
   } finally {
-    proxy.closeAllConnections();
-    await new Promise((r) => proxy.close(r));
+    await proxy.close();
   }
   assert.deepEqual(pageErrors, []);
 });

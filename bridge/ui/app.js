@@ -51,16 +51,36 @@ function onChanged(job) {
   refresh();
 }
 
-/** Estimate result → text: numbers in bytes and seconds formatted, the rest as given. */
-function describeEstimate(result) {
-  if (!result || typeof result !== 'object') return String(result);
-  return Object.entries(result)
-    .map(([k, v]) => {
-      if (typeof v === 'number' && /bytes|memory|ram|vram/i.test(k)) return `${k}: ${bytes(v)}`;
-      if (typeof v === 'number' && /seconds|time|eta/i.test(k)) return `${k}: ${duration(v)}`;
-      return `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`;
-    })
-    .join(' · ');
+/**
+ * Estimate → a line and notes. trainers/estimate.ts answers {peakBytes, secondsPerStep, backend,
+ * notes, breakdown}; other numbers are shown by their names (bytes and seconds formatted), the
+ * breakdown as the line's tooltip.
+ */
+function describeEstimate(result, spec) {
+  if (!result || typeof result !== 'object') return { text: String(result), notes: [], detail: '' };
+  const parts = [];
+  const notes = [];
+  let detail = '';
+  const perStep = (v) => (v < 1 ? `${Math.round(v * 1000)} ms/step` : `${v.toFixed(2)} s/step`);
+  for (const [k, v] of Object.entries(result)) {
+    if (k === 'peakBytes' && typeof v === 'number') parts.push(`peak memory ~${bytes(v)}`);
+    else if (k === 'secondsPerStep' && typeof v === 'number') {
+      parts.push(perStep(v));
+      if (typeof spec.steps === 'number') parts.push(`~${duration(v * spec.steps)} for ${spec.steps} steps`);
+    } else if (k === 'backend') parts.push(`on ${v}`);
+    else if (Array.isArray(v)) notes.push(...v.map(String));
+    else if (v && typeof v === 'object') detail += `${k}: ${JSON.stringify(v, null, 1)}\n`;
+    else if (typeof v === 'number' && /bytes|memory/i.test(k)) parts.push(`${k} ${bytes(v)}`);
+    else if (typeof v === 'number' && /seconds|time/i.test(k)) parts.push(`${k} ${duration(v)}`);
+    else parts.push(`${k} ${v}`);
+  }
+  return { text: parts.join(' · '), notes, detail };
+}
+
+function showEstimate(text, notes = [], detail = '') {
+  const box = $('.estimate');
+  box.title = detail;
+  box.replaceChildren(text, ...(notes.length ? [el('details', {}, [el('summary', {}, `notes (${notes.length})`), el('ul', {}, notes.map((n) => el('li', {}, n)))])] : []));
 }
 
 let estimateTimer;
@@ -72,23 +92,22 @@ function scheduleEstimate() {
 }
 
 async function estimate() {
-  const box = $('.estimate');
   const spec = current.read();
   const missing = current.required.filter((k) => spec[k] === undefined || spec[k] === '');
-  if (missing.length) {
-    box.textContent = `Estimate: fill in ${missing.join(', ')} first.`;
-    return;
-  }
+  if (missing.length) return showEstimate(`Estimate: fill in ${missing.join(', ')} first.`);
   const seq = ++estimateSeq;
-  box.textContent = 'Estimate: …';
-  let text;
+  showEstimate('Estimate: …');
+  let shown;
   try {
-    text = `Estimate: ${describeEstimate(await request('api/estimate', { method: 'POST', json: { type: current.type, spec } }))}`;
+    const e = describeEstimate(await request('api/estimate', { method: 'POST', json: { type: current.type, spec } }), spec);
+    shown = [`Estimate: ${e.text}`, e.notes, e.detail];
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
-    text = err.status === 501 ? 'Estimate: not available on this server.' : `Estimate: ${err.errors.map((e) => e.text).join('; ') || err.message}`;
+    if (err.status === 501) shown = ['Estimate: not available on this server.'];
+    else if (err.errors.length) shown = [`Estimate: needs valid fields (${err.errors.map((e) => e.text).join('; ')})`];
+    else shown = [`Estimate: not available (${err.message}).`];
   }
-  if (seq === estimateSeq) box.textContent = text;
+  if (seq === estimateSeq) showEstimate(...shown);
 }
 
 async function train(event) {
@@ -105,7 +124,7 @@ async function train(event) {
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
     const unplaced = current.showErrors(err.errors);
-    errorBox.textContent = unplaced.length ? unplaced.map((e) => e.text).join('; ') : err.errors.length ? 'Fix the fields marked below.' : err.message;
+    errorBox.textContent = unplaced.length ? unplaced.map((e) => e.text).join('; ') : err.errors.length ? 'Fix the fields marked in red.' : err.message;
   } finally {
     button.disabled = false;
   }

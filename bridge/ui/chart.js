@@ -7,6 +7,8 @@
 import uPlot from './vendor/uplot/uPlot.esm.js';
 
 const SMOOTHING = 0.9;
+/** Whole steps only on the x axis. */
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 1e6, 1e7];
 
 function ema(values) {
   const out = [];
@@ -38,7 +40,7 @@ export function createLossChart(root) {
       ...size(),
       class: 'loss-plot',
       scales: { x: { time: false } },
-      axes: [{ label: 'step' }, { label: 'loss', size: 60 }],
+      axes: [{ label: 'step', incrs: STEP_INCRS }, { label: 'loss', size: 60 }],
       legend: { live: true },
       series: [
         { label: 'step' },

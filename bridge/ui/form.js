@@ -76,12 +76,12 @@ function modelPicker(key, p, models) {
 }
 
 function fieldRow(key, p, required, role, models) {
-  const help = [p.description, limits(p)].filter(Boolean).join(' ');
+  const range = limits(p);
   return el('div', { class: `field${required ? ' required' : ''}`, 'data-field': key }, [
-    el('label', { for: `f-${key}` }, [key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null]),
+    el('label', { for: `f-${key}` }, [key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null, range ? el('small', { class: 'limits' }, range) : null]),
     inputFor(key, p, role, models),
-    help ? el('small', { class: 'help' }, help) : null,
     el('div', { class: 'field-error', role: 'alert' }),
+    p.description ? el('small', { class: 'help', title: p.description }, p.description) : null,
   ]);
 }
 
