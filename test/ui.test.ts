@@ -153,6 +153,21 @@ async function mainFlow(): Promise<void> {
   assert.deepEqual(pageErrors, []);
 }
 
+test('the hypernetwork form: lists as comma-separated fields, enums as selects, an item error on its field', { timeout: 30_000 }, async () => {
+  await page.locator('.method-tab[data-method=hypernetwork]').click();
+  assert.equal(await field('sizes').locator('input').inputValue(), '768, 320, 640, 1280');
+  assert.equal(await field('layerStructure').locator('input').inputValue(), '1, 2, 1');
+  assert.equal(await field('activation').locator('select').inputValue(), 'linear');
+  await field('images').locator('input').fill(IMAGES);
+  await field('name').locator('input').fill('hn_bad');
+  await field('layerStructure').locator('input').fill('1, 0, 1');
+  await page.locator('.train').click();
+  await field('layerStructure').locator('.field-error').filter({ hasText: 'must be > 0' }).waitFor();
+  await screenshot(page, 'ui-08-hypernetwork-form');
+  assert.equal(srv.manager.list().filter((j) => j.type === 'hypernetwork').length, 0, 'nothing started');
+  assert.deepEqual(pageErrors, []);
+});
+
 /** A stand-in for the extension's reverse proxy: /sidetrain/… → the sidecar, HTTP and WebSocket, adding the token. */
 async function prefixProxy(target: URL): Promise<{ port: number; close(): Promise<void> }> {
   const strip = (url = '/') => (url.startsWith('/sidetrain/') ? url.slice('/sidetrain'.length) : undefined);

@@ -125,7 +125,9 @@ export function buildForm(method, components, models) {
       box.textContent = [box.textContent, e.message].filter(Boolean).join('; ');
       if (row.closest('details')) row.closest('details').open = true;
     }
-    node.querySelector('.field.invalid input, .field.invalid select')?.focus();
+    const first = node.querySelector('.field.invalid');
+    first?.scrollIntoView({ block: 'center' });
+    first?.querySelector('input, select')?.focus({ preventScroll: true });
     return unplaced;
   };
   return { node, read, showErrors, clearErrors, props };

@@ -41,7 +41,7 @@ export async function launchBrowser(): Promise<TestBrowser> {
     headless: true,
     chromiumSandbox: false,
     args: ARGS,
-    viewport: { width: 1400, height: 1000 },
+    viewport: { width: 1400, height: 1100 },
     timeout: 30_000,
   });
   const page = context.pages()[0] ?? (await context.newPage());
@@ -55,10 +55,13 @@ export async function launchBrowser(): Promise<TestBrowser> {
   };
 }
 
-/** Full-page screenshot into test-artifacts/<name>.png. */
-export async function screenshot(page: Page, name: string): Promise<string> {
+/**
+ * Screenshot of the viewport into test-artifacts/<name>.png. Not full-page by default: Chromium
+ * captures a full page by resizing the viewport, which resets scrolled panels.
+ */
+export async function screenshot(page: Page, name: string, fullPage = false): Promise<string> {
   mkdirSync(ARTIFACTS, { recursive: true });
   const path = join(ARTIFACTS, `${name}.png`);
-  await page.screenshot({ path, fullPage: true });
+  await page.screenshot({ path, fullPage });
   return path;
 }
