@@ -3,9 +3,9 @@
  * temp state and output folders, a token configured) and the real Textual Inversion trainer on
  * the tiny fixture model: the page asks for the token, the form comes from the schema, a bad
  * field shows the API's message next to it, a job runs with step events, loss chart and previews
- * and finishes with its prompt, another job is cancelled. The page is also opened through a
- * `/sidetrain/` prefix proxy (as the webui extension serves it) to prove its URLs are relative.
- * Screenshots of each state go to test-artifacts/.
+ * and finishes with its prompt, another job is cancelled, resumed and cancelled again. The page
+ * is also opened through a `/sidetrain/` prefix proxy (as the webui extension serves it) to prove
+ * its URLs are relative. Screenshots of each state go to test-artifacts/.
  */
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
@@ -78,7 +78,7 @@ async function explain(name: string, err: unknown): Promise<never> {
   throw Object.assign(err as Error, { message: `${(err as Error).message}\njobs: ${jobs.join('; ')}\npage errors: ${pageErrors.join('; ')}` });
 }
 
-test('the page: token, schema form, field errors, a live TI job to the end, a cancelled job', { timeout: 120_000 }, () => mainFlow().catch((e) => explain('ui-main', e)));
+test('the page: token, schema form, field errors, a live TI job to the end, a job cancelled and resumed', { timeout: 120_000 }, () => mainFlow().catch((e) => explain('ui-main', e)));
 
 async function mainFlow(): Promise<void> {
   await page.goto(`${srv.url}/`);
@@ -147,9 +147,16 @@ async function mainFlow(): Promise<void> {
   await watch.locator('.badge.state-cancelled').waitFor({ timeout: 30_000 });
   assert.equal(await watch.locator('.resume').isEnabled(), true);
   assert.equal(await watch.locator('.cancel').isEnabled(), false);
+  await screenshot(page, 'ui-06-cancelled');
+  // Resume continues from the saved step; cancel it again.
+  const stoppedAt = srv.manager.list().find((j) => j.spec.name === 'cancel_me')!.step;
+  await watch.locator('.resume').click();
+  await watch.locator('.log', { hasText: `[started] 5000 steps from ${stoppedAt}` }).waitFor({ timeout: 30_000 });
+  await watch.locator('.cancel:enabled').click();
+  await watch.locator('.badge.state-cancelled').waitFor({ timeout: 30_000 });
   await page.locator('.filter[data-filter=cancelled]').click();
   assert.equal(await page.locator('.job-row').count(), 1);
-  await screenshot(page, 'ui-06-cancelled');
+  await screenshot(page, 'ui-07-resumed-cancelled');
   assert.deepEqual(pageErrors, []);
 }
 
@@ -223,7 +230,7 @@ test('the page works under the webui proxy prefix /sidetrain/ (relative URLs, li
     assert.equal(await page.locator('#token-dialog').isVisible(), false, 'the proxy adds the token');
     const outside = requested.filter((p) => !p.startsWith('/sidetrain/'));
     assert.deepEqual(outside, [], 'every request stays under /sidetrain/');
-    await screenshot(page, 'ui-07-proxied');
+    await screenshot(page, 'ui-09-proxied');
   } catch (err) {
     await explain('ui-proxied', err);
   } finally {
