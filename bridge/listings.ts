@@ -2,7 +2,7 @@
  * @file What the webui has: checkpoints, embeddings, hypernetworks, LoRAs — from its API when it is
  * up (so names and hashes are the ones its UI shows), otherwise from the folders on disk.
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { extname, join, relative } from 'node:path';
 import type { WebuiClient } from './webui.ts';
 
@@ -34,7 +34,8 @@ export async function listFolder(dir: string, exts: string[], depth = 3): Promis
     for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
       const p = join(d, e.name);
       if (e.isDirectory() && left > 0 && !e.name.startsWith('.')) await walk(p, left - 1);
-      else if (e.isFile() && exts.includes(extname(e.name).toLowerCase())) {
+      // users symlink their models into the webui's folders: a link to a file counts as a file
+      else if ((e.isFile() || (e.isSymbolicLink() && (await isFileTarget(p)))) && exts.includes(extname(e.name).toLowerCase())) {
         const rel = relative(dir, p);
         out.push({ name: rel.slice(0, rel.length - extname(rel).length).split('\\').join('/').split('/').pop()!, path: p, source: 'folder' });
       }
@@ -42,6 +43,14 @@ export async function listFolder(dir: string, exts: string[], depth = 3): Promis
   };
   await walk(dir, depth);
   return out;
+}
+
+async function isFileTarget(p: string): Promise<boolean> {
+  try {
+    return (await stat(p)).isFile();
+  } catch {
+    return false; // dangling link
+  }
 }
 
 async function fromWebui<T>(webui: WebuiClient, fetch: () => Promise<T>): Promise<T | undefined> {
