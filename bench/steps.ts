@@ -1,0 +1,227 @@
+/**
+ * @file The training-step table of issue 10: TI and hypernetwork steps (every registered method
+ * with a `train` runner among them) on the tiny fixture model and on an SD1.5-shaped model
+ * (random F16 weights from keys-sd15.json, written to os.tmpdir() and removed after) at 256 and
+ * 512 px, batch 1. Each row is a REAL job (the method's runner on a one-image dataset: load,
+ * cache latents, release the VAE, train N steps, save) in its own child process, so peak RSS
+ * (VmHWM from /proc/self/status, reset after preparation through /proc/self/clear_refs) is that
+ * row's alone. s/step is the median of the steps after the first (the first pays page faults).
+ * Beside each row: `estimateJob`'s prediction (trainers/estimate.ts) and, for SD1.5 TI, the
+ * PyTorch yardstick (bench/pytorch/ti_step.py) with the our/PyTorch ratio.
+ *
+ * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick]`.
+ * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { writeRandomSd15 } from './sd15-checkpoint.ts';
+import { pytorchTiStep } from './pytorch.ts';
+import { estimateJob, type JobEstimate } from '../trainers/estimate.ts';
+
+const TINY = 'test/fixtures/sd-tiny/model.safetensors';
+const SELF = fileURLToPath(import.meta.url);
+
+export interface StepRowSpec {
+  model: 'sd-tiny' | 'sd15-shaped';
+  method: string;
+  px: number;
+  steps: number;
+  backend: string;
+}
+
+type Row = Record<string, unknown>;
+
+/** What the bench runs: tiny on each backend given, SD1.5 on the first (wasm cannot hold it). */
+export function stepRows(methods: string[], backends: string[], sd15: boolean): StepRowSpec[] {
+  const rows: StepRowSpec[] = [];
+  for (const backend of backends) {
+    for (const method of methods) for (const px of [256, 512]) rows.push({ model: 'sd-tiny', method, px, steps: 4, backend });
+  }
+  if (sd15) {
+    for (const method of methods) {
+      rows.push({ model: 'sd15-shaped', method, px: 256, steps: 3, backend: backends[0]! });
+      rows.push({ model: 'sd15-shaped', method, px: 512, steps: 2, backend: backends[0]! });
+    }
+  }
+  return rows;
+}
+
+/** The job spec of a row (the schema fills every other default). */
+export function jobSpec(r: StepRowSpec, modelPath: string, images: string, out: string): Record<string, unknown> {
+  const spec: Record<string, unknown> = {
+    model: modelPath, images, name: `bench_${r.method}`, steps: r.steps, width: r.px, height: r.px,
+    previewEvery: 0, saveEvery: 0, logDir: join(out, 'logs'), overwrite: true, seed: 1,
+  };
+  if (r.method === 'textual_inversion') spec.embeddingsDir = join(out, 'embeddings');
+  if (r.method === 'hypernetwork') {
+    spec.hypernetworkDir = join(out, 'hypernetworks');
+    if (r.model === 'sd-tiny') spec.sizes = [32]; // the tiny model's context width / level-0 channels
+  }
+  return spec;
+}
+
+/** A one-image dataset (random RGB PNG of px × px, with a caption). */
+async function makeImages(dir: string, px: number): Promise<string> {
+  const sharp = (await import('sharp')).default;
+  const pixels = Buffer.alloc(px * px * 3);
+  let s = 12345;
+  for (let i = 0; i < pixels.length; i++) pixels[i] = (s = (s * 1103515245 + 12345) >>> 0) >>> 24;
+  const images = join(dir, `images-${px}`);
+  (await import('node:fs')).mkdirSync(images, { recursive: true });
+  await sharp(pixels, { raw: { width: px, height: px, channels: 3 } }).png().toFile(join(images, 'picture.png'));
+  writeFileSync(join(images, 'picture.txt'), 'a picture of a cat');
+  return images;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/** Memory a row may take before it is stopped (the machine is shared with the rest of the bench). */
+const RSS_LIMIT_BYTES = 0.8 * totalmem();
+
+/** Spawn one row's child (killed if its RSS passes RSS_LIMIT_BYTES); its last JSON stdout line is the result. */
+async function runChild(args: string[], backend: string, timeoutMs: number): Promise<Row> {
+  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', SELF, ...args], {
+    env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '', stderr = '', killedFor = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d));
+  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
+  const started = performance.now();
+  const watch = setInterval(() => {
+    let rssKb = 0;
+    try {
+      rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
+    } catch { /* exited */ }
+    if (rssKb * 1024 > RSS_LIMIT_BYTES) killedFor = `stopped at ${Math.round(rssKb / 1024)} MB RSS (limit ${Math.round(RSS_LIMIT_BYTES / 2 ** 20)} MB)`;
+    if (performance.now() - started > timeoutMs) killedFor = `stopped after ${timeoutMs / 1000} s`;
+    if (killedFor) child.kill('SIGKILL');
+  }, 500);
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  clearInterval(watch);
+  const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
+  if (code === 0 && line) return JSON.parse(line) as Row;
+  const why = killedFor || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`;
+  return { error: why.slice(0, 200) };
+}
+
+/** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
+export async function benchSteps(opts: { backends?: string[]; methods?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
+  const { methods } = await import('../trainers/methods.ts');
+  const { nativeStatus } = await import('../trainers/native/index.ts');
+  const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
+  const names = opts.methods ?? Object.keys(methods).filter((m) => m === 'textual_inversion' || m === 'hypernetwork');
+  const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-bench-steps-'));
+  const checkpoint = sd15 ? await writeRandomSd15() : undefined;
+  const rows: Row[] = [];
+  try {
+    const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512) } as Record<number, string>;
+    for (const r of stepRows(names, backends, sd15)) {
+      const modelPath = r.model === 'sd-tiny' ? TINY : checkpoint!.path;
+      const spec = jobSpec(opts.quick ? { ...r, steps: 2 } : r, modelPath, images[r.px]!, join(dir, 'out'));
+      const est = await estimateJob(r.method, spec, { backend: r.backend }).catch((err: Error) => err);
+      // a row the estimate says cannot fit is not run: the estimate is what a user would see
+      const tooBig = !(est instanceof Error) && est.peakBytes > RSS_LIMIT_BYTES;
+      const measured = tooBig
+        ? { skipped: `estimated ${(est.peakBytes / 2 ** 30).toFixed(1)} GB > ${(RSS_LIMIT_BYTES / 2 ** 30).toFixed(1)} GB allowed on this machine` }
+        : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, 20 * 60_000);
+      rows.push(withEstimate(r, est, measured));
+    }
+    if (sd15) rows.push(...(await pytorchRows(rows)));
+    if (sd15 && checkpoint) rows.push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
+  } finally {
+    await checkpoint?.remove();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return rows;
+}
+
+function withEstimate(r: StepRowSpec, est: JobEstimate | Error, measured: Row): Row {
+  const row: Row = { bench: `step.${r.method}`, model: r.model, px: r.px, batch: 1, backend: r.backend, ...measured };
+  if (est instanceof Error) return { ...row, estError: est.message.split('\n')[0] };
+  row.estPeakRssMB = Math.round(est.peakBytes / 2 ** 20);
+  row.estSecPerStep = +est.secondsPerStep.toPrecision(3);
+  if (typeof measured.peakRssMB === 'number') row.estVsMeasured = +(est.peakBytes / 2 ** 20 / measured.peakRssMB).toFixed(2);
+  return row;
+}
+
+/** The yardstick at each SD1.5 TI size, and our/PyTorch on the matching rows. */
+async function pytorchRows(rows: Row[]): Promise<Row[]> {
+  const out: Row[] = [];
+  for (const px of [256, 512]) {
+    const ours = rows.find((r) => r.bench === 'step.textual_inversion' && r.model === 'sd15-shaped' && r.px === px);
+    const torch = pytorchTiStep(px, px === 512 ? 1 : 2);
+    out.push({ bench: 'step.textual_inversion', model: 'sd15-shaped', px, batch: 1, backend: 'pytorch', ...torch });
+    if (ours && typeof torch.secPerStep === 'number') {
+      ours.pytorchSecPerStep = torch.secPerStep;
+      if (typeof ours.secPerStep === 'number') ours.oursOverPytorch = +(ours.secPerStep / torch.secPerStep).toFixed(2);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// In the child
+
+function statusKb(field: string): number {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync('/proc/self/status', 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+/** Run one job; s/step from the step events, peak RSS before and after training starts. */
+async function childRow(method: string, spec: Record<string, unknown>): Promise<Row> {
+  const { methods } = await import('../trainers/methods.ts');
+  const { validate } = await import('../schemas/index.ts');
+  const entry = methods[method];
+  if (!entry) throw new Error(`no method '${method}'`);
+  const errors = validate(entry.schema, spec);
+  if (errors.length) throw new Error(errors.map((e) => e.text).join('; '));
+  const t0 = performance.now();
+  const marks: number[] = [];
+  let prepPeakKb = 0;
+  let backend = '';
+  const ctx = {
+    signal: new AbortController().signal,
+    emit: (e: { type: string; backend?: string }) => {
+      if (e.type === 'started') {
+        backend = e.backend ?? '';
+        prepPeakKb = statusKb('VmHWM');
+        writeFileSync('/proc/self/clear_refs', '5'); // reset VmHWM: the training phase's own peak from here
+        marks.push(performance.now());
+      }
+      if (e.type === 'step') marks.push(performance.now());
+    },
+  };
+  await (await entry.load())(spec, ctx as never);
+  const trainPeakKb = statusKb('VmHWM');
+  const stepMs = marks.slice(1).map((m, i) => m - marks[i]!);
+  const later = stepMs.length > 1 ? stepMs.slice(1) : stepMs;
+  return {
+    tfBackend: backend, steps: stepMs.length, secPerStep: +(median(later) / 1000).toPrecision(3), firstStepSec: +(stepMs[0]! / 1000).toPrecision(3),
+    prepSec: +((marks[0]! - t0) / 1000).toFixed(1), peakRssMB: Math.round(Math.max(prepPeakKb, trainPeakKb) / 1024),
+    prepPeakMB: Math.round(prepPeakKb / 1024), trainPeakMB: Math.round(trainPeakKb / 1024),
+  };
+}
+
+async function main(argv: string[]): Promise<void> {
+  const at = argv.indexOf('--child');
+  if (at >= 0) {
+    const { method, spec } = JSON.parse(argv[at + 1]!) as { method: string; spec: Record<string, unknown> };
+    console.log(JSON.stringify(await childRow(method, spec)));
+    return;
+  }
+  const pAt = argv.indexOf('--profile');
+  if (pAt >= 0) {
+    const { profileTiStep } = await import('./profile.ts');
+    console.log(JSON.stringify(await profileTiStep(argv[pAt + 1]!, argv[pAt + 2]!, argv[pAt + 3]!)));
+    return;
+  }
+  const rows = await benchSteps({ quick: argv.includes('--quick') });
+  if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
+  else console.table(rows);
+}
+
+if (process.argv[1] === SELF) await main(process.argv.slice(2));
