@@ -66,6 +66,6 @@ export async function profileTiStep(checkpoint: string, _images: string, _out: s
   return {
     bench: 'profile.textual_inversion', model: 'sd15-shaped', px, batch: 1, backend: backend.name,
     stepSec: sec(wallMs), kernelSec: sec(kernelMs), ...Object.fromEntries(Object.entries(byKind).sort((a, b) => b[1] - a[1]).map(([k, ms]) => [`${k}Sec`, sec(ms)])),
-    tfPeakTensorMB: Math.round(info.peakBytes / 2 ** 20), kernels: info.kernels.length, topKernels: top.join(', '),
+    kernels: info.kernels.length, topKernels: top.join(', '),
   };
 }

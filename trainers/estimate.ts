@@ -56,15 +56,17 @@ const CAL = {
   runtimeBytes: 260 * 2 ** 20, // node + tfjs + addon + tokenizer, nothing loaded
   /** RSS per byte of live forward tensors (allocator slack, tape clones, backward transients). */
   activationSlack: 2.2,
-  scoreSlack: 1.5,
+  scoreSlack: 2.1,
   vaeEncodeElementsPerPixel: 20, // × first-level channels: the largest encoder block's live tensors
   /** Effective GFLOP/s of dense ops, attention matmuls; seconds per 1e9 elementwise elements. */
   backends: {
-    'cpu-native': { denseGflops: 55, attentionGflops: 40, elementSec: 1.0 },
-    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 1.5 },
-    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 3 },
-    tensorflow: { denseGflops: 80, attentionGflops: 60, elementSec: 0.3 },
-    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.01 },
+    // bench/profile.ts, SD1.5 TI 256 px: conv+matmul 2.4 s for 369 GFLOP, attention 0.7 s for 26,
+    // 13.4 s in stock-JS transpose/reduction/elementwise kernels over ~1e9 intermediate elements
+    'cpu-native': { denseGflops: 150, attentionGflops: 35, elementSec: 15 },
+    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8 },
+    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15 },
+    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1 },
+    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05 },
   } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number }>,
 };
 
@@ -224,6 +226,25 @@ function hypernetworkParams(spec: Record<string, unknown>): number {
   return n;
 }
 
+/**
+ * The webui applies a hypernetwork module wherever the context width matches one of its sizes —
+ * attn2's text context, and attn1's own input (size = channels: 320/640/1280): two modules (k, v),
+ * each Linear d→2d, Linear 2d→d, `x + out·multiplier` ≈ 12 intermediates per element.
+ */
+function hypernetworkActivations(shapes: Shapes, latentPixels: number, tokens: number, sizes: number[]): number {
+  if (!sizes.length) return 0;
+  let n = latentPixels;
+  let total = 0;
+  for (const block of unetLayers(shapes)) {
+    for (const l of block.layers) {
+      if (l.kind === 'attn') total += l.depth * 24 * ((sizes.includes(l.ch) ? n * l.ch : 0) + (sizes.includes(l.ctx) ? tokens * l.ctx : 0));
+      if (l.kind === 'down') n /= 4;
+      if (l.kind === 'up') n *= 4;
+    }
+  }
+  return total;
+}
+
 function defaultBackend(): string {
   const env = process.env.SIDETRAIN_BACKEND;
   if (env) return env;
@@ -264,7 +285,8 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   };
   const vaeCh = shapes.get('first_stage_model.encoder.conv_in.weight')?.[0] ?? 128;
   const vaeEncodeBytes = CAL.vaeEncodeElementsPerPixel * width * height * vaeCh * F32;
-  const unetActivationBytes = unet.dense * batch * F32;
+  const hnSizes = type === 'hypernetwork' ? (Array.isArray(spec.sizes) ? (spec.sizes as number[]) : [768, 320, 640, 1280]) : [];
+  const unetActivationBytes = (unet.dense + hypernetworkActivations(shapes, width * height / 64, text.tokens, hnSizes)) * batch * F32;
   const attentionScoreBytes = unet.scores * batch * F32;
   // TI backpropagates through the text encoder; a hypernetwork's text encoder runs without a tape.
   const textActivationBytes = type === 'textual_inversion' ? (40 * text.tokens * text.width + 3 * (text.width / 64) * text.tokens ** 2) * text.layers * batch * F32 : 0;

@@ -1,0 +1,92 @@
+/**
+ * @file `npm run bench`: every benchmark module in one run, one table. Sections (each a module
+ * with an exported bench function returning records): io, api, kernels, unet, vae, ti (if
+ * bench/ti.ts exists), steps (bench/steps.ts: TI/hypernetwork steps with estimates, the PyTorch
+ * yardstick and the SD1.5 TI profile). A section that throws becomes an error row.
+ *
+ *   npm run bench                      # all sections, one table
+ *   npm run bench -- --json            # one JSON record per row (with `section`)
+ *   npm run bench -- --only steps,kernels
+ *
+ * Env: SIDETRAIN_BENCH_SD15=0 skips the full-size SD1.5 rows everywhere (minutes each).
+ */
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+type Row = Record<string, unknown>;
+type Section = { name: string; run: () => Promise<Row[]> };
+
+const here = (f: string) => fileURLToPath(new URL(f, import.meta.url));
+
+/** The sections in the order they run (cheap first; SD1.5 steps last). */
+function sections(): Section[] {
+  const list: Section[] = [
+    { name: 'io', run: async () => (await import('./io.ts')).benchIo() },
+    { name: 'api', run: async () => (await import('./api.ts')).benchApi() },
+    { name: 'kernels', run: async () => (await import('./kernels.ts')).benchKernels() },
+    { name: 'unet', run: async () => (await import('./unet.ts')).benchUnet() },
+    { name: 'vae', run: async () => (await import('./vae.ts')).benchVae() },
+  ];
+  if (existsSync(here('./ti.ts'))) {
+    list.push({
+      name: 'ti',
+      run: async () => {
+        const mod = (await import('./ti.ts')) as { benchTi?: () => Promise<Row[]> };
+        if (!mod.benchTi) throw new Error('bench/ti.ts exports no benchTi()');
+        return mod.benchTi();
+      },
+    });
+  }
+  list.push({ name: 'steps', run: async () => (await import('./steps.ts')).benchSteps() });
+  return list;
+}
+
+const TIME_KEYS = [['secPerStep', 's'], ['msPerCall', 'ms'], ['ms', 'ms'], ['stepSec', 's'], ['p50_ms', 'ms p50'], ['readGiBps', 'GiB/s'], ['events_per_sec', 'ev/s']] as const;
+const LABEL_KEYS = ['bench', 'case', 'model', 'latent', 'px', 'batch', 'backend'];
+const SHOWN = new Set([...LABEL_KEYS, ...TIME_KEYS.map(([k]) => k), 'peakRssMB', 'peakRssMiB', 'estPeakRssMB', 'estVsMeasured', 'estSecPerStep', 'pytorchSecPerStep', 'oursOverPytorch', 'section', 'pytorchMs', 'ratio']);
+
+/** One row of the common table: what, backend, time, memory, estimate, PyTorch, and the rest. */
+function tableRow(r: Row): Row {
+  const what = ['bench', 'case', 'model', 'latent'].map((k) => r[k]).filter((v) => v !== undefined).join(' ');
+  const size = r.px !== undefined ? `${r.px}px b${r.batch ?? 1}` : '';
+  const time = TIME_KEYS.find(([k]) => typeof r[k] === 'number');
+  const rest = Object.entries(r).filter(([k]) => !SHOWN.has(k)).map(([k, v]) => `${k}=${v}`).join(' ');
+  return {
+    section: r.section, what: `${what} ${size}`.trim(), backend: r.backend ?? '',
+    time: time ? `${r[time[0]]} ${time[1]}` : '', peakRssMB: r.peakRssMB ?? r.peakRssMiB ?? '',
+    estPeakMB: r.estPeakRssMB ?? '', 'est/meas': r.estVsMeasured ?? '', estSec: r.estSecPerStep ?? '',
+    pytorch: r.pytorchSecPerStep !== undefined ? `${r.pytorchSecPerStep} s` : r.pytorchMs !== undefined ? `${r.pytorchMs} ms` : '',
+    'ours/pytorch': r.oursOverPytorch ?? r.ratio ?? '', notes: rest.length > 140 ? `${rest.slice(0, 137)}…` : rest,
+  };
+}
+
+export async function runBench(argv: string[]): Promise<Row[]> {
+  const onlyAt = argv.indexOf('--only');
+  const only = onlyAt >= 0 ? new Set((argv[onlyAt + 1] ?? '').split(',').map((s) => s.trim()).filter(Boolean)) : undefined;
+  const all = sections();
+  if (only) {
+    const unknown = [...only].filter((n) => !all.some((s) => s.name === n));
+    if (unknown.length) throw new Error(`--only: unknown section(s) ${unknown.join(', ')}; known: ${all.map((s) => s.name).join(', ')}`);
+  }
+  const rows: Row[] = [];
+  for (const section of all.filter((s) => !only || only.has(s.name))) {
+    const t0 = performance.now();
+    console.error(`bench: ${section.name}…`);
+    try {
+      for (const r of await section.run()) rows.push({ section: section.name, ...r });
+    } catch (err) {
+      rows.push({ section: section.name, error: String(err instanceof Error ? err.message : err).split('\n')[0] });
+    }
+    console.error(`bench: ${section.name} done in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+    (globalThis as { gc?: () => void }).gc?.();
+  }
+  return rows;
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  const argv = process.argv.slice(2);
+  const rows = await runBench(argv);
+  if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
+  else console.table(rows.map(tableRow));
+  process.exit(0); // the API section's server and worker pools must not keep the process alive
+}

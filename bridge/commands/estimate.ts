@@ -1,0 +1,73 @@
+/**
+ * @file `sidetrain estimate <method> [--config job.json] [flags as train] [--json]`: peak memory and
+ * time per step of a job on this machine's backend, from the checkpoint's header and the job's
+ * options, before anything loads (trainers/estimate.ts). The job file may be a train job file
+ * or an API body `{type, spec}`. `images` and `name` are not needed for an estimate.
+ */
+import { readFileSync } from 'node:fs';
+import { Command, Option } from 'commander';
+import { parse as parseYaml } from 'yaml';
+import { getSchema, validate } from '../../schemas/index.ts';
+import { methods } from '../../trainers/methods.ts';
+import { estimateJob, type JobEstimate } from '../../trainers/estimate.ts';
+
+type Prop = { type?: string; description?: string; items?: { type?: string } };
+
+const ALIASES: Record<string, string> = { textual_inversion: 'ti', hypernetwork: 'hn' };
+const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+
+function parseValue(prop: Prop, raw: string): unknown {
+  if (prop.type === 'integer' || prop.type === 'number') return Number(raw);
+  if (prop.type === 'array') return raw.split(',').map((x) => (prop.items?.type === 'string' ? x.trim() : Number(x)));
+  return raw;
+}
+
+/** The job file (train job or `{type, spec}`) overlaid with the flags; schema defaults filled in. */
+export function estimateSpec(schema: string, props: Record<string, Prop>, opts: Record<string, unknown>): Record<string, unknown> {
+  let spec: Record<string, unknown> = {};
+  if (typeof opts.config === 'string') {
+    const text = readFileSync(opts.config, 'utf8');
+    const doc = (/\.ya?ml$/i.test(opts.config) ? parseYaml(text) : JSON.parse(text)) as Record<string, unknown>;
+    spec = { ...((doc.spec && typeof doc.spec === 'object' ? doc.spec : doc) as Record<string, unknown>) };
+  }
+  for (const key of Object.keys(props)) if (opts[key] !== undefined) spec[key] = opts[key];
+  const filled = { images: '.', name: 'estimate', ...spec }; // not needed to estimate
+  const errors = validate(schema, filled);
+  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  return filled;
+}
+
+const gb = (b: number) => `${(b / 2 ** 30).toFixed(2)} GB`;
+
+export function formatEstimate(type: string, spec: Record<string, unknown>, e: JobEstimate): string {
+  const w = e.breakdown.weightBytes;
+  return [
+    `${type} on ${spec.model} at ${spec.width}×${spec.height}, batch ${spec.batchSize}, backend ${e.backend}`,
+    `peak memory   ${gb(e.peakBytes)}  (loading + caching latents ${gb(e.breakdown.prepPeakBytes)}, training ${gb(e.breakdown.trainPeakBytes)})`,
+    `time per step ${e.secondsPerStep.toFixed(1)} s  (${e.breakdown.denseGflop} GFLOP dense + ${e.breakdown.attentionGflop} GFLOP attention)`,
+    `weights       text ${gb(w.text)}, UNet ${gb(w.unet)}, VAE encoder ${gb(w.vaeEncoder)} (released after caching), decoder ${gb(w.vaeDecoder)}, trained ${gb(w.trainable)}`,
+    `activations   UNet ${gb(e.breakdown.unetActivationBytes)}, attention scores ${gb(e.breakdown.attentionScoreBytes)}, text ${gb(e.breakdown.textActivationBytes)}`,
+    ...e.notes.map((n) => `note: ${n}`),
+  ].join('\n');
+}
+
+export function registerEstimate(program: Command): void {
+  const est = program.command('estimate').description('peak memory and time per step of a job, before anything loads');
+  for (const [type, entry] of Object.entries(methods)) {
+    const props = (getSchema(entry.schema)?.properties ?? {}) as Record<string, Prop>;
+    const cmd = est.command(ALIASES[type] ?? type).aliases(ALIASES[type] ? [type] : []);
+    cmd.description(`estimate a ${type.replace('_', ' ')} job; same flags / job file as train`);
+    cmd.option('--config <file>', 'job file (JSON or YAML): a train job or an API body {type, spec}');
+    cmd.option('--json', 'print the estimate as JSON');
+    cmd.option('--backend <name>', 'estimate for this backend instead of the one this machine would pick');
+    for (const [key, prop] of Object.entries(props)) {
+      if (key === 'dryRun') continue;
+      cmd.addOption(prop.type === 'boolean' ? new Option(`--${kebab(key)}`, prop.description) : new Option(`--${kebab(key)} <value>`, prop.description).argParser((raw: string) => parseValue(prop, raw)));
+    }
+    cmd.action(async (opts: Record<string, unknown>) => {
+      const spec = estimateSpec(entry.schema, props, opts);
+      const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined });
+      console.log(opts.json ? JSON.stringify(e, null, 2) : formatEstimate(type, spec, e));
+    });
+  }
+}
