@@ -2,7 +2,8 @@
  * @file `npm run bench`: every benchmark module in one run, one table. Sections (each a module
  * with an exported bench function returning records): io, api, kernels, unet, vae, ti (if
  * bench/ti.ts exists), steps (bench/steps.ts: TI/hypernetwork steps with estimates, the PyTorch
- * yardstick and the SD1.5 TI profile). A section that throws becomes an error row.
+ * yardstick and the SD1.5 TI profile), each in its own child process so that one section's memory
+ * and TF.js backend state cannot touch the next. A section that throws becomes an error row.
  *
  *   npm run bench                      # all sections, one table
  *   npm run bench -- --json            # one JSON record per row (with `section`)
@@ -10,6 +11,7 @@
  *
  * Env: SIDETRAIN_BENCH_SD15=0 skips the full-size SD1.5 rows everywhere (minutes each).
  */
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
@@ -46,7 +48,7 @@ const LABEL_KEYS = ['bench', 'case', 'model', 'latent', 'px', 'batch', 'backend'
 const SHOWN = new Set([...LABEL_KEYS, ...TIME_KEYS.map(([k]) => k), 'peakRssMB', 'peakRssMiB', 'estPeakRssMB', 'estVsMeasured', 'estSecPerStep', 'pytorchSecPerStep', 'oursOverPytorch', 'section', 'pytorchMs', 'ratio']);
 
 /** One row of the common table: what, backend, time, memory, estimate, PyTorch, and the rest. */
-function tableRow(r: Row): Row {
+export function tableRow(r: Row): Row {
   const what = ['bench', 'case', 'model', 'latent'].map((k) => r[k]).filter((v) => v !== undefined).join(' ');
   const size = r.px !== undefined ? `${r.px}px b${r.batch ?? 1}` : '';
   const time = TIME_KEYS.find(([k]) => typeof r[k] === 'number');
@@ -58,6 +60,19 @@ function tableRow(r: Row): Row {
     pytorch: r.pytorchSecPerStep !== undefined ? `${r.pytorchSecPerStep} s` : r.pytorchMs !== undefined ? `${r.pytorchMs} ms` : '',
     'ours/pytorch': r.oursOverPytorch ?? r.ratio ?? '', notes: rest.length > 140 ? `${rest.slice(0, 137)}…` : rest,
   };
+}
+
+/** Run one section in a child process (its memory and TF.js backend state die with it). */
+async function runSectionChild(name: string): Promise<Row[]> {
+  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', fileURLToPath(import.meta.url), '--section', name], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let stdout = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d));
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  const rows = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Row);
+  if (code !== 0 && !rows.length) throw new Error(`section '${name}' exited with ${code}`);
+  return rows;
 }
 
 export async function runBench(argv: string[]): Promise<Row[]> {
@@ -73,20 +88,33 @@ export async function runBench(argv: string[]): Promise<Row[]> {
     const t0 = performance.now();
     console.error(`bench: ${section.name}…`);
     try {
-      for (const r of await section.run()) rows.push({ section: section.name, ...r });
+      for (const r of await runSectionChild(section.name)) rows.push({ section: section.name, ...r });
     } catch (err) {
       rows.push({ section: section.name, error: String(err instanceof Error ? err.message : err).split('\n')[0] });
     }
     console.error(`bench: ${section.name} done in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
-    (globalThis as { gc?: () => void }).gc?.();
   }
   return rows;
 }
 
-if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const argv = process.argv.slice(2);
+async function main(argv: string[]): Promise<void> {
+  const sectionAt = argv.indexOf('--section');
+  if (sectionAt >= 0) {
+    const section = sections().find((s) => s.name === argv[sectionAt + 1]);
+    if (!section) throw new Error(`no section '${argv[sectionAt + 1]}'`);
+    try {
+      for (const r of await section.run()) console.log(JSON.stringify(r));
+    } catch (err) {
+      console.log(JSON.stringify({ error: String(err instanceof Error ? err.message : err).split('\n')[0] }));
+    }
+    return;
+  }
   const rows = await runBench(argv);
   if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
   else console.table(rows.map(tableRow));
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  await main(process.argv.slice(2));
   process.exit(0); // the API section's server and worker pools must not keep the process alive
 }
