@@ -296,3 +296,14 @@ test('--resume from a finished <name>.pt: counts on from its step with its optim
   await assert.rejects(runTextualInversion(tiSpec(dir, { steps: 9, resume: true }), stubCtx().ctx), /already trained to step 9.*raise the steps/);
   assert.deepEqual(await readFile(resumed.output), before);
 });
+
+test('cancelled before the first step (Ctrl-C while loading): nothing written to the embeddings folder', async () => {
+  const dir = await tmp();
+  const abort = new AbortController();
+  abort.abort();
+  const result = await runTextualInversion(tiSpec(dir), { emit: () => {}, signal: abort.signal });
+  assert.equal(result.cancelled, true);
+  assert.equal(result.step, 0);
+  assert.deepEqual(result.outputs, []);
+  assert.equal(existsSync(join(dir, 'emb')), false);
+});

@@ -159,7 +159,8 @@ export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promis
       clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: s.optimizer,
       saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
     }, ctx);
-    const outputs = await method.save(result.step, true);
+    // cancelled before the first step (e.g. Ctrl-C while loading): nothing trained, nothing written
+    const outputs = result.cancelled && result.step === s.step ? [] : await method.save(result.step, true);
     const usage = spec.name;
     return { step: result.step, output: paths.output, outputs, kind: 'embedding', usage, cancelled: result.cancelled };
   } finally {

@@ -48,6 +48,7 @@ export function registerDemo(program: Command): void {
       const report = progressReporter();
       const result = await runJobInProcess('textual_inversion', spec, report);
       report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });
+      if (result.outputs.length === 0) return console.log('\nStopped before the first step: nothing written.');
       const runDir = join(spec.logDir as string, DEMO_NAME);
       console.log(`\n${result.cancelled ? 'Stopped' : 'Done'} at step ${result.step} in ${((Date.now() - started) / 1000).toFixed(0)} s.`);
       console.log(`  embedding  ${result.output}  (+ .optim, to resume with --resume)`);

@@ -146,6 +146,7 @@ export function registerTrain(program: Command): void {
       const report = progressReporter();
       const result = await runJobInProcess(type, spec, report);
       report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });
+      if (result.outputs.length === 0) return console.log(`stopped before the first step: nothing written`);
       console.log(`${result.cancelled ? 'stopped at' : 'finished at'} step ${result.step}: ${result.output}`);
       console.log(`use it in a prompt: ${result.usage}`);
     });
