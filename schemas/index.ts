@@ -38,7 +38,7 @@ export interface FieldError {
  * hints); `useDefaults` so specs are complete after validation; `allErrors` so a form can show
  * every bad field at once.
  */
-export const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, discriminator: true });
+export const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, discriminator: true, verbose: true });
 addFormats(ajv);
 
 const loaded = new Map<string, AnySchemaObject>();
@@ -102,6 +102,8 @@ export function formatErrors(errors: ErrorObject[] | null | undefined, prefix = 
     } else if (e.keyword === 'additionalProperties') {
       field += `/${(e.params as { additionalProperty: string }).additionalProperty}`;
       message = 'is not a known field';
+    } else if (e.keyword === 'pattern' && typeof e.parentSchema?.['x-pattern-message'] === 'string') {
+      message = e.parentSchema['x-pattern-message']; // a regex is no help to a person
     } else if (e.keyword === 'enum') {
       message += `: ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}`;
     }

@@ -88,7 +88,7 @@ function validationMessage(schema: string, spec: Record<string, unknown>, errors
   return errors.map((e) => {
     const key = e.field.slice(1);
     const value = spec[key];
-    const schedule = props[key]?.$ref?.endsWith('/lrSchedule') && typeof value === 'string' && e.message.startsWith('must match pattern');
+    const schedule = props[key]?.$ref?.endsWith('/lrSchedule') && typeof value === 'string';
     const why = schedule ? lrScheduleError(value, key === 'lr' ? 'learn rate' : key) : undefined;
     return why ? `${e.field}: ${why}` : e.text;
   }).join('\n');
