@@ -28,6 +28,7 @@ function sections(): Section[] {
     { name: 'kernels', run: async () => (await import('./kernels.ts')).benchKernels() },
     { name: 'unet', run: async () => (await import('./unet.ts')).benchUnet() },
     { name: 'vae', run: async () => (await import('./vae.ts')).benchVae() },
+    { name: 'text', run: async () => (await import('./text.ts')).benchText() },
   ];
   if (existsSync(here('./ti.ts'))) {
     list.push({
