@@ -13,6 +13,7 @@ import { loadUnet, unetForward } from '../trainers/nets/unet.ts';
 import {
   createHypernetwork, hypernetForward, hypernetHook, hypernetLayers, hypernetSpecFromWebui, type HypernetworkSpec,
 } from '../trainers/nets/hypernet.ts';
+import { onGradBackend } from './helpers/golden.ts';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
 
@@ -148,18 +149,6 @@ async function fixtureHypernet(g: Awaited<ReturnType<typeof goldens>>) {
   const params: Params = new Map();
   for (const name of hn.state_tensors) params.set(name.slice('hn.'.length), tf.variable(await g.read(name)));
   return { spec, params };
-}
-
-/** tfjs-backend-wasm 4.22 has no Conv2DBackpropFilter (needed by the chain through the UNet): use CPU there. */
-async function onGradBackend(fn: () => Promise<void>): Promise<void> {
-  const original = tf.getBackend();
-  const switchTo = tf.getKernel('Conv2DBackpropFilter', original) ? undefined : 'cpu';
-  if (switchTo) await tf.setBackend(switchTo);
-  try {
-    await fn();
-  } finally {
-    if (switchTo) await tf.setBackend(original);
-  }
 }
 
 for (const dir of FIXTURES) {

@@ -14,6 +14,7 @@ import {
   SD15_UNET, SD21_UNET, checkUnetKeys, detectVPrediction, loadUnet, unetConfigFromKeys, unetForward, unetParamShapes,
   type HeadOverrides, type UNetConfig,
 } from '../trainers/nets/unet.ts';
+import { keyShapes, maxAbsDiff, onGradBackend } from './helpers/golden.ts';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
 
@@ -59,33 +60,6 @@ async function fixtureUnet(dir: string) {
   }
 }
 
-/**
- * Run `fn` on a backend that has the conv weight-gradient kernel: tfjs-backend-wasm 4.22 registers
- * no Conv2DBackpropFilter, so gradients are checked on the CPU backend there (tf.ts picks wasm).
- */
-async function onGradBackend(fn: () => Promise<void>): Promise<void> {
-  const original = tf.getBackend();
-  const switchTo = tf.getKernel('Conv2DBackpropFilter', original) ? undefined : 'cpu';
-  if (switchTo) await tf.setBackend(switchTo);
-  try {
-    await fn();
-  } finally {
-    if (switchTo) await tf.setBackend(original);
-  }
-}
-
-async function maxAbsDiff(a: Tensor, b: Tensor): Promise<number> {
-  assert.deepEqual(a.shape, b.shape);
-  const d = tf.tidy(() => tf.abs(tf.sub(a, b)).max());
-  const v = (await d.data())[0]!;
-  d.dispose();
-  return v;
-}
-
-function keysJson(path: string): Map<string, number[]> {
-  return new Map(Object.entries(JSON.parse(readFileSync(path, 'utf8')) as Record<string, number[]>));
-}
-
 /** p_losses on the training batch: mean((unet(q_sample(x0, t, noise), t, context) − noise)²). */
 async function trainBatch(dir: string, g: Awaited<ReturnType<typeof goldens>>) {
   const model = await openSafetensors(`${dir}/model.safetensors`); // schedule buffers, float32
@@ -110,7 +84,7 @@ before(async () => {
 
 for (const [file, preset] of [['keys-sd15.json', SD15_UNET], ['keys-sd21.json', SD21_UNET]] as const) {
   test(`UNet config of a full-size checkpoint from ${file} alone; every key consumed`, () => {
-    const shapes = keysJson(`test/fixtures/sd-tiny/${file}`);
+    const shapes = keyShapes(`test/fixtures/sd-tiny/${file}`);
     const cfg = unetConfigFromKeys(shapes);
     assert.deepEqual(cfg, preset);
     checkUnetKeys(shapes, cfg); // throws on any missing, extra or misshapen key
@@ -123,7 +97,7 @@ for (const [file, preset] of [['keys-sd15.json', SD15_UNET], ['keys-sd21.json', 
 
 test('UNet config errors name the problem', () => {
   assert.throws(() => unetConfigFromKeys(new Map()), /no 'model\.diffusion_model\.input_blocks\.0\.0\.weight'/);
-  const shapes = keysJson('test/fixtures/sd-tiny/keys-sd15.json');
+  const shapes = keyShapes('test/fixtures/sd-tiny/keys-sd15.json');
   shapes.delete('model.diffusion_model.output_blocks.3.1.norm.bias');
   assert.throws(() => checkUnetKeys(shapes, unetConfigFromKeys(shapes)), /missing model\.diffusion_model\.output_blocks\.3\.1\.norm\.bias/);
   assert.throws(() => unetParamShapes({ ...SD15_UNET, numHeads: 7 }), /cannot be split into heads/);

@@ -11,6 +11,7 @@ import { disposeParams } from '../trainers/nets/params.ts';
 import {
   checkVaeKeys, loadVae, samplePosterior, scaleLatents, vaeConfigFromKeys, vaeDecode, vaeEncode, vaeParamShapes,
 } from '../trainers/nets/vae.ts';
+import { keyShapes, maxAbsDiff } from './helpers/golden.ts';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
 
@@ -40,18 +41,6 @@ function toNhwc(values: Float32Array, shape: number[]): Tensor {
     const t = tf.tensor(values, shape, 'float32');
     return shape.length === 4 ? t.transpose([0, 2, 3, 1]) : t;
   });
-}
-
-async function maxAbsDiff(a: Tensor, b: Tensor): Promise<number> {
-  assert.deepEqual(a.shape, b.shape);
-  const d = tf.tidy(() => tf.abs(tf.sub(a, b)).max());
-  const v = (await d.data())[0]!;
-  d.dispose();
-  return v;
-}
-
-function shapesFromKeysJson(path: string): Map<string, number[]> {
-  return new Map(Object.entries(JSON.parse(readFileSync(path, 'utf8')) as Record<string, number[]>));
 }
 
 before(async () => {
@@ -92,7 +81,7 @@ for (const dir of FIXTURES) {
 
 for (const [file, family] of [['keys-sd15.json', 'SD1.5'], ['keys-sd21.json', 'SD2.1']] as const) {
   test(`VAE config of a full ${family} checkpoint is inferred from its keys; every first_stage_model key is consumed`, () => {
-    const shapes = shapesFromKeysJson(`test/fixtures/sd-tiny/${file}`);
+    const shapes = keyShapes(`test/fixtures/sd-tiny/${file}`);
     const cfg = vaeConfigFromKeys(shapes);
     assert.deepEqual(
       { prefix: cfg.prefix, ch: cfg.ch, chMult: cfg.chMult, numResBlocks: cfg.numResBlocks, zChannels: cfg.zChannels, embedDim: cfg.embedDim },
@@ -109,7 +98,7 @@ for (const [file, family] of [['keys-sd15.json', 'SD1.5'], ['keys-sd21.json', 'S
 }
 
 test('a standalone VAE file (no prefix) and a wrong shape are handled', () => {
-  const full = shapesFromKeysJson('test/fixtures/sd-tiny/keys-sd15.json');
+  const full = keyShapes('test/fixtures/sd-tiny/keys-sd15.json');
   const bare = new Map([...full].filter(([k]) => k.startsWith('first_stage_model.')).map(([k, s]) => [k.slice(18), s]));
   const cfg = vaeConfigFromKeys(bare);
   assert.equal(cfg.prefix, '');
