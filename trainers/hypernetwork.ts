@@ -23,12 +23,11 @@ import { modelHash } from './io/checkpoint.ts';
 import { readOptim } from './io/optim-file.ts';
 import { AdamW } from './optim/adamw.ts';
 import { parseLrSchedule, type LrSchedule } from './optim/lr.ts';
-import { makeClipper } from './optim/clip-grad.ts';
 import { fromOptimFile, toOptimRecords } from './optim/optim-state.ts';
-import { trainLoop, type TrainMethod } from './loop.ts';
+import type { TrainMethod } from './loop.ts';
 import {
   checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview, resumeSource, saveSettings,
-  type CommonSpec, type PreparedRun, type RunPaths,
+  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave
 } from './run-common.ts';
 import { tokenizeWithEmbeddings } from './text/tokenizer.ts';
 import { paddingFor } from './nets/sd.ts';
@@ -292,20 +291,10 @@ export async function runHypernetwork(raw: HnSpec, ctx: JobContext): Promise<Job
   const s = await initState(spec, paths, widths, ctx);
   let run: PreparedRun | undefined;
   try {
-    const lr = parseLrSchedule(spec.lr, spec.steps, s.step);
-    const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, s.step, 'clip value');
     run = await prepareRun(spec, ctx);
-    ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: s.step, backend: backend.name });
-    await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length, hypernetwork: s.hn });
-    ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
     const method = hnMethod(run, spec, s, paths);
-    const result = await trainLoop(method, {
-      startStep: s.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
-      clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: s.optimizer,
-      saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
-    }, ctx);
-    const outputs = await method.save(result.step, true);
-    return { step: result.step, output: paths.output, outputs, kind: 'hypernetwork', usage: `<hypernet:${spec.name}:1>`, cancelled: result.cancelled };
+    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { hypernetwork: s.hn }, ctx);
+    return { step, output: paths.output, outputs, kind: 'hypernetwork', usage: `<hypernet:${spec.name}:1>`, cancelled };
   } finally {
     tf.dispose([...s.params.values()]);
     s.optimizer.dispose();

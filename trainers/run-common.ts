@@ -23,6 +23,9 @@ import { Rng } from './random.ts';
 import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
 import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext } from './job.ts';
+import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
+import { parseLrSchedule } from './optim/lr.ts';
+import { makeClipper } from './optim/clip-grad.ts';
 
 /** The options TI and hypernetwork jobs share (schemas/common.json). */
 export interface CommonSpec {
@@ -189,3 +192,27 @@ export function releaseRun(run: PreparedRun): void {
   disposeParams(run.model.unet.params);
   if (run.decoder) disposeParams(run.decoder.params);
 }
+
+/**
+ * The part of a run every method shares once its state exists: schedules, the started event,
+ * settings, the loop, and the final save. A run cancelled before its first step (Ctrl-C while
+ * loading) trained nothing and writes nothing.
+ */
+export async function trainAndSave<B>(
+  run: PreparedRun, spec: CommonSpec, paths: RunPaths, method: TrainMethod<B>,
+  state: { step: number; optimizer: Optimizer }, backend: string, settings: object, ctx: JobContext,
+): Promise<{ step: number; outputs: string[]; cancelled: boolean }> {
+  const lr = parseLrSchedule(spec.lr, spec.steps, state.step);
+  const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, state.step, 'clip value');
+  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: state.step, backend });
+  await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length, ...settings });
+  ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
+  const result = await trainLoop(method, {
+    startStep: state.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
+    clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer,
+    saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
+  }, ctx);
+  const outputs = result.cancelled && result.step === state.step ? [] : await method.save(result.step, true);
+  return { step: result.step, outputs, cancelled: result.cancelled };
+}
+

@@ -15,12 +15,11 @@ import { readEmbedding, writeEmbedding, writeEmbeddingOptim, embeddingChecksum }
 import { readOptim } from './io/optim-file.ts';
 import { AdamW } from './optim/adamw.ts';
 import { parseLrSchedule } from './optim/lr.ts';
-import { makeClipper } from './optim/clip-grad.ts';
 import { fromOptimFile, toOptimRecords } from './optim/optim-state.ts';
-import { trainLoop, type TrainMethod } from './loop.ts';
+import type { TrainMethod } from './loop.ts';
 import {
   checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview, saveSettings,
-  type CommonSpec, type PreparedRun, type RunPaths,
+  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave
 } from './run-common.ts';
 import { tokenizeWithEmbeddings, type TokenizedPrompt } from './text/tokenizer.ts';
 import { paddingFor } from './nets/sd.ts';
@@ -148,21 +147,9 @@ export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promis
   const run = await prepareRun(spec, ctx);
   const s = await initState(run, spec, paths, ctx);
   try {
-    const lr = parseLrSchedule(spec.lr, spec.steps, s.step);
-    const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, s.step, 'clip value');
-    ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: s.step, backend: backend.name });
-    await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length });
-    ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
     const method = tiMethod(run, spec, s, paths);
-    const result = await trainLoop(method, {
-      startStep: s.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
-      clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: s.optimizer,
-      saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
-    }, ctx);
-    // cancelled before the first step (e.g. Ctrl-C while loading): nothing trained, nothing written
-    const outputs = result.cancelled && result.step === s.step ? [] : await method.save(result.step, true);
-    const usage = spec.name;
-    return { step: result.step, output: paths.output, outputs, kind: 'embedding', usage, cancelled: result.cancelled };
+    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, {}, ctx);
+    return { step, output: paths.output, outputs, kind: 'embedding', usage: spec.name, cancelled };
   } finally {
     s.vectors.dispose();
     s.optimizer.dispose();
