@@ -16,6 +16,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Ajv, type AnySchemaObject, type ErrorObject, type ValidateFunction } from 'ajv';
 import addFormatsModule from 'ajv-formats';
+import type { JobEvent } from '../trainers/job.ts';
 
 // ajv-formats is CommonJS; under NodeNext its default import is the module object.
 const addFormats = ((addFormatsModule as unknown as { default?: unknown }).default ??
@@ -138,15 +139,8 @@ export interface FileRef {
   url?: string;
 }
 
-export interface Progress {
-  step: number;
-  totalSteps: number;
-  epoch: number;
-  loss: number;
-  learnRate: number;
-  itPerSec: number;
-  etaSeconds: number;
-}
+/** The last `step` event of a job, as its record keeps it. */
+export type Progress = Omit<Extract<JobEvent, { type: 'step' }>, 'type'>;
 
 /** schemas/job.json */
 export interface JobRecord {
