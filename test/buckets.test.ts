@@ -1,0 +1,89 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { makeBuckets, nearestBucket, cropBox, bucketBatches, bucketTable, formatBucketTable, loadBucketImage } from '../trainers/data/buckets.ts';
+import { Rng } from '../trainers/random.ts';
+
+const SIZES: [number, number][] = [
+  [512, 512], [768, 512], [512, 768], [1024, 512], [300, 900], [1920, 1080], [1080, 1920], [640, 480], [480, 640], [100, 101], [4000, 1000], [1000, 4000], [333, 777],
+];
+
+test('bucket sizes: multiples of 64, within the side limits, never over the area budget', () => {
+  const buckets = makeBuckets({ resolution: 512 });
+  assert.ok(buckets.length > 5);
+  assert.ok(buckets.some((b) => b.width === 512 && b.height === 512));
+  for (const b of buckets) {
+    assert.equal(b.width % 64, 0);
+    assert.equal(b.height % 64, 0);
+    assert.ok(b.width * b.height <= 512 * 512, `${b.width}x${b.height}`);
+    assert.ok(b.width >= 256 && b.width <= 1024 && b.height >= 256 && b.height <= 1024);
+  }
+  assert.equal(new Set(buckets.map((b) => `${b.width}x${b.height}`)).size, buckets.length);
+  // each bucket is as large as the step allows: one more step on one of its sides breaks the budget or the limit
+  const full = (side: number, other: number) => (side + 64) * other > 512 * 512 || side + 64 > 1024;
+  for (const b of buckets) assert.ok(full(b.width, b.height) || full(b.height, b.width), `${b.width}x${b.height}`);
+  for (const b of makeBuckets({ resolution: 64, step: 64, minSide: 64, maxSide: 64 })) assert.deepEqual([b.width, b.height], [64, 64]);
+});
+
+test('every image goes to the bucket nearest its aspect ratio (log-ratio)', () => {
+  const buckets = makeBuckets({ resolution: 512 });
+  for (const [w, h] of SIZES) {
+    const chosen = nearestBucket(buckets, w, h);
+    const d = (b: { width: number; height: number }) => Math.abs(Math.log(b.width / b.height) - Math.log(w / h));
+    for (const b of buckets) assert.ok(d(chosen) <= d(b) + 1e-12, `${w}x${h}: ${chosen.width}x${chosen.height} vs ${b.width}x${b.height}`);
+  }
+  assert.deepEqual(nearestBucket(buckets, 512, 512), buckets.find((b) => b.width === 512 && b.height === 512));
+  const wide = nearestBucket(buckets, 4000, 1000);
+  assert.ok(wide.width > wide.height);
+});
+
+test('cover resize and crop: the crop lies inside the resized image, centred without an rng', () => {
+  const buckets = makeBuckets({ resolution: 512 });
+  for (const [w, h] of SIZES) {
+    const b = nearestBucket(buckets, w, h);
+    for (const rng of [undefined, Rng.derive(1, 'crop')]) {
+      const box = cropBox(w, h, b, rng);
+      assert.ok(box.resizeWidth >= b.width && box.resizeHeight >= b.height);
+      assert.ok(box.resizeWidth === b.width || box.resizeHeight === b.height || Math.abs(box.resizeWidth / box.resizeHeight - w / h) < 0.02);
+      assert.ok(box.left >= 0 && box.left + box.width <= box.resizeWidth);
+      assert.ok(box.top >= 0 && box.top + box.height <= box.resizeHeight);
+    }
+  }
+  const c = cropBox(1000, 500, { index: 0, width: 512, height: 512 });
+  assert.deepEqual(c, { resizeWidth: 1024, resizeHeight: 512, left: 256, top: 0, width: 512, height: 512 });
+});
+
+test('batches never mix buckets, cover every image once per epoch, and repeat for the seed', () => {
+  const buckets = makeBuckets({ resolution: 512 });
+  const sizes = Array.from({ length: 60 }, (_, i) => SIZES[i % SIZES.length]!);
+  const assigned = sizes.map(([w, h]) => nearestBucket(buckets, w, h).index);
+  const batches = bucketBatches(assigned, 3, 42, 0);
+  for (const batch of batches) {
+    assert.ok(batch.length >= 1 && batch.length <= 3);
+    assert.equal(new Set(batch.map((i) => assigned[i])).size, 1);
+  }
+  assert.deepEqual(batches.flat().sort((a, b) => a - b), sizes.map((_, i) => i));
+  assert.deepEqual(bucketBatches(assigned, 3, 42, 0), batches);
+  assert.notDeepEqual(bucketBatches(assigned, 3, 42, 1), batches);
+  const table = bucketTable(buckets, assigned);
+  assert.equal(table.reduce((a, r) => a + r.images, 0), 60);
+  const text = formatBucketTable(table);
+  assert.match(text, /512×512 +1\.00/);
+  assert.match(text, /image\(s\)/);
+});
+
+test('loadBucketImage: decoded, covered and cropped to the bucket size', async () => {
+  const tmp = await mkdtemp(join(tmpdir(), 'buckets-'));
+  try {
+    const path = join(tmp, 'wide.png');
+    await sharp({ create: { width: 200, height: 100, channels: 3, background: { r: 255, g: 0, b: 0 } } }).png().toFile(path);
+    const img = await loadBucketImage(path, { index: 0, width: 128, height: 64 });
+    assert.deepEqual([img.width, img.height, img.pixels.length], [128, 64, 128 * 64 * 3]);
+    assert.deepEqual(Array.from(img.pixels.subarray(0, 3)), [1, -1, -1]);
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+});
