@@ -171,3 +171,65 @@ test('native kernels fall back for int32 and leak no tensors', { skip }, async (
   tf.dispose([x, w, ...g]);
   assert.equal(tf.memory().numTensors, before);
 });
+
+/** Every non-empty subset of 0..rank-1. */
+const axisSubsets = (rank: number) => Array.from({ length: 2 ** rank - 1 }, (_, m) => [...Array(rank).keys()].filter((d) => (m + 1) & (1 << d)));
+
+test('native Sum and Mean match the stock kernels on every axis subset, keepDims or not', { skip }, async () => {
+  await initBackend('cpu-native');
+  const cases: Array<[number[], number[][]]> = [
+    [[3, 4, 5, 6], axisSubsets(4)],
+    [[2, 1, 7, 300], axisSubsets(4)], // a size-1 dim; > 256 kept columns
+    [[1, 6, 6, 4, 5], [[1, 2, 4], [1, 2, 3, 4], [4], [0, 1, 2]]], // GroupNorm moments, bias grads
+    [[10], [[0]]],
+  ];
+  const shapes: number[][] = [];
+  const { native, stock } = await both(() => cases.flatMap(([shape, subsets], c) => subsets.flatMap((axes, i) => {
+    const x = rand(shape, 100 * c + i);
+    const outs = [x.sum(axes), x.mean(axes, true), x.sum(axes.map((a) => a - shape.length), true)];
+    shapes.push(...outs.map((t) => t.shape));
+    return outs;
+  })));
+  assert.deepEqual(shapes.slice(0, shapes.length / 2), shapes.slice(shapes.length / 2), 'output shapes');
+  for (let i = 0; i < native.length; i++) assertClose(`reduction ${i}`, native[i]!, stock[i]!, 2);
+});
+
+test('native Transpose, SplitV, Unpack, PadV2 equal the stock kernels exactly', { skip }, async () => {
+  await initBackend('cpu-native');
+  const perms: Array<[number[], number[]]> = [
+    [[5, 7], [1, 0]], [[2, 3, 4, 5], [0, 2, 1, 3]], [[2, 3, 4, 5], [3, 2, 1, 0]], [[1, 6, 1, 9], [2, 3, 0, 1]],
+    [[2, 3, 4, 5, 6], [0, 3, 1, 4, 2]], [[3, 1, 4], [0, 1, 2]], [[2, 70, 3], [1, 0, 2]],
+  ];
+  const shapes: number[][] = [];
+  const { native, stock } = await both(() => {
+    const x = rand([4, 5, 6, 7], 7);
+    const outs = [
+      ...perms.map(([s, p], i) => rand(s, 30 + i).transpose(p)),
+      ...[0, 1, 2, 3, -1].flatMap((axis) => tf.split(x, [1, x.shape.at(axis)! - 3, 2], axis)),
+      ...tf.split(x, 2, 2), ...tf.split(rand([2, 8, 10], 3), 2, -1),
+      ...[0, 1, 2, 3, -1].flatMap((axis) => tf.unstack(x, axis)),
+      x.pad([[0, 0], [1, 1], [1, 1], [0, 0]]), x.pad([[1, 0], [0, 2], [3, 0], [0, 1]], 2.5), rand([5], 4).pad([[2, 3]], -1),
+      rand([3, 4], 5).pad([[0, 0], [0, 0]]),
+    ];
+    shapes.push(...outs.map((t) => t.shape));
+    return outs;
+  });
+  assert.deepEqual(shapes.slice(0, shapes.length / 2), shapes.slice(shapes.length / 2), 'output shapes');
+  for (let i = 0; i < native.length; i++) assert.deepEqual(native[i], stock[i], `layout op ${i}`);
+});
+
+test('native Neg, Exp, Sigmoid, Erf match the stock kernels; int32 falls back', { skip }, async () => {
+  await initBackend('cpu-native');
+  const { native, stock } = await both(() => {
+    const x = rand([70000], 9).mul(6); // > one 32k chunk, both signs, |x| up to 6
+    return [x.neg(), x.exp(), x.sigmoid(), x.erf(), tf.scalar(0).erf(), tf.scalar(-0.5).exp()];
+  });
+  for (let i = 0; i < native.length; i++) assertClose(`unary ${i}`, native[i]!, stock[i]!, 1);
+  registerNativeKernels();
+  const ints = tf.tensor2d([1, 2, 3, 4, 5, 6], [2, 3], 'int32');
+  const outs = [ints.sum(0), ints.mean(1), ints.transpose(), ints.pad([[1, 0], [0, 1]]), ints.neg(), ...tf.split(ints, 3, 1), ...tf.unstack(ints)];
+  assert.deepEqual(outs.map((t) => t.dtype), ['int32', 'float32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32']);
+  assert.deepEqual(Array.from(await outs[0]!.data()), [5, 7, 9]);
+  assert.deepEqual(Array.from(await outs[3]!.data()), [0, 0, 0, 0, 1, 2, 3, 0, 4, 5, 6, 0]);
+  tf.dispose([ints, ...outs]);
+});

@@ -165,6 +165,89 @@ napi_value Binary(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// Reads a Float64Array of up to 16 integers into v; returns its length (0 on failure).
+size_t longs(Args& args, size_t i, long* v, const char* name) {
+  if (args.failed || i >= args.argc) return 0;
+  napi_typedarray_type t;
+  size_t n = 0;
+  bool is = false;
+  if (napi_is_typedarray(args.env, args.argv[i], &is) == napi_ok && is)
+    napi_get_typedarray_info(args.env, args.argv[i], &t, &n, nullptr, nullptr, nullptr);
+  const double* d = args.array<double>(i, napi_float64_array, 1, name);
+  if (!d) return 0;
+  if (n > 16) {
+    args.fail(std::string(name) + ": rank > 16");
+    return 0;
+  }
+  for (size_t k = 0; k < n; k++) v[k] = static_cast<long>(d[k]);
+  return n;
+}
+
+// (src, dst, shape, srcStrides, dstStrides, srcOffset, dstOffset): all Float64Array / numbers
+napi_value Copy(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  long shape[16], ss[16], ds[16];
+  const size_t rank = longs(args, 2, shape, "shape");
+  if (longs(args, 3, ss, "srcStrides") != rank || longs(args, 4, ds, "dstStrides") != rank) args.fail("copy: rank mismatch");
+  const long so = args.num(5), dO = args.num(6);
+  if (args.failed) return nullptr;
+  long total = 1, sMax = so, dMax = dO;
+  for (size_t d = 0; d < rank; d++) {
+    total *= shape[d];
+    if (shape[d] < 0 || ss[d] < 0 || ds[d] < 0) args.fail("copy: negative size or stride");
+    sMax += (shape[d] - 1) * ss[d], dMax += (shape[d] - 1) * ds[d];
+  }
+  if (so < 0 || dO < 0) args.fail("copy: negative offset");
+  const float* src = args.array<float>(0, napi_float32_array, total ? sMax + 1 : 0, "src");
+  float* dst = args.array<float>(1, napi_float32_array, total ? dMax + 1 : 0, "dst");
+  if (!args.failed && total > 0) st::strided_copy(src + so, dst + dO, static_cast<int>(rank), shape, ss, ds);
+  return nullptr;
+}
+
+// (x, out, groupSizes: Float64Array, reduced: Float64Array of 0/1, divisor)
+napi_value ReduceSum(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  long size[16], red[16];
+  const size_t G = longs(args, 2, size, "sizes");
+  if (longs(args, 3, red, "reduced") != G || G == 0) args.fail("reduceSum: bad groups");
+  double divisor = 1;
+  if (!args.failed && napi_get_value_double(env, args.argv[4], &divisor) != napi_ok) args.fail("divisor: expected a number");
+  if (args.failed) return nullptr;
+  long total = 1, outN = 1;
+  bool reduced[16];
+  for (size_t g = 0; g < G; g++) {
+    total *= size[g];
+    reduced[g] = red[g] != 0;
+    if (!reduced[g]) outN *= size[g];
+  }
+  const float* x = args.array<float>(0, napi_float32_array, total, "x");
+  float* out = args.array<float>(1, napi_float32_array, outN, "out");
+  if (args.failed) return nullptr;
+  if (total == 0) {
+    for (long i = 0; i < outN; i++) out[i] = 0;
+    return nullptr;
+  }
+  st::reduce_sum(x, out, static_cast<int>(G), size, reduced, static_cast<float>(divisor));
+  return nullptr;
+}
+
+// (op, x, y)
+napi_value Unary(napi_env env, napi_callback_info info) {
+  Args args(env, info);
+  const int op = static_cast<int>(args.num(0));
+  size_t n = 0;
+  if (!args.failed && args.argc >= 3) {
+    napi_typedarray_type t;
+    bool is = false;
+    if (napi_is_typedarray(env, args.argv[1], &is) == napi_ok && is)
+      napi_get_typedarray_info(env, args.argv[1], &t, &n, nullptr, nullptr, nullptr);
+  }
+  const float* x = args.array<float>(1, napi_float32_array, n, "x");
+  float* y = args.array<float>(2, napi_float32_array, n, "y");
+  if (!args.failed && n > 0) st::unary(op, x, y, static_cast<long>(n));
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info) {
   napi_value obj, v;
   napi_create_object(env, &obj);
@@ -200,6 +283,9 @@ napi_value Init(napi_env env, napi_value exports) {
       {"matmul", nullptr, MatMul, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"softmax", nullptr, Softmax, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"binary", nullptr, Binary, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"copy", nullptr, Copy, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"reduceSum", nullptr, ReduceSum, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"unary", nullptr, Unary, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

@@ -27,4 +27,13 @@ void softmax(const float* x, float* y, long rows, long n);
 void binary(int op, const float* a, const float* b, float* out, int rank, const long* shape,
             const long* aStrides, const long* bStrides);
 
+// dst[ds·i] = src[ss·i] for every index i of `shape` (element strides; rank ≥ 1).
+void strided_copy(const float* src, float* dst, int rank, const long* shape, const long* ss,
+                  const long* ds);
+// out = Σ float(x / divisor) over the groups with reduced[g], x contiguous over G groups.
+void reduce_sum(const float* x, float* out, int G, const long* size, const bool* reduced,
+                float divisor);
+// y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf.
+void unary(int op, const float* x, float* y, long n);
+
 }  // namespace st

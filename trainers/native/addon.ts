@@ -22,6 +22,12 @@ export interface NativeAddon {
   softmax(x: Float32Array, y: Float32Array, rows: number, n: number): void;
   /** out = a op b (0 add, 1 sub, 2 mul, 3 div) over shape, with element strides (0 = broadcast). */
   binary(op: number, a: Float32Array, b: Float32Array, out: Float32Array, shape: Float64Array, aStrides: Float64Array, bStrides: Float64Array): void;
+  /** dst[dstOffset + Σ i·dstStrides] = src[srcOffset + Σ i·srcStrides] for every index i of shape. */
+  copy(src: Float32Array, dst: Float32Array, shape: Float64Array, srcStrides: Float64Array, dstStrides: Float64Array, srcOffset: number, dstOffset: number): void;
+  /** out = Σ float(x / divisor) over the dim groups flagged 1 in reduced (x contiguous over sizes). */
+  reduceSum(x: Float32Array, out: Float32Array, sizes: Float64Array, reduced: Float64Array, divisor: number): void;
+  /** y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf (the stock kernels' formulas). */
+  unary(op: number, x: Float32Array, y: Float32Array): void;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
 }

@@ -8,6 +8,7 @@ import { tf } from '../tf.ts';
 import { loadAddon } from './addon.ts';
 import { nativeKernelFuncs } from './kernels.ts';
 import { elementwiseKernelFuncs } from './elementwise.ts';
+import { layoutKernelFuncs } from './layout.ts';
 
 /** Stock CPU kernels that were replaced, by kernel name (to fall back and to restore). */
 const stockKernels = new Map<string, tf.KernelConfig>();
@@ -19,11 +20,11 @@ function stock(name: string): tf.KernelFunc {
   return k.kernelFunc;
 }
 
-/** Replaces the CPU backend's conv/matmul/softmax/binary kernels with the native ones (idempotent). */
+/** Replaces the CPU backend's conv/matmul/softmax/binary/layout/reduction kernels with the native ones (idempotent). */
 export function registerNativeKernels(): void {
   if (registered) return;
   const addon = loadAddon();
-  const funcs = { ...nativeKernelFuncs(addon, stock), ...elementwiseKernelFuncs(addon, stock) };
+  const funcs = { ...nativeKernelFuncs(addon, stock), ...elementwiseKernelFuncs(addon, stock), ...layoutKernelFuncs(addon, stock) };
   for (const [kernelName, kernelFunc] of Object.entries(funcs)) {
     const current = tf.getKernel(kernelName, 'cpu');
     if (current) {
