@@ -14,4 +14,12 @@ export const methods: Record<string, MethodEntry> = {
     schema: 'hypernetwork',
     load: async () => (await import('./hypernetwork.ts')).runHypernetwork as unknown as JobRunner,
   },
+  lora: {
+    schema: 'lora',
+    load: async () => (await import('./lora.ts')).runLora as unknown as JobRunner,
+  },
+  finetune: {
+    schema: 'finetune',
+    load: async () => (await import('./finetune.ts')).runFinetune as unknown as JobRunner,
+  },
 };

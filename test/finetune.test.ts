@@ -1,0 +1,113 @@
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, mkdir, writeFile, rm, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { initBackend } from '../trainers/tf.ts';
+import { validate } from '../schemas/index.ts';
+import { runFinetune, type FinetuneSpec } from '../trainers/finetune.ts';
+import { openSafetensors } from '../trainers/io/safetensors.ts';
+import { methods } from '../trainers/methods.ts';
+import type { JobContext, JobEvent } from '../trainers/job.ts';
+import { onGradBackend } from './helpers/golden.ts';
+
+const MODEL = 'test/fixtures/sd-tiny/model.safetensors';
+let tmp: string;
+let images: string;
+
+/** Stripes of two colours: enough structure for the loss to move, cheap to make. */
+async function stripes(path: string, width: number, height: number, a: number[], b: number[]): Promise<void> {
+  const data = Buffer.alloc(width * height * 3);
+  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) data.set(Math.floor(x / 16) % 2 ? a : b, (y * width + x) * 3);
+  await sharp(data, { raw: { width, height, channels: 3 } }).png().toFile(path);
+}
+
+before(async () => {
+  await initBackend();
+  tmp = await mkdtemp(join(tmpdir(), 'finetune-'));
+  images = join(tmp, 'data');
+  await mkdir(join(images, '2_wide'), { recursive: true });
+  await mkdir(join(images, 'square'), { recursive: true });
+  const sizes: [string, number, number][] = [['2_wide/w1', 192, 64], ['2_wide/w2', 200, 70], ['square/s1', 128, 128], ['square/s2', 120, 130], ['square/s3', 64, 192], ['square/s4', 130, 128]];
+  for (const [i, [stem, w, h]] of sizes.entries()) {
+    await stripes(join(images, `${stem}.png`), w, h, [200, 30 + i * 20, 40], [20, 60, 220 - i * 10]);
+    await writeFile(join(images, `${stem}.txt`), `stripes, red, blue, picture ${i}`);
+  }
+  await writeFile(join(images, 'square', 'broken.png'), 'not a png');
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function context(): JobContext & { events: JobEvent[] } {
+  const events: JobEvent[] = [];
+  return { events, signal: new AbortController().signal, emit: (e) => void events.push(e) };
+}
+const logs = (events: JobEvent[]) => events.flatMap((e) => (e.type === 'log' ? [e.message] : []));
+
+function jobSpec(overrides: Record<string, unknown>): FinetuneSpec {
+  const spec: Record<string, unknown> = {
+    model: MODEL, images, name: 'ft', resolution: 128, steps: 6, lr: 1e-3, warmupSteps: 1, validationSplit: 0.2, validateEvery: 3,
+    checkpointDir: join(tmp, 'ckpt'), logDir: join(tmp, 'logs'), latentCacheDir: join(tmp, 'latents'), seed: 3, shuffleTags: true, keepTokens: 1,
+    ...overrides,
+  };
+  assert.deepEqual(validate('finetune', spec), []);
+  return spec as unknown as FinetuneSpec;
+}
+
+async function tensorsOf(path: string, prefix: string): Promise<Map<string, Float32Array>> {
+  const f = await openSafetensors(path);
+  const out = new Map<string, Float32Array>();
+  for (const k of f.keys()) if (k.startsWith(prefix)) out.set(k, await f.read(k));
+  await f.close();
+  return out;
+}
+
+test('registered as a method with its schema', () => {
+  assert.equal(methods.finetune?.schema, 'finetune');
+});
+
+test('mixed aspect ratios: buckets, cached latents, lower validation loss, raw + EMA checkpoints', async () => {
+  await onGradBackend(async () => {
+    const ctx = context();
+    const result = await runFinetune(jobSpec({ ema: true, emaDecay: 0.5, save: 'both', minSnrGamma: 5, noiseOffset: 0.05 }), ctx);
+    const messages = logs(ctx.events);
+    assert.ok(messages.some((m) => /1 image\(s\) skipped:\n  square\/broken\.png/.test(m)), 'broken image reported');
+    const table = messages.find((m) => m.startsWith('bucket'))!;
+    assert.match(table, /128×128/);
+    assert.match(table, /192×64/);
+    assert.ok(messages.includes('encoding latents (VAE loaded)'));
+    assert.equal(result.step, 6);
+    assert.deepEqual(result.outputs, [join(tmp, 'ckpt', 'ft.safetensors'), join(tmp, 'ckpt', 'ft-ema.safetensors')]);
+    const rows = (await readFile(join(tmp, 'logs', 'ft', 'validation.csv'), 'utf8')).trim().split('\n').slice(1).map((l) => l.split(',').map(Number));
+    assert.deepEqual(rows.map((r) => r[0]), [0, 3, 6]);
+    assert.ok(rows[2]![1]! < rows[0]![1]!, `validation loss ${rows[0]![1]} → ${rows[2]![1]}`);
+    // every key kept; the UNet trained; the VAE copied; EMA lies between start and raw
+    const src = await tensorsOf(MODEL, '');
+    const raw = await tensorsOf(result.outputs[0]!, '');
+    const ema = await tensorsOf(result.outputs[1]!, '');
+    assert.deepEqual([...raw.keys()].sort(), [...src.keys()].sort());
+    const k = 'model.diffusion_model.out.2.weight';
+    assert.notDeepEqual(raw.get(k), src.get(k));
+    assert.notDeepEqual(ema.get(k), raw.get(k));
+    assert.deepEqual(raw.get('first_stage_model.encoder.conv_in.weight'), src.get('first_stage_model.encoder.conv_in.weight'));
+    assert.deepEqual(raw.get('cond_stage_model.transformer.text_model.final_layer_norm.weight'), src.get('cond_stage_model.transformer.text_model.final_layer_norm.weight'));
+  });
+});
+
+test('a second run reuses the cached latents (no VAE) and EMA with decay 0 saves the raw weights', async () => {
+  await onGradBackend(async () => {
+    const ctx = context();
+    const spec = jobSpec({ steps: 2, ema: true, emaDecay: 0, save: 'both', name: 'ft2', trainTextEncoder: true, lrScheduler: 'constant', validateEvery: 0 });
+    const result = await runFinetune(spec, ctx);
+    assert.ok(!logs(ctx.events).includes('encoding latents (VAE loaded)'));
+    const raw = await tensorsOf(result.outputs[0]!, '');
+    const ema = await tensorsOf(result.outputs[1]!, '');
+    const src = await tensorsOf(MODEL, '');
+    for (const [key, values] of raw) assert.deepEqual(ema.get(key), values, key);
+    const t = 'cond_stage_model.transformer.text_model.final_layer_norm.weight';
+    assert.notDeepEqual(raw.get(t), src.get(t), 'text encoder trained');
+    await assert.rejects(runFinetune(spec, context()), /already exists/);
+  });
+});
