@@ -18,6 +18,11 @@ import {
   type LoraNetwork,
 } from '../trainers/nets/lora.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
+import { validate } from '../schemas/index.ts';
+import { runLora, type LoraSpec } from '../trainers/lora.ts';
+import { openSafetensors } from '../trainers/io/safetensors.ts';
+import { fileSha256 } from '../trainers/io/checkpoint.ts';
+import type { JobContext, JobEvent } from '../trainers/job.ts';
 
 const SD1 = 'test/fixtures/sd-tiny';
 const SD2 = 'test/fixtures/sd2-tiny';
@@ -148,3 +153,85 @@ test('gradients reach up and down only; the text encoder LoRA changes encodeText
   disposeLora(net);
 });
 
+
+// ---------------------------------------------------------------------------------------------
+// A short run on sd-tiny
+
+function context(): JobContext & { events: JobEvent[] } {
+  const events: JobEvent[] = [];
+  return { events, signal: new AbortController().signal, emit: (e) => void events.push(e) };
+}
+
+function loraSpec(overrides: Record<string, unknown>, images: string): LoraSpec {
+  const dir = join(tmp, `run-${Math.random().toString(36).slice(2)}`);
+  const spec: Record<string, unknown> = {
+    model: join(SD1, 'model.safetensors'), images, name: 'sks', instancePrompt: 'a photo of sks cat', width: 64, height: 64,
+    steps: 12, lr: '0.01', rank: 4, alpha: 4, previewEvery: 0, saveEvery: 0, loraDir: join(dir, 'Lora'), logDir: join(dir, 'logs'), ...overrides,
+  };
+  assert.deepEqual(validate('lora', spec), []);
+  return spec as unknown as LoraSpec;
+}
+
+test('a short LoRA run on sd-tiny lowers the loss and writes kohya keys + ss_* metadata', async () => {
+  const images = join(tmp, 'images');
+  mkdirSync(images, { recursive: true });
+  for (const f of ['01-orange cat.png', 'green_triangle.png']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+  const spec = loraSpec({ targets: ['attn', 'resnet'], trainTextEncoder: true }, images);
+  const ctx = context();
+  const result = await runLora(spec, ctx);
+  assert.equal(result.kind, 'lora');
+  assert.equal(result.usage, '<lora:sks:1>');
+  assert.equal(result.output, join(spec.loraDir, 'sks.safetensors'));
+  const losses = ctx.events.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+  assert.equal(losses.length, 12);
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+  assert.ok(mean(losses.slice(-4)) < mean(losses.slice(0, 4)), `loss ${losses.map((l) => l.toFixed(4)).join(' ')}`);
+
+  const file = await openSafetensors(result.output);
+  const meta = file.metadata();
+  const shapes = shapesOfFile(SD1);
+  const mapping = networkLayerMapping(shapes.keys());
+  const stems = new Set(file.keys().map((k) => k.replace(/\.(lora_down\.weight|lora_up\.weight|alpha)$/, '')));
+  for (const stem of stems) {
+    for (const part of ['lora_down.weight', 'lora_up.weight', 'alpha']) assert.ok(file.has(`${stem}.${part}`), `${stem}.${part}`);
+    assert.ok(webuiModuleFor(stem, mapping, false), `${stem} maps to a module`);
+    assert.deepEqual(file.info(`${stem}.alpha`).shape, []);
+  }
+  assert.ok(stems.has('lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q'));
+  assert.ok(stems.has('lora_unet_input_blocks_1_0_in_layers_2'));
+  assert.ok(stems.has('lora_te_text_model_encoder_layers_0_self_attn_q_proj'));
+  assert.deepEqual(file.info('lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight').shape, [4, 32, 3, 3]);
+  assert.deepEqual(file.info('lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight').shape, [32, 4, 1, 1]);
+  const up = await file.read('lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight');
+  assert.ok(up.some((x) => x !== 0), 'up trained away from 0');
+  assert.equal((await file.read('lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha'))[0], 4);
+  assert.equal(meta.ss_base_model_version, 'sd_v1');
+  assert.equal(meta.ss_v2, 'False');
+  assert.equal(meta.ss_network_module, 'networks.lora');
+  assert.equal(meta.ss_network_dim, '4');
+  assert.equal(meta.ss_network_alpha, '4');
+  assert.equal(meta.ss_resolution, '(64, 64)');
+  assert.equal(meta.ss_steps, '12');
+  assert.equal(meta.ss_output_name, 'sks');
+  assert.equal(meta.ss_new_sd_model_hash, await fileSha256(spec.model));
+  assert.match(meta.ss_sd_model_hash!, /^[0-9a-f]{8}$/);
+  assert.deepEqual(JSON.parse(meta.ss_tag_frequency!), { '1_images': { 'a photo of sks cat': 2 } });
+  assert.ok(Number(meta.ss_training_started_at) > 1.6e9);
+  await file.close();
+});
+
+test('SD2: the family metadata says sd_v2; an existing output is refused without overwrite/resume', async () => {
+  const images = join(tmp, 'images2');
+  mkdirSync(images, { recursive: true });
+  copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
+  const spec = loraSpec({ model: join(SD2, 'model.safetensors'), steps: 2, trainTextEncoder: true }, images);
+  const result = await runLora(spec, context());
+  const file = await openSafetensors(result.output);
+  assert.equal(file.metadata().ss_base_model_version, 'sd_v2');
+  assert.equal(file.metadata().ss_v2, 'True');
+  assert.ok(file.has('lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight'));
+  await file.close();
+  await assert.rejects(runLora({ ...spec }, context()), /already exists/);
+  const resumed = await runLora({ ...spec, resume: true, steps: 3 }, context());
+  assert.equal(resumed.step, 3);
+});
