@@ -49,7 +49,7 @@ const logs = (events: JobEvent[]) => events.flatMap((e) => (e.type === 'log' ? [
 function jobSpec(overrides: Record<string, unknown>): FinetuneSpec {
   const spec: Record<string, unknown> = {
     model: MODEL, images, name: 'ft', resolution: 128, steps: 6, lr: 1e-3, warmupSteps: 1, validationSplit: 0.2, validateEvery: 3,
-    checkpointDir: join(tmp, 'ckpt'), logDir: join(tmp, 'logs'), latentCacheDir: join(tmp, 'latents'), seed: 3, shuffleTags: true, keepTokens: 1,
+    checkpointDir: join(tmp, 'ckpt'), logDir: join(tmp, 'logs'), seed: 3, shuffleTags: true, keepTokens: 1,
     ...overrides,
   };
   assert.deepEqual(validate('finetune', spec), []);

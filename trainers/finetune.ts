@@ -5,8 +5,9 @@
  * checkpoint `<checkpointDir>/<name>.safetensors` the webui loads.
  * - data: trainers/data/captioned.ts (tree, captions, repeats, tags, validation split) and
  *   trainers/data/buckets.ts (one bucket per batch); latents come from trainers/latent-disk-cache.ts,
- *   so the VAE is loaded only when some latent is missing. Crops are centred (a random crop would
- *   make every cached latent a different one);
+ *   so the VAE is loaded only when some latent is missing. The cache (`<latentCacheDir or logDir>/
+ *   latent-cache/`) is shared by every run: entries are keyed by content, so runs reuse each
+ *   other's. Crops are centred (a random crop would make every cached latent a different one);
  * - loss: p_losses, optionally min-SNR-γ weighted (schedule.ts minSnrWeights) and with offset
  *   noise (schedule.ts offsetNoise); latents are sampled from the cached posterior per use;
  * - validation: the held-out images at fixed seeded noise and timesteps, so the numbers compare
@@ -117,7 +118,7 @@ async function prepareData(spec: FinetuneSpec, ctx: JobContext) {
 
 /** Latents from the disk cache; the VAE encoder is loaded only for missing ones, then released. */
 async function cachedLatents(spec: FinetuneSpec, model: SdModel, samples: { image: CaptionedImage; bucket: Bucket }[], ctx: JobContext): Promise<EncodedLatent[]> {
-  const cache = new LatentDiskCache(spec.latentCacheDir ?? join(spec.logDir, spec.name, 'latents'), await vaeHash(model.source, 'first_stage_model.'));
+  const cache = new LatentDiskCache(join(spec.latentCacheDir ?? spec.logDir, 'latent-cache'), await vaeHash(model.source, 'first_stage_model.'));
   let vae: Awaited<ReturnType<typeof loadVae>> | undefined;
   const jobs = samples.map(({ image, bucket }) => {
     const box = cropBox(image.width, image.height, bucket);
