@@ -235,3 +235,16 @@ test('SD2: the family metadata says sd_v2; an existing output is refused without
   const resumed = await runLora({ ...spec, resume: true, steps: 3 }, context());
   assert.equal(resumed.step, 3);
 });
+
+test('resume continues from the newest snapshot a killed run left', async () => {
+  const images = join(tmp, 'images3');
+  mkdirSync(images, { recursive: true });
+  copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
+  const spec = loraSpec({ steps: 4, saveEvery: 2 }, images);
+  await runLora(spec, context());
+  rmSync(join(spec.loraDir, 'sks.safetensors')); // as if killed after the snapshot at step 2
+  const ctx = context();
+  const resumed = await runLora({ ...spec, resume: true, steps: 3 }, ctx);
+  assert.equal(resumed.step, 3);
+  assert.ok(ctx.events.some((e) => e.type === 'log' && /continuing .*sks-2\.safetensors from step 2/.test(e.message)));
+});

@@ -98,13 +98,26 @@ async function loadWeights(path: string, net: LoraNetwork): Promise<number> {
   }
 }
 
+/** The output if it exists, else the newest `<name>-<step>.safetensors` snapshot a killed run left. */
+async function resumeFrom(paths: RunPaths, name: string): Promise<string | undefined> {
+  if (existsSync(paths.output)) return paths.output;
+  if (!existsSync(paths.snapshots)) return undefined;
+  const steps = (await readdir(paths.snapshots))
+    .filter((f) => f.startsWith(`${name}-`) && f.endsWith('.safetensors'))
+    .map((f) => f.slice(name.length + 1, -'.safetensors'.length))
+    .filter((x) => /^\d+$/.test(x))
+    .map(Number);
+  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.safetensors`) : undefined;
+}
+
 async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, instancePrompt: string | undefined, ctx: JobContext): Promise<LoraState> {
   const targets = loraTargets(shapesOf(run.model.source), targetKinds(spec));
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
   let step = 0;
-  if (spec.resume && existsSync(paths.output)) {
-    step = await loadWeights(paths.output, net);
-    ctx.emit({ type: 'log', level: 'info', message: `continuing ${paths.output} from step ${step} (optimizer state starts afresh)` });
+  const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
+  if (from) {
+    step = await loadWeights(from, net);
+    ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step} (optimizer state starts afresh)` });
   } else if (spec.resume) {
     ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
   }
