@@ -236,15 +236,30 @@ test('SD2: the family metadata says sd_v2; an existing output is refused without
   assert.equal(resumed.step, 3);
 });
 
-test('resume continues from the newest snapshot a killed run left', async () => {
+test('resume from the newest snapshot (+ its .optim) continues the run exactly', async () => {
   const images = join(tmp, 'images3');
   mkdirSync(images, { recursive: true });
   copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
   const spec = loraSpec({ steps: 4, saveEvery: 2 }, images);
-  await runLora(spec, context());
-  rmSync(join(spec.loraDir, 'sks.safetensors')); // as if killed after the snapshot at step 2
+  const first = await runLora(spec, context());
+  assert.deepEqual(first.outputs, [first.output, `${first.output}.optim`]);
+  const read = async (path: string) => {
+    const f = await openSafetensors(path);
+    const values = await Promise.all(f.keys().map(async (k) => [k, await f.read(k)] as const));
+    await f.close();
+    return new Map(values);
+  };
+  const straight = await read(first.output);
+  rmSync(first.output); // as if killed after the snapshot at step 2
+  rmSync(`${first.output}.optim`);
   const ctx = context();
-  const resumed = await runLora({ ...spec, resume: true, steps: 3 }, ctx);
-  assert.equal(resumed.step, 3);
-  assert.ok(ctx.events.some((e) => e.type === 'log' && /continuing .*sks-2\.safetensors from step 2/.test(e.message)));
+  const resumed = await runLora({ ...spec, resume: true }, ctx);
+  assert.equal(resumed.step, 4);
+  assert.ok(ctx.events.some((e) => e.type === 'log' && /continuing .*sks-2\.safetensors from step 2 with its optimizer state/.test(e.message)));
+  let worst = 0;
+  for (const [k, v] of await read(resumed.output)) {
+    const w = straight.get(k)!;
+    for (let i = 0; i < v.length; i++) worst = Math.max(worst, Math.abs(v[i]! - w[i]!));
+  }
+  assert.ok(worst < 1e-6, `resumed vs straight run: ${worst}`);
 });

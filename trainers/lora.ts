@@ -21,7 +21,7 @@ import { shapesOf, paddingFor } from './nets/sd.ts';
 import { encodeText } from './nets/clip.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from './io/safetensors.ts';
 import { fileSha256 } from './io/checkpoint.ts';
-import { AdamW } from './optim/adamw.ts';
+import { AdamW, type AdamWParamGroup, type AdamWParamState } from './optim/adamw.ts';
 import { parseLrSchedule } from './optim/lr.ts';
 import type { TrainMethod } from './loop.ts';
 import {
@@ -115,15 +115,17 @@ async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, inst
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
   let step = 0;
   const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
-  if (from) {
-    step = await loadWeights(from, net);
-    ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step} (optimizer state starts afresh)` });
-  } else if (spec.resume) {
-    ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
-  }
+  if (from) step = await loadWeights(from, net);
+  else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
   const optimizer = new AdamW(net.weights, { lr: 0, weightDecay: 0.01 });
+  const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
+  if (from) {
+    const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
+    const restored = await loadOptimizer(`${from}.optim`, s, step, warn);
+    ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step}${restored ? ' with its optimizer state' : ' (optimizer state starts afresh)'}` });
+  }
   ctx.emit({ type: 'log', level: 'info', message: `LoRA: ${targets.length} modules (${targetKinds(spec).join(', ')}), rank ${spec.rank}, alpha ${spec.alpha}` });
-  return { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,8 +183,63 @@ async function saveLora(run: PreparedRun, spec: LoraSpec, s: LoraState, path: st
     tensors.push({ name: `${t.name}.alpha`, dtype: 'F32', shape: [], data: new Float32Array([s.net.alpha]) });
   }
   await mkdir(resolve(path, '..'), { recursive: true });
+  // .optim first: a kill between the two leaves weights beside an older .optim, which the step check refuses
+  const optim = await saveOptimizer(`${path}.optim`, s, step);
   await writeSafetensors(path, tensors, await loraMetadata(run, spec, s, step, hashes), { overwrite: true, order: 'widest-first' });
+  return [path, ...optim];
+}
+
+/**
+ * AdamW moments beside the LoRA as `<file>.optim` (a safetensors the webui's Lora list ignores:
+ * it lists only .safetensors/.pt/.ckpt): `<key>.exp_avg`, `<key>.exp_avg_sq` per weight, the
+ * param group and per-weight step counts in the metadata, and the LoRA step it belongs to.
+ */
+async function saveOptimizer(path: string, s: LoraState, step: number): Promise<string[]> {
+  const sd = await s.optimizer.stateDict();
+  if (!sd.state.size) return [];
+  const names = [...s.net.weights.keys()];
+  const group = sd.param_groups[0]!;
+  const tensors: TensorToWrite[] = [];
+  const steps: Record<string, number> = {};
+  for (const [index, entry] of sd.state) {
+    const name = names[group.params.indexOf(index)]!;
+    steps[name] = entry.step;
+    tensors.push({ name: `${name}.exp_avg`, dtype: 'F32', shape: entry.shape, data: entry.exp_avg });
+    tensors.push({ name: `${name}.exp_avg_sq`, dtype: 'F32', shape: entry.shape, data: entry.exp_avg_sq });
+  }
+  const { params: _params, ...hyper } = group;
+  await writeSafetensors(path, tensors, { optimizer: 'AdamW', lora_step: String(step), param_group: JSON.stringify(hyper), steps: JSON.stringify(steps) }, { overwrite: true });
   return [path];
+}
+
+/** Restore the moments saved by saveOptimizer; any mismatch warns and starts them afresh. */
+async function loadOptimizer(path: string, s: LoraState, step: number, warn: (message: string) => void): Promise<boolean> {
+  if (!existsSync(path)) return false;
+  const file = await openSafetensors(path);
+  try {
+    const meta = file.metadata();
+    if (meta.optimizer !== 'AdamW' || Number(meta.lora_step) !== step) {
+      warn(`${path} belongs to step ${meta.lora_step}, the LoRA is at step ${step}: optimizer state not loaded`);
+      return false;
+    }
+    const names = [...s.net.weights.keys()];
+    const steps = JSON.parse(meta.steps ?? '{}') as Record<string, number>;
+    const state = new Map<number, AdamWParamState>();
+    for (const [name, count] of Object.entries(steps)) {
+      const index = names.indexOf(name);
+      if (index < 0) throw new Error(`no LoRA weight '${name}'`);
+      const shape = file.info(`${name}.exp_avg`).shape;
+      state.set(index, { step: count, shape, exp_avg: await file.read(`${name}.exp_avg`), exp_avg_sq: await file.read(`${name}.exp_avg_sq`) });
+    }
+    const group = { ...(JSON.parse(meta.param_group!) as Omit<AdamWParamGroup, 'params'>), params: names.map((_, i) => i) };
+    s.optimizer.loadStateDict({ state, param_groups: [group] });
+    return true;
+  } catch (err) {
+    warn(`cannot resume from the saved optimizer state (${(err as Error).message}): starting it afresh`);
+    return false;
+  } finally {
+    await file.close();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
