@@ -82,10 +82,11 @@ export class Ema {
     return this.shadow;
   }
 
+  /** Write the state (an existing file is replaced: a run's own snapshot). */
   async save(path: string): Promise<void> {
     const tensors = [...this.shadow].map(([name, w]) => ({ name, dtype: 'F32' as const, shape: w.shape, data: w.values }));
     const { decay, every, warmup } = this.options;
-    await writeSafetensors(path, tensors, { format: 'sidetrain-ema', decay: String(decay), every: String(every), warmup: String(warmup), updates: String(this.updates) });
+    await writeSafetensors(path, tensors, { format: 'sidetrain-ema', decay: String(decay), every: String(every), warmup: String(warmup), updates: String(this.updates) }, { overwrite: true });
   }
 
   static async load(path: string): Promise<Ema> {
