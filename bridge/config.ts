@@ -1,6 +1,6 @@
 /**
  * @file Server configuration: defaults, environment (SIDETRAIN_HOST/PORT/TOKEN/WEBUI_URL/WEBUI_DIR/
- * WEBUI_AUTH/STATE_DIR and the folder variables of FOLDER_SETTINGS) and flags, and where outputs
+ * WEBUI_AUTH/STATE_DIR/WEBUI_PREVIEWS and the folder variables of FOLDER_SETTINGS) and flags, and where outputs
  * go. Output folders come, in order, from explicit options (`--embeddings-dir` …), `--webui-dir`
  * (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally sidetrain's own
  * `embeddings/`, `hypernetworks/` and the state dir. Explicit folders exist because the other two
@@ -34,6 +34,10 @@ export interface ServerOptions {
   /** Explicit output folders (win over everything else). */
   folders?: Partial<Folders>;
   vram?: 'off' | 'unload' | 'pause';
+  /** Render each snapshot through the webui's txt2img when it is up (default on). */
+  webuiPreviews?: boolean;
+  /** How long a resumed job waits for a killed server's orphan worker to exit. */
+  lockWaitMs?: number;
   /** How often the 'pause' mode asks the webui whether it is generating. */
   pausePollMs?: number;
   allowedHosts?: string[];
@@ -61,6 +65,14 @@ export const FOLDER_SETTINGS = [
 export const DEFAULT_HOST = '127.0.0.1';
 export const DEFAULT_PORT = 7862;
 
+/** `on`/`off` (also true/false, 1/0) → boolean; anything else is an error naming the setting. */
+export function onOff(setting: string, value: string): boolean {
+  const v = value.trim().toLowerCase();
+  if (['on', 'true', '1', 'yes'].includes(v)) return true;
+  if (['off', 'false', '0', 'no'].includes(v)) return false;
+  throw new Error(`${setting}: expected on or off, got '${value}'`);
+}
+
 /** Options from the environment; flags given on the command line override them. */
 export function fromEnv(env: NodeJS.ProcessEnv = process.env): ServerOptions {
   const o: ServerOptions = {};
@@ -71,6 +83,7 @@ export function fromEnv(env: NodeJS.ProcessEnv = process.env): ServerOptions {
   if (env.SIDETRAIN_WEBUI_DIR) o.webuiDir = env.SIDETRAIN_WEBUI_DIR;
   if (env.SIDETRAIN_WEBUI_AUTH) o.webuiAuth = env.SIDETRAIN_WEBUI_AUTH;
   if (env.SIDETRAIN_STATE_DIR) o.stateDir = env.SIDETRAIN_STATE_DIR;
+  if (env.SIDETRAIN_WEBUI_PREVIEWS) o.webuiPreviews = onOff('SIDETRAIN_WEBUI_PREVIEWS', env.SIDETRAIN_WEBUI_PREVIEWS);
   for (const { folder, env: name } of FOLDER_SETTINGS) {
     if (env[name]) (o.folders ??= {})[folder] = env[name];
   }

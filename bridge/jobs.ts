@@ -15,6 +15,8 @@ import { JobStore } from './store.ts';
 import { prepareSpec, RequestError, fieldError, type Folders } from './spec.ts';
 import { WorkerProcess, type WorkerHostOptions, type WorkerOutcome } from './worker-host.ts';
 import { JobWebui } from './job-webui.ts';
+import { WebuiPreviews } from './webui-preview.ts';
+import { LOCK_FILE, waitForWorkerExit } from './worker-lock.ts';
 import type { WebuiClient } from './webui.ts';
 
 export interface JobManagerOptions {
@@ -26,6 +28,10 @@ export interface JobManagerOptions {
   /** 'unload': free the webui's model during a job; 'pause': freeze the job while it generates. */
   vram?: 'off' | 'unload' | 'pause';
   pausePollMs?: number;
+  /** Render each snapshot in the webui when one is up (default true; off with vram 'unload'). */
+  webuiPreviews?: boolean;
+  /** How long a job waits for a previous worker of it (a killed server's orphan) to exit. */
+  lockWaitMs?: number;
   worker: WorkerHostOptions;
   concurrency?: number;
   log: Logger;
@@ -44,12 +50,16 @@ export class JobManager {
   private readonly queue: string[] = [];
   private readonly concurrency: number;
   private readonly webuiSide: JobWebui;
+  private readonly previews: WebuiPreviews;
   private idleWaiters: (() => void)[] = [];
 
   constructor(private readonly opts: JobManagerOptions) {
     this.store = opts.store;
     this.concurrency = Math.max(1, opts.concurrency ?? 1);
     this.webuiSide = new JobWebui(opts.webui, opts.vram ?? 'off', (id, e) => this.publish(id, e), opts.pausePollMs);
+    // With 'unload' the webui's model is out of VRAM on purpose: a txt2img would load it back.
+    const previews = (opts.webuiPreviews ?? true) && opts.vram !== 'unload';
+    this.previews = new WebuiPreviews(opts.webui, previews, (id, e) => this.previewEvent(id, e));
   }
 
   get methods(): Record<string, MethodEntry> {
@@ -162,6 +172,7 @@ export class JobManager {
     clearTimeout(timer);
     for (const run of this.running.values()) run.worker.kill('SIGKILL');
     this.webuiSide.stopAll();
+    await this.previews.closeAll();
     await this.store.flush();
   }
 
@@ -204,6 +215,15 @@ export class JobManager {
     });
   }
 
+  /** A webui preview (or why there is none) for a job that may have ended meanwhile. */
+  private previewEvent(id: string, e: JobEvent): void {
+    const job = this.store.get(id);
+    if (!job) return;
+    this.apply(job, e);
+    this.publish(id, withUrl(job, e));
+    void this.persist(job);
+  }
+
   private async persist(job: JobRecord): Promise<void> {
     await this.store.save(job);
   }
@@ -232,16 +252,19 @@ export class JobManager {
     await this.persist(job);
     this.publishState(job);
     log.info({ attempt: job.attempts }, 'job started');
+    const lockFile = join(this.store.jobDir(job.id), LOCK_FILE);
+    if (!(await this.previousWorkerGone(job, lockFile))) return;
     await this.webuiSide.before(job.id, worker);
     let lastPersist = Date.now();
     let terminal = false;
     const csv = join(this.store.jobDir(job.id), 'loss.csv');
     if (!existsSync(csv)) await this.store.append(job.id, 'loss.csv', 'step,epoch,loss,learn_rate\n');
-    const outcome = await worker.run(job.type, job.spec, {
+    const outcome = await worker.run(job.type, job.spec, lockFile, {
       onEvent: (event) => {
         terminal ||= TERMINAL.has(event.type);
         this.apply(job, event);
         this.publish(job.id, withUrl(job, event));
+        if (event.type === 'snapshot') this.previews.snapshot(job.id, job.spec, event.step, event.path);
         if (event.type === 'step') {
           void this.store.append(job.id, 'loss.csv', `${event.step},${event.epoch},${event.loss},${event.learnRate}\n`);
           if (Date.now() - lastPersist < PERSIST_EVERY_MS) return;
@@ -255,6 +278,7 @@ export class JobManager {
       },
     });
     const cancelling = this.running.get(job.id)?.cancelling ?? false;
+    await this.previews.close(job.id);
     this.settle(job, outcome, cancelling, terminal);
     log.info({ state: job.state, error: job.error }, 'job ended');
     await this.persist(job);
@@ -262,6 +286,23 @@ export class JobManager {
     await this.webuiSide.after(job);
     await this.persist(job);
     this.publishState(job);
+  }
+
+  /**
+   * A server killed with SIGKILL leaves its worker finishing a step; two trainers on one output
+   * would corrupt it. Wait for that worker (its pid is in the job's lock file) or fail clearly.
+   */
+  private async previousWorkerGone(job: JobRecord, lockFile: string): Promise<boolean> {
+    const pid = await waitForWorkerExit(lockFile, this.opts.lockWaitMs ?? 30_000, (p) =>
+      this.publish(job.id, { type: 'log', level: 'warn', message: `waiting for an earlier worker of this job (pid ${p}) to exit` }),
+    );
+    if (pid === undefined) return true;
+    const message = `an earlier worker of this job (pid ${pid}) is still running, so a second one would train on the same output: wait for it to exit (or kill it), then resume`;
+    Object.assign(job, { state: 'failed', error: message, endedAt: new Date().toISOString() });
+    this.publish(job.id, { type: 'failed', step: job.step, message, lastSnapshot: job.lastSnapshot });
+    await this.persist(job);
+    this.publishState(job);
+    return false;
   }
 
   /** A bug on the server side of a run must fail that job, never the server. */

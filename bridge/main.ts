@@ -57,6 +57,7 @@ export async function startServer(opts: ServerOptions = {}, logger?: Logger): Pr
   const folders = folderResolver(opts, webui);
   const manager = new JobManager({
     store: new JobStore(stateDirOf(opts)), methods, folders, webui, vram: opts.vram, pausePollMs: opts.pausePollMs, concurrency: opts.concurrency, log,
+    webuiPreviews: opts.webuiPreviews, lockWaitMs: opts.lockWaitMs,
     worker: {
       methodsModule, cancelGraceMs: opts.cancelGraceMs, killGraceMs: opts.killGraceMs, stepIntervalMs: opts.stepIntervalMs, maxOldSpaceMb: opts.maxOldSpaceMb,
     },

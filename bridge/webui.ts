@@ -203,6 +203,23 @@ export class WebuiClient {
     return err ? { ok: false, message: `could not reload the webui's checkpoint: ${err}` } : { ok: true, message: "reloaded the webui's checkpoint" };
   }
 
+  /**
+   * One txt2img (A1111 StableDiffusionTxt2ImgProcessingAPI): no retry, a long timeout (a real
+   * generation takes seconds to minutes). Returns the first image's PNG bytes; throws on failure.
+   */
+  async txt2img(payload: Record<string, unknown>, timeoutMs = 300_000): Promise<Buffer> {
+    if (!this.http) throw new Error('no webui configured');
+    try {
+      const { data } = await this.http.post<{ images?: string[] }>('/sdapi/v1/txt2img', payload, { timeout: timeoutMs });
+      const b64 = data?.images?.[0];
+      if (typeof b64 !== 'string' || !b64) throw new Error('the webui returned no image');
+      // Some forks prefix a data URL.
+      return Buffer.from(b64.replace(/^data:image\/\w+;base64,/, ''), 'base64');
+    } catch (err) {
+      throw new Error(reason(err));
+    }
+  }
+
   /** Is the webui generating right now (`/sdapi/v1/progress` job_count > 0)? false when down. */
   async generating(): Promise<boolean> {
     try {

@@ -2,7 +2,7 @@
  * @file Runs one job in a child process (bridge/worker.ts, `child_process.fork` with
  * `--import tsx`) and turns whatever happens to it into one outcome: the method's result, its
  * error, or the process dying (crash, SIGKILL, out-of-memory). Cancel is an IPC message first,
- * SIGTERM after a grace period, SIGKILL after a second one. Pause is an IPC message when the
+ * SIGTERM after a grace period, SIGKILL after a second one. The worker holds the job's lock file (worker-lock.ts). Pause is an IPC message when the
  * method waits in ctx.waitIfPaused between steps (it says so with 'pausable'), SIGSTOP otherwise.
  */
 import { fork, type ChildProcess } from 'node:child_process';
@@ -53,7 +53,7 @@ export class WorkerProcess {
   }
 
   /** Start the job; resolves when the worker has exited, with what happened. */
-  run(jobType: string, spec: Record<string, unknown>, cb: WorkerCallbacks): Promise<WorkerOutcome> {
+  run(jobType: string, spec: Record<string, unknown>, lockFile: string | undefined, cb: WorkerCallbacks): Promise<WorkerOutcome> {
     const execArgv = ['--import', 'tsx'];
     if (this.opts.maxOldSpaceMb) execArgv.push(`--max-old-space-size=${this.opts.maxOldSpaceMb}`);
     const child = fork(WORKER_PATH, [], {
@@ -81,6 +81,7 @@ export class WorkerProcess {
       spec,
       methodsModule: this.opts.methodsModule,
       stepIntervalMs: this.opts.stepIntervalMs,
+      lockFile,
     };
     child.send(start);
     return new Promise((resolve) => {

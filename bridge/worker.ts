@@ -3,7 +3,7 @@
  * `--import tsx`; it is the only process of the server that loads TF.js (through the method's
  * `load()`), so a crash, NaN or out-of-memory here never takes the API down.
  *
- * IPC in:  {type:'run', jobType, spec, methodsModule, stepIntervalMs} · {type:'cancel'} ·
+ * IPC in:  {type:'run', jobType, spec, methodsModule, stepIntervalMs, lockFile} · {type:'cancel'} ·
  *          {type:'pause'} · {type:'resume'}
  * IPC out: {type:'event', event: JobEvent} · {type:'result', result} · {type:'error', message} ·
  *          {type:'pausable'} (the method called ctx.waitIfPaused: pause it between steps, not with SIGSTOP)
@@ -12,9 +12,10 @@
  */
 import { pathToFileURL } from 'node:url';
 import type { JobEvent, JobResult, MethodEntry } from '../trainers/job.ts';
+import { holdLock } from './worker-lock.ts';
 
 export type HostMessage =
-  | { type: 'run'; jobType: string; spec: Record<string, unknown>; methodsModule: string; stepIntervalMs?: number }
+  | { type: 'run'; jobType: string; spec: Record<string, unknown>; methodsModule: string; stepIntervalMs?: number; lockFile?: string }
   | { type: 'cancel' }
   | { type: 'pause' }
   | { type: 'resume' };
@@ -92,6 +93,8 @@ function makeEmitter(intervalMs: number): { emit(e: JobEvent): void; flush(): vo
 
 async function run(msg: Extract<HostMessage, { type: 'run' }>): Promise<void> {
   running = true;
+  // Held until this process exits: a restarted server waits for it before a resume (worker-lock.ts).
+  if (msg.lockFile) holdLock(msg.lockFile);
   const emitter = makeEmitter(msg.stepIntervalMs ?? 100);
   try {
     const mod = (await import(pathToFileURL(msg.methodsModule).href)) as { methods: Record<string, MethodEntry> };

@@ -1,12 +1,12 @@
 /**
  * @file `sidetrain serve` (= `npm start`): the HTTP API, WebSocket progress and training page.
  * Flags override the environment (SIDETRAIN_HOST/PORT/TOKEN/WEBUI_URL/WEBUI_DIR/WEBUI_AUTH/
- * STATE_DIR/EMBEDDINGS_DIR/HYPERNETWORK_DIR/CKPT_DIR/LORA_DIR). The webui extension starts this
+ * STATE_DIR/WEBUI_PREVIEWS/EMBEDDINGS_DIR/HYPERNETWORK_DIR/CKPT_DIR/LORA_DIR). The webui extension starts this
  * command and passes only the flags `serve --help` lists (extension/sidetrain_ext/launcher.py),
  * so a flag's name in the help text is part of the contract.
  */
 import type { Command } from 'commander';
-import { fromEnv, DEFAULT_HOST, DEFAULT_PORT, FOLDER_SETTINGS, type ServerOptions } from '../config.ts';
+import { fromEnv, onOff, DEFAULT_HOST, DEFAULT_PORT, FOLDER_SETTINGS, type ServerOptions } from '../config.ts';
 import { startServer } from '../main.ts';
 
 const list = (v: string, prev: string[] = []) => [...prev, ...v.split(',').map((s) => s.trim()).filter(Boolean)];
@@ -30,6 +30,7 @@ export function serveOptions(o: Record<string, unknown>, env: NodeJS.ProcessEnv 
     ...(o.webuiUrl ? { webuiUrl: o.webuiUrl as string } : {}),
     ...(o.webuiDir ? { webuiDir: o.webuiDir as string } : {}),
     ...(o.apiAuth ? { webuiAuth: o.apiAuth as string } : {}),
+    ...(o.webuiPreviews !== undefined ? { webuiPreviews: onOff('--webui-previews', String(o.webuiPreviews)) } : {}),
     ...(Object.keys(folders).length ? { folders } : {}),
     vram: (o.vram ?? 'off') as ServerOptions['vram'],
     concurrency: (o.concurrency ?? 1) as number,
@@ -58,6 +59,7 @@ export function registerServe(program: Command): void {
   serve
     .option('--api-auth <user:pass>', "credentials of a webui started with --api-auth")
     .option('--vram <mode>', "off | unload (free the webui's model during a job) | pause (pause while the webui generates)", 'off')
+    .option('--webui-previews <on|off>', "render each snapshot with the webui's txt2img when it is up (default on; env SIDETRAIN_WEBUI_PREVIEWS)")
     .option('--concurrency <n>', 'jobs run at the same time', (v) => Number(v), 1)
     .option('--allowed-hosts <names>', 'more Host names to accept (comma-separated)', list)
     .option('--allowed-origins <origins>', 'more browser origins to accept (comma-separated)', list)

@@ -1,6 +1,7 @@
 /**
  * @file A stand-in webui for tests: the `/sdapi/v1/*` routes sidetrain uses (A1111 shapes), plus
- * the extension's `/sidetrain/refresh-hypernetworks`, recording every call. A refresh rescans its
+ * the extension's `/sidetrain/refresh-hypernetworks`, recording every call; txt2img answers a 1×1
+ * PNG and records its body with what was registered at that moment. A refresh rescans its
  * folders like the webui does; names in `skip` are reported under `skipped`.
  */
 import { readdirSync, existsSync } from 'node:fs';
@@ -18,14 +19,30 @@ export interface FakeWebuiOptions {
   auth?: string;
 }
 
+/** One txt2img call: its body and what the webui had registered at that moment. */
+export interface Txt2imgCall {
+  payload: Record<string, any>;
+  embeddings: string[];
+  hypernetworks: string[];
+  /** Files in the embeddings and hypernetworks folders at that moment. */
+  files: string[];
+}
+
 export interface FakeWebui {
   url: string;
   calls: { method: string; path: string }[];
   /** Make /sdapi/v1/progress report a running generation. */
   generating: boolean;
+  txt2img: Txt2imgCall[];
+  /** Answer txt2img with a 500 (a webui that fails a generation). */
+  failTxt2img: boolean;
   close(): Promise<void>;
 }
 
+/** 1×1 PNG: what txt2img returns. */
+export const TINY_PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==';
+
+const ls = (dir: string) => (existsSync(dir) ? readdirSync(dir) : []);
 const stems = (dir: string, exts: string[]) =>
   existsSync(dir) ? readdirSync(dir).filter((f) => exts.some((e) => f.endsWith(e))).map((f) => f.slice(0, f.lastIndexOf('.'))) : [];
 
@@ -33,7 +50,7 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
   const app = express();
   const state = { embeddings: [] as string[], hypernetworks: [] as string[], loras: [] as string[], models: [] as string[] };
   let failures = opts.failRefreshes ?? 0;
-  const fake: FakeWebui = { url: '', calls: [], generating: false, close: async () => {} };
+  const fake: FakeWebui = { url: '', calls: [], generating: false, txt2img: [], failTxt2img: false, close: async () => {} };
   app.use((req, res, next) => {
     fake.calls.push({ method: req.method, path: req.path });
     if (opts.auth) {
@@ -42,6 +59,7 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
     }
     next();
   });
+  app.use(express.json({ limit: '1mb' }));
   const refresh = (fn: () => void) => (_req: express.Request, res: express.Response) => {
     if (failures > 0) {
       failures--;
@@ -70,6 +88,11 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
   );
   app.post('/sdapi/v1/unload-checkpoint', (_req, res) => void res.json(null));
   app.post('/sdapi/v1/reload-checkpoint', (_req, res) => void res.json(null));
+  app.post('/sdapi/v1/txt2img', (req, res) => {
+    fake.txt2img.push({ payload: req.body, embeddings: [...state.embeddings], hypernetworks: [...state.hypernetworks], files: ls(opts.dirs.embeddings).concat(ls(opts.dirs.hypernetworks)) });
+    if (fake.failTxt2img) return void res.status(500).json({ error: 'OutOfMemoryError', detail: 'CUDA out of memory' });
+    res.json({ images: [TINY_PNG], parameters: req.body, info: '{}' });
+  });
   app.get('/sdapi/v1/progress', (_req, res) =>
     void res.json({ progress: fake.generating ? 0.5 : 0, eta_relative: 0, state: { job: fake.generating ? 'txt2img' : '', job_count: fake.generating ? 1 : 0 } }),
   );

@@ -1,0 +1,149 @@
+/**
+ * @file Previews through the webui: each snapshot of a running (stub) job is copied into the
+ * webui's folder under a temporary name, refreshed, rendered with `POST /sdapi/v1/txt2img`
+ * (the user's sampler and VAE: neither is sent) and saved as `<name>-<step>-webui.png` with a
+ * preview event; the copy is gone afterwards. A webui that is down or fails the generation only
+ * costs a log event; `--webui-previews off` turns it off.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, readdirSync } from 'node:fs';
+import { basename } from 'node:path';
+import { describe, test } from 'node:test';
+import { Command } from 'commander';
+import { registerServe, serveOptions } from '../bridge/commands/serve.ts';
+import { PREVIEW_PREFIX, previewPrompt, previewTarget } from '../bridge/webui-preview.ts';
+import { TINY_PNG, startFakeWebui, type FakeWebui } from './helpers/fake-webui.ts';
+import { events, makeDirs, startTestServer, waitJob, type TestDirs, type TestServer } from './helpers/api-server.ts';
+import type { ServerOptions } from '../bridge/config.ts';
+
+const webuiDirs = (d: TestDirs) => ({ embeddings: d.embeddings, hypernetworks: d.hypernetworks, checkpoints: d.checkpoints, lora: d.lora });
+const paths = (w: FakeWebui) => w.calls.map((c) => `${c.method} ${c.path}`);
+const leftovers = (d: TestDirs) => [...readdirSync(d.embeddings), ...readdirSync(d.hypernetworks)].filter((f) => f.startsWith(PREVIEW_PREFIX));
+
+async function withWebui(extra: Partial<ServerOptions>, fn: (t: TestServer, webui: FakeWebui, dirs: TestDirs) => Promise<void>): Promise<void> {
+  const dirs = makeDirs();
+  const webui = await startFakeWebui({ dirs: webuiDirs(dirs) });
+  const t = await startTestServer({ webuiUrl: webui.url, ...extra }, dirs);
+  try {
+    await fn(t, webui, dirs);
+  } finally {
+    await t.close();
+    await webui.close();
+  }
+}
+
+/** Run a stub job with snapshots every 5 steps to the end; its events and record. */
+async function runJob(t: TestServer, type: string, name: string) {
+  const r = await t.api('/api/jobs', { method: 'POST', json: { type, spec: { name, steps: 15, stepMs: 40, saveEvery: 5 } } });
+  assert.equal(r.status, 201, JSON.stringify(r.body));
+  const ev = await events(t.base, r.body.id);
+  // job.webui is set once the webui has been told about the output: every webui call is done.
+  const job = await waitJob(t, r.body.id, (j) => j.state !== 'queued' && j.state !== 'running' && j.webui);
+  ev.close();
+  return { job, messages: ev.messages };
+}
+
+describe('previews through the webui', () => {
+  test('an embedding snapshot is rendered by txt2img, saved as -webui.png, announced, and its copy removed', async () => {
+    await withWebui({}, async (t, webui, dirs) => {
+      const { job, messages } = await runJob(t, 'stub', 'cat');
+      assert.equal(job.state, 'finished', job.error);
+      assert.ok(webui.txt2img.length >= 1, `txt2img calls: ${paths(webui).join(', ')}`);
+      const first = webui.txt2img[0]!;
+      const token = `${PREVIEW_PREFIX}cat-5`;
+      assert.equal(first.payload.prompt, `a photo of ${token}`);
+      assert.ok(first.files.includes(`${token}.json`), `copy present during the call: ${first.files}`);
+      assert.equal(first.payload.sampler_name, undefined, "the user's sampler");
+      assert.equal(first.payload.override_settings, undefined, "the user's VAE");
+      assert.equal(first.payload.steps, 20);
+      assert.equal(first.payload.seed, 0);
+      assert.equal(first.payload.do_not_save_samples, true);
+      // refresh (copy in) → txt2img → refresh (copy out)
+      const seq = paths(webui).filter((p) => /refresh-embeddings|txt2img/.test(p));
+      assert.deepEqual(seq.slice(0, 3), ['POST /sdapi/v1/refresh-embeddings', 'POST /sdapi/v1/txt2img', 'POST /sdapi/v1/refresh-embeddings']);
+      const preview = messages.find((m) => m.type === 'preview' && m.path.endsWith('-webui.png'));
+      assert.ok(preview, `events: ${messages.map((m) => m.type)}`);
+      assert.equal(basename(preview.path), 'cat-5-webui.png');
+      assert.match(preview.url, new RegExp(`^/api/jobs/${job.id}/previews/\\d+$`));
+      const png = await fetch(t.base + preview.url);
+      assert.equal(png.status, 200);
+      assert.deepEqual(Buffer.from(await png.arrayBuffer()), Buffer.from(TINY_PNG, 'base64'));
+      assert.ok(job.previews.some((p: { path: string }) => p.path === preview.path), 'in the job record');
+      assert.deepEqual(leftovers(dirs), [], 'no temporary copies left');
+      assert.ok(existsSync(`${dirs.embeddings}/cat.pt`));
+      assert.equal(job.webui.message, 'ready: use `cat`', 'the final output is still verified');
+    });
+  });
+
+  test('a hypernetwork snapshot is used as <hypernet:…:1> after the extension refresh', async () => {
+    await withWebui({}, async (t, webui, dirs) => {
+      const { job } = await runJob(t, 'stub_hypernetwork', 'hn');
+      assert.equal(job.state, 'finished', job.error);
+      assert.ok(webui.txt2img.length >= 1);
+      assert.equal(webui.txt2img[0]!.payload.prompt, `a photo <hypernet:${PREVIEW_PREFIX}hn-5:1>`);
+      assert.ok(paths(webui).includes('POST /sidetrain/refresh-hypernetworks'));
+      assert.deepEqual(leftovers(dirs), []);
+    });
+  });
+
+  test('a webui that fails the generation: a warning, the copy removed, the job finishes', async () => {
+    await withWebui({}, async (t, webui, dirs) => {
+      webui.failTxt2img = true;
+      const { job, messages } = await runJob(t, 'stub', 'oom');
+      assert.equal(job.state, 'finished', job.error);
+      assert.ok(webui.txt2img.length >= 1);
+      assert.ok(messages.some((m) => m.type === 'log' && m.level === 'warn' && /webui preview at step 5 failed.*500/.test(m.message)));
+      assert.ok(!messages.some((m) => m.type === 'preview'));
+      assert.deepEqual(leftovers(dirs), []);
+    });
+  });
+
+  test('--webui-previews off: no txt2img', async () => {
+    await withWebui({ webuiPreviews: false }, async (t, webui) => {
+      const { job } = await runJob(t, 'stub', 'quiet');
+      assert.equal(job.state, 'finished');
+      assert.equal(webui.txt2img.length, 0);
+      assert.ok(paths(webui).includes('POST /sdapi/v1/refresh-embeddings'), 'the output refresh still happens');
+    });
+  });
+
+  test('a webui that is down: the job finishes, a log event says why', async () => {
+    const dirs = makeDirs();
+    const t = await startTestServer({ webuiUrl: 'http://127.0.0.1:9', webuiRetries: 1 }, dirs);
+    try {
+      const { job, messages } = await runJob(t, 'stub', 'lonely');
+      assert.equal(job.state, 'finished', job.error);
+      assert.ok(messages.some((m) => m.type === 'log' && /webui preview at step 5 failed.*not answering/.test(m.message)));
+      assert.deepEqual(leftovers(dirs), []);
+    } finally {
+      await t.close();
+    }
+  });
+});
+
+describe('preview prompt and flag', () => {
+  const spec = (previewPrompt: string) => ({ name: 'cat', logDir: '/l', embeddingsDir: '/e', previewPrompt });
+  test("the preview prompt names the copy where it named the embedding (or [name])", () => {
+    const t = (p: string) => previewPrompt(previewTarget(spec(p))!, 'tmp-5');
+    assert.equal(t('a painting of cat, cats'), 'a painting of tmp-5, cats');
+    assert.equal(t('a [name] on a sofa'), 'a tmp-5 on a sofa');
+    assert.equal(t('a sofa'), 'a sofa, tmp-5');
+    assert.equal(previewTarget({ name: 'x', loraDir: '/l' }), undefined, 'LoRA: none');
+  });
+
+  test('`serve --webui-previews on|off` and SIDETRAIN_WEBUI_PREVIEWS', async () => {
+    const parse = async (args: string[], env: NodeJS.ProcessEnv = {}) => {
+      const program = new Command().exitOverride();
+      registerServe(program);
+      let parsed: Record<string, unknown> | undefined;
+      program.commands.find((c) => c.name() === 'serve')!.action((o: Record<string, unknown>) => void (parsed = o));
+      await program.parseAsync(['serve', ...args], { from: 'user' });
+      return serveOptions(parsed!, env);
+    };
+    assert.equal((await parse(['--webui-previews', 'off'])).webuiPreviews, false);
+    assert.equal((await parse([], { SIDETRAIN_WEBUI_PREVIEWS: 'off' })).webuiPreviews, false);
+    assert.equal((await parse(['--webui-previews', 'on'], { SIDETRAIN_WEBUI_PREVIEWS: 'off' })).webuiPreviews, true);
+    assert.equal((await parse([])).webuiPreviews, undefined, 'default: on when a webui is configured');
+    await assert.rejects(parse(['--webui-previews', 'maybe']), /--webui-previews: expected on or off/);
+  });
+});
