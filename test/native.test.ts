@@ -194,7 +194,7 @@ test('native Sum and Mean match the stock kernels on every axis subset, keepDims
   for (let i = 0; i < native.length; i++) assertClose(`reduction ${i}`, native[i]!, stock[i]!, 2);
 });
 
-test('native Transpose, SplitV, Unpack, PadV2 equal the stock kernels exactly', { skip }, async () => {
+test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exactly', { skip }, async () => {
   await initBackend('cpu-native');
   const perms: Array<[number[], number[]]> = [
     [[5, 7], [1, 0]], [[2, 3, 4, 5], [0, 2, 1, 3]], [[2, 3, 4, 5], [3, 2, 1, 0]], [[1, 6, 1, 9], [2, 3, 0, 1]],
@@ -210,6 +210,7 @@ test('native Transpose, SplitV, Unpack, PadV2 equal the stock kernels exactly', 
       ...[0, 1, 2, 3, -1].flatMap((axis) => tf.unstack(x, axis)),
       x.pad([[0, 0], [1, 1], [1, 1], [0, 0]]), x.pad([[1, 0], [0, 2], [3, 0], [0, 1]], 2.5), rand([5], 4).pad([[2, 3]], -1),
       rand([3, 4], 5).pad([[0, 0], [0, 0]]),
+      x.slice([0, 1, 2, 3], [2, 3, 4, 4]), x.slice([1, 0, 0, 0], [2, 5, 6, 7]), rand([64, 320], 6).slice([0, 40], [64, 40]), x.slice([0, 0, 0, 6], [-1, -1, -1, 1]),
     ];
     shapes.push(...outs.map((t) => t.shape));
     return outs;

@@ -2,7 +2,7 @@
  * @file Native layout, reduction and unary kernels — where the stock pure-JS ones took most of
  * an SD1.5 UNet step once conv and matmul were native (profile of fwd+bwd at 32×32 latents:
  * Sum 9.0 s, PadV2 3.0 s, Transpose 2.8 s, Mean 2.5 s, SplitV 1.7 s, Unpack 0.9 s, Neg, Erf,
- * Sigmoid, Exp). Transpose, SplitV, Unpack and PadV2 are one strided copy each (exact); Sum
+ * Sigmoid, Exp). Transpose, Slice (non-contiguous), SplitV, Unpack and PadV2 are one strided copy each (exact); Sum
  * and Mean sum in double like the stock loop (kernels/Sum.js; Mean divides each element by the
  * count first, as kernels/Mean.js does); Neg/Exp/Sigmoid/Erf evaluate the stock formulas in
  * double. Anything but float32 falls back to the stock kernel.
@@ -134,6 +134,20 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     copy(addon, xv, out, x.shape, contiguousStrides(x.shape), os, 0, offset);
     return backend.makeTensorInfo(outShape, 'float32', out);
   };
+  /** Non-contiguous float32 slices (e.g. one head's columns); contiguous ones stay stock views. */
+  const slice: KernelFunc = (args) => {
+    const backend = args.backend as CpuBackend;
+    const x = args.inputs.x!;
+    const xv = f32(backend, x);
+    const attrs = args.attrs as { begin: number | number[]; size: number | number[] };
+    const [begin, size] = tf.slice_util.parseSliceParams(x as tf.Tensor, attrs.begin, attrs.size);
+    if (!xv || tf.slice_util.isSliceContinous(x.shape, begin, size)) return stock('Slice')(args);
+    tf.slice_util.assertParamsValid(x as tf.Tensor, begin, size);
+    const xs = contiguousStrides(x.shape);
+    const out = new Float32Array(tf.util.sizeFromShape(size));
+    copy(addon, xv, out, size, xs, contiguousStrides(size), begin.reduce((o, b, d) => o + b * xs[d]!, 0));
+    return backend.makeTensorInfo(size, 'float32', out);
+  };
   const unary = (name: string, op: number): KernelFunc => (args) => {
     const backend = args.backend as CpuBackend;
     const x = args.inputs.x!;
@@ -144,7 +158,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     return backend.makeTensorInfo(x.shape, 'float32', out);
   };
   return {
-    Sum: reduce('Sum'), Mean: reduce('Mean'), Transpose: transpose, SplitV: splitV, Unpack: unpack, PadV2: padV2,
+    Sum: reduce('Sum'), Mean: reduce('Mean'), Transpose: transpose, Slice: slice, SplitV: splitV, Unpack: unpack, PadV2: padV2,
     Neg: unary('Neg', 0), Exp: unary('Exp', 1), Sigmoid: unary('Sigmoid', 2), Erf: unary('Erf', 3),
   };
 }
