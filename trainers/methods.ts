@@ -14,6 +14,10 @@ export const methods: Record<string, MethodEntry> = {
     schema: 'hypernetwork',
     load: async () => (await import('./hypernetwork.ts')).runHypernetwork as unknown as JobRunner,
   },
+  dreambooth: {
+    schema: 'dreambooth',
+    load: async () => (await import('./dreambooth.ts')).runDreambooth as unknown as JobRunner,
+  },
   lora: {
     schema: 'lora',
     load: async () => (await import('./lora.ts')).runLora as unknown as JobRunner,

@@ -1,0 +1,196 @@
+/**
+ * @file Dreambooth on the tiny SD1 fixture at 64 px: full-model gradients through the trainer's
+ * own loss (dreamboothLoss) match golden ft.loss / ft.grad.* (and, split into an instance and a
+ * class half, twice them); a short prior-preservation run lowers the instance loss at fixed
+ * batches while the class loss stays bounded, with class images generated once and reused; the
+ * written checkpoint reloads and reproduces the trained UNet's output; cancel + resume continues
+ * with the saved optimizer state and ends bit-identical to an uninterrupted run.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { validate } from '../schemas/index.ts';
+import { loadSdModel } from '../trainers/nets/sd.ts';
+import { unetForward } from '../trainers/nets/unet.ts';
+import { paramToTorch, type Params } from '../trainers/nets/params.ts';
+import { openSafetensors } from '../trainers/io/safetensors.ts';
+import { trainLoop } from '../trainers/loop.ts';
+import {
+  dreamboothLoss, dreamboothMethod, dreamboothPaths, dreamboothSpec, initDreamboothState, nextDbBatch, prepareDreambooth,
+  releaseDreambooth, runDreambooth, type DbBatch, type DbSpec,
+} from '../trainers/dreambooth.ts';
+import type { JobContext, JobEvent } from '../trainers/job.ts';
+import { onGradBackend } from './helpers/golden.ts';
+
+const SD1 = 'test/fixtures/sd-tiny';
+let tmp: string;
+let images: string;
+let counter = 0;
+
+before(async () => {
+  await initBackend();
+  tmp = mkdtempSync(join(tmpdir(), 'sidetrain-db-'));
+  images = join(tmp, 'images');
+  mkdirSync(images);
+  for (const f of ['01-orange cat.png', 'green_triangle.png']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+});
+after(() => rmSync(tmp, { recursive: true, force: true }));
+
+function ctxFor(events: JobEvent[], onEvent?: (e: JobEvent, abort: () => void) => void): JobContext {
+  const controller = new AbortController();
+  return { emit: (e) => { events.push(e); onEvent?.(e, () => controller.abort()); }, signal: controller.signal };
+}
+
+/** A validated spec (schema defaults) for the tiny model: 64 px, class images from a shared log dir. */
+function specFor(extra: Record<string, unknown> = {}): DbSpec {
+  const raw: Record<string, unknown> = {
+    model: join(SD1, 'model.safetensors'), images, name: `db${++counter}`, instancePrompt: 'a photo of sks cat', classPrompt: 'a photo of a cat',
+    classImages: 2, classSteps: 3, width: 64, height: 64, steps: 4, lr: '0.001', seed: 3, logDir: join(tmp, 'logs'), checkpointDir: join(tmp, 'ckpt'),
+    ...extra,
+  };
+  const errors = validate('dreambooth', raw);
+  assert.deepEqual(errors, []);
+  return dreamboothSpec(raw as unknown as DbSpec);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+test('full-model gradients through dreamboothLoss match golden ft.* (and ×2 split into instance/class halves)', async () => {
+  await onGradBackend(async () => {
+    const g = JSON.parse(readFileSync(join(SD1, 'golden.json'), 'utf8'));
+    const gold = await openSafetensors(join(SD1, 'golden.safetensors'));
+    const model = await loadSdModel(join(SD1, 'model.safetensors'), ['text', 'unet']);
+    const input = async (n: string) => tf.tensor(await gold.read(n), gold.info(n).shape).transpose([0, 2, 3, 1]);
+    const vars = (p: Params) => new Map([...p].map(([k, t]) => [k, tf.variable(t, true)]));
+    const text = vars(model.text!.params);
+    const unet = vars(model.unet!.params);
+    const dbModel = { ...model, text: { params: text as Params, cfg: model.text!.cfg }, unet: { params: unet as Params, cfg: model.unet!.cfg } };
+    const tb = g.train_batch;
+    const all = [...text.values(), ...unet.values()];
+    for (const classRows of [0, 1]) {
+      const batch: DbBatch = { latents: await input(tb.x0), noise: await input(tb.noise), timesteps: tb.timesteps, ids: tb.ids, classRows };
+      const { value, grads } = tf.variableGrads(() => dreamboothLoss(dbModel, batch, 1).loss, all);
+      const scale = classRows ? 2 : 1; // mean(half 0) + mean(half 1) = 2 × mean(all) for equal halves
+      const check = async (name: string, got: Tensor) => {
+        const want = await gold.read(name);
+        const data = await got.data();
+        let max = 0;
+        data.forEach((v, i) => (max = Math.max(max, Math.abs(v - scale * want[i]!))));
+        assert.ok(max <= scale * g.tensors[name].atol, `${name} (classRows ${classRows}): max diff ${max} > ${scale * g.tensors[name].atol}`);
+      };
+      await check('ft.loss', value);
+      for (const name of g.full_model_gradients.grads as string[]) {
+        const key = name.slice('ft.grad.'.length);
+        const v = text.get(key) ?? unet.get(key);
+        assert.ok(v, `${key} is a trained weight`);
+        const torch = paramToTorch(grads[v.name]!);
+        await check(name, torch);
+        torch.dispose();
+      }
+      tf.dispose([value, ...Object.values(grads), batch.latents, batch.noise]);
+    }
+    tf.dispose(all);
+    await gold.close();
+    await model.source.close();
+  });
+});
+
+/** Instance and class loss summed over the batches of steps 1…n (fixed: seeded noise/timesteps). */
+async function fixedLosses(run: Awaited<ReturnType<typeof prepareDreambooth>>, spec: DbSpec, unet: Params, n: number): Promise<[number, number]> {
+  let inst = 0;
+  let cls = 0;
+  for (let step = 1; step <= n; step++) {
+    const batch = nextDbBatch(run, spec, step, 0, true);
+    const parts = dreamboothLoss({ ...run.model, unet: { params: unet, cfg: run.model.unet.cfg } }, batch, 1);
+    inst += (await parts.instance.data())[0]!;
+    cls += (await parts.prior!.data())[0]!;
+    tf.dispose([parts.loss, parts.instance, parts.prior!, batch.latents, batch.noise, batch.context!]);
+  }
+  return [inst, cls];
+}
+
+test('prior preservation: class images cached; instance loss falls, class loss bounded; checkpoint reproduces the trained UNet', async () => {
+  await onGradBackend(async () => {
+    const spec = specFor({ steps: 8, lr: '0.002' });
+    const events: JobEvent[] = [];
+    const ctx = ctxFor(events);
+    const run = await prepareDreambooth(spec, ctx);
+    assert.ok(run.classes, 'prior preservation is on');
+    assert.equal(readdirSync(run.classes.dir).filter((f) => f.endsWith('.png')).length, 2);
+    assert.match(run.classes.dir, /class-images[/\\][0-9a-f]{10}-[0-9a-f]{10}$/);
+    const paths = dreamboothPaths(spec);
+    const s = await initDreamboothState(run, spec, paths, ctx);
+    try {
+      const base = new Map([...s.unet].map(([k, v]) => [k, v.clone()]));
+      const before = await fixedLosses(run, spec, base, 4);
+      const method = dreamboothMethod(run, spec, s, paths);
+      await trainLoop(method, { startStep: 0, steps: spec.steps, gradAccum: 1, learnRate: () => 0.002, optimizer: s.optimizer, saveEvery: 0, previewEvery: 0, stepsPerEpoch: 1 }, ctx);
+      const after = await fixedLosses(run, spec, s.unet, 4);
+      assert.ok(after[0] < before[0], `instance loss ${before[0]} → ${after[0]}`);
+      assert.ok(after[1] < before[1] * 1.5, `class loss ${before[1]} → ${after[1]}`);
+      const [output] = await method.save(spec.steps, true);
+      assert.equal(output, paths.output);
+      // the reloaded checkpoint gives the trained UNet's output
+      const reloaded = await loadSdModel(output!, ['unet']);
+      const x = tf.randomNormal([1, 8, 8, 4], 0, 1, 'float32', 5);
+      const ctxT = tf.randomNormal([1, 77, run.model.text.cfg.width], 0, 1, 'float32', 6);
+      const a = unetForward(s.unet, run.model.unet.cfg, x, [500], ctxT);
+      // (same config: head counts come from the fixture's config.json, which the output folder lacks)
+      const b = unetForward(reloaded.unet!.params, run.model.unet.cfg, x, [500], ctxT);
+      const d = tf.tidy(() => a.sub(b).abs().max());
+      assert.equal((await d.data())[0], 0);
+      const baseOut = unetForward(base, run.model.unet.cfg, x, [500], ctxT);
+      const moved = tf.tidy(() => a.sub(baseOut).abs().max());
+      assert.ok((await moved.data())[0]! > 1e-4, 'training changed the UNet');
+      const file = await openSafetensors(output!);
+      const meta = file.metadata();
+      await file.close();
+      assert.equal(meta.sidetrain_method, 'dreambooth');
+      assert.equal(meta.sidetrain_step, String(spec.steps));
+      tf.dispose([x, ctxT, a, b, d, baseOut, moved, ...base.values()]);
+      await reloaded.source.close();
+    } finally {
+      s.optimizer.dispose();
+      await releaseDreambooth(run);
+    }
+    // a later job with the same model and class prompt reuses the cached images
+    const events2: JobEvent[] = [];
+    const run2 = await prepareDreambooth(specFor(), ctxFor(events2));
+    assert.equal(run2.classes!.dir, run.classes.dir);
+    assert.ok(!events2.some((e) => e.type === 'log' && /generating/.test(e.message)), 'no class image generated again');
+    await releaseDreambooth(run2);
+  });
+});
+
+test('runDreambooth: cancel + resume keeps the optimizer state and ends identical to an uninterrupted run', async () => {
+  await onGradBackend(async () => {
+    for (const optimizer of ['adamw8bit']) {
+      const full = specFor({ optimizer, name: `full-${optimizer}` });
+      const r1 = await runDreambooth(full, ctxFor([]));
+      assert.equal(r1.kind, 'checkpoint');
+      assert.equal(r1.usage, full.name);
+      assert.equal(r1.step, 4);
+
+      const part = specFor({ optimizer, name: `part-${optimizer}` });
+      const r2 = await runDreambooth(part, ctxFor([], (e, abort) => e.type === 'step' && e.step === 2 && abort()));
+      assert.equal(r2.cancelled, true);
+      assert.equal(r2.step, 2);
+      const optim = join(dreamboothPaths(part).snapshots, `${part.name}-2.optim.safetensors`);
+      assert.ok(existsSync(optim), 'optimizer state saved beside the snapshots');
+      const events: JobEvent[] = [];
+      const r3 = await runDreambooth({ ...part, resume: true }, ctxFor(events));
+      assert.equal(r3.step, 4);
+      assert.ok(events.some((e) => e.type === 'log' && /optimizer state restored/.test(e.message)));
+
+      const a = await openSafetensors(r1.output);
+      const b = await openSafetensors(r3.output);
+      assert.deepEqual(a.keys().sort(), b.keys().sort());
+      for (const k of a.keys()) assert.deepEqual(await b.read(k), await a.read(k), k);
+      await a.close();
+      await b.close();
+    }
+  });
+});
