@@ -263,3 +263,27 @@ test('resume from the newest snapshot (+ its .optim) continues the run exactly',
   }
   assert.ok(worst < 1e-6, `resumed vs straight run: ${worst}`);
 });
+
+test('SD2 text LoRA: q/k/v deltas land on their row blocks of the fused in_proj_weight', async () => {
+  const sd2 = await loadSdModel(join(SD2, 'model.safetensors'), ['text']);
+  try {
+    const net = createLora(loraTargets(shapesOf(sd2.source), ['text']), { rank: 2, alpha: 1, seed: 7 });
+    const k = net.targets.find((t) => t.name === 'lora_te_text_model_encoder_layers_0_self_attn_k_proj')!;
+    const up = net.weights.get(`${k.name}.lora_up.weight`)!;
+    up.assign(tf.randomNormal(up.shape, 0, 1, 'float32', 9));
+    const merged = mergeLora(sd2.text!.params, net);
+    const base = sd2.text!.params.get(k.weightKey)!;
+    const delta = tf.tidy(() => merged.get(k.weightKey)!.sub(base));
+    const expected = tf.tidy(() => tf.matMul(up, net.weights.get(`${k.name}.lora_down.weight`)!).mul(net.alpha / net.rank));
+    const rows = tf.split(delta, 3, 0);
+    const zero = tf.zerosLike(rows[0]!);
+    assert.equal(await maxAbsDiff(rows[0]!, zero), 0, 'q rows unchanged');
+    assert.ok((await maxAbsDiff(rows[1]!, expected)) < 1e-6, 'k rows get up·down·alpha/rank');
+    assert.equal(await maxAbsDiff(rows[2]!, zero), 0, 'v rows unchanged');
+    assert.equal(rows[1]!.shape[0], k.outDim);
+    tf.dispose([delta, expected, zero, ...rows, ...merged.values()]);
+    disposeLora(net);
+  } finally {
+    await sd2.source.close();
+  }
+});
