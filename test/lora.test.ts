@@ -8,6 +8,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { initBackend, tf } from '../trainers/tf.ts';
 import { loadSdModel, shapesOf, type SdModel } from '../trainers/nets/sd.ts';
@@ -217,6 +218,10 @@ test('a short LoRA run on sd-tiny lowers the loss and writes kohya keys + ss_* m
   assert.match(meta.ss_sd_model_hash!, /^[0-9a-f]{8}$/);
   assert.deepEqual(JSON.parse(meta.ss_tag_frequency!), { '1_images': { 'a photo of sks cat': 2 } });
   assert.ok(Number(meta.ss_training_started_at) > 1.6e9);
+  // the addnet hash: sha256 of the tensor data after the header
+  const bytes = readFileSync(result.output);
+  const data = bytes.subarray(8 + Number(bytes.readBigUInt64LE(0)));
+  assert.equal(meta.sshs_model_hash, createHash('sha256').update(data).digest('hex'));
   await file.close();
 });
 

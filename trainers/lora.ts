@@ -9,7 +9,7 @@
  * AdamW (torch default weight decay 0.01, as kohya's default optimizer AdamW).
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, writeFile } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -185,8 +185,25 @@ async function saveLora(run: PreparedRun, spec: LoraSpec, s: LoraState, path: st
   await mkdir(resolve(path, '..'), { recursive: true });
   // .optim first: a kill between the two leaves weights beside an older .optim, which the step check refuses
   const optim = await saveOptimizer(`${path}.optim`, s, step);
-  await writeSafetensors(path, tensors, await loraMetadata(run, spec, s, step, hashes), { overwrite: true, order: 'widest-first' });
+  const metadata = await loraMetadata(run, spec, s, step, hashes);
+  await writeSafetensors(path, tensors, metadata, { overwrite: true, order: 'widest-first' });
+  // sshs_model_hash (kohya precalculate_safetensors_hashes, the webui's addnet hash): sha256 of the
+  // data after the header, which the metadata does not change; so: write, hash, write again
+  metadata.sshs_model_hash = await addnetHash(path);
+  await writeSafetensors(path, tensors, metadata, { overwrite: true, order: 'widest-first' });
   return [path, ...optim];
+}
+
+/** webui hashes.addnet_hash_safetensors: sha256 of everything after the 8-byte length and the JSON header. */
+export async function addnetHash(path: string): Promise<string> {
+  const handle = await open(path, 'r');
+  const lengthBytes = Buffer.alloc(8);
+  await handle.read(lengthBytes, 0, 8, 0);
+  await handle.close();
+  const hash = createHash('sha256');
+  const start = 8 + Number(lengthBytes.readBigUInt64LE(0));
+  for await (const chunk of createReadStream(path, { start })) hash.update(chunk as Buffer);
+  return hash.digest('hex');
 }
 
 /**
