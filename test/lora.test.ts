@@ -292,3 +292,17 @@ test('SD2 text LoRA: q/k/v deltas land on their row blocks of the fused in_proj_
     await sd2.source.close();
   }
 });
+
+test('rank dropout: seeded, drops ranks of ΔW and rescales the rest; p = 0 is the plain delta', async () => {
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn']), { rank: 8, alpha: 8, seed: 1 });
+  randomizeUp(net, 30);
+  const key = net.targets[0]!.weightKey;
+  const params = new Map([[key, sd1.unet!.params.get(key)!]]);
+  const [plain, a, b, c] = [{}, { dropout: 0.5, seed: 4 }, { dropout: 0.5, seed: 4 }, { dropout: 0.5, seed: 5 }]
+    .map((o) => tf.tidy(() => withLora(params, net, o).get(key)!));
+  assert.equal(await maxAbsDiff(a!, b!), 0, 'same seed, same mask');
+  assert.ok((await maxAbsDiff(a!, c!)) > 0, 'another seed, another mask');
+  assert.ok((await maxAbsDiff(a!, plain!)) > 0);
+  tf.dispose([plain!, a!, b!, c!]);
+  disposeLora(net);
+});
