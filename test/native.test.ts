@@ -148,6 +148,7 @@ test('native softmax and broadcasting binary ops match the stock CPU kernels', {
   const { native, stock } = await both(() => [
     tf.softmax(rand([5, 33], 1).mul(4)),
     tf.softmax(rand([2, 3, 200], 2).mul(10)),
+    tf.softmax(tf.concat([rand([3, 1001], 3).mul(60), tf.fill([3, 7], -1e9)], 1)), // wide range, masked entries
     ...pairs.flatMap(([sa, sb], i) => {
       const a = rand(sa, 10 + i), b = rand(sb, 20 + i).add(1.5); // b away from 0 for div
       return [a.add(b), a.sub(b), b.sub(a), a.mul(b), a.div(b), b.div(a)];
@@ -155,7 +156,8 @@ test('native softmax and broadcasting binary ops match the stock CPU kernels', {
   ]);
   assertClose('softmax', native[0]!, stock[0]!, 33);
   assertClose('softmax rank 3', native[1]!, stock[1]!, 200);
-  for (let i = 2; i < native.length; i++) assert.deepEqual(native[i], stock[i], `binary op ${i - 2} (${JSON.stringify(pairs[Math.floor((i - 2) / 6)])})`);
+  assertClose('softmax wide range', native[2]!, stock[2]!, 1008);
+  for (let i = 3; i < native.length; i++) assert.deepEqual(native[i], stock[i], `binary op ${i - 3} (${JSON.stringify(pairs[Math.floor((i - 3) / 6)])})`);
 });
 
 test('native kernels fall back for int32 and leak no tensors', { skip }, async () => {

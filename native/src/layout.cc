@@ -67,12 +67,22 @@ void reduce_sum(const float* x, float* out, int G, const long* size, const bool*
     parallel_for(static_cast<int>(tasks), [&](int t) {
       for (long o = t * chunk; o < std::min(rows, (t + 1) * chunk); o++) {
         const float* base = x + offset_of(o, nk, ks, kst);
-        double acc = 0;
+        double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent chains: not latency-bound
         for (long r = 0; r < runs; r++) {
           const float* p = base + offset_of(r, nr - 1, rs, rst);
-          if (scale) for (long i = 0; i < n; i++) acc += static_cast<double>(p[i] / divisor);
-          else for (long i = 0; i < n; i++) acc += static_cast<double>(p[i]);
+          long i = 0;
+          if (scale) {
+            for (; i + 8 <= n; i += 8)
+              for (int j = 0; j < 8; j++) part[j] += static_cast<double>(p[i + j] / divisor);
+            for (; i < n; i++) part[0] += static_cast<double>(p[i] / divisor);
+          } else {
+            for (; i + 8 <= n; i += 8)
+              for (int j = 0; j < 8; j++) part[j] += static_cast<double>(p[i + j]);
+            for (; i < n; i++) part[0] += static_cast<double>(p[i]);
+          }
         }
+        double acc = 0;
+        for (int j = 0; j < 8; j++) acc += part[j];
         out[o] = static_cast<float>(acc);
       }
     });
