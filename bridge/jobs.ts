@@ -51,6 +51,8 @@ export class JobManager {
   private readonly concurrency: number;
   private readonly webuiSide: JobWebui;
   private readonly previews: WebuiPreviews;
+  /** The newest events.jsonl append per job (appends to one file are chained in the store). */
+  private readonly lastEventWrite = new Map<string, Promise<void>>();
   private idleWaiters: (() => void)[] = [];
 
   constructor(private readonly opts: JobManagerOptions) {
@@ -142,6 +144,7 @@ export class JobManager {
     await this.running.get(id)?.done;
     await this.store.delete(id);
     this.hub.forget(id);
+    this.lastEventWrite.delete(id);
   }
 
   get(id: string): JobRecord | undefined {
@@ -199,7 +202,7 @@ export class JobManager {
 
   private publish(id: string, event: ServerEvent): void {
     const msg = this.hub.publish(id, event);
-    if (event.type !== 'state') void this.store.append(id, 'events.jsonl', `${JSON.stringify(msg)}\n`).catch(() => {});
+    if (event.type !== 'state') this.lastEventWrite.set(id, this.store.append(id, 'events.jsonl', `${JSON.stringify(msg)}\n`));
   }
 
   private publishState(job: JobRecord): void {
@@ -258,6 +261,7 @@ export class JobManager {
     let lastPersist = Date.now();
     let terminal = false;
     const csv = join(this.store.jobDir(job.id), 'loss.csv');
+    let lastCsvWrite = Promise.resolve();
     if (!existsSync(csv)) await this.store.append(job.id, 'loss.csv', 'step,epoch,loss,learn_rate\n');
     const outcome = await worker.run(job.type, job.spec, lockFile, {
       onEvent: (event) => {
@@ -266,7 +270,7 @@ export class JobManager {
         this.publish(job.id, withUrl(job, event));
         if (event.type === 'snapshot') this.previews.snapshot(job.id, job.spec, event.step, event.path);
         if (event.type === 'step') {
-          void this.store.append(job.id, 'loss.csv', `${event.step},${event.epoch},${event.loss},${event.learnRate}\n`);
+          lastCsvWrite = this.store.append(job.id, 'loss.csv', `${event.step},${event.epoch},${event.loss},${event.learnRate}\n`);
           if (Date.now() - lastPersist < PERSIST_EVERY_MS) return;
         }
         lastPersist = Date.now();
@@ -279,6 +283,9 @@ export class JobManager {
     });
     const cancelling = this.running.get(job.id)?.cancelling ?? false;
     await this.previews.close(job.id);
+    // The loss CSV and the log are complete by the time anyone sees the job ended (a busy disk lags).
+    await Promise.all([lastCsvWrite, this.lastEventWrite.get(job.id)]);
+    this.lastEventWrite.delete(job.id);
     this.settle(job, outcome, cancelling, terminal);
     log.info({ state: job.state, error: job.error }, 'job ended');
     await this.persist(job);
