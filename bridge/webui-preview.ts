@@ -7,7 +7,7 @@
  *
  * The webui only sees files in its folders, so a snapshot outside the job's output folder (the
  * folder the webui is refreshed for) is copied in as `sidetrain-preview-<name>-<step>.<ext>` for
- * the one call: refresh, txt2img, delete, refresh again. The step is in the name because A1111
+ * the one call: refresh, check the webui lists it, txt2img, delete, refresh again. The step is in the name because A1111
  * reuses a hypernetwork already loaded under the same name (hypernetwork.py load_hypernetworks),
  * which would render every preview with the first snapshot's weights. Leftovers of a server
  * killed mid-call are removed before the next preview of the same job name.
@@ -113,7 +113,7 @@ export class WebuiPreviews {
       p.next = undefined;
       try {
         const png = await this.render(target, step, path);
-        if (png) this.emit(jobId, { type: 'preview', step, path: png });
+        this.emit(jobId, { type: 'preview', step, path: png });
       } catch (err) {
         const why = err instanceof Error ? err.message : String(err);
         this.emit(jobId, { type: 'log', level: 'warn', message: `webui preview at step ${step} failed (${why}); the method's own previews go on` });
@@ -122,8 +122,8 @@ export class WebuiPreviews {
     p.running = undefined;
   }
 
-  /** Refresh, txt2img, clean up; the PNG's path, or undefined when the webui is not up. */
-  private async render(t: Target, step: number, snapshot: string): Promise<string | undefined> {
+  /** Refresh, check the webui sees it, txt2img, clean up; the PNG's path. Throws why not. */
+  private async render(t: Target, step: number, snapshot: string): Promise<string> {
     if (!(await this.webui.up())) throw new Error(`the webui at ${this.webui.url} is not answering`);
     await removeLeftovers(t);
     const inside = resolve(snapshot).startsWith(t.dir + sep);
@@ -133,6 +133,9 @@ export class WebuiPreviews {
       if (copy) await copyFile(snapshot, copy);
       const refreshed = await this.webui.refresh(t.kind);
       if (!refreshed.ok) throw new Error(refreshed.message);
+      // A webui scanning another folder (SD.Next, custom flags) would render the prompt without it.
+      const seen = await this.webui.verify(t.kind, copy ?? snapshot, token);
+      if (!seen.ready) throw new Error(seen.message);
       const image = await this.webui.txt2img(txt2imgPayload(t, token));
       await mkdir(t.images, { recursive: true });
       const out = join(t.images, `${t.name}-${step}-webui.png`);

@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync } from 'node:fs';
-import { basename } from 'node:path';
+import { basename, join } from 'node:path';
 import { describe, test } from 'node:test';
 import { Command } from 'commander';
 import { registerServe, serveOptions } from '../bridge/commands/serve.ts';
@@ -53,14 +53,15 @@ describe('previews through the webui', () => {
       const token = `${PREVIEW_PREFIX}cat-5`;
       assert.equal(first.payload.prompt, `a photo of ${token}`);
       assert.ok(first.files.includes(`${token}.json`), `copy present during the call: ${first.files}`);
+      assert.ok(first.embeddings.includes(token), 'registered by the refresh before the call');
       assert.equal(first.payload.sampler_name, undefined, "the user's sampler");
       assert.equal(first.payload.override_settings, undefined, "the user's VAE");
       assert.equal(first.payload.steps, 20);
       assert.equal(first.payload.seed, 0);
       assert.equal(first.payload.do_not_save_samples, true);
-      // refresh (copy in) → txt2img → refresh (copy out)
-      const seq = paths(webui).filter((p) => /refresh-embeddings|txt2img/.test(p));
-      assert.deepEqual(seq.slice(0, 3), ['POST /sdapi/v1/refresh-embeddings', 'POST /sdapi/v1/txt2img', 'POST /sdapi/v1/refresh-embeddings']);
+      // refresh (copy in) → the webui lists it → txt2img → refresh (copy out)
+      const seq = paths(webui).filter((p) => /refresh-embeddings|txt2img|GET \/sdapi\/v1\/embeddings/.test(p));
+      assert.deepEqual(seq.slice(0, 4), ['POST /sdapi/v1/refresh-embeddings', 'GET /sdapi/v1/embeddings', 'POST /sdapi/v1/txt2img', 'POST /sdapi/v1/refresh-embeddings']);
       const preview = messages.find((m) => m.type === 'preview' && m.path.endsWith('-webui.png'));
       assert.ok(preview, `events: ${messages.map((m) => m.type)}`);
       assert.equal(basename(preview.path), 'cat-5-webui.png');
@@ -96,6 +97,22 @@ describe('previews through the webui', () => {
       assert.ok(!messages.some((m) => m.type === 'preview'));
       assert.deepEqual(leftovers(dirs), []);
     });
+  });
+
+  test('a webui that scans another folder (SD.Next settings): no txt2img that would ignore the snapshot', async () => {
+    const dirs = makeDirs();
+    const webui = await startFakeWebui({ dirs: { ...webuiDirs(dirs), embeddings: join(dirs.root, 'elsewhere') } });
+    const t = await startTestServer({ webuiUrl: webui.url }, dirs);
+    try {
+      const { job, messages } = await runJob(t, 'stub', 'astray');
+      assert.equal(job.state, 'finished', job.error);
+      assert.equal(webui.txt2img.length, 0);
+      assert.ok(messages.some((m) => m.type === 'log' && /webui preview at step 5 failed.*does not list embedding 'sidetrain-preview-astray-5'/.test(m.message)));
+      assert.deepEqual(leftovers(dirs), []);
+    } finally {
+      await t.close();
+      await webui.close();
+    }
   });
 
   test('--webui-previews off: no txt2img', async () => {

@@ -42,6 +42,9 @@ export interface FakeWebui {
 /** 1×1 PNG: what txt2img returns. */
 export const TINY_PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==';
 
+// The webui's own, plus .json: the stub methods' snapshots (copied in for webui previews).
+const EMBEDDING_EXTS = ['.pt', '.safetensors', '.json'];
+const HYPERNETWORK_EXTS = ['.pt', '.json'];
 const ls = (dir: string) => (existsSync(dir) ? readdirSync(dir) : []);
 const stems = (dir: string, exts: string[]) =>
   existsSync(dir) ? readdirSync(dir).filter((f) => exts.some((e) => f.endsWith(e))).map((f) => f.slice(0, f.lastIndexOf('.'))) : [];
@@ -71,10 +74,10 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
   app.get('/sdapi/v1/cmd-flags', (_req, res) =>
     void res.json({ embeddings_dir: opts.dirs.embeddings, hypernetwork_dir: opts.dirs.hypernetworks, ckpt_dir: opts.dirs.checkpoints, lora_dir: opts.dirs.lora, data_dir: '/nonexistent' }),
   );
-  app.post('/sdapi/v1/refresh-embeddings', refresh(() => (state.embeddings = stems(opts.dirs.embeddings, ['.pt', '.safetensors']))));
+  app.post('/sdapi/v1/refresh-embeddings', refresh(() => (state.embeddings = stems(opts.dirs.embeddings, EMBEDDING_EXTS))));
   app.post('/sdapi/v1/refresh-checkpoints', refresh(() => (state.models = stems(opts.dirs.checkpoints, ['.safetensors', '.ckpt']))));
   app.post('/sdapi/v1/refresh-loras', refresh(() => (state.loras = stems(opts.dirs.lora, ['.safetensors']))));
-  app.post('/sidetrain/refresh-hypernetworks', refresh(() => (state.hypernetworks = stems(opts.dirs.hypernetworks, ['.pt']))));
+  app.post('/sidetrain/refresh-hypernetworks', refresh(() => (state.hypernetworks = stems(opts.dirs.hypernetworks, HYPERNETWORK_EXTS))));
   app.get('/sdapi/v1/embeddings', (_req, res) => {
     const loaded: Record<string, unknown> = {};
     const skipped: Record<string, unknown> = {};
