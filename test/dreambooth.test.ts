@@ -194,3 +194,27 @@ test('runDreambooth: cancel + resume keeps the optimizer state and ends identica
     }
   });
 });
+
+test('text encoder trained for textEncoderSteps then frozen; no prior preservation; half output; existing output kept', async () => {
+  await onGradBackend(async () => {
+    const spec = specFor({ classPrompt: '', trainTextEncoder: true, textEncoderSteps: 1, textEncoderLr: '0.001', optimizer: 'adafactor', half: true, steps: 2, saveEvery: 1 });
+    const r = await runDreambooth(spec, ctxFor([]));
+    const snap = await openSafetensors(join(dreamboothPaths(spec).snapshots, `${spec.name}-1.safetensors`));
+    const out = await openSafetensors(r.output);
+    const base = await openSafetensors(join(SD1, 'model.safetensors'));
+    try {
+      const textKey = 'cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight';
+      const unetKey = 'model.diffusion_model.out.2.weight';
+      assert.equal(out.info(textKey).dtype, 'F16');
+      assert.equal(out.info('cond_stage_model.transformer.text_model.embeddings.position_ids').dtype, base.info('cond_stage_model.transformer.text_model.embeddings.position_ids').dtype);
+      const changed = (a: Float32Array, b: Float32Array) => a.some((v, i) => Math.abs(v - b[i]!) > 1e-3);
+      assert.ok(changed(await snap.read(textKey), await base.read(textKey)), 'step 1 trained the text encoder');
+      assert.deepEqual(await out.read(textKey), await snap.read(textKey), 'frozen after textEncoderSteps');
+      assert.ok(changed(await out.read(unetKey), await snap.read(unetKey)), 'the UNet kept training');
+      assert.equal(out.metadata().sidetrain_class_images, '0');
+    } finally {
+      await Promise.all([snap.close(), out.close(), base.close()]);
+    }
+    await assert.rejects(runDreambooth(spec, ctxFor([])), /already exists/);
+  });
+});
