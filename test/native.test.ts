@@ -221,11 +221,11 @@ test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exa
   for (let i = 0; i < native.length; i++) assert.deepEqual(native[i], stock[i], `layout op ${i}`);
 });
 
-test('native Neg, Exp, Sigmoid, Erf match the stock kernels; int32 falls back', { skip }, async () => {
+test('native Neg, Exp, Sigmoid, Erf, Square, Sqrt match the stock kernels; int32 falls back', { skip }, async () => {
   await initBackend('cpu-native');
   const { native, stock } = await both(() => {
     const x = rand([70000], 9).mul(6); // > one 32k chunk, both signs, |x| up to 6
-    return [x.neg(), x.exp(), x.sigmoid(), x.erf(), tf.scalar(0).erf(), tf.scalar(-0.5).exp()];
+    return [x.neg(), x.exp(), x.sigmoid(), x.erf(), tf.scalar(0).erf(), tf.scalar(-0.5).exp(), x.square(), x.abs().sqrt()];
   });
   for (let i = 0; i < native.length; i++) assertClose(`unary ${i}`, native[i]!, stock[i]!, 1);
   registerNativeKernels();

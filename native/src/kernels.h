@@ -33,7 +33,7 @@ void strided_copy(const float* src, float* dst, int rank, const long* shape, con
 // out = Σ float(x / divisor) over the groups with reduced[g], x contiguous over G groups.
 void reduce_sum(const float* x, float* out, int G, const long* size, const bool* reduced,
                 float divisor);
-// y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf.
+// y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf, 4 square, 5 sqrt.
 void unary(int op, const float* x, float* y, long n);
 
 }  // namespace st

@@ -109,13 +109,15 @@ void reduce_sum(const float* x, float* out, int G, const long* size, const bool*
   });
 }
 
-// The stock kernels' formulas (tfjs-backend-cpu 4.22 Neg, Exp, Sigmoid, Erf), in double.
+// The stock kernels' formulas (tfjs-backend-cpu 4.22 Neg, Exp, Sigmoid, Erf, Square, Sqrt).
 template <int Op>
 static inline float unary_op(float xf) {
   const double x = xf;
   if (Op == 0) return -xf;
   if (Op == 1) return static_cast<float>(std::exp(x));
   if (Op == 2) return static_cast<float>(1.0 / (1.0 + std::exp(-x)));
+  if (Op == 4) return xf * xf;  // exact: a float product rounded once, as the double one is
+  if (Op == 5) return std::sqrt(xf);  // correctly rounded either way
   // erf: Abramowitz & Stegun 7.1.26, as backend_util.ERF_* / kernels/Erf.js
   const double p = 0.3275911, a1 = 0.254829592, a2 = -0.284496736, a3 = 1.421413741,
                a4 = -1.453152027, a5 = 1.061405429;
@@ -137,6 +139,8 @@ void unary(int op, const float* x, float* y, long n) {
     case 0: return unary_t<0>(x, y, n);
     case 1: return unary_t<1>(x, y, n);
     case 2: return unary_t<2>(x, y, n);
+    case 4: return unary_t<4>(x, y, n);
+    case 5: return unary_t<5>(x, y, n);
     default: return unary_t<3>(x, y, n);
   }
 }

@@ -26,7 +26,7 @@ export interface NativeAddon {
   copy(src: Float32Array, dst: Float32Array, shape: Float64Array, srcStrides: Float64Array, dstStrides: Float64Array, srcOffset: number, dstOffset: number): void;
   /** out = Σ float(x / divisor) over the dim groups flagged 1 in reduced (x contiguous over sizes). */
   reduceSum(x: Float32Array, out: Float32Array, sizes: Float64Array, reduced: Float64Array, divisor: number): void;
-  /** y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf (the stock kernels' formulas). */
+  /** y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf, 4 square, 5 sqrt (the stock kernels' formulas). */
   unary(op: number, x: Float32Array, y: Float32Array): void;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };

@@ -2,10 +2,11 @@
  * @file Native layout, reduction and unary kernels — where the stock pure-JS ones took most of
  * an SD1.5 UNet step once conv and matmul were native (profile of fwd+bwd at 32×32 latents:
  * Sum 9.0 s, PadV2 3.0 s, Transpose 2.8 s, Mean 2.5 s, SplitV 1.7 s, Unpack 0.9 s, Neg, Erf,
- * Sigmoid, Exp). Transpose, Slice (non-contiguous), SplitV, Unpack and PadV2 are one strided copy each (exact); Sum
- * and Mean sum in double like the stock loop (kernels/Sum.js; Mean divides each element by the
- * count first, as kernels/Mean.js does); Neg/Exp/Sigmoid/Erf evaluate the stock formulas in
- * double. Anything but float32 falls back to the stock kernel.
+ * Sigmoid, Exp, Square). Transpose, Slice (non-contiguous), SplitV, Unpack and PadV2 are one
+ * strided copy each (exact); Sum and Mean sum in double like the stock loop (kernels/Sum.js;
+ * Mean divides each element by the count first, as kernels/Mean.js does); the unary kernels
+ * evaluate the stock formulas (in double where the stock one rounds from double). Anything
+ * but float32 falls back to the stock kernel.
  */
 import { tf } from '../tf.ts';
 import type { NativeAddon } from './addon.ts';
@@ -160,5 +161,6 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
   return {
     Sum: reduce('Sum'), Mean: reduce('Mean'), Transpose: transpose, Slice: slice, SplitV: splitV, Unpack: unpack, PadV2: padV2,
     Neg: unary('Neg', 0), Exp: unary('Exp', 1), Sigmoid: unary('Sigmoid', 2), Erf: unary('Erf', 3),
+    Square: unary('Square', 4), Sqrt: unary('Sqrt', 5),
   };
 }
