@@ -72,6 +72,21 @@ test('first run encodes every image; the second never loads or calls the encoder
   assert.equal((await readdir(dir)).length, 5);
 });
 
+test('an image whose pixels fail is marked with its error, not fatal; it is retried next run', async () => {
+  const dir = join(tmp, 'cache-broken');
+  const broken = join(tmp, 'broken.png');
+  await writeFile(broken, 'not a png');
+  const counts = { loads: 0, calls: 0 };
+  const entries = await new LatentDiskCache(dir, 'vae-a').ensure(jobsFor([broken, images[1]!], 32), countingEncoder(counts));
+  assert.match(entries[0]!.error ?? '', /./);
+  assert.equal(entries[0]!.encoded, false);
+  assert.equal(entries[1]!.error, undefined);
+  assert.deepEqual(counts, { loads: 1, calls: 1 });
+  const again = await new LatentDiskCache(dir, 'vae-a').ensure(jobsFor([broken, images[1]!], 32), countingEncoder(counts));
+  assert.match(again[0]!.error ?? '', /./);
+  assert.deepEqual(counts, { loads: 1, calls: 1 }, 'only the broken image is missing: the encoder is not loaded');
+});
+
 test('the real tiny VAE: hash is stable and the encoder gives scaled latents', async () => {
   const ckpt = await openCheckpoint('test/fixtures/sd-tiny/model.safetensors');
   const h1 = await vaeHash(ckpt.source, 'first_stage_model.');

@@ -51,6 +51,8 @@ export interface CacheEntry {
   path: string;
   /** True when this call encoded it. */
   encoded: boolean;
+  /** Why the image could not be read (its pixels threw): the entry has no latent. */
+  error?: string;
 }
 
 /** The LatentEncoder of a loaded VAE: posterior mean and std, times the scale factor. */
@@ -110,7 +112,8 @@ export class LatentDiskCache {
 
   /**
    * Make sure every job's latent is on disk. `loadEncoder` is called at most once, and only when
-   * something is missing (so a fully cached run never loads the VAE).
+   * an image that decodes is missing (so a fully cached run never loads the VAE). An image whose pixels
+   * cannot be read gets `error` instead of a latent; encoder failures are thrown.
    */
   async ensure(jobs: readonly LatentJob[], loadEncoder: () => Promise<LatentEncoder>, onProgress?: (done: number, total: number) => void): Promise<CacheEntry[]> {
     await mkdir(this.dir, { recursive: true });
@@ -122,15 +125,23 @@ export class LatentDiskCache {
     const missing = [];
     for (let i = 0; i < entries.length; i++) if (!(await exists(entries[i]!.path))) missing.push(i);
     if (missing.length === 0) return entries;
-    const encode = await loadEncoder();
+    let encode: LatentEncoder | undefined; // loaded on the first image that decodes
     const written = new Set<string>();
     for (const [done, i] of missing.entries()) {
       const entry = entries[i]!;
       if (!written.has(entry.key)) {
-        const { pixels, width, height } = await jobs[i]!.pixels();
-        await this.write(entry.key, await encode(pixels, width, height));
-        written.add(entry.key);
-        entry.encoded = true;
+        let image;
+        try {
+          image = await jobs[i]!.pixels();
+        } catch (err) {
+          entry.error = (err as Error).message;
+        }
+        if (image) {
+          encode ??= await loadEncoder();
+          await this.write(entry.key, await encode(image.pixels, image.width, image.height));
+          written.add(entry.key);
+          entry.encoded = true;
+        }
       }
       onProgress?.(done + 1, missing.length);
     }
