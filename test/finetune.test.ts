@@ -35,6 +35,10 @@ before(async () => {
     await writeFile(join(images, `${stem}.txt`), `stripes, red, blue, picture ${i}`);
   }
   await writeFile(join(images, 'square', 'broken.png'), 'not a png');
+  // header fine, pixel data cut: passes the header probe, fails when decoded for the latent cache
+  const noise = Buffer.from(Array.from({ length: 96 * 96 * 3 }, (_, i) => (i * 7919) % 251));
+  const png = await sharp(noise, { raw: { width: 96, height: 96, channels: 3 } }).png({ compressionLevel: 0 }).toBuffer();
+  await writeFile(join(images, 'square', 'truncated.png'), png.subarray(0, png.length >> 1));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });
@@ -74,6 +78,7 @@ test('mixed aspect ratios: buckets, cached latents, lower validation loss, raw +
     const result = await runFinetune(jobSpec({ ema: true, emaDecay: 0.5, save: 'both', minSnrGamma: 5, noiseOffset: 0.05 }), ctx);
     const messages = logs(ctx.events);
     assert.ok(messages.some((m) => /1 image\(s\) skipped:\n  square\/broken\.png/.test(m)), 'broken image reported');
+    assert.ok(messages.some((m) => /square\/truncated\.png: /.test(m)), 'truncated image reported');
     const table = messages.find((m) => m.startsWith('bucket'))!;
     assert.match(table, /128×128/);
     assert.match(table, /192×64/);
@@ -109,5 +114,26 @@ test('a second run reuses the cached latents (no VAE) and EMA with decay 0 saves
     const t = 'cond_stage_model.transformer.text_model.final_layer_norm.weight';
     assert.notDeepEqual(raw.get(t), src.get(t), 'text encoder trained');
     await assert.rejects(runFinetune(spec, context()), /already exists/);
+  });
+});
+
+test('resume restores the weights, optimizer and EMA state exactly: stopped-and-resumed = straight run', async () => {
+  await onGradBackend(async () => {
+    const common = { steps: 4, saveEvery: 2, ema: true, emaDecay: 0.7, save: 'both', validationSplit: 0, lrScheduler: 'cosine', optimizer: 'adamw' };
+    const straight = await runFinetune(jobSpec({ ...common, name: 'straight' }), context());
+    const events: JobEvent[] = [];
+    const abort = new AbortController();
+    const stopAt2: JobContext = { signal: abort.signal, emit: (e) => { events.push(e); if (e.type === 'step' && e.step === 2) abort.abort(); } };
+    const stopped = await runFinetune(jobSpec({ ...common, name: 'resumed' }), stopAt2);
+    assert.deepEqual([stopped.step, stopped.cancelled], [2, true]);
+    const ctx = context();
+    const resumed = await runFinetune(jobSpec({ ...common, name: 'resumed', resume: true }), ctx);
+    assert.ok(logs(ctx.events).some((m) => /continuing .*resumed-2\.weights\.safetensors from step 2/.test(m)));
+    assert.equal(ctx.events.filter((e) => e.type === 'step').length, 2);
+    for (const i of [0, 1]) {
+      const a = await tensorsOf(straight.outputs[i]!, 'model.diffusion_model.');
+      const b = await tensorsOf(resumed.outputs[i]!, 'model.diffusion_model.');
+      for (const [key, values] of a) assert.deepEqual(b.get(key), values, `${i ? 'EMA' : 'raw'} ${key}`);
+    }
   });
 });

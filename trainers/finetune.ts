@@ -12,12 +12,15 @@
  *   noise (schedule.ts offsetNoise); latents are sampled from the cached posterior per use;
  * - validation: the held-out images at fixed seeded noise and timesteps, so the numbers compare
  *   across steps; every `validateEvery` steps and at the end, into `<logDir>/<name>/validation.csv`;
+ * - snapshots every `saveEvery` steps and on cancel, in `<logDir>/<name>/snapshots/`: the trained
+ *   weights (TF layout, our own file), the optimizer state (dreambooth-optim.ts) and the EMA state;
+ *   `resume` continues the newest one exactly (batches, noise and captions are functions of the step);
  * - EMA (trainers/optim/ema.ts) is updated after optimizer steps (at the next step's first batch,
  *   where the loop lets a method run async code, and before saving); `save` picks EMA, raw or both
  *   (both: `<name>.safetensors` raw and `<name>-ema.safetensors`).
  */
 import { existsSync } from 'node:fs';
-import { appendFile, mkdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { tf, initBackend, type Tensor } from './tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
@@ -35,9 +38,8 @@ import { writeCheckpoint } from './io/checkpoint-write.ts';
 import { seededNoise } from './latent-cache.ts';
 import { diffusionLoss, offsetNoise, weightedDiffusionLoss } from './schedule.ts';
 import { Rng } from './random.ts';
-import { AdamW } from './optim/adamw.ts';
-import { AdamW8bit } from './optim/adamw8bit.ts';
-import { Adafactor } from './optim/adafactor.ts';
+import { openSafetensors, writeSafetensors } from './io/safetensors.ts';
+import { DbOptimizer, makeGroupOptimizer, readOptimizerState, writeOptimizerState } from './dreambooth-optim.ts';
 import { constantWithWarmup, cosineWithWarmup } from './optim/lr.ts';
 import { Ema } from './optim/ema.ts';
 import { trainLoop, type TrainMethod } from './loop.ts';
@@ -58,7 +60,6 @@ export interface FinetuneSpec {
   lrScheduler: 'constant' | 'cosine';
   warmupSteps: number;
   optimizer: 'adamw' | 'adamw8bit' | 'adafactor';
-  weightDecay: number;
   trainTextEncoder: boolean;
   minSnrGamma: number;
   noiseOffset: number;
@@ -74,6 +75,8 @@ export interface FinetuneSpec {
   latentCacheDir?: string;
   half: boolean;
   overwrite: boolean;
+  resume: boolean;
+  saveEvery: number;
   seed: number;
 }
 
@@ -116,8 +119,11 @@ async function prepareData(spec: FinetuneSpec, ctx: JobContext) {
   return { train, validation: assign(set.validation), skipped: set.skipped };
 }
 
-/** Latents from the disk cache; the VAE encoder is loaded only for missing ones, then released. */
-async function cachedLatents(spec: FinetuneSpec, model: SdModel, samples: { image: CaptionedImage; bucket: Bucket }[], ctx: JobContext): Promise<EncodedLatent[]> {
+/**
+ * Latents from the disk cache; the VAE encoder is loaded only for missing ones, then released.
+ * An image whose pixels fail to decode (header fine, data broken) has no latent (undefined).
+ */
+async function cachedLatents(spec: FinetuneSpec, model: SdModel, samples: { image: CaptionedImage; bucket: Bucket }[], ctx: JobContext): Promise<(EncodedLatent | undefined)[]> {
   const cache = new LatentDiskCache(join(spec.latentCacheDir ?? spec.logDir, 'latent-cache'), await vaeHash(model.source, 'first_stage_model.'));
   let vae: Awaited<ReturnType<typeof loadVae>> | undefined;
   const jobs = samples.map(({ image, bucket }) => {
@@ -130,7 +136,9 @@ async function cachedLatents(spec: FinetuneSpec, model: SdModel, samples: { imag
     return vaeLatentEncoder(vae);
   });
   if (vae) disposeParams(vae.params);
-  return Promise.all(entries.map((e) => cache.read(e.key)));
+  const failed = entries.flatMap((e, i) => (e.error ? [{ file: samples[i]!.image.file, reason: e.error }] : []));
+  if (failed.length) ctx.emit({ type: 'log', level: 'warn', message: formatSkipped(failed) });
+  return Promise.all(entries.map((e) => (e.error ? undefined : cache.read(e.key))));
 }
 
 /** Swap trained params for variables (same keys); the replaced tensors are disposed. */
@@ -241,13 +249,7 @@ async function saveCheckpoints(run: FtRun, step: number): Promise<string[]> {
   return outputs;
 }
 
-function makeOptimizer(spec: FinetuneSpec, trainable: Map<string, tf.Variable>) {
-  if (spec.optimizer === 'adamw8bit') return new AdamW8bit(trainable, { weightDecay: spec.weightDecay });
-  if (spec.optimizer === 'adafactor') return new Adafactor(trainable, {});
-  return new AdamW(trainable, { lr: spec.lr, weightDecay: spec.weightDecay });
-}
-
-function ftMethod(run: FtRun, ctx: JobContext): TrainMethod<FtBatch> {
+function ftMethod(run: FtRun, optimizer: DbOptimizer, ctx: JobContext): TrainMethod<FtBatch> {
   const { spec } = run;
   return {
     trainable: run.trainable,
@@ -260,9 +262,8 @@ function ftMethod(run: FtRun, ctx: JobContext): TrainMethod<FtBatch> {
     loss: (batch) => finetuneLoss(run, batch),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise]),
     save: async (step, final) => {
-      if (!final) return [];
-      await afterStep(run, step, ctx, true);
-      return saveCheckpoints(run, step);
+      await afterStep(run, step, ctx, final);
+      return final ? saveCheckpoints(run, step) : saveSnapshot(run, optimizer, step);
     },
   };
 }
@@ -273,7 +274,7 @@ async function checkSpec(spec: FinetuneSpec): Promise<string> {
   await checkReadableFile(spec.model, '/model');
   await checkReadableDir(spec.images, '/images');
   const output = resolve(spec.checkpointDir, `${spec.name}.safetensors`);
-  if (existsSync(output) && !spec.overwrite) throw new Error(`${output} already exists: pass --overwrite to replace it`);
+  if (existsSync(output) && !spec.overwrite && !spec.resume) throw new Error(`${output} already exists: pass --resume to continue its run or --overwrite to replace it`);
   return output;
 }
 
@@ -286,17 +287,19 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
   const trainable = new Map<string, tf.Variable>();
   try {
     const latents = await cachedLatents(spec, model, [...data.train, ...data.validation], ctx);
-    const sample = (s: { image: CaptionedImage; bucket: Bucket }, i: number): Sample => ({ ...s, latent: latents[i]! });
+    const sample = (s: { image: CaptionedImage; bucket: Bucket }, i: number): Sample[] => (latents[i] ? [{ ...s, latent: latents[i] }] : []);
+    const trainSamples = data.train.flatMap(sample);
+    if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
     makeTrainable(model.unet.params, 'unet', trainable);
     if (spec.trainTextEncoder) makeTrainable(model.text.params, 'text', trainable);
     const runDir = resolve(spec.logDir, spec.name);
     await mkdir(runDir, { recursive: true });
     const run: FtRun = {
-      spec, model, tokenizer: await ClipTokenizer.load(), train: data.train.map(sample),
-      validation: data.validation.map((s, i) => sample(s, data.train.length + i)), items: expandRepeats(data.train.map((s) => s.image)),
+      spec, model, tokenizer: await ClipTokenizer.load(), train: trainSamples, validation: data.validation.flatMap((s, i) => sample(s, data.train.length + i)),
+      items: expandRepeats(trainSamples.map((s) => s.image)),
       trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, emaStep: 0, runDir,
     };
-    return await train(run, output, backend.name, ctx);
+    return await trainRun(run, output, backend.name, ctx);
   } finally {
     disposeParams(model.unet.params);
     disposeParams(model.text.params);
@@ -304,24 +307,76 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
   }
 }
 
-async function train(run: FtRun, output: string, backend: string, ctx: JobContext): Promise<JobResult> {
+async function trainRun(run: FtRun, output: string, backend: string, ctx: JobContext): Promise<JobResult> {
   const { spec } = run;
   const warm = { lr: spec.lr, warmupSteps: spec.warmupSteps, maxSteps: spec.steps };
   const lr = spec.lrScheduler === 'cosine' ? cosineWithWarmup(warm) : constantWithWarmup(warm);
-  const optimizer = makeOptimizer(spec, run.trainable);
+  const textKeys = new Set(run.model.text.params.keys());
+  const unetVars = new Map([...run.trainable].filter(([k]) => !textKeys.has(k)));
+  const textVars = new Map([...run.trainable].filter(([k]) => textKeys.has(k)));
+  const optimizer = new DbOptimizer(makeGroupOptimizer(spec.optimizer, unetVars), textVars.size ? makeGroupOptimizer(spec.optimizer, textVars) : undefined, textKeys);
   try {
-    ctx.emit({ type: 'started', totalSteps: spec.steps, startStep: 0, backend });
+    const startStep = spec.resume ? await resume(run, optimizer, ctx) : 0;
+    ctx.emit({ type: 'started', totalSteps: spec.steps, startStep, backend });
     await writeFile(join(run.runDir, 'settings.json'), JSON.stringify(spec, null, 2));
-    await logValidation(run, 0, ctx);
-    const method = ftMethod(run, ctx);
+    if (startStep === 0) await logValidation(run, 0, ctx);
+    const method = ftMethod(run, optimizer, ctx);
     const result = await trainLoop(method, {
-      startStep: 0, steps: spec.steps, gradAccum: spec.gradAccum, learnRate: (d) => lr.getLr(d), optimizer,
-      saveEvery: 0, previewEvery: 0, stepsPerEpoch: Math.max(1, Math.ceil(run.items.length / spec.batchSize / spec.gradAccum)),
+      startStep, steps: spec.steps, gradAccum: spec.gradAccum, learnRate: (d) => lr.getLr(d), optimizer,
+      saveEvery: spec.saveEvery, previewEvery: 0, stepsPerEpoch: Math.max(1, Math.ceil(run.items.length / spec.batchSize / spec.gradAccum)),
       csvPath: join(run.runDir, 'loss.csv'),
     }, ctx);
-    const outputs = result.step === 0 ? [] : await method.save(result.step, true);
+    const snapshotted = spec.saveEvery > 0 && result.step % spec.saveEvery === 0;
+    if (result.cancelled && result.step > startStep && !snapshotted) await method.save(result.step, false);
+    const outputs = result.step === startStep ? [] : await method.save(result.step, true);
     return { step: result.step, output, outputs, kind: 'checkpoint', usage: spec.name, cancelled: result.cancelled };
   } finally {
     optimizer.dispose();
   }
+}
+
+function snapshotPaths(run: FtRun, step: number) {
+  const base = join(run.runDir, 'snapshots', `${run.spec.name}-${step}`);
+  return { weights: `${base}.weights.safetensors`, optim: `${base}.optim.safetensors`, ema: `${base}.ema.safetensors` };
+}
+
+/** Optimizer and EMA state first, the weights last: a snapshot with weights is complete. */
+async function saveSnapshot(run: FtRun, optimizer: DbOptimizer, step: number): Promise<string[]> {
+  const paths = snapshotPaths(run, step);
+  await mkdir(join(run.runDir, 'snapshots'), { recursive: true });
+  await writeOptimizerState(paths.optim, await optimizer.exportGroups(), { step: String(step) });
+  if (run.ema) await run.ema.save(paths.ema);
+  const tensors = [...run.trainable].map(([name, v]) => ({ name, dtype: 'F32' as const, shape: v.shape, data: async () => (await v.data()) as Float32Array }));
+  await writeSafetensors(paths.weights, tensors, { step: String(step) }, { overwrite: true });
+  return [paths.weights, paths.optim, ...(run.ema ? [paths.ema] : [])];
+}
+
+/** Load the newest complete snapshot into the variables, optimizer and EMA; its step (0 = none). */
+async function resume(run: FtRun, optimizer: DbOptimizer, ctx: JobContext): Promise<number> {
+  const dir = join(run.runDir, 'snapshots');
+  const prefix = `${run.spec.name}-`;
+  const steps = existsSync(dir) ? (await readdir(dir)).map((f) => (f.startsWith(prefix) ? /^(\d+)\.weights\.safetensors$/.exec(f.slice(prefix.length))?.[1] : undefined)).filter((x): x is string => !!x).map(Number) : [];
+  if (steps.length === 0) {
+    ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${run.spec.name}' in ${dir}: starting from the model` });
+    return 0;
+  }
+  const step = Math.max(...steps);
+  const paths = snapshotPaths(run, step);
+  const file = await openSafetensors(paths.weights);
+  try {
+    for (const [key, v] of run.trainable) {
+      if (!file.has(key)) throw new Error(`${paths.weights}: no '${key}' (was the snapshot made with other options, e.g. trainTextEncoder?)`);
+      const values = tf.tensor(await file.read(key), file.info(key).shape);
+      v.assign(values);
+      values.dispose();
+    }
+  } finally {
+    await file.close();
+  }
+  optimizer.importGroups(await readOptimizerState(paths.optim));
+  optimizer.done = step;
+  if (run.ema) run.ema = existsSync(paths.ema) ? await Ema.load(paths.ema) : await Ema.fromParams(run.trainable, { decay: run.spec.emaDecay, every: run.spec.emaEvery });
+  run.emaStep = step;
+  ctx.emit({ type: 'log', level: 'info', message: `continuing ${paths.weights} from step ${step}` });
+  return step;
 }
