@@ -10,12 +10,12 @@
  * (`<name>-<step>.optim.safetensors`), so a cancelled run resumes with its moments.
  */
 import { existsSync } from 'node:fs';
-import { appendFile, mkdir, readdir } from 'node:fs/promises';
+import { appendFile, mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { tf, initBackend, type Tensor } from './tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
-import { Dataset } from './data/dataset.ts';
+import { Dataset, datasetReport, formatDatasetReport } from './data/dataset.ts';
 import type { Template } from './text/templates.ts';
 import { ClipTokenizer } from './text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from './nets/sd.ts';
@@ -349,6 +349,23 @@ export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: Ru
   };
 }
 
+/** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
+export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
+  const spec = dreamboothSpec(raw);
+  const set = await loadSet(spec, spec.images, spec.instancePrompt, spec.batchSize, { emit: () => {}, signal: new AbortController().signal });
+  const prior = spec.classPrompt && spec.classImages > 0
+    ? `prior preservation: ${spec.classImages} class images of '${spec.classPrompt}' from ${spec.classImagesDir ?? join(spec.logDir, 'class-images', '<model hash>-' + sha10(spec.classPrompt))} (missing ones generated), weight ${spec.priorWeight}`
+    : 'prior preservation: off (no classPrompt or classImages 0)';
+  return `${formatDatasetReport(datasetReport(set))}\n${prior}`;
+}
+
+/** Keep the rows of steps ≤ `step` (a resumed run rewrites what followed its start). */
+async function truncatePriorCsv(path: string, step: number): Promise<void> {
+  if (!existsSync(path)) return;
+  const [header, ...rows] = (await readFile(path, 'utf8')).split('\n').filter((l) => l.trim());
+  await writeFile(path, [header, ...rows.filter((r) => Number(r.split(',')[0]) <= step)].map((l) => `${l}\n`).join(''));
+}
+
 /** `<runDir>/prior-loss.csv`: instance and class loss of each micro-batch (the loop's CSV has their weighted sum). */
 async function appendPriorRow(path: string, step: number, instance: number, prior?: number): Promise<void> {
   if (!existsSync(path)) {
@@ -400,6 +417,7 @@ export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobRe
     s.optimizer.textLr = textLr;
     s.optimizer.textSteps = spec.textEncoderSteps;
     const method = dreamboothMethod(run, spec, s, paths);
+    await truncatePriorCsv(join(paths.runDir, 'prior-loss.csv'), s.step);
     const settings = { classImagesDir: run.classes?.dir, classImagesUsed: run.classes?.dataset.items.length ?? 0, optimizer: spec.optimizer };
     const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, settings, ctx);
     return { step, output: paths.output, outputs, kind: 'checkpoint', usage: spec.name, cancelled };
