@@ -170,12 +170,13 @@ export class JobManager {
   async shutdown(): Promise<void> {
     this.queue.length = 0;
     for (const run of this.running.values()) run.worker.cancel();
+    const previews = this.previews.closeAll();
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([this.idle(), new Promise((r) => (timer = setTimeout(r, 5000)))]);
     clearTimeout(timer);
     for (const run of this.running.values()) run.worker.kill('SIGKILL');
     this.webuiSide.stopAll();
-    await this.previews.closeAll();
+    await previews;
     await this.store.flush();
   }
 
@@ -282,7 +283,6 @@ export class JobManager {
       },
     });
     const cancelling = this.running.get(job.id)?.cancelling ?? false;
-    await this.previews.close(job.id);
     // The loss CSV and the log are complete by the time anyone sees the job ended (a busy disk lags).
     await Promise.all([lastCsvWrite, this.lastEventWrite.get(job.id)]);
     this.lastEventWrite.delete(job.id);
@@ -290,6 +290,8 @@ export class JobManager {
     log.info({ state: job.state, error: job.error }, 'job ended');
     await this.persist(job);
     this.publishState(job);
+    // A preview still rendering finishes (and removes its copy) before the output's refresh.
+    await this.previews.close(job.id);
     await this.webuiSide.after(job);
     await this.persist(job);
     this.publishState(job);

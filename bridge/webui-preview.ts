@@ -36,6 +36,8 @@ interface Pending {
   /** Only the newest snapshot waits: a slow webui skips the ones in between. */
   next?: { step: number; path: string };
   closed: boolean;
+  /** Aborts the txt2img in flight (job ended long ago, server shutting down). */
+  abort: AbortController;
 }
 
 /** What the webui can preview for this spec, or undefined (LoRA, checkpoints, no logDir …). */
@@ -101,7 +103,7 @@ export class WebuiPreviews {
     const target = previewTarget(spec);
     if (!target) return;
     let p = this.jobs.get(jobId);
-    if (!p) this.jobs.set(jobId, (p = { closed: false }));
+    if (!p) this.jobs.set(jobId, (p = { closed: false, abort: new AbortController() }));
     if (p.closed) return;
     p.next = { step, path };
     if (!p.running) p.running = this.drain(jobId, target, p);
@@ -112,7 +114,7 @@ export class WebuiPreviews {
       const { step, path } = p.next;
       p.next = undefined;
       try {
-        const png = await this.render(target, step, path);
+        const png = await this.render(target, step, path, p.abort.signal);
         this.emit(jobId, { type: 'preview', step, path: png });
       } catch (err) {
         const why = err instanceof Error ? err.message : String(err);
@@ -123,7 +125,7 @@ export class WebuiPreviews {
   }
 
   /** Refresh, check the webui sees it, txt2img, clean up; the PNG's path. Throws why not. */
-  private async render(t: Target, step: number, snapshot: string): Promise<string> {
+  private async render(t: Target, step: number, snapshot: string, signal: AbortSignal): Promise<string> {
     if (!(await this.webui.up())) throw new Error(`the webui at ${this.webui.url} is not answering`);
     await removeLeftovers(t);
     const inside = resolve(snapshot).startsWith(t.dir + sep);
@@ -136,7 +138,7 @@ export class WebuiPreviews {
       // A webui scanning another folder (SD.Next, custom flags) would render the prompt without it.
       const seen = await this.webui.verify(t.kind, copy ?? snapshot, token);
       if (!seen.ready) throw new Error(seen.message);
-      const image = await this.webui.txt2img(txt2imgPayload(t, token));
+      const image = await this.webui.txt2img(txt2imgPayload(t, token), signal);
       await mkdir(t.images, { recursive: true });
       const out = join(t.images, `${t.name}-${step}-webui.png`);
       await writeFile(out, image);
@@ -149,18 +151,24 @@ export class WebuiPreviews {
     }
   }
 
-  /** The job ended: no new previews; wait for the one being rendered (its copy gets removed). */
-  async close(jobId: string): Promise<void> {
+  /**
+   * The job ended: no new previews; the one being rendered gets `graceMs` to finish, then its
+   * txt2img is aborted. Either way its copy is removed before this resolves.
+   */
+  async close(jobId: string, graceMs = 30_000): Promise<void> {
     const p = this.jobs.get(jobId);
     if (!p) return;
     p.closed = true;
     p.next = undefined;
+    const timer = setTimeout(() => p.abort.abort(), graceMs);
     await p.running;
+    clearTimeout(timer);
     this.jobs.delete(jobId);
   }
 
+  /** Server shutdown: abort every render now. */
   async closeAll(): Promise<void> {
-    await Promise.all([...this.jobs.keys()].map((id) => this.close(id)));
+    await Promise.all([...this.jobs.keys()].map((id) => this.close(id, 0)));
   }
 }
 

@@ -207,10 +207,10 @@ export class WebuiClient {
    * One txt2img (A1111 StableDiffusionTxt2ImgProcessingAPI): no retry, a long timeout (a real
    * generation takes seconds to minutes). Returns the first image's PNG bytes; throws on failure.
    */
-  async txt2img(payload: Record<string, unknown>, timeoutMs = 300_000): Promise<Buffer> {
+  async txt2img(payload: Record<string, unknown>, signal?: AbortSignal, timeoutMs = 300_000): Promise<Buffer> {
     if (!this.http) throw new Error('no webui configured');
     try {
-      const { data } = await this.http.post<{ images?: string[] }>('/sdapi/v1/txt2img', payload, { timeout: timeoutMs });
+      const { data } = await this.http.post<{ images?: string[] }>('/sdapi/v1/txt2img', payload, { timeout: timeoutMs, signal });
       const b64 = data?.images?.[0];
       if (typeof b64 !== 'string' || !b64) throw new Error('the webui returned no image');
       // Some forks prefix a data URL.

@@ -6,7 +6,7 @@
  * costs a log event; `--webui-previews off` turns it off.
  */
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { describe, test } from 'node:test';
 import { Command } from 'commander';
@@ -112,6 +112,26 @@ describe('previews through the webui', () => {
     } finally {
       await t.close();
       await webui.close();
+    }
+  });
+
+  test('a server shutting down aborts a stuck txt2img and still removes the copy', async () => {
+    const dirs = makeDirs();
+    const webui = await startFakeWebui({ dirs: webuiDirs(dirs) });
+    webui.hangTxt2img = true;
+    const t = await startTestServer({ webuiUrl: webui.url }, dirs);
+    try {
+      await t.api('/api/jobs', { method: 'POST', json: { type: 'stub', spec: { name: 'stuck', steps: 1000, stepMs: 20, saveEvery: 5 } } });
+      for (let i = 0; i < 400 && !webui.txt2img.length; i++) await new Promise((r) => setTimeout(r, 25));
+      assert.equal(webui.txt2img.length, 1, 'one txt2img in flight');
+      assert.equal(leftovers(dirs).length, 1, 'its copy is in the webui folder meanwhile');
+      const t0 = Date.now();
+      await t.close({ keepDirs: true });
+      assert.ok(Date.now() - t0 < 4000, `shutdown took ${Date.now() - t0} ms`);
+      assert.deepEqual(leftovers(dirs), []);
+    } finally {
+      await webui.close();
+      rmSync(dirs.root, { recursive: true, force: true });
     }
   });
 

@@ -36,6 +36,8 @@ export interface FakeWebui {
   txt2img: Txt2imgCall[];
   /** Answer txt2img with a 500 (a webui that fails a generation). */
   failTxt2img: boolean;
+  /** Never answer txt2img (a webui stuck in a generation). */
+  hangTxt2img: boolean;
   close(): Promise<void>;
 }
 
@@ -53,7 +55,7 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
   const app = express();
   const state = { embeddings: [] as string[], hypernetworks: [] as string[], loras: [] as string[], models: [] as string[] };
   let failures = opts.failRefreshes ?? 0;
-  const fake: FakeWebui = { url: '', calls: [], generating: false, txt2img: [], failTxt2img: false, close: async () => {} };
+  const fake: FakeWebui = { url: '', calls: [], generating: false, txt2img: [], failTxt2img: false, hangTxt2img: false, close: async () => {} };
   app.use((req, res, next) => {
     fake.calls.push({ method: req.method, path: req.path });
     if (opts.auth) {
@@ -93,6 +95,7 @@ export async function startFakeWebui(opts: FakeWebuiOptions): Promise<FakeWebui>
   app.post('/sdapi/v1/reload-checkpoint', (_req, res) => void res.json(null));
   app.post('/sdapi/v1/txt2img', (req, res) => {
     fake.txt2img.push({ payload: req.body, embeddings: [...state.embeddings], hypernetworks: [...state.hypernetworks], files: ls(opts.dirs.embeddings).concat(ls(opts.dirs.hypernetworks)) });
+    if (fake.hangTxt2img) return;
     if (fake.failTxt2img) return void res.status(500).json({ error: 'OutOfMemoryError', detail: 'CUDA out of memory' });
     res.json({ images: [TINY_PNG], parameters: req.body, info: '{}' });
   });
