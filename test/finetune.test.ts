@@ -104,9 +104,13 @@ test('mixed aspect ratios: buckets, cached latents, lower validation loss, raw +
 test('a second run reuses the cached latents (no VAE) and EMA with decay 0 saves the raw weights', async () => {
   await onGradBackend(async () => {
     const ctx = context();
-    const spec = jobSpec({ steps: 2, ema: true, emaDecay: 0, save: 'both', name: 'ft2', trainTextEncoder: true, lrScheduler: 'constant', validateEvery: 0 });
+    const spec = jobSpec({ steps: 2, ema: true, emaDecay: 0, save: 'both', name: 'ft2', trainTextEncoder: true, lrScheduler: 'constant', validateEvery: 0,
+      samplePrompts: ['red stripes', 'blue stripes'], sampleEvery: 2, sampleSteps: 2, sampler: 'euler' });
     const result = await runFinetune(spec, ctx);
     assert.ok(!logs(ctx.events).includes('encoding latents (VAE loaded)'));
+    const previews = ctx.events.flatMap((e) => (e.type === 'preview' ? [e.path] : []));
+    assert.deepEqual(previews, [join(tmp, 'logs', 'ft2', 'images', 'ft2-2-0.png')]);
+    for (const i of [0, 1]) assert.deepEqual(await sharp(join(tmp, 'logs', 'ft2', 'images', `ft2-2-${i}.png`)).metadata().then((m) => [m.width, m.height]), [128, 128]);
     const raw = await tensorsOf(result.outputs[0]!, '');
     const ema = await tensorsOf(result.outputs[1]!, '');
     const src = await tensorsOf(MODEL, '');

@@ -15,6 +15,8 @@
  * - snapshots every `saveEvery` steps and on cancel, in `<logDir>/<name>/snapshots/`: the trained
  *   weights (TF layout, our own file), the optimizer state (dreambooth-optim.ts) and the EMA state;
  *   `resume` continues the newest one exactly (batches, noise and captions are functions of the step);
+ * - sample images of `samplePrompts` every `sampleEvery` steps (sidetrain's sampler, square at
+ *   the resolution), in `<logDir>/<name>/images/`;
  * - EMA (trainers/optim/ema.ts) is updated after optimizer steps (at the next step's first batch,
  *   where the loop lets a method run async code, and before saving); `save` picks EMA, raw or both
  *   (both: `<name>.safetensors` raw and `<name>-ema.safetensors`).
@@ -28,7 +30,7 @@ import { loadCaptionedSet, expandRepeats, makeCaption, formatSkipped, type Capti
 import { makeBuckets, nearestBucket, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, cropBox, type Bucket } from './data/buckets.ts';
 import { LatentDiskCache, vaeHash, vaeLatentEncoder, type EncodedLatent } from './latent-disk-cache.ts';
 import { loadSdModel, paddingFor, type SdModel } from './nets/sd.ts';
-import { loadVae } from './nets/vae.ts';
+import { loadVae, type VaeConfig } from './nets/vae.ts';
 import { disposeParams, type Params } from './nets/params.ts';
 import { unetForward } from './nets/unet.ts';
 import { encodeText } from './nets/clip.ts';
@@ -36,6 +38,7 @@ import { ClipTokenizer } from './text/tokenizer.ts';
 import { openTensorFile } from './io/checkpoint.ts';
 import { writeCheckpoint } from './io/checkpoint-write.ts';
 import { seededNoise } from './latent-cache.ts';
+import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
 import { diffusionLoss, offsetNoise, weightedDiffusionLoss } from './schedule.ts';
 import { Rng } from './random.ts';
 import { openSafetensors, writeSafetensors } from './io/safetensors.ts';
@@ -77,6 +80,11 @@ export interface FinetuneSpec {
   overwrite: boolean;
   resume: boolean;
   saveEvery: number;
+  samplePrompts: string[];
+  sampleEvery: number;
+  sampler: SamplerName;
+  sampleSteps: number;
+  sampleCfgScale: number;
   seed: number;
 }
 
@@ -105,6 +113,8 @@ interface FtRun {
   ema?: Ema;
   emaStep: number;
   runDir: string;
+  /** The VAE decoder, only when sample images are on. */
+  decoder?: { params: Params; cfg: VaeConfig };
 }
 
 /** Read the data set, assign buckets, print the table, and report undecodable images. */
@@ -249,6 +259,27 @@ async function saveCheckpoints(run: FtRun, step: number): Promise<string[]> {
   return outputs;
 }
 
+/** Sample images of the current weights, one per prompt (`<runDir>/images/<name>-<step>-<i>.png`). */
+async function renderSamples(run: FtRun, step: number): Promise<string> {
+  const { spec, model, tokenizer } = run;
+  const { text, unet, schedule, prediction, family } = model;
+  const encode = (prompt: string) => encodeText(text.params, text.cfg, [tokenizer.encode(prompt, paddingFor(family))]);
+  const denoise = (latents: Tensor, t: number, ctx: Tensor) => unetForward(unet.params, unet.cfg, latents, new Array(latents.shape[0]).fill(t), ctx);
+  const paths: string[] = [];
+  await mkdir(join(run.runDir, 'images'), { recursive: true });
+  for (const [i, prompt] of spec.samplePrompts.entries()) {
+    const [context, uncondContext] = [encode(prompt), encode('')];
+    const options = { sampler: spec.sampler, steps: spec.sampleSteps, cfgScale: spec.sampleCfgScale, seed: spec.seed + i, width: spec.resolution, height: spec.resolution };
+    const image = await sampleImage({ denoise, schedule, vae: run.decoder!, context, uncondContext }, { ...options, parameterization: prediction });
+    tf.dispose([context, uncondContext]);
+    const path = join(run.runDir, 'images', `${spec.name}-${step}-${i}.png`);
+    const infotext = `${prompt}\nSteps: ${options.steps}, Sampler: ${options.sampler}, CFG scale: ${options.cfgScale}, Seed: ${options.seed}, Size: ${options.width}x${options.height}`;
+    await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
+    paths.push(path);
+  }
+  return paths[0]!;
+}
+
 function ftMethod(run: FtRun, optimizer: DbOptimizer, ctx: JobContext): TrainMethod<FtBatch> {
   const { spec } = run;
   return {
@@ -265,6 +296,7 @@ function ftMethod(run: FtRun, optimizer: DbOptimizer, ctx: JobContext): TrainMet
       await afterStep(run, step, ctx, final);
       return final ? saveCheckpoints(run, step) : saveSnapshot(run, optimizer, step);
     },
+    preview: run.decoder ? (step) => renderSamples(run, step) : undefined,
   };
 }
 
@@ -285,6 +317,7 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
   const data = await prepareData(spec, ctx);
   const model = (await loadSdModel(spec.model, ['text', 'unet'])) as FtRun['model'];
   const trainable = new Map<string, tf.Variable>();
+  let decoder: FtRun['decoder'];
   try {
     const latents = await cachedLatents(spec, model, [...data.train, ...data.validation], ctx);
     const sample = (s: { image: CaptionedImage; bucket: Bucket }, i: number): Sample[] => (latents[i] ? [{ ...s, latent: latents[i] }] : []);
@@ -292,17 +325,20 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
     if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
     makeTrainable(model.unet.params, 'unet', trainable);
     if (spec.trainTextEncoder) makeTrainable(model.text.params, 'text', trainable);
+    const samples = spec.sampleEvery > 0 && spec.samplePrompts.length > 0;
+    decoder = samples ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;
     const runDir = resolve(spec.logDir, spec.name);
     await mkdir(runDir, { recursive: true });
     const run: FtRun = {
       spec, model, tokenizer: await ClipTokenizer.load(), train: trainSamples, validation: data.validation.flatMap((s, i) => sample(s, data.train.length + i)),
       items: expandRepeats(trainSamples.map((s) => s.image)),
-      trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, emaStep: 0, runDir,
+      trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, emaStep: 0, runDir, decoder,
     };
     return await trainRun(run, output, backend.name, ctx);
   } finally {
     disposeParams(model.unet.params);
     disposeParams(model.text.params);
+    if (decoder) disposeParams(decoder.params);
     await model.source.close();
   }
 }
@@ -323,7 +359,7 @@ async function trainRun(run: FtRun, output: string, backend: string, ctx: JobCon
     const method = ftMethod(run, optimizer, ctx);
     const result = await trainLoop(method, {
       startStep, steps: spec.steps, gradAccum: spec.gradAccum, learnRate: (d) => lr.getLr(d), optimizer,
-      saveEvery: spec.saveEvery, previewEvery: 0, stepsPerEpoch: Math.max(1, Math.ceil(run.items.length / spec.batchSize / spec.gradAccum)),
+      saveEvery: spec.saveEvery, previewEvery: spec.sampleEvery, stepsPerEpoch: Math.max(1, Math.ceil(run.items.length / spec.batchSize / spec.gradAccum)),
       csvPath: join(run.runDir, 'loss.csv'),
     }, ctx);
     const snapshotted = spec.saveEvery > 0 && result.step % spec.saveEvery === 0;
