@@ -17,6 +17,7 @@ export const methods: Record<string, MethodEntry> = {
   dreambooth: {
     schema: 'dreambooth',
     load: async () => (await import('./dreambooth.ts')).runDreambooth as unknown as JobRunner,
+    dryRun: async () => (await import('./dreambooth.ts')).dreamboothDryRun as (spec: Record<string, unknown>) => Promise<string>,
   },
   lora: {
     schema: 'lora',

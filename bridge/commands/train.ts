@@ -141,7 +141,7 @@ export function registerTrain(program: Command): void {
     addOptions(cmd, props);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = specFrom(props, opts);
-      if (spec.dryRun) return dryRun(entry.schema, spec);
+      if (spec.dryRun) return dryRun(type, spec);
       await fillOutputFolders(entry.schema, spec);
       const report = progressReporter();
       const result = await runJobInProcess(type, spec, report);
@@ -154,9 +154,10 @@ export function registerTrain(program: Command): void {
 }
 
 /** `--dry-run`: the dataset report, without loading the model. */
-async function dryRun(schema: string, spec: Record<string, unknown>): Promise<void> {
-  const errors = validate(schema, spec);
-  if (errors.length) throw new Error(validationMessage(schema, spec, errors));
-  const { datasetDryRun } = await import('../../trainers/run-common.ts');
-  console.log(await datasetDryRun(spec as never));
+async function dryRun(type: string, spec: Record<string, unknown>): Promise<void> {
+  const entry = methods[type]!;
+  const errors = validate(entry.schema, spec);
+  if (errors.length) throw new Error(validationMessage(entry.schema, spec, errors));
+  const report = entry.dryRun ? await entry.dryRun() : (await import('../../trainers/run-common.ts')).datasetDryRun;
+  console.log(await report(spec as never));
 }
