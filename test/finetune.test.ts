@@ -105,7 +105,7 @@ test('a second run reuses the cached latents (no VAE) and EMA with decay 0 saves
   await onGradBackend(async () => {
     const ctx = context();
     const spec = jobSpec({ steps: 2, ema: true, emaDecay: 0, save: 'both', name: 'ft2', trainTextEncoder: true, lrScheduler: 'constant', validateEvery: 0,
-      samplePrompts: ['red stripes', 'blue stripes'], sampleEvery: 2, sampleSteps: 2, sampler: 'euler' });
+      samplePrompts: ['red stripes', 'blue stripes'], sampleEvery: 2, sampleSteps: 2, sampler: 'euler', half: true });
     const result = await runFinetune(spec, ctx);
     assert.ok(!logs(ctx.events).includes('encoding latents (VAE loaded)'));
     const previews = ctx.events.flatMap((e) => (e.type === 'preview' ? [e.path] : []));
@@ -115,6 +115,10 @@ test('a second run reuses the cached latents (no VAE) and EMA with decay 0 saves
     const ema = await tensorsOf(result.outputs[1]!, '');
     const src = await tensorsOf(MODEL, '');
     for (const [key, values] of raw) assert.deepEqual(ema.get(key), values, key);
+    const file = await openSafetensors(result.outputs[0]!);
+    const dtypes = new Set(file.keys().map((k) => file.info(k).dtype));
+    assert.ok(dtypes.has('F16') && !dtypes.has('F32'), `half: every float tensor F16, got ${[...dtypes]}`);
+    await file.close();
     const t = 'cond_stage_model.transformer.text_model.final_layer_norm.weight';
     assert.notDeepEqual(raw.get(t), src.get(t), 'text encoder trained');
     await assert.rejects(runFinetune(spec, context()), /already exists/);
