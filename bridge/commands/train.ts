@@ -148,7 +148,7 @@ export function registerTrain(program: Command): void {
       report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });
       if (result.outputs.length === 0) return console.log(`stopped before the first step: nothing written`);
       console.log(`${result.cancelled ? 'stopped at' : 'finished at'} step ${result.step}: ${result.output}`);
-      console.log(`use it in a prompt: ${result.usage}`);
+      console.log(result.kind === 'checkpoint' ? `pick it in the webui's checkpoint list: ${result.usage}` : `use it in a prompt: ${result.usage}`);
     });
   }
 }
