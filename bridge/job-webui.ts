@@ -61,12 +61,16 @@ export class JobWebui {
     this.pollers.set(jobId, timer);
   }
 
-  /** After the worker has exited: refresh + verify an output, give the VRAM back. */
-  async after(job: JobRecord): Promise<void> {
+  /**
+   * After the worker has exited: refresh + verify an output, give the VRAM back. Returns what the
+   * caller stores as `job.webui` once these events are logged (undefined: nothing to tell).
+   */
+  async after(job: JobRecord): Promise<JobRecord['webui'] | undefined> {
     const timer = this.pollers.get(job.id);
     if (timer) clearInterval(timer);
     this.pollers.delete(job.id);
-    if (!this.webui.configured) return;
+    if (!this.webui.configured) return undefined;
+    let result: JobRecord['webui'] | undefined;
     if (job.output && job.kind && (job.state === 'finished' || job.state === 'cancelled')) {
       const refreshed = await this.webui.refresh(job.kind);
       this.report(job.id, 'refresh', refreshed);
@@ -74,9 +78,10 @@ export class JobWebui {
         ? await this.webui.verify(job.kind, job.output, job.usage ?? job.output)
         : { ok: false, ready: false, message: `not confirmed: ${refreshed.message}` };
       this.report(job.id, 'verify', verified);
-      job.webui = { ready: verified.ready ?? false, message: verified.message };
+      result = { ready: verified.ready ?? false, message: verified.message };
     }
     if (this.vram === 'unload') this.report(job.id, 'reload', await this.webui.reload());
+    return result;
   }
 
   stopAll(): void {

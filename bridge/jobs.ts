@@ -292,7 +292,10 @@ export class JobManager {
     this.publishState(job);
     // A preview still rendering finishes (and removes its copy) before the output's refresh.
     await this.previews.close(job.id);
-    await this.webuiSide.after(job);
+    const webui = await this.webuiSide.after(job);
+    // job.webui appears once the webui events are in the job's log too.
+    await this.lastEventWrite.get(job.id);
+    if (webui) job.webui = webui;
     await this.persist(job);
     this.publishState(job);
   }

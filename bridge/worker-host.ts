@@ -45,6 +45,8 @@ export class WorkerProcess {
   private paused: 'step' | 'signal' | false = false;
   /** The method calls ctx.waitIfPaused, so a pause can wait for the end of its step. */
   private pausable = false;
+  /** Cancelled before the process started (while waiting for a lock or the webui's unload). */
+  private cancelPending = false;
 
   constructor(private readonly opts: WorkerHostOptions) {}
 
@@ -84,6 +86,7 @@ export class WorkerProcess {
       lockFile,
     };
     child.send(start);
+    if (this.cancelPending) this.cancel();
     return new Promise((resolve) => {
       const finish = (code: number | null, signal: NodeJS.Signals | null) => {
         for (const t of this.timers) clearTimeout(t);
@@ -102,7 +105,10 @@ export class WorkerProcess {
   /** Ask the job to stop after its current step; escalate to SIGTERM, then SIGKILL. */
   cancel(): void {
     const child = this.child;
-    if (!child) return;
+    if (!child) {
+      this.cancelPending = true;
+      return;
+    }
     if (this.paused) this.resume();
     if (child.connected) child.send({ type: 'cancel' } satisfies HostMessage);
     const grace = this.opts.cancelGraceMs ?? 15_000;

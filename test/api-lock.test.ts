@@ -7,10 +7,11 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
+import { WorkerProcess } from '../bridge/worker-host.ts';
 import { LOCK_FILE, lockPid, waitForWorkerExit, workerAlive } from '../bridge/worker-lock.ts';
 import { STUB_METHODS, events, makeDirs, startTestServer, waitJob, type TestDirs } from './helpers/api-server.ts';
 
@@ -108,4 +109,18 @@ test('waitForWorkerExit: no lock, a dead pid, and a pid that is not a worker are
   assert.equal(await waitForWorkerExit(lock, 10), undefined);
   writeFileSync(lock, 'garbage');
   assert.equal(await waitForWorkerExit(lock, 10), undefined);
+  rmSync(dirs.root, { recursive: true, force: true });
+});
+
+test('a cancel that comes while the job waits (no worker yet) reaches the worker when it starts', async () => {
+  const dirs = makeDirs();
+  const worker = new WorkerProcess({ methodsModule: STUB_METHODS });
+  worker.cancel();
+  const spec = { name: 'early', steps: 100000, stepMs: 5, saveEvery: 5, previewEvery: 0, embeddingsDir: dirs.embeddings, logDir: dirs.logs, crash: 'throw', ignoreAbort: false, pausable: false, resume: false, overwrite: false };
+  const lock = join(dirs.state, 'early', LOCK_FILE);
+  const outcome = await worker.run('stub', spec, lock, { onEvent: () => {} });
+  assert.equal(outcome.kind, 'result');
+  assert.ok(outcome.kind === 'result' && outcome.result.cancelled && outcome.result.step < 100000);
+  assert.equal(existsSync(lock), false, 'lock released');
+  rmSync(dirs.root, { recursive: true, force: true });
 });
