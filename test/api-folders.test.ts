@@ -85,8 +85,10 @@ describe('explicit output folders', () => {
       assert.equal(folders.hypernetworks, dirs.hypernetworks, 'the rest still discovered from cmd-flags');
       assert.equal(await runJob(t, 'stub', 'sdnext_emb'), join(settingsDir, 'sdnext_emb.pt'));
       assert.ok(!existsSync(join(dirs.embeddings, 'sdnext_emb.pt')));
-      const calls = webui.calls.map((c) => `${c.method} ${c.path}`);
-      assert.ok(calls.includes('POST /sdapi/v1/refresh-embeddings'));
+      // the refresh follows the 'finished' state: wait for it (bounded)
+      const refreshed = () => webui.calls.some((c) => `${c.method} ${c.path}` === 'POST /sdapi/v1/refresh-embeddings');
+      for (let i = 0; i < 100 && !refreshed(); i++) await new Promise((r) => setTimeout(r, 50));
+      assert.ok(refreshed(), 'POST /sdapi/v1/refresh-embeddings');
     } finally {
       await t.close();
       await webui.close();
