@@ -18,6 +18,7 @@
  * factoring is done in torch layout (the last two torch dims are kh, kw), matching PyTorch.
  */
 import { tf, type Tensor } from '../tf.ts';
+import { checkedUpdates } from './check.ts';
 import { TF_TO_TORCH_CONV, TORCH_TO_TF_CONV } from '../nets/params.ts';
 import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './adamw8bit.ts';
 
@@ -67,13 +68,7 @@ export class Adafactor implements StatefulOptimizer {
   }
 
   step(grads: Map<string, Tensor>, lr: number): void {
-    if (!Number.isFinite(lr) || lr < 0) throw new Error(`Adafactor: learn rate must be a finite number ≥ 0, got ${lr}`);
-    for (const [name, g] of grads) {
-      const p = this.params.get(name);
-      if (!p) throw new Error(`Adafactor: gradient for unknown parameter '${name}'`);
-      if (!tf.util.arraysEqual(g.shape, p.shape)) throw new Error(`Adafactor: gradient for '${name}' has shape [${g.shape}], parameter has [${p.shape}]`);
-      this.update(p, g, this.slot(name, p), lr);
-    }
+    for (const [name, p, g] of checkedUpdates('Adafactor', this.params, grads, lr)) this.update(p, g, this.slot(name, p), lr);
   }
 
   private slot(name: string, p: tf.Variable): Slot {

@@ -23,6 +23,7 @@
  *   const sd = opt.stateDict();  // → pt-embedding.ts writes it as .optim
  */
 import { tf, type Tensor } from '../tf.ts';
+import { checkedUpdates } from './check.ts';
 
 export interface AdamWOptions {
   /** Initial learn rate (recorded in param_groups; each step() gets the current rate). */
@@ -89,19 +90,9 @@ export class AdamW {
 
   /** One update with learn rate `lr`; grads are keyed like params (missing = skipped). Grads are not disposed. */
   step(grads: Map<string, Tensor>, lr: number): void {
-    if (!Number.isFinite(lr) || lr < 0) throw new Error(`AdamW: learn rate must be a finite number ≥ 0, got ${lr}`);
+    const updates = checkedUpdates('AdamW', this.params, grads, lr);
     this.lr = lr;
-    for (const name of grads.keys()) {
-      if (!this.params.has(name)) throw new Error(`AdamW: gradient for unknown parameter '${name}'`);
-    }
-    for (const [name, p] of this.params) {
-      const g = grads.get(name);
-      if (!g) continue;
-      if (!tf.util.arraysEqual(g.shape, p.shape)) {
-        throw new Error(`AdamW: gradient for '${name}' has shape [${g.shape}], parameter has [${p.shape}]`);
-      }
-      this.update(p, g, this.slot(name, p), lr);
-    }
+    for (const [name, p, g] of updates) this.update(p, g, this.slot(name, p), lr);
   }
 
   private slot(name: string, p: tf.Variable): Slot {

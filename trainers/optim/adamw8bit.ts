@@ -17,6 +17,7 @@
  *   const state = await opt.exportState();   // codes (U8), absmax (F32), steps, per parameter
  */
 import { tf, type Tensor } from '../tf.ts';
+import { checkedUpdates } from './check.ts';
 
 /** An optimizer's state as plain arrays, by parameter name (saved beside a snapshot). */
 export interface ExportedOptimizerState {
@@ -190,13 +191,7 @@ export class AdamW8bit implements StatefulOptimizer {
 
   /** One update; grads keyed like params (missing = skipped), not disposed. */
   step(grads: Map<string, Tensor>, lr: number): void {
-    if (!Number.isFinite(lr) || lr < 0) throw new Error(`AdamW8bit: learn rate must be a finite number ≥ 0, got ${lr}`);
-    for (const [name, g] of grads) {
-      const p = this.params.get(name);
-      if (!p) throw new Error(`AdamW8bit: gradient for unknown parameter '${name}'`);
-      if (!tf.util.arraysEqual(g.shape, p.shape)) throw new Error(`AdamW8bit: gradient for '${name}' has shape [${g.shape}], parameter has [${p.shape}]`);
-      this.update(p, g, this.slot(name, p), lr);
-    }
+    for (const [name, p, g] of checkedUpdates('AdamW8bit', this.params, grads, lr)) this.update(p, g, this.slot(name, p), lr);
   }
 
   private slot(name: string, p: tf.Variable): Slot {
