@@ -7,7 +7,7 @@
  */
 import { validate, getSchema, type FieldError } from '../schemas/index.ts';
 import type { MethodEntry } from '../trainers/job.ts';
-import { PathError, checkName, checkReadableDir, checkReadableFile, resolveOutputDir, safeJoin } from './paths.ts';
+import { PathError, checkName, checkReadableDir, checkReadableFile, resolveOutputDir, safeJoin } from '../trainers/io/paths.ts';
 
 /** Where outputs of each kind go, plus the log root for snapshots/previews/loss CSVs. */
 export interface Folders {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { validate } from '../schemas/index.ts';
-import { PathError, safeJoin, sanitizeName } from '../bridge/paths.ts';
+import { PathError, safeJoin, sanitizeName } from '../trainers/io/paths.ts';
 import { hostAllowed, originAllowed, tokenMatches } from '../bridge/security.ts';
 import { events, startTestServer, type TestServer } from './helpers/api-server.ts';
 

@@ -14,7 +14,7 @@ import { appendFile, mkdir, readdir, readFile, writeFile } from 'node:fs/promise
 import { createHash } from 'node:crypto';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { tf, initBackend, type Tensor } from './tf.ts';
-import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
+import { checkName, checkReadableDir, checkReadableFile } from './io/paths.ts';
 import { Dataset, datasetReport, formatDatasetReport } from './data/dataset.ts';
 import type { Template } from './text/templates.ts';
 import { ClipTokenizer } from './text/tokenizer.ts';

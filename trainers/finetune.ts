@@ -25,7 +25,7 @@ import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { tf, initBackend, type Tensor } from './tf.ts';
-import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
+import { checkName, checkReadableDir, checkReadableFile } from './io/paths.ts';
 import { loadCaptionedSet, expandRepeats, makeCaption, formatSkipped, type CaptionedImage } from './data/captioned.ts';
 import { makeBuckets, nearestBucket, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, cropBox, type Bucket } from './data/buckets.ts';
 import { LatentDiskCache, vaeHash, vaeLatentEncoder, type EncodedLatent } from './latent-disk-cache.ts';

@@ -8,7 +8,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, extname, join, resolve } from 'node:path';
 import { tf, type Tensor } from './tf.ts';
-import { checkName, checkReadableDir, checkReadableFile } from '../bridge/paths.ts';
+import { checkName, checkReadableDir, checkReadableFile } from './io/paths.ts';
 import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from './data/dataset.ts';
 import { loadTemplate } from './text/templates.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from './text/tokenizer.ts';

@@ -9,7 +9,7 @@ import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { SingleBar, Presets } from 'cli-progress';
 import { getSchema, validate, type FieldError } from '../../schemas/index.ts';
-import { PathError } from '../paths.ts';
+import { PathError } from '../../trainers/io/paths.ts';
 import { roleOf } from '../spec.ts';
 import { folderResolver, fromEnv } from '../config.ts';
 import type { WebuiClient } from '../webui.ts';
