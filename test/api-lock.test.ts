@@ -6,33 +6,17 @@
  * killed with SIGKILL) is ignored.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { WorkerProcess } from '../bridge/worker-host.ts';
 import { LOCK_FILE, lockPid, waitForWorkerExit, workerAlive } from '../bridge/worker-lock.ts';
-import { STUB_METHODS, events, makeDirs, startTestServer, waitJob, type TestDirs } from './helpers/api-server.ts';
+import { STUB_METHODS, events, makeDirs, startTestServer, waitJob, type TestDirs, spawnServe } from './helpers/api-server.ts';
 
-const BIN = fileURLToPath(new URL('../bin/sidetrain.mjs', import.meta.url));
 
 /** A real server with a stub job that ignores cancels; SIGKILL the server; the orphan's job id + pid. */
 async function orphan(dirs: TestDirs, spec: Record<string, unknown>): Promise<{ id: string; pid: number }> {
-  const child = spawn(process.execPath, [BIN, 'serve', '--port', '0', '--state-dir', dirs.state, '--methods', STUB_METHODS, '--embeddings-dir', dirs.embeddings], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr.on('data', (b) => (stderr += b));
-  const base = await new Promise<string>((resolve, reject) => {
-    let buf = '';
-    child.stdout.on('data', (b: Buffer) => {
-      buf += b;
-      const m = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(buf);
-      if (m) resolve(m[1]!);
-    });
-    child.on('exit', (code) => reject(new Error(`serve exited ${code}: ${stderr}`)));
-  });
+  const { child, base } = await spawnServe(['--state-dir', dirs.state, '--methods', STUB_METHODS, '--embeddings-dir', dirs.embeddings]);
   const res = await fetch(`${base}/api/jobs`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ type: 'stub', spec }) });
   const { id } = (await res.json()) as { id: string };
   const ev = await events(base, id);

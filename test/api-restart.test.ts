@@ -4,31 +4,15 @@
  * one as interrupted, and resumes it from its last snapshot.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { STUB_METHODS, events, makeDirs, startTestServer, waitJob } from './helpers/api-server.ts';
+import { STUB_METHODS, events, makeDirs, startTestServer, waitJob, spawnServe } from './helpers/api-server.ts';
 
-const BIN = fileURLToPath(new URL('../bin/sidetrain.mjs', import.meta.url));
 
 test('server killed mid-job → restart lists finished + interrupted; resume continues', async () => {
   const dirs = makeDirs();
-  const child = spawn(process.execPath, [BIN, 'serve', '--port', '0', '--state-dir', dirs.state, '--webui-dir', dirs.root, '--methods', STUB_METHODS], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr.on('data', (b) => (stderr += b));
-  const base = await new Promise<string>((resolve, reject) => {
-    let buf = '';
-    child.stdout.on('data', (b: Buffer) => {
-      buf += b;
-      const m = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(buf);
-      if (m) resolve(m[1]!);
-    });
-    child.on('exit', (code) => reject(new Error(`serve exited ${code}: ${stderr}`)));
-  });
+  const { child, base } = await spawnServe(['--state-dir', dirs.state, '--webui-dir', dirs.root, '--methods', STUB_METHODS]);
   const post = async (spec: Record<string, unknown>) =>
     (await (await fetch(`${base}/api/jobs`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ type: 'stub', spec }) })).json()) as { id: string; spec: Record<string, unknown> };
   const done = await post({ name: 'done', steps: 2 });

@@ -3,6 +3,7 @@
  * output folders, the stub methods registry, a silent logger; plus small HTTP and WebSocket
  * helpers (`api()`, `events()` collecting messages, `waitFor`).
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -140,4 +141,22 @@ export async function waitJob(t: TestServer, id: string, pred: (job: any) => boo
     if (Date.now() > end) throw new Error(`timed out; job is ${JSON.stringify(body).slice(0, 400)}`);
     await new Promise((r) => setTimeout(r, 25));
   }
+}
+
+/** `sidetrain serve …` as a real process on a free port (for kill/restart tests): the process and its base URL. */
+export async function spawnServe(args: string[]): Promise<{ child: ChildProcess; base: string }> {
+  const bin = fileURLToPath(new URL('../../bin/sidetrain.mjs', import.meta.url));
+  const child = spawn(process.execPath, [bin, 'serve', '--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (b) => (stderr += b));
+  const base = await new Promise<string>((resolve, reject) => {
+    let buf = '';
+    child.stdout!.on('data', (b: Buffer) => {
+      buf += b;
+      const m = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(buf);
+      if (m) resolve(m[1]!);
+    });
+    child.on('exit', (code) => reject(new Error(`serve exited ${code}: ${stderr}`)));
+  });
+  return { child, base };
 }
