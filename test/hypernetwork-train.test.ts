@@ -104,7 +104,7 @@ test('a short run lowers the loss at fixed batches; CSV, events and usage', asyn
   const hn: HypernetworkSpec = hypernetSpecFromJob(spec);
   const initial = createHypernetwork(hn, spec.seed);
   const trained = paramsFromFile(await readHypernetwork(result.output));
-  const run = await prepareRun(spec, context());
+  const run = await prepareRun(spec, context(), 'hypernetwork');
   try {
     const losses = { initial: 0, trained: 0 };
     for (let step = 1; step <= 16; step++) {

@@ -184,7 +184,7 @@ test('30 steps on sd-tiny: loss goes down, same seed → bit-identical .pt, webu
   assert.equal(optim.states[0]!.step, 30);
 
   // the loss on the training batches (same seeds and timesteps) before and after training
-  const run = await prepareRun(tiSpec(dirA, { overwrite: true }), stubCtx().ctx);
+  const run = await prepareRun(tiSpec(dirA, { overwrite: true }), stubCtx().ctx, 'textual_inversion');
   const v0 = initialVectors(run, 'cat', 2);
   const v30 = tf.tensor(eA.vectors['*']!.values, eA.vectors['*']!.shape);
   const [loss0, loss30] = [await meanLoss(run, specA, v0, 30), await meanLoss(run, specA, v30, 30)];

@@ -6,6 +6,7 @@
 import { tf, type Tensor } from './tf.ts';
 import { unetForward, type UNetConfig, type UNetHooks } from './nets/unet.ts';
 import type { Params } from './nets/params.ts';
+import type { UNetMemory } from './memory-options.ts';
 import { diffusionLoss, type NoiseSchedule, type Parameterization } from './schedule.ts';
 
 /** One training batch in UNet latent space. */
@@ -16,7 +17,7 @@ export interface DiffusionBatch {
 }
 
 export interface Denoiser {
-  unet: { params: Params; cfg: UNetConfig };
+  unet: { params: Params; cfg: UNetConfig; memory?: UNetMemory };
   schedule: NoiseSchedule;
   prediction: Parameterization;
 }
@@ -25,7 +26,7 @@ export interface Denoiser {
 export function denoisingLoss(m: Denoiser, batch: DiffusionBatch, context: Tensor, hooks?: UNetHooks): tf.Scalar {
   return tf.tidy(() => {
     const noisyLatents = m.schedule.qSample(batch.latents, batch.noise, batch.timesteps);
-    const modelPred = unetForward(m.unet.params, m.unet.cfg, noisyLatents, batch.timesteps, context, { hooks });
+    const modelPred = unetForward(m.unet.params, m.unet.cfg, noisyLatents, batch.timesteps, context, { hooks, memory: m.unet.memory });
     const target = m.schedule.targetFor(m.prediction, batch.latents, batch.noise, batch.timesteps);
     return diffusionLoss(modelPred, target) as tf.Scalar;
   });

@@ -19,6 +19,7 @@ import { Dataset, datasetReport, formatDatasetReport } from './data/dataset.ts';
 import type { Template } from './text/templates.ts';
 import { ClipTokenizer } from './text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from './nets/sd.ts';
+import { chooseUNetMemory } from './memory.ts';
 import { disposeParams, paramFromTorch, type Params } from './nets/params.ts';
 import { unetForward } from './nets/unet.ts';
 import { loadVae } from './nets/vae.ts';
@@ -84,7 +85,7 @@ export function dreamboothLoss(m: DbModel, batch: DbBatch, priorWeight: number):
   return tf.tidy(() => {
     const context = batch.context ?? encodeText(m.text.params, m.text.cfg, batch.ids); // [B, 77, W]
     const noisy = m.schedule.qSample(batch.latents, batch.noise, batch.timesteps);
-    const pred = unetForward(m.unet.params, m.unet.cfg, noisy, batch.timesteps, context);
+    const pred = unetForward(m.unet.params, m.unet.cfg, noisy, batch.timesteps, context, { memory: m.unet.memory });
     const target = m.schedule.targetFor(m.prediction, batch.latents, batch.noise, batch.timesteps);
     const n = batch.timesteps.length - batch.classRows;
     const instance = diffusionLoss(pred.slice(0, n), target.slice(0, n)) as tf.Scalar;
@@ -155,6 +156,7 @@ async function loadSet(spec: DbSpec, dir: string, prompt: string, batchSize: num
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
 export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<DbRun> {
   const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder', 'vae-decoder'])) as PreparedRun['model'] & SdModel;
+  model.unet.memory = await chooseUNetMemory('dreambooth', spec, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
   const dataset = await loadSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx);

@@ -30,6 +30,7 @@ import { loadCaptionedSet, expandRepeats, makeCaption, formatSkipped, type Capti
 import { makeBuckets, nearestBucket, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, cropBox, type Bucket } from './data/buckets.ts';
 import { LatentDiskCache, vaeHash, vaeLatentEncoder, type EncodedLatent } from './latent-disk-cache.ts';
 import { loadSdModel, paddingFor, type SdModel } from './nets/sd.ts';
+import { chooseUNetMemory } from './memory.ts';
 import { loadVae, type VaeConfig } from './nets/vae.ts';
 import { disposeParams, type Params } from './nets/params.ts';
 import { unetForward } from './nets/unet.ts';
@@ -193,7 +194,7 @@ export function finetuneLoss(run: Pick<FtRun, 'model' | 'spec'>, batch: FtBatch)
   return tf.tidy(() => {
     const encoderHiddenStates = encodeText(text.params, text.cfg, batch.ids); // [B, 77, W]
     const noisyLatents = schedule.qSample(batch.latents, batch.noise, batch.timesteps);
-    const modelPred = unetForward(unet.params, unet.cfg, noisyLatents, batch.timesteps, encoderHiddenStates);
+    const modelPred = unetForward(unet.params, unet.cfg, noisyLatents, batch.timesteps, encoderHiddenStates, { memory: unet.memory });
     const target = schedule.targetFor(prediction, batch.latents, batch.noise, batch.timesteps);
     if (!(run.spec.minSnrGamma > 0)) return diffusionLoss(modelPred, target) as tf.Scalar;
     return weightedDiffusionLoss(modelPred, target, schedule.minSnrWeights(batch.timesteps, run.spec.minSnrGamma, prediction)) as tf.Scalar;
@@ -324,6 +325,7 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
     const trainSamples = data.train.flatMap(sample);
     if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
     makeTrainable(model.unet.params, 'unet', trainable);
+    model.unet.memory = await chooseUNetMemory('finetune', spec, ctx);
     if (spec.trainTextEncoder) makeTrainable(model.text.params, 'text', trainable);
     const samples = spec.sampleEvery > 0 && spec.samplePrompts.length > 0;
     decoder = samples ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;

@@ -291,7 +291,7 @@ export async function runHypernetwork(raw: HnSpec, ctx: JobContext): Promise<Job
   const s = await initState(spec, paths, widths, ctx);
   let run: PreparedRun | undefined;
   try {
-    run = await prepareRun(spec, ctx);
+    run = await prepareRun(spec, ctx, 'hypernetwork');
     const method = hnMethod(run, spec, s, paths);
     const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { hypernetwork: s.hn }, ctx);
     return { step, output: paths.output, outputs, kind: 'hypernetwork', usage: `<hypernet:${spec.name}:1>`, cancelled };

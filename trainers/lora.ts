@@ -267,7 +267,7 @@ export function loraLoss(run: PreparedRun, net: LoraNetwork, batch: LoraBatch, o
   return tf.tidy(() => {
     const { text, unet } = run.model;
     const context = batch.context ?? encodeText(withLora(text.params, net, opts), text.cfg, batch.ids); // [B, 77, W]
-    const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg } };
+    const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
     return denoisingLoss(model, batch, context);
   });
 }
@@ -325,7 +325,7 @@ export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult
   let run: PreparedRun | undefined;
   let s: LoraState | undefined;
   try {
-    run = await prepareRun(spec as CommonSpec, ctx);
+    run = await prepareRun(spec as CommonSpec, ctx, 'lora');
     s = await initState(run, spec, paths, instancePrompt, ctx);
     const full = await fileSha256(spec.model);
     const hashes = { legacy: await legacyModelHash(spec.model), full };

@@ -23,6 +23,8 @@ import { Rng } from './random.ts';
 import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
 import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext } from './job.ts';
+import { chooseUNetMemory } from './memory.ts';
+import type { MemoryToggle } from './memory-options.ts';
 import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
 import { parseLrSchedule } from './optim/lr.ts';
 import { makeClipper } from './optim/clip-grad.ts';
@@ -58,6 +60,9 @@ export interface CommonSpec {
   previewSampler: SamplerName;
   previewSteps: number;
   previewCfgScale: number;
+  gradientCheckpointing?: MemoryToggle;
+  attentionSlicing?: MemoryToggle;
+  halfFrozenWeights?: boolean;
 }
 
 export interface RunPaths {
@@ -96,9 +101,10 @@ export interface PreparedRun {
 }
 
 /** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
-export async function prepareRun(spec: CommonSpec, ctx: JobContext): Promise<PreparedRun> {
+export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string): Promise<PreparedRun> {
   const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }));
   const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'])) as PreparedRun['model'];
+  model.unet.memory = await chooseUNetMemory(type, spec, ctx);
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
   disposeParams(model.vae!.params);
   delete model.vae;

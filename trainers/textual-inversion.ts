@@ -144,7 +144,7 @@ export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promis
   const paths = await checkRun(spec, resolve(spec.embeddingsDir), 'embeddings');
   parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
   const backend = await initBackend();
-  const run = await prepareRun(spec, ctx);
+  const run = await prepareRun(spec, ctx, 'textual_inversion');
   const s = await initState(run, spec, paths, ctx);
   try {
     const method = tiMethod(run, spec, s, paths);

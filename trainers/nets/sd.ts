@@ -17,6 +17,7 @@ import { loadParams, type Params } from './params.ts';
 import { textConfigFromKeys, textKeys, type ClipTextConfig } from './clip.ts';
 import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
 import { loadVae, type VaeConfig } from './vae.ts';
+import type { UNetMemory } from '../memory-options.ts';
 import { loadSchedule, type NoiseSchedule } from '../schedule.ts';
 
 /** What a config next to the checkpoint says about the model. */
@@ -74,7 +75,8 @@ export interface SdModel {
   family: Family;
   overrides: ModelOverrides;
   text?: { params: Params; cfg: ClipTextConfig };
-  unet?: { params: Params; cfg: UNetConfig };
+  /** `memory`: the job's gradient checkpointing / attention slicing (memory-options.ts). */
+  unet?: { params: Params; cfg: UNetConfig; memory?: UNetMemory };
   vae?: { params: Params; cfg: VaeConfig };
   schedule: NoiseSchedule;
   /** eps or v: from the file's config/metadata, else decided the webui way (a test UNet run). */

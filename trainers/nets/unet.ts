@@ -16,6 +16,7 @@
 import { tf, type Tensor } from '../tf.ts';
 import { loadParams, param, type Params } from './params.ts';
 import type { TensorSource } from '../io/types.ts';
+import type { UNetMemory } from '../memory-options.ts';
 import { attention, conv2d, gelu, groupNorm, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
 
 export interface UNetConfig {
@@ -285,6 +286,8 @@ export interface UNetOptions {
   hooks?: UNetHooks;
   /** Filled with kept intermediates: 't_emb' [B, mc] and 'emb' [B, 4·mc]. The caller disposes them. */
   taps?: Map<string, Tensor>;
+  /** Gradient checkpointing and attention slicing (memory-options.ts); absent = whole. */
+  memory?: UNetMemory;
 }
 
 /** Everything a block needs besides its input. */

@@ -1,0 +1,39 @@
+/**
+ * @file The memory levers a job chooses (schemas/common.json memoryToggle): gradient checkpointing
+ * of UNet blocks, sliced attention, frozen weights kept in float16. The spec says auto/on/off;
+ * `UNetMemory` is what the UNet forward is told after the job has decided.
+ */
+
+export type MemoryToggle = 'auto' | 'on' | 'off';
+
+/** The job options (every method schema has them). */
+export interface MemorySpec {
+  gradientCheckpointing: MemoryToggle;
+  attentionSlicing: MemoryToggle;
+  halfFrozenWeights: boolean;
+}
+
+/** What unetForward does; absent = everything whole (the reference path the goldens check). */
+export interface UNetMemory {
+  /** Run each block under a recompute-in-backward custom gradient. */
+  checkpointing: boolean;
+  /** Slice attention whose full scores would exceed this many bytes; 0 = never slice. */
+  attentionSliceBytes: number;
+}
+
+/** auto slices layers whose scores exceed 256 MB: SD1.5 at 512 px (4096² × 8 heads × 4 B = 512 MB). */
+export const AUTO_SLICE_BYTES = 256 * 2 ** 20;
+/** `on` keeps each slice's scores near 32 MB. */
+export const ON_SLICE_BYTES = 32 * 2 ** 20;
+
+export const MEMORY_DEFAULTS: MemorySpec = { gradientCheckpointing: 'auto', attentionSlicing: 'auto', halfFrozenWeights: false };
+
+/** The UNet's memory mode from the job's toggles; `fits` says whether the job fits without checkpointing (estimate.ts). */
+export function unetMemoryFor(spec: Partial<MemorySpec>, fits: boolean): UNetMemory {
+  const ckpt = spec.gradientCheckpointing ?? 'auto';
+  const slicing = spec.attentionSlicing ?? 'auto';
+  return {
+    checkpointing: ckpt === 'on' || (ckpt === 'auto' && !fits),
+    attentionSliceBytes: slicing === 'off' ? 0 : slicing === 'on' ? ON_SLICE_BYTES : AUTO_SLICE_BYTES,
+  };
+}
