@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "gemm.h"
+#include "half.h"
 #include "kernels.h"
 
 namespace {
@@ -286,6 +287,9 @@ napi_value Init(napi_env env, napi_value exports) {
       {"copy", nullptr, Copy, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"reduceSum", nullptr, ReduceSum, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"unary", nullptr, Unary, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"halfToFloat", nullptr, st::HalfToFloat, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"floatToHalf", nullptr, st::FloatToHalf, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"halfIsa", nullptr, st::HalfIsa, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

@@ -28,6 +28,12 @@ export interface NativeAddon {
   reduceSum(x: Float32Array, out: Float32Array, sizes: Float64Array, reduced: Float64Array, divisor: number): void;
   /** y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf, 4 square, 5 sqrt (the stock kernels' formulas). */
   unary(op: number, x: Float32Array, y: Float32Array): void;
+  /** dst = float32(src) for float16 bits (exact; native/src/half.cc). dst at least as long as src. */
+  halfToFloat(src: Uint16Array, dst: Float32Array): void;
+  /** dst = float16 bits of src, round to nearest even; returns how many finite values overflowed to ±Inf. */
+  floatToHalf(src: Float32Array, dst: Uint16Array): number;
+  /** 'f16c' when the conversions use the CPU's F16C instructions, else 'portable'. */
+  halfIsa(): string;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
 }
