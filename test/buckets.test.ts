@@ -4,7 +4,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { makeBuckets, nearestBucket, cropBox, bucketBatches, bucketTable, formatBucketTable, loadBucketImage } from '../trainers/data/buckets.ts';
+import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage } from '../trainers/data/buckets.ts';
+import { latentJob } from '../trainers/finetune-data.ts';
+import { LatentDiskCache } from '../trainers/latent-disk-cache.ts';
 import { Rng } from '../trainers/random.ts';
 
 const SIZES: [number, number][] = [
@@ -83,6 +85,57 @@ test('loadBucketImage: decoded, covered and cropped to the bucket size', async (
     const img = await loadBucketImage(path, { index: 0, width: 128, height: 64 });
     assert.deepEqual([img.width, img.height, img.pixels.length], [128, 64, 128 * 64 * 3]);
     assert.deepEqual(Array.from(img.pixels.subarray(0, 3)), [1, -1, -1]);
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+});
+
+test('random crop: in bounds, one fixed offset per image for a seed, different across images and seeds', () => {
+  const bucket = { index: 0, width: 256, height: 256 };
+  const boxOf = (file: string, seed: number, w = 900, h = 700) => cropBox(w, h, bucket, cropRng('random', seed, file));
+  assert.equal(cropRng('center', 1, 'a.png'), undefined);
+  const offsets = new Set<string>();
+  for (let i = 0; i < 20; i++) {
+    const file = `dir/img${i}.png`;
+    const box = boxOf(file, 7);
+    assert.ok(box.left >= 0 && box.left + box.width <= box.resizeWidth, `${file}: left ${box.left}`);
+    assert.ok(box.top >= 0 && box.top + box.height <= box.resizeHeight, `${file}: top ${box.top}`);
+    assert.deepEqual(boxOf(file, 7), box, 'same seed and image → same crop');
+    offsets.add(`${box.left},${box.top}`);
+  }
+  assert.ok(offsets.size >= 15, `different images get different crops (${offsets.size} distinct of 20)`);
+  const seeds = new Set([1, 2, 3, 4, 5].map((seed) => JSON.stringify(boxOf('dir/img0.png', seed))));
+  assert.ok(seeds.size >= 4, 'another seed, another crop');
+  // both offsets are drawn: a wide image moves along x, a tall one along y
+  assert.ok(new Set(Array.from({ length: 10 }, (_, i) => boxOf(`w${i}`, 1, 1000, 256).left)).size > 5);
+  assert.ok(new Set(Array.from({ length: 10 }, (_, i) => boxOf(`t${i}`, 1, 256, 1000).top)).size > 5);
+});
+
+test('random crop and the latent cache: the key holds the crop; the pixels are cut where the key says', async () => {
+  const tmp = await mkdtemp(join(tmpdir(), 'buckets-'));
+  try {
+    // a red ramp 0..255 along x; 256×64 into a 128×64 bucket needs no resize, so red at x=0 is the left offset
+    const width = 256, height = 64;
+    const data = Buffer.alloc(width * height * 3);
+    for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) data[(y * width + x) * 3] = x;
+    const path = join(tmp, 'ramp.png');
+    await sharp(data, { raw: { width, height, channels: 3 } }).png().toFile(path);
+    const bucket = { index: 0, width: 128, height: 64 };
+    const image = { file: 'ramp.png', path, caption: '', repeats: 1, width, height };
+    const center = latentJob({ image, bucket }, 'center', 5);
+    assert.equal(center.variant, '128x64@64,0'); // the key of earlier (centre-only) versions
+    const cache = new LatentDiskCache(tmp, 'vae');
+    for (const seed of [5, 6, 7]) {
+      const random = latentJob({ image, bucket }, 'random', seed);
+      assert.match(random.variant, /^128x64@\d+,0\/random$/);
+      assert.notEqual(cache.keyOf('digest', random.variant), cache.keyOf('digest', center.variant));
+      assert.equal(latentJob({ image, bucket }, 'random', seed).variant, random.variant);
+      const left = Number(/@(\d+),/.exec(random.variant)![1]);
+      const pixels = await random.pixels();
+      assert.equal(pixels.pixels[0], Math.fround(left / 127.5 - 1), `seed ${seed}: crop starts at x=${left}`);
+    }
+    const centred = await center.pixels();
+    assert.equal(centred.pixels[0], Math.fround(64 / 127.5 - 1));
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }

@@ -11,6 +11,8 @@ import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { methods } from '../trainers/methods.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
+import { tf } from '../trainers/tf.ts';
+import { finetuneLrSchedule, makeFinetuneOptimizer } from '../trainers/finetune-optim.ts';
 
 const MODEL = 'test/fixtures/sd-tiny/model.safetensors';
 let tmp: string;
@@ -142,6 +144,56 @@ test('resume restores the weights, optimizer and EMA state exactly: stopped-and-
       const a = await tensorsOf(straight.outputs[i]!, 'model.diffusion_model.');
       const b = await tensorsOf(resumed.outputs[i]!, 'model.diffusion_model.');
       for (const [key, values] of a) assert.deepEqual(b.get(key), values, `${i ? 'EMA' : 'raw'} ${key}`);
+    }
+  });
+});
+
+test('textEncoderLr: the optimizer moves text-encoder weights by its rate and UNet weights by lr (AdamW first step |Δ| = lr)', () => {
+  const spec = { optimizer: 'adamw', lr: 1e-3, textEncoderLr: 2.5e-4, lrScheduler: 'constant', warmupSteps: 0, steps: 10 } as const;
+  // zero weights: the decoupled weight decay (p·(1 − lr·wd)) adds nothing, so Δ = −lr·g/(|g| + eps)
+  const unet = tf.variable(tf.zeros([4]), true, 'lr-test/unet');
+  const text = tf.variable(tf.zeros([3]), true, 'lr-test/text');
+  const opt = makeFinetuneOptimizer(spec, new Map([['unet.w', unet], ['text.w', text]]), new Set(['text.w']));
+  const grads = new Map([['unet.w', tf.tensor1d([2, -3, 0.5, -1])], ['text.w', tf.tensor1d([-4, 1, 0.25])]]);
+  opt.step(grads, finetuneLrSchedule(spec, spec.lr).getLr(0));
+  const expect = (g: number[], lr: number) => g.map((x) => -lr * Math.sign(x));
+  const close = (a: ArrayLike<number>, b: number[]) => b.forEach((x, i) => assert.ok(Math.abs(a[i]! - x) < 1e-9, `[${i}] ${a[i]} vs ${x}`));
+  close(unet.dataSync(), expect([2, -3, 0.5, -1], 1e-3));
+  close(text.dataSync(), expect([-4, 1, 0.25], 2.5e-4));
+  opt.dispose();
+  tf.dispose([unet, text, ...grads.values()]);
+  // the same schedule shape at both peaks (warm-up, cosine); no textEncoderLr → the text group at lr
+  const cos = { ...spec, lrScheduler: 'cosine', warmupSteps: 3 } as const;
+  for (const d of [0, 1, 3, 5, 9]) assert.ok(Math.abs(finetuneLrSchedule(cos, 2.5e-4).getLr(d) * 4 - finetuneLrSchedule(cos, 1e-3).getLr(d)) < 1e-15, `step ${d}`);
+  const same = makeFinetuneOptimizer({ ...spec, textEncoderLr: undefined }, new Map([['text.w', tf.variable(tf.zeros([1]))]]), new Set(['text.w']));
+  assert.equal(same.textLr!.getLr(0), 1e-3);
+  same.dispose();
+});
+
+test('textEncoderLr in a run: after one step every weight moved by its group\'s rate (or not at all)', async () => {
+  await onGradBackend(async () => {
+    const lr = 1e-3, textLr = 1e-4, wd = 1e-2; // wd: dreambooth-optim.ts makeGroupOptimizer
+    const result = await runFinetune(jobSpec({ name: 'lrs', steps: 1, lr, textEncoderLr: textLr, trainTextEncoder: true, lrScheduler: 'constant', warmupSteps: 0, validationSplit: 0 }), context());
+    const out = await tensorsOf(result.outputs[0]!, '');
+    const src = await tensorsOf(MODEL, '');
+    // AdamW step 1: p' = p·(1 − lr·wd) − lr·g/(|g| + eps), so |p' − p + lr·wd·p| is lr (or 0 where g = 0)
+    const steps = (prefix: string, rate: number) => {
+      const sizes: number[] = [];
+      for (const [key, before] of src) {
+        if (!key.startsWith(prefix) || key.endsWith('position_ids')) continue;
+        const after = out.get(key)!;
+        for (let i = 0; i < before.length; i++) sizes.push(Math.abs(after[i]! - before[i]! * (1 - rate * wd)) / rate);
+      }
+      return sizes;
+    };
+    for (const [prefix, rate] of [['model.diffusion_model.', lr], ['cond_stage_model.', textLr]] as const) {
+      const sizes = steps(prefix, rate);
+      const max = sizes.reduce((a, x) => Math.max(a, x), 0);
+      assert.ok(max < 1.01, `${prefix}: no step over its rate (max ${max} × rate)`);
+      // weights without a gradient (token embeddings of unused tokens) stay; the others move by the rate
+      const moved = sizes.filter((x) => x > 0.01);
+      const atRate = moved.filter((x) => Math.abs(x - 1) < 0.01).length;
+      assert.ok(moved.length > 10000 && atRate > 0.95 * moved.length, `${prefix}: ${atRate} of ${moved.length} moved weights moved by its rate`);
     }
   });
 });

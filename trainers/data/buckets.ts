@@ -8,7 +8,10 @@
  *   the area budget (why: memory per step is bounded by the square resolution's);
  * - assignment: the bucket whose aspect ratio is nearest in log-ratio |ln(w/h) − ln(W/H)|
  *   (why log: 2:1 and 1:2 are equally far from 1:1);
- * - resize to cover the bucket (scale = max(bw/w, bh/h)), then a centre or seeded random crop;
+ * - resize to cover the bucket (scale = max(bw/w, bh/h)), then a centre or seeded random crop; a
+ *   random crop's offset is drawn once per image from the seed and the image's path (cropRng), so
+ *   the image is cut the same way on every use of a run and its cached latent stays valid (kohya's
+ *   random_crop draws anew each use, which rules out cached latents);
  * - batches: each epoch every bucket's images are shuffled and cut into batches, then the batch
  *   list is shuffled; a batch never mixes buckets (one latent shape per step).
  *
@@ -38,6 +41,9 @@ export interface Bucket {
   width: number;
   height: number;
 }
+
+/** How an image is cut to its bucket after the cover resize. */
+export type CropMode = 'center' | 'random';
 
 export interface CropBox {
   /** Size after the cover resize. */
@@ -102,6 +108,19 @@ export function cropBox(width: number, height: number, bucket: Bucket, rng?: Rng
   const left = rng ? rng.int(spareX + 1) : Math.floor(spareX / 2);
   const top = rng ? rng.int(spareY + 1) : Math.floor(spareY / 2);
   return { resizeWidth, resizeHeight, left, top, width: bucket.width, height: bucket.height };
+}
+
+/** The random stream of an image's crop: none for centre crops, one per (seed, image path) for random ones. */
+export function cropRng(mode: CropMode, seed: number, file: string): Rng | undefined {
+  return mode === 'random' ? Rng.derive(seed, 'crop', file) : undefined;
+}
+
+/**
+ * What a crop adds to a latent-cache key: the bucket size and offsets, and for random crops the
+ * mode too (so the two modes never share an entry; centre keys are those of earlier versions).
+ */
+export function cropVariant(box: CropBox, mode: CropMode): string {
+  return `${box.width}x${box.height}@${box.left},${box.top}${mode === 'random' ? '/random' : ''}`;
 }
 
 /**
