@@ -18,11 +18,14 @@ function presentBackends(): string[] {
   });
 }
 
-for (const backend of presentBackends()) {
-  test(`golden harness passes on ${FIXTURES.join(' and ')} (${backend})`, () => {
+const backends = presentBackends();
+// every backend as is, and the first with the memory levers on (gradient checkpointing, sliced attention)
+const runs = [...backends.map((b) => [b]), ...backends.slice(0, 1).map((b) => [b, '--low-memory'])];
+for (const [backend, ...flags] of runs as [string, ...string[]][]) {
+  test(`golden harness passes on ${FIXTURES.join(' and ')} (${[backend, ...flags].join(' ')})`, () => {
     let output = '';
     try {
-      output = execFileSync(process.execPath, ['bin/sidetrain.mjs', 'golden', '--backend', backend, ...FIXTURES], { encoding: 'utf8' });
+      output = execFileSync(process.execPath, ['bin/sidetrain.mjs', 'golden', '--backend', backend!, ...flags, ...FIXTURES], { encoding: 'utf8' });
     } catch (err) {
       const e = err as { stdout?: string; stderr?: string };
       assert.fail(`golden failed on ${backend}:\n${e.stdout ?? ''}${e.stderr ?? ''}`);

@@ -18,6 +18,8 @@ import { paramToTorch, type Params } from './nets/params.ts';
 import { denoisingLoss, type DiffusionBatch } from './diffusion-loss.ts';
 import { textualInversionLoss } from './textual-inversion.ts';
 import { hypernetworkLoss } from './hypernetwork.ts';
+import { lossAndGrads } from './nets/recompute.ts';
+import type { UNetMemory } from './memory-options.ts';
 
 export interface GoldenRow {
   name: string;
@@ -39,6 +41,8 @@ interface Ctx {
   inputs: TensorSource;
   model: SdModel;
   input(name: string): Promise<Tensor>;
+  /** Gradient checkpointing / attention slicing for every UNet run (absent: whole). */
+  memory?: UNetMemory;
 }
 
 async function textGoldens(c: Ctx, out: Out): Promise<void> {
@@ -51,7 +55,7 @@ async function unetGoldens(c: Ctx, out: Out): Promise<void> {
   const { params, cfg } = c.model.unet!;
   const x = nhwc(await c.input(c.g.unet.inputs.x));
   const taps = new Map<string, Tensor>();
-  out.set('unet.out', nchw(unetForward(params, cfg, x, c.g.unet.inputs.timesteps, await c.input(c.g.unet.inputs.context), { taps })));
+  out.set('unet.out', nchw(unetForward(params, cfg, x, c.g.unet.inputs.timesteps, await c.input(c.g.unet.inputs.context), { taps, memory: c.memory })));
   out.set('unet.t_emb', taps.get('t_emb')!).set('unet.emb', taps.get('emb')!);
 }
 
@@ -93,18 +97,22 @@ function fullModelGoldens(c: Ctx, out: Out, batch: DiffusionBatch): void {
   const swap = (p: Params) => new Map([...p].map(([k, t]) => [k, keys.includes(k) ? tf.variable(t, true, `ft/${k}`) : t]));
   const textP = swap(text.params);
   const unetP = swap(unet.params);
-  const vars = keys.map((k) => (textP.get(k) ?? unetP.get(k)) as tf.Variable | undefined);
-  const { value, grads } = tf.variableGrads(() => {
+  const vars = new Map<string, tf.Variable>();
+  for (const k of keys) {
+    const v = textP.get(k) ?? unetP.get(k);
+    if (v instanceof tf.Variable) vars.set(k, v);
+  }
+  const { value, grads } = lossAndGrads(() => {
     const context = encodeText(textP, text.cfg, c.g.train_batch.ids);
-    return denoisingLoss({ ...c.model, unet: { params: unetP, cfg: unet.cfg } }, batch, context);
-  }, vars.filter((v): v is tf.Variable => !!v));
+    return denoisingLoss({ ...c.model, unet: { params: unetP, cfg: unet.cfg, memory: c.memory } }, batch, context);
+  }, vars);
   out.set(c.g.full_model_gradients.loss, value);
   keys.forEach((k, i) => {
-    const v = vars[i];
     const shape = text.params.get(k)?.shape ?? unet.params.get(k)?.shape;
-    out.set(names[i]!, v && grads[v.name] ? paramToTorch(grads[v.name]!) : tf.zeros(shape ?? [0]));
+    out.set(names[i]!, grads[k] ? paramToTorch(grads[k]) : tf.zeros(shape ?? [0]));
   });
-  vars.forEach((v) => v?.dispose());
+  tf.dispose(Object.values(grads));
+  vars.forEach((v) => v.dispose());
 }
 
 async function tiGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void> {
@@ -115,8 +123,9 @@ async function tiGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void>
   out.set('ti.context', encodeText(c.model.text!.params, c.model.text!.cfg, ti.ids, {
     splices: prompts.map((p: { embeddings: { positions: number[] }[] }, batchRow: number) => ({ batch: batchRow, positions: p.embeddings[0]!.positions, vectors })),
   }));
-  const { value, grads } = tf.variableGrads(() => textualInversionLoss({ ...c.model, unet: c.model.unet!, text: c.model.text! }, vectorMap, { ...batch, prompts }), [vectors]);
-  out.set('ti.loss', value).set('ti.grad_vectors', grads[vectors.name]!);
+  const model = { ...c.model, unet: { ...c.model.unet!, memory: c.memory }, text: c.model.text! };
+  const { value, grads } = lossAndGrads(() => textualInversionLoss(model, vectorMap, { ...batch, prompts }), new Map([['vectors', vectors]]));
+  out.set('ti.loss', value).set('ti.grad_vectors', grads.vectors!);
   vectors.dispose();
 }
 
@@ -134,19 +143,19 @@ async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tenso
     out.set(`hn.k_out.${size}`, hypernetForward(params, spec, size, 'k', unetContext));
     out.set(`hn.v_out.${size}`, hypernetForward(params, spec, size, 'v', unetContext));
   }
-  const hnModel = { ...c.model, unet: c.model.unet!, hypernetwork: { params, spec } };
+  const hnModel = { ...c.model, unet: { ...c.model.unet!, memory: c.memory }, hypernetwork: { params, spec } };
   const { params: up, cfg } = c.model.unet!;
   const x = nhwc(await c.input(c.g.unet.inputs.x));
-  out.set('hn.unet_out', nchw(unetForward(up, cfg, x, c.g.unet.inputs.timesteps, unetContext, { hooks: { kv: hypernetHook(params, spec) } })));
-  const vars = [...params.values()] as tf.Variable[];
-  const { value, grads } = tf.variableGrads(() => hypernetworkLoss(hnModel, batch, context), vars);
+  out.set('hn.unet_out', nchw(unetForward(up, cfg, x, c.g.unet.inputs.timesteps, unetContext, { hooks: { kv: hypernetHook(params, spec) }, memory: c.memory })));
+  const vars = params as Map<string, tf.Variable>;
+  const { value, grads } = lossAndGrads(() => hypernetworkLoss(hnModel, batch, context), vars);
   out.set('hn.loss', value);
-  for (const [key, v] of params) out.set(`hn.grad.${key}`, grads[(v as tf.Variable).name]!);
+  for (const key of params.keys()) out.set(`hn.grad.${key}`, grads[key]!);
   vars.forEach((v) => v.dispose());
 }
 
-/** Compute every golden output of `dir` and compare; one row per golden output tensor. */
-export async function runGolden(dir: string): Promise<GoldenRow[]> {
+/** Compute every golden output of `dir` and compare; one row per golden output tensor (`memory`: with checkpointing/slicing). */
+export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {}): Promise<GoldenRow[]> {
   const g = JSON.parse(readFileSync(join(dir, 'golden.json'), 'utf8')) as Json;
   const inputs = await openSafetensors(join(dir, 'golden.safetensors'));
   const model = await loadSdModel(join(dir, 'model.safetensors'), ['text', 'unet', 'vae-encoder', 'vae-decoder']);
@@ -154,7 +163,7 @@ export async function runGolden(dir: string): Promise<GoldenRow[]> {
     const { shape } = inputs.info(name);
     return tf.tensor(await inputs.read(name), shape);
   };
-  const c: Ctx = { g, inputs, model, input };
+  const c: Ctx = { g, inputs, model, input, memory: opts.memory };
   const out: Out = new Map();
   try {
     await textGoldens(c, out);

@@ -41,7 +41,7 @@ export interface HnModel extends Denoiser {
 /** The hypernetwork loss: p_losses with the modules hooked into every attention (train mode). */
 export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderHiddenStates: Tensor): tf.Scalar {
   const { params, spec } = model.hypernetwork;
-  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true }) }));
+  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true, seed: Math.floor(Math.random() * 2 ** 31) }) }));
 }
 
 /** The job's options (schemas/hypernetwork.json). */

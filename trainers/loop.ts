@@ -9,6 +9,7 @@ import { existsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { tf, type Tensor } from './tf.ts';
 import type { JobContext } from './job.ts';
+import { lossAndGrads } from './nets/recompute.ts';
 
 /** What a method gives the loop. */
 export interface TrainMethod<Batch> {
@@ -74,29 +75,18 @@ function accumulate(acc: Map<string, Tensor>, grads: Record<string, Tensor>): vo
 async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
   const grads = new Map<string, Tensor>();
   let lossSum = 0;
-  const vars = [...method.trainable.values()];
   for (let micro = 0; micro < opts.gradAccum; micro++) {
     const batch = await method.nextBatch(step, micro);
-    const { value, grads: g } = tf.variableGrads(() => method.loss(batch).div(opts.gradAccum) as tf.Scalar, vars);
+    const { value, grads: g } = lossAndGrads(() => method.loss(batch).div(opts.gradAccum) as tf.Scalar, method.trainable);
     lossSum += (await value.data())[0]! * opts.gradAccum;
     value.dispose();
-    accumulate(grads, byName(method.trainable, g));
+    accumulate(grads, g);
     method.disposeBatch?.(batch);
   }
   const clipped = opts.clip ? opts.clip(grads, step - 1) : grads;
   opts.optimizer.step(clipped, opts.learnRate(step - 1));
   tf.dispose([...grads.values(), ...(clipped === grads ? [] : clipped.values())]);
   return lossSum / opts.gradAccum;
-}
-
-/** variableGrads keys its result by variable name; map back to the method's names. */
-function byName(trainable: Map<string, tf.Variable>, grads: tf.NamedTensorMap): Record<string, Tensor> {
-  const out: Record<string, Tensor> = {};
-  for (const [name, v] of trainable) {
-    const g = grads[v.name];
-    if (g) out[name] = g;
-  }
-  return out;
 }
 
 /** Every value finite and below `maxAbs` (NaN fails the comparison too). */

@@ -7,14 +7,17 @@ export function registerGolden(program: Command): void {
     .description("compute every tensor named in <dir>/golden.json and compare with the PyTorch goldens (exit 1 if any fails or is missing)")
     .argument('<dirs...>', 'fixture directories laid out like test/fixtures/sd-tiny')
     .option('--backend <name>', 'TF.js backend to use (default: the best present)')
-    .action(async (dirs: string[], opts: { backend?: string }) => {
+    .option('--low-memory', 'run every UNet with gradient checkpointing and attention sliced into single query rows (must give the same numbers)')
+    .action(async (dirs: string[], opts: { backend?: string; lowMemory?: boolean }) => {
       const { initBackend } = await import('../../trainers/tf.ts');
       const { runGolden } = await import('../../trainers/golden.ts');
       const backend = await initBackend(opts.backend);
-      console.log(`backend: ${backend.name}`);
+      console.log(`backend: ${backend.name}${opts.lowMemory ? ' (gradient checkpointing, attention slices of one row)' : ''}`);
+      // 1 byte per slice: every attention runs one query row at a time, the most slices there can be
+      const memory = opts.lowMemory ? { checkpointing: true, attentionSliceBytes: 1 } : undefined;
       let failed = 0;
       for (const dir of dirs) {
-        const rows = await runGolden(dir);
+        const rows = await runGolden(dir, { memory });
         console.log(`\n${dir}\n${'tensor'.padEnd(80)} ${'max|ours-golden|'.padStart(16)} ${'atol'.padStart(9)}  result`);
         for (const r of rows) {
           const result = !r.computed ? 'NOT COMPUTED' : r.pass ? 'pass' : 'FAIL';

@@ -61,7 +61,7 @@ export function hypernetSpecFromWebui(meta: Record<string, unknown>, sizes: numb
 // ---------------------------------------------------------------------------------------------
 // Activations: the webui's activation_dict (its own names + torch.nn.modules.activation lower-cased)
 
-type Act = (x: Tensor, training: boolean, weight?: Tensor) => Tensor;
+type Act = (x: Tensor, training: boolean, weight?: Tensor, seed?: number) => Tensor;
 
 const relu6 = (x: Tensor) => tf.clipByValue(x, 0, 6);
 const softplus = (x: Tensor) => tf.where(x.greater(20), x, tf.softplus(x)); // torch threshold 20
@@ -88,8 +88,8 @@ const ACTIVATIONS: Record<string, Act> = {
   hardshrink: (x) => tf.where(x.abs().greater(0.5), x, tf.zerosLike(x)),
   softshrink: (x) => tf.where(x.greater(0.5), x.sub(0.5), tf.where(x.less(-0.5), x.add(0.5), tf.zerosLike(x))),
   // torch RReLU(1/8, 1/3): random negative slope while training, the mean slope in eval
-  rrelu: (x, training) =>
-    tf.where(x.greaterEqual(0), x, x.mul(training ? tf.randomUniform(x.shape, 1 / 8, 1 / 3) : (1 / 8 + 1 / 3) / 2)),
+  rrelu: (x, training, _w, seed) =>
+    tf.where(x.greaterEqual(0), x, x.mul(training ? tf.randomUniform(x.shape, 1 / 8, 1 / 3, 'float32', seed) : (1 / 8 + 1 / 3) / 2)),
   prelu: (x, _t, w) => tf.where(x.greaterEqual(0), x, x.mul(w!)),
 };
 /** webui names that exist in torch.nn.modules.activation but need arguments or change the width. */
@@ -220,14 +220,28 @@ export interface HypernetOptions {
   multiplier?: number;
   /** Train mode: dropout active, multiplier 1. */
   training?: boolean;
+  /**
+   * Seed of the train-mode randomness (dropout masks, RReLU slopes), mixed with the layer's name:
+   * a block recomputed for gradient checkpointing (recompute.ts) draws the same masks again.
+   * Absent: unseeded, as torch.
+   */
+  seed?: number;
 }
 
-function runLayer(p: Params, key: string, l: HnLayer, h: Tensor, training: boolean): Tensor {
+/** FNV-1a of `text` mixed into `seed`: one stream per (seed, layer). */
+function mixSeed(seed: number, text: string): number {
+  let h = (2166136261 ^ seed) >>> 0;
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 16777619) >>> 0;
+  return h;
+}
+
+function runLayer(p: Params, key: string, l: HnLayer, h: Tensor, training: boolean, seed?: number): Tensor {
+  const layerSeed = seed === undefined ? undefined : mixSeed(seed, key);
   switch (l.kind) {
     case 'linear': return linear(p, key, h);
-    case 'act': return ACTIVATIONS[l.name]!(h, training, PARAM_ACTIVATIONS.has(l.name) ? param(p, `${key}.weight`) : undefined);
+    case 'act': return ACTIVATIONS[l.name]!(h, training, PARAM_ACTIVATIONS.has(l.name) ? param(p, `${key}.weight`) : undefined, layerSeed);
     case 'layernorm': return layerNorm(p, key, h, 1e-5);
-    case 'dropout': return training ? tf.dropout(h, l.p) : h;
+    case 'dropout': return training ? tf.dropout(h, l.p, undefined, layerSeed) : h;
   }
 }
 
@@ -237,7 +251,7 @@ export function hypernetForward(p: Params, spec: HypernetworkSpec, size: number,
   const multiplier = training ? 1 : (opts.multiplier ?? 1);
   return tf.tidy(() => {
     let h = x;
-    for (const l of hypernetLayers(spec, size)) h = runLayer(p, `${size}.${kv}.linear.${l.index}`, l, h, training);
+    for (const l of hypernetLayers(spec, size)) h = runLayer(p, `${size}.${kv}.linear.${l.index}`, l, h, training, opts.seed);
     return x.add(h.mul(multiplier));
   });
 }
@@ -247,9 +261,10 @@ export function hypernetForward(p: Params, spec: HypernetworkSpec, size: number,
  * context's last dimension, or undefined when no size matches.
  */
 export function hypernetHook(p: Params, spec: HypernetworkSpec, opts: HypernetOptions = {}) {
-  return (context: Tensor): [Tensor, Tensor] | undefined => {
+  return (context: Tensor, layer = ''): [Tensor, Tensor] | undefined => {
     const size = context.shape[context.rank - 1]!;
     if (!spec.sizes.includes(size)) return undefined;
-    return [hypernetForward(p, spec, size, 'k', context, opts), hypernetForward(p, spec, size, 'v', context, opts)];
+    const layerOpts = opts.seed === undefined ? opts : { ...opts, seed: mixSeed(opts.seed, layer) };
+    return [hypernetForward(p, spec, size, 'k', context, layerOpts), hypernetForward(p, spec, size, 'v', context, layerOpts)];
   };
 }

@@ -70,16 +70,22 @@ export const quickGelu = (x: Tensor): Tensor => x.mul(tf.sigmoid(x.mul(1.702)));
  * (head, d_head). `mask` is added to the scores (e.g. CLIP's causal mask, [Tq, Tk]).
  */
 export function attention(q: Tensor, k: Tensor, v: Tensor, heads: number, mask?: Tensor): Tensor {
+  return headsAttention(q, k, v, heads, (qh, kh, vh) => {
+    let scores = tf.matMul(qh, kh, false, true).mul(qh.shape[2]! ** -0.5); // [B·h, Tq, Tk]
+    if (mask) scores = scores.add(mask);
+    return tf.matMul(tf.softmax(scores), vh); // [B·h, Tq, d]
+  });
+}
+
+/**
+ * Splits q [B, Tq, C], k and v [B, Tk, C] into heads ([B·h, T, d], channels as (head, d)), runs
+ * `core` on them and merges its [B·h, Tq, d] result back to [B, Tq, C].
+ */
+export function headsAttention(q: Tensor, k: Tensor, v: Tensor, heads: number, core: (qh: Tensor, kh: Tensor, vh: Tensor) => Tensor): Tensor {
   const [b, tq, c] = q.shape as [number, number, number];
-  const tk = k.shape[1]!;
   const d = c / heads;
-  const split = (t: Tensor, n: number) => t.reshape([b, n, heads, d]).transpose([0, 2, 1, 3]).reshape([b * heads, n, d]);
-  const qh = split(q, tq); // [B·h, Tq, d]
-  const kh = split(k, tk); // [B·h, Tk, d]
-  const vh = split(v, tk); // [B·h, Tk, d]
-  let scores = tf.matMul(qh, kh, false, true).mul(d ** -0.5); // [B·h, Tq, Tk]
-  if (mask) scores = scores.add(mask);
-  const out = tf.matMul(tf.softmax(scores), vh); // [B·h, Tq, d]
+  const split = (t: Tensor) => t.reshape([b, t.shape[1]!, heads, d]).transpose([0, 2, 1, 3]).reshape([b * heads, t.shape[1]!, d]);
+  const out = core(split(q), split(k), split(v)); // [B·h, Tq, d]
   return out.reshape([b, heads, tq, d]).transpose([0, 2, 1, 3]).reshape([b, tq, c]);
 }
 

@@ -17,7 +17,9 @@ import { tf, type Tensor } from '../tf.ts';
 import { loadParams, param, type Params } from './params.ts';
 import type { TensorSource } from '../io/types.ts';
 import type { UNetMemory } from '../memory-options.ts';
-import { attention, conv2d, gelu, groupNorm, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
+import { attention, conv2d, gelu, groupNorm, headsAttention, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
+import { checkpointed } from './recompute.ts';
+import { sliceRows, slicedAttentionCore } from './sliced-attention.ts';
 
 export interface UNetConfig {
   /** Key prefix of the UNet in the checkpoint (ldm `LatentDiffusion`: 'model.diffusion_model.'). */
@@ -279,7 +281,7 @@ export interface UNetHooks {
    * attention_CrossAttention_forward): called in EVERY CrossAttention with its context (for attn1
    * the block input itself); returns the inputs of to_k and to_v, or undefined to leave both as is.
    */
-  kv?: (context: Tensor) => [Tensor, Tensor] | undefined;
+  kv?: (context: Tensor, layer: string) => [Tensor, Tensor] | undefined;
 }
 
 export interface UNetOptions {
@@ -297,6 +299,7 @@ export interface BlockCtx {
   emb: Tensor; // [B, 4·mc]
   context: Tensor; // [B, T, D]
   hooks: UNetHooks;
+  memory?: UNetMemory;
 }
 
 /**
@@ -336,10 +339,19 @@ function resBlock(c: BlockCtx, name: string, x: Tensor, l: { inCh: number; outCh
 /** attention.py CrossAttention (no q/k/v bias); the kv hook sees the context (x itself for attn1). */
 function crossAttention(c: BlockCtx, name: string, x: Tensor, context: Tensor, heads: number): Tensor {
   const q = linear(c.p, `${name}.to_q`, x); // [B, N, inner]
-  const [ctxK, ctxV] = c.hooks.kv?.(context) ?? [context, context];
+  const [ctxK, ctxV] = c.hooks.kv?.(context, name) ?? [context, context];
   const k = linear(c.p, `${name}.to_k`, ctxK); // [B, T, inner]
   const v = linear(c.p, `${name}.to_v`, ctxV);
-  return linear(c.p, `${name}.to_out.0`, attention(q, k, v, heads)); // scale d_head^-0.5
+  return linear(c.p, `${name}.to_out.0`, attend(c, q, k, v, heads)); // scale d_head^-0.5
+}
+
+/** Whole attention, or sliced (memory-options.ts) when the layer's scores would exceed the job's slice size. */
+function attend(c: BlockCtx, q: Tensor, k: Tensor, v: Tensor, heads: number): Tensor {
+  const maxBytes = c.memory?.attentionSliceBytes ?? 0;
+  const [bh, tq, tk] = [q.shape[0]! * heads, q.shape[1]!, k.shape[1]!];
+  if (!maxBytes || bh * tq * tk * 4 <= maxBytes) return attention(q, k, v, heads);
+  const rows = sliceRows(bh, tq, tk, maxBytes);
+  return headsAttention(q, k, v, heads, (qh, kh, vh) => slicedAttentionCore(qh, kh, vh, rows));
 }
 
 /**
@@ -397,8 +409,8 @@ function runLayer(c: BlockCtx, name: string, l: UNetLayer, h: Tensor): Tensor {
 }
 
 /**
- * One block (`input_blocks.N`, `middle_block`, `output_blocks.N`): x → x. This is the unit for
- * gradient checkpointing later (wrap in tf.customGrad that recomputes it in the backward pass).
+ * One block (`input_blocks.N`, `middle_block`, `output_blocks.N`): x → x; the unit of gradient
+ * checkpointing (recompute.ts).
  */
 export function runBlock(c: BlockCtx, block: UNetPlan['blocks'][number], h: Tensor): Tensor {
   return block.layers.reduce((acc, l, i) => runLayer(c, `${c.cfg.prefix}${block.name}.${i}`, l, acc), h);
@@ -415,13 +427,15 @@ export function unetForward(
     const tEmb = timestepEmbedding(timesteps, cfg.modelChannels); // [B, mc]
     const emb = timeMlp(p, cfg, tEmb); // [B, 4·mc]
     if (opts.taps) opts.taps.set('t_emb', tf.keep(tEmb)).set('emb', tf.keep(emb));
-    const c: BlockCtx = { p, cfg, emb, context, hooks: opts.hooks ?? {} };
+    const c: BlockCtx = { p, cfg, emb, context, hooks: opts.hooks ?? {}, memory: opts.memory };
     const skips: Tensor[] = [];
     let h = x;
     for (const block of unetPlan(cfg).blocks) {
       // output blocks concatenate [h, skip] on channels, in that order
       if (block.name.startsWith('output_blocks.')) h = tf.concat([h, skips.pop()!], 3);
-      h = runBlock(c, block, h);
+      h = opts.memory?.checkpointing
+        ? checkpointed((hIn, embIn, contextIn) => runBlock({ ...c, emb: embIn!, context: contextIn! }, block, hIn!), [h, emb, context])
+        : runBlock(c, block, h);
       if (block.name.startsWith('input_blocks.')) skips.push(h);
     }
     const pre = cfg.prefix;
