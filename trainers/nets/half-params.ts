@@ -1,0 +1,315 @@
+/**
+ * @file Frozen weights kept in float16 (the `halfFrozenWeights` job option, memory-options.ts):
+ * a `Params` whose frozen entries are float16 bits in a Uint16Array outside TF.js (which has no
+ * float16 dtype) and become a float32 tensor only when a layer reads them. `get(key)` makes a
+ * fresh tensor in the caller's scope, so inside unetForward's tf.tidy it is freed when the
+ * forward ends — or, with gradient checkpointing, when the block's scope ends, unless the tape
+ * kept it for the backward pass. The frozen SD1.5 UNet then costs 1.7 GB instead of 3.4 GB.
+ *
+ * Numbers: a read returns exactly float32(float16(w)), what PyTorch's `.half()` then `.float()`
+ * gives (round to nearest even); an F16 checkpoint's own bits are used unchanged.
+ *
+ * Iteration (`for of`, entries(), values(), forEach) yields materialised tensors one at a time,
+ * lazily; they are the caller's to dispose (or to leave to an enclosing tidy). keys()/has()/size
+ * never materialise anything. A tensor `set` in (e.g. a tf.Variable) is stored as is.
+ *
+ * Conversion: the native addon (native/src/half.cc: F16C, multi-threaded) when it is built,
+ * else the pure-JS code below (same bits), so the WASM and pure-CPU backends get it too.
+ */
+import { tf, type Tensor } from '../tf.ts';
+import type { TensorSource } from '../io/types.ts';
+import { loadAddon, type NativeAddon } from '../native/addon.ts';
+import { paramFromTorch, type Params } from './params.ts';
+import { checkUnetKeys, unetConfigFromKeys, type HeadOverrides, type UNetConfig } from './unet.ts';
+
+// ---------------------------------------------------------------------------------------------
+// Conversion
+
+let addon: NativeAddon | null | undefined;
+function native(): NativeAddon | null {
+  if (addon === undefined) {
+    try {
+      addon = loadAddon();
+      if (typeof addon.halfToFloat !== 'function') addon = null; // an addon built before half.cc
+    } catch {
+      addon = null;
+    }
+  }
+  return addon;
+}
+
+/** Which converter runs: 'f16c' / 'portable' (native addon) or 'js'. */
+export function halfConverter(): string {
+  return native()?.halfIsa() ?? 'js';
+}
+
+let lut: Uint32Array | undefined;
+/** float32 bits of all 65536 halves (a NaN keeps its payload and is made quiet, as F16C does). */
+function halfLut(): Uint32Array {
+  if (lut) return lut;
+  lut = new Uint32Array(65536);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let h = 0; h < 65536; h++) {
+    const sign = (h & 0x8000) << 16;
+    const exp = (h >> 10) & 0x1f;
+    const frac = h & 0x3ff;
+    if (exp === 31) lut[h] = (sign | 0x7f800000 | (frac << 13) | (frac ? 0x400000 : 0)) >>> 0;
+    else if (exp > 0) lut[h] = (sign | ((exp + 112) << 23) | (frac << 13)) >>> 0;
+    else {
+      f[0] = frac * 2 ** -24; // zero and subnormals: exact in float32
+      lut[h] = (sign | u[0]!) >>> 0;
+    }
+  }
+  return lut;
+}
+
+/** float16 bits → float32, pure JS (bit-exact with the native converter). */
+export function halfToFloat32Js(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
+  const table = halfLut();
+  const o = new Uint32Array(out.buffer, out.byteOffset, out.length);
+  for (let i = 0; i < bits.length; i++) o[i] = table[bits[i]!]!;
+  return out;
+}
+
+/** float32 → float16 bits, round to nearest even, pure JS; `overflow` counts finite values that became ±Inf. */
+export function float32ToHalfJs(values: Float32Array, out = new Uint16Array(values.length)): { bits: Uint16Array; overflow: number } {
+  const x32 = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  let overflow = 0;
+  for (let i = 0; i < values.length; i++) {
+    const x = x32[i]!;
+    const sign = (x >>> 16) & 0x8000;
+    const e32 = (x >>> 23) & 0xff;
+    const mant = x & 0x7fffff;
+    let h: number;
+    if (e32 === 255) h = 0x7c00 | (mant ? 0x200 | (mant >>> 13) : 0);
+    else if (e32 - 112 >= 31) (h = 0x7c00), overflow++;
+    else if (e32 - 112 <= 0) h = subnormalHalf(e32 - 112, mant);
+    else {
+      h = ((e32 - 112) << 10) | (mant >>> 13);
+      const rem = mant & 0x1fff;
+      if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++; // a carry into the exponent is right
+      if (h === 0x7c00) overflow++;
+    }
+    out[i] = sign | h;
+  }
+  return { bits: out, overflow };
+}
+
+/** The half magnitude of a float32 whose half exponent `e` is ≤ 0: a subnormal or 0. */
+function subnormalHalf(e: number, mant: number): number {
+  if (e < -10) return 0; // below half the smallest subnormal
+  const m = mant | 0x800000;
+  const shift = 14 - e; // 14..24
+  let h = m >>> shift;
+  const rem = m & ((1 << shift) - 1);
+  const halfway = 1 << (shift - 1);
+  if (rem > halfway || (rem === halfway && h & 1)) h++;
+  return h;
+}
+
+/** float16 bits → float32 (native when built). */
+export function halfToFloat32(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
+  const a = native();
+  if (!a) return halfToFloat32Js(bits, out);
+  a.halfToFloat(bits, out);
+  return out;
+}
+
+/** float32 → float16 bits (native when built), and how many finite values overflowed to ±Inf. */
+export function float32ToHalf(values: Float32Array, out = new Uint16Array(values.length)): { bits: Uint16Array; overflow: number } {
+  const a = native();
+  if (!a) return float32ToHalfJs(values, out);
+  return { bits: out, overflow: a.floatToHalf(values, out) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+
+/** One frozen weight as float16 bits, already in the params.ts layout (conv filters TF-style). */
+export class HalfTensor {
+  constructor(
+    readonly bits: Uint16Array,
+    readonly shape: number[],
+  ) {}
+  /** A new float32 tensor in the current tf scope. */
+  materialise(): Tensor {
+    return tf.tensor(halfToFloat32(this.bits), this.shape, 'float32');
+  }
+}
+
+/** What a HalfParams holds, for logs and benches. */
+export interface HalfReport {
+  halfTensors: number;
+  halfBytes: number;
+  floatTensors: number;
+  floatBytes: number;
+}
+
+/**
+ * Params with some entries held as float16. Key order is the order entries were added.
+ * NOT for weights that train: a read is a new tensor each time, so nothing could update it.
+ */
+export class HalfParams extends Map<string, Tensor> {
+  private readonly store = new Map<string, Tensor | HalfTensor>();
+
+  constructor() {
+    super();
+  }
+  setHalf(key: string, value: HalfTensor): this {
+    this.store.set(key, value);
+    return this;
+  }
+  override set(key: string, value: Tensor): this {
+    this.store.set(key, value);
+    return this;
+  }
+  /** The tensor for `key`: a float16 entry is materialised (a new float32 tensor each call). */
+  override get(key: string): Tensor | undefined {
+    const e = this.store.get(key);
+    return e instanceof HalfTensor ? e.materialise() : e;
+  }
+  /** The stored entry without materialising it. */
+  raw(key: string): Tensor | HalfTensor | undefined {
+    return this.store.get(key);
+  }
+  isHalf(key: string): boolean {
+    return this.store.get(key) instanceof HalfTensor;
+  }
+  override has(key: string): boolean {
+    return this.store.has(key);
+  }
+  override get size(): number {
+    return this.store.size;
+  }
+  /** Drops the entry (a Map never disposes what it drops; neither does this). */
+  override delete(key: string): boolean {
+    return this.store.delete(key);
+  }
+  override clear(): void {
+    this.store.clear();
+  }
+  override keys(): MapIterator<string> {
+    return this.store.keys();
+  }
+  override *values(): MapIterator<Tensor> {
+    for (const k of this.store.keys()) yield this.get(k)!;
+  }
+  override *entries(): MapIterator<[string, Tensor]> {
+    for (const k of this.store.keys()) yield [k, this.get(k)!];
+  }
+  override [Symbol.iterator](): MapIterator<[string, Tensor]> {
+    return this.entries();
+  }
+  override forEach(fn: (value: Tensor, key: string, map: Map<string, Tensor>) => void, thisArg?: unknown): void {
+    for (const [k, v] of this.entries()) fn.call(thisArg, v, k, this);
+  }
+  /** Disposes the float32 tensors held and drops everything (disposeParams would materialise each half entry first). */
+  dispose(): void {
+    for (const e of this.store.values()) if (!(e instanceof HalfTensor)) e.dispose();
+    this.store.clear();
+  }
+  report(): HalfReport {
+    const r: HalfReport = { halfTensors: 0, halfBytes: 0, floatTensors: 0, floatBytes: 0 };
+    for (const e of this.store.values()) {
+      if (e instanceof HalfTensor) (r.halfTensors++, (r.halfBytes += e.bits.byteLength));
+      else (r.floatTensors++, (r.floatBytes += e.size * 4));
+    }
+    return r;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Making one
+
+/**
+ * Convert the frozen float32 entries of `params` to float16 (the originals are disposed and
+ * `params` is emptied); entries with `keep(key)`, tf.Variables, non-float32 tensors and
+ * tensors with values beyond float16's range (±65504, which would become Inf) stay as they are.
+ */
+export async function halfFrozen(params: Params, keep: (key: string) => boolean = () => false): Promise<HalfParams> {
+  const out = params instanceof HalfParams ? params : new HalfParams();
+  for (const key of [...params.keys()]) {
+    const t = params instanceof HalfParams ? params.raw(key)! : params.get(key)!;
+    if (t instanceof HalfTensor) continue;
+    const frozen = !keep(key) && !(t instanceof tf.Variable) && t.dtype === 'float32';
+    const half = frozen ? float32ToHalf((await t.data()) as Float32Array) : undefined;
+    if (!half || half.overflow > 0) {
+      out.set(key, t); // same position when `out` is `params` (Map.set keeps an existing key's place)
+      continue;
+    }
+    out.setHalf(key, new HalfTensor(half.bits, [...t.shape]));
+    t.dispose();
+  }
+  if (out !== params) params.clear();
+  return out;
+}
+
+/** A source that can hand over stored bytes (safetensors and torch-zip files; not the normaliseKeys wrapper). */
+type RawSource = TensorSource & { readRaw?(key: string): Promise<Uint8Array> };
+
+/** PyTorch [out, in, kh, kw] → TF [kh, kw, in, out] on float16 bits (params.ts layout rule). */
+function torchToTfConvBits(src: Uint16Array, [o, i, kh, kw]: number[]): Uint16Array {
+  const dst = new Uint16Array(src.length);
+  const inner = i! * kh! * kw!;
+  for (let a = 0; a < o!; a++) {
+    for (let b = 0; b < i!; b++) {
+      for (let y = 0; y < kh!; y++) {
+        for (let x = 0; x < kw!; x++) dst[((y * kw! + x) * i! + b) * o! + a] = src[a * inner + (b * kh! + y) * kw! + x]!;
+      }
+    }
+  }
+  return dst;
+}
+
+/** One tensor of `source` as float16 bits in params.ts layout, or float32 values when it does not fit float16. */
+async function readHalf(source: RawSource, key: string): Promise<HalfTensor | Float32Array> {
+  const { dtype, shape } = source.info(key);
+  let bits: Uint16Array;
+  if (dtype === 'F16' && source.readRaw) {
+    const bytes = await source.readRaw(key); // the file's own bits, no conversion
+    bits = bytes.byteOffset % 2 === 0 ? new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2) : new Uint16Array(bytes.slice().buffer);
+  } else {
+    const values = await source.read(key);
+    const half = float32ToHalf(values);
+    if (half.overflow > 0) return values;
+    bits = half.bits;
+  }
+  return new HalfTensor(shape.length === 4 ? torchToTfConvBits(bits, shape) : bits, shape.length === 4 ? [shape[2]!, shape[3]!, shape[1]!, shape[0]!] : shape);
+}
+
+/**
+ * loadParams (params.ts) straight to float16: keys under `prefixes` (and not skipped) are read
+ * one at a time, so the float32 model never exists whole; `keep(key)` ones load as float32.
+ */
+export async function loadHalfParams(
+  source: TensorSource,
+  prefixes: string[],
+  keep: (key: string) => boolean = () => false,
+  skip: (key: string) => boolean = () => false,
+): Promise<HalfParams> {
+  const params = new HalfParams();
+  for (const key of source.keys()) {
+    if (!prefixes.some((p) => key.startsWith(p)) || skip(key)) continue;
+    if (keep(key)) {
+      params.set(key, paramFromTorch(await source.read(key), source.info(key).shape));
+      continue;
+    }
+    const h = await readHalf(source, key);
+    if (h instanceof HalfTensor) params.setHalf(key, h);
+    else params.set(key, paramFromTorch(h, source.info(key).shape));
+  }
+  return params;
+}
+
+/** loadUnet (unet.ts) with the frozen weights in float16. */
+export async function loadUnetHalf(
+  source: TensorSource,
+  overrides: HeadOverrides = {},
+  keep: (key: string) => boolean = () => false,
+): Promise<{ params: HalfParams; cfg: UNetConfig }> {
+  const shapes = new Map(source.keys().map((k) => [k, source.info(k).shape] as [string, number[]]));
+  const cfg = unetConfigFromKeys(shapes, overrides);
+  checkUnetKeys(shapes, cfg);
+  return { params: await loadHalfParams(source, [cfg.prefix], keep), cfg };
+}
