@@ -8,29 +8,32 @@
  * Output: a full checkpoint in the input's LDM key layout (io/checkpoint-write.ts). Snapshots go
  * to `<logDir>/<name>/checkpoints/`, each step's optimizer state beside them
  * (`<name>-<step>.optim.safetensors`), so a cancelled run resumes with its moments.
+ * With `lora`, the trained weights are LoRA adapters instead (base frozen): the job is a LoRA
+ * job with prior preservation (lora.ts, same writer and ss_* metadata); class images, the class
+ * half of each batch and the two-part loss come from prior-preservation.ts in both cases.
  */
 import { existsSync } from 'node:fs';
-import { appendFile, mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
-import { createHash } from 'node:crypto';
+import { mkdir, readdir } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { tf, initBackend, type Tensor } from './tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from './io/paths.ts';
-import { Dataset, datasetReport, formatDatasetReport } from './data/dataset.ts';
-import type { Template } from './text/templates.ts';
+import { datasetReport, formatDatasetReport } from './data/dataset.ts';
 import { ClipTokenizer } from './text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from './nets/sd.ts';
 import { chooseUNetMemory } from './memory.ts';
 import { disposeParams, paramFromTorch, type Params } from './nets/params.ts';
-import { unetForward } from './nets/unet.ts';
 import { loadVae } from './nets/vae.ts';
 import { encodeText, type ClipTextConfig } from './nets/clip.ts';
 import { modelHash, openCheckpoint, openTensorFile } from './io/checkpoint.ts';
 import { writeCheckpoint } from './io/checkpoint-write.ts';
-import { LatentCache, seededNoise } from './latent-cache.ts';
-import { Rng } from './random.ts';
-import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
-import { diffusionLoss } from './schedule.ts';
+import { LatentCache } from './latent-cache.ts';
+import type { SamplerName } from './sample.ts';
 import type { Denoiser, DiffusionBatch } from './diffusion-loss.ts';
+import {
+  describePrior, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
+  type ClassSet, type PriorLoss,
+} from './prior-preservation.ts';
+import { runLora, type LoraSpec } from './lora.ts';
 import type { JobContext, JobResult } from './job.ts';
 import type { TrainMethod } from './loop.ts';
 import { parseLrSchedule, type LrSchedule } from './optim/lr.ts';
@@ -54,6 +57,11 @@ export interface DbSpec extends CommonSpec {
   optimizer: 'adamw' | 'adamw8bit' | 'adafactor';
   half: boolean;
   checkpointDir: string;
+  /** Train LoRA adapters (base frozen) and write `<loraDir>/<name>.safetensors` instead of a checkpoint. */
+  lora: boolean;
+  rank: number;
+  alpha: number;
+  loraDir: string;
 }
 
 /** What the schema does not have (dataset options the webui methods use), fixed for Dreambooth. */
@@ -62,7 +70,7 @@ const FIXED: Partial<DbSpec> = {
   filenameJoinString: ' ', latentSampling: 'once', clipGrad: 'disabled', clipGradValue: '0.1', previewSampler: 'ddim',
   previewSteps: 20, previewCfgScale: 7, classSampler: 'ddim', classSteps: 20, classCfgScale: 7, batchSize: 1, gradAccum: 1,
   instancePrompt: 'a photo of sks cat', classPrompt: '', classImages: 100, priorWeight: 1, trainTextEncoder: false,
-  textEncoderLr: '5e-6', textEncoderSteps: 0, optimizer: 'adamw', half: false, lr: '5e-6', steps: 800, saveEvery: 0,
+  textEncoderLr: '5e-6', textEncoderSteps: 0, optimizer: 'adamw', half: false, lora: false, rank: 16, alpha: 8, lr: '5e-6', steps: 800, saveEvery: 0,
   previewEvery: 0, seed: 0, width: 512, height: 512, resume: false, overwrite: false,
 };
 
@@ -80,94 +88,31 @@ export interface DbBatch extends DiffusionBatch {
   context?: Tensor;
 }
 
-/** One UNet pass over both halves; loss = mean over instance rows + priorWeight × mean over class rows. */
-export function dreamboothLoss(m: DbModel, batch: DbBatch, priorWeight: number): { loss: tf.Scalar; instance: tf.Scalar; prior?: tf.Scalar } {
+/** The text encoder's context (unless precomputed), then prior-preservation.ts's two-part loss. */
+export function dreamboothLoss(m: DbModel, batch: DbBatch, priorWeight: number): PriorLoss {
   return tf.tidy(() => {
     const context = batch.context ?? encodeText(m.text.params, m.text.cfg, batch.ids); // [B, 77, W]
-    const noisy = m.schedule.qSample(batch.latents, batch.noise, batch.timesteps);
-    const pred = unetForward(m.unet.params, m.unet.cfg, noisy, batch.timesteps, context, { memory: m.unet.memory });
-    const target = m.schedule.targetFor(m.prediction, batch.latents, batch.noise, batch.timesteps);
-    const n = batch.timesteps.length - batch.classRows;
-    const instance = diffusionLoss(pred.slice(0, n), target.slice(0, n)) as tf.Scalar;
-    if (!batch.classRows) return { loss: instance, instance };
-    const prior = diffusionLoss(pred.slice(n), target.slice(n)) as tf.Scalar;
-    return { loss: instance.add(prior.mul(priorWeight)) as tf.Scalar, instance, prior };
+    return priorPreservationLoss(m, batch, context, priorWeight);
   });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Class images: generated from the base model, cached by (model hash, class prompt)
-
-const IMAGE_EXT = new Set(['.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tiff', '.tif', '.avif']);
-const sha10 = (s: string) => createHash('sha256').update(s).digest('hex').slice(0, 10);
-
-/** The class-image folder: the user's, or `<logDir>/class-images/<modelHash>-<prompt hash>/`. */
-export function classImageDir(spec: Pick<DbSpec, 'classImagesDir' | 'logDir' | 'classPrompt'>, hash: string): string {
-  return resolve(spec.classImagesDir ?? join(spec.logDir, 'class-images', `${hash}-${sha10(spec.classPrompt)}`));
-}
-
-/** Top the folder up to `spec.classImages` images; seeds derive from the prompt and index, so any job makes the same image. */
-async function ensureClassImages(spec: DbSpec, model: SdModel, tokenizer: ClipTokenizer, dir: string, ctx: JobContext): Promise<number> {
-  await mkdir(dir, { recursive: true });
-  let count = (await readdir(dir)).filter((f) => IMAGE_EXT.has(extname(f).toLowerCase())).length;
-  const missing = Math.max(0, spec.classImages - count);
-  if (!missing) return 0;
-  ctx.emit({ type: 'log', level: 'info', message: `generating ${missing} class images for '${spec.classPrompt}' in ${dir}` });
-  const { text, unet, vae, schedule, prediction, family } = model;
-  const context = encodeText(text!.params, text!.cfg, [tokenizer.encode(spec.classPrompt, paddingFor(family))]);
-  const uncond = encodeText(text!.params, text!.cfg, [tokenizer.encode('', paddingFor(family))]);
-  const denoise = (x: Tensor, t: number, c: Tensor) => unetForward(unet!.params, unet!.cfg, x, new Array(x.shape[0]).fill(t), c);
-  try {
-    for (let i = 0; count < spec.classImages && !ctx.signal.aborted; i++) {
-      const path = join(dir, `class-${String(i).padStart(5, '0')}.png`);
-      if (existsSync(path)) continue;
-      const seed = Rng.derive(0, 'class-image', sha10(spec.classPrompt), i).nextUint32();
-      const opts = { sampler: spec.classSampler, steps: spec.classSteps, cfgScale: spec.classCfgScale, seed, width: spec.width, height: spec.height, parameterization: prediction };
-      const image = await sampleImage({ denoise, schedule, vae: vae!, context, uncondContext: uncond }, opts);
-      const info = `${spec.classPrompt}\nSteps: ${spec.classSteps}, Sampler: ${spec.classSampler}, CFG scale: ${spec.classCfgScale}, Seed: ${seed}, Size: ${spec.width}x${spec.height}, Model: ${basename(spec.model)}`;
-      await savePreviewPng(path, image.rgb, image.width, image.height, info);
-      count++;
-    }
-  } finally {
-    tf.dispose([context, uncond]);
-  }
-  if (ctx.signal.aborted) throw new Error('cancelled while generating class images (the ones written are kept for the next run)');
-  return missing;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Preparation: datasets, cached latents, the model with every trained weight a variable
 
 export interface DbRun extends PreparedRun {
-  classes?: { dataset: Dataset; latents: LatentCache; dir: string };
+  classes?: ClassSet;
   /** The input checkpoint, opened raw: keys and dtypes of the output. */
   raw: Awaited<ReturnType<typeof openTensorFile>>;
 }
 
-const fixedTemplate = (prompt: string): Template => ({ name: 'prompt', path: '', lines: [prompt], usesName: false, usesFilewords: prompt.includes('[filewords]') });
-
-async function loadSet(spec: DbSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext): Promise<Dataset> {
-  return Dataset.load({
-    dir, width: spec.width, height: spec.height, name: spec.name, template: fixedTemplate(prompt), latentSampling: spec.latentSampling,
-    batchSize, gradAccum: spec.gradAccum, seed: spec.seed, onWarning: (message) => ctx.emit({ type: 'log', level: 'warn', message }),
-  });
-}
-
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
 export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<DbRun> {
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder', 'vae-decoder'])) as PreparedRun['model'] & SdModel;
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'])) as PreparedRun['model'] & SdModel;
   model.unet.memory = await chooseUNetMemory('dreambooth', spec, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
-  const dataset = await loadSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx);
-  let classes: DbRun['classes'];
-  if (spec.classPrompt && spec.classImages > 0) {
-    const dir = classImageDir(spec, hash);
-    await ensureClassImages(spec, model, tokenizer, dir, ctx);
-    const set = await loadSet(spec, dir, spec.classPrompt, dataset.batchSize, ctx);
-    classes = { dataset: set, latents: await LatentCache.build(set, model.vae!, spec.seed), dir };
-    set.releasePixels();
-  }
+  const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx);
+  const classes = await prepareClassSet(spec, model, tokenizer, hash, dataset.batchSize, ctx, model.vae);
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
   dataset.releasePixels();
   disposeParams(model.vae!.params);
@@ -290,23 +235,9 @@ async function saveDreambooth(run: DbRun, spec: DbSpec, s: DbState, paths: RunPa
 /** Instance half from the instance set; class half (same size) from the class set at the same linear position. */
 export function nextDbBatch(run: DbRun, spec: DbSpec, step: number, micro: number, encodeFrozen: boolean): DbBatch {
   const { prompts, ...inst } = diffusionBatch(run, spec, step, micro, new Map());
-  const ids = prompts.map((p) => p.ids);
-  let batch: DbBatch = { ...inst, ids, classRows: 0 };
-  if (run.classes) {
-    const set = run.classes.dataset;
-    const k = (step - 1) * run.dataset.gradAccum + micro;
-    const b = set.batchAt(Math.floor(k / set.gradAccum), k % set.gradAccum);
-    const latents = run.classes.latents.latents(b.items, step, micro);
-    const rng = Rng.derive(spec.seed, 'class-timesteps', step, micro);
-    const noise = seededNoise(latents.shape, spec.seed, 'class-noise', step, micro);
-    const padding = paddingFor(run.model.family);
-    batch = {
-      latents: tf.concat([inst.latents, latents]), noise: tf.concat([inst.noise, noise]),
-      timesteps: [...inst.timesteps, ...b.items.map(() => rng.int(run.model.schedule.timesteps))],
-      ids: [...ids, ...b.prompts.map((p) => run.tokenizer.encode(p, padding))], classRows: b.items.length,
-    };
-    tf.dispose([inst.latents, inst.noise, latents, noise]);
-  }
+  const at = { step, micro, gradAccum: run.dataset.gradAccum };
+  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
+  const batch: DbBatch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
   if (encodeFrozen) batch.context = encodeText(run.model.text.params, run.model.text.cfg, batch.ids);
   return batch;
 }
@@ -315,22 +246,12 @@ export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: Ru
   const trainable = new Map<string, tf.Variable>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
   const model: DbModel = { ...run.model };
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, spec.previewPrompt || previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
-  // each micro-batch's instance and class losses, read (async) at the next batch or save
-  let parts: { step: number; instance: Tensor; prior?: Tensor }[] = [];
+  const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
   let current = 0;
-  const priorCsv = join(paths.runDir, 'prior-loss.csv');
-  const flush = async () => {
-    for (const p of parts) {
-      const [instance, prior] = await Promise.all([p.instance, p.prior].map(async (t) => (t ? (await t.data())[0]! : undefined)));
-      tf.dispose([p.instance, ...(p.prior ? [p.prior] : [])]);
-      await appendPriorRow(priorCsv, p.step, instance!, prior);
-    }
-    parts = [];
-  };
   return {
     trainable,
     nextBatch: async (step, micro) => {
-      await flush();
+      await log.flush();
       current = step;
       const textTrains = s.optimizer.textActive(step - 1);
       // past the text encoder's step limit its weights stop being trained (and differentiated)
@@ -338,13 +259,13 @@ export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: Ru
       return nextDbBatch(run, spec, step, micro, !textTrains);
     },
     loss: (batch) => {
-      const { loss, instance, prior } = dreamboothLoss(model, batch, spec.priorWeight);
-      parts.push({ step: current, instance: tf.keep(instance), prior: prior && tf.keep(prior) });
-      return loss;
+      const parts = dreamboothLoss(model, batch, spec.priorWeight);
+      log.record(current, parts);
+      return parts.loss;
     },
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
     save: async (step, final) => {
-      await flush();
+      await log.flush();
       return saveDreambooth(run, spec, s, paths, step, final);
     },
     preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {}),
@@ -354,27 +275,9 @@ export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: Ru
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
 export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
   const spec = dreamboothSpec(raw);
-  const set = await loadSet(spec, spec.images, spec.instancePrompt, spec.batchSize, { emit: () => {}, signal: new AbortController().signal });
-  const prior = spec.classPrompt && spec.classImages > 0
-    ? `prior preservation: ${spec.classImages} class images of '${spec.classPrompt}' from ${spec.classImagesDir ?? join(spec.logDir, 'class-images', '<model hash>-' + sha10(spec.classPrompt))} (missing ones generated), weight ${spec.priorWeight}`
-    : 'prior preservation: off (no classPrompt or classImages 0)';
-  return `${formatDatasetReport(datasetReport(set))}\n${prior}`;
-}
-
-/** Keep the rows of steps ≤ `step` (a resumed run rewrites what followed its start). */
-async function truncatePriorCsv(path: string, step: number): Promise<void> {
-  if (!existsSync(path)) return;
-  const [header, ...rows] = (await readFile(path, 'utf8')).split('\n').filter((l) => l.trim());
-  await writeFile(path, [header, ...rows.filter((r) => Number(r.split(',')[0]) <= step)].map((l) => `${l}\n`).join(''));
-}
-
-/** `<runDir>/prior-loss.csv`: instance and class loss of each micro-batch (the loop's CSV has their weighted sum). */
-async function appendPriorRow(path: string, step: number, instance: number, prior?: number): Promise<void> {
-  if (!existsSync(path)) {
-    await mkdir(dirname(path), { recursive: true });
-    await appendFile(path, 'step,instance_loss,class_loss\n');
-  }
-  await appendFile(path, `${step},${instance},${prior ?? ''}\n`);
+  const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, { emit: () => {}, signal: new AbortController().signal });
+  const output = spec.lora ? `output: LoRA adapters (rank ${spec.rank}, alpha ${spec.alpha}) in ${resolve(spec.loraDir, `${spec.name}.safetensors`)}` : `output: ${dreamboothPaths(spec).output}`;
+  return `${formatDatasetReport(datasetReport(set))}\n${describePrior(spec)}\n${output}`;
 }
 
 /** Everything checked before a model loads or a file is written. */
@@ -391,7 +294,7 @@ async function preflight(raw: DbSpec, ctx: JobContext): Promise<{ spec: DbSpec; 
   const lr = parseLrSchedule(spec.lr, spec.steps);
   for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
   const textLr = spec.trainTextEncoder ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
-  if (spec.classPrompt && spec.classImages === 0 && !spec.classImagesDir) {
+  if (spec.classPrompt && !priorOn(spec) && !spec.classImagesDir) {
     ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
   }
   return { spec, paths, textLr };
@@ -399,7 +302,10 @@ async function preflight(raw: DbSpec, ctx: JobContext): Promise<{ spec: DbSpec; 
 
 /** The spec with what the schema leaves out filled in (the dataset options Dreambooth fixes, default folders). */
 export function dreamboothSpec(raw: Partial<DbSpec>): DbSpec {
-  return { ...(FIXED as DbSpec), ...stripUndefined(raw), template: 'none', logDir: raw.logDir ?? 'textual_inversion', checkpointDir: raw.checkpointDir ?? 'checkpoints' };
+  return {
+    ...(FIXED as DbSpec), ...stripUndefined(raw), template: 'none', logDir: raw.logDir ?? 'textual_inversion',
+    checkpointDir: raw.checkpointDir ?? 'checkpoints', loraDir: raw.loraDir ?? 'lora',
+  };
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {
@@ -408,6 +314,7 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
 
 /** The Dreambooth job: check, generate class images, prepare, train, save the checkpoint. */
 export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobResult> {
+  if (raw.lora) return runLora(loraSpecOf(dreamboothSpec(raw), ctx), ctx);
   const { spec, paths, textLr } = await preflight(raw, ctx);
   const backend = await initBackend();
   let run: DbRun | undefined;
@@ -419,7 +326,7 @@ export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobRe
     s.optimizer.textLr = textLr;
     s.optimizer.textSteps = spec.textEncoderSteps;
     const method = dreamboothMethod(run, spec, s, paths);
-    await truncatePriorCsv(join(paths.runDir, 'prior-loss.csv'), s.step);
+    await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const settings = { classImagesDir: run.classes?.dir, classImagesUsed: run.classes?.dataset.items.length ?? 0, optimizer: spec.optimizer };
     const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, settings, ctx);
     return { step, output: paths.output, outputs, kind: 'checkpoint', usage: spec.name, cancelled };
@@ -437,4 +344,14 @@ export async function releaseDreambooth(run: DbRun): Promise<void> {
   if (run.decoder) disposeParams(run.decoder.params);
   await run.raw.close();
   await run.model.source.close();
+}
+
+/**
+ * `--lora`: the same job as LoRA adapters — a LoRA spec with the instance prompt on every image,
+ * the class options, and the text encoder's own rate and step limit; the base stays frozen.
+ */
+export function loraSpecOf(spec: DbSpec, ctx: JobContext): LoraSpec {
+  if (spec.half) ctx.emit({ type: 'log', level: 'warn', message: '--half applies to a checkpoint output; the LoRA is written in float32' });
+  const { checkpointDir: _c, half: _h, lora: _l, template: _t, ...rest } = spec;
+  return { ...rest, instancePromptAlways: true, dropout: 0, targets: ['attn'], method: 'dreambooth' };
 }

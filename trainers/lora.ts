@@ -6,7 +6,10 @@
  * nets/lora.ts), and the `ss_*` metadata kohya writes (train_network.py `metadata = {…}`); the
  * webui's Lora tab decides the model family from `ss_base_model_version`/`ss_v2` alone
  * (extensions-builtin/Lora/network.py NetworkOnDisk.detect_version), so both are always written.
- * AdamW (torch default weight decay 0.01, as kohya's default optimizer AdamW).
+ * Optimizer: AdamW (torch default weight decay 0.01, as kohya's default), 8-bit AdamW or
+ * Adafactor, the text encoder's adapters as their own group (own rate, optional step limit;
+ * dreambooth-optim.ts), its state beside the LoRA as `<file>.optim`. Optional prior preservation
+ * (a class prompt turns it on; prior-preservation.ts): this is also `train dreambooth --lora`.
  */
 import { existsSync } from 'node:fs';
 import { mkdir, open, readdir, writeFile } from 'node:fs/promises';
@@ -21,39 +24,55 @@ import { shapesOf, paddingFor } from './nets/sd.ts';
 import { encodeText } from './nets/clip.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from './io/safetensors.ts';
 import { fileSha256 } from './io/checkpoint.ts';
-import { AdamW, type AdamWParamGroup, type AdamWParamState } from './optim/adamw.ts';
-import { parseLrSchedule } from './optim/lr.ts';
+import { parseLrSchedule, type LrSchedule } from './optim/lr.ts';
+import { DbOptimizer, makeGroupOptimizer, readOptimizerState, writeOptimizerState, type OptimizerName } from './dreambooth-optim.ts';
+import {
+  prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
+  type ClassSet, type PriorLoss, type PriorSpec,
+} from './prior-preservation.ts';
+import { checkReadableDir } from './io/paths.ts';
 import type { TrainMethod } from './loop.ts';
 import {
   checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview,
   type CommonSpec, type PreparedRun, type RunPaths, trainAndSave,
 } from './run-common.ts';
 import { tokenizeWithEmbeddings } from './text/tokenizer.ts';
-import { denoisingLoss, type DiffusionBatch } from './diffusion-loss.ts';
+import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext, JobResult } from './job.ts';
 
 /** The job's options (schemas/lora.json). */
-export interface LoraSpec extends Omit<CommonSpec, 'template'> {
+export interface LoraSpec extends Omit<CommonSpec, 'template'>, Partial<Omit<PriorSpec, keyof CommonSpec>> {
   template?: string;
   instancePrompt?: string;
+  /** The instance prompt is every image's prompt even beside caption files (Dreambooth; not in the schema). */
+  instancePromptAlways?: boolean;
   rank: number;
   alpha: number;
   dropout: number;
   targets: LoraTargetKind[];
   trainTextEncoder: boolean;
+  /** The text encoder's adapters: own learn-rate schedule (default: the UNet's) and step limit (0 = always). */
+  textEncoderLr?: string;
+  textEncoderSteps?: number;
+  optimizer?: OptimizerName;
   loraDir: string;
+  /** The job type that trains it (ss_sidetrain_method; `dreambooth` for `train dreambooth --lora`). */
+  method?: 'lora' | 'dreambooth';
 }
+
+/** A prepared run, with the class images when prior preservation is on. */
+type LoraRun = PreparedRun & { classes?: ClassSet };
 
 interface LoraState {
   net: LoraNetwork;
   step: number;
-  optimizer: AdamW;
+  optimizer: DbOptimizer;
   startedAt: number;
   /** The instance prompt is every image's prompt (no caption files): it is what ss_tag_frequency counts. */
   instancePrompt?: string;
 }
 
-type LoraBatch = DiffusionBatch & { ids: number[][]; context?: Tensor };
+type LoraBatch = DiffusionBatch & { ids: number[][]; classRows: number; context?: Tensor };
 
 // ---------------------------------------------------------------------------------------------
 // Prompts: the instance prompt for every image when the folder has no caption files
@@ -61,7 +80,7 @@ type LoraBatch = DiffusionBatch & { ids: number[][]; context?: Tensor };
 /** The template a run uses: the spec's, else the instance prompt (no captions) or the captions. */
 async function templateFor(spec: LoraSpec, runDir: string): Promise<{ template: string; instancePrompt?: string }> {
   if (spec.template) return { template: spec.template };
-  const captions = (await readdir(spec.images)).some((f) => f.toLowerCase().endsWith('.txt'));
+  const captions = !spec.instancePromptAlways && (await readdir(spec.images)).some((f) => f.toLowerCase().endsWith('.txt'));
   const instancePrompt = spec.instancePrompt && !captions ? spec.instancePrompt : undefined;
   await mkdir(runDir, { recursive: true });
   const path = join(runDir, 'lora-template.txt');
@@ -110,18 +129,29 @@ async function resumeFrom(paths: RunPaths, name: string): Promise<string | undef
   return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.safetensors`) : undefined;
 }
 
-async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, instancePrompt: string | undefined, ctx: JobContext): Promise<LoraState> {
+/** The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group. */
+function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): DbOptimizer {
+  const isText = (k: string) => k.startsWith('lora_te_');
+  const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
+  const text = new Map([...net.weights].filter(([k]) => isText(k)));
+  const kind = spec.optimizer ?? 'adamw';
+  const optimizer = new DbOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps ?? 0);
+  optimizer.done = done;
+  return optimizer;
+}
+
+async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, instancePrompt: string | undefined, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
   const targets = loraTargets(shapesOf(run.model.source), targetKinds(spec));
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
   let step = 0;
   const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
   if (from) step = await loadWeights(from, net);
   else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
-  const optimizer = new AdamW(net.weights, { lr: 0, weightDecay: 0.01 });
+  const optimizer = loraOptimizer(net, spec, textLr, step);
   const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
   if (from) {
     const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
-    const restored = await loadOptimizer(`${from}.optim`, s, step, warn);
+    const restored = await loadOptimizer(`${from}.optim`, s, spec, step, warn);
     ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step}${restored ? ' with its optimizer state' : ' (optimizer state starts afresh)'}` });
   }
   ctx.emit({ type: 'log', level: 'info', message: `LoRA: ${targets.length} modules (${targetKinds(spec).join(', ')}), rank ${spec.rank}, alpha ${spec.alpha}` });
@@ -147,21 +177,40 @@ function tagFrequency(run: PreparedRun, spec: LoraSpec, s: LoraState): string {
   return JSON.stringify({ [`1_${basename(spec.images)}`]: counts });
 }
 
-export async function loraMetadata(run: PreparedRun, spec: LoraSpec, s: LoraState, step: number, hashes: { legacy: string; full: string }): Promise<Record<string, string>> {
+/** ss_optimizer as kohya writes it (the optimizer's class path and its arguments). */
+const SS_OPTIMIZER: Record<OptimizerName, string> = {
+  adamw: 'torch.optim.AdamW(weight_decay=0.01)',
+  adamw8bit: 'bitsandbytes.optim.AdamW8bit(weight_decay=0.01)',
+  adafactor: 'transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)',
+};
+
+/** Prior preservation in kohya's terms (reg images, prior_loss_weight) plus the class prompt. */
+function priorMetadata(run: LoraRun, spec: LoraSpec): Record<string, string> {
+  const meta: Record<string, string> = { ss_sidetrain_method: spec.method ?? 'lora', ss_num_reg_images: String(run.classes?.dataset.items.length ?? 0) };
+  if (!run.classes) return meta;
+  return {
+    ...meta, ss_prior_loss_weight: String(spec.priorWeight), ss_sidetrain_class_prompt: spec.classPrompt!,
+    ss_sidetrain_class_images: String(run.classes.dataset.items.length), ss_sidetrain_instance_prompt: spec.instancePrompt ?? '',
+    ss_reg_dataset_dirs: JSON.stringify({ [basename(run.classes.dir)]: { n_repeats: 1, img_count: run.classes.dataset.items.length } }),
+  };
+}
+
+export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, step: number, hashes: { legacy: string; full: string }): Promise<Record<string, string>> {
   const sd2 = run.model.family === 'sd2';
   const args: Record<string, string> = {};
   if (spec.targets.includes('resnet')) Object.assign(args, { conv_dim: String(s.net.rank), conv_alpha: String(s.net.alpha) });
   if (spec.dropout > 0) args.rank_dropout = String(spec.dropout);
   const lr = parseLrSchedule(spec.lr, spec.steps).segments[0]?.rate ?? 0;
+  const textLr = spec.textEncoderLr ? parseLrSchedule(spec.textEncoderLr, spec.steps).segments[0]?.rate ?? 0 : lr;
   return {
     ss_session_id: randomUUID(), ss_training_started_at: String(s.startedAt), ss_training_finished_at: String(Date.now() / 1000),
     ss_output_name: spec.name, ss_sd_model_name: basename(spec.model), ss_sd_model_hash: hashes.legacy, ss_new_sd_model_hash: hashes.full,
     ss_base_model_version: sd2 ? 'sd_v2' : 'sd_v1', ss_v2: sd2 ? 'True' : 'False', ss_v_parameterization: run.model.prediction === 'v' ? 'True' : 'False',
     ss_network_module: 'networks.lora', ss_network_dim: String(s.net.rank), ss_network_alpha: String(s.net.alpha),
     ss_network_dropout: 'None', ss_network_args: JSON.stringify(args),
-    ss_learning_rate: String(lr), ss_unet_lr: String(lr), ss_text_encoder_lr: targetKinds(spec).includes('text') ? String(lr) : 'None',
+    ss_learning_rate: String(lr), ss_unet_lr: String(lr), ss_text_encoder_lr: targetKinds(spec).includes('text') ? String(textLr) : 'None',
     ss_lr_scheduler: 'constant', ss_sidetrain_lr_schedule: spec.lr, ss_lr_warmup_steps: '0',
-    ss_resolution: `(${spec.width}, ${spec.height})`, ss_num_train_images: String(run.dataset.items.length), ss_num_reg_images: '0',
+    ss_resolution: `(${spec.width}, ${spec.height})`, ss_num_train_images: String(run.dataset.items.length), 
     ss_num_batches_per_epoch: String(run.dataset.stepsPerEpoch), ss_num_epochs: String(Math.ceil(spec.steps / run.dataset.stepsPerEpoch)),
     ss_epoch: String(Math.floor(step / run.dataset.stepsPerEpoch)), ss_steps: String(step), ss_max_train_steps: String(spec.steps),
     ss_batch_size_per_device: String(spec.batchSize), ss_total_batch_size: String(spec.batchSize * spec.gradAccum),
@@ -169,11 +218,12 @@ export async function loraMetadata(run: PreparedRun, spec: LoraSpec, s: LoraStat
     ss_clip_skip: 'None', ss_max_grad_norm: spec.clipGrad === 'norm' ? spec.clipGradValue : '0.0', ss_caption_dropout_rate: '0.0',
     ss_caption_tag_dropout_rate: String(spec.tagDropOut), ss_shuffle_caption: spec.shuffleTags ? 'True' : 'False',
     ss_tag_frequency: tagFrequency(run, spec, s), ss_dataset_dirs: JSON.stringify({ [basename(spec.images)]: { n_repeats: 1, img_count: run.dataset.items.length } }),
-    ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: 'torch.optim.AdamW(weight_decay=0.01)',
+    ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: SS_OPTIMIZER[spec.optimizer ?? 'adamw'],
+    ...priorMetadata(run, spec),
   };
 }
 
-async function saveLora(run: PreparedRun, spec: LoraSpec, s: LoraState, path: string, step: number, hashes: { legacy: string; full: string }): Promise<string[]> {
+async function saveLora(run: LoraRun, spec: LoraSpec, s: LoraState, path: string, step: number, hashes: { legacy: string; full: string }): Promise<string[]> {
   const tensors: TensorToWrite[] = [];
   for (const t of s.net.targets) {
     for (const part of ['lora_down', 'lora_up'] as const) {
@@ -184,7 +234,7 @@ async function saveLora(run: PreparedRun, spec: LoraSpec, s: LoraState, path: st
   }
   await mkdir(resolve(path, '..'), { recursive: true });
   // .optim first: a kill between the two leaves weights beside an older .optim, which the step check refuses
-  const optim = await saveOptimizer(`${path}.optim`, s, step);
+  const optim = await saveOptimizer(`${path}.optim`, s, spec, step);
   const metadata = await loraMetadata(run, spec, s, step, hashes);
   await writeSafetensors(path, tensors, metadata, { overwrite: true, order: 'widest-first' });
   // sshs_model_hash (kohya precalculate_safetensors_hashes, the webui's addnet hash): sha256 of the
@@ -207,88 +257,90 @@ export async function addnetHash(path: string): Promise<string> {
 }
 
 /**
- * AdamW moments beside the LoRA as `<file>.optim` (a safetensors the webui's Lora list ignores:
- * it lists only .safetensors/.pt/.ckpt): `<key>.exp_avg`, `<key>.exp_avg_sq` per weight, the
- * param group and per-weight step counts in the metadata, and the LoRA step it belongs to.
+ * The optimizer state beside the LoRA as `<file>.optim` (a safetensors the webui's Lora list
+ * ignores: it lists only .safetensors/.pt/.ckpt), in dreambooth-optim.ts's layout (one group per
+ * network part), with the optimizer's name and the LoRA step it belongs to in the metadata.
  */
-async function saveOptimizer(path: string, s: LoraState, step: number): Promise<string[]> {
-  const sd = await s.optimizer.stateDict();
-  if (!sd.state.size) return [];
-  const names = [...s.net.weights.keys()];
-  const group = sd.param_groups[0]!;
-  const tensors: TensorToWrite[] = [];
-  const steps: Record<string, number> = {};
-  for (const [index, entry] of sd.state) {
-    const name = names[group.params.indexOf(index)]!;
-    steps[name] = entry.step;
-    tensors.push({ name: `${name}.exp_avg`, dtype: 'F32', shape: entry.shape, data: entry.exp_avg });
-    tensors.push({ name: `${name}.exp_avg_sq`, dtype: 'F32', shape: entry.shape, data: entry.exp_avg_sq });
-  }
-  const { params: _params, ...hyper } = group;
-  await writeSafetensors(path, tensors, { optimizer: 'AdamW', lora_step: String(step), param_group: JSON.stringify(hyper), steps: JSON.stringify(steps) }, { overwrite: true });
+async function saveOptimizer(path: string, s: LoraState, spec: LoraSpec, step: number): Promise<string[]> {
+  await writeOptimizerState(path, await s.optimizer.exportGroups(), { optimizer: spec.optimizer ?? 'adamw', lora_step: String(step) });
   return [path];
 }
 
-/** Restore the moments saved by saveOptimizer; any mismatch warns and starts them afresh. */
-async function loadOptimizer(path: string, s: LoraState, step: number, warn: (message: string) => void): Promise<boolean> {
+/** Restore the state saved by saveOptimizer; any mismatch warns and starts it afresh. */
+async function loadOptimizer(path: string, s: LoraState, spec: LoraSpec, step: number, warn: (message: string) => void): Promise<boolean> {
   if (!existsSync(path)) return false;
-  const file = await openSafetensors(path);
   try {
+    const file = await openSafetensors(path);
     const meta = file.metadata();
-    if (meta.optimizer !== 'AdamW' || Number(meta.lora_step) !== step) {
-      warn(`${path} belongs to step ${meta.lora_step}, the LoRA is at step ${step}: optimizer state not loaded`);
+    await file.close();
+    const kind = spec.optimizer ?? 'adamw';
+    if (meta.optimizer !== kind || Number(meta.lora_step) !== step) {
+      warn(`${path} is ${meta.optimizer ?? 'an older format'} state of step ${meta.lora_step}, the run uses ${kind} at step ${step}: optimizer state not loaded`);
       return false;
     }
-    const names = [...s.net.weights.keys()];
-    const steps = JSON.parse(meta.steps ?? '{}') as Record<string, number>;
-    const state = new Map<number, AdamWParamState>();
-    for (const [name, count] of Object.entries(steps)) {
-      const index = names.indexOf(name);
-      if (index < 0) throw new Error(`no LoRA weight '${name}'`);
-      const shape = file.info(`${name}.exp_avg`).shape;
-      state.set(index, { step: count, shape, exp_avg: await file.read(`${name}.exp_avg`), exp_avg_sq: await file.read(`${name}.exp_avg_sq`) });
-    }
-    const group = { ...(JSON.parse(meta.param_group!) as Omit<AdamWParamGroup, 'params'>), params: names.map((_, i) => i) };
-    s.optimizer.loadStateDict({ state, param_groups: [group] });
+    s.optimizer.importGroups(await readOptimizerState(path));
     return true;
   } catch (err) {
     warn(`cannot resume from the saved optimizer state (${(err as Error).message}): starting it afresh`);
     return false;
-  } finally {
-    await file.close();
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The run
 
-/** The LoRA loss: p_losses with the adapters merged into the weights inside the tape. */
-export function loraLoss(run: PreparedRun, net: LoraNetwork, batch: LoraBatch, opts: { dropout: number; seed: number }): tf.Scalar {
+/** The LoRA loss (prior-preservation.ts; plain p_losses without class rows), the adapters read lazily inside the tape. */
+export function loraLoss(run: PreparedRun, net: LoraNetwork, batch: LoraBatch, opts: { dropout: number; seed: number; priorWeight: number }): PriorLoss {
   return tf.tidy(() => {
     const { text, unet } = run.model;
     const context = batch.context ?? encodeText(withLora(text.params, net, opts), text.cfg, batch.ids); // [B, 77, W]
     const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
-    return denoisingLoss(model, batch, context);
+    return priorPreservationLoss(model, batch, context, opts.priorWeight);
   });
 }
 
-function loraMethod(run: PreparedRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }): TrainMethod<LoraBatch> {
+/** The micro-batch: instance rows (+ class rows); the context precomputed while the text encoder's adapters do not train. */
+function nextLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: number, micro: number, textTrains: boolean): LoraBatch {
+  const { prompts, ...inst } = diffusionBatch(run, spec as CommonSpec, step, micro, new Map());
+  const at = { step, micro, gradAccum: run.dataset.gradAccum };
+  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
+  const batch: LoraBatch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
   const { text } = run.model;
-  const trainText = s.net.targets.some((t) => t.name.startsWith('lora_te_'));
+  // a frozen text encoder's output is an input: encoded once, outside the gradient tape
+  if (!textTrains) batch.context = tf.tidy(() => encodeText(withLora(text.params, net), text.cfg, batch.ids));
+  return batch;
+}
+
+function loraMethod(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }): TrainMethod<LoraBatch> {
+  const { text } = run.model;
+  const textKeys = [...s.net.weights.keys()].filter((k) => k.startsWith('lora_te_'));
+  const trainable = new Map(s.net.weights);
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec as CommonSpec), new Map(), paddingFor(run.model.family));
+  const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
   let dropoutSeed = 0;
+  let current = 0;
   return {
-    trainable: s.net.weights,
-    nextBatch: (step, micro) => {
-      const { prompts, ...batch } = diffusionBatch(run, spec as CommonSpec, step, micro, new Map());
-      const ids = prompts.map((p) => p.ids);
+    trainable,
+    nextBatch: async (step, micro) => {
+      await log.flush();
+      current = step;
+      const textTrains = textKeys.length > 0 && s.optimizer.textActive(step - 1);
+      // past the text encoder's step limit its adapters stop being trained (and differentiated)
+      if (!textTrains) for (const k of textKeys) trainable.delete(k);
       dropoutSeed = spec.seed * 1_000_003 + step * 1009 + micro;
-      // a frozen text encoder's output is an input: encoded once, outside the gradient tape
-      return { ...batch, ids, context: trainText ? undefined : encodeText(text.params, text.cfg, ids) };
+      return nextLoraBatch(run, spec, s.net, step, micro, textTrains);
     },
-    loss: (batch) => loraLoss(run, s.net, batch, { dropout: spec.dropout, seed: dropoutSeed }),
+    loss: (batch) => {
+      const parts = loraLoss(run, s.net, batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
+      if (run.classes) log.record(current, parts);
+      else tf.dispose(parts.instance);
+      return parts.loss;
+    },
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
-    save: (step, final) => saveLora(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step, hashes),
+    save: async (step, final) => {
+      await log.flush();
+      return saveLora(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step, hashes);
+    },
     preview: async (step) => {
       const unet = run.model.unet;
       const merged = { unet: mergeLora(unet.params, s.net), text: mergeLora(text.params, s.net) }; // multiplier 1, no dropout
@@ -304,8 +356,9 @@ function loraMethod(run: PreparedRun, spec: LoraSpec, s: LoraState, paths: RunPa
 }
 
 /** Everything checked before a model loads or a file is written. */
-async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; instancePrompt?: string }> {
-  const spec: LoraSpec = { ...raw, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
+async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; instancePrompt?: string; textLr?: LrSchedule }> {
+  const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
+  const spec: LoraSpec = { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
   if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
   const paths = await checkRun({ ...spec, template: '' } as CommonSpec, resolve(spec.loraDir), 'lora');
   paths.output = resolve(spec.loraDir, `${spec.name}.safetensors`);
@@ -314,23 +367,29 @@ async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSp
   }
   const lr = parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
   for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
+  const textLr = spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
+  if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
+  if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
   const { template, instancePrompt } = await templateFor(spec, paths.runDir);
-  return { spec: { ...spec, template }, paths, instancePrompt };
+  return { spec: { ...spec, template }, paths, instancePrompt, textLr };
 }
 
 /** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
 export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
-  const { spec, paths, instancePrompt } = await preflight(raw, ctx);
+  const { spec, paths, instancePrompt, textLr } = await preflight(raw, ctx);
   const backend = await initBackend();
-  let run: PreparedRun | undefined;
+  let run: LoraRun | undefined;
   let s: LoraState | undefined;
   try {
     run = await prepareRun(spec as CommonSpec, ctx, 'lora');
-    s = await initState(run, spec, paths, instancePrompt, ctx);
+    run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
+    s = await initState(run, spec, paths, instancePrompt, textLr, ctx);
+    await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const full = await fileSha256(spec.model);
     const hashes = { legacy: await legacyModelHash(spec.model), full };
     const method = loraMethod(run, spec, s, paths, hashes);
-    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length } };
+    const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
+    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
     const { step, outputs, cancelled } = await trainAndSave(run, spec as CommonSpec, paths, method, s, backend.name, settings, ctx);
     return { step, output: paths.output, outputs, kind: 'lora', usage: `<lora:${spec.name}:1>`, cancelled };
   } finally {
@@ -339,8 +398,10 @@ export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult
       s.optimizer.dispose();
     }
     if (run) {
+      run.classes?.latents.dispose();
       releaseRun(run);
       await run.model.source.close();
     }
   }
 }
+

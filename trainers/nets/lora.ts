@@ -15,8 +15,9 @@
  *
  * File layout (kohya): `<name>.lora_down.weight` [r, in] (conv: [r, in, kh, kw]),
  * `<name>.lora_up.weight` [out, r] (conv: [out, r, 1, 1]), `<name>.alpha` scalar;
- * ΔW = up·down·(alpha/r)·multiplier. `withLora` adds ΔW to the base weights inside the tape,
- * so unetForward/encodeText run unchanged and only up/down get gradients.
+ * ΔW = up·down·(alpha/r)·multiplier. `withLora` adds ΔW to a base weight each time it is read
+ * (lazily, inside the tape), so unetForward/encodeText run unchanged, only up/down get
+ * gradients, and a block recomputed for gradient checkpointing recomputes its ΔW too.
  *
  * @example
  *   const net = createLora(loraTargets(shapes, ['attn']), { rank: 16, alpha: 8, seed: 0 });
@@ -221,39 +222,81 @@ export function loraDelta(net: LoraNetwork, t: LoraTarget, scale: number, rankMa
 }
 
 /**
- * `params` with every target weight it holds replaced by W + ΔW (computed now, so call it inside
- * the tape / tidy of the forward pass); targets of another network (UNet vs text encoder) are
- * skipped, so one LoraNetwork serves both. Base tensors are shared, not copied. SD2 q/k/v deltas are stacked into the fused weight (zeros for absent parts).
+ * `params` with every target weight it holds read as W + ΔW, computed AT EACH READ (`get`), so
+ * the gradient to up/down is taken wherever the weight is used — also inside a block that is
+ * recomputed under tf.customGrad for gradient checkpointing, where a ΔW computed beforehand
+ * would be a captured constant and its gradient lost. Each read makes new tensors: read inside
+ * the tape / tidy of the forward pass. Rank-dropout masks come from fixed seeds per target, so
+ * every read of a weight gives the same mask. Targets of another network (UNet vs text encoder)
+ * are skipped, so one LoraNetwork serves both. SD2 q/k/v deltas are stacked into the fused
+ * weight (zeros for absent parts). has/keys/size are the base map's; iterating yields merged tensors.
  */
 export function withLora(params: Params, net: LoraNetwork, opts: ApplyOptions = {}): Params {
-  const scale = (net.alpha / net.rank) * (opts.multiplier ?? 1);
-  const p = opts.dropout ?? 0;
-  const byWeight = new Map<string, LoraTarget[]>();
-  for (const t of net.targets) byWeight.set(t.weightKey, [...(byWeight.get(t.weightKey) ?? []), t]);
-  const out: Params = new Map(params);
-  let n = 0;
-  for (const [key, targets] of byWeight) {
-    const base = params.get(key);
-    if (!base) continue; // a target of the other network (UNet vs text encoder)
-    const mask = (i: number) => (p > 0 ? tf.randomUniform([net.rank], 0, 1, 'float32', (opts.seed ?? 0) * 7919 + i).greaterEqual(p).toFloat().div(1 - p) : undefined);
-    let delta: Tensor;
-    if (targets[0]!.rows) {
-      const rows = base.shape[0]!;
-      const parts: Tensor[] = [];
-      let at = 0;
-      for (const t of [...targets].sort((a, b) => a.rows![0] - b.rows![0])) {
-        if (t.rows![0] > at) parts.push(tf.zeros([t.rows![0] - at, base.shape[1]!]));
-        parts.push(loraDelta(net, t, scale, mask(n++)));
-        at = t.rows![1];
-      }
-      if (at < rows) parts.push(tf.zeros([rows - at, base.shape[1]!]));
-      delta = tf.concat(parts, 0);
-    } else {
-      delta = loraDelta(net, targets[0]!, scale, mask(n++));
+  return new LoraParams(params, net, opts);
+}
+
+/** The lazy view withLora returns: a Map of the base tensors whose reads of adapted keys add ΔW. */
+class LoraParams extends Map<string, Tensor> {
+  /** Adapted weight key → its targets, each with its dropout-mask index (fixed, as the eager order). */
+  private readonly adapted = new Map<string, { target: LoraTarget; maskIndex: number }[]>();
+  private readonly scale: number;
+
+  constructor(params: Params, private readonly net: LoraNetwork, private readonly opts: ApplyOptions) {
+    super(params);
+    this.scale = (net.alpha / net.rank) * (opts.multiplier ?? 1);
+    const byWeight = new Map<string, LoraTarget[]>();
+    for (const t of net.targets) byWeight.set(t.weightKey, [...(byWeight.get(t.weightKey) ?? []), t]);
+    let n = 0;
+    for (const [key, targets] of byWeight) {
+      if (!params.has(key)) continue; // a target of the other network
+      const ordered = targets[0]!.rows ? [...targets].sort((a, b) => a.rows![0] - b.rows![0]) : [targets[0]!];
+      this.adapted.set(key, ordered.map((target) => ({ target, maskIndex: n++ })));
     }
-    out.set(key, base.add(delta));
   }
-  return out;
+
+  override get(key: string): Tensor | undefined {
+    const base = super.get(key);
+    const parts = this.adapted.get(key);
+    return base && parts ? base.add(this.delta(base, parts)) : base;
+  }
+
+  /** ΔW of one weight: one target's, or the row blocks of a fused weight stacked with zeros between. */
+  private delta(base: Tensor, parts: { target: LoraTarget; maskIndex: number }[]): Tensor {
+    if (!parts[0]!.target.rows) return loraDelta(this.net, parts[0]!.target, this.scale, this.mask(parts[0]!.maskIndex));
+    const rows = base.shape[0]!;
+    const blocks: Tensor[] = [];
+    let at = 0;
+    for (const { target: t, maskIndex } of parts) {
+      if (t.rows![0] > at) blocks.push(tf.zeros([t.rows![0] - at, base.shape[1]!]));
+      blocks.push(loraDelta(this.net, t, this.scale, this.mask(maskIndex)));
+      at = t.rows![1];
+    }
+    if (at < rows) blocks.push(tf.zeros([rows - at, base.shape[1]!]));
+    return tf.concat(blocks, 0); // [rows, in]
+  }
+
+  /** Rank-dropout mask [r] of the i-th adapted target (kohya rank_dropout), or none. */
+  private mask(i: number): Tensor | undefined {
+    const p = this.opts.dropout ?? 0;
+    if (p <= 0) return undefined;
+    return tf.randomUniform([this.net.rank], 0, 1, 'float32', (this.opts.seed ?? 0) * 7919 + i).greaterEqual(p).toFloat().div(1 - p);
+  }
+
+  override *entries(): MapIterator<[string, Tensor]> {
+    for (const key of super.keys()) yield [key, this.get(key)!];
+  }
+
+  override *values(): MapIterator<Tensor> {
+    for (const key of super.keys()) yield this.get(key)!;
+  }
+
+  override [Symbol.iterator](): MapIterator<[string, Tensor]> {
+    return this.entries();
+  }
+
+  override forEach(fn: (value: Tensor, key: string, map: Map<string, Tensor>) => void, thisArg?: unknown): void {
+    for (const [key, value] of this.entries()) fn.call(thisArg, value, key, this);
+  }
 }
 
 /** The merged weights W + ΔW of every target (new tensors; the caller disposes them). */
