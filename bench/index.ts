@@ -29,6 +29,7 @@ function sections(): Section[] {
     { name: 'unet', run: async () => (await import('./unet.ts')).benchUnet() },
     { name: 'vae', run: async () => (await import('./vae.ts')).benchVae() },
     { name: 'text', run: async () => (await import('./text.ts')).benchText() },
+    { name: 'half', run: async () => (await import('./half.ts')).benchHalf() },
   ];
   if (existsSync(here('./ti.ts'))) {
     list.push({
