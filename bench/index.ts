@@ -42,6 +42,7 @@ function sections(): Section[] {
     });
   }
   list.push({ name: 'steps', run: async () => (await import('./steps.ts')).benchSteps() });
+  list.push({ name: 'finetune', run: async () => (await import('./finetune.ts')).benchFinetune() });
   return list;
 }
 

@@ -149,6 +149,7 @@ export class LatentDiskCache {
   }
 
   async write(key: string, latent: EncodedLatent): Promise<void> {
+    await mkdir(this.dir, { recursive: true }); // also when called without ensure()
     await writeSafetensors(this.pathOf(key), [
       { name: 'mean', dtype: 'F32', shape: latent.shape, data: latent.mean },
       { name: 'std', dtype: 'F32', shape: latent.shape, data: latent.std },
