@@ -13,9 +13,11 @@ import { floatToHalfBits, halfBitsToFloat } from '../trainers/io/half.ts';
 import { loadAddon } from '../trainers/native/addon.ts';
 import { disposeParams, loadParams, type Params } from '../trainers/nets/params.ts';
 import { loadUnet, unetForward, type UNetConfig } from '../trainers/nets/unet.ts';
+import { createLora, disposeLora, loraTargets, withLora } from '../trainers/nets/lora.ts';
+import { shapesOf } from '../trainers/nets/sd.ts';
 import {
   HalfParams, HalfTensor, float32ToHalfJs, halfConverter, halfFrozen, halfToFloat32Js,
-  loadHalfParams, loadUnetHalf,
+  loadHalfParams, loadUnetHalf, overlayParams,
 } from '../trainers/nets/half-params.ts';
 
 const DIR = 'test/fixtures/sd-tiny';
@@ -240,4 +242,52 @@ test('loadHalfParams: F16 file bits and a float32 file give the same layout and 
   disposeParams(ref);
   await src.close();
   await src32.close();
+});
+
+test('overlayParams: a view over a float16 base materialises nothing until read; overrides win', async () => {
+  const half = await halfFrozen(new Map([['a', tf.tensor1d([1, 2])], ['b', tf.tensor1d([3])]]));
+  const b2 = tf.tensor1d([30]);
+  const c = tf.tensor1d([40]);
+  const n = tf.memory().numTensors;
+  const view = overlayParams(half, new Map([['b', b2], ['c', c]]));
+  assert.equal(tf.memory().numTensors, n);
+  assert.deepEqual([...view.keys()], ['a', 'b', 'c']);
+  assert.equal(view.size, 3);
+  assert.ok(view.has('a') && view.has('c') && !view.has('d'));
+  assert.equal(view.get('b'), b2);
+  const a = view.get('a')!;
+  assert.deepEqual(await a.data(), new Float32Array([1, 2]));
+  assert.equal(tf.memory().numTensors, n + 1);
+  const d = tf.scalar(1);
+  view.set('d', d);
+  assert.equal(view.get('d'), d);
+  assert.equal(half.has('d'), false, 'the base is not written');
+  assert.throws(() => view.delete('a'));
+  tf.dispose([a, b2, c, d]);
+  half.dispose();
+});
+
+test('LoRA over a float16 UNet (the lazy withLora view): loss and adapter gradients equal the rounded model\'s', async () => {
+  const src = await openSafetensors(`${DIR}/model.safetensors`);
+  const { params, cfg } = await loadUnet(src);
+  const rounded = await roundedCopy(params);
+  const half = await halfFrozen(params);
+  const net = createLora(loraTargets(shapesOf(src), ['attn', 'resnet']), { rank: 2, alpha: 1, seed: 5 });
+  const vars = [...net.weights.values()];
+  // lora_up starts at zero (no gradient for lora_down then): nudge it so both get gradients
+  for (const v of vars) v.assign(tf.tidy(() => v.add(tf.randomNormal(v.shape, 0, 0.01, 'float32', 9))));
+  const { x, context } = unetInputs(cfg);
+  const start = tf.memory().numTensors;
+  const lossOf = (p: Params) => () => unetForward(withLora(p, net), cfg, x, [10, 700], context).square().mean() as tf.Scalar;
+  const g1 = tf.variableGrads(lossOf(half), vars);
+  const g0 = tf.variableGrads(lossOf(rounded), vars);
+  await assertSame(g1.value, g0.value, 'loss');
+  for (const v of vars) await assertSame(g1.grads[v.name]!, g0.grads[v.name]!, v.name);
+  tf.dispose([g1.value, g0.value, ...Object.values(g1.grads), ...Object.values(g0.grads)]);
+  assert.equal(tf.memory().numTensors, start, 'no upcast weight outlives the step');
+  tf.dispose([x, context]);
+  disposeLora(net);
+  disposeParams(rounded);
+  half.dispose();
+  await src.close();
 });

@@ -313,3 +313,58 @@ export async function loadUnetHalf(
   checkUnetKeys(shapes, cfg);
   return { params: await loadHalfParams(source, [cfg.prefix], keep), cfg };
 }
+
+/**
+ * A view of `base` with `over`'s entries in front (neither is copied or iterated), e.g. a UNet
+ * with merged LoRA weights for a preview: `new Map([...base, ...over])` would materialise every
+ * float16 weight of a HalfParams base at once. `set` writes to the view only.
+ */
+export function overlayParams(base: Params, over: Params = new Map()): Params {
+  return new OverlayParams(base, new Map(over));
+}
+
+class OverlayParams extends Map<string, Tensor> {
+  constructor(
+    private readonly base: Params,
+    private readonly over: Map<string, Tensor>,
+  ) {
+    super();
+  }
+  override get(key: string): Tensor | undefined {
+    return this.over.has(key) ? this.over.get(key) : this.base.get(key);
+  }
+  override has(key: string): boolean {
+    return this.over.has(key) || this.base.has(key);
+  }
+  override set(key: string, value: Tensor): this {
+    this.over.set(key, value);
+    return this;
+  }
+  override delete(): boolean {
+    throw new Error('overlayParams: read-only view (delete)');
+  }
+  override clear(): void {
+    throw new Error('overlayParams: read-only view (clear)');
+  }
+  override get size(): number {
+    let extra = 0;
+    for (const k of this.over.keys()) if (!this.base.has(k)) extra++;
+    return this.base.size + extra;
+  }
+  override *keys(): MapIterator<string> {
+    yield* this.base.keys();
+    for (const k of this.over.keys()) if (!this.base.has(k)) yield k;
+  }
+  override *values(): MapIterator<Tensor> {
+    for (const k of this.keys()) yield this.get(k)!;
+  }
+  override *entries(): MapIterator<[string, Tensor]> {
+    for (const k of this.keys()) yield [k, this.get(k)!];
+  }
+  override [Symbol.iterator](): MapIterator<[string, Tensor]> {
+    return this.entries();
+  }
+  override forEach(fn: (value: Tensor, key: string, map: Map<string, Tensor>) => void, thisArg?: unknown): void {
+    for (const [k, v] of this.entries()) fn.call(thisArg, v, k, this);
+  }
+}
