@@ -4,7 +4,10 @@
  * class half, twice them); a short prior-preservation run lowers the instance loss at fixed
  * batches while the class loss stays bounded, with class images generated once and reused; the
  * written checkpoint reloads and reproduces the trained UNet's output; cancel + resume continues
- * with the saved optimizer state and ends bit-identical to an uninterrupted run.
+ * with the saved optimizer state and ends bit-identical to an uninterrupted run. With `lora`:
+ * the LoRA file's keys map to the checkpoint's modules and carry the ss_* + prior metadata; a
+ * short LoRA run with prior preservation lowers the instance loss at fixed batches while the
+ * class loss stays bounded; cancel + resume keeps the optimizer state.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,6 +19,8 @@ import { validate } from '../schemas/index.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
 import { paramToTorch, type Params } from '../trainers/nets/params.ts';
+import { shapesOf } from '../trainers/nets/sd.ts';
+import { createLora, disposeLora, kohyaName, loraTargets, networkLayerMapping, webuiModuleFor, withLora } from '../trainers/nets/lora.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { trainLoop } from '../trainers/loop.ts';
 import {
@@ -216,5 +221,100 @@ test('text encoder trained for textEncoderSteps then frozen; no prior preservati
       await Promise.all([snap.close(), out.close(), base.close()]);
     }
     await assert.rejects(runDreambooth(spec, ctxFor([])), /already exists/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// --lora: the same job, trained as LoRA adapters
+
+const loraSpecFor = (extra: Record<string, unknown> = {}) => specFor({ lora: true, rank: 4, alpha: 4, loraDir: join(tmp, 'Lora'), ...extra });
+
+async function readAll(path: string): Promise<Map<string, Float32Array>> {
+  const f = await openSafetensors(path);
+  const out = new Map(await Promise.all(f.keys().map(async (k) => [k, await f.read(k)] as const)));
+  await f.close();
+  return out;
+}
+
+test('dreambooth --lora: a LoRA whose keys map to the checkpoint modules, with ss_* and prior metadata', async () => {
+  await onGradBackend(async () => {
+    const spec = loraSpecFor({ steps: 2, trainTextEncoder: true, textEncoderLr: '0.0005', priorWeight: 0.75 });
+    const r = await runDreambooth(spec, ctxFor([]));
+    assert.equal(r.kind, 'lora');
+    assert.equal(r.output, join(spec.loraDir, `${spec.name}.safetensors`));
+    assert.equal(r.usage, `<lora:${spec.name}:1>`);
+    assert.ok(!existsSync(dreamboothPaths(spec).output), 'no checkpoint written');
+    const file = await openSafetensors(r.output);
+    const meta = file.metadata();
+    const shapes = await (async () => {
+      const m = await loadSdModel(spec.model, []);
+      const sh = shapesOf(m.source);
+      await m.source.close();
+      return sh;
+    })();
+    const mapping = networkLayerMapping(shapes.keys());
+    const stems = new Set(file.keys().map((k) => k.replace(/\.(lora_down\.weight|lora_up\.weight|alpha)$/, '')));
+    const targets = loraTargets(shapes, ['attn', 'text']);
+    assert.deepEqual([...stems].sort(), targets.map((t) => t.name).sort(), 'one adapter per attention projection (UNet + text)');
+    for (const t of targets) {
+      assert.equal(webuiModuleFor(t.name, mapping, false), t.module, t.name);
+      assert.equal(kohyaName(t.module), t.name);
+    }
+    await file.close();
+    assert.equal(meta.ss_network_dim, '4');
+    assert.equal(meta.ss_network_alpha, '4');
+    assert.equal(meta.ss_base_model_version, 'sd_v1');
+    assert.equal(meta.ss_steps, '2');
+    assert.equal(meta.ss_sidetrain_method, 'dreambooth');
+    assert.equal(meta.ss_sidetrain_class_prompt, 'a photo of a cat');
+    assert.equal(meta.ss_sidetrain_instance_prompt, 'a photo of sks cat');
+    assert.equal(meta.ss_prior_loss_weight, '0.75');
+    assert.equal(meta.ss_num_reg_images, '2');
+    assert.equal(meta.ss_sidetrain_class_images, '2');
+    assert.equal(meta.ss_text_encoder_lr, '0.0005');
+    // every image is trained with the instance prompt
+    assert.deepEqual(JSON.parse(meta.ss_tag_frequency!), { '1_images': { 'a photo of sks cat': 2 } });
+    const csv = readFileSync(join(spec.logDir, spec.name, 'prior-loss.csv'), 'utf8').trim().split('\n');
+    assert.equal(csv.length, 3, 'one instance/class row per step');
+  });
+});
+
+test('dreambooth --lora: prior preservation lowers the instance loss at fixed batches, class loss bounded', async () => {
+  await onGradBackend(async () => {
+    const spec = loraSpecFor({ steps: 10, lr: '0.01', name: 'lora-prior' });
+    const r = await runDreambooth(spec, ctxFor([]));
+    const run = await prepareDreambooth(spec, ctxFor([]));
+    const net = createLora(loraTargets(shapesOf(run.model.source), ['attn']), { rank: 4, alpha: 4, seed: 0 });
+    try {
+      assert.ok(run.classes, 'prior preservation is on');
+      for (const [k, v] of await readAll(r.output)) if (net.weights.has(k)) net.weights.get(k)!.assign(tf.tensor(v, net.weights.get(k)!.shape));
+      const before = await fixedLosses(run, spec, run.model.unet.params, 4);
+      const after = await fixedLosses(run, spec, withLora(run.model.unet.params, net), 4);
+      assert.ok(after[0] < before[0], `instance loss ${before[0]} → ${after[0]}`);
+      assert.ok(after[1] < before[1] * 1.5, `class loss ${before[1]} → ${after[1]}`);
+    } finally {
+      disposeLora(net);
+      await releaseDreambooth(run);
+    }
+  });
+});
+
+test('dreambooth --lora: cancel + resume keeps the optimizer state and ends identical to an uninterrupted run', async () => {
+  await onGradBackend(async () => {
+    const full = loraSpecFor({ optimizer: 'adamw8bit', name: 'lora-full', lr: '0.005' });
+    const r1 = await runDreambooth(full, ctxFor([]));
+    assert.equal(r1.step, 4);
+    const part = loraSpecFor({ optimizer: 'adamw8bit', name: 'lora-part', lr: '0.005' });
+    const r2 = await runDreambooth(part, ctxFor([], (e, abort) => e.type === 'step' && e.step === 2 && abort()));
+    assert.equal(r2.cancelled, true);
+    assert.equal(r2.step, 2);
+    assert.ok(existsSync(`${r2.output}.optim`), 'optimizer state saved beside the LoRA');
+    const events: JobEvent[] = [];
+    const r3 = await runDreambooth({ ...part, resume: true }, ctxFor(events));
+    assert.equal(r3.step, 4);
+    assert.ok(events.some((e) => e.type === 'log' && /from step 2 with its optimizer state/.test(e.message)));
+    const [a, b] = [await readAll(r1.output), await readAll(r3.output)];
+    assert.deepEqual([...b.keys()].sort(), [...a.keys()].sort());
+    for (const [k, v] of a) assert.deepEqual(b.get(k), v, k);
   });
 });

@@ -2,11 +2,13 @@
  * @file LoRA adapters: a zero `up` leaves the UNet exactly unchanged; merged weights give the
  * on-the-fly output; kohya names map one-to-one to the checkpoint's modules and back by the
  * webui's own rule (networks.py) on the SD1.5, SD2.1 and tiny layouts; only up/down get
- * gradients; a short run on sd-tiny lowers the loss and writes the kohya file + ss_* metadata.
+ * gradients; withLora is lazy (ΔW made at each read: same output and gradients as merging
+ * eagerly, the base map never copied or iterated); a short run on sd-tiny lowers the loss and
+ * writes the kohya file + ss_* metadata; prior preservation is off unless a class prompt is given.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
@@ -15,9 +17,10 @@ import { loadSdModel, shapesOf, type SdModel } from '../trainers/nets/sd.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
 import { encodeText } from '../trainers/nets/clip.ts';
 import {
-  createLora, disposeLora, kohyaName, loraTargets, mergeLora, networkLayerMapping, webuiModuleFor, withLora,
+  createLora, disposeLora, kohyaName, loraDelta, loraTargets, mergeLora, networkLayerMapping, webuiModuleFor, withLora,
   type LoraNetwork,
 } from '../trainers/nets/lora.ts';
+import type { Params } from '../trainers/nets/params.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
 import { validate } from '../schemas/index.ts';
 import { runLora, type LoraSpec } from '../trainers/lora.ts';
@@ -151,6 +154,63 @@ test('gradients reach up and down only; the text encoder LoRA changes encodeText
   const adapted = tf.tidy(() => encodeText(withLora(text!.params, net), text!.cfg, ids));
   assert.ok((await maxAbsDiff(plain, adapted)) > 0);
   tf.dispose([value, ...Object.values(grads), x, context, plain, adapted, baseVar]);
+  disposeLora(net);
+});
+
+
+/** The pre-lazy withLora, by hand: every adapted weight merged up front (W + up·down·alpha/rank). */
+function eagerMerge(params: Params, net: LoraNetwork): Params {
+  const out: Params = new Map(params);
+  for (const t of net.targets) if (params.has(t.weightKey)) out.set(t.weightKey, params.get(t.weightKey)!.add(loraDelta(net, t, net.alpha / net.rank)));
+  return out;
+}
+
+test('lazy withLora: the same UNet output and LoRA gradients as merging eagerly', async () => {
+  const { unet } = sd1;
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn', 'proj', 'resnet']), { rank: 3, alpha: 2, seed: 8 });
+  randomizeUp(net, 40);
+  const { x, context, t } = unetInputs();
+  const vars = [...net.weights.values()];
+  const run = (adapt: (p: Params) => Params) =>
+    tf.variableGrads(() => tf.tidy(() => unetForward(adapt(unet!.params), unet!.cfg, x, t, context).square().mean() as tf.Scalar), vars);
+  const eager = run((p) => eagerMerge(p, net));
+  const lazy = run((p) => withLora(p, net));
+  assert.equal(await maxAbsDiff(lazy.value, eager.value), 0, 'loss');
+  for (const v of vars) assert.equal(await maxAbsDiff(lazy.grads[v.name]!, eager.grads[v.name]!), 0, v.name);
+  tf.dispose([x, context, eager.value, lazy.value, ...Object.values(eager.grads), ...Object.values(lazy.grads)]);
+  disposeLora(net);
+});
+
+test('lazy withLora: nothing made until read, each read a new equal tensor (same dropout mask), base never iterated', async () => {
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn']), { rank: 4, alpha: 4, seed: 2 });
+  randomizeUp(net, 50);
+  let iterated = 0;
+  class Spy extends Map<string, tf.Tensor> {
+    override *entries(): MapIterator<[string, tf.Tensor]> {
+      iterated++;
+      yield* super.entries();
+    }
+    override [Symbol.iterator]() {
+      return this.entries();
+    }
+  }
+  const base = new Spy(sd1.unet!.params);
+  const before = tf.memory().numTensors;
+  const view = withLora(base, net, { dropout: 0.5, seed: 3 });
+  assert.equal(tf.memory().numTensors, before, 'no tensor made by withLora itself');
+  assert.equal(iterated, 0, 'the base map is not copied');
+  assert.equal(view.size, base.size);
+  assert.deepEqual([...view.keys()], [...base.keys()]);
+  const key = net.targets[0]!.weightKey;
+  assert.ok(view.has(key));
+  const [a, b] = [view.get(key)!, view.get(key)!];
+  assert.notEqual(a, b, 'a new tensor per read');
+  assert.equal(await maxAbsDiff(a, b), 0, 'same numbers, same mask');
+  assert.ok((await maxAbsDiff(a, base.get(key)!)) > 0, 'the adapted weight differs from the base');
+  const plainKey = [...base.keys()].find((k) => !net.targets.some((t) => t.weightKey === k))!;
+  assert.equal(view.get(plainKey), base.get(plainKey), 'other weights are the base tensors');
+  assert.throws(() => view.set(key, a), /read-only/);
+  tf.dispose([a, b]);
   disposeLora(net);
 });
 
@@ -305,4 +365,34 @@ test('rank dropout: seeded, drops ranks of ΔW and rescales the rest; p = 0 is t
   assert.ok((await maxAbsDiff(a!, plain!)) > 0);
   tf.dispose([plain!, a!, b!, c!]);
   disposeLora(net);
+});
+
+test('train lora: prior preservation only with a class prompt (class images, prior-loss.csv, reg-image metadata)', async () => {
+  const images = join(tmp, 'images4');
+  mkdirSync(images, { recursive: true });
+  copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
+  const plain = loraSpec({ steps: 1 }, images);
+  const off = await runLora(plain, context());
+  const offFile = await openSafetensors(off.output);
+  assert.equal(offFile.metadata().ss_num_reg_images, '0');
+  assert.equal(offFile.metadata().ss_sidetrain_class_prompt, undefined);
+  await offFile.close();
+  assert.ok(!existsSync(join(plain.logDir, 'sks', 'prior-loss.csv')));
+
+  const spec = loraSpec({ steps: 2, classPrompt: 'a photo of a triangle', classImages: 1, classSteps: 2, priorWeight: 0.5, optimizer: 'adafactor' }, images);
+  const ctx = context();
+  const on = await runLora(spec, ctx);
+  assert.ok(ctx.events.some((e) => e.type === 'log' && /generating 1 class images/.test(e.message)));
+  const onFile = await openSafetensors(on.output);
+  const meta = onFile.metadata();
+  await onFile.close();
+  assert.equal(meta.ss_num_reg_images, '1');
+  assert.equal(meta.ss_prior_loss_weight, '0.5');
+  assert.equal(meta.ss_sidetrain_class_prompt, 'a photo of a triangle');
+  assert.equal(meta.ss_sidetrain_method, 'lora');
+  assert.match(meta.ss_optimizer!, /Adafactor/);
+  const rows = readFileSync(join(spec.logDir, 'sks', 'prior-loss.csv'), 'utf8').trim().split('\n');
+  assert.equal(rows[0], 'step,instance_loss,class_loss');
+  assert.equal(rows.length, 3);
+  for (const r of rows.slice(1)) assert.ok(r.split(',').slice(1).every((x) => Number.isFinite(Number(x)) && x !== ''), r);
 });

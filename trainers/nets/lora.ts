@@ -229,33 +229,37 @@ export function loraDelta(net: LoraNetwork, t: LoraTarget, scale: number, rankMa
  * the tape / tidy of the forward pass. Rank-dropout masks come from fixed seeds per target, so
  * every read of a weight gives the same mask. Targets of another network (UNet vs text encoder)
  * are skipped, so one LoraNetwork serves both. SD2 q/k/v deltas are stacked into the fused
- * weight (zeros for absent parts). has/keys/size are the base map's; iterating yields merged tensors.
+ * weight (zeros for absent parts). has/keys/size are the base map's (nothing is copied or
+ * materialised); iterating yields tensors read one at a time, merged where adapted.
  */
 export function withLora(params: Params, net: LoraNetwork, opts: ApplyOptions = {}): Params {
   return new LoraParams(params, net, opts);
 }
 
-/** The lazy view withLora returns: a Map of the base tensors whose reads of adapted keys add ΔW. */
+/**
+ * The lazy view withLora returns: the base map is read through, never copied or iterated (a
+ * HalfParams base would materialise every weight), and reads of adapted keys add ΔW. Read-only.
+ */
 class LoraParams extends Map<string, Tensor> {
   /** Adapted weight key → its targets, each with its dropout-mask index (fixed, as the eager order). */
   private readonly adapted = new Map<string, { target: LoraTarget; maskIndex: number }[]>();
   private readonly scale: number;
 
-  constructor(params: Params, private readonly net: LoraNetwork, private readonly opts: ApplyOptions) {
-    super(params);
+  constructor(private readonly base: Params, private readonly net: LoraNetwork, private readonly opts: ApplyOptions) {
+    super();
     this.scale = (net.alpha / net.rank) * (opts.multiplier ?? 1);
     const byWeight = new Map<string, LoraTarget[]>();
     for (const t of net.targets) byWeight.set(t.weightKey, [...(byWeight.get(t.weightKey) ?? []), t]);
     let n = 0;
     for (const [key, targets] of byWeight) {
-      if (!params.has(key)) continue; // a target of the other network
+      if (!base.has(key)) continue; // a target of the other network
       const ordered = targets[0]!.rows ? [...targets].sort((a, b) => a.rows![0] - b.rows![0]) : [targets[0]!];
       this.adapted.set(key, ordered.map((target) => ({ target, maskIndex: n++ })));
     }
   }
 
   override get(key: string): Tensor | undefined {
-    const base = super.get(key);
+    const base = this.base.get(key);
     const parts = this.adapted.get(key);
     return base && parts ? base.add(this.delta(base, parts)) : base;
   }
@@ -282,12 +286,24 @@ class LoraParams extends Map<string, Tensor> {
     return tf.randomUniform([this.net.rank], 0, 1, 'float32', (this.opts.seed ?? 0) * 7919 + i).greaterEqual(p).toFloat().div(1 - p);
   }
 
+  override has(key: string): boolean {
+    return this.base.has(key);
+  }
+
+  override get size(): number {
+    return this.base.size;
+  }
+
+  override keys(): MapIterator<string> {
+    return this.base.keys();
+  }
+
   override *entries(): MapIterator<[string, Tensor]> {
-    for (const key of super.keys()) yield [key, this.get(key)!];
+    for (const key of this.base.keys()) yield [key, this.get(key)!];
   }
 
   override *values(): MapIterator<Tensor> {
-    for (const key of super.keys()) yield this.get(key)!;
+    for (const key of this.base.keys()) yield this.get(key)!;
   }
 
   override [Symbol.iterator](): MapIterator<[string, Tensor]> {
@@ -296,6 +312,18 @@ class LoraParams extends Map<string, Tensor> {
 
   override forEach(fn: (value: Tensor, key: string, map: Map<string, Tensor>) => void, thisArg?: unknown): void {
     for (const [key, value] of this.entries()) fn.call(thisArg, value, key, this);
+  }
+
+  override set(): this {
+    throw new Error('withLora: the adapted Params are a read-only view of the base weights');
+  }
+
+  override delete(): boolean {
+    throw new Error('withLora: the adapted Params are a read-only view of the base weights');
+  }
+
+  override clear(): void {
+    throw new Error('withLora: the adapted Params are a read-only view of the base weights');
   }
 }
 
