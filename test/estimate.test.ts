@@ -12,6 +12,8 @@ import { encodeHeader } from '../trainers/io/safetensors.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';
 const base = { model: TINY, width: 256, height: 256, batchSize: 1, previewEvery: 0 };
+/** Every UNet intermediate kept (no checkpointing, whole attention): the plain tape. */
+const whole = { gradientCheckpointing: 'off', attentionSlicing: 'off' };
 
 /** keys-sd15.json as an F16 safetensors whose data is never written (sparse): header-only reads must do. */
 function sparseSd15(dir: string): string {
@@ -35,7 +37,7 @@ test('estimate is deterministic and says which backend', async () => {
 });
 
 test('estimate scales with resolution and batch', async () => {
-  const at = (px: number, batchSize = 1) => estimateJob('textual_inversion', { ...base, width: px, height: px, batchSize }, { backend: 'cpu-native' });
+  const at = (px: number, batchSize = 1) => estimateJob('textual_inversion', { ...base, ...whole, width: px, height: px, batchSize }, { backend: 'cpu-native' });
   const [r256, r512, b2] = await Promise.all([at(256), at(512), at(256, 2)]);
   // per-pixel activations grow with the pixel count (×4), attention scores faster (×16 at full res)
   assert.ok(Math.abs(r512.breakdown.unetActivationBytes / r256.breakdown.unetActivationBytes - 4) < 0.01);
@@ -51,7 +53,7 @@ test('SD1.5 shapes from the header only: float32 weights of the real parameter c
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
   try {
     const path = sparseSd15(dir);
-    const e = await estimateJob('textual_inversion', { model: path, width: 512, height: 512, previewEvery: 0 }, { backend: 'cpu-native' });
+    const e = await estimateJob('textual_inversion', { model: path, width: 512, height: 512, previewEvery: 0, ...whole }, { backend: 'cpu-native' });
     assert.equal(e.breakdown.weightBytes.unet, 859_520_964 * 4);
     assert.equal(e.breakdown.weightBytes.text, 123_060_480 * 4);
     assert.equal(e.breakdown.weightBytes.vaeDecoder, 0); // no previews, no decoder
@@ -71,4 +73,58 @@ test('estimate errors clearly on a bad model path or job type', async () => {
   await assert.rejects(estimateJob('textual_inversion', { ...base, model: 'test/fixtures/sd-tiny/README.md' }), /cannot read model/);
   await assert.rejects(estimateJob('textual_inversion', { ...base, model: 'test/fixtures/sd-tiny' }), /cannot read model/);
   await assert.rejects(estimateJob('lora_magic', { ...base }), /no estimate for job type 'lora_magic'/);
+});
+
+test('memory levers: checkpointing keeps block outputs only, slicing drops the kept scores, auto turns checkpointing on above the budget', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
+  try {
+    const model = sparseSd15(dir);
+    const job = { model, width: 512, height: 512, previewEvery: 0 };
+    const est = (extra: object, budget = 1e15) => estimateJob('textual_inversion', { ...job, ...extra }, { backend: 'cpu-native', memoryBudget: budget });
+    const [plain, sliced, ckpt, auto, autoRoomy] = await Promise.all([
+      est(whole), est({ gradientCheckpointing: 'off', attentionSlicing: 'auto' }), est({ gradientCheckpointing: 'on', attentionSlicing: 'off' }),
+      est({}, 8 * 2 ** 30), est({}),
+    ]);
+    assert.equal(plain.memory.checkpointing, false);
+    assert.equal(plain.memory.attentionSliceBytes, 0);
+    assert.ok(sliced.breakdown.attentionScoreBytes < plain.breakdown.attentionScoreBytes / 2, 'the 4096-token layers are sliced');
+    assert.equal(sliced.breakdown.unetActivationBytes, plain.breakdown.unetActivationBytes);
+    assert.ok(ckpt.breakdown.unetActivationBytes < plain.breakdown.unetActivationBytes / 4);
+    assert.ok(ckpt.secondsPerStep > plain.secondsPerStep, 'the recompute costs time');
+    assert.equal(auto.memory.checkpointing, true, 'does not fit 8 GB without it');
+    assert.ok(auto.peakBytes <= 8 * 2 ** 30);
+    assert.equal(autoRoomy.memory.checkpointing, false, 'fits the budget as is');
+    assert.ok(auto.notes.some((n) => /gradient checkpointing on/.test(n)));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('every method has an estimate: what it trains, its optimizer state, prior preservation and EMA', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
+  try {
+    const model = sparseSd15(dir);
+    const job = { model, width: 256, height: 256, previewEvery: 0, ...whole };
+    const est = (type: string, extra: object = {}) => estimateJob(type, { ...job, ...extra }, { backend: 'cpu-native' });
+    const unetParams = 859_520_964;
+    const db = await est('dreambooth');
+    assert.equal(db.breakdown.weightBytes.trainable, unetParams * (4 + 8)); // gradient + AdamW m, v (the value is the model's weight)
+    const db8 = await est('dreambooth', { optimizer: 'adamw8bit' });
+    assert.ok(db8.breakdown.weightBytes.trainable < 0.55 * db.breakdown.weightBytes.trainable, '8-bit moments: 2 bytes instead of 8');
+    const prior = await est('dreambooth', { classPrompt: 'a photo of a cat', classImages: 10 });
+    assert.equal(prior.breakdown.unetActivationBytes, 2 * db.breakdown.unetActivationBytes, 'instance + class rows');
+    const te = await est('dreambooth', { trainTextEncoder: true });
+    assert.equal(te.breakdown.weightBytes.trainable, (unetParams + 123_060_480) * 12);
+    const ft = await est('finetune', { resolution: 256 });
+    const ema = await est('finetune', { resolution: 256, ema: true });
+    assert.equal(ema.breakdown.weightBytes.trainable - ft.breakdown.weightBytes.trainable, unetParams * 4);
+    const lora = await est('lora', { rank: 16 });
+    const lora4 = await est('lora', { rank: 4 });
+    assert.ok(lora.breakdown.weightBytes.trainable > 0 && lora.breakdown.weightBytes.trainable < 2 ** 30);
+    assert.ok(Math.abs(lora.breakdown.weightBytes.trainable / lora4.breakdown.weightBytes.trainable - 4) < 1e-9, 'adapters scale with the rank');
+    assert.equal(lora.breakdown.textActivationBytes, 0);
+    assert.ok((await est('lora', { trainTextEncoder: true })).breakdown.textActivationBytes > 0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

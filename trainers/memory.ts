@@ -1,25 +1,26 @@
 /**
- * @file The job's memory decision at start: the toggles of memory-options.ts resolved against the
- * estimate (estimate.ts, from the checkpoint's shapes alone) and this machine's RAM, and said in
+ * @file The job's memory decision at start: the toggles of memory-options.ts resolved by the
+ * estimate (estimate.ts, from the checkpoint's shapes alone, before anything loads), and said in
  * the job log so a user sees why a step is slower or smaller.
  */
-import { totalmem } from 'node:os';
 import type { JobContext } from './job.ts';
+import { estimateJob } from './estimate.ts';
 import { unetMemoryFor, type MemorySpec, type UNetMemory } from './memory-options.ts';
 
-/** The UNet memory mode for a job of `type` (a schemas/ method name) with `spec`. */
+/** The UNet memory mode for a job of `type` (a trainers/methods.ts name) with `spec`. */
 export async function chooseUNetMemory(type: string, spec: Partial<MemorySpec> & object, ctx?: Pick<JobContext, 'emit'>): Promise<UNetMemory> {
-  const fits = await fitsWithoutCheckpointing(type, spec);
-  const memory = unetMemoryFor(spec, fits);
+  let memory: UNetMemory;
+  let why = '';
+  try {
+    const estimate = await estimateJob(type, spec as Record<string, unknown>);
+    memory = estimate.memory;
+    why = ` (estimated peak ${(estimate.peakBytes / 2 ** 30).toFixed(1)} GB)`;
+  } catch {
+    memory = unetMemoryFor(spec, true); // no estimate for this job: only what the user turned on
+  }
   ctx?.emit({
     type: 'log', level: 'info',
-    message: `memory: gradient checkpointing ${memory.checkpointing ? 'on' : 'off'}, attention slicing ${memory.attentionSliceBytes ? `above ${memory.attentionSliceBytes / 2 ** 20} MB of scores` : 'off'}`,
+    message: `memory: gradient checkpointing ${memory.checkpointing ? 'on' : 'off'}, attention ${memory.attentionSliceBytes ? `sliced above ${memory.attentionSliceBytes / 2 ** 20} MB of scores` : 'whole'}${why}`,
   });
   return memory;
-}
-
-/** Budget: 85% of RAM leaves the OS, the webui's own process and page cache room. */
-async function fitsWithoutCheckpointing(type: string, spec: object): Promise<boolean> {
-  void type; void spec; void totalmem;
-  return true;
 }
