@@ -7,6 +7,7 @@ import sharp from 'sharp';
 import { initBackend } from '../trainers/tf.ts';
 import { validate } from '../schemas/index.ts';
 import { runFinetune, type FinetuneSpec } from '../trainers/finetune.ts';
+import { finetuneDryRun } from '../trainers/finetune-data.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { methods } from '../trainers/methods.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';
@@ -196,4 +197,25 @@ test('textEncoderLr in a run: after one step every weight moved by its group\'s 
       assert.ok(moved.length > 10000 && atRate > 0.95 * moved.length, `${prefix}: ${atRate} of ${moved.length} moved weights moved by its rate`);
     }
   });
+});
+
+test('random crops: the first run encodes its own latents (the crop is in the key), the same seed reuses them', async () => {
+  await onGradBackend(async () => {
+    const encoded = async (name: string, seed: number) => {
+      const ctx = context();
+      await runFinetune(jobSpec({ name, seed, steps: 1, crop: 'random', validationSplit: 0, validateEvery: 0, overwrite: true }), ctx);
+      return logs(ctx.events).includes('encoding latents (VAE loaded)');
+    };
+    assert.equal(await encoded('crop', 11), true, 'random crops are not the centre crops cached before');
+    assert.equal(await encoded('crop', 11), false, 'same seed → same crops → cached');
+    assert.equal(await encoded('crop', 12), true, 'another seed → other crops');
+  });
+});
+
+test('dry run: bucket table, held-out and skipped images, steps per epoch; no model loaded', async () => {
+  const report = await finetuneDryRun(jobSpec({ model: 'no/such/model.safetensors', batchSize: 2 }));
+  assert.match(report, /^Data set .*: 6 training image\(s\) \(8 with repeats\), 1 held out for validation, 1 skipped/);
+  assert.match(report, /1 image\(s\) skipped:\n  square\/broken\.png/);
+  assert.match(report, /^bucket +aspect +images$/m);
+  assert.match(report, /center crops; batch 2 × gradient accumulation 1: \d+ step\(s\) per epoch/);
 });

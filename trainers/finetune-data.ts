@@ -9,7 +9,7 @@
  */
 import { join } from 'node:path';
 import { tf } from './tf.ts';
-import { loadCaptionedSet, formatSkipped, type CaptionedImage } from './data/captioned.ts';
+import { loadCaptionedSet, expandRepeats, formatSkipped, type CaptionedImage } from './data/captioned.ts';
 import { makeBuckets, nearestBucket, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, cropBox, cropRng, cropVariant, type Bucket, type CropMode } from './data/buckets.ts';
 import { LatentDiskCache, vaeHash, vaeLatentEncoder, type EncodedLatent, type LatentJob } from './latent-disk-cache.ts';
 import { paddingFor, type SdModel } from './nets/sd.ts';
@@ -87,4 +87,22 @@ export function makeBatch(run: FtRun, samples: Sample[], labels: (string | numbe
     const padding = paddingFor(run.model.family);
     return { latents, noise, timesteps, ids: samples.map((s, k) => run.tokenizer.encode(caption(s, k), padding)) } as unknown as tf.TensorContainer;
   }) as unknown as FtBatch;
+}
+
+/**
+ * `--dry-run` of a fine-tune: the bucket table, the images held out and skipped, steps per epoch;
+ * loads no model. Only the image headers are read, so a file whose pixel data is broken shows up
+ * when its latent is encoded (listed in the job's log then), not here.
+ */
+export async function finetuneDryRun(spec: FinetuneSpec): Promise<string> {
+  const logs: string[] = [];
+  const data = await prepareData(spec, { signal: new AbortController().signal, emit: (e) => void (e.type === 'log' && logs.push(e.message)) });
+  const items = expandRepeats(data.train.map((t) => t.image));
+  const assigned = items.map((i) => data.train[i]!.bucket.index);
+  const batches = bucketBatches(assigned, spec.batchSize, spec.seed, 0).length;
+  return [
+    `Data set ${spec.images}: ${data.train.length} training image(s) (${items.length} with repeats), ${data.validation.length} held out for validation, ${data.skipped.length} skipped`,
+    ...logs,
+    `${spec.crop ?? 'center'} crops; batch ${spec.batchSize} × gradient accumulation ${spec.gradAccum}: ${Math.max(1, Math.ceil(batches / spec.gradAccum))} step(s) per epoch`,
+  ].join('\n');
 }
