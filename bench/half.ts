@@ -3,7 +3,8 @@
  * SD1.5-shaped UNet (random F16 checkpoint, bench/sd15-checkpoint.ts) loaded as float32
  * (nets/unet.ts loadUnet) vs kept in float16 (loadUnetHalf), each in a fresh child process,
  * through the same key-normalising source a job opens (io/checkpoint.ts openCheckpoint); and the
- * cost of the upcast: ms to materialise every UNet weight once (what one forward pays on top).
+ * cost of the upcast: ms to materialise every UNet weight once (what one forward pays on top),
+ * also on the WASM backend, whose 4 GB heap the float32 SD1.5 UNet alone nearly fills.
  * Run alone with `node --import tsx --expose-gc bench/half.ts`; `npm run bench` calls benchHalf().
  * SIDETRAIN_BENCH_SD15=0 skips it (it writes a 2 GB checkpoint to the temp folder).
  */
@@ -63,9 +64,10 @@ async function child(mode: Mode, path: string): Promise<Row> {
   return row;
 }
 
-function runChild(mode: Mode, path: string): Promise<Row> {
+function runChild(mode: Mode, path: string, backend?: string): Promise<Row> {
   const proc = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', fileURLToPath(import.meta.url), '--child', mode, path], {
     stdio: ['ignore', 'pipe', 'inherit'],
+    env: backend ? { ...process.env, SIDETRAIN_BACKEND: backend } : process.env,
   });
   let out = '';
   proc.stdout.on('data', (d: Buffer) => (out += d));
@@ -84,6 +86,8 @@ export async function benchHalf(): Promise<Row[]> {
     const rows = [await runChild('float32', ckpt.path), await runChild('half', ckpt.path)];
     const [f, h] = rows as [Row, Row];
     if (typeof f.unetMB === 'number' && typeof h.unetMB === 'number') h.vsFloat32 = +(h.unetMB / f.unetMB).toFixed(2);
+    // WASM: the float16 store lives outside the 4 GB heap; each read is copied into it
+    if (h.backend !== 'wasm') rows.push(await runChild('half', ckpt.path, 'wasm'));
     return rows;
   } finally {
     await ckpt.remove();
