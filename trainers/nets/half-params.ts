@@ -7,7 +7,13 @@
  * kept it for the backward pass. The frozen SD1.5 UNet then costs 1.7 GB instead of 3.4 GB.
  *
  * Numbers: a read returns exactly float32(float16(w)), what PyTorch's `.half()` then `.float()`
- * gives (round to nearest even); an F16 checkpoint's own bits are used unchanged.
+ * gives (round to nearest even); an F16 checkpoint's own bits are used unchanged. A tensor with
+ * a value beyond ±65504 stays float32 (float16 would make it Inf); BF16 weights below 6e-5 lose
+ * bits as float16 subnormals (negligible next to the weights around them).
+ *
+ * Training: without gradient checkpointing the tape keeps every upcast weight for the backward
+ * pass (matMul/conv2d gradients need W), so a step's peak holds float16 AND float32 copies;
+ * with checkpointing only the running block's float32 weights are alive.
  *
  * Iteration (`for of`, entries(), values(), forEach) yields materialised tensors one at a time,
  * lazily; they are the caller's to dispose (or to leave to an enclosing tidy). keys()/has()/size
