@@ -355,17 +355,23 @@ function attend(c: BlockCtx, q: Tensor, k: Tensor, v: Tensor, heads: number): Te
 }
 
 /**
- * attention.py GEGLU feed-forward: proj → [value | gate], value·gelu_erf(gate) → Linear. The proj
- * weight's rows are split instead of its output (same numbers; a split of the activations along the
- * channel axis is a slow strided copy on the CPU backends).
+ * attention.py GEGLU feed-forward: proj → [value | gate], value·gelu_erf(gate) → Linear. Whichever
+ * is smaller is split in two: the output [N, 2·inner] (low resolutions, where the weight is the
+ * big one: 10240×1280 in SD1.5) or the weight's rows (high resolutions); the tape keeps the
+ * halves, and a trained weight's sliced gradient is padded back to full size. Same numbers.
  */
 function feedForward(p: Params, name: string, x: Tensor): Tensor {
   const w = param(p, `${name}.net.0.proj.weight`); // [2·inner, C]
   const b = param(p, `${name}.net.0.proj.bias`); // [2·inner]
   const inner = w.shape[0]! / 2;
   const x2 = x.reshape([-1, x.shape[x.rank - 1]!]); // [N, C]
-  const half = (i: number) => tf.matMul(x2, w.slice([i * inner, 0], [inner, -1]), false, true).add(b.slice([i * inner], [inner]));
-  const [value, gate] = [half(0), half(1)]; // first half value, second half gate
+  let value: Tensor, gate: Tensor; // first half value, second half gate: [N, inner]
+  if (x2.shape[0]! < x2.shape[1]!) {
+    [value, gate] = tf.split(tf.matMul(x2, w, false, true).add(b), 2, 1) as [Tensor, Tensor];
+  } else {
+    const half = (i: number) => tf.matMul(x2, w.slice([i * inner, 0], [inner, -1]), false, true).add(b.slice([i * inner], [inner]));
+    [value, gate] = [half(0), half(1)];
+  }
   return linear(p, `${name}.net.2`, value.mul(gelu(gate)).reshape([...x.shape.slice(0, -1), inner]));
 }
 
