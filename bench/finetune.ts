@@ -14,7 +14,9 @@
  *   (s/step from its step events, peak RSS reset when training starts).
  *
  * Run alone: `node --import tsx --expose-gc bench/finetune.ts [--json]`; `npm run bench` calls
- * benchFinetune(). Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows (tens of seconds to minutes each).
+ * benchFinetune(). Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows (tens of seconds to minutes each);
+ * SIDETRAIN_BENCH_FT_OPTIMIZER=adamw8bit|adafactor times the step rows with that optimizer (SD1.5 with
+ * AdamW keeps ~14 GB of weights, gradients and moments).
  */
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -29,6 +31,7 @@ const STEPS_CHILD = fileURLToPath(new URL('./steps.ts', import.meta.url));
 /** A row is stopped past this RSS (the machine is shared with the rest of the bench) or time. */
 const RSS_LIMIT_BYTES = 0.8 * totalmem();
 const ROW_TIMEOUT_MS = 20 * 60_000;
+const OPTIMIZER = process.env.SIDETRAIN_BENCH_FT_OPTIMIZER ?? 'adamw';
 
 type Row = Record<string, unknown>;
 type ModelName = 'sd-tiny' | 'sd15-shaped';
@@ -115,7 +118,7 @@ export async function prepareStepImage(dir: string, modelPath: string, cacheDir:
 /** The fine-tune job of a step row (the schema fills every other default). */
 function stepSpec(modelPath: string, images: string, resolution: number, out: string): Record<string, unknown> {
   return {
-    model: modelPath, images, name: 'bench_finetune', resolution, steps: 2, batchSize: 1, saveEvery: 0, validateEvery: 0,
+    model: modelPath, images, name: 'bench_finetune', resolution, steps: 2, batchSize: 1, optimizer: OPTIMIZER, saveEvery: 0, validateEvery: 0,
     checkpointDir: join(out, 'ckpt'), logDir: join(out, 'logs'), latentCacheDir: join(out, 'cache'), half: true, overwrite: true, seed: 1,
   };
 }
@@ -128,7 +131,7 @@ async function stepRows(dir: string, [model, modelPath]: [ModelName, string], re
       const images = await prepareStepImage(dir, modelPath, join(out, 'cache'), width, height);
       const spec = stepSpec(modelPath, images, resolution, out);
       const measured = await runRowChild(STEPS_CHILD, ['--child', JSON.stringify({ method: 'finetune', spec })], backend);
-      rows.push({ bench: 'finetune.step', model, case: `${width}x${height}`, px: resolution, batch: 1, backend, optimizer: 'adamw', ...measured });
+      rows.push({ bench: 'finetune.step', model, case: `${width}x${height}`, px: resolution, batch: 1, backend, optimizer: OPTIMIZER, ...measured });
       rmSync(out, { recursive: true, force: true }); // the SD1.5 output checkpoint is 2 GB
     }
   }
@@ -210,6 +213,7 @@ async function cacheChild(args: { modelPath: string; images: string; resolution:
   await source.close();
   return {
     tfBackend: backend, buckets: new Set(jobs.map((j) => j.variant.split('@')[0])).size,
+    msPerCall: Math.round((encodeSec * 1000) / jobs.length), // per image: read, resize, encode, write
     imagesPerSec: +(jobs.length / encodeSec).toPrecision(3), vaeLoadSec: +(loadMs / 1000).toFixed(2),
     cachedImagesPerSec: +(jobs.length / cachedSec).toPrecision(3), peakRssMB: Math.round(statusKb('VmHWM') / 1024),
   };
