@@ -8,8 +8,11 @@
  * row's alone. s/step is the median of the steps after the first (the first pays page faults).
  * Beside each row: `estimateJob`'s prediction (trainers/estimate.ts) and, for SD1.5 TI, the
  * PyTorch yardstick (bench/pytorch/ti_step.py) with the our/PyTorch ratio.
+ * Dreambooth (whole model, prior preservation with one generated class image: each step is a
+ * batch of 2) and LoRA (attention adapters) have 256 px rows on both models in four variants
+ * (`variant` column): AdamW or 8-bit AdamW, gradient checkpointing off or on (issue 11).
  *
- * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick]`.
+ * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora]`.
  * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
  */
 import { spawn } from 'node:child_process';
@@ -30,7 +33,22 @@ export interface StepRowSpec {
   px: number;
   steps: number;
   backend: string;
+  /** Job options of this variant (optimizer, gradientCheckpointing, …), over the row's spec. */
+  options?: Record<string, unknown>;
+  /** The variant as the table shows it ('adamw8bit+ckpt'); absent = the method's defaults. */
+  label?: string;
 }
+
+/** Methods measured in the memory variants below rather than at two sizes. */
+const VARIANT_METHODS = new Set(['dreambooth', 'lora']);
+
+/** Optimizer state and gradient checkpointing, each without and with (checkpointing off, not auto). */
+export const MEMORY_VARIANTS: { label: string; options: Record<string, unknown> }[] = [
+  { label: 'adamw', options: { optimizer: 'adamw', gradientCheckpointing: 'off' } },
+  { label: 'adamw8bit', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'off' } },
+  { label: 'adamw+ckpt', options: { optimizer: 'adamw', gradientCheckpointing: 'on' } },
+  { label: 'adamw8bit+ckpt', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'on' } },
+];
 
 type Row = Record<string, unknown>;
 
@@ -41,11 +59,19 @@ type Row = Record<string, unknown>;
  */
 export function stepRows(methods: string[], backends: string[], sd15: boolean): StepRowSpec[] {
   const rows: StepRowSpec[] = [];
+  const sized = methods.filter((m) => !VARIANT_METHODS.has(m));
+  const varied = methods.filter((m) => VARIANT_METHODS.has(m));
   backends.forEach((backend, i) => {
-    for (const method of methods) for (const px of i === 0 ? [256, 512] : [256]) rows.push({ model: 'sd-tiny', method, px, steps: 3, backend });
+    for (const method of sized) for (const px of i === 0 ? [256, 512] : [256]) rows.push({ model: 'sd-tiny', method, px, steps: 3, backend });
   });
   if (sd15) {
-    for (const method of methods) for (const px of [256, 512]) rows.push({ model: 'sd15-shaped', method, px, steps: 2, backend: backends[0]! });
+    for (const method of sized) for (const px of [256, 512]) rows.push({ model: 'sd15-shaped', method, px, steps: 2, backend: backends[0]! });
+  }
+  // Dreambooth / LoRA: 256 px, batch 1, first backend, every memory variant
+  for (const model of sd15 ? (['sd-tiny', 'sd15-shaped'] as const) : (['sd-tiny'] as const)) {
+    for (const method of varied) {
+      for (const v of MEMORY_VARIANTS) rows.push({ model, method, px: 256, steps: model === 'sd-tiny' ? 3 : 2, backend: backends[0]!, options: v.options, label: v.label });
+    }
   }
   return rows;
 }
@@ -61,7 +87,12 @@ export function jobSpec(r: StepRowSpec, modelPath: string, images: string, out: 
     spec.hypernetworkDir = join(out, 'hypernetworks');
     if (r.model === 'sd-tiny') spec.sizes = [32]; // the tiny model's context width / level-0 channels
   }
-  return spec;
+  if (r.method === 'dreambooth') {
+    // prior preservation as users run it, with one cheap class image (generated once per model, before timing starts)
+    Object.assign(spec, { checkpointDir: join(out, 'checkpoints'), instancePrompt: 'a picture of sks cat', classPrompt: 'a picture of a cat', classImages: 1, classSteps: 2 });
+  }
+  if (r.method === 'lora') Object.assign(spec, { loraDir: join(out, 'Lora'), instancePrompt: 'a picture of sks cat' });
+  return { ...spec, ...r.options };
 }
 
 /** A one-image dataset (random RGB PNG of px × px, with a caption). */
@@ -113,7 +144,7 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
   const { methods } = await import('../trainers/methods.ts');
   const { nativeStatus } = await import('../trainers/native/index.ts');
   const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
-  const names = opts.methods ?? Object.keys(methods).filter((m) => m === 'textual_inversion' || m === 'hypernetwork');
+  const names = opts.methods ?? Object.keys(methods).filter((m) => ['textual_inversion', 'hypernetwork', 'dreambooth', 'lora'].includes(m));
   const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-bench-steps-'));
   const checkpoint = sd15 ? await writeRandomSd15() : undefined;
@@ -141,7 +172,7 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
 }
 
 function withEstimate(r: StepRowSpec, est: JobEstimate | Error, measured: Row): Row {
-  const row: Row = { bench: `step.${r.method}`, model: r.model, px: r.px, batch: 1, backend: r.backend, ...measured };
+  const row: Row = { bench: `step.${r.method}`, model: r.model, variant: r.label ?? 'default', px: r.px, batch: 1, backend: r.backend, ...measured };
   if (est instanceof Error) return { ...row, estError: est.message.split('\n')[0] };
   row.estPeakRssMB = Math.round(est.peakBytes / 2 ** 20);
   row.estSecPerStep = +est.secondsPerStep.toPrecision(3);
@@ -220,7 +251,9 @@ async function main(argv: string[]): Promise<void> {
     console.log(JSON.stringify(await profileTiStep(argv[pAt + 1]!, argv[pAt + 2]!, argv[pAt + 3]!)));
     return;
   }
-  const rows = await benchSteps({ quick: argv.includes('--quick') });
+  const mAt = argv.indexOf('--methods');
+  const only = mAt >= 0 ? argv[mAt + 1]!.split(',').map((m) => m.trim()) : undefined;
+  const rows = await benchSteps({ quick: argv.includes('--quick'), methods: only });
   if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
   else console.table(rows);
 }

@@ -371,8 +371,9 @@ test('train lora: prior preservation only with a class prompt (class images, pri
   const images = join(tmp, 'images4');
   mkdirSync(images, { recursive: true });
   copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
-  const plain = loraSpec({ steps: 1 }, images);
+  const plain = loraSpec({ steps: 1, previewEvery: 1, previewSteps: 2 }, images);
   const off = await runLora(plain, context());
+  assert.ok(existsSync(join(plain.logDir, 'sks', 'images', 'sks-1.png')), 'a preview of the merged LoRA');
   const offFile = await openSafetensors(off.output);
   assert.equal(offFile.metadata().ss_num_reg_images, '0');
   assert.equal(offFile.metadata().ss_sidetrain_class_prompt, undefined);

@@ -21,6 +21,7 @@ import {
   createLora, disposeLora, loraTargets, mergeLora, withLora, type LoraNetwork, type LoraTargetKind,
 } from './nets/lora.ts';
 import { shapesOf, paddingFor } from './nets/sd.ts';
+import { overlayParams } from './nets/half-params.ts';
 import { encodeText } from './nets/clip.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from './io/safetensors.ts';
 import { fileSha256 } from './io/checkpoint.ts';
@@ -344,7 +345,8 @@ function loraMethod(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths,
     preview: async (step) => {
       const unet = run.model.unet;
       const merged = { unet: mergeLora(unet.params, s.net), text: mergeLora(text.params, s.net) }; // multiplier 1, no dropout
-      const params = { unet: new Map([...unet.params, ...merged.unet]), text: new Map([...text.params, ...merged.text]) };
+      // views, not copies: iterating a float16 base (halfFrozenWeights) would materialise every weight
+      const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
       const adapted = { ...run, model: { ...run.model, unet: { ...unet, params: params.unet }, text: { ...text, params: params.text } } };
       try {
         return await renderPreview(adapted, spec as CommonSpec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {});
