@@ -128,3 +128,21 @@ test('every method has an estimate: what it trains, its optimizer state, prior p
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('halfFrozenWeights: frozen UNet at 2 bytes a value plus one block in float32, and checkpointing with it', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
+  try {
+    const model = sparseSd15(dir);
+    const job = { model, width: 256, height: 256, previewEvery: 0 };
+    const [f32, f16] = await Promise.all([true, false].map((full) => estimateJob('hypernetwork', { ...job, gradientCheckpointing: 'on', halfFrozenWeights: !full }, { backend: 'cpu-native' })));
+    const unet = 859_520_964 * 4;
+    assert.ok(f16!.breakdown.weightBytes.unet > unet / 2 && f16!.breakdown.weightBytes.unet < 0.7 * unet);
+    assert.ok(f16!.breakdown.weightBytes.text < f32!.breakdown.weightBytes.text, 'a hypernetwork does not train the text encoder');
+    const auto = await estimateJob('hypernetwork', { ...job, halfFrozenWeights: true }, { backend: 'cpu-native', memoryBudget: 1e15 });
+    assert.equal(auto.memory.checkpointing, true, 'float16 weights turn auto checkpointing on');
+    const ti = await estimateJob('textual_inversion', { ...job, halfFrozenWeights: true }, { backend: 'cpu-native' });
+    assert.equal(ti.breakdown.weightBytes.text, f32!.breakdown.weightBytes.text, 'TI backpropagates through the text encoder: it stays float32');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -25,7 +25,7 @@ export interface MethodPlan {
   mergedWeightBytes: number;
   /** The VAE decoder is loaded while preparing (Dreambooth's class images). */
   decoderAtPrep: boolean;
-  /** Parameters that stay frozen, by part, for halfFrozenWeights. */
+  /** Parts the method's loader keeps in float16 under halfFrozenWeights (run-common.ts prepareRun). */
   frozen: { text: boolean; unet: boolean };
 }
 
@@ -71,7 +71,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
   const trainTe = spec.trainTextEncoder === true;
   switch (type) {
     case 'textual_inversion':
-      return { ...base, trainableParams: num(spec.vectors, 1) * textWidth, bytesPerTrainable: adamw, textTrains: true, frozen: { text: true, unet: true } };
+      return { ...base, trainableParams: num(spec.vectors, 1) * textWidth, bytesPerTrainable: adamw, textTrains: true, frozen: { text: false, unet: true } };
     case 'hypernetwork':
       return { ...base, trainableParams: hypernetworkParams(spec), bytesPerTrainable: adamw, textTrains: false, frozen: { text: true, unet: true } };
     case 'lora': {
@@ -79,7 +79,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       const { params, targetParams } = loraSizes(shapes, kinds, num(spec.rank, 16));
       return {
         ...base, trainableParams: params, bytesPerTrainable: adamw, textTrains: kinds.includes('text'),
-        mergedWeightBytes: targetParams * F32, frozen: { text: true, unet: true }, batchRows: base.batchRows * (priorPreservation(spec) ? 2 : 1),
+        mergedWeightBytes: targetParams * F32, frozen: { text: !kinds.includes('text'), unet: true }, batchRows: base.batchRows * (priorPreservation(spec) ? 2 : 1),
       };
     }
     case 'dreambooth':
@@ -93,7 +93,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
         trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe,
         bytesPerTrainable: F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!) + ema,
         batchRows: base.batchRows * (type === 'dreambooth' && priorPreservation(spec) ? 2 : 1),
-        decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: !trainTe, unet: false },
+        decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: false, unet: false }, // their loaders keep float32
       };
     }
     default:

@@ -230,9 +230,14 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const batch = plan.batchRows;
   const accum = num(spec.gradAccum, 1);
   if (spec.doNotResize) notes.push(`doNotResize: images keep their own sizes; estimated at ${width}×${height}`);
+  // float16 frozen weights: half the bytes, plus the float32 copies alive at once (one block's when checkpointed, all the tape's otherwise)
+  const half = spec.halfFrozenWeights === true;
+  const unetF32 = paramBytes(shapes, ['model.diffusion_model.']);
+  const textF32 = paramBytes(shapes, ['cond_stage_model.']);
+  const upcastUnet = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) : unetF32;
   const weightBytes = {
-    text: paramBytes(shapes, ['cond_stage_model.']),
-    unet: paramBytes(shapes, ['model.diffusion_model.']),
+    text: half && plan.frozen.text ? textF32 / 2 + textF32 / Math.max(1, text.layers) : textF32,
+    unet: half && plan.frozen.unet ? unetF32 / 2 + upcastUnet : unetF32,
     vaeEncoder: paramBytes(shapes, ['first_stage_model.encoder.', 'first_stage_model.quant_conv.']),
     vaeDecoder: num(spec.previewEvery ?? spec.sampleEvery, job.type === 'finetune' ? 0 : 500) > 0 ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0,
     trainable: plan.trainableParams * (plan.bytesPerTrainable + plan.ownValueBytes),
@@ -245,7 +250,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const attentionScoreBytes = live.scores * batch * F32;
   const textActivationBytes = plan.textTrains ? (40 * text.tokens * text.width + 3 * (text.width / 64) * text.tokens ** 2) * text.layers * batch * F32 : 0;
   // a LoRA's W + ΔW per target, kept by the tape (of one block at a time when checkpointed)
-  const blockShare = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) / Math.max(1, weightBytes.unet) : 1;
+  const blockShare = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) / Math.max(1, unetF32) : 1;
   const mergedBytes = plan.mergedWeightBytes * blockShare;
 
   const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
@@ -266,7 +271,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   if (!CAL.backends[backend]) notes.push(`backend '${backend}' is not calibrated: time estimated as for cpu-native`);
   if (backend === 'wasm' && trainPeakBytes - CAL.runtimeBytes > WASM_HEAP) notes.push('does not fit the WASM backend: its heap holds at most ~3.9 GB of tensors');
   if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
-  notes.push('weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
+  notes.push(half && (plan.frozen.unet || plan.frozen.text) ? 'frozen weights held in float16, upcast per layer' : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
   notes.push(`gradient checkpointing ${memory.checkpointing ? 'on' : 'off'}; attention ${memory.attentionSliceBytes ? `sliced above ${memory.attentionSliceBytes / 2 ** 20} MB of scores` : 'whole'}`);
   return {
     peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,

@@ -28,12 +28,16 @@ export const ON_SLICE_BYTES = 32 * 2 ** 20;
 
 export const MEMORY_DEFAULTS: MemorySpec = { gradientCheckpointing: 'auto', attentionSlicing: 'auto', halfFrozenWeights: false };
 
-/** The UNet's memory mode from the job's toggles; `fits` says whether the job fits without checkpointing (estimate.ts). */
+/**
+ * The UNet's memory mode from the job's toggles; `fits` says whether the job fits without
+ * checkpointing (estimate.ts). Float16 frozen weights turn auto checkpointing on: without it the
+ * tape keeps every upcast weight until the backward pass, float16 and float32 copies together.
+ */
 export function unetMemoryFor(spec: Partial<MemorySpec>, fits: boolean): UNetMemory {
   const ckpt = spec.gradientCheckpointing ?? 'auto';
   const slicing = spec.attentionSlicing ?? 'auto';
   return {
-    checkpointing: ckpt === 'on' || (ckpt === 'auto' && !fits),
+    checkpointing: ckpt === 'on' || (ckpt === 'auto' && (!fits || spec.halfFrozenWeights === true)),
     attentionSliceBytes: slicing === 'off' ? 0 : slicing === 'on' ? ON_SLICE_BYTES : AUTO_SLICE_BYTES,
   };
 }

@@ -103,8 +103,12 @@ export interface PreparedRun {
 /** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
 export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string): Promise<PreparedRun> {
   const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }));
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'])) as PreparedRun['model'];
-  model.unet.memory = await chooseUNetMemory(type, spec, ctx);
+  const memory = await chooseUNetMemory(type, spec, ctx);
+  // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
+  const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
+  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains } : {};
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half)) as PreparedRun['model'];
+  model.unet.memory = memory;
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
   disposeParams(model.vae!.params);
   delete model.vae;

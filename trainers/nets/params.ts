@@ -56,6 +56,9 @@ export function param(params: Params, key: string): Tensor {
 }
 
 export function disposeParams(params: Params): void {
+  // a float16 store (half-params.ts HalfParams) frees its own bits; iterating would upcast each first
+  const own = (params as Params & { dispose?: () => void }).dispose;
+  if (typeof own === 'function') return own.call(params);
   for (const t of params.values()) t.dispose();
   params.clear();
 }

@@ -18,6 +18,7 @@ import { textConfigFromKeys, textKeys, type ClipTextConfig } from './clip.ts';
 import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
 import { loadVae, type VaeConfig } from './vae.ts';
 import type { UNetMemory } from '../memory-options.ts';
+import { halfFrozen, loadUnetHalf } from './half-params.ts';
 import { loadSchedule, type NoiseSchedule } from '../schedule.ts';
 
 /** What a config next to the checkpoint says about the model. */
@@ -97,8 +98,11 @@ export async function loadText(source: TensorSource, heads?: number): Promise<{ 
   return { params: await loadParams(source, [cfg.prefix], (k) => !wanted.has(k)), cfg };
 }
 
+/** Frozen parts kept in float16 (half-params.ts): the job's halfFrozenWeights, for the parts that do not train. */
+export interface HalfParts { unet?: boolean; text?: boolean }
+
 /** Open a checkpoint and load the requested parts. The caller closes `source` when done. */
-export async function loadSdModel(path: string, parts: SdPart[]): Promise<SdModel> {
+export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts = {}): Promise<SdModel> {
   const ckpt = await openCheckpoint(path);
   const overrides = modelOverrides(path);
   const source = ckpt.source;
@@ -108,7 +112,8 @@ export async function loadSdModel(path: string, parts: SdPart[]): Promise<SdMode
     prediction: ckpt.prediction ?? overrides.prediction ?? 'eps',
   };
   if (parts.includes('text')) model.text = await loadText(source, overrides.textHeads);
-  if (parts.includes('unet')) model.unet = await loadUnet(source, overrides.unetHeads);
+  if (model.text && half.text) model.text.params = await halfFrozen(model.text.params);
+  if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads) : await loadUnet(source, overrides.unetHeads);
   const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
   if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor: overrides.scaleFactor });
   // SD2 without a config saying which: the webui's test run (needs the UNet)
