@@ -26,5 +26,6 @@ export const methods: Record<string, MethodEntry> = {
   finetune: {
     schema: 'finetune',
     load: async () => (await import('./finetune.ts')).runFinetune as unknown as JobRunner,
+    dryRun: async () => (await import('./finetune-data.ts')).finetuneDryRun as unknown as (spec: Record<string, unknown>) => Promise<string>,
   },
 };
