@@ -21,8 +21,11 @@ export interface UNetMemory {
   attentionSliceBytes: number;
 }
 
-/** auto slices layers whose scores exceed 256 MB: SD1.5 at 512 px (4096² × 8 heads × 4 B = 512 MB). */
-export const AUTO_SLICE_BYTES = 256 * 2 ** 20;
+/**
+ * auto slices layers whose scores exceed 64 MB, into slices of that size: SD1.5 at 512 px
+ * (4096² × 8 heads × 4 B = 512 MB → 8 slices); 256 px (32 MB) runs whole.
+ */
+export const AUTO_SLICE_BYTES = 64 * 2 ** 20;
 /** `on` keeps each slice's scores near 32 MB. */
 export const ON_SLICE_BYTES = 32 * 2 ** 20;
 
