@@ -106,11 +106,21 @@ function guidedPrediction(inputs: SampleInputs, cfgScale: number, x: Tensor, t: 
 
 // ---------------------------------------------------------------- DDIM
 
-/** ddim.py make_ddim_timesteps('uniform'): every c-th step, shifted by one (951 … 1 for 20 steps). */
+/**
+ * ddim.py make_ddim_timesteps('uniform'): every c-th step, shifted by one (951 … 1 for 20 steps),
+ * clipped to the last train step as the webui does (modules/sd_samplers_timesteps.py get_timesteps:
+ * `clip(range(0, 1000, 1000 // steps) + 1, 0, 999)`). Without the clip, step counts whose c divides
+ * 999 (3, 9, 27, 37, 111, …) end on t = 1000, one past alphas_cumprod: ldm raises IndexError there,
+ * and a JS array read gives undefined → NaN latents → an all-black preview. Like both references,
+ * this can yield more timesteps than asked for (3 → [1, 334, 667, 999]).
+ */
 export function ddimTimesteps(numSteps: number, trainSteps: number): number[] {
+  if (!Number.isInteger(numSteps) || numSteps < 1 || numSteps > trainSteps) {
+    throw new Error(`sampler: DDIM steps must be an integer in 1..${trainSteps}, got ${numSteps}`);
+  }
   const c = Math.floor(trainSteps / numSteps);
   const out: number[] = [];
-  for (let t = 0; t < trainSteps; t += c) out.push(t + 1);
+  for (let t = 0; t < trainSteps; t += c) out.push(Math.min(t + 1, trainSteps - 1));
   return out;
 }
 
