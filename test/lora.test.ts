@@ -21,6 +21,7 @@ import {
   type LoraNetwork,
 } from '../trainers/nets/lora.ts';
 import type { Params } from '../trainers/nets/params.ts';
+import { lossAndGrads } from '../trainers/nets/recompute.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
 import { validate } from '../schemas/index.ts';
 import { runLora, type LoraSpec } from '../trainers/lora.ts';
@@ -178,6 +179,32 @@ test('lazy withLora: the same UNet output and LoRA gradients as merging eagerly'
   assert.equal(await maxAbsDiff(lazy.value, eager.value), 0, 'loss');
   for (const v of vars) assert.equal(await maxAbsDiff(lazy.grads[v.name]!, eager.grads[v.name]!), 0, v.name);
   tf.dispose([x, context, eager.value, lazy.value, ...Object.values(eager.grads), ...Object.values(lazy.grads)]);
+  disposeLora(net);
+});
+
+test('gradient checkpointing: LoRA gradients (ΔW read inside recomputed blocks) equal the plain pass\'s', async () => {
+  const { unet } = sd1;
+  const net = createLora(loraTargets(shapesOf(sd1.source), ['attn', 'resnet']), { rank: 2, alpha: 2, seed: 11 });
+  randomizeUp(net, 60);
+  const { x, context, t } = unetInputs();
+  const run = (checkpointing: boolean) => lossAndGrads(() => tf.tidy(() => {
+    const eps = unetForward(withLora(unet!.params, net), unet!.cfg, x, t, context, { memory: { checkpointing, attentionSliceBytes: 0 } });
+    return eps.square().mean() as tf.Scalar;
+  }), net.weights);
+  const plain = run(false);
+  const ckpt = run(true);
+  assert.ok((await maxAbsDiff(ckpt.value, plain.value)) < 1e-6, 'loss');
+  // relative to the largest gradient: some (time-embedding projections) are ~1e-11, pure rounding noise
+  const maxima = tf.tidy(() => tf.stack(Object.values(plain.grads).map((g) => g.abs().max())).max());
+  const scale = (await maxima.data())[0]!;
+  maxima.dispose();
+  assert.ok(scale > 0);
+  for (const k of net.weights.keys()) {
+    const [g, c] = [plain.grads[k], ckpt.grads[k]];
+    assert.ok(g && c, `a gradient for ${k} both ways`);
+    assert.ok((await maxAbsDiff(c, g)) <= 1e-6 * scale, `${k}: checkpointed vs plain`);
+  }
+  tf.dispose([x, context, plain.value, ckpt.value, ...Object.values(plain.grads), ...Object.values(ckpt.grads)]);
   disposeLora(net);
 });
 
