@@ -146,3 +146,22 @@ test('halfFrozenWeights: frozen UNet at 2 bytes a value plus one block in float3
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('dreambooth --lora is estimated as the LoRA it trains, prior rows and optimizer included', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
+  try {
+    const model = sparseSd15(dir);
+    const job = { model, width: 256, height: 256, previewEvery: 0, ...whole, classPrompt: 'a photo of a cat', classImages: 4 };
+    const [dbLora, lora, lora8] = await Promise.all([
+      estimateJob('dreambooth', { ...job, lora: true, rank: 16 }, { backend: 'cpu-native' }),
+      estimateJob('lora', { ...job, rank: 16 }, { backend: 'cpu-native' }),
+      estimateJob('lora', { ...job, rank: 16, optimizer: 'adamw8bit' }, { backend: 'cpu-native' }),
+    ]);
+    assert.deepEqual(dbLora.breakdown, lora.breakdown);
+    assert.ok(lora8.breakdown.weightBytes.trainable < lora.breakdown.weightBytes.trainable);
+    const solo = await estimateJob('lora', { ...job, classPrompt: '', rank: 16 }, { backend: 'cpu-native' });
+    assert.equal(lora.breakdown.unetActivationBytes, 2 * solo.breakdown.unetActivationBytes, 'class rows double the batch');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -68,7 +68,9 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
   const size = { width: num(spec.width, 512), height: num(spec.height, 512) };
   const base = { ...size, batchRows: num(spec.batchSize, 1), mergedWeightBytes: 0, decoderAtPrep: false, ownValueBytes: F32, unetWeightsTrain: false };
   const adamw = F32 + OPTIMIZER_BYTES.adamw!;
+  const chosen = F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!);
   const trainTe = spec.trainTextEncoder === true;
+  if (type === 'dreambooth' && spec.lora === true) type = 'lora'; // dreambooth --lora runs the LoRA trainer
   switch (type) {
     case 'textual_inversion':
       return { ...base, trainableParams: num(spec.vectors, 1) * textWidth, bytesPerTrainable: adamw, textTrains: true, frozen: { text: false, unet: true } };
@@ -78,7 +80,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       const kinds = [...(Array.isArray(spec.targets) ? (spec.targets as string[]) : ['attn']), ...(trainTe ? ['text'] : [])];
       const { params, targetParams } = loraSizes(shapes, kinds, num(spec.rank, 16));
       return {
-        ...base, trainableParams: params, bytesPerTrainable: adamw, textTrains: kinds.includes('text'),
+        ...base, trainableParams: params, bytesPerTrainable: chosen, textTrains: kinds.includes('text'),
         mergedWeightBytes: targetParams * F32, frozen: { text: !kinds.includes('text'), unet: true }, batchRows: base.batchRows * (priorPreservation(spec) ? 2 : 1),
       };
     }
@@ -91,7 +93,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       return {
         ...base, ...(side ? { width: side, height: side } : {}),
         trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe,
-        bytesPerTrainable: F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!) + ema,
+        bytesPerTrainable: chosen + ema,
         batchRows: base.batchRows * (type === 'dreambooth' && priorPreservation(spec) ? 2 : 1),
         decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: false, unet: false }, // their loaders keep float32
       };
