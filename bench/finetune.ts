@@ -18,22 +18,19 @@
  * SIDETRAIN_BENCH_FT_OPTIMIZER=adamw8bit|adafactor times the step rows with that optimizer (SD1.5 with
  * AdamW keeps ~14 GB of weights, gradients and moments).
  */
-import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir, totalmem } from 'node:os';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeRandomSd15 } from './sd15-checkpoint.ts';
+import { runBenchChild, statusKb, type Row } from './child.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';
 const SELF = fileURLToPath(import.meta.url);
 const STEPS_CHILD = fileURLToPath(new URL('./steps.ts', import.meta.url));
-/** A row is stopped past this RSS (the machine is shared with the rest of the bench) or time. */
-const RSS_LIMIT_BYTES = 0.8 * totalmem();
 const ROW_TIMEOUT_MS = 20 * 60_000;
 const OPTIMIZER = process.env.SIDETRAIN_BENCH_FT_OPTIMIZER ?? 'adamw';
 
-type Row = Record<string, unknown>;
 type ModelName = 'sd-tiny' | 'sd15-shaped';
 
 /** Aspect ratios of the caching set (w:h), cycled: square, 3:2, 2:3, 5:2, 2:5, 4:3. */
@@ -62,30 +59,7 @@ async function makeMixedSet(dir: string, count: number, px: number): Promise<str
   return dir;
 }
 
-/** Spawn `script args` with the backend; killed past the RSS limit or the timeout; its last JSON line. */
-async function runRowChild(script: string, args: string[], backend: string): Promise<Row> {
-  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', script, ...args], {
-    env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '', stderr = '', stopped = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d));
-  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
-  const started = performance.now();
-  const watch = setInterval(() => {
-    let rssKb = 0;
-    try {
-      rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
-    } catch { /* exited */ }
-    if (rssKb * 1024 > RSS_LIMIT_BYTES) stopped = `stopped at ${Math.round(rssKb / 1024)} MB RSS`;
-    else if (performance.now() - started > ROW_TIMEOUT_MS) stopped = `stopped after ${ROW_TIMEOUT_MS / 1000} s`;
-    if (stopped) child.kill('SIGKILL');
-  }, 500);
-  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
-  clearInterval(watch);
-  const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
-  if (code === 0 && line) return JSON.parse(line) as Row;
-  return { error: (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200) };
-}
+const runRowChild = (script: string, args: string[], backend: string) => runBenchChild(script, args, backend, ROW_TIMEOUT_MS);
 
 /**
  * A step row's one image (exactly the bucket's size) with its latent pre-written to the cache the
@@ -177,10 +151,6 @@ export async function benchFinetune(opts: { sd15?: boolean; backend?: string } =
 // ---------------------------------------------------------------------------------------------
 // In the child
 
-function statusKb(field: string): number {
-  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync('/proc/self/status', 'utf8'));
-  return m ? Number(m[1]) : 0;
-}
 
 /** Cache every image's latent as a fine-tune does; then a second, fully cached pass. */
 async function cacheChild(args: { modelPath: string; images: string; resolution: number; cacheDir: string }): Promise<Row> {

@@ -15,14 +15,14 @@
  * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora]`.
  * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
  */
-import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir, totalmem } from 'node:os';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeRandomSd15 } from './sd15-checkpoint.ts';
 import { pytorchTiStep } from './pytorch.ts';
 import { estimateJob, type JobEstimate } from '../trainers/estimate.ts';
+import { RSS_LIMIT_BYTES, runBenchChild, statusKb, type Row } from './child.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';
 const SELF = fileURLToPath(import.meta.url);
@@ -50,7 +50,6 @@ export const MEMORY_VARIANTS: { label: string; options: Record<string, unknown> 
   { label: 'adamw8bit+ckpt', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'on' } },
 ];
 
-type Row = Record<string, unknown>;
 
 /**
  * What the bench runs: tiny at 256 and 512 px on the first backend and at 256 px on the others;
@@ -110,34 +109,8 @@ async function makeImages(dir: string, px: number): Promise<string> {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-/** Memory a row may take before it is stopped (the machine is shared with the rest of the bench). */
-const RSS_LIMIT_BYTES = 0.8 * totalmem();
-
-/** Spawn one row's child (killed if its RSS passes RSS_LIMIT_BYTES); its last JSON stdout line is the result. */
-async function runChild(args: string[], backend: string, timeoutMs: number): Promise<Row> {
-  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', SELF, ...args], {
-    env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '', stderr = '', killedFor = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d));
-  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
-  const started = performance.now();
-  const watch = setInterval(() => {
-    let rssKb = 0;
-    try {
-      rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
-    } catch { /* exited */ }
-    if (rssKb * 1024 > RSS_LIMIT_BYTES) killedFor = `stopped at ${Math.round(rssKb / 1024)} MB RSS (limit ${Math.round(RSS_LIMIT_BYTES / 2 ** 20)} MB)`;
-    if (performance.now() - started > timeoutMs) killedFor = `stopped after ${timeoutMs / 1000} s`;
-    if (killedFor) child.kill('SIGKILL');
-  }, 500);
-  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
-  clearInterval(watch);
-  const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
-  if (code === 0 && line) return JSON.parse(line) as Row;
-  const why = killedFor || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`;
-  return { error: why.slice(0, 200) };
-}
+/** Spawn one row's child (this script's --child/--profile modes). */
+const runChild = (args: string[], backend: string, timeoutMs: number) => runBenchChild(SELF, args, backend, timeoutMs);
 
 /** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
 export async function benchSteps(opts: { backends?: string[]; methods?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
@@ -198,10 +171,6 @@ async function pytorchRows(rows: Row[]): Promise<Row[]> {
 // ---------------------------------------------------------------------------------------------
 // In the child
 
-function statusKb(field: string): number {
-  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync('/proc/self/status', 'utf8'));
-  return m ? Number(m[1]) : 0;
-}
 
 /** Run one job; s/step from the step events, peak RSS before and after training starts. */
 async function childRow(method: string, spec: Record<string, unknown>): Promise<Row> {

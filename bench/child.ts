@@ -1,0 +1,42 @@
+/**
+ * @file One bench row in its own process, so its peak RSS is its own: spawn `script args` on a
+ * backend, stop it past the RSS limit or a timeout, and take its last JSON stdout line as the row.
+ */
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { totalmem } from 'node:os';
+
+export type Row = Record<string, unknown>;
+
+/** Memory a row may take before it is stopped (the machine is shared with the rest of the bench). */
+export const RSS_LIMIT_BYTES = 0.8 * totalmem();
+
+/** A /proc/self/status field in kB (VmHWM: peak RSS, VmRSS: now). */
+export function statusKb(field: string): number {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync('/proc/self/status', 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+export async function runBenchChild(script: string, args: string[], backend: string, timeoutMs: number): Promise<Row> {
+  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', script, ...args], {
+    env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '', stderr = '', stopped = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d));
+  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
+  const started = performance.now();
+  const watch = setInterval(() => {
+    let rssKb = 0;
+    try {
+      rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
+    } catch { /* exited */ }
+    if (rssKb * 1024 > RSS_LIMIT_BYTES) stopped = `stopped at ${Math.round(rssKb / 1024)} MB RSS (limit ${Math.round(RSS_LIMIT_BYTES / 2 ** 20)} MB)`;
+    else if (performance.now() - started > timeoutMs) stopped = `stopped after ${timeoutMs / 1000} s`;
+    if (stopped) child.kill('SIGKILL');
+  }, 500);
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  clearInterval(watch);
+  const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
+  if (code === 0 && line) return JSON.parse(line) as Row;
+  return { error: (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200) };
+}
