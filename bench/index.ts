@@ -47,12 +47,12 @@ function sections(): Section[] {
 }
 
 const TIME_KEYS = [['secPerStep', 's'], ['msPerCall', 'ms'], ['ms', 'ms'], ['stepSec', 's'], ['p50_ms', 'ms p50'], ['readGiBps', 'GiB/s'], ['events_per_sec', 'ev/s']] as const;
-const LABEL_KEYS = ['bench', 'case', 'model', 'latent', 'px', 'batch', 'backend'];
+const LABEL_KEYS = ['bench', 'case', 'model', 'variant', 'latent', 'px', 'batch', 'backend'];
 const SHOWN = new Set([...LABEL_KEYS, ...TIME_KEYS.map(([k]) => k), 'peakRssMB', 'peakRssMiB', 'estPeakRssMB', 'estVsMeasured', 'estSecPerStep', 'pytorchSecPerStep', 'oursOverPytorch', 'section', 'pytorchMs', 'ratio']);
 
 /** One row of the common table: what, backend, time, memory, estimate, PyTorch, and the rest. */
 export function tableRow(r: Row): Row {
-  const what = ['bench', 'case', 'model', 'latent'].map((k) => r[k]).filter((v) => v !== undefined).join(' ');
+  const what = ['bench', 'case', 'model', 'variant', 'latent'].map((k) => r[k]).filter((v) => v !== undefined).join(' ');
   const size = r.px !== undefined ? `${r.px}px b${r.batch ?? 1}` : '';
   const time = TIME_KEYS.find(([k]) => typeof r[k] === 'number');
   const rest = Object.entries(r).filter(([k]) => !SHOWN.has(k)).map(([k, v]) => `${k}=${v}`).join(' ');
