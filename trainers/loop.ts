@@ -17,7 +17,7 @@ export interface TrainMethod<Batch> {
   trainable: Map<string, tf.Variable>;
   /** The next micro-batch for a step (deterministic given the seed and step). */
   nextBatch(step: number, micro: number): Promise<Batch> | Batch;
-  /** Scalar loss for one micro-batch; called inside tf.variableGrads. */
+  /** Scalar loss for one micro-batch; its gradients are taken by lossAndGrads (nets/recompute.ts). */
   loss(batch: Batch): tf.Scalar;
   /** Save a snapshot (periodic) or the final output; returns the paths written. */
   save(step: number, final: boolean): Promise<string[]>;
