@@ -13,7 +13,10 @@
 #include <thread>
 
 #include "gemm.h"
+#include "attention.h"
 #include "half.h"
+#include "norm.h"
+#include "optim.h"
 #include "kernels.h"
 
 namespace {
@@ -293,6 +296,9 @@ napi_value Init(napi_env env, napi_value exports) {
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  st::define_attention(env, exports);
+  st::define_norm(env, exports);
+  st::define_optim(env, exports);
   return exports;
 }
 
