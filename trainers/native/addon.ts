@@ -34,6 +34,34 @@ export interface NativeAddon {
   floatToHalf(src: Float32Array, dst: Uint16Array): number;
   /** 'f16c' when the conversions use the CPU's F16C instructions, else 'portable'. */
   halfIsa(): string;
+  /**
+   * GroupNorm forward on NHWC x viewed as [B, HW, C] with G groups (native/src/norm.cc): y, and
+   * the per-(b, g) mean and 1/sqrt(var + eps) [B·G] saved for the backward. silu: y = silu(norm(x)).
+   * dims: [B, HW, C, G].
+   */
+  groupNormForward?(
+    x: Float32Array, weight: Float32Array, bias: Float32Array, y: Float32Array, mean: Float32Array, rstd: Float32Array,
+    dims: Float64Array, eps: number, silu: boolean,
+  ): void;
+  /** GroupNorm (+ SiLU when silu) backward: dx, dweight [C], dbias [C] from dy and the forward's x, mean, rstd. */
+  groupNormBackward?(
+    dy: Float32Array, x: Float32Array, mean: Float32Array, rstd: Float32Array, weight: Float32Array, bias: Float32Array,
+    dx: Float32Array, dweight: Float32Array, dbias: Float32Array, dims: Float64Array, silu: boolean,
+  ): void;
+  /** LayerNorm over the last axis of x [rows, n]: y, and the per-row mean and rstd [rows]. */
+  layerNormForward?(
+    x: Float32Array, weight: Float32Array, bias: Float32Array, y: Float32Array, mean: Float32Array, rstd: Float32Array,
+    rows: number, n: number, eps: number,
+  ): void;
+  /** LayerNorm backward: dx, dweight [n], dbias [n]. */
+  layerNormBackward?(
+    dy: Float32Array, x: Float32Array, mean: Float32Array, rstd: Float32Array, weight: Float32Array,
+    dx: Float32Array, dweight: Float32Array, dbias: Float32Array, rows: number, n: number,
+  ): void;
+  /** y = act(x) (0 SiLU x·sigmoid(x), 1 exact GELU x·Φ(x)). */
+  activationForward?(op: number, x: Float32Array, y: Float32Array): void;
+  /** dx = dy · act'(x) for the same ops. */
+  activationBackward?(op: number, dy: Float32Array, x: Float32Array, dx: Float32Array): void;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
 }
