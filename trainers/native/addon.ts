@@ -62,6 +62,26 @@ export interface NativeAddon {
   activationForward?(op: number, x: Float32Array, y: Float32Array): void;
   /** dx = dy · act'(x) for the same ops. */
   activationBackward?(op: number, dy: Float32Array, x: Float32Array, dx: Float32Array): void;
+  /**
+   * AdamW step (native/src/optim.cc) with trainers/optim/adamw.ts's float32 op order, into new arrays:
+   * k = Float32Array [1 − lr·wd, β1, 1 − β1, β2, 1 − β2, √bc2, eps, −lr/bc1].
+   */
+  adamwStep?(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, pOut: Float32Array, mOut: Float32Array, vOut: Float32Array, k: Float32Array): void;
+  /**
+   * 8-bit AdamW step on blockwise-quantised moments (codes packed 3 per float32, absmax per block),
+   * as trainers/optim/adamw8bit.ts; books = [signed code 256, signed mids 255, unsigned code 256, unsigned mids 255].
+   */
+  adamw8bitStep?(
+    p: Float32Array, g: Float32Array, mPacked: Float32Array, mAbsmax: Float32Array, vPacked: Float32Array, vAbsmax: Float32Array,
+    pOut: Float32Array, mPackedOut: Float32Array, mAbsmaxOut: Float32Array, vPackedOut: Float32Array, vAbsmaxOut: Float32Array,
+    books: Float32Array, k: Float32Array, blockSize: number,
+  ): void;
+  /** out = float32(decay·shadow + (1 − decay)·param) computed in float64, as trainers/optim/ema.ts (out may be shadow). */
+  emaUpdate?(shadow: Float32Array, param: Float32Array, out: Float32Array, decay: number): void;
+  /** Whether every value is finite with |x| ≤ maxAbs. */
+  finiteWithin?(x: Float32Array, maxAbs: number): boolean;
+  /** Σ x² in float64. */
+  sumSquares?(x: Float32Array): number;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
 }
