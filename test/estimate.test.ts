@@ -91,10 +91,17 @@ test('memory levers: checkpointing keeps block outputs only, slicing drops the k
     assert.equal(sliced.breakdown.unetActivationBytes, plain.breakdown.unetActivationBytes);
     assert.ok(ckpt.breakdown.unetActivationBytes < plain.breakdown.unetActivationBytes / 4);
     assert.ok(ckpt.secondsPerStep > plain.secondsPerStep, 'the recompute costs time');
-    assert.equal(auto.memory.checkpointing, true, 'does not fit 8 GB without it');
+    const blocks = auto.memory.checkpointBlocks ?? [];
+    assert.ok(auto.memory.checkpointing || blocks.length > 0, 'does not fit 8 GB without it');
     assert.ok(auto.peakBytes <= 8 * 2 ** 30);
+    assert.ok(!auto.memory.checkpointing || blocks.length === 0);
     assert.equal(autoRoomy.memory.checkpointing, false, 'fits the budget as is');
+    assert.equal(autoRoomy.memory.checkpointBlocks, undefined);
     assert.ok(auto.notes.some((n) => /gradient checkpointing on/.test(n)));
+    // just enough: a tighter budget checkpoints more blocks, each choice fitting its budget
+    const tight = await est({}, 7 * 2 ** 30);
+    const tightBlocks = tight.memory.checkpointing ? Infinity : (tight.memory.checkpointBlocks ?? []).length;
+    assert.ok(tight.peakBytes <= 7 * 2 ** 30 && tightBlocks > blocks.length);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

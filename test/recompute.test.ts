@@ -79,3 +79,11 @@ test('hypernetwork dropout with a seed: a recomputed block draws the same masks 
   tf.dispose([plain.value, ours.value, ...Object.values(plain.grads), ...Object.values(ours.grads), x]);
   vars.forEach((v) => v.dispose());
 });
+
+test('checkpointing some blocks only (auto picks them) keeps every golden within its atol', async () => {
+  const { runGolden } = await import('../trainers/golden.ts');
+  const memory = { checkpointing: false, checkpointBlocks: ['input_blocks.1', 'middle_block', 'output_blocks.2'], attentionSliceBytes: 0 };
+  const rows = await runGolden('test/fixtures/sd-tiny', { memory });
+  const bad = rows.filter((r) => !r.pass).map((r) => `${r.name} ${r.maxAbsDiff}`);
+  assert.deepEqual(bad, []);
+});

@@ -26,7 +26,7 @@ import { createRequire } from 'node:module';
 import { parse as parseYaml } from 'yaml';
 import { openCheckpoint, type Family } from './io/checkpoint.ts';
 import { blockScores, slicedAttnFlop, unetBlocks, type BlockCost, type Shapes } from './estimate-unet.ts';
-import { unetMemoryFor, type MemorySpec, type UNetMemory } from './memory-options.ts';
+import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './memory-options.ts';
 import { methodPlan, METHODS, type MethodPlan } from './estimate-methods.ts';
 import { totalmem } from 'node:os';
 
@@ -50,6 +50,8 @@ export interface JobEstimate {
     /** Forward+backward FLOPs of one micro-batch: dense (conv, Linear) and attention. */
     denseGflop: number;
     attentionGflop: number;
+    /** Elements through elementwise, layout and norm ops in a micro-batch (1e9), optimizer included. */
+    elementGiga: number;
   };
   backend: string;
   notes: string[];
@@ -71,19 +73,27 @@ const CAL = {
   activationSlack: 2.2,
   scoreSlack: 2.1,
   vaeEncodeElementsPerPixel: 20, // × first-level channels: the largest encoder block's live tensors
-  /** Effective GFLOP/s of dense ops, attention matmuls; seconds per 1e9 elementwise elements. */
+  /** Elementwise passes of an optimizer step per trained parameter (AdamW: moments, bias corrections, decay, update). */
+  optimizerElementsPerParam: 12,
+  /**
+   * Effective GFLOP/s of dense ops and attention matmuls; seconds per 1e9 elements through
+   * elementwise/layout/norm ops; seconds per forward+backward pass of an SD1.5-sized UNet not
+   * covered by those counts (~18,000 kernel calls and their small ops per step), scaled by the
+   * UNet's size and the share recomputed.
+   */
   backends: {
-    // bench/profile.ts, SD1.5 TI 256 px: conv+matmul 2.4 s for 369 GFLOP, attention 0.7 s for 26,
-    // 13.4 s in stock-JS transpose/reduction/elementwise kernels over ~1e9 intermediate elements
-    'cpu-native': { denseGflops: 150, attentionGflops: 35, elementSec: 15 },
-    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8 },
-    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15 },
-    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1 },
-    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05 },
-  } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number }>,
+    // npm run bench (2-core x86-64): SD1.5 TI 256 px 5.2 s without checkpointing (profile: conv+matmul
+    // 2.2 s, attention 0.5 s, elementwise/layout/norm 2.2 s), 6.9 s checkpointed, 512 px 28.2 s
+    'cpu-native': { denseGflops: 200, attentionGflops: 100, elementSec: 1.0, passSec: 1.9 },
+    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8, passSec: 0 },
+    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15, passSec: 0 },
+    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1, passSec: 0.5 },
+    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05, passSec: 0.2 },
+  } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number; passSec: number }>,
 };
 
 const WASM_HEAP = 3.9 * 2 ** 30;
+const SD15_UNET_BYTES = 859_520_964 * 4;
 const F32 = 4;
 
 const numel = (s: number[]) => s.reduce((a, b) => a * b, 1);
@@ -172,13 +182,33 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const budget = opts.memoryBudget ?? AUTO_BUDGET_SHARE * totalmem();
   const job = describeJob(type, spec, shapes, family);
   const memSpec = spec as Partial<MemorySpec>;
-  let estimate = estimateWith(job, unetMemoryFor(memSpec, true), backend, spec);
-  if (estimate.peakBytes > budget) estimate = estimateWith(job, unetMemoryFor(memSpec, false), backend, spec);
+  const plain = unetMemoryFor(memSpec, true);
+  let estimate = estimateWith(job, plain, backend, spec);
+  if (estimate.peakBytes > budget && !plain.checkpointing && memSpec.gradientCheckpointing !== 'off') {
+    estimate = fitByCheckpointing(job, plain, budget, (memory) => estimateWith(job, memory, backend, spec));
+  }
   if (estimate.peakBytes > 0.85 * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
   return estimate;
 }
 
 const gb = (bytes: number) => (bytes / 2 ** 30).toFixed(1);
+
+/**
+ * auto checkpointing: blocks are checkpointed in the order of memory freed per FLOP recomputed
+ * (the high-resolution blocks first: their activations are large for their FLOPs) until the
+ * estimate fits the budget; all of them when that is not enough.
+ */
+function fitByCheckpointing(job: Job, memory: UNetMemory, budget: number, estimate: (m: UNetMemory) => JobEstimate): JobEstimate {
+  const freed = (b: BlockCost) => (b.dense + blockScores(b, memory.attentionSliceBytes).kept - b.output) / Math.max(1, b.denseFlop + b.attnFlop);
+  const order = job.blocks.filter((b) => b.name !== 'out').sort((a, b) => freed(b) - freed(a));
+  const chosen: string[] = [];
+  for (const b of order.slice(0, -1)) {
+    chosen.push(b.name);
+    const e = estimate({ ...memory, checkpointBlocks: [...chosen] });
+    if (e.peakBytes <= budget) return e;
+  }
+  return estimate({ ...memory, checkpointing: true });
+}
 /**
  * auto gradient checkpointing turns on when a job would use more than this share of RAM without
  * it: sidetrain shares the machine with the webui (which holds its own model), so by default it
@@ -210,17 +240,20 @@ function unetLive(job: Job, memory: UNetMemory, hnSizes: number[]): { activation
   const dense = (b: BlockCost) => b.dense + hypernetworkActivations(b, hnSizes);
   const scores = job.blocks.map((b) => blockScores(b, slice));
   const transient = Math.max(0, ...scores.map((s) => s.transient));
-  if (!memory.checkpointing) {
-    return { activations: job.blocks.reduce((a, b) => a + dense(b), 0), scores: scores.reduce((a, s) => a + s.kept, 0) + transient };
-  }
-  // kept: every block's output (the next block's saved input, the skips) and the head outside the blocks; one block at a time recomputed
-  const blocks = job.blocks.filter((b) => b.name !== 'out');
-  const head = job.blocks.find((b) => b.name === 'out')?.dense ?? 0;
-  return {
-    activations: blocks.reduce((a, b) => a + b.output, 0) + head + Math.max(...blocks.map(dense)),
-    scores: Math.max(...scores.map((s) => s.kept)) + transient,
-  };
+  // a checkpointed block keeps its output (the next block's saved input, a skip); one at a time is recomputed in backward
+  const ckpt = job.blocks.map((b) => isCheckpointed(memory, b.name));
+  let activations = 0;
+  let kept = 0;
+  let recompute = { dense: 0, scores: 0 };
+  job.blocks.forEach((b, i) => {
+    activations += ckpt[i] ? b.output : dense(b);
+    kept += ckpt[i] ? 0 : scores[i]!.kept;
+    if (ckpt[i] && dense(b) + scores[i]!.kept > recompute.dense + recompute.scores) recompute = { dense: dense(b), scores: scores[i]!.kept };
+  });
+  return { activations: activations + recompute.dense, scores: kept + recompute.scores + transient };
 }
+
+const isCheckpointed = (m: UNetMemory, block: string) => block !== 'out' && (m.checkpointing || (m.checkpointBlocks?.includes(block) ?? false));
 
 function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Record<string, unknown>): JobEstimate {
   const { plan, shapes, text } = job;
@@ -258,27 +291,32 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const trainPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes +
     CAL.activationSlack * (unetActivationBytes + textActivationBytes) + CAL.scoreSlack * attentionScoreBytes;
 
-  const denseF = job.blocks.reduce((a, b) => a + b.denseFlop, 0);
-  const attnF = job.blocks.reduce((a, b) => a + b.attnFlop, 0);
-  const passes = 2 + (plan.unetWeightsTrain ? 1 : 0) + (memory.checkpointing ? 1 : 0); // forward, input gradients, weight gradients, recompute
+  // forward, input gradients (+ weight gradients when the UNet trains) of every block, and the forward again of checkpointed ones
+  const sum = (f: (b: BlockCost) => number, only = (_: BlockCost) => true) => job.blocks.reduce((a, b) => a + (only(b) ? f(b) : 0), 0);
+  const ckpt = (b: BlockCost) => isCheckpointed(memory, b.name);
+  const scoreElements = (b: BlockCost) => b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0);
   const textFlop = 2 * text.tokens * (4 * text.width ** 2 + 2 * text.width * text.mlp) * text.layers * (plan.textTrains ? 2 : 1);
-  const denseFlop = (passes * denseF + textFlop) * batch;
-  const attnFlop = ((memory.checkpointing ? 4 : 3) * attnF + slicedAttnFlop(job.blocks, memory.attentionSliceBytes)) * batch;
-  const elements = job.blocks.reduce((a, b) => a + b.dense + b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0), 0);
-  const elementSec = (elements * batch * (memory.checkpointing ? 3 : 2) / 1e9 + (plan.trainableParams * 12) / 1e9) * cal.elementSec;
-  const secondsPerStep = accum * (denseFlop / (cal.denseGflops * 1e9) + attnFlop / (cal.attentionGflops * 1e9)) + elementSec;
+  const denseFlop = ((2 + (plan.unetWeightsTrain ? 1 : 0)) * sum((b) => b.denseFlop) + sum((b) => b.denseFlop, ckpt) + textFlop) * batch;
+  const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes)) * batch;
+  const elements = (2 * sum((b) => b.dense + scoreElements(b)) + sum((b) => b.dense + scoreElements(b), ckpt)) * batch;
+  const optimizerElements = plan.trainableParams * CAL.optimizerElementsPerParam;
+  const recomputedShare = sum((b) => b.denseFlop, ckpt) / Math.max(1, 2 * sum((b) => b.denseFlop));
+  const secondsPerStep = accum * (denseFlop / (cal.denseGflops * 1e9) + attnFlop / (cal.attentionGflops * 1e9) + (elements / 1e9) * cal.elementSec +
+    cal.passSec * (unetF32 / SD15_UNET_BYTES) * (1 + recomputedShare)) +
+    (optimizerElements / 1e9) * cal.elementSec;
 
   if (!CAL.backends[backend]) notes.push(`backend '${backend}' is not calibrated: time estimated as for cpu-native`);
   if (backend === 'wasm' && trainPeakBytes - CAL.runtimeBytes > WASM_HEAP) notes.push('does not fit the WASM backend: its heap holds at most ~3.9 GB of tensors');
   if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
   notes.push(half && (plan.frozen.unet || plan.frozen.text) ? 'frozen weights held in float16, upcast per layer' : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
-  notes.push(`gradient checkpointing ${memory.checkpointing ? 'on' : 'off'}; attention ${memory.attentionSliceBytes ? `sliced above ${memory.attentionSliceBytes / 2 ** 20} MB of scores` : 'whole'}`);
+  notes.push(`${describeMemory(memory)}`);
   return {
     peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,
     breakdown: {
       runtimeBytes: CAL.runtimeBytes, weightBytes, vaeEncodeBytes, unetActivationBytes, attentionScoreBytes, textActivationBytes,
       prepPeakBytes: Math.round(prepPeakBytes), trainPeakBytes: Math.round(trainPeakBytes),
       denseGflop: +(denseFlop / 1e9).toFixed(1), attentionGflop: +(attnFlop / 1e9).toFixed(1),
+      elementGiga: +((elements + optimizerElements) / 1e9).toFixed(2),
     },
   };
 }

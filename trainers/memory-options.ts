@@ -15,8 +15,13 @@ export interface MemorySpec {
 
 /** What unetForward does; absent = everything whole (the reference path the goldens check). */
 export interface UNetMemory {
-  /** Run each block under a recompute-in-backward custom gradient. */
+  /** Run every block under a recompute-in-backward custom gradient. */
   checkpointing: boolean;
+  /**
+   * Or only these blocks (`input_blocks.1`, `middle_block`, …): auto picks the ones that free the
+   * most memory per recomputed FLOP until the job fits (estimate.ts).
+   */
+  checkpointBlocks?: string[];
   /** Slice attention whose full scores would exceed this many bytes; 0 = never slice. */
   attentionSliceBytes: number;
 }
@@ -43,4 +48,11 @@ export function unetMemoryFor(spec: Partial<MemorySpec>, fits: boolean): UNetMem
     checkpointing: ckpt === 'on' || (ckpt === 'auto' && (!fits || spec.halfFrozenWeights === true)),
     attentionSliceBytes: slicing === 'off' ? 0 : slicing === 'on' ? ON_SLICE_BYTES : AUTO_SLICE_BYTES,
   };
+}
+
+/** "gradient checkpointing on 8 UNet blocks (input_blocks.1, …), attention sliced above 64 MB of scores" */
+export function describeMemory(m: UNetMemory): string {
+  const blocks = m.checkpointBlocks ?? [];
+  const ckpt = m.checkpointing ? 'on' : blocks.length ? `on ${blocks.length} UNet block(s) (${blocks.join(', ')})` : 'off';
+  return `gradient checkpointing ${ckpt}; attention ${m.attentionSliceBytes ? `sliced above ${m.attentionSliceBytes / 2 ** 20} MB of scores` : 'whole'}`;
 }

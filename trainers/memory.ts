@@ -5,7 +5,7 @@
  */
 import type { JobContext } from './job.ts';
 import { estimateJob } from './estimate.ts';
-import { unetMemoryFor, type MemorySpec, type UNetMemory } from './memory-options.ts';
+import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './memory-options.ts';
 
 /** The UNet memory mode for a job of `type` (a trainers/methods.ts name) with `spec`. */
 export async function chooseUNetMemory(type: string, spec: Partial<MemorySpec> & object, ctx?: Pick<JobContext, 'emit'>): Promise<UNetMemory> {
@@ -20,7 +20,7 @@ export async function chooseUNetMemory(type: string, spec: Partial<MemorySpec> &
   }
   ctx?.emit({
     type: 'log', level: 'info',
-    message: `memory: gradient checkpointing ${memory.checkpointing ? 'on' : 'off'}, attention ${memory.attentionSliceBytes ? `sliced above ${memory.attentionSliceBytes / 2 ** 20} MB of scores` : 'whole'}${why}`,
+    message: `memory: ${describeMemory(memory)}${why}`,
   });
   return memory;
 }

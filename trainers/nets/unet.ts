@@ -439,7 +439,7 @@ export function unetForward(
     for (const block of unetPlan(cfg).blocks) {
       // output blocks concatenate [h, skip] on channels, in that order
       if (block.name.startsWith('output_blocks.')) h = tf.concat([h, skips.pop()!], 3);
-      h = opts.memory?.checkpointing
+      h = opts.memory?.checkpointing || opts.memory?.checkpointBlocks?.includes(block.name)
         ? checkpointed((hIn, embIn, contextIn) => runBlock({ ...c, emb: embIn!, context: contextIn! }, block, hIn!), [h, emb, context])
         : runBlock(c, block, h);
       if (block.name.startsWith('input_blocks.')) skips.push(h);
