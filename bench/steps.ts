@@ -12,7 +12,7 @@
  * batch of 2) and LoRA (attention adapters) have 256 px rows on both models in four variants
  * (`variant` column): AdamW or 8-bit AdamW, gradient checkpointing off or on (issue 11).
  *
- * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora]`.
+ * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…]`.
  * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -113,7 +113,7 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 const runChild = (args: string[], backend: string, timeoutMs: number) => runBenchChild(SELF, args, backend, timeoutMs);
 
 /** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
-export async function benchSteps(opts: { backends?: string[]; methods?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
+export async function benchSteps(opts: { backends?: string[]; methods?: string[]; variants?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
   const { methods } = await import('../trainers/methods.ts');
   const { nativeStatus } = await import('../trainers/native/index.ts');
   const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
@@ -124,7 +124,7 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
   const rows: Row[] = [];
   try {
     const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512) } as Record<number, string>;
-    for (const r of stepRows(names, backends, sd15)) {
+    for (const r of stepRows(names, backends, sd15).filter((row) => !row.label || !opts.variants || opts.variants.includes(row.label))) {
       const modelPath = r.model === 'sd-tiny' ? TINY : checkpoint!.path;
       const spec = jobSpec(opts.quick ? { ...r, steps: 2 } : r, modelPath, images[r.px]!, join(dir, 'out'));
       const est = await estimateJob(r.method, spec, { backend: r.backend }).catch((err: Error) => err);
@@ -222,7 +222,9 @@ async function main(argv: string[]): Promise<void> {
   }
   const mAt = argv.indexOf('--methods');
   const only = mAt >= 0 ? argv[mAt + 1]!.split(',').map((m) => m.trim()) : undefined;
-  const rows = await benchSteps({ quick: argv.includes('--quick'), methods: only });
+  const vAt = argv.indexOf('--variants');
+  const variants = vAt >= 0 ? argv[vAt + 1]!.split(',').map((v) => v.trim()) : undefined;
+  const rows = await benchSteps({ quick: argv.includes('--quick'), methods: only, variants });
   if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
   else console.table(rows);
 }
