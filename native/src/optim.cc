@@ -1,8 +1,317 @@
-// Optim kernels (none yet): see optim.h.
+// Fused optimizer kernels over the CPU backend's Float32Arrays (trainers/optim/native.ts):
+// AdamW, 8-bit blockwise AdamW, the EMA update, the finite/max-abs check and a sum of squares.
+// One threaded pass each instead of the TF-ops path's many full-size passes.
+//
+// Results equal the TF-ops path's bit for bit: every operation is the same float32 operation
+// in the same order (the stock kernels compute a·b, a+b, a/b, √a in float64 and round to
+// float32, which gives the correctly rounded float32 result, as the float32 instructions do).
+// So contraction into FMA must be off: it would round once instead of twice.
+#pragma GCC optimize("fp-contract=off")
 #include "optim.h"
 
-namespace st {
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
 
-void define_optim(napi_env, napi_value) {}
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+
+namespace st {
+namespace {
+
+// Elements per pool task: big enough to amortise the hand-out, small enough to balance.
+constexpr long kChunk = 1L << 16;
+
+// AdamW's float32 constants (trainers/optim/native.ts adamwConstants).
+struct AdamK {
+  float decay, b1, omb1, b2, omb2, bc2s, eps, step;
+};
+
+// trainers/optim/adamw.ts update(), element by element, in its op order.
+inline void adamw_one(float p, float g, float m, float v, const AdamK& k, float& po, float& mo, float& vo) {
+  mo = m * k.b1 + g * k.omb1;
+  vo = v * k.b2 + (g * g) * k.omb2;
+  const float denom = std::sqrt(vo) / k.bc2s + k.eps;
+  po = p * k.decay + (mo / denom) * k.step;
+}
+
+void adamw_range(const float* p, const float* g, const float* m, const float* v, float* po, float* mo, float* vo, long n,
+                 const AdamK& k) {
+  for (long i = 0; i < n; i++) adamw_one(p[i], g[i], m[i], v[i], k, po[i], mo[i], vo[i]);
+}
+
+// A code book and its midpoints shifted by one (tab[c] = mids[c − 1], tab[0] unused), so the
+// binary search of adamw8bit.ts nearestCode reads tab[cand] for cand in 1..255.
+struct Book {
+  const float* code;
+  float tab[256];
+};
+
+// adamw8bit.ts nearestCode: idx = 0; for s = 128…1: cand = idx + s; idx = x > mids[cand−1] ? cand : idx.
+inline int nearest(const Book& b, float x) {
+  int idx = 0;
+  for (int s = 128; s >= 1; s >>= 1) idx = x > b.tab[idx + s] ? idx + s : idx;
+  return idx;
+}
+
+// Codes of x[0..n) / div into out (the same search, 8 lanes with AVX2 gathers).
+void quantize_range(const Book& b, const float* x, float div, long n, uint8_t* out) {
+  long i = 0;
+#if defined(__AVX2__)
+  const __m256 d = _mm256_set1_ps(div);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), d);
+    __m256i idx = _mm256_setzero_si256();
+    for (int s = 128; s >= 1; s >>= 1) {
+      const __m256i cand = _mm256_add_epi32(idx, _mm256_set1_epi32(s));
+      const __m256 mid = _mm256_i32gather_ps(b.tab, cand, 4);
+      idx = _mm256_blendv_epi8(idx, cand, _mm256_castps_si256(_mm256_cmp_ps(v, mid, _CMP_GT_OQ)));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), idx);
+    for (int j = 0; j < 8; j++) out[i + j] = static_cast<uint8_t>(lanes[j]);
+  }
+#endif
+  for (; i < n; i++) out[i] = static_cast<uint8_t>(nearest(b, x[i] / div));
+}
+
+// max |x| as the stock Max kernel finds it: NaN as soon as one value is NaN.
+float absmax_of(const float* x, long n) {
+  float mx = 0;
+  bool nan = false;
+  for (long i = 0; i < n; i++) {
+    const float a = std::fabs(x[i]);
+    nan |= a != a;
+    mx = a > mx ? a : mx;
+  }
+  return nan ? NAN : mx;
+}
+
+inline int code_at(const float* packed, long i) {
+  const uint32_t word = static_cast<uint32_t>(packed[i / 3]);
+  return static_cast<int>((word >> (8 * (i % 3))) & 255u);
+}
+
+struct Quant {
+  const float* packed;
+  const float* absmax;
+  float* absmaxOut;
+  std::vector<uint8_t> codes;  // blocks·blockSize rounded up to 3, the padding codes 0
+};
+
+// One block of the 8-bit step: dequantise, update, requantise (codes into q.codes).
+void adamw8bit_block(long b, long bs, long n, const float* p, const float* g, float* po, Quant& qm, Quant& qv, const Book& sm,
+                     const Book& sv, const AdamK& k, float* mTmp, float* vTmp) {
+  const long a = b * bs, e = std::min(n, a + bs);
+  const float mScale = qm.absmax[b], vScale = qv.absmax[b];
+  for (long i = a; i < e; i++) {
+    const float m = sm.code[code_at(qm.packed, i)] * mScale;
+    const float v = sv.code[code_at(qv.packed, i)] * vScale;
+    adamw_one(p[i], g[i], m, v, k, po[i], mTmp[i - a], vTmp[i - a]);
+  }
+  // the padding of the last block quantises zeros, as quantizeBlockwise pads with zeros
+  std::fill(mTmp + (e - a), mTmp + bs, 0.0f);
+  std::fill(vTmp + (e - a), vTmp + bs, 0.0f);
+  const float mMax = absmax_of(mTmp, bs), vMax = absmax_of(vTmp, bs);
+  qm.absmaxOut[b] = mMax;
+  qv.absmaxOut[b] = vMax;
+  quantize_range(sm, mTmp, mMax > 0 ? mMax : 1.0f, bs, qm.codes.data() + a);
+  quantize_range(sv, vTmp, vMax > 0 ? vMax : 1.0f, bs, qv.codes.data() + a);
+}
+
+void pack_codes(const std::vector<uint8_t>& codes, float* packed, long words) {
+  const long tasks = (words + kChunk - 1) / kChunk;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    for (long w = t * kChunk; w < std::min(words, (t + 1) * kChunk); w++) {
+      const uint32_t word = codes[3 * w] | (codes[3 * w + 1] << 8) | (codes[3 * w + 2] << 16);
+      packed[w] = static_cast<float>(word);
+    }
+  });
+}
+
+// ---- N-API argument parsing ----
+
+struct Args {
+  napi_env env;
+  std::vector<napi_value> argv;
+  std::string name;
+  bool ok = true;
+
+  Args(napi_env e, napi_callback_info info, size_t want, const char* fn) : env(e), argv(want), name(fn) {
+    size_t argc = want;
+    napi_get_cb_info(env, info, &argc, argv.data(), nullptr, nullptr);
+    if (argc < want) fail(std::string("expected ") + std::to_string(want) + " arguments");
+  }
+  void fail(const std::string& why) {
+    if (ok) napi_throw_type_error(env, nullptr, (name + ": " + why).c_str());
+    ok = false;
+  }
+  // Float32Array argument i, of length `len` when len ≥ 0 (its length goes to *n when given).
+  float* f32(size_t i, long len, long* n = nullptr) {
+    if (!ok) return nullptr;
+    bool is = false;
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    if (napi_is_typedarray(env, argv[i], &is) != napi_ok || !is ||
+        napi_get_typedarray_info(env, argv[i], &type, &length, &data, nullptr, nullptr) != napi_ok || type != napi_float32_array) {
+      fail("argument " + std::to_string(i) + " must be a Float32Array");
+      return nullptr;
+    }
+    if (len >= 0 && static_cast<long>(length) != len) {
+      fail("argument " + std::to_string(i) + " has " + std::to_string(length) + " values, expected " + std::to_string(len));
+      return nullptr;
+    }
+    if (n) *n = static_cast<long>(length);
+    return static_cast<float*>(data);
+  }
+  double num(size_t i) {
+    double d = 0;
+    if (ok && napi_get_value_double(env, argv[i], &d) != napi_ok) fail("argument " + std::to_string(i) + " must be a number");
+    return d;
+  }
+};
+
+AdamK adam_constants(Args& a, size_t i) {
+  AdamK k{};
+  const float* c = a.f32(i, 8);
+  if (c) std::memcpy(&k, c, sizeof k);
+  return k;
+}
+
+// adamwStep(p, g, m, v, pOut, mOut, vOut, k)
+napi_value AdamwStep(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "adamwStep");
+  long n = 0;
+  const float* p = a.f32(0, -1, &n);
+  const float *g = a.f32(1, n), *m = a.f32(2, n), *v = a.f32(3, n);
+  float *po = a.f32(4, n), *mo = a.f32(5, n), *vo = a.f32(6, n);
+  const AdamK k = adam_constants(a, 7);
+  if (!a.ok) return nullptr;
+  const long tasks = (n + kChunk - 1) / kChunk;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    const long s = t * kChunk, e = std::min(n, s + kChunk);
+    adamw_range(p + s, g + s, m + s, v + s, po + s, mo + s, vo + s, e - s, k);
+  });
+  return nullptr;
+}
+
+Book make_book(const float* code, const float* mids) {
+  Book b{code, {}};
+  b.tab[0] = -INFINITY;
+  std::memcpy(b.tab + 1, mids, 255 * sizeof(float));
+  return b;
+}
+
+// adamw8bitStep(p, g, mPacked, mAbsmax, vPacked, vAbsmax, pOut, mPackedOut, mAbsmaxOut,
+//               vPackedOut, vAbsmaxOut, books, k, blockSize)
+napi_value Adamw8bitStep(napi_env env, napi_callback_info info) {
+  Args a(env, info, 14, "adamw8bitStep");
+  long n = 0;
+  const float* p = a.f32(0, -1, &n);
+  const float* g = a.f32(1, n);
+  const long bs = static_cast<long>(a.num(13));
+  if (a.ok && bs < 1) a.fail("blockSize must be ≥ 1");
+  const long blocks = a.ok ? (n + bs - 1) / bs : 0, words = (blocks * bs + 2) / 3;
+  Quant qm{a.f32(2, words), a.f32(3, blocks), a.f32(8, blocks), {}};
+  Quant qv{a.f32(4, words), a.f32(5, blocks), a.f32(10, blocks), {}};
+  float *po = a.f32(6, n), *mPackedOut = a.f32(7, words), *vPackedOut = a.f32(9, words);
+  const float* books = a.f32(11, 1022);
+  const AdamK k = adam_constants(a, 12);
+  if (!a.ok) return nullptr;
+  const Book sm = make_book(books, books + 256), sv = make_book(books + 511, books + 767);
+  qm.codes.assign(static_cast<size_t>(words * 3), 0);
+  qv.codes.assign(static_cast<size_t>(words * 3), 0);
+  const long perTask = std::max(1L, kChunk / bs);
+  const long tasks = (blocks + perTask - 1) / perTask;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    std::vector<float> mTmp(static_cast<size_t>(bs)), vTmp(static_cast<size_t>(bs));
+    for (long b = t * perTask; b < std::min(blocks, (t + 1) * perTask); b++)
+      adamw8bit_block(b, bs, n, p, g, po, qm, qv, sm, sv, k, mTmp.data(), vTmp.data());
+  });
+  pack_codes(qm.codes, mPackedOut, words);
+  pack_codes(qv.codes, vPackedOut, words);
+  return nullptr;
+}
+
+// emaUpdate(shadow, param, out, decay): out = float32(d·shadow + (1 − d)·param) in float64,
+// trainers/optim/ema.ts's JS expression.
+napi_value EmaUpdate(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "emaUpdate");
+  long n = 0;
+  const float* s = a.f32(0, -1, &n);
+  const float* p = a.f32(1, n);
+  float* o = a.f32(2, n);
+  const double d = a.num(3), c = 1 - d;
+  if (!a.ok) return nullptr;
+  const long tasks = (n + kChunk - 1) / kChunk;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    for (long i = t * kChunk; i < std::min(n, (t + 1) * kChunk); i++)
+      o[i] = static_cast<float>(d * static_cast<double>(s[i]) + c * static_cast<double>(p[i]));
+  });
+  return nullptr;
+}
+
+// finiteWithin(x, maxAbs): every |x| ≤ float32(maxAbs) and finite (the loop's check compares
+// in float32 against the rounded limit; NaN fails every comparison).
+napi_value FiniteWithin(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "finiteWithin");
+  long n = 0;
+  const float* x = a.f32(0, -1, &n);
+  const float lim = std::min(static_cast<float>(a.num(1)), FLT_MAX);
+  if (!a.ok) return nullptr;
+  const long tasks = (n + kChunk - 1) / kChunk;
+  std::vector<char> bad(static_cast<size_t>(tasks), 0);
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    int nBad = 0;
+    for (long i = t * kChunk; i < std::min(n, (t + 1) * kChunk); i++) nBad += !(std::fabs(x[i]) <= lim);
+    bad[t] = nBad != 0;
+  });
+  bool all = true;
+  for (char b : bad) all = all && !b;
+  napi_value out;
+  napi_get_boolean(env, all, &out);
+  return out;
+}
+
+// sumSquares(x): Σ x² in float64 (per-task partial sums, added in task order).
+napi_value SumSquares(napi_env env, napi_callback_info info) {
+  Args a(env, info, 1, "sumSquares");
+  long n = 0;
+  const float* x = a.f32(0, -1, &n);
+  if (!a.ok) return nullptr;
+  const long tasks = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(static_cast<size_t>(tasks), 0.0);
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    double s = 0;
+    for (long i = t * kChunk; i < std::min(n, (t + 1) * kChunk); i++) s += static_cast<double>(x[i]) * x[i];
+    part[t] = s;
+  });
+  double total = 0;
+  for (double s : part) total += s;
+  napi_value out;
+  napi_create_double(env, total, &out);
+  return out;
+}
+
+}  // namespace
+
+void define_optim(napi_env env, napi_value exports) {
+  const napi_property_descriptor props[] = {
+      {"adamwStep", nullptr, AdamwStep, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"adamw8bitStep", nullptr, Adamw8bitStep, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"emaUpdate", nullptr, EmaUpdate, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"finiteWithin", nullptr, FiniteWithin, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_default, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+}
 
 }  // namespace st

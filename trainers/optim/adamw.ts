@@ -24,6 +24,7 @@
  */
 import { tf, type Tensor } from '../tf.ts';
 import { checkedUpdates } from './check.ts';
+import { adamwConstants, nativeAdamw, optimKernels } from './native.ts';
 
 export interface AdamWOptions {
   /** Initial learn rate (recorded in param_groups; each step() gets the current rate). */
@@ -110,6 +111,9 @@ export class AdamW {
     s.step += 1;
     const bc1 = 1 - beta1 ** s.step;
     const bc2Sqrt = Math.sqrt(1 - beta2 ** s.step);
+    // the fused kernel does the same float32 operations in the same order (trainers/optim/native.ts)
+    const kernels = optimKernels();
+    if (kernels && nativeAdamw(kernels, p, g, s.m, s.v, adamwConstants(lr, this.weightDecay, this.betas, this.eps, bc1, bc2Sqrt))) return;
     tf.tidy(() => {
       let param: Tensor = p;
       if (this.weightDecay !== 0) param = param.mul(1 - lr * this.weightDecay);

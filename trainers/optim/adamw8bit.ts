@@ -18,6 +18,7 @@
  */
 import { tf, type Tensor } from '../tf.ts';
 import { checkedUpdates } from './check.ts';
+import { adamwConstants, nativeAdamw, nativeAdamw8bit, optimKernels, type OptimKernels } from './native.ts';
 
 /** An optimizer's state as plain arrays, by parameter name (saved beside a snapshot). */
 export interface ExportedOptimizerState {
@@ -75,11 +76,16 @@ export class CodeBook {
   readonly mids: Tensor; // [255]
   constructor(values: Float32Array) {
     this.code = tf.tensor1d(values);
-    this.mids = tf.tensor1d(values.slice(1).map((v, i) => (v + values[i]!) / 2));
+    this.mids = tf.tensor1d(midpoints(values));
   }
   dispose(): void {
     tf.dispose([this.code, this.mids]);
   }
+}
+
+/** The 255 midpoints between neighbouring codes, rounded to float32 (the nearest-code thresholds). */
+export function midpoints(values: Float32Array): Float32Array {
+  return values.slice(1).map((v, i) => (v + values[i]!) / 2);
 }
 
 /** A tensor quantised blockwise: packed byte codes (3 per float) and one absmax per block. */
@@ -170,6 +176,8 @@ export class AdamW8bit implements StatefulOptimizer {
   private readonly blockSize?: number;
   private readonly signed: CodeBook;
   private readonly unsigned: CodeBook;
+  /** Both code books and their midpoints for the native kernel (trainers/optim/native.ts). */
+  private readonly books: Float32Array;
   private readonly slots = new Map<string, Slot>();
 
   constructor(params: Map<string, tf.Variable>, opts: AdamW8bitOptions = {}) {
@@ -181,8 +189,10 @@ export class AdamW8bit implements StatefulOptimizer {
     this.minQuantSize = opts.minQuantSize ?? 4096;
     this.quantMap = opts.quantMap ?? 'dynamic';
     const map = this.quantMap === 'linear' ? linearMap : dynamicMap;
-    this.signed = new CodeBook(map(true));
-    this.unsigned = new CodeBook(map(false));
+    const [signed, unsigned] = [map(true), map(false)];
+    this.signed = new CodeBook(signed);
+    this.unsigned = new CodeBook(unsigned);
+    this.books = Float32Array.from([...signed, ...midpoints(signed), ...unsigned, ...midpoints(unsigned)]);
   }
 
   blockSizeFor(n: number): number {
@@ -228,6 +238,8 @@ export class AdamW8bit implements StatefulOptimizer {
     s.step += 1;
     const bc1 = 1 - beta1 ** s.step;
     const bc2Sqrt = Math.sqrt(1 - beta2 ** s.step);
+    const kernels = optimKernels();
+    if (kernels && this.nativeUpdate(kernels, p, g, s, adamwConstants(lr, this.weightDecay, this.betas, this.eps, bc1, bc2Sqrt))) return;
     tf.tidy(() => {
       const param = this.weightDecay !== 0 ? p.mul(1 - lr * this.weightDecay) : p;
       const m = this.read(s.m, this.signed, p.shape, s.blockSize).mul(beta1).add(g.mul(1 - beta1));
@@ -237,6 +249,13 @@ export class AdamW8bit implements StatefulOptimizer {
       this.write(s.m, this.signed, m, s.blockSize);
       this.write(s.v, this.unsigned, v, s.blockSize);
     });
+  }
+
+  /** The fused kernel: the same float32 operations and the same codes as the TF ops below. */
+  private nativeUpdate(kernels: OptimKernels, p: tf.Variable, g: Tensor, s: Slot, k: Float32Array): boolean {
+    if (isQuantized(s.m) && isQuantized(s.v)) return nativeAdamw8bit(kernels, p, g, s.m, s.v, this.books, k, s.blockSize);
+    if (!isQuantized(s.m) && !isQuantized(s.v)) return nativeAdamw(kernels, p, g, s.m, s.v, k);
+    return false;
   }
 
   stepCount(name: string): number {

@@ -16,6 +16,7 @@
  */
 import type { Tensor } from '../tf.ts';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.ts';
+import { optimKernels } from './native.ts';
 
 export interface EmaOptions {
   /** Decay per update (LitEma default 0.9999). */
@@ -68,11 +69,14 @@ export class Ema {
 
   updateArrays(params: ReadonlyMap<string, ArrayLike<number>>): void {
     const d = this.currentDecay();
+    const kernels = optimKernels();
     for (const [key, { values }] of this.shadow) {
       const p = params.get(key);
       if (!p) throw new Error(`EMA: no value for '${key}' in this update`);
       if (p.length !== values.length) throw new Error(`EMA: '${key}' has ${p.length} values, the average ${values.length}`);
-      for (let i = 0; i < values.length; i++) values[i] = d * values[i]! + (1 - d) * p[i]!;
+      // natively the same float64 expression, threaded (the shadow is this object's own array)
+      if (kernels && p instanceof Float32Array) kernels.emaUpdate(values, p, values, d);
+      else for (let i = 0; i < values.length; i++) values[i] = d * values[i]! + (1 - d) * p[i]!;
     }
     this.updates++;
   }
