@@ -24,6 +24,7 @@ import { chooseUNetMemory } from './memory.ts';
 import { disposeParams, paramFromTorch, type Params } from './nets/params.ts';
 import { loadVae } from './nets/vae.ts';
 import { encodeText, type ClipTextConfig } from './nets/clip.ts';
+import { encodeFrozenText, releaseTextCache } from './context-cache.ts';
 import { modelHash, openCheckpoint, openTensorFile } from './io/checkpoint.ts';
 import { writeCheckpoint } from './io/checkpoint-write.ts';
 import { LatentCache } from './latent-cache.ts';
@@ -238,7 +239,7 @@ export function nextDbBatch(run: DbRun, spec: DbSpec, step: number, micro: numbe
   const at = { step, micro, gradAccum: run.dataset.gradAccum };
   const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
   const batch: DbBatch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
-  if (encodeFrozen) batch.context = encodeText(run.model.text.params, run.model.text.cfg, batch.ids);
+  if (encodeFrozen) batch.context = encodeFrozenText(run.model.text.params, run.model.text.cfg, batch.ids);
   return batch;
 }
 
@@ -339,6 +340,7 @@ export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobRe
 export async function releaseDreambooth(run: DbRun): Promise<void> {
   run.latents.dispose();
   run.classes?.latents.dispose();
+  releaseTextCache(run.model.text.params);
   disposeParams(run.model.text.params);
   disposeParams(run.model.unet.params);
   if (run.decoder) disposeParams(run.decoder.params);

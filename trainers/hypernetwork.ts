@@ -15,7 +15,7 @@ import {
   validateHypernetworkSpec, type HypernetworkSpec,
 } from './nets/hypernet.ts';
 import type { Params } from './nets/params.ts';
-import { encodeText } from './nets/clip.ts';
+import { encodeFrozenText } from './context-cache.ts';
 import { UNET_PREFIX } from './nets/unet.ts';
 import { openCheckpoint } from './io/checkpoint.ts';
 import { readHypernetwork, writeHypernetwork, writeHypernetworkOptim, type HypernetModule } from './io/pt-hypernet.ts';
@@ -252,7 +252,7 @@ function hnMethod(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths): 
     nextBatch: (step, micro) => {
       const { prompts, ...batch } = diffusionBatch(run, spec, step, micro, new Map());
       // the text encoder is frozen: its output is an input here, computed outside the gradient tape
-      return { ...batch, context: encodeText(text.params, text.cfg, prompts.map((p) => p.ids)) }; // [B, 77, W]
+      return { ...batch, context: encodeFrozenText(text.params, text.cfg, prompts.map((p) => p.ids)) }; // [B, 77, W]
     },
     loss: (batch) => hypernetworkLoss(model, batch, batch.context),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, b.context]),

@@ -21,6 +21,7 @@ import {
 import { shapesOf, paddingFor } from './nets/sd.ts';
 import { overlayParams } from './nets/half-params.ts';
 import { encodeText } from './nets/clip.ts';
+import { encodeFrozenText } from './context-cache.ts';
 import { fileSha256 } from './io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from './optim/lr.ts';
 import { DbOptimizer, makeGroupOptimizer } from './dreambooth-optim.ts';
@@ -109,7 +110,9 @@ function nextLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: num
   const batch: LoraBatch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
   const { text } = run.model;
   // a frozen text encoder's output is an input: encoded once, outside the gradient tape
-  if (!textTrains) batch.context = tf.tidy(() => encodeText(withLora(text.params, net), text.cfg, batch.ids));
+  // without text adapters the encoder is the base model's: each prompt encoded once for the run
+  const textAdapters = net.targets.some((t) => t.name.startsWith('lora_te'));
+  if (!textTrains) batch.context = textAdapters ? tf.tidy(() => encodeText(withLora(text.params, net), text.cfg, batch.ids)) : encodeFrozenText(text.params, text.cfg, batch.ids);
   return batch;
 }
 

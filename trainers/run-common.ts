@@ -24,6 +24,7 @@ import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
 import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext } from './job.ts';
 import { chooseUNetMemory } from './memory.ts';
+import { releaseTextCache } from './context-cache.ts';
 import type { MemoryToggle } from './memory-options.ts';
 import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
 import { parseLrSchedule } from './optim/lr.ts';
@@ -198,6 +199,7 @@ export async function resumeSource(paths: RunPaths, name: string): Promise<strin
 
 export function releaseRun(run: PreparedRun): void {
   run.latents.dispose();
+  releaseTextCache(run.model.text.params);
   disposeParams(run.model.text.params);
   disposeParams(run.model.unet.params);
   if (run.decoder) disposeParams(run.decoder.params);
