@@ -6,6 +6,7 @@
  */
 import { tf, type Tensor } from '../tf.ts';
 import { param, type Params } from './params.ts';
+import { geluFused, groupNormFused, layerNormFused, siluFused } from './fused.ts';
 
 /** torch.nn.Linear: y = x·Wᵀ + b over the last axis; W is [out, in]. */
 export function linear(p: Params, name: string, x: Tensor, bias = true): Tensor {
@@ -43,25 +44,27 @@ export function conv2d(p: Params, name: string, x: Tensor, opts: ConvOptions = {
   return y;
 }
 
-/** torch.nn.GroupNorm on NHWC input (ldm always uses 32 groups; eps differs by block). */
+/**
+ * torch.nn.GroupNorm on NHWC input (ldm always uses 32 groups; eps differs by block). One native
+ * kernel on cpu-native, TF ops elsewhere (fused.ts).
+ */
 export function groupNorm(p: Params, name: string, x: Tensor, eps: number, groups = 32): Tensor {
-  const [b, h, w, c] = x.shape as [number, number, number, number];
-  const grouped = x.reshape([b, h, w, groups, c / groups]); // [B, H, W, G, C/G]
-  const { mean, variance } = tf.moments(grouped, [1, 2, 4], true);
-  const normed = grouped.sub(mean).div(variance.add(eps).sqrt()).reshape([b, h, w, c]);
-  return normed.mul(param(p, `${name}.weight`)).add(param(p, `${name}.bias`));
+  return groupNormFused(x, param(p, `${name}.weight`), param(p, `${name}.bias`), groups, eps);
+}
+
+/** silu(groupNorm(x)) as one op (ldm ResBlock in_layers/out_layers and the UNet/VAE heads). */
+export function groupNormSilu(p: Params, name: string, x: Tensor, eps: number, groups = 32): Tensor {
+  return groupNormFused(x, param(p, `${name}.weight`), param(p, `${name}.bias`), groups, eps, true);
 }
 
 /** torch.nn.LayerNorm over the last axis (eps 1e-5 everywhere in SD's text and UNet blocks). */
 export function layerNorm(p: Params, name: string, x: Tensor, eps = 1e-5): Tensor {
-  const { mean, variance } = tf.moments(x, -1, true);
-  const normed = x.sub(mean).div(variance.add(eps).sqrt());
-  return normed.mul(param(p, `${name}.weight`)).add(param(p, `${name}.bias`));
+  return layerNormFused(x, param(p, `${name}.weight`), param(p, `${name}.bias`), eps);
 }
 
-export const silu = (x: Tensor): Tensor => x.mul(tf.sigmoid(x));
+export const silu = (x: Tensor): Tensor => siluFused(x);
 /** Exact GELU x·Φ(x) with erf (torch default; GEGLU and open_clip use it). */
-export const gelu = (x: Tensor): Tensor => x.mul(tf.erf(x.mul(Math.SQRT1_2)).add(1)).mul(0.5);
+export const gelu = (x: Tensor): Tensor => geluFused(x);
 /** openai CLIP QuickGELU: x·sigmoid(1.702x). */
 export const quickGelu = (x: Tensor): Tensor => x.mul(tf.sigmoid(x.mul(1.702)));
 

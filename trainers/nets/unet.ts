@@ -17,7 +17,7 @@ import { tf, type Tensor } from '../tf.ts';
 import { loadParams, param, type Params } from './params.ts';
 import type { TensorSource } from '../io/types.ts';
 import type { UNetMemory } from '../memory-options.ts';
-import { attention, conv2d, gelu, groupNorm, headsAttention, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
+import { attention, conv2d, gelu, groupNorm, groupNormSilu, headsAttention, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
 import { checkpointed } from './recompute.ts';
 import { sliceRows, slicedAttentionCore } from './sliced-attention.ts';
 
@@ -328,10 +328,10 @@ export function timeMlp(p: Params, cfg: UNetConfig, tEmb: Tensor): Tensor {
 /** openaimodel.py ResBlock: emb is added AFTER in_layers; skip is a 1×1 conv when channels change. */
 function resBlock(c: BlockCtx, name: string, x: Tensor, l: { inCh: number; outCh: number }): Tensor {
   const { p } = c;
-  let h = conv2d(p, `${name}.in_layers.2`, silu(groupNorm(p, `${name}.in_layers.0`, x, 1e-5)));
+  let h = conv2d(p, `${name}.in_layers.2`, groupNormSilu(p, `${name}.in_layers.0`, x, 1e-5));
   const embOut = linear(p, `${name}.emb_layers.1`, silu(c.emb)); // [B, out]
   h = h.add(embOut.reshape([embOut.shape[0]!, 1, 1, l.outCh]));
-  h = conv2d(p, `${name}.out_layers.3`, silu(groupNorm(p, `${name}.out_layers.0`, h, 1e-5))); // dropout 0
+  h = conv2d(p, `${name}.out_layers.3`, groupNormSilu(p, `${name}.out_layers.0`, h, 1e-5)); // dropout 0
   const skip = l.inCh === l.outCh ? x : conv2d(p, `${name}.skip_connection`, x);
   return skip.add(h);
 }
@@ -445,7 +445,7 @@ export function unetForward(
       if (block.name.startsWith('input_blocks.')) skips.push(h);
     }
     const pre = cfg.prefix;
-    return conv2d(p, `${pre}out.2`, silu(groupNorm(p, `${pre}out.0`, h, 1e-5)));
+    return conv2d(p, `${pre}out.2`, groupNormSilu(p, `${pre}out.0`, h, 1e-5));
   });
 }
 
