@@ -1,8 +1,461 @@
-// Attention kernels (none yet): see attention.h.
+// Fused scaled dot-product attention, out = softmax(q·kᵀ·scale)·v per (batch·head), forward and
+// backward, a block of query rows at a time so the [Tq, Tk] scores never exist whole (the
+// memory-efficient attention of Rabe & Staats 2021 / FlashAttention, Dao et al. 2022).
+//
+// Forward, per task (bh, block of kRows query rows): S = Q_blk·Kᵀ over the full key range (one
+// block's rows of scores, kRows·Tk floats, stay in L2), then x = S·scale, m = rowmax(x),
+// p = exp(x − m), l = Σp (softmax with the row max subtracted, as torch and TF.js do, not an
+// online softmax), out = (p·v)/l, lse = m + log l. The backward recomputes the probabilities
+// from lse, tile by tile (kRows × kCols, no full rows needed):
+//   P = exp(S·scale − lse);  dv += Pᵀ·dout;  dP = dout·vᵀ;  dS = P ⊙ (dP − D)·scale,
+//   D = rowsum(dout ⊙ out);  dq = dS·k;  dk += dSᵀ·q.
+// The score GEMMs (inner dimension d) use gemm.h's MR×NR micro-kernel on k/v packed once per
+// call; the products with a d-wide result (p·v, dS·k, Pᵀ·dout, dSᵀ·q) use a kernel here whose
+// register tile is R rows × the whole padded head width. dk/dv are accumulated per task (one
+// task = one bh and a run of row blocks, so no two threads share an accumulator) and summed at
+// the end. Accumulation is float32 with FMA, except the softmax row sum (double).
 #include "attention.h"
 
-namespace st {
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
 
-void define_attention(napi_env, napi_value) {}
+#include "gemm.h"
+#include "pool.h"
+
+namespace st {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kRegs = 32;
+#else
+constexpr int kRegs = 16;
+#endif
+constexpr long kRows = 2 * MR;  // query rows per block (forward and backward)
+constexpr long kCols = 4 * NR;  // key columns per backward tile
+constexpr int kMaxNV = 8;       // vectors per register-tile row (wider heads run in column chunks)
+
+typedef int via __attribute__((vector_size(VW * 4)));
+
+// exp on VW lanes: Cephes expf's range reduction and degree-6 polynomial (≈1 ulp on [-87, 88];
+// inputs are clamped there, so very negative scores give ~1e-38 rather than 0).
+inline vfa vexp(vfa x) {
+  const vfa hi = vfa{} + 88.3762626647949f, lo = vfa{} - 87.3365447504f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vfa magic = vfa{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  const vfa t = x * 1.44269504088896341f + magic;
+  const vfa n = t - magic;
+  const via ni = reinterpret_cast<via>(t) - reinterpret_cast<via>(magic);
+  const vfa r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfa p = vfa{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vfa e = p * r * r + r + 1.0f;
+  return e * reinterpret_cast<vfa>((ni + 127) << 23);
+}
+inline vfa load(const float* p) {
+  vfa v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vfa v) { std::memcpy(p, &v, sizeof v); }
+
+struct Shape {
+  long bh, tq, tk, d;
+  long nv, dp;  // vectors per padded row, padded head width (nv·VW)
+  long tkp;     // Tk padded to NR
+};
+
+// X [T, d] → NR-column panels for micro_kernel's B (element (c, j) = X[j][c]), zero past T.
+void pack_panels(const float* x, long t, long d, long tp, float* dst) {
+  for (long j0 = 0; j0 < tp; j0 += NR) {
+    float* p = dst + j0 * d;
+    for (long c = 0; c < d; c++)
+      for (long j = 0; j < NR; j++) p[c * NR + j] = j0 + j < t ? x[(j0 + j) * d + c] : 0.0f;
+  }
+}
+// X [T, d] → MR-row panels for micro_kernel's A (element (r, c) at c·MR + r), zero past rows.
+void pack_rows(const float* x, long rows, long d, float* dst) {
+  for (long r0 = 0; r0 < rows; r0 += MR) {
+    float* p = dst + r0 * d;
+    for (long c = 0; c < d; c++)
+      for (long r = 0; r < MR; r++) p[c * MR + r] = r0 + r < rows ? x[(r0 + r) * d + c] : 0.0f;
+  }
+}
+// X [T, d] → rows padded to dp floats (zeros past d).
+void pad_rows(const float* x, long t, long d, long dp, float* dst) {
+  for (long j = 0; j < t; j++) {
+    std::memcpy(dst + j * dp, x + j * d, sizeof(float) * d);
+    std::memset(dst + j * dp + d, 0, sizeof(float) * (dp - d));
+  }
+}
+
+// out[r][0..NV·VW) (=|+=) Σ_k a(r, k)·b[k·ldb ..], a(r, k) = a[r·ars + k·aks], r < R.
+// Rows past `rows` are computed from row 0 and not stored.
+template <int R, int NV>
+void wide_kernel(long K, const float* a, long ars, long aks, const float* b, long ldb, float* out, long ldo,
+                 int rows, bool acc) {
+  vfa c[R][NV];
+#pragma GCC unroll 64
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; v++) c[r][v] = vfa{};
+  const float* ar[R];
+  for (int r = 0; r < R; r++) ar[r] = a + (r < rows ? r : 0) * ars;
+  for (long k = 0; k < K; k++) {
+    vfa bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; v++) bv[v] = *reinterpret_cast<const vfu*>(b + k * ldb + v * VW);
+#pragma GCC unroll 64
+    for (int r = 0; r < R; r++) {
+      const float av = ar[r][k * aks];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; v++) c[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < rows; r++)
+    for (int v = 0; v < NV; v++) {
+      vfu* p = reinterpret_cast<vfu*>(out + r * ldo + v * VW);
+      *p = acc ? *p + c[r][v] : c[r][v];
+    }
+}
+
+template <int NV>
+constexpr int rows_for() {
+  return std::max(1, std::min(8, (kRegs - NV - 2) / NV));
+}
+
+template <int NV>
+void wide_rows(long M, long K, const float* a, long ars, long aks, const float* b, long ldb, float* out, long ldo,
+               bool acc) {
+  constexpr int R = rows_for<NV>();
+  for (long m = 0; m < M; m += R)
+    wide_kernel<R, NV>(K, a + m * ars, ars, aks, b, ldb, out + m * ldo, ldo, static_cast<int>(std::min<long>(R, M - m)), acc);
+}
+
+// out[M, nv·VW] (=|+=) A[M, K]·B[K, nv·VW], A(m, k) = a[m·ars + k·aks], B rows ldb apart.
+void wide_gemm(long M, long K, long nv, const float* a, long ars, long aks, const float* b, long ldb, float* out,
+               long ldo, bool acc) {
+  for (long v0 = 0; v0 < nv; v0 += kMaxNV) {
+    const long n = std::min<long>(kMaxNV, nv - v0);
+    const float* bb = b + v0 * VW;
+    float* oo = out + v0 * VW;
+    switch (n) {
+      case 1: wide_rows<1>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 2: wide_rows<2>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 3: wide_rows<3>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 4: wide_rows<4>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 5: wide_rows<5>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 6: wide_rows<6>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      case 7: wide_rows<7>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+      default: wide_rows<8>(M, K, a, ars, aks, bb, ldb, oo, ldo, acc); break;
+    }
+  }
+}
+
+// S[rows≤kRows (padded to MR), cols] = A panels · B panels over kc = d, S rows ld apart.
+void score_tile(const float* apanels, long rows, const float* bpanels, long cols, long d, float* s, long ld) {
+  for (long j = 0; j < cols; j += NR) {
+    const float* b = bpanels + j * d;
+    for (long r = 0; r < rows; r += MR) {
+      float* ptr[MR];
+      for (int i = 0; i < MR; i++) ptr[i] = s + (r + i) * ld + j;
+      micro_kernel(d, apanels + r * d, b, ptr, false);
+    }
+  }
+}
+
+// A 64-byte aligned float buffer (micro_kernel loads packed B panels with aligned vector loads).
+struct Buf {
+  float* p = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count, bool zero = false) { grow(count, zero); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  void grow(size_t count, bool zero = false) {
+    if (count > n) {
+      std::free(p);
+      n = count;
+      p = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
+    }
+    if (zero) std::memset(p, 0, count * sizeof(float));
+  }
+  float* data() const { return p; }
+};
+
+// Per-thread scratch that grows and is kept between calls (no page faults per call).
+Buf& tls(int which, size_t n) {
+  thread_local Buf bufs[3];
+  bufs[which].grow(n);
+  return bufs[which];
+}
+
+inline float row_max(const float* x, long n) {
+  vfa m8 = vfa{} - INFINITY;
+  long j = 0;
+  for (; j + VW <= n; j += VW) {
+    const vfa v = load(x + j);
+    m8 = v > m8 ? v : m8;
+  }
+  float m = -INFINITY;
+  for (int i = 0; i < VW; i++) m = std::max(m, m8[i]);
+  for (; j < n; j++) m = std::max(m, x[j]);
+  return m;
+}
+
+// One forward task: rows [r0, r0 + rows) of head bh.
+void forward_block(const Shape& s, float scale, const float* q, const float* kp, const float* vpad, float* out,
+                   float* lse, long r0, long rows) {
+  const long rowsP = (rows + MR - 1) / MR * MR;
+  float* qa = tls(0, rowsP * s.d).data();
+  float* sc = tls(1, rowsP * s.tkp).data();
+  float* o = tls(2, rows * s.dp).data();
+  pack_rows(q + r0 * s.d, rows, s.d, qa);
+  score_tile(qa, rows, kp, s.tkp, s.d, sc, s.tkp);
+  float inv[kRows];
+  for (long r = 0; r < rows; r++) {
+    float* x = sc + r * s.tkp;
+    const float m = row_max(x, s.tk) * scale;  // = max(x·scale): rounding is monotonic, scale > 0
+    vfa part = vfa{};
+    double sum = 0;
+    long j = 0;
+    for (; j + VW <= s.tk; j += VW) {
+      const vfa p = vexp(load(x + j) * scale - m);
+      store(x + j, p);
+      part += p;
+    }
+    for (; j < s.tk; j++) {
+      x[j] = std::exp(x[j] * scale - m);
+      sum += x[j];
+    }
+    for (int i = 0; i < VW; i++) sum += part[i];
+    inv[r] = static_cast<float>(1.0 / sum);
+    lse[r0 + r] = m + static_cast<float>(std::log(sum));
+  }
+  wide_gemm(rows, s.tk, s.nv, sc, s.tkp, 1, vpad, s.dp, o, s.dp, false);
+  for (long r = 0; r < rows; r++)
+    for (long c = 0; c < s.d; c++) out[(r0 + r) * s.d + c] = o[r * s.dp + c] * inv[r];
+}
+
+long blocks_of(long n) { return (n + kRows - 1) / kRows; }
+
+}  // namespace
+
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long bh, long tq, long tk,
+                       long d, float scale) {
+  Shape s{bh, tq, tk, d, (d + VW - 1) / VW, 0, (tk + NR - 1) / NR * NR};
+  s.dp = s.nv * VW;
+  Buf kp(bh * s.tkp * d), vpad(bh * tk * s.dp);
+  parallel_for(static_cast<int>(bh), [&](int b) {
+    pack_panels(k + b * tk * d, tk, d, s.tkp, kp.data() + b * s.tkp * d);
+    pad_rows(v + b * tk * d, tk, d, s.dp, vpad.data() + b * tk * s.dp);
+  });
+  const long nb = blocks_of(tq);
+  parallel_for(static_cast<int>(bh * nb), [&](int task) {
+    const long b = task / nb, r0 = (task % nb) * kRows;
+    forward_block(s, scale, q + b * tq * d, kp.data() + b * s.tkp * d, vpad.data() + b * tk * s.dp, out + b * tq * d,
+                  lse + b * tq, r0, std::min(kRows, tq - r0));
+  });
+}
+
+namespace {
+
+struct Backward {
+  Shape s;
+  float scale;
+  const float *q, *lse, *dout, *out;
+  const float *kp, *vp, *kpad;  // per bh: k panels, v panels, k rows padded
+  float *dq, *dkAcc, *dvAcc;    // dkAcc/dvAcc: this task's [Tk, dp] accumulators
+
+  // Rows [r0, r0 + rows) of one head (pointers already offset to the head).
+  void block(long r0, long rows) const {
+    const long rowsP = (rows + MR - 1) / MR * MR, dp = s.dp;
+    float* qa = tls(0, rowsP * s.d).data();
+    float* da = tls(1, rowsP * s.d).data();
+    float* tiles = tls(2, 2 * rowsP * kCols + 3 * rowsP * dp).data();
+    float *pt = tiles, *dst = pt + rowsP * kCols, *qr = dst + rowsP * kCols, *dor = qr + rowsP * dp,
+          *dqa = dor + rowsP * dp;
+    pack_rows(q + r0 * s.d, rows, s.d, qa);
+    pack_rows(dout + r0 * s.d, rows, s.d, da);
+    pad_rows(q + r0 * s.d, rows, s.d, dp, qr);
+    pad_rows(dout + r0 * s.d, rows, s.d, dp, dor);
+    float rowD[kRows], rowL[kRows];
+    for (long r = 0; r < rows; r++) {
+      double acc = 0;
+      for (long c = 0; c < s.d; c++) acc += dout[(r0 + r) * s.d + c] * out[(r0 + r) * s.d + c];
+      rowD[r] = static_cast<float>(acc);
+      rowL[r] = lse[r0 + r];
+    }
+    for (long j0 = 0; j0 < s.tk; j0 += kCols) {
+      const long cols = std::min(kCols, s.tk - j0), colsP = (cols + NR - 1) / NR * NR;
+      score_tile(qa, rows, kp + j0 * s.d, colsP, s.d, pt, kCols);
+      score_tile(da, rows, vp + j0 * s.d, colsP, s.d, dst, kCols);
+      for (long r = 0; r < rows; r++) {
+        float *p = pt + r * kCols, *ds = dst + r * kCols;
+        long j = 0;
+        for (; j + VW <= cols; j += VW) {
+          const vfa pv = vexp(load(p + j) * scale - rowL[r]);
+          store(p + j, pv);
+          store(ds + j, pv * (load(ds + j) - rowD[r]) * scale);
+        }
+        for (; j < cols; j++) {
+          p[j] = std::exp(p[j] * scale - rowL[r]);
+          ds[j] = p[j] * (ds[j] - rowD[r]) * scale;
+        }
+      }
+      // dq += dS·k;  dv += Pᵀ·dout;  dk += dSᵀ·q
+      wide_gemm(rows, cols, s.nv, dst, kCols, 1, kpad + j0 * dp, dp, dqa, dp, j0 > 0);
+      wide_gemm(cols, rows, s.nv, pt, 1, kCols, dor, dp, dvAcc + j0 * dp, dp, true);
+      wide_gemm(cols, rows, s.nv, dst, 1, kCols, qr, dp, dkAcc + j0 * dp, dp, true);
+    }
+    for (long r = 0; r < rows; r++) std::memcpy(dq + (r0 + r) * s.d, dqa + r * dp, sizeof(float) * s.d);
+  }
+};
+
+}  // namespace
+
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                        const float* lse, float* dq, float* dk, float* dv, long bh, long tq, long tk, long d,
+                        float scale) {
+  Shape s{bh, tq, tk, d, (d + VW - 1) / VW, 0, (tk + NR - 1) / NR * NR};
+  s.dp = s.nv * VW;
+  Buf kp(bh * s.tkp * d), vp(bh * s.tkp * d), kpad(bh * tk * s.dp);
+  parallel_for(static_cast<int>(bh), [&](int b) {
+    pack_panels(k + b * tk * d, tk, d, s.tkp, kp.data() + b * s.tkp * d);
+    pack_panels(v + b * tk * d, tk, d, s.tkp, vp.data() + b * s.tkp * d);
+    pad_rows(k + b * tk * d, tk, d, s.dp, kpad.data() + b * tk * s.dp);
+  });
+  // Each head's row blocks split into `chunks` runs, enough tasks to keep every thread busy.
+  const long nb = blocks_of(tq);
+  const long chunks = std::max(1L, std::min(nb, (2L * pool_threads() + bh - 1) / bh));
+  const long perChunk = (nb + chunks - 1) / chunks;
+  Buf acc(static_cast<size_t>(bh * chunks * 2 * tk * s.dp), true);
+  parallel_for(static_cast<int>(bh * chunks), [&](int task) {
+    const long b = task / chunks, c = task % chunks;
+    float* dkAcc = acc.data() + task * 2 * tk * s.dp;
+    const Backward w{s, scale, q + b * tq * d, lse + b * tq, dout + b * tq * d, out + b * tq * d,
+                     kp.data() + b * s.tkp * d, vp.data() + b * s.tkp * d, kpad.data() + b * tk * s.dp,
+                     dq + b * tq * d, dkAcc, dkAcc + tk * s.dp};
+    for (long blk = c * perChunk; blk < std::min(nb, (c + 1) * perChunk); blk++)
+      w.block(blk * kRows, std::min(kRows, tq - blk * kRows));
+  });
+  // dk, dv [bh, tk, d] = Σ over the head's chunks
+  parallel_for(static_cast<int>(bh), [&](int b) {
+    for (long j = 0; j < tk; j++)
+      for (long c = 0; c < d; c++) {
+        float sk = 0, sv = 0;
+        for (long ch = 0; ch < chunks; ch++) {
+          const float* base = acc.data() + (b * chunks + ch) * 2 * tk * s.dp;
+          sk += base[j * s.dp + c];
+          sv += base[tk * s.dp + j * s.dp + c];
+        }
+        dk[(b * tk + j) * d + c] = sk;
+        dv[(b * tk + j) * d + c] = sv;
+      }
+  });
+}
+
+namespace {
+
+// The float32 typed array argv[i] with at least n elements; else throws and returns nullptr.
+float* f32(napi_env env, napi_value v, size_t n, const char* name) {
+  bool is = false;
+  napi_typedarray_type type;
+  size_t len = 0;
+  void* data = nullptr;
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, v, &type, &len, &data, nullptr, nullptr) != napi_ok || type != napi_float32_array) {
+    napi_throw_type_error(env, nullptr, (std::string(name) + ": expected a Float32Array").c_str());
+    return nullptr;
+  }
+  if (len < n) {
+    napi_throw_range_error(env, nullptr, (std::string(name) + ": has " + std::to_string(len) + " elements, needs " + std::to_string(n)).c_str());
+    return nullptr;
+  }
+  return static_cast<float*>(data);
+}
+
+// argv[first..first+4]: bh, tq, tk, d, scale (numbers).
+bool dims(napi_env env, napi_value* argv, long* bh, long* tq, long* tk, long* d, float* scale) {
+  double x[5];
+  for (int i = 0; i < 5; i++)
+    if (napi_get_value_double(env, argv[i], &x[i]) != napi_ok) {
+      napi_throw_type_error(env, nullptr, "attention: expected numbers bh, tq, tk, d, scale");
+      return false;
+    }
+  *bh = static_cast<long>(x[0]), *tq = static_cast<long>(x[1]), *tk = static_cast<long>(x[2]), *d = static_cast<long>(x[3]);
+  *scale = static_cast<float>(x[4]);
+  if (*bh < 0 || *tq < 0 || *tk < 1 || *d < 1 || !(*scale > 0)) {
+    napi_throw_range_error(env, nullptr, "attention: needs bh, tq ≥ 0, tk, d ≥ 1 and scale > 0");
+    return false;
+  }
+  return true;
+}
+
+// (q, k, v, out, lse, bh, tq, tk, d, scale)
+napi_value Forward(napi_env env, napi_callback_info info) {
+  napi_value argv[10];
+  size_t argc = 10;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  long bh, tq, tk, d;
+  float scale;
+  if (argc < 10) {
+    napi_throw_type_error(env, nullptr, "attentionForward: expected (q, k, v, out, lse, bh, tq, tk, d, scale)");
+    return nullptr;
+  }
+  if (!dims(env, argv + 5, &bh, &tq, &tk, &d, &scale)) return nullptr;
+  const size_t nq = bh * tq * d, nk = bh * tk * d;
+  const float *q = f32(env, argv[0], nq, "q"), *k = q ? f32(env, argv[1], nk, "k") : nullptr,
+              *v = k ? f32(env, argv[2], nk, "v") : nullptr;
+  float* out = v ? f32(env, argv[3], nq, "out") : nullptr;
+  float* lse = out ? f32(env, argv[4], bh * tq, "lse") : nullptr;
+  if (lse && nq > 0) attention_forward(q, k, v, out, lse, bh, tq, tk, d, scale);
+  return nullptr;
+}
+
+// (q, k, v, out, dout, lse, dq, dk, dv, bh, tq, tk, d, scale)
+napi_value Backward(napi_env env, napi_callback_info info) {
+  napi_value argv[14];
+  size_t argc = 14;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  long bh, tq, tk, d;
+  float scale;
+  if (argc < 14) {
+    napi_throw_type_error(env, nullptr, "attentionBackward: expected (q, k, v, out, dout, lse, dq, dk, dv, bh, tq, tk, d, scale)");
+    return nullptr;
+  }
+  if (!dims(env, argv + 9, &bh, &tq, &tk, &d, &scale)) return nullptr;
+  const size_t nq = bh * tq * d, nk = bh * tk * d;
+  const size_t need[9] = {nq, nk, nk, nq, nq, static_cast<size_t>(bh * tq), nq, nk, nk};
+  const char* names[9] = {"q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"};
+  float* p[9];
+  for (int i = 0; i < 9; i++)
+    if (!(p[i] = f32(env, argv[i], need[i], names[i]))) return nullptr;
+  if (nq == 0) {
+    std::fill(p[7], p[7] + nk, 0.0f);
+    std::fill(p[8], p[8] + nk, 0.0f);
+    return nullptr;
+  }
+  attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], bh, tq, tk, d, scale);
+  return nullptr;
+}
+
+}  // namespace
+
+void define_attention(napi_env env, napi_value exports) {
+  const napi_property_descriptor props[] = {
+      {"attentionForward", nullptr, Forward, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"attentionBackward", nullptr, Backward, nullptr, nullptr, nullptr, napi_default, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+}
 
 }  // namespace st

@@ -1,8 +1,19 @@
-// The addon's attention kernels: define_attention() adds their N-API entry points to the exports (addon.cc Init).
+// The addon's attention kernels (attention.cc): fused scaled dot-product attention, forward and
+// backward, a block of query rows at a time. define_attention() adds their N-API entry points
+// (attentionForward, attentionBackward) to the exports (addon.cc Init).
 #pragma once
 #include <node_api.h>
 
 namespace st {
+
+// out = softmax(q·kᵀ·scale)·v, lse = per-row log-sum-exp of q·kᵀ·scale; q/out [bh, tq, d],
+// k/v [bh, tk, d], lse [bh, tq]; scale > 0.
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long bh, long tq, long tk,
+                       long d, float scale);
+// dq, dk, dv of the forward for dout, from its out and lse.
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
+                        const float* lse, float* dq, float* dk, float* dv, long bh, long tq, long tk, long d,
+                        float scale);
 
 void define_attention(napi_env env, napi_value exports);
 

@@ -7,8 +7,97 @@
  *
  * Backward of o = softmax(s)·v with s = q·kᵀ·scale, per slice (p the recomputed probabilities):
  *   dv += pᵀ·do;  dp = do·vᵀ;  ds = p ⊙ (dp − D) with D = rowsum(do ⊙ o);  dq = ds·k·scale;  dk += dsᵀ·q·scale.
+ *
+ * On the cpu-native backend the whole core is two native kernels instead (native/src/attention.cc:
+ * a block of query rows at a time, multi-threaded, with the same backward formulas and the
+ * per-row log-sum-exp saved by the forward), so `rows` does not matter there: nothing bigger
+ * than a block's scores is ever allocated. Every other backend runs the TF-ops slices below,
+ * which are also the tests' reference.
  */
-import { tf, type Tensor } from '../tf.ts';
+import { currentBackend, tf, type Tensor } from '../tf.ts';
+import { loadAddon, type NativeAddon } from '../native/addon.ts';
+import type { CpuBackend } from '../native/kernels.ts';
+
+type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNullable<NativeAddon[K]> };
+
+let enabled = process.env.SIDETRAIN_NATIVE_ATTENTION !== '0';
+let registered: AttentionAddon | undefined;
+
+/** Turns the native attention core on or off (the TF-ops slices run when off); returns the previous setting. */
+export function setNativeAttention(on: boolean): boolean {
+  const was = enabled;
+  enabled = on;
+  return was;
+}
+
+/** Whether attention cores run natively here (cpu-native backend, addon with the attention kernels, not turned off). */
+export function hasNativeAttention(): boolean {
+  if (!enabled || currentBackend()?.name !== 'cpu-native' || tf.getBackend() !== 'cpu') return false;
+  if (registered) return true;
+  let addon: NativeAddon;
+  try {
+    addon = loadAddon();
+  } catch {
+    return false;
+  }
+  if (!addon.attentionForward || !addon.attentionBackward) return false;
+  registered = addon as AttentionAddon;
+  registerKernels(registered);
+  return true;
+}
+
+const f32 = (backend: CpuBackend, t: tf.TensorInfo): Float32Array => {
+  const v = backend.data.get(t.dataId).values;
+  if (!(v instanceof Float32Array)) throw new Error('attention: float32 CPU tensors expected');
+  return v;
+};
+
+/** The CPU-backend kernels the native core's customGrad runs (names that clash with no TF.js kernel). */
+function registerKernels(addon: AttentionAddon): void {
+  const kernels: Record<string, tf.KernelFunc> = {
+    SidetrainAttention: ({ inputs, backend, attrs }) => {
+      const be = backend as CpuBackend, { q, k, v } = inputs as Record<string, tf.TensorInfo>;
+      const [bh, tq, d] = q!.shape as [number, number, number], tk = k!.shape[1]!;
+      const out = new Float32Array(bh * tq * d), lse = new Float32Array(bh * tq);
+      addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, bh, tq, tk, d, (attrs as { scale: number }).scale);
+      return [be.makeTensorInfo([bh, tq, d], 'float32', out), be.makeTensorInfo([bh, tq], 'float32', lse)];
+    },
+    SidetrainAttentionGrad: ({ inputs, backend, attrs }) => {
+      const be = backend as CpuBackend, { q, k, v, out, dout, lse } = inputs as Record<string, tf.TensorInfo>;
+      const [bh, tq, d] = q!.shape as [number, number, number], tk = k!.shape[1]!;
+      const dq = new Float32Array(bh * tq * d), dk = new Float32Array(bh * tk * d), dv = new Float32Array(bh * tk * d);
+      const arrays = [q, k, v, out, dout, lse].map((t) => f32(be, t!)) as [Float32Array, Float32Array, Float32Array, Float32Array, Float32Array, Float32Array];
+      addon.attentionBackward(...arrays, dq, dk, dv, bh, tq, tk, d, (attrs as { scale: number }).scale);
+      return [be.makeTensorInfo(q!.shape, 'float32', dq), be.makeTensorInfo(k!.shape, 'float32', dk), be.makeTensorInfo(v!.shape, 'float32', dv)];
+    },
+  };
+  for (const [kernelName, kernelFunc] of Object.entries(kernels)) {
+    if (!tf.getKernel(kernelName, 'cpu')) tf.registerKernel({ kernelName, backendName: 'cpu', kernelFunc });
+  }
+}
+
+const runKernel = (name: string, inputs: Record<string, Tensor>, scale: number) =>
+  tf.engine().runKernel(name, inputs as unknown as tf.NamedTensorMap, { scale } as unknown as tf.NamedAttrMap) as Tensor[];
+
+/**
+ * softmax(qh·khᵀ·d^-0.5)·vh in the native kernels: qh [BH, Tq, d], kh and vh [BH, Tk, d] → [BH, Tq, d].
+ * Only where hasNativeAttention(); the tape keeps q, k, v, the output and the log-sum-exp [BH, Tq].
+ */
+export function nativeAttentionCore(qh: Tensor, kh: Tensor, vh: Tensor): Tensor {
+  if (!hasNativeAttention()) throw new Error('nativeAttentionCore: native attention kernels are not available on this backend');
+  const scale = qh.shape[2]! ** -0.5;
+  const run = tf.customGrad((q, k, v, save) => {
+    const inputs = { q: q as Tensor, k: k as Tensor, v: v as Tensor };
+    const [out, lse] = runKernel('SidetrainAttention', inputs, scale) as [Tensor, Tensor];
+    (save as tf.GradSaveFunc)([inputs.q, inputs.k, inputs.v, out, lse]);
+    return {
+      value: out,
+      gradFunc: (dy, [qs, ks, vs, os, ls]) =>
+        runKernel('SidetrainAttentionGrad', { q: qs!, k: ks!, v: vs!, out: os!, dout: dy as Tensor, lse: ls! }, scale),
+    };
+  });
+  return run(qh, kh, vh);
+}
 
 /** Rows per slice so one slice's scores stay within `maxBytes` (at least 1 row). */
 export function sliceRows(batchHeads: number, tq: number, tk: number, maxBytes: number): number {
@@ -38,9 +127,16 @@ function addInto(acc: Tensor | undefined, next: Tensor): Tensor {
 
 /**
  * Scaled dot-product attention on heads already split: qh [BH, Tq, d], kh and vh [BH, Tk, d] →
- * [BH, Tq, d], `rows` query rows at a time. Same numbers as the whole computation.
+ * [BH, Tq, d], `rows` query rows at a time (the native core when present). Same numbers as the
+ * whole computation.
  */
 export function slicedAttentionCore(qh: Tensor, kh: Tensor, vh: Tensor, rows: number): Tensor {
+  const float32 = qh.dtype === 'float32' && kh.dtype === 'float32' && vh.dtype === 'float32';
+  return float32 && hasNativeAttention() ? nativeAttentionCore(qh, kh, vh) : slicedAttentionOps(qh, kh, vh, rows);
+}
+
+/** slicedAttentionCore in TF ops (every backend; the reference for the native core). */
+export function slicedAttentionOps(qh: Tensor, kh: Tensor, vh: Tensor, rows: number): Tensor {
   const scale = qh.shape[2]! ** -0.5;
   const parts = slices(qh.shape[1]!, rows);
   const run = tf.customGrad((q, k, v, save) => {
