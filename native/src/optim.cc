@@ -34,17 +34,21 @@ struct AdamK {
   float decay, b1, omb1, b2, omb2, bc2s, eps, step;
 };
 
-// trainers/optim/adamw.ts update(), element by element, in its op order.
-inline void adamw_one(float p, float g, float m, float v, const AdamK& k, float& po, float& mo, float& vo) {
-  mo = m * k.b1 + g * k.omb1;
-  vo = v * k.b2 + (g * g) * k.omb2;
-  const float denom = std::sqrt(vo) / k.bc2s + k.eps;
-  po = p * k.decay + (mo / denom) * k.step;
-}
-
-void adamw_range(const float* p, const float* g, const float* m, const float* v, float* po, float* mo, float* vo, long n,
+// trainers/optim/adamw.ts update() element by element, in its op order. restrict: no output
+// overlaps an input, so the loop vectorises (vsqrtps/vdivps round correctly too).
+void adamw_range(const float* __restrict__ p, const float* __restrict__ g, const float* __restrict__ m,
+                 const float* __restrict__ v, float* __restrict__ po, float* __restrict__ mo, float* __restrict__ vo, long n,
                  const AdamK& k) {
-  for (long i = 0; i < n; i++) adamw_one(p[i], g[i], m[i], v[i], k, po[i], mo[i], vo[i]);
+  const float decay = k.decay, b1 = k.b1, omb1 = k.omb1, b2 = k.b2, omb2 = k.omb2, bc2s = k.bc2s, eps = k.eps, step = k.step;
+  for (long i = 0; i < n; i++) {
+    const float gi = g[i];
+    const float mi = m[i] * b1 + gi * omb1;
+    const float vi = v[i] * b2 + (gi * gi) * omb2;
+    const float denom = std::sqrt(vi) / bc2s + eps;
+    po[i] = p[i] * decay + (mi / denom) * step;
+    mo[i] = mi;
+    vo[i] = vi;
+  }
 }
 
 // A code book and its midpoints shifted by one (tab[c] = mids[c − 1], tab[0] unused), so the
@@ -107,15 +111,17 @@ struct Quant {
 };
 
 // One block of the 8-bit step: dequantise, update, requantise (codes into q.codes).
+// tmp: 4 buffers of bs floats (old m, old v, new m, new v).
 void adamw8bit_block(long b, long bs, long n, const float* p, const float* g, float* po, Quant& qm, Quant& qv, const Book& sm,
-                     const Book& sv, const AdamK& k, float* mTmp, float* vTmp) {
+                     const Book& sv, const AdamK& k, float* tmp) {
   const long a = b * bs, e = std::min(n, a + bs);
+  float *mOld = tmp, *vOld = tmp + bs, *mTmp = tmp + 2 * bs, *vTmp = tmp + 3 * bs;
   const float mScale = qm.absmax[b], vScale = qv.absmax[b];
   for (long i = a; i < e; i++) {
-    const float m = sm.code[code_at(qm.packed, i)] * mScale;
-    const float v = sv.code[code_at(qv.packed, i)] * vScale;
-    adamw_one(p[i], g[i], m, v, k, po[i], mTmp[i - a], vTmp[i - a]);
+    mOld[i - a] = sm.code[code_at(qm.packed, i)] * mScale;
+    vOld[i - a] = sv.code[code_at(qv.packed, i)] * vScale;
   }
+  adamw_range(p + a, g + a, mOld, vOld, po + a, mTmp, vTmp, e - a, k);
   // the padding of the last block quantises zeros, as quantizeBlockwise pads with zeros
   std::fill(mTmp + (e - a), mTmp + bs, 0.0f);
   std::fill(vTmp + (e - a), vTmp + bs, 0.0f);
@@ -232,9 +238,9 @@ napi_value Adamw8bitStep(napi_env env, napi_callback_info info) {
   const long perTask = std::max(1L, kChunk / bs);
   const long tasks = (blocks + perTask - 1) / perTask;
   parallel_for(static_cast<int>(tasks), [&](int t) {
-    std::vector<float> mTmp(static_cast<size_t>(bs)), vTmp(static_cast<size_t>(bs));
+    std::vector<float> tmp(static_cast<size_t>(4 * bs));
     for (long b = t * perTask; b < std::min(blocks, (t + 1) * perTask); b++)
-      adamw8bit_block(b, bs, n, p, g, po, qm, qv, sm, sv, k, mTmp.data(), vTmp.data());
+      adamw8bit_block(b, bs, n, p, g, po, qm, qv, sm, sv, k, tmp.data());
   });
   pack_codes(qm.codes, mPackedOut, words);
   pack_codes(qv.codes, vPackedOut, words);
