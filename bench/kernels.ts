@@ -9,6 +9,7 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
 import { nativeStatus } from '../trainers/native/index.ts';
+import { groupNormFused, setFusedKernels } from '../trainers/nets/fused.ts';
 
 interface KernelCase {
   name: string;
@@ -43,6 +44,44 @@ const CASES: KernelCase[] = [
   { name: 'attention 4096 tokens, 320 wide, one head at a time', pytorchMs: 886, backends: ['cpu-native', 'wasm'], inputs: [[4096, 320], [4096, 320], [4096, 320]], f: (q, k, v) => attentionByHead(q, k, v) },
 ];
 
+/**
+ * GroupNorm(32 groups) + SiLU, forward and the gradients of x, weight and bias, as in every SD1.5
+ * ResBlock: the native fused kernel vs the TF-ops chain it replaced (elementwise kernels, native
+ * where they exist), timed alternately in one process so a shared machine's load hits both alike.
+ */
+const NORM_CASES = [
+  { name: 'GroupNorm+SiLU [1,32,32,320] (SD1.5 level 0, 256 px)', shape: [1, 32, 32, 320] },
+  { name: 'GroupNorm+SiLU [1,64,64,320] (SD1.5 level 0, 512 px)', shape: [1, 64, 64, 320] },
+];
+
+function gnSilu(fused: boolean): (...xs: Tensor[]) => Tensor {
+  return (x, w, b) => {
+    const was = setFusedKernels(fused);
+    try {
+      return groupNormFused(x!, w!, b!, 32, 1e-5, true);
+    } finally {
+      setFusedKernels(was);
+    }
+  };
+}
+
+/** Median ms of the fused and the TF-ops GroupNorm+SiLU, interleaved, and their ratio. */
+async function timeNormCase(shape: number[]) {
+  const c = shape[3]!;
+  const xs = [tf.randomUniform(shape, -1, 1), tf.randomUniform([c], 0.5, 1.5), tf.randomUniform([c], -1, 1)];
+  const dy = tf.randomUniform(shape, -1, 1);
+  const cases = [true, false].map((fused) => ({ name: '', pytorchMs: 1, backends: [], inputs: [], f: gnSilu(fused) }));
+  try {
+    const times: number[][] = [[], []];
+    for (const k of cases) await step(k, xs, dy); // warm-up
+    for (let i = 0; i < 5; i++) for (const [j, k] of cases.entries()) times[j]!.push(await step(k, xs, dy));
+    const [fusedMs, opsMs] = times.map((t) => t.sort((a, b) => a - b)[2]!) as [number, number];
+    return { ms: Math.round(fusedMs * 10) / 10, runs: 5, tfOpsMs: Math.round(opsMs * 10) / 10, speedup: Math.round((opsMs / fusedMs) * 10) / 10 };
+  } finally {
+    tf.dispose([...xs, dy]);
+  }
+}
+
 /** One forward + backward, synchronised by reading every gradient back. */
 async function step(c: KernelCase, xs: Tensor[], dy: Tensor): Promise<number> {
   const t0 = performance.now();
@@ -73,13 +112,18 @@ async function timeCase(c: KernelCase, backend: string) {
 async function runCases(backend: string): Promise<Record<string, unknown>[]> {
   await initBackend(backend);
   const rows: Record<string, unknown>[] = [];
-  for (const c of CASES.filter((k) => k.backends.includes(backend))) {
+  // SIDETRAIN_BENCH_NORM_ONLY=1: just the GroupNorm rows (a quick A/B after a norm-kernel change)
+  const cases = process.env.SIDETRAIN_BENCH_NORM_ONLY === '1' ? [] : CASES;
+  for (const c of cases.filter((k) => k.backends.includes(backend))) {
     try {
       rows.push({ case: c.name, backend, ...(await timeCase(c, backend)), pytorchMs: c.pytorchMs });
     } catch (err) {
       // e.g. stock WASM has no Conv2DBackpropFilter kernel
       rows.push({ case: c.name, backend, skipped: String(err instanceof Error ? err.message : err).split('\n')[0] });
     }
+  }
+  if (backend === 'cpu-native') {
+    for (const c of NORM_CASES) rows.push({ case: `${c.name} fused vs TF ops`, backend, ...(await timeNormCase(c.shape)) });
   }
   return rows;
 }
