@@ -9,6 +9,7 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
 import { nativeStatus } from '../trainers/native/index.ts';
+import { hasNativeAttention, nativeAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 import { groupNormFused, setFusedKernels } from '../trainers/nets/fused.ts';
 
 interface KernelCase {
@@ -108,12 +109,50 @@ async function timeCase(c: KernelCase, backend: string) {
   }
 }
 
+/**
+ * SD1.5 level-0 self-attention cores (8 heads of 40, heads already split), forward + backward:
+ * the native core (native/src/attention.cc) A/B against the composed TF-ops path the UNet takes
+ * without it — whole at 256 px, 512-row slices at 512 px (memory-options' 64 MB slices) — in the
+ * same process, interleaved so that load from other processes hits both alike. pytorchMs: the
+ * issue's attention row (the same 8×4096²×40 scores, plus the head split).
+ */
+const ATTENTION_AB = [
+  { name: 'attention core 8×4096²×40 (SD1.5 level 0, 512 px)', bh: 8, t: 4096, d: 40, rows: 512, pytorchMs: 886 },
+  { name: 'attention core 8×1024²×40 (SD1.5 level 0, 256 px)', bh: 8, t: 1024, d: 40, rows: 1024, pytorchMs: undefined },
+];
+
+async function attentionAB(backend: string): Promise<Record<string, unknown>[]> {
+  if (!hasNativeAttention()) return [{ case: 'attention core', backend, skipped: 'no native attention kernels' }];
+  const rows: Record<string, unknown>[] = [];
+  for (const c of ATTENTION_AB) {
+    const xs = [0, 1, 2].map(() => tf.randomUniform([c.bh, c.t, c.d], -1, 1)), dy = tf.randomUniform([c.bh, c.t, c.d], -1, 1);
+    const variant = (f: KernelCase['f']): KernelCase => ({ name: c.name, pytorchMs: 0, backends: [], inputs: [], f });
+    const native = variant((q, k, v) => nativeAttentionCore(q!, k!, v!));
+    const composed = variant((q, k, v) =>
+      c.rows < c.t ? slicedAttentionOps(q!, k!, v!, c.rows) : tf.matMul(tf.softmax(tf.matMul(q!, k!, false, true).mul(c.d ** -0.5)), v!));
+    const times: [number[], number[]] = [[], []];
+    await step(native, xs, dy); // warm-up
+    await step(composed, xs, dy);
+    for (let i = 0; i < 3; i++) {
+      times[0].push(await step(native, xs, dy));
+      times[1].push(await step(composed, xs, dy));
+    }
+    tf.dispose([...xs, dy]);
+    const [ms, composedMs] = times.map((t) => t.sort((a, b) => a - b)[1]!) as [number, number];
+    const round = (x: number) => Math.round(x * 100) / 100;
+    rows.push({ case: c.name, backend, ms: Math.round(ms), runs: 3, composedMs: Math.round(composedMs), nativeVsComposed: round(ms / composedMs), ...(c.pytorchMs ? { pytorchMs: c.pytorchMs, ratio: round(ms / c.pytorchMs) } : {}) });
+  }
+  return rows;
+}
+
 /** In the child: median ms of each case on this process's backend. */
 async function runCases(backend: string): Promise<Record<string, unknown>[]> {
   await initBackend(backend);
   const rows: Record<string, unknown>[] = [];
   // SIDETRAIN_BENCH_NORM_ONLY=1: just the GroupNorm rows (a quick A/B after a norm-kernel change)
-  const cases = process.env.SIDETRAIN_BENCH_NORM_ONLY === '1' ? [] : CASES;
+  // SIDETRAIN_BENCH_ATTENTION_ONLY=1: just the attention-core A/B rows
+  const attentionOnly = process.env.SIDETRAIN_BENCH_ATTENTION_ONLY === '1';
+  const cases = process.env.SIDETRAIN_BENCH_NORM_ONLY === '1' || attentionOnly ? [] : CASES;
   for (const c of cases.filter((k) => k.backends.includes(backend))) {
     try {
       rows.push({ case: c.name, backend, ...(await timeCase(c, backend)), pytorchMs: c.pytorchMs });
@@ -123,7 +162,8 @@ async function runCases(backend: string): Promise<Record<string, unknown>[]> {
     }
   }
   if (backend === 'cpu-native') {
-    for (const c of NORM_CASES) rows.push({ case: `${c.name} fused vs TF ops`, backend, ...(await timeNormCase(c.shape)) });
+    for (const c of attentionOnly ? [] : NORM_CASES) rows.push({ case: `${c.name} fused vs TF ops`, backend, ...(await timeNormCase(c.shape)) });
+    if (process.env.SIDETRAIN_BENCH_NORM_ONLY !== '1') rows.push(...(await attentionAB(backend)));
   }
   return rows;
 }
