@@ -13,7 +13,7 @@
 // call; the products with a d-wide result (p·v, dS·k, Pᵀ·dout, dSᵀ·q) use a kernel here whose
 // register tile is R rows × the whole padded head width. dk/dv are accumulated per task (one
 // task = one bh and a run of row blocks, so no two threads share an accumulator) and summed at
-// the end. Accumulation is float32 with FMA, except the softmax row sum (double).
+// the end. Accumulation is float32 with FMA, except the softmax row sum and D (double).
 #include "attention.h"
 
 #include <algorithm>
@@ -224,19 +224,21 @@ void forward_block(const Shape& s, float scale, const float* q, const float* kp,
   for (long r = 0; r < rows; r++) {
     float* x = sc + r * s.tkp;
     const float m = row_max(x, s.tk) * scale;  // = max(x·scale): rounding is monotonic, scale > 0
-    vfa part = vfa{};
     double sum = 0;
     long j = 0;
-    for (; j + VW <= s.tk; j += VW) {
-      const vfa p = vexp(load(x + j) * scale - m);
-      store(x + j, p);
-      part += p;
+    while (j + VW <= s.tk) {  // float lanes over ≤ 16 vectors, then into the double sum
+      vfa part = vfa{};
+      for (const long end = std::min(s.tk, j + 16 * VW); j + VW <= end; j += VW) {
+        const vfa p = vexp(load(x + j) * scale - m);
+        store(x + j, p);
+        part += p;
+      }
+      for (int i = 0; i < VW; i++) sum += part[i];
     }
     for (; j < s.tk; j++) {
       x[j] = std::exp(x[j] * scale - m);
       sum += x[j];
     }
-    for (int i = 0; i < VW; i++) sum += part[i];
     inv[r] = static_cast<float>(1.0 / sum);
     lse[r0 + r] = m + static_cast<float>(std::log(sum));
   }
@@ -335,7 +337,9 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   });
   // Each head's row blocks split into `chunks` runs, enough tasks to keep every thread busy.
   const long nb = blocks_of(tq);
-  const long chunks = std::max(1L, std::min(nb, (2L * pool_threads() + bh - 1) / bh));
+  // (at most 64 MB of dk/dv partials: with few heads and many threads, fewer chunks)
+  const long perAcc = 2 * tk * s.dp, cap = std::max(1L, (16L << 20) / std::max(1L, bh * perAcc));
+  const long chunks = std::max(1L, std::min({nb, cap, (2L * pool_threads() + bh - 1) / bh}));
   const long perChunk = (nb + chunks - 1) / chunks;
   Buf acc(static_cast<size_t>(bh * chunks * 2 * tk * s.dp), true);
   parallel_for(static_cast<int>(bh * chunks), [&](int task) {
