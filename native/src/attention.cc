@@ -335,11 +335,12 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
     pack_panels(v + b * tk * d, tk, d, s.tkp, vp.data() + b * s.tkp * d);
     pad_rows(k + b * tk * d, tk, d, s.dp, kpad.data() + b * tk * s.dp);
   });
-  // Each head's row blocks split into `chunks` runs, enough tasks to keep every thread busy.
+  // Each head's row blocks split into `chunks` runs: ≥ 4 tasks per thread, so that a thread the OS
+  // deschedules (a shared machine) does not hold the others up for long.
   const long nb = blocks_of(tq);
   // (at most 64 MB of dk/dv partials: with few heads and many threads, fewer chunks)
   const long perAcc = 2 * tk * s.dp, cap = std::max(1L, (16L << 20) / std::max(1L, bh * perAcc));
-  const long chunks = std::max(1L, std::min({nb, cap, (2L * pool_threads() + bh - 1) / bh}));
+  const long chunks = std::max(1L, std::min({nb, cap, (4L * pool_threads() + bh - 1) / bh}));
   const long perChunk = (nb + chunks - 1) / chunks;
   Buf acc(static_cast<size_t>(bh * chunks * 2 * tk * s.dp), true);
   parallel_for(static_cast<int>(bh * chunks), [&](int task) {
