@@ -2,13 +2,14 @@
  * @file The native attention core (native/src/attention.cc via trainers/nets/sliced-attention.ts)
  * against the whole attention in TF ops, softmax(q·kᵀ·d^-0.5)·v: the output and all three
  * gradients within 1e-5, for sizes that are not multiples of the kernel's row and column blocks,
- * head widths 8, 40, 64 and 160, more heads than threads; the TF-ops slices agree too; no leaked
- * tensors. Skipped, with the reason, when the backend is not cpu-native or the addon lacks it.
+ * head widths 8, 40, 64 and 160, more heads than threads; the multi-head form on [B, T, heads·d]
+ * (no head split) against layers.ts `attention`; the TF-ops slices agree too; no leaked tensors. Skipped, with the reason, when the backend is not cpu-native or the addon lacks it.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
-import { hasNativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
+import { attention } from '../trainers/nets/layers.ts';
+import { hasNativeAttention, nativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 
 await initBackend();
 const skip = hasNativeAttention() ? false : 'native attention kernels not available on this backend';
@@ -62,6 +63,19 @@ test('native attention core = whole TF-ops attention (output, dq, dk, dv within 
     ['out', 'dq', 'dk', 'dv'].forEach((name, i) => {
       const diff = maxDiff(native[i]!, ref[i]!);
       assert.ok(diff <= 1e-5, `${[bh, tq, tk, d]} ${name}: max abs diff ${diff}`);
+    });
+    tf.dispose([q, k, v, dy]);
+  }
+});
+
+test('nativeAttention on [B, T, heads·d] = layers.ts attention (heads split by transposes)', { skip }, async () => {
+  for (const [b, heads, tq, tk, d] of [[2, 3, 29, 77, 40], [3, 2, 50, 13, 8]] as const) {
+    const [q, k, v, dy] = [rand([b, tq, heads * d], 21), rand([b, tk, heads * d], 22), rand([b, tk, heads * d], 23), rand([b, tq, heads * d], 24)];
+    const native = await outAndGrads((x, y, z) => nativeAttention(x, y, z, heads), q, k, v, dy);
+    const ref = await outAndGrads((x, y, z) => attention(x, y, z, heads), q, k, v, dy);
+    ['out', 'dq', 'dk', 'dv'].forEach((name, i) => {
+      const diff = maxDiff(native[i]!, ref[i]!);
+      assert.ok(diff <= 1e-5, `${[b, heads, tq, tk, d]} ${name}: max abs diff ${diff}`);
     });
     tf.dispose([q, k, v, dy]);
   }

@@ -66,32 +66,40 @@ inline vfa load(const float* p) {
 }
 inline void store(float* p, vfa v) { std::memcpy(p, &v, sizeof v); }
 
+// Inputs [batch, T, heads·d] (heads interleaved in the channels, as the Linear layers give them):
+// head b = (batch, h) starts at (b / heads)·T·ld + (b % heads)·d, rows ld = heads·d apart.
 struct Shape {
-  long bh, tq, tk, d;
+  long bh, heads, tq, tk, d;
+  long ld;      // row stride of q, k, v, out, dout (heads·d)
   long nv, dp;  // vectors per padded row, padded head width (nv·VW)
   long tkp;     // Tk padded to NR
+  Shape(long batch, long heads_, long tq_, long tk_, long d_)
+      : bh(batch * heads_), heads(heads_), tq(tq_), tk(tk_), d(d_), ld(heads_ * d_), nv((d_ + VW - 1) / VW),
+        dp(nv * VW), tkp((tk_ + NR - 1) / NR * NR) {}
+  long qoff(long b) const { return (b / heads) * tq * ld + (b % heads) * d; }
+  long koff(long b) const { return (b / heads) * tk * ld + (b % heads) * d; }
 };
 
-// X [T, d] → NR-column panels for micro_kernel's B (element (c, j) = X[j][c]), zero past T.
-void pack_panels(const float* x, long t, long d, long tp, float* dst) {
+// X [T, d] (rows ld apart) → NR-column panels for micro_kernel's B (element (c, j) = X[j][c]), zero past T.
+void pack_panels(const float* x, long ld, long t, long d, long tp, float* dst) {
   for (long j0 = 0; j0 < tp; j0 += NR) {
     float* p = dst + j0 * d;
     for (long c = 0; c < d; c++)
-      for (long j = 0; j < NR; j++) p[c * NR + j] = j0 + j < t ? x[(j0 + j) * d + c] : 0.0f;
+      for (long j = 0; j < NR; j++) p[c * NR + j] = j0 + j < t ? x[(j0 + j) * ld + c] : 0.0f;
   }
 }
-// X [T, d] → MR-row panels for micro_kernel's A (element (r, c) at c·MR + r), zero past rows.
-void pack_rows(const float* x, long rows, long d, float* dst) {
+// X [rows, d] (rows ld apart) → MR-row panels for micro_kernel's A (element (r, c) at c·MR + r), zero past rows.
+void pack_rows(const float* x, long ld, long rows, long d, float* dst) {
   for (long r0 = 0; r0 < rows; r0 += MR) {
     float* p = dst + r0 * d;
     for (long c = 0; c < d; c++)
-      for (long r = 0; r < MR; r++) p[c * MR + r] = r0 + r < rows ? x[(r0 + r) * d + c] : 0.0f;
+      for (long r = 0; r < MR; r++) p[c * MR + r] = r0 + r < rows ? x[(r0 + r) * ld + c] : 0.0f;
   }
 }
-// X [T, d] → rows padded to dp floats (zeros past d).
-void pad_rows(const float* x, long t, long d, long dp, float* dst) {
+// X [T, d] (rows ld apart) → rows padded to dp floats (zeros past d).
+void pad_rows(const float* x, long ld, long t, long d, long dp, float* dst) {
   for (long j = 0; j < t; j++) {
-    std::memcpy(dst + j * dp, x + j * d, sizeof(float) * d);
+    std::memcpy(dst + j * dp, x + j * ld, sizeof(float) * d);
     std::memset(dst + j * dp + d, 0, sizeof(float) * (dp - d));
   }
 }
@@ -211,14 +219,14 @@ inline float row_max(const float* x, long n) {
   return m;
 }
 
-// One forward task: rows [r0, r0 + rows) of head bh.
+// One forward task: rows [r0, r0 + rows) of one head (q, out at the head's start, lse at its row 0).
 void forward_block(const Shape& s, float scale, const float* q, const float* kp, const float* vpad, float* out,
                    float* lse, long r0, long rows) {
   const long rowsP = (rows + MR - 1) / MR * MR;
   float* qa = tls(0, rowsP * s.d).data();
   float* sc = tls(1, rowsP * s.tkp).data();
   float* o = tls(2, rows * s.dp).data();
-  pack_rows(q + r0 * s.d, rows, s.d, qa);
+  pack_rows(q + r0 * s.ld, s.ld, rows, s.d, qa);
   score_tile(qa, rows, kp, s.tkp, s.d, sc, s.tkp);
   float inv[kRows];
   for (long r = 0; r < rows; r++) {
@@ -244,26 +252,26 @@ void forward_block(const Shape& s, float scale, const float* q, const float* kp,
   }
   wide_gemm(rows, s.tk, s.nv, sc, s.tkp, 1, vpad, s.dp, o, s.dp, false);
   for (long r = 0; r < rows; r++)
-    for (long c = 0; c < s.d; c++) out[(r0 + r) * s.d + c] = o[r * s.dp + c] * inv[r];
+    for (long c = 0; c < s.d; c++) out[(r0 + r) * s.ld + c] = o[r * s.dp + c] * inv[r];
 }
 
 long blocks_of(long n) { return (n + kRows - 1) / kRows; }
 
 }  // namespace
 
-void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long bh, long tq, long tk,
-                       long d, float scale) {
-  Shape s{bh, tq, tk, d, (d + VW - 1) / VW, 0, (tk + NR - 1) / NR * NR};
-  s.dp = s.nv * VW;
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long batch, long heads,
+                       long tq, long tk, long d, float scale) {
+  const Shape s(batch, heads, tq, tk, d);
+  const long bh = s.bh;
   Buf kp(bh * s.tkp * d), vpad(bh * tk * s.dp);
   parallel_for(static_cast<int>(bh), [&](int b) {
-    pack_panels(k + b * tk * d, tk, d, s.tkp, kp.data() + b * s.tkp * d);
-    pad_rows(v + b * tk * d, tk, d, s.dp, vpad.data() + b * tk * s.dp);
+    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d);
+    pad_rows(v + s.koff(b), s.ld, tk, d, s.dp, vpad.data() + b * tk * s.dp);
   });
   const long nb = blocks_of(tq);
   parallel_for(static_cast<int>(bh * nb), [&](int task) {
     const long b = task / nb, r0 = (task % nb) * kRows;
-    forward_block(s, scale, q + b * tq * d, kp.data() + b * s.tkp * d, vpad.data() + b * tk * s.dp, out + b * tq * d,
+    forward_block(s, scale, q + s.qoff(b), kp.data() + b * s.tkp * d, vpad.data() + b * tk * s.dp, out + s.qoff(b),
                   lse + b * tq, r0, std::min(kRows, tq - r0));
   });
 }
@@ -285,14 +293,15 @@ struct Backward {
     float* tiles = tls(2, 2 * rowsP * kCols + 3 * rowsP * dp).data();
     float *pt = tiles, *dst = pt + rowsP * kCols, *qr = dst + rowsP * kCols, *dor = qr + rowsP * dp,
           *dqa = dor + rowsP * dp;
-    pack_rows(q + r0 * s.d, rows, s.d, qa);
-    pack_rows(dout + r0 * s.d, rows, s.d, da);
-    pad_rows(q + r0 * s.d, rows, s.d, dp, qr);
-    pad_rows(dout + r0 * s.d, rows, s.d, dp, dor);
+    const float *qb = q + r0 * s.ld, *db = dout + r0 * s.ld, *ob = out + r0 * s.ld;
+    pack_rows(qb, s.ld, rows, s.d, qa);
+    pack_rows(db, s.ld, rows, s.d, da);
+    pad_rows(qb, s.ld, rows, s.d, dp, qr);
+    pad_rows(db, s.ld, rows, s.d, dp, dor);
     float rowD[kRows], rowL[kRows];
     for (long r = 0; r < rows; r++) {
       double acc = 0;
-      for (long c = 0; c < s.d; c++) acc += dout[(r0 + r) * s.d + c] * out[(r0 + r) * s.d + c];
+      for (long c = 0; c < s.d; c++) acc += db[r * s.ld + c] * ob[r * s.ld + c];
       rowD[r] = static_cast<float>(acc);
       rowL[r] = lse[r0 + r];
     }
@@ -318,22 +327,22 @@ struct Backward {
       wide_gemm(cols, rows, s.nv, pt, 1, kCols, dor, dp, dvAcc + j0 * dp, dp, true);
       wide_gemm(cols, rows, s.nv, dst, 1, kCols, qr, dp, dkAcc + j0 * dp, dp, true);
     }
-    for (long r = 0; r < rows; r++) std::memcpy(dq + (r0 + r) * s.d, dqa + r * dp, sizeof(float) * s.d);
+    for (long r = 0; r < rows; r++) std::memcpy(dq + (r0 + r) * s.ld, dqa + r * dp, sizeof(float) * s.d);
   }
 };
 
 }  // namespace
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
-                        const float* lse, float* dq, float* dk, float* dv, long bh, long tq, long tk, long d,
-                        float scale) {
-  Shape s{bh, tq, tk, d, (d + VW - 1) / VW, 0, (tk + NR - 1) / NR * NR};
-  s.dp = s.nv * VW;
+                        const float* lse, float* dq, float* dk, float* dv, long batch, long heads, long tq, long tk,
+                        long d, float scale) {
+  const Shape s(batch, heads, tq, tk, d);
+  const long bh = s.bh;
   Buf kp(bh * s.tkp * d), vp(bh * s.tkp * d), kpad(bh * tk * s.dp);
   parallel_for(static_cast<int>(bh), [&](int b) {
-    pack_panels(k + b * tk * d, tk, d, s.tkp, kp.data() + b * s.tkp * d);
-    pack_panels(v + b * tk * d, tk, d, s.tkp, vp.data() + b * s.tkp * d);
-    pad_rows(k + b * tk * d, tk, d, s.dp, kpad.data() + b * tk * s.dp);
+    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d);
+    pack_panels(v + s.koff(b), s.ld, tk, d, s.tkp, vp.data() + b * s.tkp * d);
+    pad_rows(k + s.koff(b), s.ld, tk, d, s.dp, kpad.data() + b * tk * s.dp);
   });
   // Each head's row blocks split into `chunks` runs: ≥ 4 tasks per thread, so that a thread the OS
   // deschedules (a shared machine) does not hold the others up for long.
@@ -346,13 +355,13 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   parallel_for(static_cast<int>(bh * chunks), [&](int task) {
     const long b = task / chunks, c = task % chunks;
     float* dkAcc = acc.data() + task * 2 * tk * s.dp;
-    const Backward w{s, scale, q + b * tq * d, lse + b * tq, dout + b * tq * d, out + b * tq * d,
+    const Backward w{s, scale, q + s.qoff(b), lse + b * tq, dout + s.qoff(b), out + s.qoff(b),
                      kp.data() + b * s.tkp * d, vp.data() + b * s.tkp * d, kpad.data() + b * tk * s.dp,
-                     dq + b * tq * d, dkAcc, dkAcc + tk * s.dp};
+                     dq + s.qoff(b), dkAcc, dkAcc + tk * s.dp};
     for (long blk = c * perChunk; blk < std::min(nb, (c + 1) * perChunk); blk++)
       w.block(blk * kRows, std::min(kRows, tq - blk * kRows));
   });
-  // dk, dv [bh, tk, d] = Σ over the head's chunks
+  // dk, dv = Σ over the head's chunks
   parallel_for(static_cast<int>(bh), [&](int b) {
     for (long j = 0; j < tk; j++)
       for (long c = 0; c < d; c++) {
@@ -362,8 +371,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
           sk += base[j * s.dp + c];
           sv += base[tk * s.dp + j * s.dp + c];
         }
-        dk[(b * tk + j) * d + c] = sk;
-        dv[(b * tk + j) * d + c] = sv;
+        dk[s.koff(b) + j * s.ld + c] = sk;
+        dv[s.koff(b) + j * s.ld + c] = sv;
       }
   });
 }
@@ -388,68 +397,78 @@ float* f32(napi_env env, napi_value v, size_t n, const char* name) {
   return static_cast<float*>(data);
 }
 
-// argv[first..first+4]: bh, tq, tk, d, scale (numbers).
-bool dims(napi_env env, napi_value* argv, long* bh, long* tq, long* tk, long* d, float* scale) {
-  double x[5];
-  for (int i = 0; i < 5; i++)
+struct Dims {
+  long batch, heads, tq, tk, d;
+  float scale;
+  long bh() const { return batch * heads; }
+};
+
+// argv[0..5]: batch, heads, tq, tk, d, scale (numbers); throws and returns false when invalid.
+bool dims(napi_env env, napi_value* argv, Dims* out) {
+  double x[6];
+  for (int i = 0; i < 6; i++)
     if (napi_get_value_double(env, argv[i], &x[i]) != napi_ok) {
-      napi_throw_type_error(env, nullptr, "attention: expected numbers bh, tq, tk, d, scale");
+      napi_throw_type_error(env, nullptr, "attention: expected numbers batch, heads, tq, tk, d, scale");
       return false;
     }
-  *bh = static_cast<long>(x[0]), *tq = static_cast<long>(x[1]), *tk = static_cast<long>(x[2]), *d = static_cast<long>(x[3]);
-  *scale = static_cast<float>(x[4]);
-  if (*bh < 0 || *tq < 0 || *tk < 1 || *d < 1 || !(*scale > 0)) {
-    napi_throw_range_error(env, nullptr, "attention: needs bh, tq ≥ 0, tk, d ≥ 1 and scale > 0");
+  *out = Dims{static_cast<long>(x[0]), static_cast<long>(x[1]), static_cast<long>(x[2]), static_cast<long>(x[3]),
+              static_cast<long>(x[4]), static_cast<float>(x[5])};
+  if (out->batch < 0 || out->heads < 1 || out->tq < 0 || out->tk < 1 || out->d < 1 || !(out->scale > 0)) {
+    napi_throw_range_error(env, nullptr, "attention: needs batch, tq ≥ 0, heads, tk, d ≥ 1 and scale > 0");
     return false;
   }
   return true;
 }
 
-// (q, k, v, out, lse, bh, tq, tk, d, scale)
+// The first n typed-array arguments, each a Float32Array with at least need[i] elements.
+bool arrays(napi_env env, napi_value* argv, int n, const size_t* need, const char* const* names, float** p) {
+  for (int i = 0; i < n; i++)
+    if (!(p[i] = f32(env, argv[i], need[i], names[i]))) return false;
+  return true;
+}
+
+// (q, k, v, out, lse, batch, heads, tq, tk, d, scale)
 napi_value Forward(napi_env env, napi_callback_info info) {
-  napi_value argv[10];
-  size_t argc = 10;
+  napi_value argv[11];
+  size_t argc = 11;
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  long bh, tq, tk, d;
-  float scale;
-  if (argc < 10) {
-    napi_throw_type_error(env, nullptr, "attentionForward: expected (q, k, v, out, lse, bh, tq, tk, d, scale)");
+  Dims m;
+  if (argc < 11) {
+    napi_throw_type_error(env, nullptr, "attentionForward: expected (q, k, v, out, lse, batch, heads, tq, tk, d, scale)");
     return nullptr;
   }
-  if (!dims(env, argv + 5, &bh, &tq, &tk, &d, &scale)) return nullptr;
-  const size_t nq = bh * tq * d, nk = bh * tk * d;
-  const float *q = f32(env, argv[0], nq, "q"), *k = q ? f32(env, argv[1], nk, "k") : nullptr,
-              *v = k ? f32(env, argv[2], nk, "v") : nullptr;
-  float* out = v ? f32(env, argv[3], nq, "out") : nullptr;
-  float* lse = out ? f32(env, argv[4], bh * tq, "lse") : nullptr;
-  if (lse && nq > 0) attention_forward(q, k, v, out, lse, bh, tq, tk, d, scale);
+  if (!dims(env, argv + 5, &m)) return nullptr;
+  const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
+  const size_t need[5] = {nq, nk, nk, nq, static_cast<size_t>(m.bh() * m.tq)};
+  const char* const names[5] = {"q", "k", "v", "out", "lse"};
+  float* p[5];
+  if (arrays(env, argv, 5, need, names, p) && nq > 0)
+    attention_forward(p[0], p[1], p[2], p[3], p[4], m.batch, m.heads, m.tq, m.tk, m.d, m.scale);
   return nullptr;
 }
 
-// (q, k, v, out, dout, lse, dq, dk, dv, bh, tq, tk, d, scale)
+// (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale)
 napi_value Backward(napi_env env, napi_callback_info info) {
-  napi_value argv[14];
-  size_t argc = 14;
+  napi_value argv[15];
+  size_t argc = 15;
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  long bh, tq, tk, d;
-  float scale;
-  if (argc < 14) {
-    napi_throw_type_error(env, nullptr, "attentionBackward: expected (q, k, v, out, dout, lse, dq, dk, dv, bh, tq, tk, d, scale)");
+  Dims m;
+  if (argc < 15) {
+    napi_throw_type_error(env, nullptr, "attentionBackward: expected (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale)");
     return nullptr;
   }
-  if (!dims(env, argv + 9, &bh, &tq, &tk, &d, &scale)) return nullptr;
-  const size_t nq = bh * tq * d, nk = bh * tk * d;
-  const size_t need[9] = {nq, nk, nk, nq, nq, static_cast<size_t>(bh * tq), nq, nk, nk};
-  const char* names[9] = {"q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"};
+  if (!dims(env, argv + 9, &m)) return nullptr;
+  const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
+  const size_t need[9] = {nq, nk, nk, nq, nq, static_cast<size_t>(m.bh() * m.tq), nq, nk, nk};
+  const char* const names[9] = {"q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"};
   float* p[9];
-  for (int i = 0; i < 9; i++)
-    if (!(p[i] = f32(env, argv[i], need[i], names[i]))) return nullptr;
+  if (!arrays(env, argv, 9, need, names, p)) return nullptr;
   if (nq == 0) {
     std::fill(p[7], p[7] + nk, 0.0f);
     std::fill(p[8], p[8] + nk, 0.0f);
     return nullptr;
   }
-  attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], bh, tq, tk, d, scale);
+  attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], m.batch, m.heads, m.tq, m.tk, m.d, m.scale);
   return nullptr;
 }
 

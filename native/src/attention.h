@@ -6,14 +6,16 @@
 
 namespace st {
 
-// out = softmax(q·kᵀ·scale)·v, lse = per-row log-sum-exp of q·kᵀ·scale; q/out [bh, tq, d],
-// k/v [bh, tk, d], lse [bh, tq]; scale > 0.
-void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long bh, long tq, long tk,
-                       long d, float scale);
-// dq, dk, dv of the forward for dout, from its out and lse.
+// Per head: out = softmax(q·kᵀ·scale)·v, lse = per-row log-sum-exp of q·kᵀ·scale. q/out
+// [batch, tq, heads·d], k/v [batch, tk, heads·d] (head h in channels h·d..h·d+d: no head
+// split/merge transposes needed; heads = 1 is the plain [bh, t, d] layout), lse [batch·heads, tq];
+// scale > 0.
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long batch, long heads,
+                       long tq, long tk, long d, float scale);
+// dq, dk, dv (layouts of q, k, v) of the forward for dout, from its out and lse.
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
-                        const float* lse, float* dq, float* dk, float* dv, long bh, long tq, long tk, long d,
-                        float scale);
+                        const float* lse, float* dq, float* dk, float* dv, long batch, long heads, long tq, long tk,
+                        long d, float scale);
 
 void define_attention(napi_env env, napi_value exports);
 

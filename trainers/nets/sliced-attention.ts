@@ -52,22 +52,30 @@ const f32 = (backend: CpuBackend, t: tf.TensorInfo): Float32Array => {
   return v;
 };
 
+interface AttentionAttrs { heads: number; scale: number }
+
+/** Sizes of q [B, Tq, heads·d] and k [B, Tk, heads·d]. */
+function dims(q: tf.TensorInfo, k: tf.TensorInfo, { heads, scale }: AttentionAttrs) {
+  const [b, tq, c] = q.shape as [number, number, number];
+  return { b, heads, tq, tk: k.shape[1]!, d: c / heads, scale };
+}
+
 /** The CPU-backend kernels the native core's customGrad runs (names that clash with no TF.js kernel). */
 function registerKernels(addon: AttentionAddon): void {
   const kernels: Record<string, tf.KernelFunc> = {
     SidetrainAttention: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { q, k, v } = inputs as Record<string, tf.TensorInfo>;
-      const [bh, tq, d] = q!.shape as [number, number, number], tk = k!.shape[1]!;
-      const out = new Float32Array(bh * tq * d), lse = new Float32Array(bh * tq);
-      addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, bh, tq, tk, d, (attrs as { scale: number }).scale);
-      return [be.makeTensorInfo([bh, tq, d], 'float32', out), be.makeTensorInfo([bh, tq], 'float32', lse)];
+      const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
+      const out = new Float32Array(b * tq * heads * d), lse = new Float32Array(b * heads * tq);
+      addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, b, heads, tq, tk, d, scale);
+      return [be.makeTensorInfo(q!.shape, 'float32', out), be.makeTensorInfo([b * heads, tq], 'float32', lse)];
     },
     SidetrainAttentionGrad: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { q, k, v, out, dout, lse } = inputs as Record<string, tf.TensorInfo>;
-      const [bh, tq, d] = q!.shape as [number, number, number], tk = k!.shape[1]!;
-      const dq = new Float32Array(bh * tq * d), dk = new Float32Array(bh * tk * d), dv = new Float32Array(bh * tk * d);
+      const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
+      const dq = new Float32Array(b * tq * heads * d), dk = new Float32Array(b * tk * heads * d), dv = new Float32Array(b * tk * heads * d);
       const arrays = [q, k, v, out, dout, lse].map((t) => f32(be, t!)) as [Float32Array, Float32Array, Float32Array, Float32Array, Float32Array, Float32Array];
-      addon.attentionBackward(...arrays, dq, dk, dv, bh, tq, tk, d, (attrs as { scale: number }).scale);
+      addon.attentionBackward(...arrays, dq, dk, dv, b, heads, tq, tk, d, scale);
       return [be.makeTensorInfo(q!.shape, 'float32', dq), be.makeTensorInfo(k!.shape, 'float32', dk), be.makeTensorInfo(v!.shape, 'float32', dv)];
     },
   };
@@ -76,28 +84,33 @@ function registerKernels(addon: AttentionAddon): void {
   }
 }
 
-const runKernel = (name: string, inputs: Record<string, Tensor>, scale: number) =>
-  tf.engine().runKernel(name, inputs as unknown as tf.NamedTensorMap, { scale } as unknown as tf.NamedAttrMap) as Tensor[];
+const runKernel = (name: string, inputs: Record<string, Tensor>, attrs: AttentionAttrs) =>
+  tf.engine().runKernel(name, inputs as unknown as tf.NamedTensorMap, attrs as unknown as tf.NamedAttrMap) as Tensor[];
 
 /**
- * softmax(qh·khᵀ·d^-0.5)·vh in the native kernels: qh [BH, Tq, d], kh and vh [BH, Tk, d] → [BH, Tq, d].
- * Only where hasNativeAttention(); the tape keeps q, k, v, the output and the log-sum-exp [BH, Tq].
+ * Multi-head softmax(q·kᵀ·d^-0.5)·v in the native kernels, straight on q [B, Tq, C], k and v
+ * [B, Tk, C] (channels as (head, d), like layers.ts `attention`) → [B, Tq, C]: no head
+ * split/merge transposes. Only where hasNativeAttention(); the tape keeps q, k, v, the output
+ * and the log-sum-exp [B·heads, Tq].
  */
-export function nativeAttentionCore(qh: Tensor, kh: Tensor, vh: Tensor): Tensor {
-  if (!hasNativeAttention()) throw new Error('nativeAttentionCore: native attention kernels are not available on this backend');
-  const scale = qh.shape[2]! ** -0.5;
-  const run = tf.customGrad((q, k, v, save) => {
-    const inputs = { q: q as Tensor, k: k as Tensor, v: v as Tensor };
-    const [out, lse] = runKernel('SidetrainAttention', inputs, scale) as [Tensor, Tensor];
+export function nativeAttention(q: Tensor, k: Tensor, v: Tensor, heads: number): Tensor {
+  if (!hasNativeAttention()) throw new Error('nativeAttention: native attention kernels are not available on this backend');
+  const attrs = { heads, scale: (q.shape[2]! / heads) ** -0.5 };
+  const run = tf.customGrad((qi, ki, vi, save) => {
+    const inputs = { q: qi as Tensor, k: ki as Tensor, v: vi as Tensor };
+    const [out, lse] = runKernel('SidetrainAttention', inputs, attrs) as [Tensor, Tensor];
     (save as tf.GradSaveFunc)([inputs.q, inputs.k, inputs.v, out, lse]);
     return {
       value: out,
       gradFunc: (dy, [qs, ks, vs, os, ls]) =>
-        runKernel('SidetrainAttentionGrad', { q: qs!, k: ks!, v: vs!, out: os!, dout: dy as Tensor, lse: ls! }, scale),
+        runKernel('SidetrainAttentionGrad', { q: qs!, k: ks!, v: vs!, out: os!, dout: dy as Tensor, lse: ls! }, attrs),
     };
   });
-  return run(qh, kh, vh);
+  return run(q, k, v);
 }
+
+/** The same on heads already split: qh [BH, Tq, d], kh and vh [BH, Tk, d] → [BH, Tq, d]. */
+export const nativeAttentionCore = (qh: Tensor, kh: Tensor, vh: Tensor): Tensor => nativeAttention(qh, kh, vh, 1);
 
 /** Rows per slice so one slice's scores stay within `maxBytes` (at least 1 row). */
 export function sliceRows(batchHeads: number, tq: number, tk: number, maxBytes: number): number {
