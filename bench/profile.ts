@@ -21,7 +21,8 @@ export function opKind(name: string, inputShapes: number[][]): string {
   if (CONV.has(name)) return 'conv';
   if (name === 'BatchMatMul' || name === '_FusedMatMul') return (inputShapes[0]?.length ?? 2) > 2 && inputShapes[0]![0]! > 1 ? 'attention' : 'matmul';
   if (name === 'Softmax') return 'attention';
-  if (REDUCE.has(name)) return 'norm';
+  if (REDUCE.has(name) || /^Sidetrain(GroupNorm|LayerNorm)/.test(name)) return 'norm';
+  if (/^SidetrainAttention/.test(name)) return 'attention';
   if (LAYOUT.has(name)) return 'layout';
   return 'elementwise';
 }

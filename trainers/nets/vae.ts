@@ -13,7 +13,7 @@
 import { tf, type Tensor } from '../tf.ts';
 import type { TensorSource } from '../io/types.ts';
 import { loadParams, type Params } from './params.ts';
-import { attention, conv2d, groupNorm, silu } from './layers.ts';
+import { attention, conv2d, groupNorm, groupNormSilu } from './layers.ts';
 
 export interface VaeConfig {
   /** Key prefix: 'first_stage_model.' in a full checkpoint, '' in a standalone VAE file. */
@@ -190,8 +190,8 @@ function resnetBlock(p: Params, name: string, x: Tensor): Tensor {
   // A tidy per block frees its intermediates at once: at 512 px one level-0 activation is 128 MB,
   // and an outer tidy alone would hold every one of them until the whole encoder is done.
   return tf.tidy(() => {
-    let h = conv2d(p, `${name}.conv1`, silu(groupNorm(p, `${name}.norm1`, x, EPS)));
-    h = conv2d(p, `${name}.conv2`, silu(groupNorm(p, `${name}.norm2`, h, EPS)));
+    let h = conv2d(p, `${name}.conv1`, groupNormSilu(p, `${name}.norm1`, x, EPS));
+    h = conv2d(p, `${name}.conv2`, groupNormSilu(p, `${name}.norm2`, h, EPS));
     const skip = p.has(`${name}.nin_shortcut.weight`) ? conv2d(p, `${name}.nin_shortcut`, x) : x;
     return skip.add(h);
   });
@@ -242,7 +242,7 @@ function encoder(p: Params, cfg: VaeConfig, image: Tensor): Tensor {
     if (i !== levels - 1) h = replace(h, conv2d(p, `${n}.down.${i}.downsample.conv`, h, { stride: 2, pad: 'vae-down' }));
   }
   h = replace(h, midBlock(p, cfg, n, h));
-  return tf.tidy(() => conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS))));
+  return tf.tidy(() => conv2d(p, `${n}.conv_out`, groupNormSilu(p, `${n}.norm_out`, h, EPS)));
 }
 
 /** model.py Decoder.forward: z [B, h, w, z] → image [B, h·f, w·f, 3]. */
@@ -257,7 +257,7 @@ function decoder(p: Params, cfg: VaeConfig, z: Tensor): Tensor {
     }
     if (i !== 0) h = replace(h, tf.tidy(() => conv2d(p, `${n}.up.${i}.upsample.conv`, upsampleNearest2x(h))));
   }
-  return tf.tidy(() => conv2d(p, `${n}.conv_out`, silu(groupNorm(p, `${n}.norm_out`, h, EPS))));
+  return tf.tidy(() => conv2d(p, `${n}.conv_out`, groupNormSilu(p, `${n}.norm_out`, h, EPS)));
 }
 
 /** F.interpolate(scale_factor=2, mode='nearest'); resizeNearestNeighbor has a registered gradient. */
