@@ -14,7 +14,7 @@
  */
 import { tf, type Tensor } from '../tf.ts';
 import { param, type Params } from './params.ts';
-import { gelu, layerNorm, linear } from './layers.ts';
+import { gelu, layerNorm, linear, silu } from './layers.ts';
 
 export interface HypernetworkSpec {
   /** Context widths with a module pair (webui enable_sizes, e.g. 768, 320, 640, 1280). */
@@ -78,7 +78,7 @@ const ACTIVATIONS: Record<string, Act> = {
   relu6,
   tanh: (x) => tf.tanh(x),
   sigmoid: (x) => tf.sigmoid(x),
-  silu: (x) => x.mul(tf.sigmoid(x)),
+  silu: (x) => silu(x),
   mish: (x) => x.mul(tf.tanh(softplus(x))),
   gelu: (x) => gelu(x),
   softplus,
