@@ -11,8 +11,9 @@
  * On the cpu-native backend the whole core is two native kernels instead (native/src/attention.cc:
  * a block of query rows at a time, multi-threaded, with the same backward formulas and the
  * per-row log-sum-exp saved by the forward), so `rows` does not matter there: nothing bigger
- * than a block's scores is ever allocated. Every other backend runs the TF-ops slices below,
- * which are also the tests' reference.
+ * than a block's scores is ever allocated. `nativeAttention` runs them straight on [B, T, heads·d]
+ * (no head split/merge transposes). Every other backend, or SIDETRAIN_NATIVE_ATTENTION=0, runs
+ * the TF-ops slices below, which are also the tests' reference.
  */
 import { currentBackend, tf, type Tensor } from '../tf.ts';
 import { loadAddon, type NativeAddon } from '../native/addon.ts';
@@ -95,6 +96,9 @@ const runKernel = (name: string, inputs: Record<string, Tensor>, attrs: Attentio
  */
 export function nativeAttention(q: Tensor, k: Tensor, v: Tensor, heads: number): Tensor {
   if (!hasNativeAttention()) throw new Error('nativeAttention: native attention kernels are not available on this backend');
+  const [b, , c] = q.shape, ok = (t: Tensor) => t.rank === 3 && t.dtype === 'float32' && t.shape[0] === b && t.shape[2] === c;
+  tf.util.assert(ok(q) && ok(k) && ok(v) && k.shape[1] === v.shape[1] && c! % heads === 0,
+    () => `nativeAttention: float32 q [B, Tq, C], k and v [B, Tk, C] with C divisible by ${heads} heads expected, got ${q.shape}, ${k.shape}, ${v.shape}`);
   const attrs = { heads, scale: (q.shape[2]! / heads) ** -0.5 };
   const run = tf.customGrad((qi, ki, vi, save) => {
     const inputs = { q: qi as Tensor, k: ki as Tensor, v: vi as Tensor };
