@@ -34,11 +34,15 @@ function makeParams(): Map<string, tf.Variable> {
   return new Map(Object.entries(SHAPES).map(([k, s], i) => [k, tf.variable(tf.tensor(values(s, 10 + i, 0.1), s), true, `${k}-${Math.random()}`)]));
 }
 
-/** Gradients for step `step`; `poison` puts NaN/Inf/zero blocks into the 2-D one. */
-function makeGrads(step: number, poison = false): Map<string, Tensor> {
+/**
+ * Gradients for step `step`; 'poison' puts NaN/Inf/zero blocks into the 2-D one, 'spread' gives
+ * it magnitudes over 8 decades (every region of the dynamic code book).
+ */
+function makeGrads(step: number, mode: 'plain' | 'poison' | 'spread' = 'plain'): Map<string, Tensor> {
   return new Map(Object.entries(SHAPES).map(([k, s], i) => {
     const g = values(s, 100 * step + i, step === 2 ? 1e3 : 1e-2);
-    if (poison && k === 'w.weight') {
+    if (mode === 'spread' && k === 'w.weight') for (let j = 0; j < g.length; j++) g[j] = Math.sign(g[j]!) * 10 ** (-8 * ((j * 0.618034) % 1));
+    if (mode === 'poison' && k === 'w.weight') {
       g.fill(0, 0, 256); // an all-zero block: absmax 0
       g[300] = NaN;
       g[600] = Infinity;
@@ -48,12 +52,12 @@ function makeGrads(step: number, poison = false): Map<string, Tensor> {
   }));
 }
 
-async function run(native: boolean, make: (p: Map<string, tf.Variable>) => AdamW | AdamW8bit, poison = false) {
+async function run(native: boolean, make: (p: Map<string, tf.Variable>) => AdamW | AdamW8bit, mode: 'plain' | 'poison' | 'spread' = 'plain') {
   setNativeOptim(native);
   const params = makeParams();
   const opt = make(params);
   for (let step = 1; step <= 3; step++) {
-    const grads = makeGrads(step, poison && step === 3);
+    const grads = makeGrads(step, step === 3 ? mode : 'plain');
     opt.step(grads, 1e-3);
     tf.dispose([...grads.values()]);
   }
@@ -104,13 +108,14 @@ test('AdamW: native step = TF-ops step (within 1e-7 relative), with and without 
 
 test('AdamW8bit: native codes and absmax identical to the TF-ops path (zero, NaN, Inf blocks, padding)', async (t) => {
   if (skip) return t.skip(skip);
-  for (const poison of [false, true]) {
+  for (const mode of ['plain', 'poison', 'spread'] as const) {
     const make = (p: Map<string, tf.Variable>) => new AdamW8bit(p, { minQuantSize: 1000, blockSize: 256 });
-    const [a, b] = [await run(true, make, poison), await run(false, make, poison)];
+    const [a, b] = [await run(true, make, mode), await run(false, make, mode)];
     assertSameState(a.state!, b.state!);
     assertClose(a.out, b.out, 1e-7);
   }
-  const make = (p: Map<string, tf.Variable>) => new AdamW8bit(p, { minQuantSize: 0, quantMap: 'linear' });
+  // a block size that is no multiple of the vector width; every parameter quantised; linear map
+  const make = (p: Map<string, tf.Variable>) => new AdamW8bit(p, { minQuantSize: 0, quantMap: 'linear', blockSize: 100 });
   const [a, b] = [await run(true, make), await run(false, make)];
   assertSameState(a.state!, b.state!);
 });
@@ -121,7 +126,7 @@ test('AdamW8bit: a state exported from the native path continues on the TF-ops p
     setNativeOptim(exportNative);
     const params = makeParams();
     const opt = new AdamW8bit(params, { minQuantSize: 1000 });
-    const g1 = makeGrads(1);
+    const g1 = makeGrads(1, 'spread');
     opt.step(g1, 1e-3);
     const state = await opt.exportState();
     setNativeOptim(continueNative);
