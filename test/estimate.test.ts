@@ -37,7 +37,7 @@ test('estimate is deterministic and says which backend', async () => {
 });
 
 test('estimate scales with resolution and batch', async () => {
-  const at = (px: number, batchSize = 1) => estimateJob('textual_inversion', { ...base, ...whole, width: px, height: px, batchSize }, { backend: 'cpu-native' });
+  const at = (px: number, batchSize = 1) => estimateJob('textual_inversion', { ...base, ...whole, width: px, height: px, batchSize }, { backend: 'wasm' });
   const [r256, r512, b2] = await Promise.all([at(256), at(512), at(256, 2)]);
   // per-pixel activations grow with the pixel count (×4), attention scores faster (×16 at full res)
   assert.ok(Math.abs(r512.breakdown.unetActivationBytes / r256.breakdown.unetActivationBytes - 4) < 0.01);
@@ -53,13 +53,17 @@ test('SD1.5 shapes from the header only: float32 weights of the real parameter c
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-estimate-'));
   try {
     const path = sparseSd15(dir);
-    const e = await estimateJob('textual_inversion', { model: path, width: 512, height: 512, previewEvery: 0, ...whole }, { backend: 'cpu-native' });
+    const e = await estimateJob('textual_inversion', { model: path, width: 512, height: 512, previewEvery: 0, ...whole }, { backend: 'wasm' });
     assert.equal(e.breakdown.weightBytes.unet, 859_520_964 * 4);
     assert.equal(e.breakdown.weightBytes.text, 123_060_480 * 4);
     assert.equal(e.breakdown.weightBytes.vaeDecoder, 0); // no previews, no decoder
     assert.equal(e.breakdown.weightBytes.trainable, 768 * 4 * 4); // one vector: value, grad, m, v
-    // 8-head self-attention over 4096 tokens: scores dominate at 512 px
+    // 8-head self-attention over 4096 tokens: scores dominate at 512 px (composed attention, as on WASM)
     assert.ok(e.breakdown.attentionScoreBytes > e.breakdown.unetActivationBytes);
+    // the native attention core keeps no score tensor
+    const native = await estimateJob('textual_inversion', { model: path, width: 512, height: 512, previewEvery: 0, ...whole }, { backend: 'cpu-native' });
+    assert.equal(native.breakdown.attentionScoreBytes, 0);
+    assert.equal(native.breakdown.unetActivationBytes, e.breakdown.unetActivationBytes);
     const hn = await estimateJob('hypernetwork', { model: path, width: 512, height: 512, previewEvery: 0 }, { backend: 'cpu-native' });
     assert.ok(hn.breakdown.weightBytes.trainable > e.breakdown.weightBytes.trainable);
     assert.equal(hn.breakdown.textActivationBytes, 0); // frozen text encoder: no tape
@@ -80,7 +84,7 @@ test('memory levers: checkpointing keeps block outputs only, slicing drops the k
   try {
     const model = sparseSd15(dir);
     const job = { model, width: 512, height: 512, previewEvery: 0 };
-    const est = (extra: object, budget = 1e15) => estimateJob('textual_inversion', { ...job, ...extra }, { backend: 'cpu-native', memoryBudget: budget });
+    const est = (extra: object, budget = 1e15) => estimateJob('textual_inversion', { ...job, ...extra }, { backend: 'wasm', memoryBudget: budget });
     const [plain, sliced, ckpt, auto, autoRoomy] = await Promise.all([
       est(whole), est({ gradientCheckpointing: 'off', attentionSlicing: 'auto' }), est({ gradientCheckpointing: 'on', attentionSlicing: 'off' }),
       est({}, 8 * 2 ** 30), est({}),

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { tf, initBackend, type Tensor } from '../trainers/tf.ts';
 import { attention, headsAttention } from '../trainers/nets/layers.ts';
-import { sliceRows, slicedAttentionCore } from '../trainers/nets/sliced-attention.ts';
+import { sliceRows, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 import { checkpointed, lossAndGrads } from '../trainers/nets/recompute.ts';
 import { hypernetHook, hypernetSpecFromWebui, createHypernetwork } from '../trainers/nets/hypernet.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
@@ -26,7 +26,7 @@ test('sliced attention: output and q/k/v gradients equal the whole computation f
   const whole = (a: Tensor, b: Tensor, c: Tensor) => attention(a, b, c, 2);
   const want = tf.grads((a: Tensor, b: Tensor, c: Tensor) => whole(a, b, c).mul(dOut).sum())([q!, k!, v!]);
   for (const rows of [1, 4, 13]) {
-    const sliced = (a: Tensor, b: Tensor, c: Tensor) => headsAttention(a, b, c, 2, (qh, kh, vh) => slicedAttentionCore(qh, kh, vh, rows));
+    const sliced = (a: Tensor, b: Tensor, c: Tensor) => headsAttention(a, b, c, 2, (qh, kh, vh) => slicedAttentionOps(qh, kh, vh, rows));
     assert.ok((await maxAbsDiff(sliced(q!, k!, v!), whole(q!, k!, v!))) < 1e-6, `output, ${rows} rows`);
     const got = tf.grads((a: Tensor, b: Tensor, c: Tensor) => sliced(a, b, c).mul(dOut).sum())([q!, k!, v!]);
     for (let i = 0; i < 3; i++) assert.ok((await maxAbsDiff(got[i]!, want[i]!)) < 1e-5, `grad ${'qkv'[i]}, ${rows} rows`);

@@ -128,9 +128,11 @@ const isSliced = (op: AttentionOp, maxBytes: number) => maxBytes > 0 && op.heads
 /**
  * Attention score elements of a block: `kept` for the backward pass (scores, softmax and its
  * gradient's input: 3 tensors per whole op; nothing for a sliced op, which keeps q, k, v and its
- * output), and the largest `transient` slice (3 slice-sized tensors while one slice runs).
+ * output), and the largest `transient` slice (3 slice-sized tensors while one slice runs). The
+ * native attention core (cpu-native) keeps neither: it works in cache-sized tiles.
  */
-export function blockScores(b: BlockCost, sliceBytes: number): { kept: number; transient: number } {
+export function blockScores(b: BlockCost, sliceBytes: number, native = false): { kept: number; transient: number } {
+  if (native) return { kept: 0, transient: 0 };
   let kept = 0;
   let transient = 0;
   for (const op of b.attention) {
@@ -140,9 +142,9 @@ export function blockScores(b: BlockCost, sliceBytes: number): { kept: number; t
   return { kept, transient };
 }
 
-/** FLOPs of recomputing the sliced ops' q·kᵀ in the backward pass. */
-export function slicedAttnFlop(blocks: BlockCost[], sliceBytes: number): number {
+/** FLOPs of recomputing q·kᵀ in the backward pass: the sliced ops', or every op's with the native core. */
+export function slicedAttnFlop(blocks: BlockCost[], sliceBytes: number, native = false): number {
   let flop = 0;
-  for (const b of blocks) for (const op of b.attention) if (isSliced(op, sliceBytes)) flop += 2 * op.tq * op.tk * op.width;
+  for (const b of blocks) for (const op of b.attention) if (native || isSliced(op, sliceBytes)) flop += 2 * op.tq * op.tk * op.width;
   return flop;
 }

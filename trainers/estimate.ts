@@ -180,7 +180,7 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const { shapes, family } = await readShapes(str(spec.model, ''));
   const backend = opts.backend ?? defaultBackend();
   const budget = opts.memoryBudget ?? AUTO_BUDGET_SHARE * totalmem();
-  const job = describeJob(type, spec, shapes, family);
+  const job = describeJob(type, spec, shapes, family, backend);
   const memSpec = spec as Partial<MemorySpec>;
   const plain = unetMemoryFor(memSpec, true);
   let estimate = estimateWith(job, plain, backend, spec);
@@ -199,7 +199,7 @@ const gb = (bytes: number) => (bytes / 2 ** 30).toFixed(1);
  * estimate fits the budget; all of them when that is not enough.
  */
 function fitByCheckpointing(job: Job, memory: UNetMemory, budget: number, estimate: (m: UNetMemory) => JobEstimate): JobEstimate {
-  const freed = (b: BlockCost) => (b.dense + blockScores(b, memory.attentionSliceBytes).kept - b.output) / Math.max(1, b.denseFlop + b.attnFlop);
+  const freed = (b: BlockCost) => (b.dense + blockScores(b, memory.attentionSliceBytes, job.nativeAttention).kept - b.output) / Math.max(1, b.denseFlop + b.attnFlop);
   const order = job.blocks.filter((b) => b.name !== 'out').sort((a, b) => freed(b) - freed(a));
   const chosen: string[] = [];
   for (const b of order.slice(0, -1)) {
@@ -223,22 +223,24 @@ interface Job {
   text: ReturnType<typeof textShape>;
   shapes: Shapes;
   modelPath: string;
+  /** The backend runs attention in the native core (nets/sliced-attention.ts): no score tensors. */
+  nativeAttention: boolean;
 }
 
-function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family): Job {
+function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family, backend: string): Job {
   const text = textShape(shapes);
   const plan = methodPlan(type, spec, shapes, text.width);
   const modelPath = str(spec.model, '');
   const rule = headRule(modelPath, family);
   const heads = (ch: number) => (rule.numHeadChannels ? ch / rule.numHeadChannels : rule.numHeads!);
-  return { type, plan, text, shapes, modelPath, blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads) };
+  return { type, plan, text, shapes, modelPath, nativeAttention: backend === 'cpu-native', blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads) };
 }
 
 /** UNet tape memory (elements, batch 1): per-pixel activations and attention scores, whole or checkpointed. */
 function unetLive(job: Job, memory: UNetMemory, hnSizes: number[]): { activations: number; scores: number } {
   const slice = memory.attentionSliceBytes;
   const dense = (b: BlockCost) => b.dense + hypernetworkActivations(b, hnSizes);
-  const scores = job.blocks.map((b) => blockScores(b, slice));
+  const scores = job.blocks.map((b) => blockScores(b, slice, job.nativeAttention));
   const transient = Math.max(0, ...scores.map((s) => s.transient));
   // a checkpointed block keeps its output (the next block's saved input, a skip); one at a time is recomputed in backward
   const ckpt = job.blocks.map((b) => isCheckpointed(memory, b.name));
@@ -297,7 +299,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const scoreElements = (b: BlockCost) => b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0);
   const textFlop = 2 * text.tokens * (4 * text.width ** 2 + 2 * text.width * text.mlp) * text.layers * (plan.textTrains ? 2 : 1);
   const denseFlop = ((2 + (plan.unetWeightsTrain ? 1 : 0)) * sum((b) => b.denseFlop) + sum((b) => b.denseFlop, ckpt) + textFlop) * batch;
-  const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes)) * batch;
+  const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes, job.nativeAttention)) * batch;
   const elements = (2 * sum((b) => b.dense + scoreElements(b)) + sum((b) => b.dense + scoreElements(b), ckpt)) * batch;
   const optimizerElements = plan.trainableParams * CAL.optimizerElementsPerParam;
   const recomputedShare = sum((b) => b.denseFlop, ckpt) / Math.max(1, 2 * sum((b) => b.denseFlop));

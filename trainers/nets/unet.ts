@@ -19,7 +19,7 @@ import type { TensorSource } from '../io/types.ts';
 import type { UNetMemory } from '../memory-options.ts';
 import { attention, conv2d, gelu, groupNorm, groupNormSilu, headsAttention, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
 import { checkpointed } from './recompute.ts';
-import { sliceRows, slicedAttentionCore } from './sliced-attention.ts';
+import { hasNativeAttention, nativeAttention, sliceRows, slicedAttentionCore } from './sliced-attention.ts';
 
 export interface UNetConfig {
   /** Key prefix of the UNet in the checkpoint (ldm `LatentDiffusion`: 'model.diffusion_model.'). */
@@ -345,8 +345,10 @@ function crossAttention(c: BlockCtx, name: string, x: Tensor, context: Tensor, h
   return linear(c.p, `${name}.to_out.0`, attend(c, q, k, v, heads)); // scale d_head^-0.5
 }
 
-/** Whole attention, or sliced (memory-options.ts) when the layer's scores would exceed the job's slice size. */
+/** The native attention core where present; else whole attention, or sliced (memory-options.ts) when the layer's scores would exceed the job's slice size. */
 function attend(c: BlockCtx, q: Tensor, k: Tensor, v: Tensor, heads: number): Tensor {
+  // the native core (cpu-native) never holds a score tensor, sliced or not, and skips the head transposes
+  if (hasNativeAttention()) return nativeAttention(q, k, v, heads);
   const maxBytes = c.memory?.attentionSliceBytes ?? 0;
   const [bh, tq, tk] = [q.shape[0]! * heads, q.shape[1]!, k.shape[1]!];
   if (!maxBytes || bh * tq * tk * 4 <= maxBytes) return attention(q, k, v, heads);
