@@ -3,7 +3,7 @@
  * AdamW values within 1e-7 relative (in fact equal), 8-bit AdamW's byte codes and absmax identical
  * (including blocks with NaN, Inf and all-zero moments, padding, float32-moment small params), the
  * EMA update exact, the finite check the same verdicts — and states exported from one path
- * continue on the other to the same values. Skipped when the cpu-native backend is not in use.
+ * continue on the other to the same values; the clip-grad norm agrees. Skipped when the cpu-native backend is not in use.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -12,6 +12,7 @@ import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit, type ExportedOptimizerState } from '../trainers/optim/adamw8bit.ts';
 import { Ema } from '../trainers/optim/ema.ts';
 import { allFiniteWithin } from '../trainers/optim/check.ts';
+import { totalGradNorm } from '../trainers/optim/clip-grad.ts';
 import { optimKernels, setNativeOptim } from '../trainers/optim/native.ts';
 import { seededNormal } from '../trainers/sample.ts';
 
@@ -180,4 +181,19 @@ test('allFiniteWithin: the same verdicts natively and with TF ops', async (t) =>
     tf.dispose(vars);
   }
   setNativeOptim(true);
+});
+
+test('totalGradNorm: the native float64 norm agrees with the TF-ops one (1e-6 relative)', async (t) => {
+  if (skip) return t.skip(skip);
+  const grads = makeGrads(1, 'spread');
+  const norms: number[] = [];
+  for (const native of [true, false]) {
+    setNativeOptim(native);
+    const n = totalGradNorm(grads);
+    norms.push((await n.data())[0]!);
+    n.dispose();
+  }
+  setNativeOptim(true);
+  tf.dispose([...grads.values()]);
+  assert.ok(Math.abs(norms[0]! - norms[1]!) <= 1e-6 * norms[1]!, `native ${norms[0]} vs ops ${norms[1]}`);
 });

@@ -15,6 +15,7 @@
  *   const { grads: clipped, totalNorm } = clipGradNorm(grads, 1.0);
  */
 import { tf, type Tensor } from '../tf.ts';
+import { hostValues, optimKernels } from './native.ts';
 
 export type ClipMode = 'disabled' | 'value' | 'norm';
 
@@ -29,6 +30,8 @@ export function clipGradValue(grads: Map<string, Tensor>, clipValue: number): Ma
 /** The total norm torch's clip_grad_norm_ computes (a scalar tensor; 2-norm or ∞-norm). */
 export function totalGradNorm(grads: Map<string, Tensor>, normType: number = 2): tf.Scalar {
   if (normType !== 2 && normType !== Infinity) throw new Error(`norm type must be 2 or Infinity, got ${normType}`);
+  const native = normType === 2 ? nativeNorm(grads) : undefined;
+  if (native !== undefined) return tf.scalar(native);
   return tf.tidy(() => {
     const gs = [...grads.values()];
     if (gs.length === 0) return tf.scalar(0);
@@ -36,6 +39,19 @@ export function totalGradNorm(grads: Map<string, Tensor>, normType: number = 2):
     // torch: vector_norm(stack([vector_norm(g) for g in grads])); the same as √Σ‖g‖² up to rounding.
     return tf.stack(gs.map((g) => g.square().sum().sqrt())).square().sum().sqrt() as tf.Scalar;
   });
+}
+
+/** The 2-norm natively: ‖g‖ per gradient from a float64 sum of squares, then the norm of those (undefined: use TF ops). */
+function nativeNorm(grads: Map<string, Tensor>): number | undefined {
+  const kernels = optimKernels();
+  if (!kernels) return undefined;
+  let total = 0;
+  for (const g of grads.values()) {
+    const values = hostValues(g);
+    if (!values) return undefined;
+    total += Math.sqrt(kernels.sumSquares(values)) ** 2;
+  }
+  return Math.sqrt(total);
 }
 
 /** clip_grad_norm_: scale all gradients by min(1, maxNorm / (total + 1e-6)); returns the new grads and the total norm. */
