@@ -4,7 +4,8 @@
  * - by norm:  torch.nn.utils.clip_grad_norm_ (torch ≥ 1.13) — total = ‖(‖g₁‖, ‖g₂‖, …)‖ over all
  *   gradients; every gradient is multiplied by min(1, max_norm / (total + 1e-6)). The multiply
  *   always happens (by 1 when under the limit), as in torch, so there is no data-dependent branch
- *   and no GPU→CPU read.
+ *   and no GPU→CPU read. On the cpu-native backend the 2-norm is one native float64 pass per
+ *   gradient over its host array (trainers/optim/native.ts) instead of square/sum/sqrt kernels.
  * The webui takes the clip value from a schedule string (`clip_grad_sched`, same syntax as the
  * learn rate), so callers pass the value for the current step (trainers/optim/lr.ts).
  *
