@@ -62,7 +62,7 @@ export interface JobEstimate {
 export interface EstimateOptions {
   /** The backend to estimate for; default SIDETRAIN_BACKEND or the best one installed. */
   backend?: string;
-  /** Bytes above which auto gradient checkpointing turns on (default a quarter of RAM). */
+  /** Bytes above which auto gradient checkpointing turns on (default a third of RAM). */
   memoryBudget?: number;
 }
 
@@ -211,10 +211,11 @@ function fitByCheckpointing(job: Job, memory: UNetMemory, budget: number, estima
 }
 /**
  * auto gradient checkpointing turns on when a job would use more than this share of RAM without
- * it: sidetrain shares the machine with the webui (which holds its own model), so by default it
- * keeps to a quarter and pays the recompute (about one more forward pass) instead.
+ * it: sidetrain shares the machine with the webui (which holds its own model and the browser's
+ * tab), so by default it keeps to a third and pays the recompute (about one more forward pass of
+ * the checkpointed blocks) instead.
  */
-const AUTO_BUDGET_SHARE = 0.25;
+const AUTO_BUDGET_SHARE = 1 / 3;
 
 interface Job {
   type: string;
@@ -296,7 +297,8 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   // forward, input gradients (+ weight gradients when the UNet trains) of every block, and the forward again of checkpointed ones
   const sum = (f: (b: BlockCost) => number, only = (_: BlockCost) => true) => job.blocks.reduce((a, b) => a + (only(b) ? f(b) : 0), 0);
   const ckpt = (b: BlockCost) => isCheckpointed(memory, b.name);
-  const scoreElements = (b: BlockCost) => b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0);
+  // score tensors through softmax and its gradient (inside the attention FLOPs with the native core)
+  const scoreElements = (b: BlockCost) => (job.nativeAttention ? 0 : b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0));
   const textFlop = 2 * text.tokens * (4 * text.width ** 2 + 2 * text.width * text.mlp) * text.layers * (plan.textTrains ? 2 : 1);
   const denseFlop = ((2 + (plan.unetWeightsTrain ? 1 : 0)) * sum((b) => b.denseFlop) + sum((b) => b.denseFlop, ckpt) + textFlop) * batch;
   const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes, job.nativeAttention)) * batch;
