@@ -10,6 +10,7 @@ import { dirname } from 'node:path';
 import { tf, type Tensor } from './tf.ts';
 import type { JobContext } from './job.ts';
 import { lossAndGrads } from './nets/recompute.ts';
+import { allFiniteWithin } from './optim/check.ts';
 
 /** What a method gives the loop. */
 export interface TrainMethod<Batch> {
@@ -89,14 +90,6 @@ async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: numbe
   return lossSum / opts.gradAccum;
 }
 
-/** Every value finite and below `maxAbs` (NaN fails the comparison too). */
-async function allInRange(vars: Iterable<tf.Variable>, maxAbs: number): Promise<boolean> {
-  const flags = tf.tidy(() => tf.stack([...vars].map((v) => tf.all(tf.isFinite(v).logicalAnd(tf.abs(v).lessEqual(maxAbs))))));
-  const data = await flags.data();
-  flags.dispose();
-  return data.every((x) => x === 1);
-}
-
 /**
  * Run steps startStep+1 … steps. Stops after the current step when ctx.signal aborts, and
  * with an error (after keeping the last good snapshot) when the loss or a variable is NaN/Inf.
@@ -111,7 +104,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
     if (ctx.signal.aborted) break;
     const next = step + 1;
     const loss = await oneStep(method, opts, next);
-    if (!Number.isFinite(loss) || !(await allInRange(method.trainable.values(), method.maxAbs ?? Infinity))) {
+    if (!Number.isFinite(loss) || !(await allFiniteWithin(method.trainable.values(), method.maxAbs ?? Infinity))) {
       throw new NonFiniteError(next, loss, lastSnapshot);
     }
     step = next;
