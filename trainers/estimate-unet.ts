@@ -60,18 +60,27 @@ function unetLayers(shapes: Shapes, pre = 'model.diffusion_model.'): { name: str
 interface LayerCost { dense: number; denseFlop: number; attnFlop: number; attention: AttentionOp[]; out: number }
 
 /**
- * Forward intermediates (elements) and FLOPs of one layer at N pixels. Element counts are the
- * outputs of the ops the layer runs (nets/layers.ts, nets/unet.ts): GroupNorm ≈ 5 per input
- * element, SiLU 2, conv + bias 2, a transformer block 76 per pixel·channel.
+ * Elements the tape keeps per pixel·channel: the outputs of the ops a layer runs (nets/layers.ts,
+ * nets/unet.ts). Composed from TF.js ops (WASM, pure CPU): GroupNorm ≈ 5 per input element, SiLU 2,
+ * conv + bias 2, a transformer block 76 (head transposes, scores aside). With the native fused
+ * kernels (cpu-native: nets/fused.ts GroupNorm+SiLU and LayerNorm keep their output and the
+ * per-group statistics, the attention core its output): GroupNorm+SiLU 1, a transformer block 50.
  */
-function layerCost(l: Layer, n: number, tokens: number, heads: (ch: number) => number): LayerCost {
+const KEPT = {
+  ops: { normAct: 7, transformer: 76, transformerIo: 10, head: 7 },
+  fused: { normAct: 1, transformer: 50, transformerIo: 6, head: 3 },
+};
+
+/** Forward intermediates (elements) and FLOPs of one layer at N pixels. */
+function layerCost(l: Layer, n: number, tokens: number, heads: (ch: number) => number, kept: typeof KEPT.ops): LayerCost {
   const conv = (cin: number, cout: number, k: number, nOut: number) => 2 * k * k * cin * cout * nOut;
   switch (l.kind) {
     case 'conv_in': return { dense: 2 * n * l.cout, denseFlop: conv(l.cin, l.cout, 3, n), attnFlop: 0, attention: [], out: n * l.cout };
     case 'res': {
       const skip = l.cin !== l.cout;
+      // in_layers: norm+SiLU (cin), conv (2); + emb (1); out_layers: norm+SiLU, conv (2); + skip (1)
       return {
-        dense: n * (7 * l.cin + 13 * l.cout + (skip ? 2 * l.cout : 0)), attnFlop: 0, attention: [], out: n * l.cout,
+        dense: n * (kept.normAct * l.cin + (kept.normAct + 6) * l.cout + (skip ? 2 * l.cout : 0)), attnFlop: 0, attention: [], out: n * l.cout,
         denseFlop: conv(l.cin, l.cout, 3, n) + conv(l.cout, l.cout, 3, n) + (skip ? conv(l.cin, l.cout, 1, n) : 0),
       };
     }
@@ -82,7 +91,7 @@ function layerCost(l: Layer, n: number, tokens: number, heads: (ch: number) => n
       const attention: AttentionOp[] = [];
       for (let d = 0; d < l.depth; d++) attention.push({ heads: h, tq: n, tk: n, width: c, ctx: c }, { heads: h, tq: n, tk: tokens, width: c, ctx: l.ctx });
       return {
-        dense: 10 * n * c + l.depth * 76 * n * c, attention, out: n * c,
+        dense: kept.transformerIo * n * c + l.depth * kept.transformer * n * c, attention, out: n * c,
         denseFlop: conv(c, c, 1, n) * 2 + l.depth * (linearFlop + 2 * n * c * 2 * c), // proj_in/out; attn1 k, v
         attnFlop: l.depth * 4 * n * c * (n + tokens),
       };
@@ -99,7 +108,8 @@ function blockWeightBytes(shapes: Shapes, prefix: string): number {
 }
 
 /** Every block of the UNet forward at a latent of `latentPixels` (batch 1), skip concatenations included. */
-export function unetBlocks(shapes: Shapes, latentPixels: number, tokens: number, heads: (ch: number) => number): BlockCost[] {
+export function unetBlocks(shapes: Shapes, latentPixels: number, tokens: number, heads: (ch: number) => number, fused = false): BlockCost[] {
+  const kept = fused ? KEPT.fused : KEPT.ops;
   const pre = 'model.diffusion_model.';
   const out: BlockCost[] = [];
   let n = latentPixels;
@@ -107,7 +117,7 @@ export function unetBlocks(shapes: Shapes, latentPixels: number, tokens: number,
     const cost: BlockCost = { name: block.name, dense: 0, output: 0, denseFlop: 0, attnFlop: 0, attention: [], weightBytes: blockWeightBytes(shapes, `${pre}${block.name}.`) };
     if (block.name.startsWith('output_blocks.')) cost.dense += n * (block.layers[0] as { cin: number }).cin; // concat [h, skip]
     for (const l of block.layers) {
-      const c = layerCost(l, n, tokens, heads);
+      const c = layerCost(l, n, tokens, heads, kept);
       cost.dense += c.dense; cost.denseFlop += c.denseFlop; cost.attnFlop += c.attnFlop;
       cost.attention.push(...c.attention);
       cost.output = c.out;
@@ -117,7 +127,7 @@ export function unetBlocks(shapes: Shapes, latentPixels: number, tokens: number,
     out.push(cost);
   }
   const outCh = shapes.get(`${pre}out.0.weight`)?.[0] ?? 0;
-  out.push({ name: 'out', dense: 7 * n * outCh, output: 0, denseFlop: 2 * 9 * outCh * 4 * n, attnFlop: 0, attention: [], weightBytes: 0 });
+  out.push({ name: 'out', dense: kept.head * n * outCh, output: 0, denseFlop: 2 * 9 * outCh * 4 * n, attnFlop: 0, attention: [], weightBytes: 0 });
   return out;
 }
 

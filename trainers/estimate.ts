@@ -72,7 +72,7 @@ const CAL = {
   /** RSS per byte of live forward tensors (allocator slack, tape clones, backward transients). */
   activationSlack: 2.2,
   scoreSlack: 2.1,
-  vaeEncodeElementsPerPixel: 20, // × first-level channels: the largest encoder block's live tensors
+  vaeEncodeElementsPerPixel: 13, // × first-level channels: the largest encoder block's live tensors (fused norms on cpu-native)
   /** Elementwise passes of an optimizer step per trained parameter (AdamW: moments, bias corrections, decay, update). */
   optimizerElementsPerParam: 12,
   /**
@@ -82,9 +82,10 @@ const CAL = {
    * UNet's size and the share recomputed.
    */
   backends: {
-    // npm run bench (2-core x86-64): SD1.5 TI 256 px 5.2 s without checkpointing (profile: conv+matmul
-    // 2.2 s, attention 0.5 s, elementwise/layout/norm 2.2 s), 6.9 s checkpointed, 512 px 28.2 s
-    'cpu-native': { denseGflops: 200, attentionGflops: 100, elementSec: 1.0, passSec: 1.9 },
+    // bench/steps.ts rows (2-core x86-64, fused norms and the native attention core): SD1.5 TI 256 px
+    // 4.4 s/step (399 GFLOP), 512 px with 7 blocks checkpointed 10.1 s (2158 GFLOP), hypernetwork
+    // 512 px 13.1 s: ~310 GFLOP/s on the big ops plus ~3 s per step of small kernels
+    'cpu-native': { denseGflops: 320, attentionGflops: 320, elementSec: 0.5, passSec: 2.8 },
     wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8, passSec: 0 },
     cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15, passSec: 0 },
     tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1, passSec: 0.5 },
@@ -234,7 +235,8 @@ function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes
   const modelPath = str(spec.model, '');
   const rule = headRule(modelPath, family);
   const heads = (ch: number) => (rule.numHeadChannels ? ch / rule.numHeadChannels : rule.numHeads!);
-  return { type, plan, text, shapes, modelPath, nativeAttention: backend === 'cpu-native', blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads) };
+  const native = backend === 'cpu-native'; // the addon's fused norms and attention core
+  return { type, plan, text, shapes, modelPath, nativeAttention: native, blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads, native) };
 }
 
 /** UNet tape memory (elements, batch 1): per-pixel activations and attention scores, whole or checkpointed. */
