@@ -14,6 +14,7 @@ import { tf, type Tensor } from '../tf.ts';
 import type { TensorSource } from '../io/types.ts';
 import { loadParams, type Params } from './params.ts';
 import { attention, conv2d, groupNorm, groupNormSilu } from './layers.ts';
+import { hasNativeAttention, nativeAttention } from './sliced-attention.ts';
 
 export interface VaeConfig {
   /** Key prefix: 'first_stage_model.' in a full checkpoint, '' in a standalone VAE file. */
@@ -208,7 +209,8 @@ function attnBlock(p: Params, name: string, x: Tensor): Tensor {
     const q = conv2d(p, `${name}.q`, normed).reshape([b, h * w, c]); // [B, H·W, C]
     const k = conv2d(p, `${name}.k`, normed).reshape([b, h * w, c]); // [B, H·W, C]
     const v = conv2d(p, `${name}.v`, normed).reshape([b, h * w, c]); // [B, H·W, C]
-    const attended = attention(q, k, v, 1).reshape([b, h, w, c]); // [B, H, W, C]
+    // one head over H·W tokens: the native core (cpu-native) never holds the [H·W, H·W] scores
+    const attended = (hasNativeAttention() ? nativeAttention(q, k, v, 1) : attention(q, k, v, 1)).reshape([b, h, w, c]); // [B, H, W, C]
     return x.add(conv2d(p, `${name}.proj_out`, attended));
   });
 }
