@@ -182,7 +182,8 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const backend = opts.backend ?? defaultBackend();
   const budget = opts.memoryBudget ?? AUTO_BUDGET_SHARE * totalmem();
   const job = describeJob(type, spec, shapes, family, backend);
-  const memSpec = spec as Partial<MemorySpec>;
+  // float16 weights (and the checkpointing they bring) only where the method's loader keeps frozen weights in float16
+  const memSpec = { ...(spec as Partial<MemorySpec>), halfFrozenWeights: spec.halfFrozenWeights === true && (job.plan.frozen.unet || job.plan.frozen.text) };
   const plain = unetMemoryFor(memSpec, true);
   let estimate = estimateWith(job, plain, backend, spec);
   if (estimate.peakBytes > budget && !plain.checkpointing && memSpec.gradientCheckpointing !== 'off') {
