@@ -11,6 +11,7 @@ import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
 import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit, type ExportedOptimizerState } from '../trainers/optim/adamw8bit.ts';
 import { Ema } from '../trainers/optim/ema.ts';
+import { Adafactor, type AdafactorOptions } from '../trainers/optim/adafactor.ts';
 import { allFiniteWithin } from '../trainers/optim/check.ts';
 import { totalGradNorm } from '../trainers/optim/clip-grad.ts';
 import { optimKernels, setNativeOptim } from '../trainers/optim/native.ts';
@@ -196,4 +197,50 @@ test('totalGradNorm: the native float64 norm agrees with the TF-ops one (1e-6 re
   setNativeOptim(true);
   tf.dispose([...grads.values()]);
   assert.ok(Math.abs(norms[0]! - norms[1]!) <= 1e-6 * norms[1]!, `native ${norms[0]} vs ops ${norms[1]}`);
+});
+
+// 1-D, 2-D (one row, several row chunks per task), 4-D conv filters (torch-layout factoring), odd sizes
+const AF_SHAPES: Record<string, number[]> = {
+  'b.bias': [37], 'w.weight': [300, 70], 'one.weight': [1, 5], 'tall.weight': [1500, 131], 'conv.weight': [3, 3, 8, 16], 'conv1.weight': [1, 1, 7, 5],
+};
+
+async function runAdafactor(native: boolean, opts: AdafactorOptions) {
+  setNativeOptim(native);
+  const params = new Map(Object.entries(AF_SHAPES).map(([k, s], i) => [k, tf.variable(tf.tensor(values(s, 10 + i, 0.1), s), true, `${k}-${Math.random()}`)]));
+  const opt = new Adafactor(params, opts);
+  for (let step = 1; step <= 3; step++) {
+    // step 2's large gradients make the update-RMS clipping act
+    const grads = new Map(Object.entries(AF_SHAPES).map(([k, s], i) => [k, tf.tensor(values(s, 100 * step + i, step === 2 ? 1e3 : 1e-2), s)]));
+    opt.step(grads, 1e-3);
+    tf.dispose([...grads.values()]);
+  }
+  const out = new Map<string, Float32Array>();
+  for (const [k, p] of params) out.set(k, Float32Array.from(await p.data()));
+  const state = await opt.exportState();
+  opt.dispose();
+  tf.dispose([...params.values()]);
+  setNativeOptim(true);
+  return { out, state };
+}
+
+test('Adafactor: native step = TF-ops step over 3 steps (1e-6 relative), state alike in format and values', async (t) => {
+  if (skip) return t.skip(skip);
+  const variants: AdafactorOptions[] = [{}, { beta1: 0.9, weightDecay: 0.01, scaleParameter: true }, { clipThreshold: 0.5, weightDecay: 0.1 }];
+  for (const opts of variants) {
+    const [a, b] = [await runAdafactor(true, opts), await runAdafactor(false, opts)];
+    assertClose(a.out, b.out, 1e-6);
+    assert.deepEqual(a.state.hyper, b.state.hyper);
+    assert.deepEqual([...a.state.params.keys()], [...b.state.params.keys()]);
+    for (const [name, pa] of a.state.params) {
+      const pb = b.state.params.get(name)!;
+      assert.equal(pa.step, pb.step);
+      assert.deepEqual([...pa.buffers.keys()], [...pb.buffers.keys()], name);
+      for (const [key, ba] of pa.buffers) {
+        const bb = pb.buffers.get(key)!;
+        assert.equal(ba.dtype, bb.dtype);
+        assert.deepEqual(ba.shape, bb.shape, `${name} ${key}`);
+        assertClose(new Map([[`${name} ${key}`, ba.data as Float32Array]]), new Map([[`${name} ${key}`, bb.data as Float32Array]]), 1e-6);
+      }
+    }
+  }
 });

@@ -382,6 +382,184 @@ napi_value SumSquares(napi_env env, napi_callback_info info) {
   return out;
 }
 
+
+// ---- Adafactor (trainers/optim/adafactor.ts) ----
+
+// Its float32 scalars: β2t, 1 − β2t, eps1, clipThreshold, eps2, lr, β1, 1 − β1, weightDecay.
+struct AfK {
+  float b2, omb2, eps1, clip, eps2, lr, b1, omb1, wd;
+};
+
+// The parameter viewed in torch layout as [d0, d1, R, C] (1-D: [1, 1, N, 1], unfactored) with
+// the element strides of those dims in p/g (TF layout: conv filters are [kh,kw,in,out] there).
+// Work is handed out as items of whole rows of one (i0, i1) batch, so column partial sums stay per item.
+struct AfShape {
+  long d0, d1, R, C, s0, s1, sR, sC;
+  long B, N, rowsPerItem, itemsPerB, items;
+};
+
+AfShape af_shape(const double* dims, const double* strides) {
+  AfShape s{};
+  s.d0 = static_cast<long>(dims[0]), s.d1 = static_cast<long>(dims[1]), s.R = static_cast<long>(dims[2]), s.C = static_cast<long>(dims[3]);
+  s.s0 = static_cast<long>(strides[0]), s.s1 = static_cast<long>(strides[1]), s.sR = static_cast<long>(strides[2]), s.sC = static_cast<long>(strides[3]);
+  s.B = s.d0 * s.d1;
+  s.N = s.B * s.R * s.C;
+  s.rowsPerItem = std::max(1L, std::min(s.R, kChunk / std::max(1L, s.C)));
+  s.itemsPerB = (s.R + s.rowsPerItem - 1) / std::max(1L, s.rowsPerItem);
+  s.items = s.B * s.itemsPerB;
+  return s;
+}
+
+// f(item, b, r, off0) for every row r of every item, tasks of ~kChunk elements; off0 = offset of (b, r, 0) in p/g.
+template <typename F>
+void af_rows(const AfShape& s, F&& f) {
+  const long perTask = std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C));
+  const long tasks = (s.items + perTask - 1) / perTask;
+  parallel_for(static_cast<int>(tasks), [&](int t) {
+    for (long it = t * perTask; it < std::min(s.items, (t + 1) * perTask); it++) {
+      const long b = it / s.itemsPerB, r0 = (it % s.itemsPerB) * s.rowsPerItem, r1 = std::min(s.R, r0 + s.rowsPerItem);
+      const long base = (b / s.d1) * s.s0 + (b % s.d1) * s.s1;
+      for (long r = r0; r < r1; r++) f(t, it, b, r, base + r * s.sR);
+    }
+  });
+}
+
+inline float rsqrt_like_tf(float x) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x)));  // the stock Rsqrt: 1 / Math.sqrt(x)
+}
+
+// Pass 1 (factored): mean_{-1}(u) per row and per-item partial Σ float(u / R) per column.
+void af_means(const AfShape& s, const float* g, const AfK& k, float* rowMean, std::vector<double>& colPart) {
+  const float fC = static_cast<float>(s.C), fR = static_cast<float>(s.R);
+  af_rows(s, [&](int, long it, long b, long r, long off) {
+    double sum = 0;
+    double* cp = colPart.data() + it * s.C;
+    for (long c = 0; c < s.C; c++) {
+      const float gi = g[off + c * s.sC];
+      const float u = gi * gi + k.eps1;
+      sum += static_cast<double>(u / fC);
+      cp[c] += static_cast<double>(u / fR);
+    }
+    rowMean[b * s.R + r] = static_cast<float>(sum);
+  });
+}
+
+// adafactorStep(p, g, row, col, m, pOut, rowOut, colOut, mOut, dims, strides, k, flags):
+// flags bit 0 factored, 1 scaleParameter, 2 first moment (m/mOut, torch layout), 3 weight decay.
+// Unfactored: row/rowOut are the full V (col/colOut empty).
+napi_value AdafactorStep(napi_env env, napi_callback_info info) {
+  Args a(env, info, 13, "adafactorStep");
+  long n = 0, nDims = 0, nStrides = 0;
+  const float* p = a.f32(0, -1, &n);
+  const float* g = a.f32(1, n);
+  const double* dims = nullptr;
+  const double* strides = nullptr;
+  for (size_t i : {9, 10}) {
+    bool is = false;
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    if (a.ok && (napi_is_typedarray(env, a.argv[i], &is) != napi_ok || !is ||
+                 napi_get_typedarray_info(env, a.argv[i], &type, &length, &data, nullptr, nullptr) != napi_ok ||
+                 type != napi_float64_array || length != 4))
+      a.fail("argument " + std::to_string(i) + " must be a Float64Array of 4");
+    (i == 9 ? dims : strides) = static_cast<const double*>(data);
+    (i == 9 ? nDims : nStrides) = static_cast<long>(length);
+  }
+  const float* kc = a.f32(11, 9);
+  const int flags = static_cast<int>(a.num(12));
+  if (!a.ok) return nullptr;
+  const AfShape s = af_shape(dims, strides);
+  if (s.N != n) {
+    a.fail("dims do not match the parameter size");
+    return nullptr;
+  }
+  const bool factored = flags & 1, scaleParam = flags & 2, hasM = flags & 4, hasWd = flags & 8;
+  const long rowN = s.B * s.R, colN = factored ? s.B * s.C : 0, mN = hasM ? n : 0;
+  const float* row = a.f32(2, rowN);
+  const float* col = a.f32(3, colN);
+  const float* m = a.f32(4, mN);
+  float *po = a.f32(5, n), *rowOut = a.f32(6, rowN), *colOut = a.f32(7, colN), *mo = a.f32(8, mN);
+  if (!a.ok) return nullptr;
+  AfK k{};
+  std::memcpy(&k, kc, sizeof k);
+
+  // factors: rF per row, cF per column (factored); unfactored: V updated in the element pass
+  std::vector<float> rF, cF;
+  if (factored) {
+    std::vector<float> rowMean(static_cast<size_t>(rowN));
+    std::vector<double> colPart(static_cast<size_t>(s.items * s.C), 0.0);
+    af_means(s, g, k, rowMean.data(), colPart);
+    const float fR = static_cast<float>(s.R);
+    rF.resize(static_cast<size_t>(rowN));
+    cF.resize(static_cast<size_t>(colN));
+    for (long b = 0; b < s.B; b++) {
+      for (long c = 0; c < s.C; c++) {
+        double sum = 0;
+        for (long j = 0; j < s.itemsPerB; j++) sum += colPart[(b * s.itemsPerB + j) * s.C + c];
+        const float cn = col[b * s.C + c] * k.b2 + static_cast<float>(sum) * k.omb2;
+        colOut[b * s.C + c] = cn;
+        cF[b * s.C + c] = rsqrt_like_tf(cn);
+      }
+      double rsum = 0;
+      for (long r = 0; r < s.R; r++) {
+        const float rn = row[b * s.R + r] * k.b2 + rowMean[b * s.R + r] * k.omb2;
+        rowOut[b * s.R + r] = rn;
+        rsum += static_cast<double>(rn / fR);
+      }
+      const float rmean = static_cast<float>(rsum);
+      for (long r = 0; r < s.R; r++) rF[b * s.R + r] = rsqrt_like_tf(rowOut[b * s.R + r] / rmean);
+    }
+  }
+  const float fN = static_cast<float>(n);
+  const long tasks = (s.items + std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C)) - 1) / std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C));
+  std::vector<double> sumU(static_cast<size_t>(tasks), 0.0), sumP(static_cast<size_t>(tasks), 0.0);
+  // the unscaled update of element (b, r, c): (rF·cF)·g, or rsqrt(V)·g
+  auto upd = [&](long b, long r, long c, float gi) {
+    return factored ? (rF[b * s.R + r] * cF[b * s.C + c]) * gi : rsqrt_like_tf(rowOut[b * s.R + r]) * gi;
+  };
+  af_rows(s, [&](int t, long, long b, long r, long off) {
+    if (!factored) {  // V = V·β2t + u·(1 − β2t), C = 1
+      const float gi = g[off];
+      rowOut[b * s.R + r] = row[b * s.R + r] * k.b2 + (gi * gi + k.eps1) * k.omb2;
+    }
+    double su = 0, sp = 0;
+    for (long c = 0; c < s.C; c++) {
+      const long o = off + c * s.sC;
+      const float u = upd(b, r, c, g[o]);
+      su += static_cast<double>((u * u) / fN);
+      if (scaleParam) sp += static_cast<double>((p[o] * p[o]) / fN);
+    }
+    sumU[t] += su;
+    sumP[t] += sp;
+  });
+  double su = 0, sp = 0;
+  for (long t = 0; t < tasks; t++) su += sumU[t], sp += sumP[t];
+  const float rmsU = std::sqrt(static_cast<float>(su)), q = rmsU / k.clip;
+  const float div = q != q ? q : std::max(q, 1.0f);
+  float scale = k.lr;
+  if (scaleParam) {
+    const float rp = std::sqrt(static_cast<float>(sp));
+    scale = (rp != rp ? rp : std::max(rp, k.eps2)) * k.lr;
+  }
+  af_rows(s, [&](int, long, long b, long r, long off) {
+    for (long c = 0; c < s.C; c++) {
+      const long o = off + c * s.sC, ti = (b * s.R + r) * s.C + c;
+      float u = (upd(b, r, c, g[o]) / div) * scale;
+      if (hasM) {
+        u = m[ti] * k.b1 + u * k.omb1;
+        mo[ti] = u;
+      }
+      float next = p[o];
+      if (hasWd) next = next - (p[o] * scale) * k.wd;
+      po[o] = next - u;
+    }
+  });
+  (void)nDims;
+  (void)nStrides;
+  return nullptr;
+}
+
 }  // namespace
 
 void define_optim(napi_env env, napi_value exports) {
@@ -391,6 +569,7 @@ void define_optim(napi_env env, napi_value exports) {
       {"emaUpdate", nullptr, EmaUpdate, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"finiteWithin", nullptr, FiniteWithin, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"adafactorStep", nullptr, AdafactorStep, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }

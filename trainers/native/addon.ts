@@ -78,6 +78,18 @@ export interface NativeAddon {
   ): void;
   /** out = float32(decay·shadow + (1 − decay)·param) computed in float64, as trainers/optim/ema.ts (out may be shadow). */
   emaUpdate?(shadow: Float32Array, param: Float32Array, out: Float32Array, decay: number): void;
+  /**
+   * Adafactor step for one parameter (native/src/optim.cc) with trainers/optim/adafactor.ts's float32
+   * op order, into new arrays. The parameter is viewed in torch layout as dims [d0, d1, R, C] with
+   * the element strides of those dims in p/g; 1-D params as [1, 1, N, 1] (unfactored: row = full V,
+   * col empty). k = [β2t, 1 − β2t, eps1, clipThreshold, eps2, lr, β1, 1 − β1, weightDecay];
+   * flags bit 0 factored, 1 scaleParameter, 2 first moment m (torch layout, else empty), 3 weight decay.
+   */
+  adafactorStep?(
+    p: Float32Array, g: Float32Array, row: Float32Array, col: Float32Array, m: Float32Array,
+    pOut: Float32Array, rowOut: Float32Array, colOut: Float32Array, mOut: Float32Array,
+    dims: Float64Array, strides: Float64Array, k: Float32Array, flags: number,
+  ): void;
   /** Whether every value is finite with |x| ≤ maxAbs. */
   finiteWithin?(x: Float32Array, maxAbs: number): boolean;
   /** Σ x² in float64. */

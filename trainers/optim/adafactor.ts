@@ -21,6 +21,7 @@ import { tf, type Tensor } from '../tf.ts';
 import { checkedUpdates } from './check.ts';
 import { TF_TO_TORCH_CONV, TORCH_TO_TF_CONV } from '../nets/params.ts';
 import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './adamw8bit.ts';
+import { nativeAdafactor } from './native.ts';
 
 export interface AdafactorOptions {
   /** (eps1, eps2): regulariser of g², floor of the parameter scale. transformers (1e-30, 1e-3). */
@@ -89,6 +90,10 @@ export class Adafactor implements StatefulOptimizer {
   private update(p: tf.Variable, grad: Tensor, s: Slot, lr: number): void {
     s.step += 1;
     const beta2t = 1 - s.step ** this.decayRate;
+    // the fused kernel does the same float32 operations in the same order (native/src/optim.cc)
+    const b1 = this.beta1 ?? 0;
+    const k = Float32Array.from([beta2t, 1 - beta2t, this.eps[0], this.clipThreshold, this.eps[1], lr, b1, 1 - b1, this.weightDecay]);
+    if (nativeAdafactor(p, grad, s, k, this.scaleParameter)) return;
     tf.tidy(() => {
       const g = torchLayout(grad);
       const u = g.square().add(this.eps[0]);

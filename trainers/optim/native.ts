@@ -73,6 +73,53 @@ export function nativeAdamw(kernels: OptimKernels, p: tf.Variable, g: Tensor, m:
   return true;
 }
 
+/** Adafactor's state of one parameter (trainers/optim/adafactor.ts), all float32, torch layout. */
+export interface AdafactorSlotVars {
+  row?: tf.Variable;
+  col?: tf.Variable;
+  v?: tf.Variable;
+  m?: tf.Variable;
+}
+
+/**
+ * [d0, d1, R, C] and the strides of those torch dims in the TF-layout parameter: 4-D conv filters
+ * are TF [kh,kw,in,out] = torch [out,in,kh,kw]; undefined for ranks the kernel does not take.
+ */
+function adafactorView(shape: number[]): [number[], number[]] | undefined {
+  if (shape.length === 1) return [[1, 1, shape[0]!, 1], [0, 0, 1, 1]];
+  if (shape.length === 2) return [[1, 1, shape[0]!, shape[1]!], [0, 0, shape[1]!, 1]];
+  if (shape.length === 3) return [[1, shape[0]!, shape[1]!, shape[2]!], [0, shape[1]! * shape[2]!, shape[2]!, 1]];
+  if (shape.length === 4) {
+    const [kh, kw, cin, cout] = shape as [number, number, number, number];
+    return [[cout, cin, kh, kw], [1, cout, kw * cin * cout, cin * cout]];
+  }
+  return undefined;
+}
+
+/**
+ * Adafactor on host arrays (new arrays assigned to p and the slot's variables); k as
+ * NativeAddon.adafactorStep takes it. False when it does not apply (the caller then uses TF ops).
+ */
+export function nativeAdafactor(p: tf.Variable, g: Tensor, s: AdafactorSlotVars, k: Float32Array, scaleParameter: boolean): boolean {
+  const step = enabled ? optimKernels() && loadAddon().adafactorStep : undefined;
+  const view = adafactorView(p.shape);
+  if (!step || !view) return false;
+  const factored = !!(s.row && s.col);
+  const stats = factored ? [s.row!, s.col!] : [s.v!];
+  const ins = [p, g, ...stats, ...(s.m ? [s.m] : [])].map(hostValues);
+  if (ins.some((x) => !x)) return false;
+  const [pv, gv] = ins as Float32Array[];
+  const rowV = ins[2]!, colV = factored ? ins[3]! : new Float32Array(0), mV = s.m ? ins[ins.length - 1]! : new Float32Array(0);
+  const [pOut, rowOut, colOut, mOut] = [pv!, rowV, colV, mV].map((x) => new Float32Array(x.length)) as Float32Array[];
+  const flags = (factored ? 1 : 0) | (scaleParameter ? 2 : 0) | (s.m ? 4 : 0) | (k[8] !== 0 ? 8 : 0);
+  step(pv!, gv!, rowV, colV, mV, pOut!, rowOut!, colOut!, mOut!, Float64Array.from(view[0]), Float64Array.from(view[1]), k, flags);
+  assignValues(p, pOut!);
+  assignValues(factored ? s.row! : s.v!, rowOut!);
+  if (factored) assignValues(s.col!, colOut!);
+  if (s.m) assignValues(s.m, mOut!);
+  return true;
+}
+
 /** Blockwise 8-bit moments as trainers/optim/adamw8bit.ts keeps them. */
 interface PackedMoment {
   packed: tf.Variable;
