@@ -416,9 +416,14 @@ void af_rows(const AfShape& s, F&& f) {
   const long perTask = std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C));
   const long tasks = (s.items + perTask - 1) / perTask;
   parallel_for(static_cast<int>(tasks), [&](int t) {
-    for (long it = t * perTask; it < std::min(s.items, (t + 1) * perTask); it++) {
-      const long b = it / s.itemsPerB, r0 = (it % s.itemsPerB) * s.rowsPerItem, r1 = std::min(s.R, r0 + s.rowsPerItem);
-      const long base = (b / s.d1) * s.s0 + (b % s.d1) * s.s1;
+    for (long w = t * perTask; w < std::min(s.items, (t + 1) * perTask); w++) {
+      // visit the batch dim with the smaller stride fastest (conv filters: out, stride 1), so
+      // neighbouring batches share cache lines; b stays the torch-layout batch index
+      const long q = w / s.itemsPerB, j = w % s.itemsPerB;
+      const long i0 = s.s0 < s.s1 ? q % s.d0 : q / s.d1, i1 = s.s0 < s.s1 ? q / s.d0 : q % s.d1;
+      const long b = i0 * s.d1 + i1, it = b * s.itemsPerB + j;
+      const long r0 = j * s.rowsPerItem, r1 = std::min(s.R, r0 + s.rowsPerItem);
+      const long base = i0 * s.s0 + i1 * s.s1;
       for (long r = r0; r < r1; r++) f(t, it, b, r, base + r * s.sR);
     }
   });
@@ -428,12 +433,70 @@ inline float rsqrt_like_tf(float x) {
   return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x)));  // the stock Rsqrt: 1 / Math.sqrt(x)
 }
 
+// Contiguous rows (sC = 1, factored): the same float32 operations, written so they vectorise;
+// the float64 sums keep 4 partial sums (float64 sums of float32 values: the order does not
+// change the float32 result beyond the last double bit).
+double af_row_means(const float* __restrict__ g, long C, float eps1, float fC, float fR, double* __restrict__ cp) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  long c = 0;
+  for (; c + 4 <= C; c += 4) {
+    float u[4];
+    for (int j = 0; j < 4; j++) u[j] = g[c + j] * g[c + j] + eps1;
+    s0 += static_cast<double>(u[0] / fC), s1 += static_cast<double>(u[1] / fC);
+    s2 += static_cast<double>(u[2] / fC), s3 += static_cast<double>(u[3] / fC);
+    for (int j = 0; j < 4; j++) cp[c + j] += static_cast<double>(u[j] / fR);
+  }
+  for (; c < C; c++) {
+    const float u = g[c] * g[c] + eps1;
+    s0 += static_cast<double>(u / fC);
+    cp[c] += static_cast<double>(u / fR);
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
+// Σ float((u·u) / N) and Σ float((p·p) / N) over one contiguous row, u = (rF·cF[c])·g[c].
+void af_row_sums(const float* __restrict__ g, const float* __restrict__ p, const float* __restrict__ cF, float rF, long C, float fN,
+                 bool withP, double& su, double& sp) {
+  double a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
+  long c = 0;
+  for (; c + 4 <= C; c += 4)
+    for (int j = 0; j < 4; j++) {
+      const float u = (rF * cF[c + j]) * g[c + j];
+      a[j] += static_cast<double>((u * u) / fN);
+    }
+  for (; c < C; c++) {
+    const float u = (rF * cF[c]) * g[c];
+    a[0] += static_cast<double>((u * u) / fN);
+  }
+  if (withP) {
+    for (c = 0; c + 4 <= C; c += 4)
+      for (int j = 0; j < 4; j++) b[j] += static_cast<double>((p[c + j] * p[c + j]) / fN);
+    for (; c < C; c++) b[0] += static_cast<double>((p[c] * p[c]) / fN);
+  }
+  su += (a[0] + a[1]) + (a[2] + a[3]);
+  sp += (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+// The final update of one contiguous row without first moment.
+void af_row_apply(const float* __restrict__ g, const float* __restrict__ p, const float* __restrict__ cF, float* __restrict__ po, float rF,
+                  long C, float div, float scale, bool wd, float wdv) {
+  if (wd) {
+    for (long c = 0; c < C; c++) po[c] = (p[c] - (p[c] * scale) * wdv) - ((rF * cF[c]) * g[c] / div) * scale;
+  } else {
+    for (long c = 0; c < C; c++) po[c] = p[c] - ((rF * cF[c]) * g[c] / div) * scale;
+  }
+}
+
 // Pass 1 (factored): mean_{-1}(u) per row and per-item partial Σ float(u / R) per column.
 void af_means(const AfShape& s, const float* g, const AfK& k, float* rowMean, std::vector<double>& colPart) {
   const float fC = static_cast<float>(s.C), fR = static_cast<float>(s.R);
   af_rows(s, [&](int, long it, long b, long r, long off) {
-    double sum = 0;
     double* cp = colPart.data() + it * s.C;
+    if (s.sC == 1) {
+      rowMean[b * s.R + r] = static_cast<float>(af_row_means(g + off, s.C, k.eps1, fC, fR, cp));
+      return;
+    }
+    double sum = 0;
     for (long c = 0; c < s.C; c++) {
       const float gi = g[off + c * s.sC];
       const float u = gi * gi + k.eps1;
@@ -443,6 +506,7 @@ void af_means(const AfShape& s, const float* g, const AfK& k, float* rowMean, st
     rowMean[b * s.R + r] = static_cast<float>(sum);
   });
 }
+
 
 // adafactorStep(p, g, row, col, m, pOut, rowOut, colOut, mOut, dims, strides, k, flags):
 // flags bit 0 factored, 1 scaleParameter, 2 first moment (m/mOut, torch layout), 3 weight decay.
@@ -493,7 +557,9 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
     const float fR = static_cast<float>(s.R);
     rF.resize(static_cast<size_t>(rowN));
     cF.resize(static_cast<size_t>(colN));
-    for (long b = 0; b < s.B; b++) {
+    const long perTask = std::max(1L, kChunk / (s.R + s.C * s.itemsPerB));
+    parallel_for(static_cast<int>((s.B + perTask - 1) / perTask), [&](int t) {
+    for (long b = t * perTask; b < std::min(s.B, (t + 1) * perTask); b++) {
       for (long c = 0; c < s.C; c++) {
         double sum = 0;
         for (long j = 0; j < s.itemsPerB; j++) sum += colPart[(b * s.itemsPerB + j) * s.C + c];
@@ -510,6 +576,7 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
       const float rmean = static_cast<float>(rsum);
       for (long r = 0; r < s.R; r++) rF[b * s.R + r] = rsqrt_like_tf(rowOut[b * s.R + r] / rmean);
     }
+    });
   }
   const float fN = static_cast<float>(n);
   const long tasks = (s.items + std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C)) - 1) / std::max(1L, kChunk / std::max(1L, s.rowsPerItem * s.C));
@@ -524,6 +591,12 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
       rowOut[b * s.R + r] = row[b * s.R + r] * k.b2 + (gi * gi + k.eps1) * k.omb2;
     }
     double su = 0, sp = 0;
+    if (factored && s.sC == 1) {
+      af_row_sums(g + off, p + off, cF.data() + b * s.C, rF[b * s.R + r], s.C, fN, scaleParam, su, sp);
+      sumU[t] += su;
+      sumP[t] += sp;
+      return;
+    }
     for (long c = 0; c < s.C; c++) {
       const long o = off + c * s.sC;
       const float u = upd(b, r, c, g[o]);
@@ -543,6 +616,10 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
     scale = (rp != rp ? rp : std::max(rp, k.eps2)) * k.lr;
   }
   af_rows(s, [&](int, long, long b, long r, long off) {
+    if (factored && s.sC == 1 && !hasM) {
+      af_row_apply(g + off, p + off, cF.data() + b * s.C, po + off, rF[b * s.R + r], s.C, div, scale, hasWd, k.wd);
+      return;
+    }
     for (long c = 0; c < s.C; c++) {
       const long o = off + c * s.sC, ti = (b * s.R + r) * s.C + c;
       float u = (upd(b, r, c, g[o]) / div) * scale;
