@@ -565,7 +565,6 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
         for (long j = 0; j < s.itemsPerB; j++) sum += colPart[(b * s.itemsPerB + j) * s.C + c];
         const float cn = col[b * s.C + c] * k.b2 + static_cast<float>(sum) * k.omb2;
         colOut[b * s.C + c] = cn;
-        cF[b * s.C + c] = rsqrt_like_tf(cn);
       }
       double rsum = 0;
       for (long r = 0; r < s.R; r++) {
@@ -574,8 +573,12 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
         rsum += static_cast<double>(rn / fR);
       }
       const float rmean = static_cast<float>(rsum);
-      for (long r = 0; r < s.R; r++) rF[b * s.R + r] = rsqrt_like_tf(rowOut[b * s.R + r] / rmean);
+      for (long r = 0; r < s.R; r++) rF[b * s.R + r] = rowOut[b * s.R + r] / rmean;
     }
+    // the reciprocal square roots as flat loops over the task's range (they vectorise)
+    const long b0 = t * perTask, b1 = std::min(s.B, (t + 1) * perTask);
+    for (long i = b0 * s.C; i < b1 * s.C; i++) cF[i] = rsqrt_like_tf(colOut[i]);
+    for (long i = b0 * s.R; i < b1 * s.R; i++) rF[i] = rsqrt_like_tf(rF[i]);
     });
   }
   const float fN = static_cast<float>(n);
