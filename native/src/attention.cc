@@ -24,6 +24,7 @@
 
 #include "gemm.h"
 #include "pool.h"
+#include "vexp.h"
 
 namespace st {
 namespace {
@@ -39,26 +40,7 @@ constexpr int kMaxNV = 8;       // vectors per register-tile row (wider heads ru
 
 typedef int via __attribute__((vector_size(VW * 4)));
 
-// exp on VW lanes: Cephes expf's range reduction and degree-6 polynomial (≈1 ulp on [-87, 88];
-// inputs are clamped there, so very negative scores give ~1e-38 rather than 0).
-inline vfa vexp(vfa x) {
-  const vfa hi = vfa{} + 88.3762626647949f, lo = vfa{} - 87.3365447504f;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const vfa magic = vfa{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const vfa t = x * 1.44269504088896341f + magic;
-  const vfa n = t - magic;
-  const via ni = reinterpret_cast<via>(t) - reinterpret_cast<via>(magic);
-  const vfa r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vfa p = vfa{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vfa e = p * r * r + r + 1.0f;
-  return e * reinterpret_cast<vfa>((ni + 127) << 23);
-}
+inline vfa vexp(vfa x) { return st::vexp<vfa, via>(x); }
 inline vfa load(const float* p) {
   vfa v;
   std::memcpy(&v, p, sizeof v);

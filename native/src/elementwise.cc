@@ -6,33 +6,14 @@
 
 #include "kernels.h"
 #include "pool.h"
+#include "vexp.h"
 
 namespace st {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 
-// exp on 8 lanes: Cephes expf's range reduction and polynomial (≈1 ulp on [-87, 88]; inputs
-// are clamped there, so exp(-inf) gives ~1e-38 instead of 0, immaterial next to a softmax
-// row sum ≥ 1). Vectorised, unlike libm's expf, which made softmax exp-bound.
-static inline v8f exp8(v8f x) {
-  const v8f hi = v8f{} + 88.3762626647949f, lo = v8f{} - 87.3365447504f;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const v8f magic = v8f{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const v8f t = x * 1.44269504088896341f + magic;
-  const v8f n = t - magic;
-  const v8i ni = reinterpret_cast<v8i>(t) - reinterpret_cast<v8i>(magic);
-  const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v8f e = p * r * r + r + 1.0f;
-  return e * reinterpret_cast<v8f>((ni + 127) << 23);
-}
+static inline v8f exp8(v8f x) { return vexp<v8f, v8i>(x); }
 
 void softmax(const float* x, float* y, long rows, long n) {
   const long chunk = std::max(1L, 16384 / std::max(1L, n));

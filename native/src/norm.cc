@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "vexp.h"
 
 namespace st {
 namespace {
@@ -32,25 +33,7 @@ inline v8f load8(const float* p) {
 }
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 
-// exp on 8 lanes, as in elementwise.cc (Cephes expf; inputs clamped to [-87.3, 88.4]).
-inline v8f exp8(v8f x) {
-  const v8f hi = v8f{} + 88.3762626647949f, lo = v8f{} - 87.3365447504f;
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const v8f magic = v8f{} + 12582912.0f;
-  const v8f t = x * 1.44269504088896341f + magic;
-  const v8f n = t - magic;
-  const v8i ni = reinterpret_cast<v8i>(t) - reinterpret_cast<v8i>(magic);
-  const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v8f e = p * r * r + r + 1.0f;
-  return e * reinterpret_cast<v8f>((ni + 127) << 23);
-}
+inline v8f exp8(v8f x) { return vexp<v8f, v8i>(x); }
 inline v8f sigmoid8(v8f z) { return 1.0f / (1.0f + exp8(-z)); }
 inline float sigmoid1(float z) { return 1.0f / (1.0f + std::exp(-z)); }
 
