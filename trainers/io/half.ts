@@ -7,13 +7,21 @@
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 
-let halfTable: Float32Array | undefined;
+let halfTable: Uint32Array | undefined;
 
-/** All 65536 float16 values as float32 (built once, 256 KB). */
-function table(): Float32Array {
+/**
+ * The float32 bit patterns of all 65536 float16 values (built once, 256 KB); a NaN keeps its
+ * payload and is made quiet, as F16C and PyTorch do.
+ */
+function table(): Uint32Array {
   if (halfTable) return halfTable;
-  halfTable = new Float32Array(65536);
-  for (let h = 0; h < 65536; h++) halfTable[h] = halfBitsToFloat(h);
+  halfTable = new Uint32Array(65536);
+  const values = new Float32Array(halfTable.buffer);
+  for (let h = 0; h < 65536; h++) {
+    const frac = h & 0x3ff;
+    if ((h & 0x7c00) === 0x7c00 && frac) halfTable[h] = (((h & 0x8000) << 16) | 0x7fc00000 | (frac << 13)) >>> 0;
+    else values[h] = halfBitsToFloat(h);
+  }
   return halfTable;
 }
 
@@ -30,7 +38,11 @@ export function halfBitsToFloat(h: number): number {
 /** float32 → float16 bits, round to nearest even (overflow → ±Inf, NaN stays NaN). */
 export function floatToHalfBits(value: number): number {
   f32[0] = value;
-  const x = u32[0]!;
+  return floatBitsToHalfBits(u32[0]!);
+}
+
+/** floatToHalfBits on a float32's bit pattern (keeps a NaN's payload bits, which a JS number may not). */
+export function floatBitsToHalfBits(x: number): number {
   const sign = (x >>> 16) & 0x8000;
   const e32 = (x >>> 23) & 0xff;
   const mant = x & 0x7fffff;
@@ -68,9 +80,14 @@ export function floatToBf16Bits(value: number): number {
 }
 
 export function decodeHalf(bits: Uint16Array): Float32Array {
+  return decodeHalfInto(bits, new Float32Array(bits.length));
+}
+
+/** float16 bits → float32 into `out` (bit patterns copied, so NaN payloads survive). */
+export function decodeHalfInto(bits: Uint16Array, out: Float32Array): Float32Array {
   const lut = table();
-  const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) out[i] = lut[bits[i]!]!;
+  const o = new Uint32Array(out.buffer, out.byteOffset, out.length);
+  for (let i = 0; i < bits.length; i++) o[i] = lut[bits[i]!]!;
   return out;
 }
 
@@ -95,5 +112,6 @@ export function encodeBf16(values: ArrayLike<number>): Uint16Array {
 
 /** `Math.fround` for float16: the float32 value of float16(x). */
 export function roundToHalf(value: number): number {
-  return table()[floatToHalfBits(value)]!;
+  u32[0] = table()[floatToHalfBits(value)]!;
+  return f32[0]!;
 }

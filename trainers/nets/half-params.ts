@@ -20,12 +20,13 @@
  * never materialise anything. A tensor `set` in (e.g. a tf.Variable) is stored as is.
  *
  * Conversion: the native addon (native/src/half.cc: F16C, multi-threaded) when it is built,
- * else the pure-JS code below (same bits), so the WASM and pure-CPU backends get it too.
+ * else the pure-JS converters of io/half.ts (same bits), so the WASM and pure-CPU backends get it too.
  */
 import { tf, type Tensor } from '../tf.ts';
 import type { TensorSource } from '../io/types.ts';
 import { loadAddon, type NativeAddon } from '../native/addon.ts';
 import { paramFromTorch, type Params } from './params.ts';
+import { decodeHalfInto, floatBitsToHalfBits } from '../io/half.ts';
 import { checkUnetKeys, unetConfigFromKeys, type HeadOverrides, type UNetConfig } from './unet.ts';
 
 // ---------------------------------------------------------------------------------------------
@@ -49,33 +50,9 @@ export function halfConverter(): string {
   return native()?.halfIsa() ?? 'js';
 }
 
-let lut: Uint32Array | undefined;
-/** float32 bits of all 65536 halves (a NaN keeps its payload and is made quiet, as F16C does). */
-function halfLut(): Uint32Array {
-  if (lut) return lut;
-  lut = new Uint32Array(65536);
-  const f = new Float32Array(1);
-  const u = new Uint32Array(f.buffer);
-  for (let h = 0; h < 65536; h++) {
-    const sign = (h & 0x8000) << 16;
-    const exp = (h >> 10) & 0x1f;
-    const frac = h & 0x3ff;
-    if (exp === 31) lut[h] = (sign | 0x7f800000 | (frac << 13) | (frac ? 0x400000 : 0)) >>> 0;
-    else if (exp > 0) lut[h] = (sign | ((exp + 112) << 23) | (frac << 13)) >>> 0;
-    else {
-      f[0] = frac * 2 ** -24; // zero and subnormals: exact in float32
-      lut[h] = (sign | u[0]!) >>> 0;
-    }
-  }
-  return lut;
-}
-
 /** float16 bits → float32, pure JS (bit-exact with the native converter). */
 export function halfToFloat32Js(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
-  const table = halfLut();
-  const o = new Uint32Array(out.buffer, out.byteOffset, out.length);
-  for (let i = 0; i < bits.length; i++) o[i] = table[bits[i]!]!;
-  return out;
+  return decodeHalfInto(bits, out);
 }
 
 /** float32 → float16 bits, round to nearest even, pure JS; `overflow` counts finite values that became ±Inf. */
@@ -83,35 +60,11 @@ export function float32ToHalfJs(values: Float32Array, out = new Uint16Array(valu
   const x32 = new Uint32Array(values.buffer, values.byteOffset, values.length);
   let overflow = 0;
   for (let i = 0; i < values.length; i++) {
-    const x = x32[i]!;
-    const sign = (x >>> 16) & 0x8000;
-    const e32 = (x >>> 23) & 0xff;
-    const mant = x & 0x7fffff;
-    let h: number;
-    if (e32 === 255) h = 0x7c00 | (mant ? 0x200 | (mant >>> 13) : 0);
-    else if (e32 - 112 >= 31) (h = 0x7c00), overflow++;
-    else if (e32 - 112 <= 0) h = subnormalHalf(e32 - 112, mant);
-    else {
-      h = ((e32 - 112) << 10) | (mant >>> 13);
-      const rem = mant & 0x1fff;
-      if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++; // a carry into the exponent is right
-      if (h === 0x7c00) overflow++;
-    }
-    out[i] = sign | h;
+    const h = floatBitsToHalfBits(x32[i]!);
+    if ((h & 0x7fff) === 0x7c00 && (x32[i]! & 0x7f800000) !== 0x7f800000) overflow++;
+    out[i] = h;
   }
   return { bits: out, overflow };
-}
-
-/** The half magnitude of a float32 whose half exponent `e` is ≤ 0: a subnormal or 0. */
-function subnormalHalf(e: number, mant: number): number {
-  if (e < -10) return 0; // below half the smallest subnormal
-  const m = mant | 0x800000;
-  const shift = 14 - e; // 14..24
-  let h = m >>> shift;
-  const rem = m & ((1 << shift) - 1);
-  const halfway = 1 << (shift - 1);
-  if (rem > halfway || (rem === halfway && h & 1)) h++;
-  return h;
 }
 
 /** float16 bits → float32 (native when built). */
