@@ -28,11 +28,10 @@ import { encodeFrozenText, releaseTextCache } from './context-cache.ts';
 import { modelHash, openCheckpoint, openTensorFile } from './io/checkpoint.ts';
 import { writeCheckpoint } from './io/checkpoint-write.ts';
 import { LatentCache } from './latent-cache.ts';
-import type { SamplerName } from './sample.ts';
 import type { Denoiser, DiffusionBatch } from './diffusion-loss.ts';
 import {
   describePrior, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
-  type ClassSet, type PriorLoss,
+  type ClassSet, type PriorLoss, type PriorSpec,
 } from './prior-preservation.ts';
 import { runLora, type LoraSpec } from './lora.ts';
 import type { JobContext, JobResult } from './job.ts';
@@ -43,15 +42,9 @@ import { diffusionBatch, renderPreview, trainAndSave, previewPromptText, type Co
 import { tokenizeWithEmbeddings } from './text/tokenizer.ts';
 
 /** The job's options (schemas/dreambooth.json). */
-export interface DbSpec extends CommonSpec {
+export interface DbSpec extends CommonSpec, Omit<PriorSpec, 'classPrompt'> {
   instancePrompt: string;
   classPrompt: string;
-  classImages: number;
-  classImagesDir?: string;
-  priorWeight: number;
-  classSampler: SamplerName;
-  classSteps: number;
-  classCfgScale: number;
   trainTextEncoder: boolean;
   textEncoderLr: string;
   textEncoderSteps: number;
