@@ -4,9 +4,9 @@
  * peak RSS (VmHWM) is its own:
  * - `finetune.cache`: latent caching throughput — N synthetic images of mixed aspect ratios put in
  *   their buckets and VAE-encoded into the disk cache exactly as a fine-tune does
- *   (trainers/finetune-data.ts latentJob + trainers/latent-disk-cache.ts); images/s of the encode
+ *   (trainers/methods/finetune/data.ts latentJob + trainers/train/latent-disk-cache.ts); images/s of the encode
  *   (VAE load timed apart), and of a second pass that finds every latent cached (no VAE);
- * - `finetune.step`: s/step of a real fine-tune job (trainers/finetune.ts, batch 1, AdamW, UNet only,
+ * - `finetune.step`: s/step of a real fine-tune job (trainers/methods/finetune/finetune.ts, batch 1, AdamW, UNet only,
  *   2 steps, the second timed) per bucket size: 256×256, 320×192, 192×320 at the 256-px area and
  *   512×512, 640×384, 384×640 at 512. The one image of each row is exactly its bucket's size, and
  *   its latent is pre-written to the cache (random values: a step's time does not depend on them),
@@ -67,8 +67,8 @@ const runRowChild = (script: string, args: string[], backend: string) => runBenc
  */
 export async function prepareStepImage(dir: string, modelPath: string, cacheDir: string, width: number, height: number): Promise<string> {
   const { openTensorFile } = await import('../trainers/io/checkpoint.ts');
-  const { LatentDiskCache, vaeHash, fileDigest } = await import('../trainers/latent-disk-cache.ts');
-  const { latentJob } = await import('../trainers/finetune-data.ts');
+  const { LatentDiskCache, vaeHash, fileDigest } = await import('../trainers/train/latent-disk-cache.ts');
+  const { latentJob } = await import('../trainers/methods/finetune/data.ts');
   const images = join(dir, `images-${width}x${height}`);
   mkdirSync(images, { recursive: true });
   const path = join(images, 'picture.png');
@@ -131,7 +131,7 @@ async function cacheRows(dir: string, models: [ModelName, string][], backend: st
 
 /** Every fine-tune row: caching throughput, then s/step per bucket size. */
 export async function benchFinetune(opts: { sd15?: boolean; backend?: string } = {}): Promise<Row[]> {
-  const { nativeStatus } = await import('../trainers/native/index.ts');
+  const { nativeStatus } = await import('../trainers/backend/native/index.ts');
   const backend = opts.backend ?? (nativeStatus().available ? 'cpu-native' : 'wasm');
   const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-bench-finetune-'));
@@ -154,11 +154,11 @@ export async function benchFinetune(opts: { sd15?: boolean; backend?: string } =
 
 /** Cache every image's latent as a fine-tune does; then a second, fully cached pass. */
 async function cacheChild(args: { modelPath: string; images: string; resolution: number; cacheDir: string }): Promise<Row> {
-  const { initBackend } = await import('../trainers/tf.ts');
+  const { initBackend } = await import('../trainers/backend/index.ts');
   const { loadCaptionedSet } = await import('../trainers/data/captioned.ts');
   const { nearestBucket } = await import('../trainers/data/buckets.ts');
-  const { finetuneBuckets, latentJob } = await import('../trainers/finetune-data.ts');
-  const { LatentDiskCache, vaeHash, vaeLatentEncoder } = await import('../trainers/latent-disk-cache.ts');
+  const { finetuneBuckets, latentJob } = await import('../trainers/methods/finetune/data.ts');
+  const { LatentDiskCache, vaeHash, vaeLatentEncoder } = await import('../trainers/train/latent-disk-cache.ts');
   const { openTensorFile } = await import('../trainers/io/checkpoint.ts');
   const { loadVae } = await import('../trainers/nets/vae.ts');
   const backend = (await initBackend()).name;

@@ -10,7 +10,7 @@
  */
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { initBackend, tf } from '../trainers/tf.ts';
+import { initBackend, tf } from '../trainers/backend/index.ts';
 import { openCheckpoint } from '../trainers/io/checkpoint.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { loadUnet } from '../trainers/nets/unet.ts';

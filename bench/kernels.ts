@@ -7,8 +7,8 @@
  */
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
-import { nativeStatus } from '../trainers/native/index.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
+import { nativeStatus } from '../trainers/backend/native/index.ts';
 import { hasNativeAttention, nativeAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 import { groupNormFused, setFusedKernels } from '../trainers/nets/fused.ts';
 

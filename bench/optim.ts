@@ -9,7 +9,7 @@
  *
  * --reps N times N passes after the first and prints the fastest (one pass is noisy on a shared machine).
  */
-import { tf, initBackend, type Tensor } from '../trainers/tf.ts';
+import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit } from '../trainers/optim/adamw8bit.ts';
 import { Adafactor } from '../trainers/optim/adafactor.ts';

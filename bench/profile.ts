@@ -6,10 +6,10 @@
  * concat, slice, reshape copies), other — so the next thing to attack is visible.
  * Called by bench/steps.ts in its own child process.
  */
-import { tf, initBackend, type Tensor } from '../trainers/tf.ts';
+import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { loadSdModel, paddingFor } from '../trainers/nets/sd.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings } from '../trainers/text/tokenizer.ts';
-import { textualInversionLoss, type TiModel } from '../trainers/textual-inversion.ts';
+import { textualInversionLoss, type TiModel } from '../trainers/methods/textual-inversion.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 
 const CONV = new Set(['Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter', 'FusedConv2D', 'DepthwiseConv2dNative']);

@@ -6,7 +6,7 @@
  * cache latents, release the VAE, train N steps, save) in its own child process, so peak RSS
  * (VmHWM from /proc/self/status, reset after preparation through /proc/self/clear_refs) is that
  * row's alone. s/step is the median of the steps after the first (the first pays page faults).
- * Beside each row: `estimateJob`'s prediction (trainers/estimate.ts) and, for SD1.5 TI, the
+ * Beside each row: `estimateJob`'s prediction (trainers/memory/estimate.ts) and, for SD1.5 TI, the
  * PyTorch yardstick (bench/pytorch/ti_step.py) with the our/PyTorch ratio.
  * Dreambooth (whole model, prior preservation with one generated class image: each step is a
  * batch of 2) and LoRA (attention adapters) have 256 px rows on both models in four variants
@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { writeRandomSd15 } from './sd15-checkpoint.ts';
 import { pytorchTiStep } from './pytorch.ts';
-import { estimateJob, type JobEstimate } from '../trainers/estimate.ts';
+import { estimateJob, type JobEstimate } from '../trainers/memory/estimate.ts';
 import { RSS_LIMIT_BYTES, runBenchChild, statusKb, type Row } from './child.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';
@@ -114,8 +114,8 @@ const runChild = (args: string[], backend: string, timeoutMs: number) => runBenc
 
 /** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
 export async function benchSteps(opts: { backends?: string[]; methods?: string[]; variants?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
-  const { methods } = await import('../trainers/methods.ts');
-  const { nativeStatus } = await import('../trainers/native/index.ts');
+  const { methods } = await import('../trainers/methods/index.ts');
+  const { nativeStatus } = await import('../trainers/backend/native/index.ts');
   const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
   const names = opts.methods ?? Object.keys(methods).filter((m) => ['textual_inversion', 'hypernetwork', 'dreambooth', 'lora'].includes(m));
   const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
@@ -174,7 +174,7 @@ async function pytorchRows(rows: Row[]): Promise<Row[]> {
 
 /** Run one job; s/step from the step events, peak RSS before and after training starts. */
 async function childRow(method: string, spec: Record<string, unknown>): Promise<Row> {
-  const { methods } = await import('../trainers/methods.ts');
+  const { methods } = await import('../trainers/methods/index.ts');
   const { validate } = await import('../schemas/index.ts');
   const entry = methods[method];
   if (!entry) throw new Error(`no method '${method}'`);

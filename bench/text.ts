@@ -6,11 +6,11 @@
  */
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
-import { initBackend, tf } from '../trainers/tf.ts';
+import { initBackend, tf } from '../trainers/backend/index.ts';
 import { disposeParams, paramFromTorch, type Params } from '../trainers/nets/params.ts';
 import { encodeText, textConfigFromKeys, textKeys } from '../trainers/nets/clip.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
-import { denoisingLoss } from '../trainers/diffusion-loss.ts';
+import { denoisingLoss } from '../trainers/train/diffusion-loss.ts';
 
 type Row = Record<string, unknown>;
 const FIXTURE = 'test/fixtures/sd-tiny';

@@ -83,7 +83,7 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 /** In the child: run the job, time its steps, print one JSON line. */
 async function child(job: ChildJob): Promise<void> {
   const { validate } = await import('../schemas/index.ts');
-  const { runTextualInversion } = await import('../trainers/textual-inversion.ts');
+  const { runTextualInversion } = await import('../trainers/methods/textual-inversion.ts');
   const spec: Record<string, unknown> = {
     model: job.model, images: job.images, name: 'bench_ti', initText: 'cat', vectors: 1, steps: job.steps, width: job.px, height: job.px,
     previewEvery: 0, saveEvery: 0, seed: 1, overwrite: true, embeddingsDir: join(job.out, 'emb'), logDir: join(job.out, 'log'),

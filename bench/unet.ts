@@ -10,7 +10,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
-import { initBackend, tf } from '../trainers/tf.ts';
+import { initBackend, tf } from '../trainers/backend/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { disposeParams, type Params } from '../trainers/nets/params.ts';
 import { loadUnet, unetConfigFromKeys, unetForward, unetParamShapes, type UNetConfig } from '../trainers/nets/unet.ts';

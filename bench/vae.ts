@@ -5,7 +5,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { disposeParams, type Params } from '../trainers/nets/params.ts';
 import { loadVae, vaeConfigFromKeys, vaeEncode, vaeParamShapes, type VaeConfig } from '../trainers/nets/vae.ts';

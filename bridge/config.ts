@@ -21,7 +21,7 @@ export interface ServerOptions {
   port?: number;
   token?: string;
   stateDir?: string;
-  /** Module exporting `methods` (default trainers/methods.ts). */
+  /** Module exporting `methods` (default trainers/methods/index.ts). */
   methodsModule?: string;
   concurrency?: number;
   webuiUrl?: string;

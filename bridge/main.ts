@@ -49,7 +49,7 @@ function parseAuth(auth: string | undefined): { username: string; password: stri
 export async function startServer(opts: ServerOptions = {}, logger?: Logger): Promise<RunningServer> {
   const log = logger ?? pino({ level: opts.logLevel ?? 'info', base: { name: 'sidetrain' } });
   const host = opts.host ?? DEFAULT_HOST;
-  const methodsModule = resolve(REPO_DIR, opts.methodsModule ?? 'trainers/methods.ts');
+  const methodsModule = resolve(REPO_DIR, opts.methodsModule ?? 'trainers/methods/index.ts');
   const methods = await loadMethods(isAbsolute(methodsModule) ? methodsModule : resolve(methodsModule));
   const webui = new WebuiClient({
     url: opts.webuiUrl, auth: parseAuth(opts.webuiAuth), retries: opts.webuiRetries, retryDelayMs: opts.webuiRetryDelayMs, timeoutMs: opts.webuiTimeoutMs,

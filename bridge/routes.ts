@@ -46,19 +46,19 @@ export function present(j: JobRecord): JobRecord {
   return { ...j, previews: j.previews.map((p, i) => ({ ...p, url: `/api/jobs/${j.id}/previews/${i}` })) };
 }
 
-const ESTIMATE_MODULE = new URL('../trainers/estimate.ts', import.meta.url);
+const ESTIMATE_MODULE = new URL('../trainers/memory/estimate.ts', import.meta.url);
 
 async function estimate(req: Request, res: Response, ctx: ServerContext): Promise<unknown> {
   const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
   const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
   if (!existsSync(ESTIMATE_MODULE)) {
     res.status(501);
-    return { error: 'estimates are not available yet: trainers/estimate.ts (estimateJob) is not part of this build' };
+    return { error: 'estimates are not available yet: trainers/memory/estimate.ts (estimateJob) is not part of this build' };
   }
   const mod = (await import(ESTIMATE_MODULE.href)) as { estimateJob?: (t: string, s: Record<string, unknown>) => unknown };
   if (typeof mod.estimateJob !== 'function') {
     res.status(501);
-    return { error: 'trainers/estimate.ts does not export estimateJob(type, spec)' };
+    return { error: 'trainers/memory/estimate.ts does not export estimateJob(type, spec)' };
   }
   return await mod.estimateJob(type, prepared);
 }

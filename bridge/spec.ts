@@ -2,7 +2,7 @@
  * @file From a request's `{type, spec}` to a spec a worker may run: the method's JSON Schema
  * (defaults filled in), then every path in it checked and made absolute — names sanitised as the
  * webui does, output folders kept inside the configured ones, datasets readable folders, models
- * readable files. Generic over trainers/methods.ts: which field is what comes from an
+ * readable files. Generic over trainers/methods/index.ts: which field is what comes from an
  * `x-sidetrain` annotation on the schema property, or else from its name (see roleOf).
  */
 import { validate, getSchema, type FieldError } from '../schemas/index.ts';

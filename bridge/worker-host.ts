@@ -13,7 +13,7 @@ import type { HostMessage, WorkerMessage } from './worker.ts';
 export const WORKER_PATH = fileURLToPath(new URL('./worker.ts', import.meta.url));
 
 export interface WorkerHostOptions {
-  /** Module exporting `methods` (default trainers/methods.ts). */
+  /** Module exporting `methods` (default trainers/methods/index.ts). */
   methodsModule: string;
   /** After a cancel message, wait this long before SIGTERM. */
   cancelGraceMs?: number;

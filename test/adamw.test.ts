@@ -1,6 +1,6 @@
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { tf, initBackend, type Tensor } from '../trainers/tf.ts';
+import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { AdamW, type AdamWStateDict } from '../trainers/optim/adamw.ts';
 import { clipGradNorm, clipGradValue, totalGradNorm, makeClipper } from '../trainers/optim/clip-grad.ts';
 

@@ -165,9 +165,9 @@ describe('schema errors name the field', () => {
     assert.equal((await t.api('/api/jobs/0123456789abcdef')).status, 404);
   });
 
-  test('estimate is 501 until trainers/estimate.ts exists; the OpenAPI document lists the routes', async () => {
+  test('estimate is 501 until trainers/memory/estimate.ts exists; the OpenAPI document lists the routes', async () => {
     const est = await t.api('/api/estimate', { method: 'POST', json: { type: 'stub', spec: { name: 'x' } } });
-    if (!existsSync(new URL('../trainers/estimate.ts', import.meta.url))) {
+    if (!existsSync(new URL('../trainers/memory/estimate.ts', import.meta.url))) {
       assert.equal(est.status, 501);
       assert.match(est.body.error, /estimate/);
     }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, currentBackend, BACKEND_ORDER, tf } from '../trainers/tf.ts';
+import { initBackend, currentBackend, BACKEND_ORDER, tf } from '../trainers/backend/index.ts';
 
 test('initBackend picks a backend, says which, and explains the ones it skipped', async () => {
   const choice = await initBackend();

@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage } from '../trainers/data/buckets.ts';
-import { latentJob } from '../trainers/finetune-data.ts';
-import { LatentDiskCache } from '../trainers/latent-disk-cache.ts';
+import { latentJob } from '../trainers/methods/finetune/data.ts';
+import { LatentDiskCache } from '../trainers/train/latent-disk-cache.ts';
 import { Rng } from '../trainers/random.ts';
 
 const SIZES: [number, number][] = [

@@ -1,5 +1,5 @@
 /**
- * @file trainers/io/checkpoint-write.ts: a full checkpoint written from the tiny fixtures reloads
+ * @file trainers/nets/checkpoint-write.ts: a full checkpoint written from the tiny fixtures reloads
  * with every key, dtype and untouched tensor identical, trained tensors replaced (in torch
  * layout), `half` stores F16, metadata is kept, and an existing file is never replaced silently.
  */
@@ -8,10 +8,10 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { initBackend, tf } from '../trainers/tf.ts';
+import { initBackend, tf } from '../trainers/backend/index.ts';
 import { openTensorFile } from '../trainers/io/checkpoint.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
-import { writeCheckpoint } from '../trainers/io/checkpoint-write.ts';
+import { writeCheckpoint } from '../trainers/nets/checkpoint-write.ts';
 import { paramFromTorch, type Params } from '../trainers/nets/params.ts';
 
 const MODEL = 'test/fixtures/sd-tiny/model.safetensors';

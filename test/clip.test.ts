@@ -7,7 +7,7 @@
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import type { TensorSource } from '../trainers/io/types.ts';
 import { loadParams, type Params } from '../trainers/nets/params.ts';

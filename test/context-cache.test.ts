@@ -1,10 +1,10 @@
 /** @file encodeFrozenText: the same numbers as encodeText, each prompt encoded once, released with the weights. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { tf, initBackend } from '../trainers/tf.ts';
+import { tf, initBackend } from '../trainers/backend/index.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
 import { encodeText } from '../trainers/nets/clip.ts';
-import { encodeFrozenText, releaseTextCache } from '../trainers/context-cache.ts';
+import { encodeFrozenText, releaseTextCache } from '../trainers/train/context-cache.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
 

@@ -4,7 +4,7 @@ import { mkdtemp, mkdir, writeFile, copyFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { tf, initBackend } from '../trainers/tf.ts';
+import { tf, initBackend } from '../trainers/backend/index.ts';
 import { Dataset, datasetReport, formatDatasetReport, filewordsFromFilename, groupedBatches, type DatasetOptions } from '../trainers/data/dataset.ts';
 import { loadImage, lossWeightMap } from '../trainers/data/images.ts';
 import { loadTemplate, type Template } from '../trainers/text/templates.ts';

@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
@@ -22,11 +22,11 @@ import { paramToTorch, type Params } from '../trainers/nets/params.ts';
 import { shapesOf } from '../trainers/nets/sd.ts';
 import { createLora, disposeLora, kohyaName, loraTargets, networkLayerMapping, webuiModuleFor, withLora } from '../trainers/nets/lora.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
-import { trainLoop } from '../trainers/loop.ts';
+import { trainLoop } from '../trainers/train/loop.ts';
 import {
   dreamboothLoss, dreamboothMethod, dreamboothPaths, dreamboothSpec, initDreamboothState, nextDbBatch, prepareDreambooth,
   releaseDreambooth, runDreambooth, type DbBatch, type DbSpec,
-} from '../trainers/dreambooth.ts';
+} from '../trainers/methods/dreambooth.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
 

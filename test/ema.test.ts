@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { tf, initBackend } from '../trainers/tf.ts';
+import { tf, initBackend } from '../trainers/backend/index.ts';
 import { Ema } from '../trainers/optim/ema.ts';
 
 let tmp: string;

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { estimateJob } from '../trainers/estimate.ts';
+import { estimateJob } from '../trainers/memory/estimate.ts';
 import { encodeHeader } from '../trainers/io/safetensors.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';

@@ -6,8 +6,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
-import { nativeStatus } from '../trainers/native/index.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
+import { nativeStatus } from '../trainers/backend/native/index.ts';
 import { geluFused, groupNormFused, layerNormFused, setFusedKernels, siluFused } from '../trainers/nets/fused.ts';
 
 const status = nativeStatus();

@@ -13,7 +13,7 @@ const CANDIDATES = ['cpu-native', 'wasm', 'cpu'];
 /** Backends that load in this install (the addon may not have built). */
 function presentBackends(): string[] {
   return CANDIDATES.filter((name) => {
-    const probe = spawnSync(process.execPath, ['--import', 'tsx', '-e', `await (await import('./trainers/tf.ts')).initBackend('${name}')`], { encoding: 'utf8' });
+    const probe = spawnSync(process.execPath, ['--import', 'tsx', '-e', `await (await import('./trainers/backend/index.ts')).initBackend('${name}')`], { encoding: 'utf8' });
     return probe.status === 0;
   });
 }

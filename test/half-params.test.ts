@@ -7,10 +7,10 @@
  */
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { floatToHalfBits, halfBitsToFloat } from '../trainers/io/half.ts';
-import { loadAddon } from '../trainers/native/addon.ts';
+import { loadAddon } from '../trainers/backend/native/addon.ts';
 import { disposeParams, loadParams, type Params } from '../trainers/nets/params.ts';
 import { loadUnet, unetForward, type UNetConfig } from '../trainers/nets/unet.ts';
 import { createLora, disposeLora, loraTargets, withLora } from '../trainers/nets/lora.ts';

@@ -4,11 +4,11 @@ import { mkdtemp, writeFile, rm, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { LatentDiskCache, vaeHash, vaeLatentEncoder, type LatentEncoder, type LatentJob } from '../trainers/latent-disk-cache.ts';
+import { LatentDiskCache, vaeHash, vaeLatentEncoder, type LatentEncoder, type LatentJob } from '../trainers/train/latent-disk-cache.ts';
 import { loadBucketImage } from '../trainers/data/buckets.ts';
 import { openCheckpoint } from '../trainers/io/checkpoint.ts';
 import { loadVae } from '../trainers/nets/vae.ts';
-import { initBackend } from '../trainers/tf.ts';
+import { initBackend } from '../trainers/backend/index.ts';
 
 let tmp: string;
 const images: string[] = [];

@@ -12,7 +12,7 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync 
 import { tmpdir } from 'node:os';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { initBackend, tf } from '../trainers/tf.ts';
+import { initBackend, tf } from '../trainers/backend/index.ts';
 import { loadSdModel, shapesOf, type SdModel } from '../trainers/nets/sd.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
 import { encodeText } from '../trainers/nets/clip.ts';
@@ -24,7 +24,7 @@ import type { Params } from '../trainers/nets/params.ts';
 import { lossAndGrads } from '../trainers/nets/recompute.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
 import { validate } from '../schemas/index.ts';
-import { runLora, type LoraSpec } from '../trainers/lora.ts';
+import { runLora, type LoraSpec } from '../trainers/methods/lora/lora.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { fileSha256 } from '../trainers/io/checkpoint.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';

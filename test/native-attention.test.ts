@@ -7,7 +7,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { attention } from '../trainers/nets/layers.ts';
 import { hasNativeAttention, nativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 

@@ -6,8 +6,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
-import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/native/index.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
+import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/backend/native/index.ts';
 
 const status = nativeStatus();
 const skip = status.available ? false : status.reason;

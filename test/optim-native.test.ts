@@ -7,7 +7,7 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit, type ExportedOptimizerState } from '../trainers/optim/adamw8bit.ts';
 import { Ema } from '../trainers/optim/ema.ts';
@@ -15,7 +15,7 @@ import { Adafactor, type AdafactorOptions } from '../trainers/optim/adafactor.ts
 import { allFiniteWithin } from '../trainers/optim/check.ts';
 import { totalGradNorm } from '../trainers/optim/clip-grad.ts';
 import { optimKernels, setNativeOptim } from '../trainers/optim/native.ts';
-import { seededNormal } from '../trainers/sample.ts';
+import { seededNormal } from '../trainers/train/sample.ts';
 
 let skip: string | false = false;
 before(async () => {

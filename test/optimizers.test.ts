@@ -6,11 +6,11 @@
  */
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit, CodeBook, dequantizeBlockwise, dynamicMap, linearMap, quantizeBlockwise } from '../trainers/optim/adamw8bit.ts';
 import { Adafactor } from '../trainers/optim/adafactor.ts';
-import { seededNormal } from '../trainers/sample.ts';
+import { seededNormal } from '../trainers/train/sample.ts';
 
 before(async () => {
   await initBackend();

@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { tf, initBackend, type Tensor } from '../trainers/tf.ts';
+import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { attention, headsAttention } from '../trainers/nets/layers.ts';
 import { sliceRows, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 import { checkpointed, lossAndGrads } from '../trainers/nets/recompute.ts';

@@ -6,15 +6,15 @@
  */
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { loadSdModel, paddingFor } from '../trainers/nets/sd.ts';
 import { encodeText } from '../trainers/nets/clip.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
 import { vaeDecode } from '../trainers/nets/vae.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { ClipTokenizer } from '../trainers/text/tokenizer.ts';
-import { ddimTimesteps, imageToRgb, sampleLatents, seededNormal, type Denoiser } from '../trainers/sample.ts';
-import { loadSchedule, type Parameterization } from '../trainers/schedule.ts';
+import { ddimTimesteps, imageToRgb, sampleLatents, seededNormal, type Denoiser } from '../trainers/train/sample.ts';
+import { loadSchedule, type Parameterization } from '../trainers/nets/noise-schedule.ts';
 
 before(async () => {
   await initBackend();

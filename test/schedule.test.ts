@@ -10,15 +10,15 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { initBackend, tf, type Tensor } from '../trainers/tf.ts';
+import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import type { TensorSource } from '../trainers/io/types.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { loadVae, vaeConfigFromKeys } from '../trainers/nets/vae.ts';
-import { ddimTimesteps, eulerSigmas, sampleImage, sampleLatents, savePreviewPng, seededNormal, type Denoiser } from '../trainers/sample.ts';
+import { ddimTimesteps, eulerSigmas, sampleImage, sampleLatents, savePreviewPng, seededNormal, type Denoiser } from '../trainers/train/sample.ts';
 import {
   computeSchedule, diffusionLoss, loadSchedule, offsetNoise, weightedDiffusionLoss, type Parameterization, type ScheduleConfig,
-} from '../trainers/schedule.ts';
+} from '../trainers/nets/noise-schedule.ts';
 
 const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
 

@@ -12,10 +12,10 @@ import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { initBackend } from '../trainers/tf.ts';
+import { initBackend } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { readEmbedding } from '../trainers/io/pt-embedding.ts';
-import { runTextualInversion, type TiSpec } from '../trainers/textual-inversion.ts';
+import { runTextualInversion, type TiSpec } from '../trainers/methods/textual-inversion.ts';
 
 const MODEL = 'test/fixtures/sd-tiny/model.safetensors';
 const IMAGES = 'assets/demo-images';

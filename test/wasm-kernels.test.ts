@@ -1,12 +1,12 @@
 /**
- * @file The kernels trainers/wasm/kernels.ts adds to the wasm backend, each run on random inputs
+ * @file The kernels trainers/backend/wasm/kernels.ts adds to the wasm backend, each run on random inputs
  * on `wasm` and on the stock pure-JS `cpu` backend in the same process and compared. Shapes cover
  * stride 2, same/valid/number/explicit padding, 1×1 filters, batch > 1 and odd sizes.
  */
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { tf, initBackend } from '../trainers/tf.ts';
-import { WASM_POLYFILLS } from '../trainers/wasm/kernels.ts';
+import { tf, initBackend } from '../trainers/backend/index.ts';
+import { WASM_POLYFILLS } from '../trainers/backend/wasm/kernels.ts';
 
 type Attrs = Record<string, unknown>;
 interface Input { shape: number[]; dtype?: 'float32' | 'int32'; values: Float32Array | Int32Array }

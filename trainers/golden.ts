@@ -6,7 +6,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { tf, type Tensor } from './tf.ts';
+import { tf, type Tensor } from './backend/tf.ts';
 import { openSafetensors } from './io/safetensors.ts';
 import type { TensorSource } from './io/types.ts';
 import { loadSdModel, type SdModel } from './nets/sd.ts';
@@ -15,11 +15,11 @@ import { unetForward } from './nets/unet.ts';
 import { vaeEncode, samplePosterior, vaeDecode } from './nets/vae.ts';
 import { hypernetForward, hypernetHook, hypernetSpecFromWebui, type HypernetworkSpec } from './nets/hypernet.ts';
 import { paramToTorch, type Params } from './nets/params.ts';
-import { denoisingLoss, type DiffusionBatch } from './diffusion-loss.ts';
-import { textualInversionLoss } from './textual-inversion.ts';
-import { hypernetworkLoss } from './hypernetwork.ts';
+import { denoisingLoss, type DiffusionBatch } from './train/diffusion-loss.ts';
+import { textualInversionLoss } from './methods/textual-inversion.ts';
+import { hypernetworkLoss } from './methods/hypernetwork.ts';
 import { lossAndGrads } from './nets/recompute.ts';
-import type { UNetMemory } from './memory-options.ts';
+import type { UNetMemory } from './memory/options.ts';
 
 export interface GoldenRow {
   name: string;

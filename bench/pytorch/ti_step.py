@@ -2,7 +2,7 @@
 SD1.5-shaped model with random weights -- CLIP ViT-L/14 text encoder with the trained vector
 spliced in, the ldm UNet (openaimodel.py UNetModel + attention.py SpatialTransformer, SD1 v1-inference
 config), q_sample, MSE against the noise, backward to the vector, AdamW step -- the same computation
-sidetrain's TI job does (trainers/textual-inversion.ts). Plain torch, float32, batch 1, full (unsliced)
+sidetrain's TI job does (trainers/methods/textual-inversion.ts). Plain torch, float32, batch 1, full (unsliced)
 attention like ldm's CrossAttention, frozen weights with requires_grad=False.
 
 Run as the bench does: LD_PRELOAD=libjemalloc.so.2 /usr/bin/python3 bench/pytorch/ti_step.py --px 256

@@ -1,15 +1,15 @@
 /**
  * @file `sidetrain estimate <method> [--config job.json] [flags as train] [--json]`: peak memory and
  * time per step of a job on this machine's backend, from the checkpoint's header and the job's
- * options, before anything loads (trainers/estimate.ts). The job file may be a train job file
+ * options, before anything loads (trainers/memory/estimate.ts). The job file may be a train job file
  * or an API body `{type, spec}`. `images` and `name` are not needed for an estimate.
  */
 import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { getSchema, validate } from '../../schemas/index.ts';
-import { methods } from '../../trainers/methods.ts';
-import { estimateJob, type JobEstimate } from '../../trainers/estimate.ts';
+import { methods } from '../../trainers/methods/index.ts';
+import { estimateJob, type JobEstimate } from '../../trainers/memory/estimate.ts';
 
 type Prop = { type?: string; description?: string; items?: { type?: string } };
 

@@ -9,7 +9,7 @@ export function registerGolden(program: Command): void {
     .option('--backend <name>', 'TF.js backend to use (default: the best present)')
     .option('--low-memory', 'run every UNet with gradient checkpointing and attention sliced into single query rows (must give the same numbers)')
     .action(async (dirs: string[], opts: { backend?: string; lowMemory?: boolean }) => {
-      const { initBackend } = await import('../../trainers/tf.ts');
+      const { initBackend } = await import('../../trainers/backend/index.ts');
       const { runGolden } = await import('../../trainers/golden.ts');
       const backend = await initBackend(opts.backend);
       console.log(`backend: ${backend.name}${opts.lowMemory ? ' (gradient checkpointing, attention slices of one row)' : ''}`);

@@ -64,7 +64,7 @@ export function registerServe(program: Command): void {
     .option('--allowed-hosts <names>', 'more Host names to accept (comma-separated)', list)
     .option('--allowed-origins <origins>', 'more browser origins to accept (comma-separated)', list)
     .option('--max-memory <mb>', 'V8 heap limit of each job worker (MB)', (v) => Number(v))
-    .option('--methods <module>', 'methods registry module (default trainers/methods.ts)')
+    .option('--methods <module>', 'methods registry module (default trainers/methods/index.ts)')
     .option('--log-level <level>', 'pino log level', 'info')
     .action(async (o: Record<string, unknown>) => {
       const running = await startServer(serveOptions(o));

@@ -14,7 +14,7 @@ import { roleOf } from '../spec.ts';
 import { folderResolver, fromEnv } from '../config.ts';
 import type { WebuiClient } from '../webui.ts';
 import { lrScheduleError } from '../../trainers/optim/lr.ts';
-import { methods } from '../../trainers/methods.ts';
+import { methods } from '../../trainers/methods/index.ts';
 import type { JobEvent, JobResult } from '../../trainers/job.ts';
 
 type Prop = { type?: string; description?: string; default?: unknown; enum?: unknown[]; items?: { type?: string }; 'x-cli-alias'?: string; $ref?: string };
@@ -158,6 +158,6 @@ async function dryRun(type: string, spec: Record<string, unknown>): Promise<void
   const entry = methods[type]!;
   const errors = validate(entry.schema, spec);
   if (errors.length) throw new Error(validationMessage(entry.schema, spec, errors));
-  const report = entry.dryRun ? await entry.dryRun() : (await import('../../trainers/run-common.ts')).datasetDryRun;
+  const report = entry.dryRun ? await entry.dryRun() : (await import('../../trainers/train/run.ts')).datasetDryRun;
   console.log(await report(spec as never));
 }

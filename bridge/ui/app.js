@@ -52,7 +52,7 @@ function onChanged(job) {
 }
 
 /**
- * Estimate → a line and notes. trainers/estimate.ts answers {peakBytes, secondsPerStep, backend,
+ * Estimate → a line and notes. trainers/memory/estimate.ts answers {peakBytes, secondsPerStep, backend,
  * notes, breakdown}; other numbers are shown by their names (bytes and seconds formatted), the
  * breakdown as the line's tooltip.
  */

@@ -1,7 +1,7 @@
 /** @file Small helpers the network tests share: tensor comparison, key-list files, gradient backend. */
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { tf, type Tensor } from '../../trainers/tf.ts';
+import { tf, type Tensor } from '../../trainers/backend/tf.ts';
 
 /** max |a − b| over all elements (shapes must match). */
 export async function maxAbsDiff(a: Tensor, b: Tensor): Promise<number> {

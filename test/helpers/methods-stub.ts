@@ -1,10 +1,10 @@
 /**
  * @file A stand-in methods registry for server tests (loaded by the worker instead of
- * trainers/methods.ts): `stub` "trains" by sleeping `stepMs` per step, emits the events a real
+ * trainers/methods/index.ts): `stub` "trains" by sleeping `stepMs` per step, emits the events a real
  * method emits, writes snapshots, previews and `<embeddingsDir>/<name>.pt`, honours the abort
  * signal (saves and returns cancelled), resumes from its last snapshot, and can be told to crash
  * (`crashAt` + `crash`: throw | exit | kill). With `pausable` it awaits ctx.waitIfPaused at the top
- * of each step, as trainers/loop.ts does. No TF.js.
+ * of each step, as trainers/train/loop.ts does. No TF.js.
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';

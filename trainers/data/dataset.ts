@@ -25,7 +25,7 @@
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { basename, extname, join } from 'node:path';
-import { tf } from '../tf.ts';
+import { tf } from '../backend/tf.ts';
 import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
 import { isImageFile, loadImage, lossWeightMap, type DecodedImage } from './images.ts';

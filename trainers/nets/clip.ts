@@ -18,7 +18,7 @@
  * const context = encodeText(params, cfg, [ids]);     // [1, 77, W], what the UNet attends to
  * ```
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { param, type Params } from './params.ts';
 import { attention, gelu, layerNorm, quickGelu } from './layers.ts';
 

@@ -8,9 +8,9 @@
  * reference the tests compare against. Formulas: torch.nn.GroupNorm / LayerNorm (biased
  * variance), torch.nn.SiLU, torch.nn.GELU (erf).
  */
-import { currentBackend, tf, type Tensor } from '../tf.ts';
-import { loadAddon, type NativeAddon } from '../native/addon.ts';
-import type { CpuBackend } from '../native/kernels.ts';
+import { currentBackend, tf, type Tensor } from '../backend/tf.ts';
+import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
+import type { CpuBackend } from '../backend/native/kernels.ts';
 
 type Required<T> = { [K in keyof T]-?: T[K] };
 type NormAddon = Required<Pick<NativeAddon, 'groupNormForward' | 'groupNormBackward' | 'layerNormForward' | 'layerNormBackward' | 'activationForward' | 'activationBackward'>>;

@@ -22,9 +22,9 @@
  * Conversion: the native addon (native/src/half.cc: F16C, multi-threaded) when it is built,
  * else the pure-JS converters of io/half.ts (same bits), so the WASM and pure-CPU backends get it too.
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import type { TensorSource } from '../io/types.ts';
-import { loadAddon, type NativeAddon } from '../native/addon.ts';
+import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
 import { paramFromTorch, type Params } from './params.ts';
 import { decodeHalfInto, floatBitsToHalfBits } from '../io/half.ts';
 import { checkUnetKeys, unetConfigFromKeys, type HeadOverrides, type UNetConfig } from './unet.ts';

@@ -12,7 +12,7 @@
  *   const params = createHypernetwork(spec, 42);
  *   unetForward(unet, cfg, x, t, ctx, { hooks: { kv: hypernetHook(params, spec) } });
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { param, type Params } from './params.ts';
 import { gelu, layerNorm, linear, silu } from './layers.ts';
 

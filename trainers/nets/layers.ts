@@ -4,7 +4,7 @@
  * Every function is differentiable with the gradients TF.js registers (no stridedSlice,
  * gatherND or einsum in trained paths).
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { param, type Params } from './params.ts';
 import { geluFused, groupNormFused, layerNormFused, siluFused } from './fused.ts';
 

@@ -23,7 +23,7 @@
  *   const net = createLora(loraTargets(shapes, ['attn']), { rank: 16, alpha: 8, seed: 0 });
  *   const eps = tf.tidy(() => unetForward(withLora(unet.params, net), cfg, x, t, ctx));
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import type { Params } from './params.ts';
 import { UNET_PREFIX } from './unet.ts';
 

@@ -7,7 +7,7 @@
  * TF.js layout [kh, kw, in, out] (PyTorch has [out, in, kh, kw]); everything else keeps the
  * checkpoint's shape, Linear weights included ([out, in], applied with transposeB).
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import type { TensorSource } from '../io/types.ts';
 
 export type Params = Map<string, Tensor>;

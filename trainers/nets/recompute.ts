@@ -16,7 +16,7 @@
  * replaces `engine.state.activeTape` (engine.js startTape/gradients, tfjs-core 4.22) and the outer
  * pass still needs its own at the end, so it is put back.
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 
 interface Collection {
   vars: tf.Variable[];

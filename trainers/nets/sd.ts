@@ -17,9 +17,9 @@ import { loadParams, type Params } from './params.ts';
 import { textConfigFromKeys, textKeys, type ClipTextConfig } from './clip.ts';
 import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
 import { loadVae, type VaeConfig } from './vae.ts';
-import type { UNetMemory } from '../memory-options.ts';
+import type { UNetMemory } from '../memory/options.ts';
 import { halfFrozen, loadUnetHalf } from './half-params.ts';
-import { loadSchedule, type NoiseSchedule } from '../schedule.ts';
+import { loadSchedule, type NoiseSchedule } from './noise-schedule.ts';
 
 /** What a config next to the checkpoint says about the model. */
 export interface ModelOverrides {

@@ -15,9 +15,9 @@
  * (no head split/merge transposes). Every other backend, or SIDETRAIN_NATIVE_ATTENTION=0, runs
  * the TF-ops slices below, which are also the tests' reference.
  */
-import { currentBackend, tf, type Tensor } from '../tf.ts';
-import { loadAddon, type NativeAddon } from '../native/addon.ts';
-import type { CpuBackend } from '../native/kernels.ts';
+import { currentBackend, tf, type Tensor } from '../backend/tf.ts';
+import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
+import type { CpuBackend } from '../backend/native/kernels.ts';
 
 type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNullable<NativeAddon[K]> };
 

@@ -13,10 +13,10 @@
  *   const cfg = unetConfigFromKeys(shapes, { numHeads: 8 });
  *   const eps = unetForward(params, cfg, latents, [999], context); // [B, H, W, 4]
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { loadParams, param, type Params } from './params.ts';
 import type { TensorSource } from '../io/types.ts';
-import type { UNetMemory } from '../memory-options.ts';
+import type { UNetMemory } from '../memory/options.ts';
 import { attention, conv2d, gelu, groupNorm, groupNormSilu, headsAttention, layerNorm, linear, silu, upsampleNearest2x } from './layers.ts';
 import { checkpointed } from './recompute.ts';
 import { hasNativeAttention, nativeAttention, sliceRows, slicedAttentionCore } from './sliced-attention.ts';

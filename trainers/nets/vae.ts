@@ -10,7 +10,7 @@
  *   const latents = scaleLatents(cfg, post.mean);          // what training caches
  *   const decoded = vaeDecode(params, cfg, latents);       // back to NHWC, not clamped
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import type { TensorSource } from '../io/types.ts';
 import { loadParams, type Params } from './params.ts';
 import { attention, conv2d, groupNorm, groupNormSilu } from './layers.ts';

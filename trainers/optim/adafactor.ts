@@ -17,7 +17,7 @@
  * Conv filters are TF [kh,kw,in,out] here and torch [out,in,kh,kw] in transformers, so the
  * factoring is done in torch layout (the last two torch dims are kh, kw), matching PyTorch.
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { checkedUpdates } from './check.ts';
 import { TF_TO_TORCH_CONV, TORCH_TO_TF_CONV } from '../nets/params.ts';
 import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './adamw8bit.ts';

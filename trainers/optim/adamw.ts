@@ -22,7 +22,7 @@
  *   opt.step(new Map([['emb', grad]]), schedule.getLr(step));
  *   const sd = opt.stateDict();  // → pt-embedding.ts writes it as .optim
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { checkedUpdates } from './check.ts';
 import { adamwConstants, nativeAdamw, optimKernels } from './native.ts';
 

@@ -16,7 +16,7 @@
  *   opt.step(grads, 5e-6);
  *   const state = await opt.exportState();   // codes (U8), absmax (F32), steps, per parameter
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { checkedUpdates } from './check.ts';
 import { adamwConstants, nativeAdamw, nativeAdamw8bit, optimKernels, type OptimKernels } from './native.ts';
 

@@ -1,5 +1,5 @@
 /** @file The checks every optimizer's step() makes before it touches a weight. */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { hostValues, optimKernels } from './native.ts';
 
 /**
@@ -25,7 +25,7 @@ export function checkedUpdates(
 
 /**
  * Every value of every variable finite and |x| ≤ maxAbs (NaN fails): the training loop's check
- * after each step. Natively one threaded pass per variable; else trainers/loop.ts's TF ops
+ * after each step. Natively one threaded pass per variable; else trainers/train/loop.ts's TF ops
  * (isFinite, abs, lessEqual, logicalAnd, all: five full-size passes and four temporaries).
  */
 export async function allFiniteWithin(vars: Iterable<tf.Variable>, maxAbs: number): Promise<boolean> {

@@ -10,12 +10,12 @@
  * learn rate), so callers pass the value for the current step (trainers/optim/lr.ts).
  *
  * Both return NEW tensors in a new Map and leave the input alone; the caller disposes both
- * (trainers/loop.ts does). Call inside tf.tidy or dispose the result.
+ * (trainers/train/loop.ts does). Call inside tf.tidy or dispose the result.
  *
  * Example:
  *   const { grads: clipped, totalNorm } = clipGradNorm(grads, 1.0);
  */
-import { tf, type Tensor } from '../tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import { hostValues, optimKernels } from './native.ts';
 
 export type ClipMode = 'disabled' | 'value' | 'norm';
@@ -71,7 +71,7 @@ export function clipGradNorm(
   return { grads: out, totalNorm };
 }
 
-/** A clip function for trainers/loop.ts: `value(step)` gives the clip value for the step (schedule). */
+/** A clip function for trainers/train/loop.ts: `value(step)` gives the clip value for the step (schedule). */
 export function makeClipper(
   mode: ClipMode,
   value: (step: number) => number,

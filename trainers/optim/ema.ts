@@ -14,7 +14,7 @@
  *   if (ema.due(step)) await ema.update(trainable);
  *   ema.weights(); // Map<key, Float32Array>, checkpoint shape
  */
-import type { Tensor } from '../tf.ts';
+import type { Tensor } from '../backend/tf.ts';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.ts';
 import { optimKernels } from './native.ts';
 

@@ -1,6 +1,6 @@
 /**
  * @file The optimizers' native path: fused C++ kernels (native/src/optim.cc) that read the CPU
- * backend's own Float32Arrays (as trainers/native/kernels.ts does) and write NEW arrays that are
+ * backend's own Float32Arrays (as trainers/backend/native/kernels.ts does) and write NEW arrays that are
  * wrapped as tensors and assigned to the variables — never a tensor's array mutated in place
  * (why: `await t.data()` on the CPU backend returns that very array, e.g. to an exported
  * optimizer state, and tensors may share it). One pass over param, grad and moments instead of
@@ -10,8 +10,8 @@
  * optim kernels; the TF-ops path everywhere else (WASM, pure CPU, GPU). Tests switch it with
  * setNativeOptim(false) to compare both.
  */
-import { tf, currentBackend, type Tensor } from '../tf.ts';
-import { loadAddon, type NativeAddon } from '../native/addon.ts';
+import { tf, currentBackend, type Tensor } from '../backend/tf.ts';
+import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
 
 export type OptimKernels = Required<Pick<NativeAddon, 'adamwStep' | 'adamw8bitStep' | 'emaUpdate' | 'finiteWithin' | 'sumSquares'>>;
 

@@ -1,0 +1,79 @@
+/**
+ * @file Backend selection: picks the best TF.js backend present and says which —
+ * tfjs-node-gpu → tfjs-node → CPU + sidetrain's native kernels → WASM → pure-JS CPU — and
+ * registers sidetrain's own kernels on it (./native, ./wasm). Re-exports ./tf.ts so that a caller
+ * that starts TF.js imports one module.
+ */
+import { createRequire } from 'node:module';
+import { tf, currentBackend, recordBackend, BACKEND_ORDER, type BackendName, type BackendChoice } from './tf.ts';
+
+export * from './tf.ts';
+
+const require = createRequire(import.meta.url);
+
+type Loader = () => Promise<void>;
+
+/** Loaders per backend; each throws with a one-line reason when it is not available. */
+const loaders: Record<BackendName, Loader> = {
+  'tensorflow-gpu': async () => {
+    require('@tensorflow/tfjs-node-gpu');
+    await setOrThrow('tensorflow');
+  },
+  tensorflow: async () => {
+    require('@tensorflow/tfjs-node');
+    await setOrThrow('tensorflow');
+  },
+  'cpu-native': async () => {
+    // trainers/native registers C++ kernels on the CPU backend; it throws when the addon did not build.
+    const native = await import('./native/index.ts');
+    native.registerNativeKernels();
+    await setOrThrow('cpu');
+  },
+  wasm: async () => {
+    const wasm = require('@tensorflow/tfjs-backend-wasm') as { setWasmPaths(p: string): void };
+    const dist = require.resolve('@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm');
+    wasm.setWasmPaths(dist.slice(0, dist.lastIndexOf('/') + 1));
+    await setOrThrow('wasm');
+    // Stock tfjs-backend-wasm 4.22 lacks Conv2DBackpropFilter and other gradient kernels.
+    (await import('./wasm/kernels.ts')).registerWasmKernels();
+  },
+  cpu: async () => {
+    await setOrThrow('cpu');
+  },
+};
+
+async function setOrThrow(name: string): Promise<void> {
+  if (!(await tf.setBackend(name))) throw new Error(`tf.setBackend('${name}') failed`);
+  await tf.ready();
+}
+
+function firstLine(err: unknown): string {
+  return String(err instanceof Error ? err.message : err).split('\n')[0]!;
+}
+
+/**
+ * Initialise TF.js once. `preferred` (or env SIDETRAIN_BACKEND) forces one backend and fails
+ * if it is not available; otherwise the first that loads in BACKEND_ORDER wins.
+ */
+export async function initBackend(preferred?: string): Promise<BackendChoice> {
+  const done = currentBackend();
+  if (done) return done;
+  const wanted = preferred ?? process.env.SIDETRAIN_BACKEND;
+  if (wanted) {
+    if (!(BACKEND_ORDER as readonly string[]).includes(wanted)) {
+      throw new Error(`backend: unknown '${wanted}', expected one of ${BACKEND_ORDER.join(', ')}`);
+    }
+    await loaders[wanted as BackendName]();
+    return recordBackend({ name: wanted as BackendName, skipped: [] });
+  }
+  const skipped: string[] = [];
+  for (const name of BACKEND_ORDER) {
+    try {
+      await loaders[name]();
+      return recordBackend({ name, skipped });
+    } catch (err) {
+      skipped.push(`${name}: ${firstLine(err)}`);
+    }
+  }
+  throw new Error(`no TF.js backend could be loaded:\n${skipped.join('\n')}`);
+}

@@ -1,0 +1,26 @@
+/**
+ * @file The job's memory decision at start: the toggles of memory-options.ts resolved by the
+ * estimate (estimate.ts, from the checkpoint's shapes alone, before anything loads), and said in
+ * the job log so a user sees why a step is slower or smaller.
+ */
+import type { JobContext } from '../job.ts';
+import { estimateJob } from './estimate.ts';
+import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
+
+/** The UNet memory mode for a job of `type` (a trainers/methods/index.ts name) with `spec`. */
+export async function chooseUNetMemory(type: string, spec: Partial<MemorySpec> & object, ctx?: Pick<JobContext, 'emit'>): Promise<UNetMemory> {
+  let memory: UNetMemory;
+  let why = '';
+  try {
+    const estimate = await estimateJob(type, spec as Record<string, unknown>);
+    memory = estimate.memory;
+    why = ` (estimated peak ${(estimate.peakBytes / 2 ** 30).toFixed(1)} GB)`;
+  } catch {
+    memory = unetMemoryFor(spec, true); // no estimate for this job: only what the user turned on
+  }
+  ctx?.emit({
+    type: 'log', level: 'info',
+    message: `memory: ${describeMemory(memory)}${why}`,
+  });
+  return memory;
+}

@@ -1,0 +1,118 @@
+/**
+ * @file What each training method adds to estimate.ts's model: the trained parameters and the
+ * bytes each needs besides its value (gradient, optimizer state, EMA), whether UNet weights get
+ * gradients (one more matmul per layer in backward), whether the text encoder runs under the
+ * tape, the batch the UNet sees and the resolution. Field names and defaults are the schemas'.
+ */
+import type { Shapes } from './estimate-unet.ts';
+
+export interface MethodPlan {
+  /** Number of trained parameters. */
+  trainableParams: number;
+  /** Bytes per trained parameter besides its value: gradient + optimizer state (+ EMA copy). */
+  bytesPerTrainable: number;
+  /** Bytes per trained parameter for the value itself, when it is not a weight of the model (TI vectors, adapters). */
+  ownValueBytes: number;
+  /** The UNet's own weights train: backward also computes weight gradients. */
+  unetWeightsTrain: boolean;
+  /** The text encoder runs under the tape (TI vectors, a trained text encoder or its adapters). */
+  textTrains: boolean;
+  /** Rows the UNet sees per micro-batch (prior preservation doubles it). */
+  batchRows: number;
+  width: number;
+  height: number;
+  /** Frozen weights a LoRA forward rebuilds as W + ΔW (kept by the tape for backward). */
+  mergedWeightBytes: number;
+  /** The VAE decoder is loaded while preparing (Dreambooth's class images). */
+  decoderAtPrep: boolean;
+  /** Parts the method's loader keeps in float16 under halfFrozenWeights (run-common.ts prepareRun). */
+  frozen: { text: boolean; unet: boolean };
+}
+
+const F32 = 4;
+const numel = (s: number[]) => s.reduce((a, b) => a * b, 1);
+const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
+
+/** Optimizer bytes per parameter: AdamW two float32 moments; 8-bit AdamW two bytes (+ a scale per 2048); Adafactor factored rows/columns (~nothing). */
+const OPTIMIZER_BYTES: Record<string, number> = { adamw: 8, adamw8bit: 2 + 8 / 2048, adafactor: 0.1 };
+
+function count(shapes: Shapes, test: (key: string) => boolean): number {
+  let n = 0;
+  for (const [k, s] of shapes) if (test(k) && !k.endsWith('position_ids')) n += numel(s);
+  return n;
+}
+
+/** Adapter patterns per LoRA target kind (nets/lora.ts loraTargets). */
+const LORA_KINDS: Record<string, RegExp> = {
+  attn: /^model\.diffusion_model\..*\.attn[12]\.to_(q|k|v|out\.0)\.weight$/,
+  proj: /^model\.diffusion_model\..*\.proj_(in|out)\.weight$/,
+  ff: /^model\.diffusion_model\..*\.ff\.net\.(0\.proj|2)\.weight$/,
+  resnet: /^model\.diffusion_model\..*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)\.weight$/,
+  text: /^cond_stage_model\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)(\.weight|_weight)$/,
+};
+
+/** rank·(in + out) per targeted weight (conv: in·kh·kw), and the targeted weights' own size. */
+function loraSizes(shapes: Shapes, kinds: string[], rank: number): { params: number; targetParams: number } {
+  let params = 0;
+  let targetParams = 0;
+  for (const [k, s] of shapes) {
+    if (!kinds.some((kind) => LORA_KINDS[kind]?.test(k))) continue;
+    params += rank * (s[0]! + numel(s.slice(1)));
+    targetParams += numel(s);
+  }
+  return { params, targetParams };
+}
+
+/** The plan of a job of `type` (a method name of trainers/methods/index.ts) with `spec`. */
+export function methodPlan(type: string, spec: Record<string, unknown>, shapes: Shapes, textWidth: number): MethodPlan {
+  const size = { width: num(spec.width, 512), height: num(spec.height, 512) };
+  const base = { ...size, batchRows: num(spec.batchSize, 1), mergedWeightBytes: 0, decoderAtPrep: false, ownValueBytes: F32, unetWeightsTrain: false };
+  const adamw = F32 + OPTIMIZER_BYTES.adamw!;
+  const chosen = F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!);
+  const trainTe = spec.trainTextEncoder === true;
+  if (type === 'dreambooth' && spec.lora === true) type = 'lora'; // dreambooth --lora runs the LoRA trainer
+  switch (type) {
+    case 'textual_inversion':
+      return { ...base, trainableParams: num(spec.vectors, 1) * textWidth, bytesPerTrainable: adamw, textTrains: true, frozen: { text: false, unet: true } };
+    case 'hypernetwork':
+      return { ...base, trainableParams: hypernetworkParams(spec), bytesPerTrainable: adamw, textTrains: false, frozen: { text: true, unet: true } };
+    case 'lora': {
+      const kinds = [...(Array.isArray(spec.targets) ? (spec.targets as string[]) : ['attn']), ...(trainTe ? ['text'] : [])];
+      const { params, targetParams } = loraSizes(shapes, kinds, num(spec.rank, 16));
+      return {
+        ...base, trainableParams: params, bytesPerTrainable: chosen, textTrains: kinds.includes('text'),
+        mergedWeightBytes: targetParams * F32, frozen: { text: !kinds.includes('text'), unet: true }, batchRows: base.batchRows * (priorPreservation(spec) ? 2 : 1),
+      };
+    }
+    case 'dreambooth':
+    case 'finetune': {
+      const unet = count(shapes, (k) => k.startsWith('model.diffusion_model.'));
+      const text = trainTe ? count(shapes, (k) => k.startsWith('cond_stage_model.')) : 0;
+      const ema = type === 'finetune' && spec.ema === true ? F32 : 0;
+      const side = type === 'finetune' ? num(spec.resolution, 512) : undefined;
+      return {
+        ...base, ...(side ? { width: side, height: side } : {}),
+        trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe,
+        bytesPerTrainable: chosen + ema,
+        batchRows: base.batchRows * (type === 'dreambooth' && priorPreservation(spec) ? 2 : 1),
+        decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: false, unet: false }, // their loaders keep float32
+      };
+    }
+    default:
+      throw new Error(`estimate: no estimate for job type '${type}' (known: ${METHODS.join(', ')})`);
+  }
+}
+
+export const METHODS = ['textual_inversion', 'hypernetwork', 'lora', 'dreambooth', 'finetune'];
+
+/** Prior preservation is on when a class prompt and a class image count are given. */
+const priorPreservation = (spec: Record<string, unknown>) => typeof spec.classPrompt === 'string' && spec.classPrompt.trim() !== '' && num(spec.classImages, 0) > 0;
+
+/** The webui hypernetwork's parameters (sizes × (k, v) × Linear layers of layerStructure). */
+function hypernetworkParams(spec: Record<string, unknown>): number {
+  const sizes = Array.isArray(spec.sizes) ? (spec.sizes as number[]) : [768, 320, 640, 1280];
+  const ls = Array.isArray(spec.layerStructure) ? (spec.layerStructure as number[]) : [1, 2, 1];
+  let n = 0;
+  for (const d of sizes) for (let i = 0; i + 1 < ls.length; i++) n += 2 * (ls[i]! * d * ls[i + 1]! * d + ls[i + 1]! * d);
+  return n;
+}

@@ -1,0 +1,329 @@
+/**
+ * @file Peak memory and time per step of a training job, before anything loads: the model's
+ * shapes come from the checkpoint's header alone (io/checkpoint.ts openCheckpoint: keys and
+ * shapes, no tensor read), the rest from the job's options (method, resolution, batch,
+ * gradient accumulation, previews). Imports no TF.js, so the server process can call it.
+ *
+ * The model (calibrated on bench/steps.ts rows, see CAL below):
+ * - weights: every loaded part in float32 (the loaders upcast F16/BF16 files); what each method
+ *   trains, with its gradient and optimizer state, from estimate-methods.ts;
+ * - preparation: text encoder + UNet + VAE encoder loaded, one image through the encoder;
+ * - training: the forward's intermediates all live at the end of the UNet forward (it runs in one
+ *   tf.tidy and the tape keeps what backward needs), counted per block (estimate-unet.ts) in
+ *   two classes — per-pixel activations (N·C) and attention scores (heads·N·Tk); with gradient
+ *   checkpointing only the blocks' outputs plus one block at a time, with sliced attention one
+ *   slice of scores at a time;
+ * - RSS = runtime + tensors × allocator slack (freed blocks stay in the process: native/ sets
+ *   glibc to keep them, as the PyTorch yardstick does with jemalloc).
+ * The auto memory toggles resolve here: checkpointing turns on when the job would not fit the
+ * budget without it (memory.ts asks this before a job loads anything).
+ * Time: dense FLOPs (conv, Linear; forward, input- and weight-gradient backward, recompute) and attention FLOPs over a
+ * throughput measured per backend, plus a per-element cost of the elementwise/norm/layout ops.
+ */
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { basename, dirname, extname, join } from 'node:path';
+import { createRequire } from 'node:module';
+import { parse as parseYaml } from 'yaml';
+import { openCheckpoint, type Family } from '../io/checkpoint.ts';
+import { blockScores, slicedAttnFlop, unetBlocks, type BlockCost, type Shapes } from './estimate-unet.ts';
+import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
+import { methodPlan, METHODS, type MethodPlan } from './estimate-methods.ts';
+import { totalmem } from 'node:os';
+
+export interface JobEstimate {
+  /** Peak resident memory of the job's process, bytes. */
+  peakBytes: number;
+  /** Seconds per optimizer step (all gradient-accumulation micro-batches). */
+  secondsPerStep: number;
+  breakdown: {
+    runtimeBytes: number;
+    weightBytes: { text: number; unet: number; vaeEncoder: number; vaeDecoder: number; trainable: number };
+    /** One image through the VAE encoder while latents are cached. */
+    vaeEncodeBytes: number;
+    /** UNet forward intermediates: per-pixel activations and attention scores. */
+    unetActivationBytes: number;
+    attentionScoreBytes: number;
+    textActivationBytes: number;
+    /** Peak while loading and caching latents, and while training. */
+    prepPeakBytes: number;
+    trainPeakBytes: number;
+    /** Forward+backward FLOPs of one micro-batch: dense (conv, Linear) and attention. */
+    denseGflop: number;
+    attentionGflop: number;
+    /** Elements through elementwise, layout and norm ops in a micro-batch (1e9), optimizer included. */
+    elementGiga: number;
+  };
+  backend: string;
+  notes: string[];
+  /** The memory mode the job will run with (auto toggles resolved against the budget). */
+  memory: UNetMemory;
+}
+
+export interface EstimateOptions {
+  /** The backend to estimate for; default SIDETRAIN_BACKEND or the best one installed. */
+  backend?: string;
+  /** Bytes above which auto gradient checkpointing turns on (default a third of RAM). */
+  memoryBudget?: number;
+}
+
+/** Calibration constants (bench/steps.ts, 2-core x86-64, tfjs 4.22 + sidetrain native kernels). */
+const CAL = {
+  runtimeBytes: 260 * 2 ** 20, // node + tfjs + addon + tokenizer, nothing loaded
+  /** RSS per byte of live forward tensors (allocator slack, tape clones, backward transients). */
+  activationSlack: 2.2,
+  scoreSlack: 2.1,
+  vaeEncodeElementsPerPixel: 13, // × first-level channels: the largest encoder block's live tensors (fused norms on cpu-native)
+  /** Elementwise passes of an optimizer step per trained parameter (AdamW: moments, bias corrections, decay, update). */
+  optimizerElementsPerParam: 12,
+  /**
+   * Effective GFLOP/s of dense ops and attention matmuls; seconds per 1e9 elements through
+   * elementwise/layout/norm ops; seconds per forward+backward pass of an SD1.5-sized UNet not
+   * covered by those counts (~18,000 kernel calls and their small ops per step), scaled by the
+   * UNet's size and the share recomputed.
+   */
+  backends: {
+    // bench/steps.ts rows (2-core x86-64, fused norms and the native attention core): SD1.5 TI 256 px
+    // 4.4 s/step (399 GFLOP), 512 px with 7 blocks checkpointed 10.1 s (2158 GFLOP), hypernetwork
+    // 512 px 13.1 s: ~310 GFLOP/s on the big ops plus ~3 s per step of small kernels
+    'cpu-native': { denseGflops: 320, attentionGflops: 320, elementSec: 0.5, passSec: 2.8 },
+    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8, passSec: 0 },
+    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15, passSec: 0 },
+    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1, passSec: 0.5 },
+    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05, passSec: 0.2 },
+  } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number; passSec: number }>,
+};
+
+const WASM_HEAP = 3.9 * 2 ** 30;
+const SD15_UNET_BYTES = 859_520_964 * 4;
+const F32 = 4;
+
+const numel = (s: number[]) => s.reduce((a, b) => a * b, 1);
+const str = (v: unknown, d: string) => (typeof v === 'string' ? v : d);
+const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite(v) ? v : d);
+
+/** Keys and shapes of the checkpoint (header only) and its family. */
+async function readShapes(path: string): Promise<{ shapes: Shapes; family: Family; fileBytes: number }> {
+  if (!path) throw new Error('estimate: the job has no model path');
+  if (!existsSync(path)) throw new Error(`estimate: model '${path}' does not exist`);
+  let ckpt;
+  try {
+    ckpt = await openCheckpoint(path);
+  } catch (err) {
+    throw new Error(`estimate: cannot read model '${path}': ${String((err as Error).message ?? err).split('\n')[0]}`);
+  }
+  try {
+    const shapes: Shapes = new Map(ckpt.source.keys().map((k) => [k, ckpt.source.info(k).shape] as [string, number[]]));
+    return { shapes, family: ckpt.family, fileBytes: statSync(path).size };
+  } finally {
+    await ckpt.source.close();
+  }
+}
+
+/** UNet head split from a config beside the checkpoint (as nets/sd.ts modelOverrides), else the family default. */
+function headRule(path: string, family: Family): { numHeads?: number; numHeadChannels?: number } {
+  const yamlPath = join(dirname(path), `${basename(path, extname(path))}.yaml`);
+  const jsonPath = join(dirname(path), 'config.json');
+  let p: Record<string, unknown> | undefined;
+  try {
+    if (existsSync(yamlPath)) p = (parseYaml(readFileSync(yamlPath, 'utf8')) as any)?.model?.params?.unet_config?.params; // eslint-disable-line @typescript-eslint/no-explicit-any
+    else if (existsSync(jsonPath)) p = (JSON.parse(readFileSync(jsonPath, 'utf8')) as any)?.unet?.params; // eslint-disable-line @typescript-eslint/no-explicit-any
+  } catch {
+    p = undefined; // an unreadable config fails at load time with its own message
+  }
+  if (typeof p?.num_head_channels === 'number' && p.num_head_channels > 0) return { numHeadChannels: p.num_head_channels };
+  if (typeof p?.num_heads === 'number' && p.num_heads > 0) return { numHeads: p.num_heads };
+  return family === 'sd1' ? { numHeads: 8 } : { numHeadChannels: 64 };
+}
+
+/** Text encoder: width, layers, tokens, from its keys (SD1 HF CLIP or SD2 open_clip). */
+function textShape(shapes: Shapes): { width: number; layers: number; tokens: number; mlp: number } {
+  const sd1 = shapes.get('cond_stage_model.transformer.text_model.embeddings.token_embedding.weight');
+  const sd2 = shapes.get('cond_stage_model.model.token_embedding.weight');
+  const width = (sd1 ?? sd2)?.[1] ?? 768;
+  const layerRe = sd1 ? /^cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\./ : /^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\./;
+  const layers = new Set([...shapes.keys()].map((k) => layerRe.exec(k)?.[1]).filter(Boolean)).size;
+  const tokens = (shapes.get('cond_stage_model.transformer.text_model.embeddings.position_embedding.weight') ?? shapes.get('cond_stage_model.model.positional_embedding'))?.[0] ?? 77;
+  return { width, layers, tokens, mlp: 4 * width };
+}
+
+function paramBytes(shapes: Shapes, prefixes: string[]): number {
+  let n = 0;
+  for (const [k, s] of shapes) if (prefixes.some((p) => k.startsWith(p)) && !k.endsWith('position_ids')) n += numel(s);
+  return n * F32;
+}
+
+/**
+ * The webui applies a hypernetwork module wherever the context width matches one of its sizes —
+ * attn2's text context, and attn1's own input (size = channels: 320/640/1280): two modules (k, v),
+ * each Linear d→2d, Linear 2d→d, `x + out·multiplier` ≈ 12 intermediates per element.
+ */
+function hypernetworkActivations(block: BlockCost, sizes: number[]): number {
+  return block.attention.reduce((sum, op) => sum + (sizes.includes(op.ctx) ? 24 * op.tk * op.ctx : 0), 0);
+}
+
+function defaultBackend(): string {
+  const env = process.env.SIDETRAIN_BACKEND;
+  if (env) return env;
+  const require = createRequire(import.meta.url);
+  for (const [pkg, name] of [['@tensorflow/tfjs-node-gpu', 'tensorflow-gpu'], ['@tensorflow/tfjs-node', 'tensorflow']] as const) {
+    try {
+      require.resolve(pkg);
+      return name;
+    } catch { /* not installed */ }
+  }
+  return existsSync(new URL('../../native/build/Release/sidetrain_native.node', import.meta.url)) ? 'cpu-native' : 'wasm';
+}
+
+
+/** Estimate `type`'s job `spec` (the job's JSON, defaults as in its schema). */
+export async function estimateJob(type: string, spec: Record<string, unknown>, opts: EstimateOptions = {}): Promise<JobEstimate> {
+  if (!METHODS.includes(type)) throw new Error(`estimate: no estimate for job type '${type}' (known: ${METHODS.join(', ')})`);
+  const { shapes, family } = await readShapes(str(spec.model, ''));
+  const backend = opts.backend ?? defaultBackend();
+  const budget = opts.memoryBudget ?? AUTO_BUDGET_SHARE * totalmem();
+  const job = describeJob(type, spec, shapes, family, backend);
+  // float16 weights (and the checkpointing they bring) only where the method's loader keeps frozen weights in float16
+  const memSpec = { ...(spec as Partial<MemorySpec>), halfFrozenWeights: spec.halfFrozenWeights === true && (job.plan.frozen.unet || job.plan.frozen.text) };
+  const plain = unetMemoryFor(memSpec, true);
+  let estimate = estimateWith(job, plain, backend, spec);
+  if (estimate.peakBytes > budget && !plain.checkpointing && memSpec.gradientCheckpointing !== 'off') {
+    estimate = fitByCheckpointing(job, plain, budget, (memory) => estimateWith(job, memory, backend, spec));
+  }
+  if (estimate.peakBytes > 0.85 * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
+  return estimate;
+}
+
+const gb = (bytes: number) => (bytes / 2 ** 30).toFixed(1);
+
+/**
+ * auto checkpointing: blocks are checkpointed in the order of memory freed per FLOP recomputed
+ * (the high-resolution blocks first: their activations are large for their FLOPs) until the
+ * estimate fits the budget; all of them when that is not enough.
+ */
+function fitByCheckpointing(job: Job, memory: UNetMemory, budget: number, estimate: (m: UNetMemory) => JobEstimate): JobEstimate {
+  const freed = (b: BlockCost) => (b.dense + blockScores(b, memory.attentionSliceBytes, job.nativeAttention).kept - b.output) / Math.max(1, b.denseFlop + b.attnFlop);
+  const order = job.blocks.filter((b) => b.name !== 'out').sort((a, b) => freed(b) - freed(a));
+  const chosen: string[] = [];
+  for (const b of order.slice(0, -1)) {
+    chosen.push(b.name);
+    const e = estimate({ ...memory, checkpointBlocks: [...chosen] });
+    if (e.peakBytes <= budget) return e;
+  }
+  return estimate({ ...memory, checkpointing: true });
+}
+/**
+ * auto gradient checkpointing turns on when a job would use more than this share of RAM without
+ * it: sidetrain shares the machine with the webui (which holds its own model and the browser's
+ * tab), so by default it keeps to a third and pays the recompute (about one more forward pass of
+ * the checkpointed blocks) instead.
+ */
+const AUTO_BUDGET_SHARE = 1 / 3;
+
+interface Job {
+  type: string;
+  plan: MethodPlan;
+  blocks: BlockCost[];
+  text: ReturnType<typeof textShape>;
+  shapes: Shapes;
+  modelPath: string;
+  /** The backend runs attention in the native core (nets/sliced-attention.ts): no score tensors. */
+  nativeAttention: boolean;
+}
+
+function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family, backend: string): Job {
+  const text = textShape(shapes);
+  const plan = methodPlan(type, spec, shapes, text.width);
+  const modelPath = str(spec.model, '');
+  const rule = headRule(modelPath, family);
+  const heads = (ch: number) => (rule.numHeadChannels ? ch / rule.numHeadChannels : rule.numHeads!);
+  const native = backend === 'cpu-native'; // the addon's fused norms and attention core
+  return { type, plan, text, shapes, modelPath, nativeAttention: native, blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads, native) };
+}
+
+/** UNet tape memory (elements, batch 1): per-pixel activations and attention scores, whole or checkpointed. */
+function unetLive(job: Job, memory: UNetMemory, hnSizes: number[]): { activations: number; scores: number } {
+  const slice = memory.attentionSliceBytes;
+  const dense = (b: BlockCost) => b.dense + hypernetworkActivations(b, hnSizes);
+  const scores = job.blocks.map((b) => blockScores(b, slice, job.nativeAttention));
+  const transient = Math.max(0, ...scores.map((s) => s.transient));
+  // a checkpointed block keeps its output (the next block's saved input, a skip); one at a time is recomputed in backward
+  const ckpt = job.blocks.map((b) => isCheckpointed(memory, b.name));
+  let activations = 0;
+  let kept = 0;
+  let recompute = { dense: 0, scores: 0 };
+  job.blocks.forEach((b, i) => {
+    activations += ckpt[i] ? b.output : dense(b);
+    kept += ckpt[i] ? 0 : scores[i]!.kept;
+    if (ckpt[i] && dense(b) + scores[i]!.kept > recompute.dense + recompute.scores) recompute = { dense: dense(b), scores: scores[i]!.kept };
+  });
+  return { activations: activations + recompute.dense, scores: kept + recompute.scores + transient };
+}
+
+const isCheckpointed = (m: UNetMemory, block: string) => block !== 'out' && (m.checkpointing || (m.checkpointBlocks?.includes(block) ?? false));
+
+function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Record<string, unknown>): JobEstimate {
+  const { plan, shapes, text } = job;
+  const cal = CAL.backends[backend] ?? CAL.backends['cpu-native']!;
+  const notes: string[] = [];
+  const { width, height } = plan;
+  const batch = plan.batchRows;
+  const accum = num(spec.gradAccum, 1);
+  if (spec.doNotResize) notes.push(`doNotResize: images keep their own sizes; estimated at ${width}×${height}`);
+  // float16 frozen weights: half the bytes, plus the float32 copies alive at once (one block's when checkpointed, all the tape's otherwise)
+  const half = spec.halfFrozenWeights === true;
+  const unetF32 = paramBytes(shapes, ['model.diffusion_model.']);
+  const textF32 = paramBytes(shapes, ['cond_stage_model.']);
+  const upcastUnet = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) : unetF32;
+  const weightBytes = {
+    text: half && plan.frozen.text ? textF32 / 2 + textF32 / Math.max(1, text.layers) : textF32,
+    unet: half && plan.frozen.unet ? unetF32 / 2 + upcastUnet : unetF32,
+    vaeEncoder: paramBytes(shapes, ['first_stage_model.encoder.', 'first_stage_model.quant_conv.']),
+    vaeDecoder: num(spec.previewEvery ?? spec.sampleEvery, job.type === 'finetune' ? 0 : 500) > 0 ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0,
+    trainable: plan.trainableParams * (plan.bytesPerTrainable + plan.ownValueBytes),
+  };
+  const vaeCh = shapes.get('first_stage_model.encoder.conv_in.weight')?.[0] ?? 128;
+  const vaeEncodeBytes = CAL.vaeEncodeElementsPerPixel * width * height * vaeCh * F32;
+  const hnSizes = job.type === 'hypernetwork' ? (Array.isArray(spec.sizes) ? (spec.sizes as number[]) : [768, 320, 640, 1280]) : [];
+  const live = unetLive(job, memory, hnSizes);
+  const unetActivationBytes = live.activations * batch * F32;
+  const attentionScoreBytes = live.scores * batch * F32;
+  const textActivationBytes = plan.textTrains ? (40 * text.tokens * text.width + 3 * (text.width / 64) * text.tokens ** 2) * text.layers * batch * F32 : 0;
+  // a LoRA's W + ΔW per target, kept by the tape (of one block at a time when checkpointed)
+  const blockShare = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) / Math.max(1, unetF32) : 1;
+  const mergedBytes = plan.mergedWeightBytes * blockShare;
+
+  const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
+  const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
+  const trainPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes +
+    CAL.activationSlack * (unetActivationBytes + textActivationBytes) + CAL.scoreSlack * attentionScoreBytes;
+
+  // forward, input gradients (+ weight gradients when the UNet trains) of every block, and the forward again of checkpointed ones
+  const sum = (f: (b: BlockCost) => number, only = (_: BlockCost) => true) => job.blocks.reduce((a, b) => a + (only(b) ? f(b) : 0), 0);
+  const ckpt = (b: BlockCost) => isCheckpointed(memory, b.name);
+  // score tensors through softmax and its gradient (inside the attention FLOPs with the native core)
+  const scoreElements = (b: BlockCost) => (job.nativeAttention ? 0 : b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0));
+  const textFlop = 2 * text.tokens * (4 * text.width ** 2 + 2 * text.width * text.mlp) * text.layers * (plan.textTrains ? 2 : 1);
+  const denseFlop = ((2 + (plan.unetWeightsTrain ? 1 : 0)) * sum((b) => b.denseFlop) + sum((b) => b.denseFlop, ckpt) + textFlop) * batch;
+  const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes, job.nativeAttention)) * batch;
+  const elements = (2 * sum((b) => b.dense + scoreElements(b)) + sum((b) => b.dense + scoreElements(b), ckpt)) * batch;
+  const optimizerElements = plan.trainableParams * CAL.optimizerElementsPerParam;
+  const recomputedShare = sum((b) => b.denseFlop, ckpt) / Math.max(1, 2 * sum((b) => b.denseFlop));
+  const secondsPerStep = accum * (denseFlop / (cal.denseGflops * 1e9) + attnFlop / (cal.attentionGflops * 1e9) + (elements / 1e9) * cal.elementSec +
+    cal.passSec * (unetF32 / SD15_UNET_BYTES) * (1 + recomputedShare)) +
+    (optimizerElements / 1e9) * cal.elementSec;
+
+  if (!CAL.backends[backend]) notes.push(`backend '${backend}' is not calibrated: time estimated as for cpu-native`);
+  if (backend === 'wasm' && trainPeakBytes - CAL.runtimeBytes > WASM_HEAP) notes.push('does not fit the WASM backend: its heap holds at most ~3.9 GB of tensors');
+  if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
+  notes.push(half && (plan.frozen.unet || plan.frozen.text) ? 'frozen weights held in float16, upcast per layer' : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
+  notes.push(`${describeMemory(memory)}`);
+  return {
+    peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,
+    breakdown: {
+      runtimeBytes: CAL.runtimeBytes, weightBytes, vaeEncodeBytes, unetActivationBytes, attentionScoreBytes, textActivationBytes,
+      prepPeakBytes: Math.round(prepPeakBytes), trainPeakBytes: Math.round(trainPeakBytes),
+      denseGflop: +(denseFlop / 1e9).toFixed(1), attentionGflop: +(attnFlop / 1e9).toFixed(1),
+      elementGiga: +((elements + optimizerElements) / 1e9).toFixed(2),
+    },
+  };
+}

@@ -1,0 +1,63 @@
+/**
+ * @file The fine-tune's loss (diffusers train_text_to_image.py): p_losses on the bucket's latents,
+ * optionally min-SNR-γ weighted (schedule.ts minSnrWeights), the text encoder run inside (it may
+ * be training); and the validation loss on held-out images at fixed seeded noise and timesteps
+ * (so the numbers compare across steps), with the EMA update that shares its timing.
+ */
+import { existsSync } from 'node:fs';
+import { appendFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { tf } from '../../backend/tf.ts';
+import { unetForward } from '../../nets/unet.ts';
+import { encodeText } from '../../nets/clip.ts';
+import { diffusionLoss, weightedDiffusionLoss } from '../../nets/noise-schedule.ts';
+import { makeBatch } from './data.ts';
+import type { JobContext } from '../../job.ts';
+import type { FtBatch, FtRun } from './types.ts';
+
+/** p_losses with optional min-SNR-γ weights; the text encoder runs inside (it may be training). */
+export function finetuneLoss(run: Pick<FtRun, 'model' | 'spec'>, batch: FtBatch): tf.Scalar {
+  const { text, unet, schedule, prediction } = run.model;
+  return tf.tidy(() => {
+    const encoderHiddenStates = encodeText(text.params, text.cfg, batch.ids); // [B, 77, W]
+    const noisyLatents = schedule.qSample(batch.latents, batch.noise, batch.timesteps);
+    const modelPred = unetForward(unet.params, unet.cfg, noisyLatents, batch.timesteps, encoderHiddenStates, { memory: unet.memory });
+    const target = schedule.targetFor(prediction, batch.latents, batch.noise, batch.timesteps);
+    if (!(run.spec.minSnrGamma > 0)) return diffusionLoss(modelPred, target) as tf.Scalar;
+    return weightedDiffusionLoss(modelPred, target, schedule.minSnrWeights(batch.timesteps, run.spec.minSnrGamma, prediction)) as tf.Scalar;
+  });
+}
+
+/** Mean loss over the validation images at fixed noise/timesteps (one image at a time). */
+export async function validationLoss(run: FtRun): Promise<number | undefined> {
+  if (run.validation.length === 0) return undefined;
+  let sum = 0;
+  for (const [i, s] of run.validation.entries()) {
+    const batch = makeBatch(run, [s], ['validation', i], (v) => v.image.caption);
+    const loss = finetuneLoss(run, batch);
+    sum += (await loss.data())[0]!;
+    tf.dispose([loss, batch.latents, batch.noise]);
+  }
+  return sum / run.validation.length;
+}
+
+/** The validation loss into `<runDir>/validation.csv` and the log. */
+export async function logValidation(run: FtRun, step: number, ctx: JobContext): Promise<void> {
+  const loss = await validationLoss(run);
+  if (loss === undefined) return;
+  const csv = join(run.runDir, 'validation.csv');
+  if (!existsSync(csv)) await writeFile(csv, 'step,validation_loss\n');
+  await appendFile(csv, `${step},${loss}\n`);
+  ctx.emit({ type: 'log', level: 'info', message: `step ${step}: validation loss ${loss.toFixed(6)}` });
+}
+
+/**
+ * After optimizer step `done`: EMA update and validation when due (idempotent per step). Called at
+ * the next step's first batch (where the loop lets a method run async code) and before saving.
+ */
+export async function afterStep(run: FtRun, done: number, ctx: JobContext, final = false): Promise<void> {
+  if (done <= run.emaStep) return;
+  run.emaStep = done;
+  if (run.ema && run.ema.due(done)) await run.ema.update(run.trainable);
+  if (done > 0 && (final || (run.spec.validateEvery > 0 && done % run.spec.validateEvery === 0))) await logValidation(run, done, ctx);
+}

@@ -1,0 +1,35 @@
+/**
+ * @file The fine-tune's optimizer: two parameter groups as diffusers' train_text_to_image.py /
+ * EveryDream2 (`text_encoder_lr`): the UNet at `lr` and, with trainTextEncoder, the text encoder
+ * at `textEncoderLr` — each group its own optimizer of the chosen kind (dreambooth-optim.ts
+ * DbOptimizer), both rates on the same schedule shape (warm-up, then constant or cosine to the
+ * last step). The loop passes the UNet's rate; DbOptimizer asks the text schedule for its own.
+ */
+import type { tf } from '../../backend/tf.ts';
+import { DbOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
+import { constantWithWarmup, cosineWithWarmup, type LrSchedule } from '../../optim/lr.ts';
+import type { FinetuneSpec } from './types.ts';
+
+type ScheduleSpec = Pick<FinetuneSpec, 'lrScheduler' | 'warmupSteps' | 'steps'>;
+
+/** The run's schedule shape at peak rate `lr`. */
+export function finetuneLrSchedule(spec: ScheduleSpec, lr: number): LrSchedule {
+  const warm = { lr, warmupSteps: spec.warmupSteps, maxSteps: spec.steps };
+  return spec.lrScheduler === 'cosine' ? cosineWithWarmup(warm) : constantWithWarmup(warm);
+}
+
+/**
+ * The optimizer over `trainable`: keys in `textKeys` form the text-encoder group (when any are
+ * trained), at `textEncoderLr` (default: `lr`); the rest the UNet group at the loop's rate.
+ */
+export function makeFinetuneOptimizer(
+  spec: ScheduleSpec & Pick<FinetuneSpec, 'optimizer' | 'lr' | 'textEncoderLr'>,
+  trainable: Map<string, tf.Variable>,
+  textKeys: ReadonlySet<string>,
+): DbOptimizer {
+  const unetVars = new Map([...trainable].filter(([k]) => !textKeys.has(k)));
+  const textVars = new Map([...trainable].filter(([k]) => textKeys.has(k)));
+  const text = textVars.size ? makeGroupOptimizer(spec.optimizer, textVars) : undefined;
+  const textLr = text ? finetuneLrSchedule(spec, spec.textEncoderLr ?? spec.lr) : undefined;
+  return new DbOptimizer(makeGroupOptimizer(spec.optimizer, unetVars), text, textKeys, textLr);
+}

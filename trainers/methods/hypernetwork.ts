@@ -1,0 +1,306 @@
+/**
+ * @file Hypernetwork training (webui v1.10 modules/hypernetworks/hypernetwork.py
+ * train_hypernetwork): only the (k, v) modules train; they transform the context of every
+ * attention of their size. The text encoder is frozen, so each micro-batch's context is encoded
+ * once, outside the gradient tape. AdamW with torch's default weight decay 0.01, as the webui's
+ * `torch.optim.AdamW(params=weights, lr=…)`. Output: `<hypernetwork-dir>/<name>.pt` (+ `.optim`),
+ * every metadata key written; `<hypernet:NAME:1>` in a prompt.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { tf, initBackend, type Tensor } from '../backend/index.ts';
+import {
+  createHypernetwork, defaultDropoutStructure, hypernetHook, hypernetLayers, hypernetSpecFromWebui,
+  validateHypernetworkSpec, type HypernetworkSpec,
+} from '../nets/hypernet.ts';
+import type { Params } from '../nets/params.ts';
+import { encodeFrozenText } from '../train/context-cache.ts';
+import { UNET_PREFIX } from '../nets/unet.ts';
+import { openCheckpoint } from '../io/checkpoint.ts';
+import { readHypernetwork, writeHypernetwork, writeHypernetworkOptim, type HypernetModule } from '../io/pt-hypernet.ts';
+import { modelHash } from '../io/checkpoint.ts';
+import { readOptim } from '../io/optim-file.ts';
+import { AdamW } from '../optim/adamw.ts';
+import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
+import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
+import type { TrainMethod } from '../train/loop.ts';
+import {
+  checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview, resumeSource, saveSettings,
+  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave
+} from '../train/run.ts';
+import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
+import { paddingFor } from '../nets/sd.ts';
+import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diffusion-loss.ts';
+import type { JobContext, JobResult } from '../job.ts';
+
+export interface HnModel extends Denoiser {
+  hypernetwork: { params: Params; spec: HypernetworkSpec };
+}
+
+/** The hypernetwork loss: p_losses with the modules hooked into every attention (train mode). */
+export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderHiddenStates: Tensor): tf.Scalar {
+  const { params, spec } = model.hypernetwork;
+  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true, seed: Math.floor(Math.random() * 2 ** 31) }) }));
+}
+
+/** The job's options (schemas/hypernetwork.json). */
+export interface HnSpec extends CommonSpec {
+  sizes: number[];
+  layerStructure: number[];
+  activation: string;
+  activateOutput: boolean;
+  layerNorm: boolean;
+  dropout: boolean;
+  dropoutStructure?: number[];
+  lastLayerDropout: boolean;
+  weightInit: string;
+  hypernetworkDir: string;
+}
+
+/** Rates above this usually wreck a hypernetwork (webui users reuse the embedding default 0.005). */
+export const HN_LR_WARN = 1e-4;
+
+/**
+ * The module structure a new hypernetwork gets from the job's options (webui create_hypernetwork:
+ * without dropout the structure is all zeros, whatever dropoutStructure says).
+ */
+export function hypernetSpecFromJob(spec: HnSpec): HypernetworkSpec {
+  const dropoutStructure = spec.dropout
+    ? (spec.dropoutStructure ?? defaultDropoutStructure(spec.layerStructure, true, spec.lastLayerDropout))
+    : spec.layerStructure.map(() => 0);
+  const hn: HypernetworkSpec = {
+    sizes: spec.sizes, layerStructure: spec.layerStructure, activation: spec.activation, layerNorm: spec.layerNorm,
+    dropout: spec.dropout, dropoutStructure, activateOutput: spec.activateOutput, weightInit: spec.weightInit,
+    lastLayerDropout: spec.lastLayerDropout,
+  };
+  validateHypernetworkSpec(hn);
+  return hn;
+}
+
+/** Context widths of the UNet's attentions (in-dim of every to_k): text width and transformer channels. */
+export function attentionWidths(shapes: Iterable<[string, number[]]>): number[] {
+  const widths = new Set<number>();
+  for (const [key, shape] of shapes) if (key.endsWith('.to_k.weight') && shape.length === 2) widths.add(shape[1]!);
+  return [...widths].sort((a, b) => a - b);
+}
+
+function checkSizes(sizes: number[], widths: number[], model: string): void {
+  const bad = sizes.filter((s) => !widths.includes(s));
+  if (bad.length) {
+    throw new Error(`hypernetwork: size ${bad.join(', ')} is not a context width of ${model}: its attentions take ${widths.join(', ')} ` +
+      '(the text width and the transformer channel counts)');
+  }
+}
+
+/** The model's attention widths from the checkpoint's shapes, without loading weights. */
+async function modelWidths(path: string): Promise<number[]> {
+  const { source } = await openCheckpoint(path);
+  try {
+    return attentionWidths(source.keys().filter((k) => k.startsWith(UNET_PREFIX)).map((k) => [k, source.info(k).shape] as [string, number[]]));
+  } finally {
+    await source.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State: the module weights (in the webui's `weights()` order, which numbers the .optim) + AdamW
+
+interface HnState {
+  hn: HypernetworkSpec;
+  params: Params;
+  /** Every module parameter as the webui's `Hypernetwork.weights()` lists them (layer.parameters()). */
+  trainable: Map<string, tf.Variable>;
+  step: number;
+  optimizer: AdamW;
+  optionalInfo: string | null;
+}
+
+/** Parameter names of one module, in the Sequential's order (weight before bias). */
+function moduleParamNames(hn: HypernetworkSpec, size: number): string[] {
+  return hypernetLayers(hn, size).flatMap((l) => {
+    if (l.kind === 'linear' || l.kind === 'layernorm') return [`linear.${l.index}.weight`, `linear.${l.index}.bias`];
+    if (l.kind === 'act' && l.name === 'prelu') return [`linear.${l.index}.weight`];
+    return [];
+  });
+}
+
+/** Variables from a file's modules, checked against the structure its metadata describes. */
+function paramsFromFile(path: string, modules: Map<number, [HypernetModule, HypernetModule]>, hn: HypernetworkSpec): Params {
+  const params: Params = new Map();
+  for (const [size, pair] of modules) {
+    const names = moduleParamNames(hn, size);
+    pair.forEach((mod, i) => {
+      const kv = i === 0 ? 'k' : 'v';
+      const extra = [...mod.keys()].filter((k) => !names.includes(k));
+      const missing = names.filter((k) => !mod.has(k));
+      if (extra.length || missing.length) {
+        throw new Error(`${path}: module ${size}.${kv} does not match its metadata's structure ` +
+          `(missing ${missing.join(', ') || 'none'}; unexpected ${extra.join(', ') || 'none'})`);
+      }
+      for (const name of names) {
+        const t = mod.get(name)!;
+        params.set(`${size}.${kv}.${name}`, tf.variable(tf.tensor(t.values, t.shape), true));
+      }
+    });
+  }
+  return params;
+}
+
+/** How the file's structure differs from the job's structure options (for the log note). */
+function structureDifferences(spec: HnSpec, file: HypernetworkSpec): string[] {
+  let job: HypernetworkSpec;
+  try {
+    job = hypernetSpecFromJob(spec);
+  } catch {
+    return ['a structure of its own'];
+  }
+  const fields = ['sizes', 'layerStructure', 'activation', 'layerNorm', 'dropoutStructure', 'activateOutput', 'weightInit'] as const;
+  return fields.filter((f) => JSON.stringify(job[f]) !== JSON.stringify(file[f])).map((f) => `${f} ${JSON.stringify(file[f])}`);
+}
+
+async function loadOptimizer(from: string, optimizer: AdamW, ctx: JobContext): Promise<void> {
+  const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
+  if (!existsSync(`${from}.optim`)) return;
+  const optim = await readOptim(`${from}.optim`);
+  const hash = await modelHash(from);
+  if (optim.hash !== hash) return warn(`${from}.optim does not match the hypernetwork (hash ${optim.hash} ≠ ${hash}): optimizer state not loaded`);
+  if ((optim.optimizerName ?? 'AdamW') !== 'AdamW') return warn(`${from}.optim is for ${optim.optimizerName}; sidetrain trains with AdamW: optimizer state not loaded`);
+  try {
+    optimizer.loadStateDict(fromOptimFile(optim));
+  } catch (err) {
+    warn(`cannot resume from the saved optimizer state (${(err as Error).message}): starting it afresh`);
+  }
+}
+
+async function initState(spec: HnSpec, paths: RunPaths, widths: number[], ctx: JobContext): Promise<HnState> {
+  const from = spec.resume ? await resumeSource(paths, spec.name) : undefined;
+  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new hypernetwork` });
+  let hn: HypernetworkSpec;
+  let params: Params;
+  let step = 0;
+  let optionalInfo: string | null = null;
+  if (from) {
+    const file = await readHypernetwork(from);
+    hn = hypernetSpecFromWebui(file.meta as unknown as Record<string, unknown>, [...file.modules.keys()]);
+    validateHypernetworkSpec(hn);
+    checkSizes(hn.sizes, widths, spec.model);
+    params = paramsFromFile(from, file.modules, hn);
+    step = file.meta.step ?? 0;
+    optionalInfo = file.meta.optional_info ?? null;
+    const diff = structureDifferences(spec, hn);
+    ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step}` +
+      (diff.length ? `; its structure is kept and these options are ignored (the file has: ${diff.join(', ')})` : '') });
+  } else {
+    hn = hypernetSpecFromJob(spec);
+    params = createHypernetwork(hn, spec.seed);
+  }
+  const trainable = new Map<string, tf.Variable>();
+  for (const [key, t] of params) {
+    const v = t as tf.Variable;
+    v.trainable = true; // webui weights() = layer.parameters(): PReLU's weight trains too
+    trainable.set(key, v);
+  }
+  const optimizer = new AdamW(trainable, { lr: 0, weightDecay: 0.01 });
+  if (from) await loadOptimizer(from, optimizer, ctx);
+  return { hn, params, trainable, step, optimizer, optionalInfo };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Save (webui Hypernetwork.save via save_hypernetwork: sd_checkpoint = the model's short hash)
+
+async function saveHypernetwork(run: PreparedRun, spec: HnSpec, s: HnState, path: string, step: number): Promise<string[]> {
+  const modules = new Map<number, [HypernetModule, HypernetModule]>();
+  for (const size of s.hn.sizes) {
+    const pair = await Promise.all((['k', 'v'] as const).map(async (kv) => {
+      const mod: HypernetModule = new Map();
+      for (const name of moduleParamNames(s.hn, size)) {
+        const t = s.params.get(`${size}.${kv}.${name}`)!;
+        mod.set(name, { values: (await t.data()) as Float32Array, shape: [...t.shape] });
+      }
+      return mod;
+    }));
+    modules.set(size, pair as [HypernetModule, HypernetModule]);
+  }
+  const ds = s.hn.dropoutStructure ?? defaultDropoutStructure(s.hn.layerStructure, s.hn.dropout, s.hn.lastLayerDropout);
+  const meta = {
+    step, name: spec.name, layer_structure: s.hn.layerStructure, activation_func: s.hn.activation, is_layer_norm: s.hn.layerNorm,
+    weight_initialization: s.hn.weightInit, sd_checkpoint: run.modelHash, sd_checkpoint_name: run.modelName,
+    activate_output: s.hn.activateOutput, use_dropout: ds.some((p) => p > 0), dropout_structure: ds,
+    last_layer_dropout: (ds[ds.length - 2] ?? 0) !== 0, // webui save(): dropout_structure[-2] != 0
+    optional_info: s.optionalInfo,
+  };
+  await mkdir(dirname(path), { recursive: true });
+  await writeHypernetwork(path, { modules, meta }, { overwrite: true });
+  const { states, group } = toOptimRecords(await s.optimizer.stateDict());
+  if (!states.length) return [path];
+  await writeHypernetworkOptim(`${path}.optim`, path, states, group, 'AdamW', { overwrite: true });
+  return [path, `${path}.optim`];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+type HnBatch = DiffusionBatch & { context: Tensor };
+
+function hnMethod(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths): TrainMethod<HnBatch> {
+  const model: HnModel = { ...run.model, hypernetwork: { params: s.params, spec: s.hn } };
+  const { text } = run.model;
+  const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
+  return {
+    trainable: s.trainable,
+    nextBatch: (step, micro) => {
+      const { prompts, ...batch } = diffusionBatch(run, spec, step, micro, new Map());
+      // the text encoder is frozen: its output is an input here, computed outside the gradient tape
+      return { ...batch, context: encodeFrozenText(text.params, text.cfg, prompts.map((p) => p.ids)) }; // [B, 77, W]
+    },
+    loss: (batch) => hypernetworkLoss(model, batch, batch.context),
+    disposeBatch: (b) => tf.dispose([b.latents, b.noise, b.context]),
+    save: (step, final) => saveHypernetwork(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.pt`), step),
+    preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {
+      hooks: { kv: hypernetHook(s.params, s.hn) }, // eval mode: no dropout, multiplier 1
+    }),
+  };
+}
+
+/** Warn about rates that destroy hypernetworks (any piece of the schedule above HN_LR_WARN). */
+function warnHighLr(lr: LrSchedule, ctx: JobContext): void {
+  const high = Math.max(...lr.segments.map((s) => s.rate));
+  if (high > HN_LR_WARN) {
+    ctx.emit({ type: 'log', level: 'warn', message: `learn rate ${high} is above ${HN_LR_WARN}: hypernetworks usually break at such rates (webui default 0.00001)` });
+  }
+}
+
+/** Everything checked before a model loads or a file is written. */
+async function preflight(raw: HnSpec, ctx: JobContext): Promise<{ spec: HnSpec; paths: RunPaths; widths: number[] }> {
+  const spec: HnSpec = { ...raw, hypernetworkDir: raw.hypernetworkDir ?? 'hypernetworks', logDir: raw.logDir ?? 'textual_inversion' };
+  const paths = await checkRun(spec, resolve(spec.hypernetworkDir), 'hypernetworks');
+  const lr = parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
+  warnHighLr(lr, ctx);
+  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
+  const widths = await modelWidths(spec.model);
+  const fromFile = spec.resume && (await resumeSource(paths, spec.name));
+  if (!fromFile) checkSizes(hypernetSpecFromJob(spec).sizes, widths, spec.model);
+  return { spec, paths, widths };
+}
+
+/** The hypernetwork job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
+export async function runHypernetwork(raw: HnSpec, ctx: JobContext): Promise<JobResult> {
+  const { spec, paths, widths } = await preflight(raw, ctx);
+  const backend = await initBackend();
+  const s = await initState(spec, paths, widths, ctx);
+  let run: PreparedRun | undefined;
+  try {
+    run = await prepareRun(spec, ctx, 'hypernetwork');
+    const method = hnMethod(run, spec, s, paths);
+    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { hypernetwork: s.hn }, ctx);
+    return { step, output: paths.output, outputs, kind: 'hypernetwork', usage: `<hypernet:${spec.name}:1>`, cancelled };
+  } finally {
+    tf.dispose([...s.params.values()]);
+    s.optimizer.dispose();
+    if (run) {
+      releaseRun(run);
+      await run.model.source.close();
+    }
+  }
+}

@@ -1,0 +1,213 @@
+/**
+ * @file LoRA training (kohya-ss sd-scripts train_network.py with networks/lora.py): low-rank
+ * adapters on the UNet (and optionally the text encoder) train while every base weight stays
+ * frozen. Output `<lora-dir>/<name>.safetensors` with kohya key names that the webui's built-in
+ * Lora extension applies with `<lora:NAME:1>` (names from the checkpoint's own module paths,
+ * nets/lora.ts), and the `ss_*` metadata kohya writes (the file: lora-file.ts).
+ * Optimizer: AdamW (torch default weight decay 0.01, as kohya's default), 8-bit AdamW or
+ * Adafactor, the text encoder's adapters as their own group (own rate, optional step limit;
+ * dreambooth-optim.ts), its state beside the LoRA as `<file>.optim`. Optional prior preservation
+ * (a class prompt turns it on; prior-preservation.ts): this is also `train dreambooth --lora`.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { tf, initBackend, type Tensor } from '../../backend/index.ts';
+import { createLora, disposeLora, loraTargets, mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
+import {
+  legacyModelHash, loadOptimizer, loadWeights, resumeFrom, saveLora, targetKinds,
+  type LoraRun, type LoraSpec, type LoraState,
+} from './lora-file.ts';
+import { shapesOf, paddingFor } from '../../nets/sd.ts';
+import { overlayParams } from '../../nets/half-params.ts';
+import { encodeText } from '../../nets/clip.ts';
+import { encodeFrozenText } from '../../train/context-cache.ts';
+import { fileSha256 } from '../../io/checkpoint.ts';
+import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
+import { DbOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
+import {
+  prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
+  type PriorLoss, type PriorSpec,
+} from '../../train/prior-preservation.ts';
+import { checkReadableDir } from '../../io/paths.ts';
+import type { TrainMethod } from '../../train/loop.ts';
+import {
+  checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview,
+  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave,
+} from '../../train/run.ts';
+import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
+import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
+import type { JobContext, JobResult } from '../../job.ts';
+
+export type { LoraSpec } from './lora-file.ts';
+
+type LoraBatch = DiffusionBatch & { ids: number[][]; classRows: number; context?: Tensor };
+
+// ---------------------------------------------------------------------------------------------
+// Prompts: the instance prompt for every image when the folder has no caption files
+
+/** The template a run uses: the spec's, else the instance prompt (no captions) or the captions. */
+async function templateFor(spec: LoraSpec, runDir: string): Promise<{ template: string; instancePrompt?: string }> {
+  if (spec.template) return { template: spec.template };
+  const captions = !spec.instancePromptAlways && (await readdir(spec.images)).some((f) => f.toLowerCase().endsWith('.txt'));
+  const instancePrompt = spec.instancePrompt && !captions ? spec.instancePrompt : undefined;
+  await mkdir(runDir, { recursive: true });
+  const path = join(runDir, 'lora-template.txt');
+  await writeFile(path, `${instancePrompt ?? '[filewords]'}\n`);
+  return { template: path, instancePrompt };
+}
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+/** The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group. */
+function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): DbOptimizer {
+  const isText = (k: string) => k.startsWith('lora_te_');
+  const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
+  const text = new Map([...net.weights].filter(([k]) => isText(k)));
+  const kind = spec.optimizer ?? 'adamw';
+  const optimizer = new DbOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps ?? 0);
+  optimizer.done = done;
+  return optimizer;
+}
+
+async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, instancePrompt: string | undefined, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
+  const targets = loraTargets(shapesOf(run.model.source), targetKinds(spec));
+  const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
+  let step = 0;
+  const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
+  if (from) step = await loadWeights(from, net);
+  else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
+  const optimizer = loraOptimizer(net, spec, textLr, step);
+  const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
+  if (from) {
+    const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
+    const restored = await loadOptimizer(`${from}.optim`, s, spec, step, warn);
+    ctx.emit({ type: 'log', level: 'info', message: `continuing ${from} from step ${step}${restored ? ' with its optimizer state' : ' (optimizer state starts afresh)'}` });
+  }
+  ctx.emit({ type: 'log', level: 'info', message: `LoRA: ${targets.length} modules (${targetKinds(spec).join(', ')}), rank ${spec.rank}, alpha ${spec.alpha}` });
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+/** The LoRA loss (prior-preservation.ts; plain p_losses without class rows), the adapters read lazily inside the tape. */
+export function loraLoss(run: PreparedRun, net: LoraNetwork, batch: LoraBatch, opts: { dropout: number; seed: number; priorWeight: number }): PriorLoss {
+  return tf.tidy(() => {
+    const { text, unet } = run.model;
+    const context = batch.context ?? encodeText(withLora(text.params, net, opts), text.cfg, batch.ids); // [B, 77, W]
+    const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
+    return priorPreservationLoss(model, batch, context, opts.priorWeight);
+  });
+}
+
+/** The micro-batch: instance rows (+ class rows); the context precomputed while the text encoder's adapters do not train. */
+function nextLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: number, micro: number, textTrains: boolean): LoraBatch {
+  const { prompts, ...inst } = diffusionBatch(run, spec as CommonSpec, step, micro, new Map());
+  const at = { step, micro, gradAccum: run.dataset.gradAccum };
+  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
+  const batch: LoraBatch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
+  const { text } = run.model;
+  // a frozen text encoder's output is an input: encoded once, outside the gradient tape
+  // without text adapters the encoder is the base model's: each prompt encoded once for the run
+  const textAdapters = net.targets.some((t) => t.name.startsWith('lora_te'));
+  if (!textTrains) batch.context = textAdapters ? tf.tidy(() => encodeText(withLora(text.params, net), text.cfg, batch.ids)) : encodeFrozenText(text.params, text.cfg, batch.ids);
+  return batch;
+}
+
+function loraMethod(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }): TrainMethod<LoraBatch> {
+  const { text } = run.model;
+  const textKeys = [...s.net.weights.keys()].filter((k) => k.startsWith('lora_te_'));
+  const trainable = new Map(s.net.weights);
+  const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec as CommonSpec), new Map(), paddingFor(run.model.family));
+  const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
+  let dropoutSeed = 0;
+  let current = 0;
+  return {
+    trainable,
+    nextBatch: async (step, micro) => {
+      await log.flush();
+      current = step;
+      const textTrains = textKeys.length > 0 && s.optimizer.textActive(step - 1);
+      // past the text encoder's step limit its adapters stop being trained (and differentiated)
+      if (!textTrains) for (const k of textKeys) trainable.delete(k);
+      dropoutSeed = spec.seed * 1_000_003 + step * 1009 + micro;
+      return nextLoraBatch(run, spec, s.net, step, micro, textTrains);
+    },
+    loss: (batch) => {
+      const parts = loraLoss(run, s.net, batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
+      if (run.classes) log.record(current, parts);
+      else tf.dispose(parts.instance);
+      return parts.loss;
+    },
+    disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
+    save: async (step, final) => {
+      await log.flush();
+      return saveLora(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step, hashes);
+    },
+    preview: async (step) => {
+      const unet = run.model.unet;
+      const merged = { unet: mergeLora(unet.params, s.net), text: mergeLora(text.params, s.net) }; // multiplier 1, no dropout
+      // views, not copies: iterating a float16 base (halfFrozenWeights) would materialise every weight
+      const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
+      const adapted = { ...run, model: { ...run.model, unet: { ...unet, params: params.unet }, text: { ...text, params: params.text } } };
+      try {
+        return await renderPreview(adapted, spec as CommonSpec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {});
+      } finally {
+        tf.dispose([...merged.unet.values(), ...merged.text.values()]);
+      }
+    },
+  };
+}
+
+/** Everything checked before a model loads or a file is written. */
+async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; instancePrompt?: string; textLr?: LrSchedule }> {
+  const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
+  const spec: LoraSpec = { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
+  if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
+  const paths = await checkRun({ ...spec, template: '' } as CommonSpec, resolve(spec.loraDir), 'lora');
+  paths.output = resolve(spec.loraDir, `${spec.name}.safetensors`);
+  if (existsSync(paths.output) && !spec.overwrite && !spec.resume) {
+    throw new Error(`${paths.output} already exists: pass --resume to continue training it or --overwrite to replace it`);
+  }
+  const lr = parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
+  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
+  const textLr = spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
+  if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
+  if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
+  const { template, instancePrompt } = await templateFor(spec, paths.runDir);
+  return { spec: { ...spec, template }, paths, instancePrompt, textLr };
+}
+
+/** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
+export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
+  const { spec, paths, instancePrompt, textLr } = await preflight(raw, ctx);
+  const backend = await initBackend();
+  let run: LoraRun | undefined;
+  let s: LoraState | undefined;
+  try {
+    run = await prepareRun(spec as CommonSpec, ctx, 'lora');
+    run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
+    s = await initState(run, spec, paths, instancePrompt, textLr, ctx);
+    await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
+    const full = await fileSha256(spec.model);
+    const hashes = { legacy: await legacyModelHash(spec.model), full };
+    const method = loraMethod(run, spec, s, paths, hashes);
+    const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
+    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
+    const { step, outputs, cancelled } = await trainAndSave(run, spec as CommonSpec, paths, method, s, backend.name, settings, ctx);
+    return { step, output: paths.output, outputs, kind: 'lora', usage: `<lora:${spec.name}:1>`, cancelled };
+  } finally {
+    if (s) {
+      disposeLora(s.net);
+      s.optimizer.dispose();
+    }
+    if (run) {
+      run.classes?.latents.dispose();
+      releaseRun(run);
+      await run.model.source.close();
+    }
+  }
+}
+

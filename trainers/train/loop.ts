@@ -1,0 +1,166 @@
+/**
+ * @file The one training loop every method runs (nanoGPT's train.py, diffusers' TI loop): learn
+ * rate from the schedule, gradient accumulation, clipping, optimizer step, loss CSV, progress
+ * events, previews, snapshots, cancel and NaN stops. A method supplies only what differs:
+ * its trainable variables, its loss for a batch, and how it saves.
+ */
+import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { tf, type Tensor } from '../backend/tf.ts';
+import type { JobContext } from '../job.ts';
+import { lossAndGrads } from '../nets/recompute.ts';
+import { allFiniteWithin } from '../optim/check.ts';
+
+/** What a method gives the loop. */
+export interface TrainMethod<Batch> {
+  /** The variables the optimizer updates, by name. */
+  trainable: Map<string, tf.Variable>;
+  /** The next micro-batch for a step (deterministic given the seed and step). */
+  nextBatch(step: number, micro: number): Promise<Batch> | Batch;
+  /** Scalar loss for one micro-batch; its gradients are taken by lossAndGrads (nets/recompute.ts). */
+  loss(batch: Batch): tf.Scalar;
+  /** Save a snapshot (periodic) or the final output; returns the paths written. */
+  save(step: number, final: boolean): Promise<string[]>;
+  /** Render a preview image for this step; returns its path. */
+  preview?(step: number): Promise<string>;
+  /** Release the batch (cached tensors stay). */
+  disposeBatch?(batch: Batch): void;
+  /**
+   * Largest |value| a trained weight may reach and still be saved (default: any finite value).
+   * TI: the `.optim` checksum multiplies the vectors by 100 in float32 (webui Embedding.checksum).
+   */
+  maxAbs?: number;
+}
+
+export interface Optimizer {
+  step(grads: Map<string, Tensor>, lr: number): void;
+}
+
+export interface LoopOptions {
+  startStep: number;
+  /** Last step (inclusive), as the webui counts: steps are 1-based. */
+  steps: number;
+  gradAccum: number;
+  /** Learn rate of the update that follows `done` completed steps (trainers/optim/lr.ts getLr). */
+  learnRate(done: number): number;
+  /** Gradient clipping of the accumulated gradients before update `done + 1` (trainers/optim/clip-grad.ts). */
+  clip?(grads: Map<string, Tensor>, done: number): Map<string, Tensor>;
+  optimizer: Optimizer;
+  saveEvery: number;
+  previewEvery: number;
+  /** Steps per epoch, for the CSV's epoch/epoch_step columns. */
+  stepsPerEpoch: number;
+  /** Loss CSV path (`step,epoch,epoch_step,loss,learn_rate`, the webui's textual_inversion_loss.csv columns). */
+  csvPath?: string;
+}
+
+export interface LoopResult {
+  /** The last step whose update was applied. */
+  step: number;
+  cancelled: boolean;
+}
+
+/** Sum gradient maps in place into `acc` (disposing what it replaces). */
+function accumulate(acc: Map<string, Tensor>, grads: Record<string, Tensor>): void {
+  for (const [name, g] of Object.entries(grads)) {
+    const prev = acc.get(name);
+    if (prev) {
+      acc.set(name, prev.add(g));
+      prev.dispose();
+      g.dispose();
+    } else acc.set(name, g);
+  }
+}
+
+async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
+  const grads = new Map<string, Tensor>();
+  let lossSum = 0;
+  for (let micro = 0; micro < opts.gradAccum; micro++) {
+    const batch = await method.nextBatch(step, micro);
+    const { value, grads: g } = lossAndGrads(() => method.loss(batch).div(opts.gradAccum) as tf.Scalar, method.trainable);
+    lossSum += (await value.data())[0]! * opts.gradAccum;
+    value.dispose();
+    accumulate(grads, g);
+    method.disposeBatch?.(batch);
+  }
+  const clipped = opts.clip ? opts.clip(grads, step - 1) : grads;
+  opts.optimizer.step(clipped, opts.learnRate(step - 1));
+  tf.dispose([...grads.values(), ...(clipped === grads ? [] : clipped.values())]);
+  return lossSum / opts.gradAccum;
+}
+
+/**
+ * Run steps startStep+1 … steps. Stops after the current step when ctx.signal aborts, and
+ * with an error (after keeping the last good snapshot) when the loss or a variable is NaN/Inf.
+ */
+export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ctx: JobContext): Promise<LoopResult> {
+  if (opts.csvPath) await startCsv(opts.csvPath, opts.startStep);
+  const started = Date.now();
+  let step = opts.startStep;
+  let lastSnapshot: string | undefined;
+  while (step < opts.steps && !ctx.signal.aborted) {
+    await ctx.waitIfPaused?.(); // the server's "pause while the webui generates" mode
+    if (ctx.signal.aborted) break;
+    const next = step + 1;
+    const loss = await oneStep(method, opts, next);
+    if (!Number.isFinite(loss) || !(await allFiniteWithin(method.trainable.values(), method.maxAbs ?? Infinity))) {
+      throw new NonFiniteError(next, loss, lastSnapshot);
+    }
+    step = next;
+    await report(opts, ctx, step, loss, started);
+    if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
+      const paths = await method.save(step, false);
+      // the snapshot itself; its side files (.optim) are not snapshots of their own
+      lastSnapshot = paths[0] ?? lastSnapshot;
+      if (paths[0]) ctx.emit({ type: 'snapshot', step, path: paths[0] });
+    }
+    if (method.preview && opts.previewEvery > 0 && step % opts.previewEvery === 0) {
+      ctx.emit({ type: 'preview', step, path: await method.preview(step) });
+    }
+  }
+  return { step, cancelled: ctx.signal.aborted && step < opts.steps };
+}
+
+/**
+ * The loss CSV continues at `startStep`: rows past it (written by a run killed after its last
+ * snapshot, or by an earlier run an --overwrite replaces) are dropped so each step appears once.
+ */
+async function startCsv(path: string, startStep: number): Promise<void> {
+  const header = 'step,epoch,epoch_step,loss,learn_rate\n';
+  if (!existsSync(path)) {
+    await mkdir(dirname(path), { recursive: true });
+    await writeFile(path, header);
+    return;
+  }
+  const lines = (await readFile(path, 'utf8')).split('\n').slice(1).filter((l) => l.trim());
+  const kept = lines.filter((l) => Number(l.split(',')[0]) <= startStep);
+  if (kept.length !== lines.length) await writeFile(path, header + kept.map((l) => `${l}\n`).join(''));
+}
+
+async function report(opts: LoopOptions, ctx: JobContext, step: number, loss: number, started: number): Promise<void> {
+  const lr = opts.learnRate(step - 1);
+  const epoch = Math.floor((step - 1) / opts.stepsPerEpoch);
+  const epochStep = ((step - 1) % opts.stepsPerEpoch) + 1;
+  if (opts.csvPath) await appendFile(opts.csvPath, `${step},${epoch},${epochStep},${loss},${lr}\n`);
+  const done = step - opts.startStep;
+  const itPerSec = done / Math.max((Date.now() - started) / 1000, 1e-9);
+  const etaSeconds = (opts.steps - step) / Math.max(itPerSec, 1e-9);
+  ctx.emit({ type: 'step', step, totalSteps: opts.steps, epoch, loss, learnRate: lr, itPerSec, etaSeconds });
+}
+
+/** NaN/Inf in the loss or the weights: the run stops and keeps the last good snapshot. */
+export class NonFiniteError extends Error {
+  constructor(
+    readonly step: number,
+    readonly loss: number,
+    /** The last snapshot this run saved, if any (it is left as it was). */
+    readonly lastSnapshot?: string,
+  ) {
+    super(
+      `step ${step}: the loss or a trained weight became ${Number.isNaN(loss) ? 'NaN' : 'non-finite or too large'} ` +
+        `(loss ${loss}); ${lastSnapshot ? `the last good snapshot ${lastSnapshot} was kept` : 'no snapshot had been saved yet; nothing was written'} ` +
+        '— lower the learn rate or enable gradient clipping',
+    );
+  }
+}

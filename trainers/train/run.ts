@@ -1,0 +1,230 @@
+/**
+ * @file What Textual Inversion and hypernetwork runs share (webui train_embedding /
+ * train_hypernetwork): checks that write nothing when they fail, the dataset, cached latents
+ * (the VAE encoder is released before training), the log folder layout, per-step batches with
+ * seeded noise and timesteps, previews from sidetrain's own sampler, and the job's settings file.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { basename, extname, join, resolve } from 'node:path';
+import { tf, type Tensor } from '../backend/tf.ts';
+import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
+import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
+import { loadTemplate } from '../text/templates.ts';
+import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
+import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
+import { loadVae, type VaeConfig } from '../nets/vae.ts';
+import { disposeParams, type Params } from '../nets/params.ts';
+import { unetForward, type UNetHooks } from '../nets/unet.ts';
+import { encodeText, type TextSplice } from '../nets/clip.ts';
+import { modelHash } from '../io/checkpoint.ts';
+import { LatentCache, seededNoise } from './latent-cache.ts';
+import { Rng } from '../random.ts';
+import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
+import type { DiffusionBatch } from './diffusion-loss.ts';
+import type { JobContext } from '../job.ts';
+import { chooseUNetMemory } from '../memory/choice.ts';
+import { releaseTextCache } from './context-cache.ts';
+import type { MemoryToggle } from '../memory/options.ts';
+import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
+import { parseLrSchedule } from '../optim/lr.ts';
+import { makeClipper } from '../optim/clip-grad.ts';
+
+/** The options TI and hypernetwork jobs share (schemas/common.json). */
+export interface CommonSpec {
+  model: string;
+  images: string;
+  name: string;
+  steps: number;
+  lr: string;
+  batchSize: number;
+  gradAccum: number;
+  template: string;
+  width: number;
+  height: number;
+  previewEvery: number;
+  saveEvery: number;
+  logDir: string;
+  seed: number;
+  resume: boolean;
+  overwrite: boolean;
+  clipGrad: 'disabled' | 'value' | 'norm';
+  clipGradValue: string;
+  shuffleTags: boolean;
+  tagDropOut: number;
+  latentSampling: LatentSampling;
+  doNotResize: boolean;
+  useWeight: boolean;
+  filenameWordRegex: string;
+  filenameJoinString: string;
+  previewPrompt?: string;
+  previewSampler: SamplerName;
+  previewSteps: number;
+  previewCfgScale: number;
+  gradientCheckpointing?: MemoryToggle;
+  attentionSlicing?: MemoryToggle;
+  halfFrozenWeights?: boolean;
+}
+
+export interface RunPaths {
+  /** The webui-facing output (`embeddings/<name>.pt`). */
+  output: string;
+  /** `<log-dir>/<name>`: snapshots, previews, loss CSV, settings. */
+  runDir: string;
+  snapshots: string;
+  images: string;
+  csv: string;
+}
+
+/** Name, files and folders checked before anything loads; an existing output is never replaced silently. */
+export async function checkRun(spec: CommonSpec, outDir: string, snapshotsFolder: string): Promise<RunPaths> {
+  const name = checkName(spec.name);
+  await checkReadableFile(spec.model, '/model');
+  await checkReadableDir(spec.images, '/images');
+  const output = resolve(outDir, `${name}.pt`);
+  if (existsSync(output) && !spec.overwrite && !spec.resume) {
+    throw new Error(`${output} already exists: pass --resume to continue training it or --overwrite to replace it`);
+  }
+  const runDir = resolve(spec.logDir, name);
+  return { output, runDir, snapshots: join(runDir, snapshotsFolder), images: join(runDir, 'images'), csv: join(runDir, 'loss.csv') };
+}
+
+export interface PreparedRun {
+  dataset: Dataset;
+  model: SdModel & Required<Pick<SdModel, 'text' | 'unet'>>;
+  latents: LatentCache;
+  tokenizer: ClipTokenizer;
+  /** The VAE decoder, only when previews are on. */
+  decoder?: { params: Params; cfg: VaeConfig };
+  /** First 10 hex of the model file's sha256 (webui `sd_checkpoint`) and its stem. */
+  modelHash: string;
+  modelName: string;
+}
+
+/** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
+export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string): Promise<PreparedRun> {
+  const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }));
+  const memory = await chooseUNetMemory(type, spec, ctx);
+  // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
+  const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
+  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains } : {};
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half)) as PreparedRun['model'];
+  model.unet.memory = memory;
+  const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
+  disposeParams(model.vae!.params);
+  delete model.vae;
+  dataset.releasePixels();
+  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;
+  return {
+    dataset, model, latents, decoder, tokenizer: await ClipTokenizer.load(),
+    modelHash: await modelHash(spec.model), modelName: basename(spec.model, extname(spec.model)),
+  };
+}
+
+/** The training images as the job's options describe them (no model needed). */
+export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void): Promise<Dataset> {
+  return Dataset.load({
+    dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
+    template: await loadTemplate(spec.template ?? 'none'), // methods whose prompts are not templated (LoRA, fine-tune) shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
+    latentSampling: spec.latentSampling, batchSize: spec.batchSize, gradAccum: spec.gradAccum, seed: spec.seed,
+    useWeight: spec.useWeight, filenameWordRegex: spec.filenameWordRegex, filenameJoinString: spec.filenameJoinString, onWarning,
+  });
+}
+
+/** `--dry-run`: the dataset report (images used and skipped, sizes, captions, prompts, steps per epoch). */
+export async function datasetDryRun(spec: CommonSpec): Promise<string> {
+  return formatDatasetReport(datasetReport(await loadDataset(spec, () => {})));
+}
+
+/** The micro-batch for update `step` (1-based): cached latents, seeded noise and timesteps, prompts. */
+export function diffusionBatch(run: PreparedRun, spec: CommonSpec, step: number, micro: number, embeddings: Map<string, number>): DiffusionBatch & { prompts: TokenizedPrompt[] } {
+  const b = run.dataset.batchAt(step - 1, micro);
+  const latents = run.latents.latents(b.items, step, micro);
+  const rng = Rng.derive(spec.seed, 'timesteps', step, micro);
+  const timesteps = b.items.map(() => rng.int(run.model.schedule.timesteps));
+  const padding = paddingFor(run.model.family);
+  return {
+    latents, timesteps, noise: seededNoise(latents.shape, spec.seed, 'noise', step, micro),
+    prompts: b.prompts.map((p) => tokenizeWithEmbeddings(run.tokenizer, p, embeddings, padding)),
+  };
+}
+
+/** Render a preview PNG of the current weights: `splices` for TI vectors, `hooks` for hypernetworks. */
+export async function renderPreview(
+  run: PreparedRun, spec: CommonSpec, path: string, prompt: TokenizedPrompt,
+  conditioning: { splices?: (batchRow: number) => TextSplice[]; hooks?: UNetHooks },
+): Promise<string> {
+  const { text, unet, schedule, prediction, family } = run.model;
+  const context = encodeText(text.params, text.cfg, [prompt.ids], { splices: conditioning.splices?.(0) });
+  const uncond = encodeText(text.params, text.cfg, [run.tokenizer.encode('', paddingFor(family))]);
+  const denoise = (latents: Tensor, t: number, ctx: Tensor) =>
+    unetForward(unet.params, unet.cfg, latents, new Array(latents.shape[0]).fill(t), ctx, { hooks: conditioning.hooks });
+  const image = await sampleImage(
+    { denoise, schedule, vae: run.decoder!, context, uncondContext: uncond },
+    { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
+  );
+  tf.dispose([context, uncond]);
+  await mkdir(join(path, '..'), { recursive: true });
+  const infotext = `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Sampler: ${spec.previewSampler}, CFG scale: ${spec.previewCfgScale}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}, Model: ${run.modelName}`;
+  await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
+  return path;
+}
+
+/** The job's settings beside its snapshots (webui save_settings_to_file). */
+export async function saveSettings(paths: RunPaths, spec: object, extra: object): Promise<void> {
+  await mkdir(paths.runDir, { recursive: true });
+  await writeFile(join(paths.runDir, 'settings.json'), JSON.stringify({ ...spec, ...extra }, null, 2));
+}
+
+/** The preview prompt: the spec's, or the first dataset prompt (the webui's "use prompt from dataset"). */
+export function previewPromptText(run: PreparedRun, spec: CommonSpec): string {
+  return spec.previewPrompt || run.dataset.batchAt(0, 0).prompts[0]!;
+}
+
+/**
+ * Where a resume starts: the output if it exists, else the newest `<name>-<step>.pt` snapshot a
+ * killed run left in `paths.snapshots`; undefined when there is neither.
+ */
+export async function resumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
+  if (existsSync(paths.output)) return paths.output;
+  if (!existsSync(paths.snapshots)) return undefined;
+  const prefix = `${name}-`;
+  const steps = (await readdir(paths.snapshots))
+    .filter((f) => f.startsWith(prefix) && f.endsWith('.pt'))
+    .map((f) => f.slice(prefix.length, -'.pt'.length))
+    .filter((s) => /^\d+$/.test(s))
+    .map(Number);
+  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.pt`) : undefined;
+}
+
+export function releaseRun(run: PreparedRun): void {
+  run.latents.dispose();
+  releaseTextCache(run.model.text.params);
+  disposeParams(run.model.text.params);
+  disposeParams(run.model.unet.params);
+  if (run.decoder) disposeParams(run.decoder.params);
+}
+
+/**
+ * The part of a run every method shares once its state exists: schedules, the started event,
+ * settings, the loop, and the final save. A run cancelled before its first step (Ctrl-C while
+ * loading) trained nothing and writes nothing.
+ */
+export async function trainAndSave<B>(
+  run: PreparedRun, spec: CommonSpec, paths: RunPaths, method: TrainMethod<B>,
+  state: { step: number; optimizer: Optimizer }, backend: string, settings: object, ctx: JobContext,
+): Promise<{ step: number; outputs: string[]; cancelled: boolean }> {
+  const lr = parseLrSchedule(spec.lr, spec.steps, state.step);
+  const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, state.step, 'clip value');
+  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: state.step, backend });
+  await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length, ...settings });
+  ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
+  const result = await trainLoop(method, {
+    startStep: state.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
+    clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer,
+    saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
+  }, ctx);
+  const outputs = result.cancelled && result.step === state.step ? [] : await method.save(result.step, true);
+  return { step: result.step, outputs, cancelled: result.cancelled };
+}
+
