@@ -24,7 +24,11 @@ after(async () => {
 });
 
 function opts(extra: Partial<DatasetOptions> = {}): DatasetOptions {
-  return { dir: IMAGES, width: 64, height: 64, name: 'tok', template: subjectFw, seed: 1234, onWarning: () => {}, ...extra };
+  return {
+    dir: IMAGES, width: 64, height: 64, name: 'tok', template: subjectFw, seed: 1234, onWarning: () => {}, batchSize: 1, gradAccum: 1,
+    shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, latentSampling: 'once', filenameWordRegex: '', filenameJoinString: ' ',
+    ...extra,
+  };
 }
 
 test('every image in the folder is decoded and resized; captions from .txt or the file name', async () => {

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -136,6 +136,30 @@ test('--dry-run prints the dataset report and never opens the model (a FIFO woul
   assert.match(exit.stdout, /5 step\(s\) per epoch/);
   assert.match(exit.stdout, /example prompts:\n {2}.+\n {2}.+\n {2}.+/);
   assert.deepEqual(readdirSync(dir), ['model.safetensors']);
+});
+
+test('--dry-run --shuffle-tags --tag-drop-out 0.5: the example prompts have their tags shuffled and dropped', async () => {
+  const dir = await tmp();
+  const images = join(dir, 'tagged');
+  mkdirSync(images);
+  const tags = ['t0', 't1', 't2', 't3', 't4', 't5', 't6', 't7'];
+  for (const k of [1, 2, 3]) {
+    copyFileSync(join(IMAGES, '01-orange cat sitting.png'), join(images, `${k}.png`));
+    writeFileSync(join(images, `${k}.txt`), tags.join(','));
+  }
+  const run = (extra: string[]) => cli(['train', 'ti', '--dry-run', '--model', MODEL, '--images', images, '--name', 'dry', '--width', '64', '--height', '64',
+    '--template', 'subject_filewords', '--embeddings-dir', join(dir, 'emb'), '--log-dir', join(dir, 'log'), ...extra], 30_000).exit;
+  const prompts = (stdout: string) => stdout.split('example prompts:\n')[1]!.trim().split('\n').map((l) => l.trim().split(', ').slice(1).join(', ').split(','));
+  const plain = await run([]);
+  assert.equal(plain.code, 0, plain.stderr);
+  assert.deepEqual(prompts(plain.stdout), [tags, tags, tags]);
+  const shuffled = await run(['--shuffle-tags', '--tag-drop-out', '0.5']);
+  assert.equal(shuffled.code, 0, shuffled.stderr);
+  const got = prompts(shuffled.stdout);
+  assert.equal(got.length, 3, shuffled.stdout);
+  assert.ok(got.some((p) => p.length < tags.length), `no tag dropped:\n${shuffled.stdout}`);
+  assert.ok(got.some((p) => p.join() !== [...p].sort().join()), `no tags shuffled:\n${shuffled.stdout}`);
+  assert.ok(got.every((p) => p.every((t) => tags.includes(t))), shuffled.stdout);
 });
 
 test('a bad flag exits 1 with a field-named message and writes nothing', async () => {

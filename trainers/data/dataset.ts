@@ -19,7 +19,9 @@
  *
  * Example:
  *   const ds = await Dataset.load({ dir, width: 512, height: 512, name: 'pallas_cat',
- *     template: await loadTemplate('subject_filewords'), seed: 1234, batchSize: 2 });
+ *     template: await loadTemplate('subject_filewords'), seed: 1234, batchSize: 2, gradAccum: 1,
+ *     shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, latentSampling: 'once',
+ *     filenameWordRegex: '', filenameJoinString: ' ' });
  *   console.log(formatDatasetReport(datasetReport(ds)));
  *   const { items, prompts } = ds.batchAt(step, 0);
  */
@@ -38,24 +40,25 @@ export interface DatasetOptions {
   width: number;
   height: number;
   /** Keep each image's size (cropped to a multiple of `sizeMultiple`); batches are size-bucketed. */
-  doNotResize?: boolean;
+  doNotResize: boolean;
   sizeMultiple?: number;
   /** Keep alpha for loss weighting (webui use_weight). */
-  useWeight?: boolean;
+  useWeight: boolean;
   /** What [name] becomes: the embedding's (or hypernetwork's) name. */
   name: string;
   template: Template;
-  shuffleTags?: boolean;
-  tagDropOut?: number;
+  // Required, not defaulted: an option a trainer forgets to pass would otherwise be silently off.
+  shuffleTags: boolean;
+  tagDropOut: number;
   /** Stored for the trainer, which does the VAE encode. */
-  latentSampling?: LatentSampling;
-  batchSize?: number;
-  gradAccum?: number;
+  latentSampling: LatentSampling;
+  batchSize: number;
+  gradAccum: number;
   seed: number;
   /** webui option dataset_filename_word_regex ('' = off). */
-  filenameWordRegex?: string;
+  filenameWordRegex: string;
   /** webui option dataset_filename_join_string (default ' '). */
-  filenameJoinString?: string;
+  filenameJoinString: string;
   /** Called for each skipped file and each adjusted setting (default: console.warn). */
   onWarning?: (message: string) => void;
 }
@@ -163,10 +166,10 @@ export class Dataset {
     this.items = items;
     this.skipped = skipped;
     this.warnings = warnings;
-    this.latentSampling = options.latentSampling ?? 'once';
+    this.latentSampling = options.latentSampling;
     const n = items.length;
-    const wantBatch = options.batchSize ?? 1;
-    const wantAccum = options.gradAccum ?? 1;
+    const wantBatch = options.batchSize;
+    const wantAccum = options.gradAccum;
     this.batchSize = Math.min(wantBatch, n);
     this.gradAccum = Math.max(1, Math.min(wantAccum, Math.floor(n / this.batchSize)));
     if (this.batchSize < wantBatch) warnings.push(`batch size ${wantBatch} is more than the ${n} images: using ${this.batchSize}`);
@@ -212,7 +215,7 @@ export class Dataset {
   }
 
   private static promptsChange(o: DatasetOptions): boolean {
-    return (o.tagDropOut ?? 0) !== 0 || o.shuffleTags === true;
+    return o.tagDropOut !== 0 || o.shuffleTags;
   }
 
   /** The prompt for `item` at its `position`-th use in `epoch` (fixed when prompts do not change). */

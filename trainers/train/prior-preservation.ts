@@ -111,6 +111,8 @@ const fixedTemplate = (prompt: string): Template => ({ name: 'prompt', path: '',
 export async function loadPromptSet(spec: PriorSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext): Promise<Dataset> {
   return Dataset.load({
     dir, width: spec.width, height: spec.height, name: spec.name, template: fixedTemplate(prompt), latentSampling: spec.latentSampling,
+    // one fixed prompt per image: class and instance prompts are not tag lists
+    shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '', filenameJoinString: ' ',
     batchSize, gradAccum: spec.gradAccum, seed: spec.seed, onWarning: (message) => ctx.emit({ type: 'log', level: 'warn', message }),
   });
 }

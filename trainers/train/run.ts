@@ -125,7 +125,8 @@ export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string
 export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void): Promise<Dataset> {
   return Dataset.load({
     dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
-    template: await loadTemplate(spec.template ?? 'none'), // methods whose prompts are not templated (LoRA, fine-tune) shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
+    template: await loadTemplate(spec.template ?? 'none'), // methods whose prompts are not templated (LoRA, fine-tune)
+    shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
     latentSampling: spec.latentSampling, batchSize: spec.batchSize, gradAccum: spec.gradAccum, seed: spec.seed,
     useWeight: spec.useWeight, filenameWordRegex: spec.filenameWordRegex, filenameJoinString: spec.filenameJoinString, onWarning,
   });
