@@ -176,3 +176,21 @@ test('dreambooth --lora is estimated as the LoRA it trains, prior rows and optim
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('fusedBackward: the UNet gradient buffer becomes one block\'s, checkpointing turns on, checkpointing off is refused', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-est-'));
+  try {
+    const job = { model: sparseSd15(dir), width: 512, height: 512, instancePrompt: 'sks', optimizer: 'adafactor' };
+    const [plain, fused] = await Promise.all([false, true].map((f) => estimateJob('dreambooth', { ...job, gradientCheckpointing: 'on', fusedBackward: f }, { backend: 'cpu-native' })));
+    const unetParams = 859_520_964;
+    const saved = plain!.breakdown.weightBytes.trainable - fused!.breakdown.weightBytes.trainable;
+    // the whole UNet's float32 gradients less the largest block's (SD1.5: output_blocks.3–5, ~100 M values)
+    assert.ok(saved > 0.8 * 4 * unetParams && saved < 4 * unetParams, `saved ${saved}`);
+    assert.ok(fused!.notes.some((n) => /fused backward/.test(n)));
+    const auto = await estimateJob('dreambooth', { ...job, fusedBackward: true }, { backend: 'cpu-native', memoryBudget: 1e15 });
+    assert.equal(auto.memory.checkpointing, true);
+    await assert.rejects(estimateJob('dreambooth', { ...job, gradientCheckpointing: 'off', fusedBackward: true }), /fusedBackward needs gradient checkpointing/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

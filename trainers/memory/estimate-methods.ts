@@ -27,6 +27,12 @@ export interface MethodPlan {
   decoderAtPrep: boolean;
   /** Parts the method's loader keeps in float16 under halfFrozenWeights (run-common.ts prepareRun). */
   frozen: { text: boolean; unet: boolean };
+  /**
+   * fusedBackward: the UNet's gradients are applied and freed block by block, so only the
+   * largest block's exist at once (estimate.ts adds them); `bytesPerTrainable` then leaves the
+   * UNet's gradient out (the text encoder's, on the tape, still arrive together).
+   */
+  fusedUnetGradients: boolean;
 }
 
 const F32 = 4;
@@ -66,7 +72,7 @@ function loraSizes(shapes: Shapes, kinds: string[], rank: number): { params: num
 /** The plan of a job of `type` (a method name of trainers/methods/index.ts) with `spec`. */
 export function methodPlan(type: string, spec: Record<string, unknown>, shapes: Shapes, textWidth: number): MethodPlan {
   const size = { width: num(spec.width, 512), height: num(spec.height, 512) };
-  const base = { ...size, batchRows: num(spec.batchSize, 1), mergedWeightBytes: 0, decoderAtPrep: false, ownValueBytes: F32, unetWeightsTrain: false };
+  const base = { ...size, batchRows: num(spec.batchSize, 1), mergedWeightBytes: 0, decoderAtPrep: false, ownValueBytes: F32, unetWeightsTrain: false, fusedUnetGradients: false };
   const adamw = F32 + OPTIMIZER_BYTES.adamw!;
   const chosen = F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!);
   const trainTe = spec.trainTextEncoder === true;
@@ -90,10 +96,12 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       const text = trainTe ? count(shapes, (k) => k.startsWith('cond_stage_model.')) : 0;
       const ema = type === 'finetune' && spec.ema === true ? F32 : 0;
       const side = type === 'finetune' ? num(spec.resolution, 512) : undefined;
+      const fused = spec.fusedBackward === true;
       return {
         ...base, ...(side ? { width: side, height: side } : {}),
-        trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe,
-        bytesPerTrainable: chosen + ema,
+        trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe, fusedUnetGradients: fused,
+        // the UNet's share of the gradient bytes leaves the per-parameter cost when fused (estimate.ts adds one block's)
+        bytesPerTrainable: chosen + ema - (fused ? (F32 * unet) / Math.max(1, unet + text) : 0),
         batchRows: base.batchRows * (type === 'dreambooth' && priorPreservation(spec) ? 2 : 1),
         decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: false, unet: false }, // their loaders keep float32
       };

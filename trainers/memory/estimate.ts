@@ -279,7 +279,8 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
     unet: half && plan.frozen.unet ? unetF32 / 2 + upcastUnet : unetF32,
     vaeEncoder: paramBytes(shapes, ['first_stage_model.encoder.', 'first_stage_model.quant_conv.']),
     vaeDecoder: num(spec.previewEvery ?? spec.sampleEvery, job.type === 'finetune' ? 0 : 500) > 0 ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0,
-    trainable: plan.trainableParams * (plan.bytesPerTrainable + plan.ownValueBytes),
+    // fused backward: the gradients of the block whose recompute just ended (at most the largest block's)
+    trainable: plan.trainableParams * (plan.bytesPerTrainable + plan.ownValueBytes) + (plan.fusedUnetGradients ? Math.max(...job.blocks.map((b) => b.weightBytes)) : 0),
   };
   const vaeCh = shapes.get('first_stage_model.encoder.conv_in.weight')?.[0] ?? 128;
   const vaeEncodeBytes = CAL.vaeEncodeElementsPerPixel * width * height * vaeCh * F32;
@@ -317,6 +318,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
   notes.push(half && (plan.frozen.unet || plan.frozen.text) ? 'frozen weights held in float16, upcast per layer' : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
   notes.push(`${describeMemory(memory)}`);
+  if (plan.fusedUnetGradients) notes.push('fused backward: each UNet block\'s gradients applied and freed as its recompute ends (no whole-model gradient buffer)');
   return {
     peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,
     breakdown: {

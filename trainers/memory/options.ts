@@ -11,6 +11,8 @@ export interface MemorySpec {
   gradientCheckpointing: MemoryToggle;
   attentionSlicing: MemoryToggle;
   halfFrozenWeights: boolean;
+  /** Each gradient applied and freed as the backward pass completes it (train/loop.ts); needs every block checkpointed. */
+  fusedBackward?: boolean;
 }
 
 /** What unetForward does; absent = everything whole (the reference path the goldens check). */
@@ -44,8 +46,10 @@ export const MEMORY_DEFAULTS: MemorySpec = { gradientCheckpointing: 'auto', atte
 export function unetMemoryFor(spec: Partial<MemorySpec>, fits: boolean): UNetMemory {
   const ckpt = spec.gradientCheckpointing ?? 'auto';
   const slicing = spec.attentionSlicing ?? 'auto';
+  // a block's weight gradients are complete when its recompute ends; without checkpointing they all arrive at the end
+  if (spec.fusedBackward === true && ckpt === 'off') throw new Error('fusedBackward needs gradient checkpointing (every UNet block is recomputed and its gradients applied at once): set gradientCheckpointing auto or on, or turn fusedBackward off');
   return {
-    checkpointing: ckpt === 'on' || (ckpt === 'auto' && (!fits || spec.halfFrozenWeights === true)),
+    checkpointing: ckpt === 'on' || (ckpt === 'auto' && (!fits || spec.halfFrozenWeights === true || spec.fusedBackward === true)),
     attentionSliceBytes: slicing === 'off' ? 0 : slicing === 'on' ? ON_SLICE_BYTES : AUTO_SLICE_BYTES,
   };
 }

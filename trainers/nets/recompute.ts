@@ -12,9 +12,20 @@
  * UNet's latents and timesteps, as for hypernetworks and LoRA) would be skipped. So every
  * checkpointed block also takes an `anchor`: 0 × one element of the smallest trainable variable.
  *
- * The one reach into TF.js internals: a gradient computation nested inside the outer backward pass
+ * Fused backward (OneTrainer's fused_back_pass; torch's register_post_accumulate_grad_hook): with
+ * `onGrad`, a variable's gradient is handed over — to the optimizer — the moment it is complete and
+ * then freed, so no buffer of every gradient exists at once. "Complete" is counted, not assumed:
+ * while the loss runs forward, every kernel's inputs are looked at, and each variable gets the
+ * number of checkpointed blocks that read it; one read outside any block (the tape's share, e.g.
+ * the time embedding, or the anchor below) makes it wait for the end. A block's recompute counts
+ * its variables down; at zero the sum is final. A variable read by several blocks (a hypernetwork
+ * module shared by every attention layer) is handed over after the last of them, so the result
+ * is exactly what the unfused step computes. The caller must not keep the tensor it is handed.
+ *
+ * The reaches into TF.js internals: a gradient computation nested inside the outer backward pass
  * replaces `engine.state.activeTape` (engine.js startTape/gradients, tfjs-core 4.22) and the outer
- * pass still needs its own at the end, so it is put back.
+ * pass still needs its own at the end, so it is put back; the fused census wraps
+ * `engine.runKernelFunc` (every op and customGrad goes through it) for the forward pass only.
  */
 import { tf, type Tensor } from '../backend/tf.ts';
 
@@ -23,6 +34,20 @@ interface Collection {
   side: Map<tf.Variable, Tensor>;
   /** A scalar 0 that depends on a trainable variable (made on the tape when the loss starts). */
   anchor?: Tensor;
+  fused?: Census;
+}
+
+/** The fused backward's bookkeeping (see the file comment). */
+interface Census {
+  onGrad: (v: tf.Variable, grad: Tensor) => void;
+  known: Set<Tensor>;
+  /** Checkpointed blocks still to run backward that read the variable. */
+  pending: Map<tf.Variable, number>;
+  /** Variables read outside every checkpointed block: their gradient is final only at the end. */
+  onTape: Set<tf.Variable>;
+  /** The variables the checkpointed block now running forward reads. */
+  block?: Set<tf.Variable>;
+  forward: boolean;
 }
 
 let collection: Collection | undefined;
@@ -39,13 +64,22 @@ export function checkpointed(fn: (...xs: Tensor[]) => Tensor, inputs: Tensor[]):
   if (!tf.engine().isTapeOn()) return fn(...inputs); // sampling, previews: nothing to recompute
   const c = collection;
   if (!c) throw new Error('gradient checkpointing: take gradients with lossAndGrads (trainers/nets/recompute.ts), not tf.variableGrads');
+  const census = c.fused;
+  if (census?.block) throw new Error('fused backward: checkpointed blocks cannot nest');
   const run = tf.customGrad((...args) => {
     const xs = args.slice(0, inputs.length) as Tensor[];
     const value = tf.tidy(() => fn(...xs));
     (args[args.length - 1] as tf.GradSaveFunc)(xs);
     return { value, gradFunc: (dy, saved) => [...recompute(fn, saved, dy as Tensor, c), tf.zeros([])] };
   });
-  return run(...inputs, c.anchor!);
+  if (!census?.forward) return run(...inputs, c.anchor!);
+  census.block = new Set();
+  try {
+    return run(...inputs, c.anchor!);
+  } finally {
+    for (const v of census.block) census.pending.set(v, (census.pending.get(v) ?? 0) + 1);
+    census.block = undefined;
+  }
 }
 
 /** 0 × the first element of the smallest variable: a scalar on the tape's path from the variables. */
@@ -57,9 +91,11 @@ function anchorOf(vars: tf.Variable[]): Tensor {
 /** The block again, under its own tape: gradients of its inputs (returned) and of the variables it read (collected). */
 function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor, c: Collection): Tensor[] {
   const state = engineState();
+  const complete: tf.Variable[] = [];
   const outerTape = state.activeTape;
+  let inputGrads: Tensor[];
   try {
-    return tf.tidy(() => {
+    inputGrads = tf.tidy(() => {
       const { grads } = tf.engine().gradients(() => fn(...saved), [...saved, ...c.vars], dy, true);
       c.vars.forEach((v, i) => {
         const g = grads[saved.length + i];
@@ -67,27 +103,85 @@ function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor,
         const prev = c.side.get(v);
         c.side.set(v, tf.keep(prev ? prev.add(g) : g));
         prev?.dispose();
+        if (c.fused) complete.push(v);
       });
       return saved.map((x, i) => grads[i] ?? tf.zerosLike(x));
     });
   } finally {
     state.activeTape = outerTape;
   }
+  if (c.fused) handOver(c, c.fused, complete);
+  return inputGrads;
+}
+
+/** Count the block's variables down; hand over (and free) those no other reader waits on. */
+function handOver(c: Collection, census: Census, seen: tf.Variable[]): void {
+  for (const v of seen) {
+    const left = (census.pending.get(v) ?? 0) - 1;
+    census.pending.set(v, left);
+    if (left !== 0 || census.onTape.has(v)) continue; // unknown readers (left < 0) wait for the end too
+    const g = c.side.get(v)!;
+    c.side.delete(v);
+    try {
+      census.onGrad(v, g);
+    } finally {
+      g.dispose();
+    }
+  }
+}
+
+interface EngineWithKernels { runKernelFunc(params: { inputs?: Record<string, unknown> }): unknown }
+
+/** Watch every kernel's inputs while `f` runs forward: which variables each checkpointed block reads. */
+function withCensus<T>(census: Census, f: () => T): T {
+  const engine = tf.engine() as unknown as EngineWithKernels;
+  const original = engine.runKernelFunc;
+  const own = Object.hasOwn(engine, 'runKernelFunc');
+  engine.runKernelFunc = function (this: EngineWithKernels, params) {
+    if (census.forward && params.inputs) {
+      for (const t of Object.values(params.inputs)) {
+        for (const x of Array.isArray(t) ? t : [t]) {
+          if (!census.known.has(x as Tensor)) continue;
+          (census.block ?? census.onTape).add(x as tf.Variable);
+        }
+      }
+    }
+    return original.call(this, params);
+  };
+  census.forward = true;
+  try {
+    return f();
+  } finally {
+    census.forward = false;
+    if (own) engine.runKernelFunc = original;
+    else delete (engine as Partial<EngineWithKernels>).runKernelFunc; // the prototype's again
+  }
 }
 
 /**
  * The value of `f` (a scalar loss) and its gradient for each trainable variable, by the caller's
  * names, summing what the tape and the checkpointed blocks found. Variables the loss does not
- * reach get no entry (as tf.variableGrads).
+ * reach get no entry (as tf.variableGrads). With `onGrad` (fused backward), the gradients that are
+ * complete inside the backward pass go to it there instead (and are freed after it returns);
+ * `grads` holds the rest.
  */
-export function lossAndGrads(f: () => tf.Scalar, trainable: Map<string, tf.Variable>): { value: tf.Scalar; grads: Record<string, Tensor> } {
+export function lossAndGrads(
+  f: () => tf.Scalar, trainable: Map<string, tf.Variable>, onGrad?: (name: string, grad: Tensor) => void,
+): { value: tf.Scalar; grads: Record<string, Tensor> } {
   if (collection) throw new Error('lossAndGrads: already taking gradients (nested calls are not supported)');
   const c: Collection = { vars: [...trainable.values()], side: new Map() };
+  if (onGrad) {
+    const names = new Map([...trainable].map(([name, v]) => [v, name]));
+    c.fused = { onGrad: (v, g) => onGrad(names.get(v)!, g), known: new Set(c.vars), pending: new Map(), onTape: new Set(), forward: false };
+  }
   collection = c;
   try {
     const loss = () => {
-      c.anchor = anchorOf(c.vars); // in the forward scope, so it lives as long as the loss's tensors
-      return f();
+      const run = () => {
+        c.anchor = anchorOf(c.vars); // in the forward scope, so it lives as long as the loss's tensors
+        return f();
+      };
+      return c.fused ? withCensus(c.fused, run) : run();
     };
     const { value, grads } = tf.engine().gradients(loss, c.vars, undefined, true);
     const out: Record<string, Tensor> = {};

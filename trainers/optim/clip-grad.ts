@@ -71,19 +71,25 @@ export function clipGradNorm(
   return { grads: out, totalNorm };
 }
 
+/**
+ * A loop's clip function. `byNorm`: it needs every gradient of the step at once (the global norm),
+ * so it cannot run per parameter inside a fused backward pass; clipping by value is per element
+ * and gives the same result on any part of the gradients.
+ */
+export type Clipper = ((grads: Map<string, Tensor>, step: number) => Map<string, Tensor>) & { byNorm?: boolean };
+
 /** A clip function for trainers/train/loop.ts: `value(step)` gives the clip value for the step (schedule). */
-export function makeClipper(
-  mode: ClipMode,
-  value: (step: number) => number,
-): ((grads: Map<string, Tensor>, step: number) => Map<string, Tensor>) | undefined {
+export function makeClipper(mode: ClipMode, value: (step: number) => number): Clipper | undefined {
   if (mode === 'disabled') return undefined;
   if (mode === 'value') return (grads, step) => clipGradValue(grads, value(step));
   if (mode === 'norm') {
-    return (grads, step) => {
+    const clip: Clipper = (grads, step) => {
       const { grads: out, totalNorm } = clipGradNorm(grads, value(step));
       totalNorm.dispose();
       return out;
     };
+    clip.byNorm = true;
+    return clip;
   }
   throw new Error(`clip mode must be one of disabled, value, norm; got '${String(mode)}'`);
 }

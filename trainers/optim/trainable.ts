@@ -80,11 +80,20 @@ export class DbOptimizer {
   }
 
   step(grads: Map<string, Tensor>, lr: number): void {
+    this.stepPart(grads, lr);
+    this.endStep();
+  }
+
+  /** Part of a step's gradients (the loop's fused backward): each group's per-parameter update, no step counted. */
+  stepPart(grads: Map<string, Tensor>, lr: number): void {
     const textGrads = new Map<string, Tensor>();
     const unetGrads = new Map<string, Tensor>();
     for (const [k, g] of grads) (this.textKeys.has(k) ? textGrads : unetGrads).set(k, g);
-    this.unet.step(unetGrads, lr);
+    if (unetGrads.size) this.unet.step(unetGrads, lr);
     if (this.text && textGrads.size && this.textActive(this.done)) this.text.step(textGrads, this.textLr?.getLr(this.done) ?? lr);
+  }
+
+  endStep(): void {
     this.done++;
   }
 

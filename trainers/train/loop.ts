@@ -35,6 +35,13 @@ export interface TrainMethod<Batch> {
 
 export interface Optimizer {
   step(grads: Map<string, Tensor>, lr: number): void;
+  /**
+   * Fused backward: part of the current step's gradients (each parameter at most once per step);
+   * `endStep` follows the last part. Without them, `step` is called per part — right for
+   * optimizers whose state is per parameter (AdamW, AdamW8bit, Adafactor).
+   */
+  stepPart?(grads: Map<string, Tensor>, lr: number): void;
+  endStep?(): void;
 }
 
 export interface LoopOptions {
@@ -45,7 +52,13 @@ export interface LoopOptions {
   /** Learn rate of the update that follows `done` completed steps (trainers/optim/lr.ts getLr). */
   learnRate(done: number): number;
   /** Gradient clipping of the accumulated gradients before update `done + 1` (trainers/optim/clip-grad.ts). */
-  clip?(grads: Map<string, Tensor>, done: number): Map<string, Tensor>;
+  clip?: ((grads: Map<string, Tensor>, done: number) => Map<string, Tensor>) & { byNorm?: boolean };
+  /**
+   * Fused backward (the job's `fusedBackward`): each parameter's gradient is clipped and applied
+   * as soon as the backward pass completes it, then freed (nets/recompute.ts). Needs gradAccum 1
+   * and a per-element clip (`clip` must not be by norm: trainLoop refuses both).
+   */
+  fused?: boolean;
   optimizer: Optimizer;
   saveEvery: number;
   previewEvery: number;
@@ -73,7 +86,31 @@ function accumulate(acc: Map<string, Tensor>, grads: Record<string, Tensor>): vo
   }
 }
 
+/** Apply a part of step `step`'s gradients (fused backward): clipped per element, then the optimizer. */
+function applyPart(opts: LoopOptions, grads: Map<string, Tensor>, step: number): void {
+  const clipped = opts.clip ? opts.clip(grads, step - 1) : grads;
+  const lr = opts.learnRate(step - 1);
+  if (opts.optimizer.stepPart) opts.optimizer.stepPart(clipped, lr);
+  else opts.optimizer.step(clipped, lr);
+  if (clipped !== grads) tf.dispose([...clipped.values()]);
+}
+
+/** One update with the fused backward: no map of every gradient exists at any time. */
+async function fusedStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
+  const batch = await method.nextBatch(step, 0);
+  const { value, grads } = lossAndGrads(() => method.loss(batch), method.trainable, (name, g) => applyPart(opts, new Map([[name, g]]), step));
+  const rest = new Map(Object.entries(grads));
+  applyPart(opts, rest, step);
+  opts.optimizer.endStep?.();
+  tf.dispose([...rest.values()]);
+  const loss = (await value.data())[0]!;
+  value.dispose();
+  method.disposeBatch?.(batch);
+  return loss;
+}
+
 async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
+  if (opts.fused) return fusedStep(method, opts, step);
   const grads = new Map<string, Tensor>();
   let lossSum = 0;
   for (let micro = 0; micro < opts.gradAccum; micro++) {
@@ -95,6 +132,10 @@ async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: numbe
  * with an error (after keeping the last good snapshot) when the loss or a variable is NaN/Inf.
  */
 export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ctx: JobContext): Promise<LoopResult> {
+  if (opts.fused && opts.gradAccum !== 1) throw new Error(`fusedBackward applies each gradient as it is computed, so it cannot sum ${opts.gradAccum} micro-batches (gradAccum): use gradAccum 1 or turn fusedBackward off`);
+  // torch's clip_grad_norm_ scales by the norm of ALL gradients, known only after the last one;
+  // clipping each parameter by its own norm would be a different method, so the pair is refused
+  if (opts.fused && opts.clip?.byNorm) throw new Error('fusedBackward cannot clip by the global gradient norm (it is known only when every gradient exists): use clipGrad value or disabled, or turn fusedBackward off');
   if (opts.csvPath) await startCsv(opts.csvPath, opts.startStep);
   const started = Date.now();
   let step = opts.startStep;

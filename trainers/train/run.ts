@@ -64,6 +64,7 @@ export interface CommonSpec {
   gradientCheckpointing?: MemoryToggle;
   attentionSlicing?: MemoryToggle;
   halfFrozenWeights?: boolean;
+  fusedBackward?: boolean;
 }
 
 export interface RunPaths {
@@ -222,7 +223,7 @@ export async function trainAndSave<B>(
   ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
   const result = await trainLoop(method, {
     startStep: state.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
-    clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer,
+    clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer, fused: spec.fusedBackward === true,
     saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
   }, ctx);
   const outputs = result.cancelled && result.step === state.step ? [] : await method.save(result.step, true);

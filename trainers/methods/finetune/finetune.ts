@@ -127,7 +127,7 @@ async function trainRun(run: FtRun, output: string, backend: string, ctx: JobCon
     if (startStep === 0) await logValidation(run, 0, ctx);
     const method = ftMethod(run, optimizer, ctx);
     const result = await trainLoop(method, {
-      startStep, steps: spec.steps, gradAccum: spec.gradAccum, learnRate: (d) => lr.getLr(d), optimizer,
+      startStep, steps: spec.steps, gradAccum: spec.gradAccum, learnRate: (d) => lr.getLr(d), optimizer, fused: spec.fusedBackward === true,
       saveEvery: spec.saveEvery, previewEvery: spec.sampleEvery, stepsPerEpoch: Math.max(1, Math.ceil(run.items.length / spec.batchSize / spec.gradAccum)),
       csvPath: join(run.runDir, 'loss.csv'),
     }, ctx);

@@ -56,6 +56,7 @@ export interface FinetuneSpec {
   sampleSteps: number;
   sampleCfgScale: number;
   seed: number;
+  fusedBackward?: boolean;
 }
 
 /** An image assigned to its bucket. */
