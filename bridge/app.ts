@@ -10,7 +10,8 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { validate } from '../schemas/index.ts';
 import { docsPage, openapi } from './openapi.ts';
 import { routes, type RouteDef, type ServerContext } from './routes.ts';
-import { securityMiddleware, type SecurityOptions } from './security.ts';
+import { originMiddleware, tokenMiddleware, type SecurityOptions } from './security.ts';
+import { jsonDepthLimit } from './json-depth.ts';
 import { RequestError } from './spec.ts';
 
 export interface AppOptions {
@@ -21,10 +22,11 @@ export interface AppOptions {
   uiDir?: string;
 }
 
+/** Deeper JSON than any job needs; a deep body would overflow the validator's stack (500). */
+const JSON_DEPTH_LIMIT = 32;
+
 const DEFAULT_UI = fileURLToPath(new URL('./ui/', import.meta.url));
 
-/** Static page + docs need no token: they carry no data, and the page asks for the token. */
-const isPublicPath = (path: string): boolean => path === '/docs' || !path.startsWith('/api/') && path !== '/openapi.json';
 
 function withoutToken(query: Record<string, unknown>): Record<string, unknown> {
   const { token: _t, ...rest } = query;
@@ -58,6 +60,8 @@ function errorHandler(err: unknown, _req: Request, res: Response, _next: NextFun
   const e = err as { type?: string; status?: number; message?: string; limit?: number };
   if (e.type === 'entity.too.large') {
     res.status(413).json({ error: `request body too large (limit ${e.limit} bytes)` });
+  } else if (e.type === 'entity.too.deep') {
+    res.status(400).json({ error: e.message });
   } else if (e.type === 'entity.parse.failed') {
     res.status(400).json({ error: `request body is not valid JSON: ${e.message}` });
   } else if (e.status && e.status >= 400 && e.status < 500) {
@@ -71,23 +75,27 @@ export function createApp(ctx: ServerContext, opts: AppOptions): express.Express
   const app = express();
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
-  app.use(securityMiddleware({ ...opts.security, publicPaths: isPublicPath }));
+  app.use(originMiddleware(opts.security));
   app.use((_req, res, next) => {
     res.setHeader('X-Content-Type-Options', 'nosniff');
     res.setHeader('Cache-Control', 'no-store');
     next();
   });
-  app.use(express.json({ limit: opts.bodyLimit ?? '256kb' }));
+  // Public: the docs page, the chart library and the training page's own files carry no data
+  // (the page asks for the token). Whatever none of these handlers answers goes on to the token
+  // check below, so a route is public only if it is one of these — however its path is spelled.
+  app.get('/docs', (_req, res) => void res.type('html').send(docsPage()));
+  app.use('/vendor/uplot', express.static(fileURLToPath(new URL('.', import.meta.resolve('uplot'))), { index: false, fallthrough: true })); // the page's loss chart
+  const uiDir = opts.uiDir ?? DEFAULT_UI;
+  if (existsSync(uiDir)) app.use(express.static(uiDir, { index: 'index.html', dotfiles: 'deny' }));
+  else app.get('/', (_req, res) => void res.redirect('/docs'));
+  app.use(tokenMiddleware(opts.security));
+  app.use(express.json({ limit: opts.bodyLimit ?? '256kb', verify: jsonDepthLimit(JSON_DEPTH_LIMIT) }));
   for (const def of routes) app[def.method](def.path, validated(def), handle(def, ctx));
   app.get('/api/events', (_req, res) => void res.status(426).json({ error: 'WebSocket only: connect with ws://' }));
   app.get('/api/jobs/:id/events', (_req, res) => void res.status(426).json({ error: 'WebSocket only: connect with ws://' }));
   app.get('/openapi.json', (_req, res) => void res.json(openapi(ctx)));
-  app.get('/docs', (_req, res) => void res.type('html').send(docsPage()));
-  app.use('/vendor/uplot', express.static(fileURLToPath(new URL('.', import.meta.resolve('uplot'))), { index: false })); // the page's loss chart
-  const uiDir = opts.uiDir ?? DEFAULT_UI;
-  if (existsSync(uiDir)) app.use(express.static(uiDir, { index: 'index.html', dotfiles: 'deny' }));
-  else app.get('/', (_req, res) => void res.redirect('/docs'));
-  app.use('/api', (req, _res, next) => next(new RequestError([{ field: '', message: `no route ${req.method} ${req.originalUrl}`, text: `no route ${req.method} ${req.originalUrl}` }], 404)));
+  app.use((req, _res, next) => next(new RequestError([{ field: '', message: `no route ${req.method} ${req.originalUrl}`, text: `no route ${req.method} ${req.originalUrl}` }], 404)));
   app.use(errorHandler);
   return app;
 }

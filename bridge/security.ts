@@ -18,8 +18,6 @@ export interface SecurityOptions {
   allowedHosts?: string[];
   /** More Origins to accept besides our own (the webui's origin is added by the server). */
   allowedOrigins?: string[];
-  /** Paths served without a token (the static page and docs; they hold no data). */
-  publicPaths?: (path: string) => boolean;
 }
 
 export type Verdict = { ok: true } | { ok: false; status: number; message: string };
@@ -88,10 +86,10 @@ export function requestToken(req: IncomingMessage, allowQuery: boolean): string 
 }
 
 /** The checks shared by HTTP requests and WebSocket upgrades. */
-export function check(req: IncomingMessage, opts: SecurityOptions, isPublic = false): Verdict {
+export function check(req: IncomingMessage, opts: SecurityOptions): Verdict {
   if (!hostAllowed(req.headers.host, opts)) return { ok: false, status: 421, message: `Host '${req.headers.host ?? ''}' is not this server's name` };
   if (!originAllowed(req.headers.origin, req.headers.host, opts)) return { ok: false, status: 403, message: `Origin '${req.headers.origin}' is not allowed` };
-  if (opts.token && !isPublic) {
+  if (opts.token) {
     const allowQuery = req.method === 'GET';
     const given = requestToken(req, allowQuery);
     if (given === undefined) return { ok: false, status: 401, message: 'a token is required: Authorization: Bearer <SIDETRAIN_TOKEN>' };
@@ -100,10 +98,27 @@ export function check(req: IncomingMessage, opts: SecurityOptions, isPublic = fa
   return { ok: true };
 }
 
-export function securityMiddleware(opts: SecurityOptions) {
+/**
+ * Host and Origin, for every request (the public page too: a rebinding page must not even read it).
+ * The token is a separate middleware so the app can mount it after the few public handlers.
+ */
+export function originMiddleware(opts: SecurityOptions) {
   return (req: Request, res: Response, next: NextFunction): void => {
-    const isPublic = req.method === 'GET' && (opts.publicPaths?.(req.path) ?? false);
-    const v = check(req, opts, isPublic);
+    const v = check(req, { ...opts, token: undefined });
+    if (v.ok) return next();
+    res.status(v.status).json({ error: v.message });
+  };
+}
+
+/**
+ * The token, for whatever reaches it. The app mounts it after the public handlers (docs, the
+ * page's static files), so what is public is decided by the handler the router actually ran —
+ * never by comparing the path as a string, which Express matches case-insensitively and
+ * serve-static percent-decodes (`/API/jobs`, `/api%2Fjobs`, `//api/jobs` all reach routes).
+ */
+export function tokenMiddleware(opts: SecurityOptions) {
+  return (req: Request, res: Response, next: NextFunction): void => {
+    const v = check(req, opts);
     if (v.ok) return next();
     if (v.status === 401) res.setHeader('WWW-Authenticate', 'Bearer');
     res.status(v.status).json({ error: v.message });

@@ -7,6 +7,8 @@
  */
 import { validate, getSchema, type FieldError } from '../schemas/index.ts';
 import type { MethodEntry } from '../trainers/job.ts';
+import { compileWordRegex } from '../trainers/data/word-regex.ts';
+import { lrScheduleError } from '../trainers/optim/lr.ts';
 import { PathError, checkName, checkReadableDir, checkReadableFile, resolveOutputDir, safeJoin } from '../trainers/io/paths.ts';
 
 /** Where outputs of each kind go, plus the log root for snapshots/previews/loss CSVs. */
@@ -32,7 +34,7 @@ export function fieldError(field: string, message: string): FieldError {
   return { field, message, text: `${field || '/'} ${message}` };
 }
 
-type Role = 'name' | 'dataset' | 'model' | { output: (keyof Folders)[] } | undefined;
+type Role = 'name' | 'dataset' | 'model' | 'regex' | 'schedule' | { output: (keyof Folders)[] } | undefined;
 
 const OUTPUT_FIELDS: Record<string, keyof Folders> = {
   embeddingsDir: 'embeddings',
@@ -48,8 +50,11 @@ const OUTPUT_FIELDS: Record<string, keyof Folders> = {
 
 /**
  * What a spec field is. `x-sidetrain` on the property wins: 'name' | 'dataset' | 'model' |
- * 'output:<folder>' | 'none'. Otherwise: `name`; `*images`/`dataset*` folders; `model`/`vae`/
- * `*Model` files; known `*Dir` output folders; any other `*Dir` may be any output folder.
+ * 'regex' | 'schedule' | 'output:<folder>' | 'none'. Otherwise: `name`; `*images`/`dataset*`
+ * folders; `model`/`vae`/`*Model` files; `*Regex` (a user regex, compiled for RE2 now rather than
+ * failing in the worker); a `$ref` to common.json's lrSchedule (parsed now: `1e400` passes the
+ * pattern but is no finite rate); known `*Dir` output folders; any other `*Dir` may be any
+ * output folder.
  */
 export function roleOf(key: string, prop: Record<string, unknown> | undefined): Role {
   const tag = prop?.['x-sidetrain'];
@@ -59,6 +64,8 @@ export function roleOf(key: string, prop: Record<string, unknown> | undefined): 
     return tag as Role;
   }
   if (key === 'name') return 'name';
+  if (/Regex$/.test(key)) return 'regex';
+  if (typeof prop?.$ref === 'string' && prop.$ref.endsWith('#/definitions/lrSchedule')) return 'schedule';
   if (/(^images|Images|^dataset|Dataset)(Dir)?$/.test(key)) return 'dataset';
   if (/^(model|vae)$|Model$/.test(key)) return 'model';
   if (key in OUTPUT_FIELDS) return { output: [OUTPUT_FIELDS[key]!] };
@@ -80,9 +87,16 @@ async function checkField(spec: Record<string, unknown>, key: string, role: Role
     if (role === 'name') spec[key] = checkName(value, field);
     else if (role === 'dataset') spec[key] = await checkReadableDir(value, field);
     else if (role === 'model') spec[key] = await checkReadableFile(value, field, [folders.checkpoints]);
+    else if (role === 'regex') {
+      if (value) compileWordRegex(value);
+    } else if (role === 'schedule') {
+      const why = lrScheduleError(value, key);
+      if (why) return fieldError(field, why);
+    }
     else spec[key] = await resolveOutputDir(value, role.output.map((f) => folders[f]), field);
   } catch (err) {
     if (err instanceof PathError) return fieldError(err.field || field, err.message);
+    if (role === 'regex') return fieldError(field, (err as Error).message);
     throw err;
   }
   return undefined;
@@ -119,7 +133,8 @@ export async function prepareSpec(
   rawSpec: Record<string, unknown>,
   folders: Folders,
 ): Promise<Record<string, unknown>> {
-  const entry = methods[type];
+  // An own property only: `__proto__` or `constructor` must not find Object's and pass as a method.
+  const entry = Object.hasOwn(methods, type) ? methods[type] : undefined;
   if (!entry) throw new RequestError([fieldError('/type', `must be one of: ${Object.keys(methods).join(', ') || '(no methods registered)'}`)]);
   if (!getSchema(entry.schema)) throw new RequestError([fieldError('/type', `method '${type}' has no schema '${entry.schema}' yet`)], 501);
   const spec = structuredClone(rawSpec);

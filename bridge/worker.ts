@@ -7,8 +7,12 @@
  *          {type:'pause'} · {type:'resume'}
  * IPC out: {type:'event', event: JobEvent} · {type:'result', result} · {type:'error', message} ·
  *          {type:'pausable'} (the method called ctx.waitIfPaused: pause it between steps, not with SIGSTOP)
- * SIGTERM aborts like a cancel (the method stops after its current step and saves). A pause holds
- * the method in ctx.waitIfPaused until resume or abort.
+ * A cancel message aborts (the method stops after its current step and saves). SIGTERM is the
+ * host's "stop now" after that grace: the worker installs no handler for it, so the default action
+ * ends the process at once even mid-step or inside a long native kernel, where a JS handler would
+ * wait for the event loop (a cancel once needed 26 s and SIGKILL). A write it interrupts leaves only
+ * a temp file, which the next write into that folder removes (io/atomic.ts). A pause holds the
+ * method in ctx.waitIfPaused until resume or abort.
  */
 import { pathToFileURL } from 'node:url';
 import type { JobEvent, JobResult, MethodEntry } from '../trainers/job.ts';
@@ -98,7 +102,7 @@ async function run(msg: Extract<HostMessage, { type: 'run' }>): Promise<void> {
   const emitter = makeEmitter(msg.stepIntervalMs ?? 100);
   try {
     const mod = (await import(pathToFileURL(msg.methodsModule).href)) as { methods: Record<string, MethodEntry> };
-    const entry = mod.methods[msg.jobType];
+    const entry = Object.hasOwn(mod.methods, msg.jobType) ? mod.methods[msg.jobType] : undefined;
     if (!entry) throw new Error(`unknown job type '${msg.jobType}'`);
     const runner = await entry.load();
     const waitIfPaused = makeWaitIfPaused(emitter.emit);
@@ -125,7 +129,6 @@ process.on('message', (msg: HostMessage) => {
   else if (msg.type === 'resume') release();
   else if (msg.type === 'run' && !running) void run(msg);
 });
-process.on('SIGTERM', () => controller.abort());
 // The server went away: stop after the current step rather than train for nobody.
 process.on('disconnect', () => {
   controller.abort();

@@ -35,11 +35,13 @@ export function attachEvents(server: Server, manager: JobManager, security: Secu
     handleProtocols: (protocols) => [...protocols].find((p) => p.startsWith('bearer.')) ?? false,
   });
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    // Host, Origin and token before anything about the path: an upgrade to any path, however it
+    // is spelled, is answered 401 without the token (the same check as every HTTP route).
+    const v = check(req, security);
+    if (!v.ok) return refuse(socket, v.status, v.message);
     const path = new URL(req.url ?? '/', 'http://x').pathname;
     const m = /^\/api\/jobs\/([0-9a-f]{8,32})\/events$/.exec(path);
     if (!m && path !== '/api/events' && path !== '/ws') return refuse(socket, 404, 'no WebSocket here');
-    const v = check(req, security);
-    if (!v.ok) return refuse(socket, v.status, v.message);
     const jobId = m?.[1] ?? '*';
     if (jobId !== '*' && !manager.get(jobId)) return refuse(socket, 404, `no job '${jobId}'`);
     wss.handleUpgrade(req, socket, head, (ws) => subscribe(ws, manager, jobId));

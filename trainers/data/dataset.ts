@@ -27,6 +27,7 @@
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { basename, extname, join } from 'node:path';
+import { compileWordRegex } from './word-regex.ts';
 import { tf } from '../backend/tf.ts';
 import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
@@ -88,14 +89,18 @@ export interface Batch {
 
 const NUMBER_PREFIX = /^[-\d]+\s*/;
 
-/** The webui's file-name caption rule (used when there is no `<stem>.txt`). */
+/**
+ * The webui's file-name caption rule (used when there is no `<stem>.txt`). The word regex is the
+ * user's own, so it runs on RE2 (re2js): linear time, so `(a|a)+$` cannot hang the worker as it
+ * did on V8's backtracking engine. RE2 has no look-arounds or back-references; such a regex is
+ * refused when the job is submitted (checkWordRegex).
+ */
 export function filewordsFromFilename(file: string, wordRegex = '', joinString = ' '): string {
   const text = basename(file, extname(file)).replace(NUMBER_PREFIX, '');
   if (!wordRegex) return text;
-  const re = new RegExp(wordRegex, 'g');
-  const groups = new RegExp(`${wordRegex}|`).exec('')!.length - 1; // capture groups, like Python findall
-  if (groups > 1) throw new Error(`filename word regex '${wordRegex}' has ${groups} groups; use at most one`);
-  return [...text.matchAll(re)].map((m) => (groups === 1 ? (m[1] ?? '') : m[0])).join(joinString);
+  const re = compileWordRegex(wordRegex);
+  const groups = re.groupCount(); // capture groups, like Python findall
+  return [...re.matchAll(text)].map((m) => (groups === 1 ? (m[1] ?? '') : m[0])).join(joinString);
 }
 
 async function readCaption(path: string, opts: DatasetOptions): Promise<Pick<DatasetItem, 'caption' | 'captionSource'>> {

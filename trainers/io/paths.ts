@@ -37,6 +37,18 @@ export function checkName(name: string, field = '/name'): string {
   return clean;
 }
 
+/** Linux's NAME_MAX and PATH_MAX, in bytes: a longer path fails only when a job writes it. */
+const NAME_MAX = 255;
+const PATH_MAX = 4095;
+
+/** No NUL bytes, no component over NAME_MAX bytes, the whole under PATH_MAX. */
+export function checkPathText(value: string, field: string): void {
+  if (value.includes('\0')) throw new PathError(field, 'contains a NUL byte');
+  if (Buffer.byteLength(value) > PATH_MAX) throw new PathError(field, `is ${Buffer.byteLength(value)} bytes long; a path may have at most ${PATH_MAX}`);
+  const long = value.split(/[\\/]/).find((part) => Buffer.byteLength(part) > NAME_MAX);
+  if (long !== undefined) throw new PathError(field, `has a folder or file name of ${Buffer.byteLength(long)} bytes ('${long.slice(0, 24)}…'); the file system allows at most ${NAME_MAX}`);
+}
+
 function isInside(root: string, target: string): boolean {
   const rel = relative(root, target);
   return rel === '' || (!rel.startsWith(`..${sep}`) && rel !== '..' && !isAbsolute(rel));
@@ -94,7 +106,7 @@ export async function safeJoin(root: string, ...parts: string[]): Promise<string
  * inside one of `roots` (after symlinks). Returns the absolute path.
  */
 export async function resolveOutputDir(value: string, roots: string[], field: string): Promise<string> {
-  if (value.includes('\0')) throw new PathError(field, 'contains a NUL byte');
+  checkPathText(value, field);
   const candidates = isAbsolute(value) ? roots.filter((r) => isInside(resolve(r), resolve(value))) : roots.slice(0, 1);
   for (const root of candidates) {
     try {
@@ -108,7 +120,7 @@ export async function resolveOutputDir(value: string, roots: string[], field: st
 
 /** A dataset path must be a folder we can list and read. Returns the absolute path. */
 export async function checkReadableDir(value: string, field: string): Promise<string> {
-  if (value.includes('\0')) throw new PathError(field, 'contains a NUL byte');
+  checkPathText(value, field);
   const p = resolve(value);
   try {
     if (!(await stat(p)).isDirectory()) throw new PathError(field, `'${value}' is not a folder`);
@@ -123,7 +135,7 @@ export async function checkReadableDir(value: string, field: string): Promise<st
 
 /** A model file must exist and be a regular readable file (not a folder, device or fifo). */
 export async function checkReadableFile(value: string, field: string, searchDirs: string[] = []): Promise<string> {
-  if (value.includes('\0')) throw new PathError(field, 'contains a NUL byte');
+  checkPathText(value, field);
   const candidates = isAbsolute(value) ? [value] : [resolve(value), ...searchDirs.map((d) => resolve(d, value))];
   for (const p of candidates) {
     try {

@@ -23,7 +23,8 @@ const ALLOWED: Readonly<Record<string, readonly string[]>> = Object.freeze({
 });
 
 export function isAllowedGlobal(module: string, name: string): boolean {
-  return ALLOWED[module]?.includes(name) ?? false;
+  // An own property only: `__proto__` or `constructor` as a module name must not reach Object's.
+  return Object.hasOwn(ALLOWED, module) && ALLOWED[module]!.includes(name);
 }
 
 export interface UnpickleOptions {
