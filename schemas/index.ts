@@ -48,7 +48,7 @@ export const PATTERN_INPUT_LIMIT = 4096;
  * lr schedule pattern took 246 s on V8's engine).
  */
 function linearRegExp() {
-  const engine = (pattern: string): { test(s: string): boolean } => {
+  const engine = (pattern: string): { test(s: string): boolean; toString(): string } => {
     const re = RE2JS.compile(pattern);
     // toString is Ajv's cache key for a compiled pattern: it must differ per pattern.
     return { test: (s: string) => s.length <= PATTERN_INPUT_LIMIT && re.test(s), toString: () => `re2:${pattern}` };

@@ -32,7 +32,9 @@ export async function openSafetensors(path: string): Promise<SafetensorsFile> {
     const lenBuf = new Uint8Array(8);
     await readFully(fh, lenBuf, 0, path);
     const headerLen = Number(Buffer.from(lenBuf).readBigUInt64LE(0));
-    if (headerLen > size - 8) throw new Error(`${path}: header length ${headerLen} runs past the end of the file (${size} bytes): truncated or not safetensors`);
+    // The length is the file's first 8 bytes: name it only when it is plausible, so a message
+    // never echoes the start of whatever file a request pointed at.
+    if (headerLen > size - 8) throw new Error(`${path}: its first 8 bytes are not a header length that fits the file (${size} bytes): truncated or not safetensors`);
     if (headerLen > MAX_HEADER_BYTES) throw new Error(`${path}: header length ${headerLen} exceeds ${MAX_HEADER_BYTES} bytes`);
     const headerBuf = new Uint8Array(headerLen);
     await readFully(fh, headerBuf, 8, path);
@@ -49,7 +51,9 @@ function parseHeader(path: string, text: string, dataLen: number): { entries: Ma
   try {
     header = JSON.parse(text);
   } catch (err) {
-    throw new Error(`${path}: header is not valid JSON (${(err as Error).message}): not a safetensors file or corrupted`);
+    // V8's message quotes the text around the error; say only where it is.
+    const at = /position (\d+)/.exec((err as Error).message)?.[1];
+    throw new Error(`${path}: header is not valid JSON${at ? ` (at byte ${at})` : ''}: not a safetensors file or corrupted`);
   }
   if (typeof header !== 'object' || header === null || Array.isArray(header)) throw new Error(`${path}: header is not a JSON object`);
   const dup = findDuplicateKey(text);

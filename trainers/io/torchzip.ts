@@ -81,7 +81,7 @@ async function checkMagic(fh: FileHandle, path: string, size: number): Promise<v
   if (LEGACY_MAGIC.every((b, i) => head[i] === b)) {
     throw new Error(`${path}: legacy (pre-1.6, non-zip) torch file; it is not supported — re-save it with a newer torch or convert it to .safetensors`);
   }
-  throw new Error(`${path}: not a torch zip file (starts with ${Buffer.from(head).toString('hex')})`);
+  throw new Error(`${path}: not a torch zip file (it does not start with the zip signature 'PK')`);
 }
 
 function listMembers(path: string): Promise<Member[]> {
