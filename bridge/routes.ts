@@ -11,6 +11,7 @@ import { getSchema, type JobRecord } from '../schemas/index.ts';
 import type { JobManager } from './jobs.ts';
 import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
 import type { WebuiClient } from './webui.ts';
+import { webgpuStatus } from '../trainers/backend/webgpu/adapter.ts';
 import { listEmbeddings, listHypernetworks, listLoras, listModels } from './listings.ts';
 
 export interface ServerContext {
@@ -68,7 +69,7 @@ export const routes: RouteDef[] = [
     method: 'get', path: '/api/health', tag: 'server', summary: 'Health, version, TF.js backend, queue and webui status', response: S('Health'),
     handler: async (_req, _res, ctx) => ({
       ok: true, name: 'sidetrain', version: ctx.version, node: process.version, backend: ctx.manager.backend,
-      methods: Object.keys(ctx.manager.methods), queue: ctx.manager.counts(),
+      webgpu: await webgpuStatus(), methods: Object.keys(ctx.manager.methods), queue: ctx.manager.counts(),
       webui: { url: ctx.webui.url ?? null, up: await ctx.webui.up() }, folders: { ...(await ctx.folders()) },
     }),
   },

@@ -153,11 +153,11 @@ test('v-prediction detection (webui is_using_v_parameterization_for_sd2)', async
   for (const dir of FIXTURES) {
     const { params, cfg } = await fixtureUnet(dir);
     const g = JSON.parse(readFileSync(`${dir}/golden.json`, 'utf8')) as { unet: { prediction: string } };
-    assert.equal(detectVPrediction(params, cfg), g.unet.prediction === 'v', dir);
+    assert.equal(await detectVPrediction(params, cfg), g.unet.prediction === 'v', dir);
     // an output pushed far below x (mean(out − x) < −1) is what the webui reads as v
     const bias = `${cfg.prefix}out.2.bias`;
     const shifted: Params = new Map(params).set(bias, tf.fill([cfg.outChannels], -3));
-    assert.equal(detectVPrediction(shifted, cfg), true, dir);
+    assert.equal(await detectVPrediction(shifted, cfg), true, dir);
     shifted.get(bias)!.dispose();
     disposeParams(params);
   }

@@ -12,7 +12,7 @@ export function registerGolden(program: Command): void {
       const { initBackend } = await import('../../trainers/backend/index.ts');
       const { runGolden } = await import('../../trainers/golden.ts');
       const backend = await initBackend(opts.backend);
-      console.log(`backend: ${backend.name}${opts.lowMemory ? ' (gradient checkpointing, attention slices of one row)' : ''}`);
+      console.log(`backend: ${backend.name}${backend.adapter ? ` on ${backend.adapter}` : ''}${opts.lowMemory ? ' (gradient checkpointing, attention slices of one row)' : ''}`);
       // 1 byte per slice: every attention runs one query row at a time, the most slices there can be
       const memory = opts.lowMemory ? { checkpointing: true, attentionSliceBytes: 1 } : undefined;
       let failed = 0;

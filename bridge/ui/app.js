@@ -149,6 +149,8 @@ function buildForms(methods, components, models) {
 function showHealth(h) {
   const webui = h.webui?.url ? `webui ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : 'no webui configured';
   $('.health').textContent = `v${h.version} · backend ${h.backend ?? '(first job decides)'} · ${webui}`;
+  // the GPU adapter (vendor, architecture, limits) or why webgpu is skipped, on hover
+  if (h.webgpu) $('.health').title = `webgpu: ${h.webgpu}`;
 }
 
 async function main() {

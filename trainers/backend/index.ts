@@ -1,6 +1,6 @@
 /**
  * @file Backend selection: picks the best TF.js backend present and says which —
- * tfjs-node-gpu → tfjs-node → CPU + sidetrain's native kernels → WASM → pure-JS CPU — and
+ * tfjs-node-gpu → WebGPU (./webgpu) → tfjs-node → CPU + sidetrain's native kernels → WASM → pure-JS CPU — and
  * registers sidetrain's own kernels on it (./native, ./wasm). Re-exports ./tf.ts so that a caller
  * that starts TF.js imports one module.
  */
@@ -11,13 +11,18 @@ export * from './tf.ts';
 
 const require = createRequire(import.meta.url);
 
-type Loader = () => Promise<void>;
+/** Each returns the adapter line where there is one; `forced`: the user named this backend. */
+type Loader = (forced: boolean) => Promise<string | void>;
 
 /** Loaders per backend; each throws with a one-line reason when it is not available. */
 const loaders: Record<BackendName, Loader> = {
   'tensorflow-gpu': async () => {
     require('@tensorflow/tfjs-node-gpu');
     await setOrThrow('tensorflow');
+  },
+  webgpu: async (forced) => {
+    const webgpu = await import('./webgpu/index.ts');
+    return webgpu.describeAdapter(await webgpu.loadWebgpu(forced));
   },
   tensorflow: async () => {
     require('@tensorflow/tfjs-node');
@@ -63,14 +68,14 @@ export async function initBackend(preferred?: string): Promise<BackendChoice> {
     if (!(BACKEND_ORDER as readonly string[]).includes(wanted)) {
       throw new Error(`backend: unknown '${wanted}', expected one of ${BACKEND_ORDER.join(', ')}`);
     }
-    await loaders[wanted as BackendName]();
-    return recordBackend({ name: wanted as BackendName, skipped: [] });
+    const adapter = await loaders[wanted as BackendName](true);
+    return recordBackend({ name: wanted as BackendName, skipped: [], ...(adapter ? { adapter } : {}) });
   }
   const skipped: string[] = [];
   for (const name of BACKEND_ORDER) {
     try {
-      await loaders[name]();
-      return recordBackend({ name, skipped });
+      const adapter = await loaders[name](false);
+      return recordBackend({ name, skipped, ...(adapter ? { adapter } : {}) });
     } catch (err) {
       skipped.push(`${name}: ${firstLine(err)}`);
     }

@@ -30,14 +30,26 @@ for (const kernelName of ['Greater', 'Less', 'LessEqual', 'Equal', 'NotEqual']) 
   }
 }
 
-/** Backend names in the order they are preferred. */
-export const BACKEND_ORDER = ['tensorflow-gpu', 'tensorflow', 'cpu-native', 'wasm', 'cpu'] as const;
+/**
+ * Backend names in the order they are preferred. 'webgpu' (Dawn: Vulkan/Metal/D3D12) comes after
+ * tfjs-node-gpu (CUDA, where a user managed to install it) and before every CPU path; it is taken
+ * only with a hardware adapter unless forced.
+ */
+export const BACKEND_ORDER = ['tensorflow-gpu', 'webgpu', 'tensorflow', 'cpu-native', 'wasm', 'cpu'] as const;
 export type BackendName = (typeof BACKEND_ORDER)[number];
 
 export interface BackendChoice {
   name: BackendName;
   /** Why the better ones were not used (one line each), for `health` and logs. */
   skipped: string[];
+  /** 'webgpu': the adapter, one line (vendor, architecture, name, limits). */
+  adapter?: string;
+}
+
+/** One line for logs: the backend, its adapter, and why each better one was skipped. */
+export function describeBackend(choice: BackendChoice): string {
+  const skipped = choice.skipped.length ? `; skipped ${choice.skipped.join('; ')}` : '';
+  return `backend ${choice.name}${choice.adapter ? ` on ${choice.adapter}` : ''}${skipped}`;
 }
 
 let chosen: BackendChoice | undefined;

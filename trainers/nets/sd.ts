@@ -118,7 +118,7 @@ export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts
   if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor: overrides.scaleFactor });
   // SD2 without a config saying which: the webui's test run (needs the UNet)
   if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
-    model.prediction = detectVPrediction(model.unet.params, model.unet.cfg) ? 'v' : 'eps';
+    model.prediction = (await detectVPrediction(model.unet.params, model.unet.cfg)) ? 'v' : 'eps';
   }
   return model;
 }

@@ -455,13 +455,13 @@ export function unetForward(
  * webui modules/sd_models_config.py is_using_v_parameterization_for_sd2: run the UNet on x = 0.5,
  * context = 0.5 (2 tokens) at t = 999; a v-model's mean(out − x) is below −1.
  */
-export function detectVPrediction(p: Params, cfg: UNetConfig): boolean {
+export async function detectVPrediction(p: Params, cfg: UNetConfig): Promise<boolean> {
   const score = tf.tidy(() => {
     const x = tf.fill([1, 8, 8, cfg.inChannels], 0.5);
     const context = tf.fill([1, 2, cfg.contextDim], 0.5);
     return unetForward(p, cfg, x, [999], context).sub(x).mean();
   });
-  const value = score.dataSync()[0]!;
+  const value = (await score.data())[0]!; // never dataSync: a GPU backend cannot read synchronously in Node
   score.dispose();
   return value < -1;
 }

@@ -7,7 +7,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, extname, join, resolve } from 'node:path';
-import { tf, type Tensor } from '../backend/tf.ts';
+import { tf, currentBackend, describeBackend, type Tensor } from '../backend/tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
 import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
 import { loadTemplate } from '../text/templates.ts';
@@ -218,7 +218,9 @@ export async function trainAndSave<B>(
 ): Promise<{ step: number; outputs: string[]; cancelled: boolean }> {
   const lr = parseLrSchedule(spec.lr, spec.steps, state.step);
   const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, state.step, 'clip value');
-  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: state.step, backend });
+  const choice = currentBackend();
+  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: state.step, backend, ...(choice ? { message: describeBackend(choice) } : {}) });
+  if (choice) ctx.emit({ type: 'log', level: 'info', message: describeBackend(choice) });
   await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length, ...settings });
   ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
   const result = await trainLoop(method, {
