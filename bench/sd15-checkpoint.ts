@@ -1,6 +1,6 @@
 /**
- * @file A full-size SD1.5-shaped checkpoint with random weights, for benchmarks: every key and
- * shape of `test/fixtures/sd-tiny/keys-sd15.json`, F16 (as most real SD1.5 files are), written
+ * @file A full-size checkpoint with random weights, for benchmarks: SD1.5-shaped (or SD2/SDXL from their keys files):
+ * every key and shape of `test/fixtures/sd-tiny/keys-sd15.json`, F16 (as most real SD1.5 files are), written
  * to a temporary folder and removed by the caller. Matrices are U(±1/√fan_in) (so activations
  * stay O(1) through the depth), 1-D `.weight`s (norms) 1, biases 0, the noise-schedule buffers
  * the real ldm `linear` schedule (so q_sample and the loss see real coefficients).
@@ -61,10 +61,15 @@ function randomTensor(name: string, shape: number[], seed: number): TensorToWrit
 }
 
 /** Write the random SD1.5-shaped checkpoint into a new temp folder; returns its path and a remover. */
-export async function writeRandomSd15(): Promise<{ path: string; remove: () => Promise<void> }> {
-  const shapes = JSON.parse(readFileSync(SD15_KEYS, 'utf8')) as Record<string, number[]>;
-  const dir = await mkdtemp(join(tmpdir(), 'sidetrain-sd15-'));
-  const path = join(dir, 'sd15-random.safetensors');
+export function writeRandomSd15(): Promise<{ path: string; remove: () => Promise<void> }> {
+  return writeRandomCheckpoint(SD15_KEYS);
+}
+
+/** The same for any `{key: shape}` file (keys-sd21.json, keys-sdxl.json): every key and shape, random weights. */
+export async function writeRandomCheckpoint(keysFile: string): Promise<{ path: string; remove: () => Promise<void> }> {
+  const shapes = JSON.parse(readFileSync(keysFile, 'utf8')) as Record<string, number[]>;
+  const dir = await mkdtemp(join(tmpdir(), 'sidetrain-random-'));
+  const path = join(dir, 'random.safetensors');
   const schedule = scheduleBuffers();
   let seed = 1;
   const tensors = Object.entries(shapes).map(([name, shape]): TensorToWrite =>

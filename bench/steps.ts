@@ -95,7 +95,7 @@ export function jobSpec(r: StepRowSpec, modelPath: string, images: string, out: 
 }
 
 /** A one-image dataset (random RGB PNG of px × px, with a caption). */
-async function makeImages(dir: string, px: number): Promise<string> {
+export async function makeImages(dir: string, px: number): Promise<string> {
   const sharp = (await import('sharp')).default;
   const pixels = Buffer.alloc(px * px * 3);
   let s = 12345;
