@@ -29,6 +29,8 @@ import { blockScores, slicedAttnFlop, unetBlocks, type BlockCost, type Shapes } 
 import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
 import { methodPlan, METHODS, type MethodPlan } from './estimate-methods.ts';
 import { totalmem } from 'node:os';
+import { currentBackend } from '../backend/tf.ts';
+import { gpuBudgetAndNotes, gpuFacts } from './estimate-gpu.ts';
 
 export interface JobEstimate {
   /** Peak resident memory of the job's process, bytes. */
@@ -161,26 +163,34 @@ function hypernetworkActivations(block: BlockCost, sizes: number[]): number {
   return block.attention.reduce((sum, op) => sum + (sizes.includes(op.ctx) ? 24 * op.tk * op.ctx : 0), 0);
 }
 
-function defaultBackend(): string {
-  const env = process.env.SIDETRAIN_BACKEND;
+/** The backend in use (in a job worker), SIDETRAIN_BACKEND, or the one initBackend would pick. */
+async function defaultBackend(): Promise<string> {
+  const env = currentBackend()?.name ?? process.env.SIDETRAIN_BACKEND;
   if (env) return env;
   const require = createRequire(import.meta.url);
-  for (const [pkg, name] of [['@tensorflow/tfjs-node-gpu', 'tensorflow-gpu'], ['@tensorflow/tfjs-node', 'tensorflow']] as const) {
+  const installed = (pkg: string) => {
     try {
       require.resolve(pkg);
-      return name;
-    } catch { /* not installed */ }
-  }
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (installed('@tensorflow/tfjs-node-gpu')) return 'tensorflow-gpu';
+  if (typeof (await gpuFacts()).adapter !== 'string') return 'webgpu'; // a hardware adapter
+  if (installed('@tensorflow/tfjs-node')) return 'tensorflow';
   return existsSync(new URL('../../native/build/Release/sidetrain_native.node', import.meta.url)) ? 'cpu-native' : 'wasm';
 }
-
 
 /** Estimate `type`'s job `spec` (the job's JSON, defaults as in its schema). */
 export async function estimateJob(type: string, spec: Record<string, unknown>, opts: EstimateOptions = {}): Promise<JobEstimate> {
   if (!METHODS.includes(type)) throw new Error(`estimate: no estimate for job type '${type}' (known: ${METHODS.join(', ')})`);
   const { shapes, family } = await readShapes(str(spec.model, ''));
-  const backend = opts.backend ?? defaultBackend();
-  const budget = opts.memoryBudget ?? AUTO_BUDGET_SHARE * totalmem();
+  const backend = opts.backend ?? (await defaultBackend());
+  // webgpu: tensors live in GPU memory, whose free part (when known) is the auto budget
+  const gpu = backend === 'webgpu' ? await gpuFacts() : undefined;
+  const gpuSide = gpu && gpuBudgetAndNotes(gpu.adapter, gpu.memory, Math.max(...[...shapes.values()].map((s) => F32 * numel(s))));
+  const budget = opts.memoryBudget ?? gpuSide?.budget ?? AUTO_BUDGET_SHARE * totalmem();
   const job = describeJob(type, spec, shapes, family, backend);
   // float16 weights (and the checkpointing they bring) only where the method's loader keeps frozen weights in float16
   const memSpec = { ...(spec as Partial<MemorySpec>), halfFrozenWeights: spec.halfFrozenWeights === true && (job.plan.frozen.unet || job.plan.frozen.text) };
@@ -189,7 +199,9 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   if (estimate.peakBytes > budget && !plain.checkpointing && memSpec.gradientCheckpointing !== 'off') {
     estimate = fitByCheckpointing(job, plain, budget, (memory) => estimateWith(job, memory, backend, spec));
   }
-  if (estimate.peakBytes > 0.85 * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
+  if (gpuSide) estimate.notes.push(...gpuSide.notes);
+  if (gpuSide?.budget !== undefined && estimate.peakBytes > gpuSide.budget) estimate.notes.push(`needs more than the GPU's ${gb(gpuSide.budget / 0.9)} GB free: lower the resolution or batch, or turn on halfFrozenWeights`);
+  else if (estimate.peakBytes > 0.85 * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
   return estimate;
 }
 

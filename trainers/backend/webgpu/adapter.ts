@@ -114,16 +114,22 @@ function firstLine(err: unknown): string {
   return String(err instanceof Error ? err.message : err).split('\n')[0]!;
 }
 
-let status: Promise<string> | undefined;
+let probe: Promise<AdapterSummary | string> | undefined;
 
 /**
- * For `health`: one line, "<adapter>" when the webgpu backend would be chosen (or is forced with
- * SIDETRAIN_BACKEND=webgpu), else "skipped: <reason>". Asked once per process, given 10 s.
+ * The adapter the webgpu backend would use (or is forced to, with SIDETRAIN_BACKEND=webgpu), or
+ * why there is none. Asked once per process, given 10 s (a broken driver must not hang health).
  */
-export function webgpuStatus(forced = process.env.SIDETRAIN_BACKEND === 'webgpu'): Promise<string> {
-  status ??= Promise.race([
-    findAdapter(forced).then((a) => describeAdapter(summarize(a)), (err: unknown) => `skipped: ${firstLine(err)}`),
-    new Promise<string>((done) => setTimeout(() => done('skipped: no answer from Dawn within 10 s'), 10_000).unref()),
+export function webgpuAdapter(forced = process.env.SIDETRAIN_BACKEND === 'webgpu'): Promise<AdapterSummary | string> {
+  probe ??= Promise.race([
+    findAdapter(forced).then(summarize, (err: unknown) => firstLine(err)),
+    new Promise<string>((done) => setTimeout(() => done('no answer from Dawn within 10 s'), 10_000).unref()),
   ]);
-  return status;
+  return probe;
+}
+
+/** For `health`: the adapter in one line, or "skipped: <reason>". */
+export async function webgpuStatus(forced?: boolean): Promise<string> {
+  const a = await webgpuAdapter(forced);
+  return typeof a === 'string' ? `skipped: ${a}` : describeAdapter(a);
 }
