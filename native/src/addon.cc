@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include "bf16.h"
 #include "gemm.h"
 #include "attention.h"
 #include "half.h"
@@ -55,6 +56,16 @@ struct Args {
     }
     return static_cast<T*>(data);
   }
+  // optional boolean argument i (absent or undefined = false)
+  bool flag(size_t i) {
+    bool v = false;
+    if (failed || i >= argc) return false;
+    napi_valuetype t;
+    napi_typeof(env, argv[i], &t);
+    if (t == napi_undefined) return false;
+    if (napi_get_value_bool(env, argv[i], &v) != napi_ok) fail("expected a boolean");
+    return v;
+  }
   long num(size_t i) {
     double v = 0;
     if (!failed && (i >= argc || napi_get_value_double(env, argv[i], &v) != napi_ok)) fail("expected a number");
@@ -62,10 +73,11 @@ struct Args {
   }
 };
 
-// (x|dy, w|dy, out, Int32Array[15] ConvShape)
+// (x|dy, w|dy, out, Int32Array[15] ConvShape, bf16?: boolean — forward and input gradient)
 template <int Which>
 napi_value Conv(napi_env env, napi_callback_info info) {
   Args args(env, info);
+  const bool bf16 = args.flag(4);
   const int* p = args.array<int>(3, napi_int32_array, 15, "shape");
   if (!p) return nullptr;
   st::ConvShape s{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], p[14]};
@@ -75,12 +87,12 @@ napi_value Conv(napi_env env, napi_callback_info info) {
     const float* x = args.array<float>(0, napi_float32_array, nx, "x");
     const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
     float* y = args.array<float>(2, napi_float32_array, ny, "y");
-    if (!args.failed) st::conv2d(x, w, y, s);
+    if (!args.failed) st::conv2d(x, w, y, s, bf16);
   } else if (Which == 1) {
     const float* dy = args.array<float>(0, napi_float32_array, ny, "dy");
     const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
     float* dx = args.array<float>(2, napi_float32_array, nx, "dx");
-    if (!args.failed) st::conv2d_backprop_input(dy, w, dx, s);
+    if (!args.failed) st::conv2d_backprop_input(dy, w, dx, s, bf16);
   } else {
     const float* x = args.array<float>(0, napi_float32_array, nx, "x");
     const float* dy = args.array<float>(1, napi_float32_array, ny, "dy");
@@ -90,12 +102,12 @@ napi_value Conv(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// (a, b, out, aOffsets: Float64Array, bOffsets: Float64Array, M, N, K, transA, transB)
+// (a, b, out, aOffsets: Float64Array, bOffsets: Float64Array, M, N, K, transA, transB, bf16?)
 napi_value MatMul(napi_env env, napi_callback_info info) {
   Args args(env, info);
   args.argc = 8;
-  napi_value argv[10];
-  size_t argc = 10;
+  napi_value argv[11];
+  size_t argc = 11;
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
   for (int i = 0; i < 8; i++) args.argv[i] = argv[i];
   args.argc = argc < 8 ? argc : 8;
@@ -103,6 +115,12 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
   bool ta = false, tb = false;
   if (argc < 10 || napi_get_value_bool(env, argv[8], &ta) != napi_ok || napi_get_value_bool(env, argv[9], &tb) != napi_ok)
     args.fail("transA/transB: expected booleans");
+  bool bf16 = false;
+  if (argc >= 11 && !args.failed) {
+    napi_valuetype vt;
+    napi_typeof(env, argv[10], &vt);
+    if (vt != napi_undefined && napi_get_value_bool(env, argv[10], &bf16) != napi_ok) args.fail("bf16: expected a boolean");
+  }
   const float* a = args.array<float>(0, napi_float32_array, 0, "a");
   const float* b = args.array<float>(1, napi_float32_array, 0, "b");
   size_t count = 0;
@@ -124,7 +142,7 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
       return nullptr;
     }
   }
-  st::matmul(a, b, out, static_cast<long>(count), ao, bo, M, N, K, ta, tb);
+  st::matmul(a, b, out, static_cast<long>(count), ao, bo, M, N, K, ta, tb, bf16);
   return nullptr;
 }
 
@@ -263,6 +281,51 @@ napi_value Info(napi_env env, napi_callback_info) {
   return obj;
 }
 
+// ([cap: "amx" | "avx512-bf16" | "portable" | ""]) -> the bf16 kernel in use; with an argument,
+// first caps the choice at that kernel ("" = the best the CPU has).
+napi_value Bf16Isa(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  napi_valuetype t = napi_undefined;
+  if (argc >= 1) napi_typeof(env, argv[0], &t);
+  if (t == napi_string) {
+    char buf[32];
+    size_t len = 0;
+    napi_get_value_string_utf8(env, argv[0], buf, sizeof(buf), &len);
+    const std::string cap(buf, len);
+    if (cap != "" && cap != "amx" && cap != "avx512-bf16" && cap != "portable") {
+      napi_throw_type_error(env, nullptr, ("bf16Isa: '" + cap + "' is not amx, avx512-bf16, portable or ''").c_str());
+      return nullptr;
+    }
+    st::bf16_select(buf);
+  } else if (t != napi_undefined) {
+    napi_throw_type_error(env, nullptr, "bf16Isa: expected a string");
+    return nullptr;
+  }
+  napi_value v;
+  napi_create_string_utf8(env, st::bf16_kernel().name, NAPI_AUTO_LENGTH, &v);
+  return v;
+}
+
+// (kind: "fp32-fma" | "avx512-bf16" | "amx", seconds) -> one core's GFLOP/s, -1 if absent (peak.cc)
+napi_value PeakProbe(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  char kind[32] = {};
+  size_t len = 0;
+  double seconds = 0;
+  if (argc < 2 || napi_get_value_string_utf8(env, argv[0], kind, sizeof(kind), &len) != napi_ok ||
+      napi_get_value_double(env, argv[1], &seconds) != napi_ok) {
+    napi_throw_type_error(env, nullptr, "peakProbe(kind: string, seconds: number)");
+    return nullptr;
+  }
+  napi_value v;
+  napi_create_double(env, st::peak_probe(kind, seconds), &v);
+  return v;
+}
+
 // Keep freed memory in the process instead of returning it to the OS (what PyTorch gets from
 // jemalloc in the issue-10 setup): tensors' buffers come from calloc, and glibc serves big ones
 // with fresh mmaps, so every new activation paid first-touch page faults, which are expensive
@@ -293,6 +356,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"halfToFloat", nullptr, st::HalfToFloat, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"floatToHalf", nullptr, st::FloatToHalf, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"halfIsa", nullptr, st::HalfIsa, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"bf16Isa", nullptr, Bf16Isa, nullptr, nullptr, nullptr, napi_default, nullptr},
+      {"peakProbe", nullptr, PeakProbe, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_default, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);

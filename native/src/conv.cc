@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "gemm.h"
 #include "kernels.h"
 
@@ -137,7 +138,7 @@ struct Problem {
 
 }  // namespace
 
-void conv2d(const float* x, const float* w, float* y, const ConvShape& s) {
+void conv2d(const float* x, const float* w, float* y, const ConvShape& s, bool bf16) {
   std::vector<Tap> taps;
   for (long kh = 0; kh < s.fH; kh++)
     for (long kw = 0; kw < s.fW; kw++)
@@ -150,10 +151,10 @@ void conv2d(const float* x, const float* w, float* y, const ConvShape& s) {
     std::memset(y, 0, sizeof(float) * M * s.outC);
     return;
   }
-  gemm_batched(1, M, s.outC, K, false, [&](long) { return Problem<GatherA, TapB, RowPtr>{a, b, c}; });
+  gemm_any(bf16, 1, M, s.outC, K, false, [&](long) { return Problem<GatherA, TapB, RowPtr>{a, b, c}; });
 }
 
-void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s) {
+void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s, bool bf16) {
   std::memset(dx, 0, sizeof(float) * s.batch * s.inH * s.inW * s.inC);
   for (long py = 0; py < s.sH && py < s.inH; py++) {
     for (long px = 0; px < s.sW && px < s.inW; px++) {
@@ -173,7 +174,7 @@ void conv2d_backprop_input(const float* dy, const float* w, float* dx, const Con
       const TapB b{w, s.outC, 1, s.outC, taps.data()};
       const PhaseRow c{dx, U, V, s.inH, s.inW, s.inC, py, px, s.sH, s.sW};
       const long M = s.batch * U * V, K = static_cast<long>(taps.size()) * s.outC;
-      gemm_batched(1, M, s.inC, K, false, [&](long) { return Problem<GatherA, TapB, PhaseRow>{a, b, c}; });
+      gemm_any(bf16, 1, M, s.inC, K, false, [&](long) { return Problem<GatherA, TapB, PhaseRow>{a, b, c}; });
     }
   }
 }
@@ -194,12 +195,12 @@ void conv2d_backprop_filter(const float* x, const float* dy, float* dw, const Co
 }
 
 void matmul(const float* a, const float* b, float* out, long count, const double* aOff,
-            const double* bOff, long M, long N, long K, bool transA, bool transB) {
+            const double* bOff, long M, long N, long K, bool transA, bool transB, bool bf16) {
   if (K == 0) {
     std::memset(out, 0, sizeof(float) * count * M * N);
     return;
   }
-  gemm_batched(count, M, N, K, false, [&](long i) {
+  gemm_any(bf16, count, M, N, K, false, [&](long i) {
     const float* ai = a + static_cast<long>(aOff[i]);
     const float* bi = b + static_cast<long>(bOff[i]);
     // A(m, k): row-major [M,K] or, transposed, [K,M]; B(k, n): [K,N] or [N,K]

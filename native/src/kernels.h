@@ -9,16 +9,17 @@ struct ConvShape {
 };
 
 // y[b,oy,ox,co] = Σ x[b, oy*sH+kh*dH-padT, ox*sW+kw*dW-padL, ci] · w[kh,kw,ci,co]
-void conv2d(const float* x, const float* w, float* y, const ConvShape& s);
+// bf16: operands rounded to bfloat16, float32 accumulation (bf16.h).
+void conv2d(const float* x, const float* w, float* y, const ConvShape& s, bool bf16 = false);
 // dx = the input gradient of conv2d for dy (dilation 1).
-void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s);
+void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s, bool bf16 = false);
 // dw = the filter gradient of conv2d for x and dy.
 void conv2d_backprop_filter(const float* x, const float* dy, float* dw, const ConvShape& s);
 
 // out[i] = op(a[aOff[i]])·op(b[bOff[i]]) for i < count; a is [M,K] (or [K,M] if transA),
 // b is [K,N] (or [N,K] if transB), out is count×[M,N].
 void matmul(const float* a, const float* b, float* out, long count, const double* aOff,
-            const double* bOff, long M, long N, long K, bool transA, bool transB);
+            const double* bOff, long M, long N, long K, bool transA, bool transB, bool bf16 = false);
 
 // y[r,:] = softmax(x[r,:]) for rows × n.
 void softmax(const float* x, float* y, long rows, long n);

@@ -8,6 +8,7 @@ import { createRequire } from 'node:module';
 import { tf, currentBackend, recordBackend, BACKEND_ORDER, type BackendName, type BackendChoice } from './tf.ts';
 
 export * from './tf.ts';
+export * from './precision.ts';
 
 const require = createRequire(import.meta.url);
 

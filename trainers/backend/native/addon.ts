@@ -9,15 +9,26 @@ import { fileURLToPath } from 'node:url';
 
 /** The addon's exports (native/src/addon.cc). Outputs are allocated by the caller. */
 export interface NativeAddon {
-  /** shape: Int32Array [batch, inH, inW, inC, outH, outW, outC, fH, fW, sH, sW, dH, dW, padTop, padLeft] */
-  conv2d(x: Float32Array, filter: Float32Array, y: Float32Array, shape: Int32Array): void;
-  conv2dBackpropInput(dy: Float32Array, filter: Float32Array, dx: Float32Array, shape: Int32Array): void;
+  /**
+   * shape: Int32Array [batch, inH, inW, inC, outH, outW, outC, fH, fW, sH, sW, dH, dW, padTop, padLeft];
+   * bf16: operands rounded to bfloat16, float32 accumulation (native/src/bf16.h).
+   */
+  conv2d(x: Float32Array, filter: Float32Array, y: Float32Array, shape: Int32Array, bf16?: boolean): void;
+  conv2dBackpropInput(dy: Float32Array, filter: Float32Array, dx: Float32Array, shape: Int32Array, bf16?: boolean): void;
   conv2dBackpropFilter(x: Float32Array, dy: Float32Array, dw: Float32Array, shape: Int32Array): void;
   /** out[i] = op(a at aOffsets[i]) · op(b at bOffsets[i]), each [M,K]·[K,N] before transposes. */
   matmul(
     a: Float32Array, b: Float32Array, out: Float32Array, aOffsets: Float64Array, bOffsets: Float64Array,
-    M: number, N: number, K: number, transposeA: boolean, transposeB: boolean,
+    M: number, N: number, K: number, transposeA: boolean, transposeB: boolean, bf16?: boolean,
   ): void;
+  /**
+   * The bf16 GEMM kernel in use: 'amx', 'avx512-bf16' or 'portable' (float32 FMA on upconverted
+   * values, the same sums as avx512-bf16). With an argument, first caps the choice at that kernel
+   * ('' = the best this CPU has; env SIDETRAIN_BF16_ISA sets the cap at load).
+   */
+  bf16Isa?(cap?: '' | 'amx' | 'avx512-bf16' | 'portable'): string;
+  /** One core's GFLOP/s on a register-resident loop ('fp32-fma', 'avx512-bf16', 'amx'), -1 when absent. */
+  peakProbe?(kind: 'fp32-fma' | 'avx512-bf16' | 'amx', seconds: number): number;
   /** y[r,:] = softmax(x[r,:]) over rows × n. */
   softmax(x: Float32Array, y: Float32Array, rows: number, n: number): void;
   /** out = a op b (0 add, 1 sub, 2 mul, 3 div) over shape, with element strides (0 = broadcast). */

@@ -6,10 +6,12 @@
  * Float32Arrays (`backend.data.get(dataId).values`, `backend.makeTensorInfo`), so tensors stay
  * ordinary CPU tensors with no heap limit but RAM. Anything the addon does not cover
  * (non-float32, NCHW) falls back to the stock kernel, as tfjs-backend-cpu 4.22 implements it
- * (kernels/Conv2D.js etc.).
+ * (kernels/Conv2D.js etc.). Under bf16 precision (../precision.ts) conv2d, its input gradient and
+ * matmul run the bf16 × bf16 → float32 kernels; the filter gradient stays float32.
  */
 import { tf } from '../tf.ts';
 import type { NativeAddon } from './addon.ts';
+import { computePrecision } from '../precision.ts';
 
 type TensorInfo = tf.TensorInfo;
 type KernelFunc = tf.KernelFunc;
@@ -64,7 +66,7 @@ function nativeConv2D(addon: NativeAddon, backend: CpuBackend, x: TensorInfo, fi
   if (!xv || !wv || attrs.dataFormat === 'NCHW' || x.shape.length !== 4) return undefined;
   const info = conv2dInfo(x.shape, filter.shape, attrs, attrs.dilations ?? 1);
   const y = new Float32Array(size(info.outShape));
-  addon.conv2d(xv, wv, y, convShape(info));
+  addon.conv2d(xv, wv, y, convShape(info), computePrecision() === 'bf16');
   return backend.makeTensorInfo(info.outShape, 'float32', y);
 }
 
@@ -118,7 +120,7 @@ function nativeMatMul(addon: NativeAddon, backend: CpuBackend, a: TensorInfo, b:
   const outOuter = tf.broadcast_util.assertAndGetBroadcastShape(aOuter, bOuter);
   const { aOff, bOff } = batchOffsets(aOuter, bOuter, outOuter, M * K, K * N);
   const out = new Float32Array(size(outOuter) * M * N);
-  addon.matmul(av, bv, out, aOff, bOff, M, N, K, transposeA, transposeB);
+  addon.matmul(av, bv, out, aOff, bOff, M, N, K, transposeA, transposeB, computePrecision() === 'bf16');
   return backend.makeTensorInfo([...outOuter, M, N], 'float32', out);
 }
 
@@ -138,7 +140,7 @@ export function nativeKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     const info = conv2dInfo(attrs.inputShape, filter!.shape, attrs);
     tf.util.assert(same(info.outShape, dy!.shape), () => `conv2dBackpropInput: dy shape ${dy!.shape} does not match ${info.outShape}`);
     const dx = new Float32Array(size(info.inShape));
-    addon.conv2dBackpropInput(dyv, wv, dx, convShape(info));
+    addon.conv2dBackpropInput(dyv, wv, dx, convShape(info), computePrecision() === 'bf16');
     return backend.makeTensorInfo(info.inShape, 'float32', dx);
   };
   const conv2DBackpropFilter: KernelFunc = (args) => {

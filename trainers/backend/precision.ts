@@ -1,0 +1,79 @@
+/**
+ * @file Compute precision of the heavy products (the job option `precision`, schemas/common.json):
+ * 'fp32', or 'bf16' mixed precision — conv2d, its input gradient and (batched) matmul round their
+ * operands to bfloat16 and accumulate in float32 (native/src/bf16.h), as torch.autocast(bfloat16)
+ * does for matmul/conv; norms, softmax statistics, losses, the filter gradient, trained parameters
+ * and optimizer states stay float32. Only the cpu-native backend has bf16 kernels.
+ *
+ * 'auto' picks bf16 only where it is faster: with AMX tiles, or where the AVX512-BF16 dot product
+ * outruns float32 FMA on this core (measured once by the addon's peak probes). On Sapphire Rapids
+ * without AMX (e.g. a VM that hides it) vdpbf16ps issues at half the FMA rate, so bf16 there
+ * would be slower than fp32 and 'auto' keeps fp32.
+ */
+import { currentBackend } from './tf.ts';
+import { loadAddon, type NativeAddon } from './native/addon.ts';
+
+export type Precision = 'fp32' | 'bf16';
+export type PrecisionOption = Precision | 'auto';
+
+let active: Precision = 'fp32';
+
+/** The precision the native kernels compute in now. */
+export function computePrecision(): Precision {
+  return active;
+}
+
+/** Sets it directly (tests, benches); jobs go through choosePrecision. */
+export function setComputePrecision(p: Precision): void {
+  active = p;
+}
+
+function addonWithBf16(): NativeAddon | undefined {
+  try {
+    const a = loadAddon();
+    return typeof a.bf16Isa === 'function' ? a : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+let autoVerdict: { bf16: boolean; why: string } | undefined;
+
+/** Whether bf16 is the faster choice on this CPU, and why (probes run once, ~0.1 s). */
+export function bf16Faster(): { bf16: boolean; why: string } {
+  if (autoVerdict) return autoVerdict;
+  const a = addonWithBf16();
+  const isa = a?.bf16Isa!() ?? 'none';
+  if (!a) autoVerdict = { bf16: false, why: 'no native bf16 kernels' };
+  else if (isa === 'amx') autoVerdict = { bf16: true, why: 'AMX tiles' };
+  else if (isa === 'avx512-bf16' && a.peakProbe) {
+    const fma = a.peakProbe('fp32-fma', 0.05), dot = a.peakProbe('avx512-bf16', 0.05);
+    const bf16 = dot > 1.2 * fma;
+    autoVerdict = { bf16, why: `AVX512-BF16 ${dot.toFixed(0)} vs fp32 FMA ${fma.toFixed(0)} GFLOP/s per core` };
+  } else autoVerdict = { bf16: false, why: `bf16 kernel '${isa}' is not faster than fp32` };
+  return autoVerdict;
+}
+
+/**
+ * Resolves a job's `precision` for the backend in use and makes it the active one. bf16 on a
+ * backend without bf16 kernels is an error naming the option; 'auto' falls back to fp32.
+ */
+export function choosePrecision(option: PrecisionOption = 'fp32'): { precision: Precision; kernel?: string; why: string } {
+  const backend = currentBackend()?.name;
+  const native = backend === 'cpu-native' ? addonWithBf16() : undefined;
+  let precision: Precision = 'fp32';
+  let why = 'precision fp32';
+  if (option === 'bf16') {
+    if (!native) throw new Error(`precision: bf16 needs the cpu-native backend's bf16 kernels (backend in use: ${backend ?? 'none'}); use --precision fp32 or auto`);
+    precision = 'bf16';
+    why = 'precision bf16 (asked for)';
+  } else if (option === 'auto') {
+    const v = native ? bf16Faster() : { bf16: false, why: `backend ${backend ?? 'none'} has no bf16 kernels` };
+    precision = v.bf16 ? 'bf16' : 'fp32';
+    why = `precision auto → ${precision}: ${v.why}`;
+  } else if (option !== 'fp32') {
+    throw new Error(`precision: unknown '${String(option)}', expected fp32, bf16 or auto`);
+  }
+  active = precision;
+  return { precision, kernel: precision === 'bf16' ? native!.bf16Isa!() : undefined, why };
+}
