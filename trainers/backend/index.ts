@@ -6,6 +6,8 @@
  */
 import { createRequire } from 'node:module';
 import { tf, currentBackend, recordBackend, BACKEND_ORDER, type BackendName, type BackendChoice } from './tf.ts';
+import { choosePrecision, type PrecisionOption } from './precision.ts';
+import type { JobContext } from '../job.ts';
 
 export * from './tf.ts';
 export * from './precision.ts';
@@ -82,4 +84,15 @@ export async function initBackend(preferred?: string): Promise<BackendChoice> {
     }
   }
   throw new Error(`no TF.js backend could be loaded:\n${skipped.join('\n')}`);
+}
+
+/**
+ * initBackend for a job, then its `precision` (fp32 / bf16 / auto, ./precision.ts) made the one the
+ * kernels compute in, with a log line saying what auto chose and why.
+ */
+export async function initJobBackend(spec: { precision?: PrecisionOption }, ctx?: Pick<JobContext, 'emit'>): Promise<BackendChoice> {
+  const backend = await initBackend();
+  const chosen = choosePrecision(spec.precision ?? 'fp32');
+  if (spec.precision && spec.precision !== 'fp32') ctx?.emit({ type: 'log', level: 'info', message: `${chosen.why}${chosen.kernel ? ` (kernel ${chosen.kernel})` : ''}` });
+  return backend;
 }

@@ -28,6 +28,17 @@ export function setComputePrecision(p: Precision): void {
   active = p;
 }
 
+/** f() with the kernels in precision p, restoring the previous one after (f is synchronous: the CPU backends run each op when it is called). */
+export function withPrecision<T>(p: Precision, f: () => T): T {
+  const before = active;
+  active = p;
+  try {
+    return f();
+  } finally {
+    active = before;
+  }
+}
+
 function addonWithBf16(): NativeAddon | undefined {
   try {
     const a = loadAddon();

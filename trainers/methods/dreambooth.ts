@@ -15,7 +15,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
-import { tf, initBackend, type Tensor } from '../backend/index.ts';
+import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
 import { datasetReport, formatDatasetReport } from '../data/dataset.ts';
 import { ClipTokenizer } from '../text/tokenizer.ts';
@@ -310,7 +310,7 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
 export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobResult> {
   if (raw.lora) return runLora(loraSpecOf(dreamboothSpec(raw), ctx), ctx);
   const { spec, paths, textLr } = await preflight(raw, ctx);
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   let run: DbRun | undefined;
   let s: DbState | undefined;
   try {

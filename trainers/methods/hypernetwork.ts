@@ -9,7 +9,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { tf, initBackend, type Tensor } from '../backend/index.ts';
+import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
 import {
   createHypernetwork, defaultDropoutStructure, hypernetHook, hypernetLayers, hypernetSpecFromWebui,
   validateHypernetworkSpec, type HypernetworkSpec,
@@ -287,7 +287,7 @@ async function preflight(raw: HnSpec, ctx: JobContext): Promise<{ spec: HnSpec; 
 /** The hypernetwork job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
 export async function runHypernetwork(raw: HnSpec, ctx: JobContext): Promise<JobResult> {
   const { spec, paths, widths } = await preflight(raw, ctx);
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   const s = await initState(spec, paths, widths, ctx);
   let run: PreparedRun | undefined;
   try {

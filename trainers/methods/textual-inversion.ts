@@ -6,7 +6,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { tf, initBackend, type Tensor } from '../backend/index.ts';
+import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
 import { encodeText, splicesFor, type ClipTextConfig } from '../nets/clip.ts';
 import { param, type Params } from '../nets/params.ts';
 import { textKeyNames } from '../nets/clip.ts';
@@ -143,7 +143,7 @@ function tiMethod(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths): 
 export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
   const paths = await checkRun(spec, resolve(spec.embeddingsDir), 'embeddings');
   parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   const run = await prepareRun(spec, ctx, 'textual_inversion');
   const s = await initState(run, spec, paths, ctx);
   try {

@@ -19,6 +19,7 @@
  * ```
  */
 import { tf, type Tensor } from '../backend/tf.ts';
+import { withPrecision } from '../backend/precision.ts';
 import { param, type Params } from './params.ts';
 import { attention, gelu, layerNorm, quickGelu } from './layers.ts';
 
@@ -178,16 +179,21 @@ export interface EncodeOptions {
   splices?: TextSplice[];
 }
 
-/** The UNet context for `ids` ([B][T], T ≤ contextLength): [B, T, W]. */
+/**
+ * The UNet context for `ids` ([B][T], T ≤ contextLength): [B, T, W]. The forward is float32
+ * whatever the job's precision (backend/precision.ts): it is a few % of a step, and bf16 takes
+ * the sd2-tiny hidden states to 1.4% of their range (the UNet's outputs stay within 0.5%); a
+ * backward through it (TI, a text LoRA) runs in the job's precision.
+ */
 export function encodeText(p: Params, cfg: ClipTextConfig, ids: number[][], opts: EncodeOptions = {}): Tensor {
-  return tf.tidy(() => {
+  return withPrecision('fp32', () => tf.tidy(() => {
     const run = contextBlocks(cfg, opts.clipSkip);
     const names = textKeyNames(cfg.family, cfg.prefix);
     let h = embed(p, cfg, ids, opts.splices);
     const mask = causalMask(h.shape[1]!);
     for (let i = 0; i < run; i++) h = block(p, cfg, names.block(i), h, mask);
     return layerNorm(p, names.finalLn, h, cfg.layerNormEps);
-  });
+  }));
 }
 
 /** Every intermediate, for goldens and inspection (runs all blocks). */
@@ -204,8 +210,9 @@ export interface TextHidden {
   context: Tensor;
 }
 
+/** Float32 forward, as encodeText. */
 export function encodeTextHidden(p: Params, cfg: ClipTextConfig, ids: number[][], opts: EncodeOptions = {}): TextHidden {
-  return tf.tidy(() => {
+  return withPrecision('fp32', () => tf.tidy(() => {
     const names = textKeyNames(cfg.family, cfg.prefix);
     const embeddings = embed(p, cfg, ids, opts.splices);
     const mask = causalMask(embeddings.shape[1]!);
@@ -220,7 +227,7 @@ export function encodeTextHidden(p: Params, cfg: ClipTextConfig, ids: number[][]
       penultimateLn: finalLn(after(Math.max(cfg.layers - 1, 0))),
       context: finalLn(after(contextBlocks(cfg, opts.clipSkip))),
     };
-  });
+  }));
 }
 
 /** Golden-file names of the intermediates: text.embeddings, text.hidden.N (1-based), …. */

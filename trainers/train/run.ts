@@ -4,6 +4,7 @@
  * (the VAE encoder is released before training), the log folder layout, per-step batches with
  * seeded noise and timesteps, previews from sidetrain's own sampler, and the job's settings file.
  */
+import type { PrecisionOption } from '../backend/precision.ts';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, extname, join, resolve } from 'node:path';
@@ -65,6 +66,8 @@ export interface CommonSpec {
   attentionSlicing?: MemoryToggle;
   halfFrozenWeights?: boolean;
   fusedBackward?: boolean;
+  /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
+  precision?: PrecisionOption;
 }
 
 export interface RunPaths {

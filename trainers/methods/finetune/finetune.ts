@@ -19,7 +19,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { tf, initBackend } from '../../backend/index.ts';
+import { tf, initJobBackend } from '../../backend/index.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../../io/paths.ts';
 import { expandRepeats, makeCaption } from '../../data/captioned.ts';
 import { loadSdModel } from '../../nets/sd.ts';
@@ -85,7 +85,7 @@ async function checkSpec(spec: FinetuneSpec): Promise<string> {
 export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<JobResult> {
   spec = { ...spec, crop: spec.crop ?? 'center' };
   const output = await checkSpec(spec);
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   const data = await prepareData(spec, ctx);
   const model = (await loadSdModel(spec.model, ['text', 'unet'])) as FtRun['model'];
   const trainable = new Map<string, tf.Variable>();

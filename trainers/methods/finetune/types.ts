@@ -3,6 +3,7 @@
  * finetune-*.ts files it is split into): the validated job spec, one training sample (an image,
  * its bucket and its cached latent), a micro-batch, and the run's state.
  */
+import type { PrecisionOption } from '../../backend/precision.ts';
 import type { tf, Tensor } from '../../backend/tf.ts';
 import type { CaptionedImage } from '../../data/captioned.ts';
 import type { Bucket, CropMode } from '../../data/buckets.ts';
@@ -16,6 +17,8 @@ import type { Ema } from '../../optim/ema.ts';
 
 /** schemas/finetune.json, defaults filled (descriptions there). */
 export interface FinetuneSpec {
+  /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
+  precision?: PrecisionOption;
   model: string;
   images: string;
   manifest?: string;

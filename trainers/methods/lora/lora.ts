@@ -12,7 +12,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { tf, initBackend, type Tensor } from '../../backend/index.ts';
+import { tf, initJobBackend, type Tensor } from '../../backend/index.ts';
 import { createLora, disposeLora, loraTargets, mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
 import {
   legacyModelHash, loadOptimizer, loadWeights, resumeFrom, saveLora, targetKinds,
@@ -183,7 +183,7 @@ async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSp
 /** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
 export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
   const { spec, paths, instancePrompt, textLr } = await preflight(raw, ctx);
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   let run: LoraRun | undefined;
   let s: LoraState | undefined;
   try {
