@@ -21,7 +21,9 @@ function presentBackends(): string[] {
 const backends = presentBackends();
 // every backend as is, and with the memory levers on (gradient checkpointing; attention sliced on
 // WASM, the native core on cpu-native) except the slow pure-JS one
-const runs = [...backends.map((b) => [b]), ...backends.filter((b) => b !== 'cpu').map((b) => [b, '--low-memory'])];
+const runs = [...backends.map((b) => [b]), ...backends.filter((b) => b !== 'cpu').map((b) => [b, '--low-memory']),
+  // bf16 mixed precision (its own rule: trainers/golden.ts), native kernels only
+  ...backends.filter((b) => b === 'cpu-native').map((b) => [b, '--precision', 'bf16'])];
 for (const [backend, ...flags] of runs as [string, ...string[]][]) {
   test(`golden harness passes on ${FIXTURES.join(' and ')} (${[backend, ...flags].join(' ')})`, () => {
     let output = '';
