@@ -1,6 +1,7 @@
 /**
  * @file `npm run bench`: every benchmark module in one run, one table. Sections (each a module
- * with an exported bench function returning records): io, api, kernels, unet, vae, ti (if
+ * with an exported bench function returning records): io, api, kernels, precision (peak probes,
+ * GEMM classes in fp32 and bf16), unet, vae, ti (if
  * bench/ti.ts exists), steps (bench/steps.ts: TI/hypernetwork steps with estimates, the PyTorch
  * yardstick and the SD1.5 TI profile), each in its own child process so that one section's memory
  * and TF.js backend state cannot touch the next. A section that throws becomes an error row.
@@ -26,6 +27,7 @@ function sections(): Section[] {
     { name: 'io', run: async () => (await import('./io.ts')).benchIo() },
     { name: 'api', run: async () => (await import('./api.ts')).benchApi() },
     { name: 'kernels', run: async () => (await import('./kernels.ts')).benchKernels() },
+    { name: 'precision', run: async () => (await import('./precision.ts')).benchPrecision() },
     { name: 'unet', run: async () => (await import('./unet.ts')).benchUnet() },
     { name: 'vae', run: async () => (await import('./vae.ts')).benchVae() },
     { name: 'text', run: async () => (await import('./text.ts')).benchText() },

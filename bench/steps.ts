@@ -11,6 +11,9 @@
  * Dreambooth (whole model, prior preservation with one generated class image: each step is a
  * batch of 2) and LoRA (attention adapters) have 256 px rows on both models in four variants
  * (`variant` column): AdamW or 8-bit AdamW, gradient checkpointing off or on (issue 11).
+ * On cpu-native, SD1.5 TI at 256/512 px and LoRA at 512 px also run with `--precision bf16`
+ * (variants `bf16`, and `fp32` for the LoRA row it compares with); bench/precision.ts has the
+ * peak probes those rows' GFLOP/s compare with.
  *
  * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…]`.
  * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
@@ -65,6 +68,16 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean): 
   });
   if (sd15) {
     for (const method of sized) for (const px of [256, 512]) rows.push({ model: 'sd15-shaped', method, px, steps: 2, backend: backends[0]! });
+  }
+  // bf16 mixed precision beside them (issue 20): SD1.5 TI at 256 and 512 px, LoRA at 512 px in
+  // fp32 and bf16, on cpu-native only (the other backends have no bf16 kernels)
+  if (sd15 && backends[0] === 'cpu-native') {
+    const bf16 = { precision: 'bf16' };
+    if (sized.includes('textual_inversion')) for (const px of [256, 512]) rows.push({ model: 'sd15-shaped', method: 'textual_inversion', px, steps: 2, backend: backends[0], options: bf16, label: 'bf16' });
+    if (varied.includes('lora')) {
+      rows.push({ model: 'sd15-shaped', method: 'lora', px: 512, steps: 2, backend: backends[0], options: { precision: 'fp32' }, label: 'fp32' });
+      rows.push({ model: 'sd15-shaped', method: 'lora', px: 512, steps: 2, backend: backends[0], options: bf16, label: 'bf16' });
+    }
   }
   // Dreambooth / LoRA: 256 px, batch 1, first backend, every memory variant
   for (const model of sd15 ? (['sd-tiny', 'sd15-shaped'] as const) : (['sd-tiny'] as const)) {
