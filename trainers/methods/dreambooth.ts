@@ -38,6 +38,7 @@ import type { JobContext, JobResult } from '../job.ts';
 import type { TrainMethod } from '../train/loop.ts';
 import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
 import { DbOptimizer, makeGroupOptimizer, readOptimizerState, writeOptimizerState } from '../optim/trainable.ts';
+import { useBf16Weights } from '../optim/bf16-round.ts';
 import { diffusionBatch, renderPreview, trainAndSave, previewPromptText, type CommonSpec, type PreparedRun, type RunPaths } from '../train/run.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 
@@ -50,6 +51,8 @@ export interface DbSpec extends CommonSpec, Omit<PriorSpec, 'classPrompt'> {
   textEncoderSteps: number;
   optimizer: 'adamw' | 'adamw8bit' | 'adafactor';
   half: boolean;
+  /** Trained weights at bfloat16 precision, updates rounded stochastically (optim/bf16-round.ts). */
+  bf16Weights?: boolean;
   checkpointDir: string;
   /** Train LoRA adapters (base frozen) and write `<loraDir>/<name>.safetensors` instead of a checkpoint. */
   lora: boolean;
@@ -183,6 +186,7 @@ export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPa
     spec.trainTextEncoder ? makeGroupOptimizer(spec.optimizer, text) : undefined,
     new Set(text.keys()),
   );
+  if (spec.bf16Weights) useBf16Weights(optimizer, new Map([...unet, ...(spec.trainTextEncoder ? text : [])]), spec.seed);
   if (from) await restoreOptimizer(optimizer, optimPath(paths, spec.name, step), ctx);
   ctx.emit({ type: 'log', level: 'info', message: from ? `continuing ${from} from step ${step}` : `training ${unet.size + (spec.trainTextEncoder ? text.size : 0)} tensors with ${spec.optimizer}` });
   return { unet, text, step, optimizer };

@@ -66,6 +66,11 @@ export function makeGroupOptimizer(name: OptimizerName, params: Map<string, tf.V
  */
 export class DbOptimizer {
   done = 0;
+  /**
+   * bf16Weights (optim/bf16-round.ts): after each update a parameter's values are rounded
+   * stochastically to bfloat16 precision, keyed by its name and the step.
+   */
+  round?: { vars: Map<string, tf.Variable>; apply: (name: string, variable: tf.Variable, step: number) => void };
   constructor(
     readonly unet: StatefulOptimizer,
     readonly text?: StatefulOptimizer,
@@ -90,7 +95,13 @@ export class DbOptimizer {
     const unetGrads = new Map<string, Tensor>();
     for (const [k, g] of grads) (this.textKeys.has(k) ? textGrads : unetGrads).set(k, g);
     if (unetGrads.size) this.unet.step(unetGrads, lr);
-    if (this.text && textGrads.size && this.textActive(this.done)) this.text.step(textGrads, this.textLr?.getLr(this.done) ?? lr);
+    const textUpdated = !!this.text && textGrads.size > 0 && this.textActive(this.done);
+    if (textUpdated) this.text!.step(textGrads, this.textLr?.getLr(this.done) ?? lr);
+    if (!this.round) return;
+    for (const name of [...unetGrads.keys(), ...(textUpdated ? textGrads.keys() : [])]) {
+      const v = this.round.vars.get(name);
+      if (v) this.round.apply(name, v, this.done);
+    }
   }
 
   endStep(): void {

@@ -7,6 +7,7 @@
  */
 import type { tf } from '../../backend/tf.ts';
 import { DbOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
+import { useBf16Weights } from '../../optim/bf16-round.ts';
 import { constantWithWarmup, cosineWithWarmup, type LrSchedule } from '../../optim/lr.ts';
 import type { FinetuneSpec } from './types.ts';
 
@@ -23,7 +24,7 @@ export function finetuneLrSchedule(spec: ScheduleSpec, lr: number): LrSchedule {
  * trained), at `textEncoderLr` (default: `lr`); the rest the UNet group at the loop's rate.
  */
 export function makeFinetuneOptimizer(
-  spec: ScheduleSpec & Pick<FinetuneSpec, 'optimizer' | 'lr' | 'textEncoderLr'>,
+  spec: ScheduleSpec & Pick<FinetuneSpec, 'optimizer' | 'lr' | 'textEncoderLr'> & Partial<Pick<FinetuneSpec, 'bf16Weights' | 'seed'>>,
   trainable: Map<string, tf.Variable>,
   textKeys: ReadonlySet<string>,
 ): DbOptimizer {
@@ -31,5 +32,7 @@ export function makeFinetuneOptimizer(
   const textVars = new Map([...trainable].filter(([k]) => textKeys.has(k)));
   const text = textVars.size ? makeGroupOptimizer(spec.optimizer, textVars) : undefined;
   const textLr = text ? finetuneLrSchedule(spec, spec.textEncoderLr ?? spec.lr) : undefined;
-  return new DbOptimizer(makeGroupOptimizer(spec.optimizer, unetVars), text, textKeys, textLr);
+  const optimizer = new DbOptimizer(makeGroupOptimizer(spec.optimizer, unetVars), text, textKeys, textLr);
+  if (spec.bf16Weights) useBf16Weights(optimizer, trainable, spec.seed ?? 0);
+  return optimizer;
 }

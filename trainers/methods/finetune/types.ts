@@ -60,6 +60,8 @@ export interface FinetuneSpec {
   sampleCfgScale: number;
   seed: number;
   fusedBackward?: boolean;
+  /** Trained weights at bfloat16 precision, updates rounded stochastically (optim/bf16-round.ts). */
+  bf16Weights?: boolean;
 }
 
 /** An image assigned to its bucket. */
