@@ -47,21 +47,12 @@ export function present(j: JobRecord): JobRecord {
   return { ...j, previews: j.previews.map((p, i) => ({ ...p, url: `/api/jobs/${j.id}/previews/${i}` })) };
 }
 
-const ESTIMATE_MODULE = new URL('../trainers/memory/estimate.ts', import.meta.url);
-
-async function estimate(req: Request, res: Response, ctx: ServerContext): Promise<unknown> {
+async function estimate(req: Request, _res: Response, ctx: ServerContext): Promise<unknown> {
   const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
   const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
-  if (!existsSync(ESTIMATE_MODULE)) {
-    res.status(501);
-    return { error: 'estimates are not available yet: trainers/memory/estimate.ts (estimateJob) is not part of this build' };
-  }
-  const mod = (await import(ESTIMATE_MODULE.href)) as { estimateJob?: (t: string, s: Record<string, unknown>) => unknown };
-  if (typeof mod.estimateJob !== 'function') {
-    res.status(501);
-    return { error: 'trainers/memory/estimate.ts does not export estimateJob(type, spec)' };
-  }
-  return await mod.estimateJob(type, prepared);
+  // loaded on first use: the server starts without reading the estimator's tables
+  const { estimateJob } = await import('../trainers/memory/estimate.ts');
+  return await estimateJob(type, prepared);
 }
 
 export const routes: RouteDef[] = [

@@ -2,9 +2,10 @@
 /**
  * @file Builds the native CPU kernels (native/, N-API, node-gyp) — the package's `install`
  * script, so a plain `npm install` builds them (npm runs the root project's own install
- * scripts; only dependencies' scripts wait for approval). It never fails the install: when the
- * build fails, the reason goes to native/build-error.txt, `registerNativeKernels()` throws it,
- * and the backend picker falls through to WASM / pure-JS CPU and says why.
+ * scripts; only dependencies' scripts wait for approval). It never fails the install (unless
+ * SIDETRAIN_REQUIRE_NATIVE=1, as CI sets): when the build fails, the reason goes to
+ * native/build-error.txt, `registerNativeKernels()` throws it, and the backend picker falls
+ * through to WASM / pure-JS CPU and says why.
  * Run again by hand with `node scripts/build-native.mjs`.
  */
 import { spawnSync } from 'node:child_process';
@@ -56,6 +57,7 @@ function main() {
   if (!gyp) {
     writeFileSync(errorFile, 'node-gyp not found (it ships with npm; reinstall npm or `npm i -g node-gyp`)\n');
     console.warn('sidetrain: native kernels not built: node-gyp not found; using WASM / pure-JS CPU');
+    failIfRequired('node-gyp not found');
     return;
   }
   // -march=native first (vectorised for this CPU); a portable build if the compiler refuses it
@@ -72,6 +74,14 @@ function main() {
   const first = (lines.find((l) => /error:/.test(l)) ?? lines.find((l) => /error/i.test(l)) ?? 'see log').trim();
   writeFileSync(errorFile, `native build failed (node-gyp exit ${res.status}): ${first.slice(0, 200)}\n\n${log.slice(-20000)}`);
   console.warn(`sidetrain: native kernels not built (see native/build-error.txt); using WASM / pure-JS CPU`);
+  failIfRequired(first.slice(0, 200));
+}
+
+/** CI (SIDETRAIN_REQUIRE_NATIVE=1) wants the kernels: a build that did not happen fails the install. */
+function failIfRequired(why) {
+  if (process.env.SIDETRAIN_REQUIRE_NATIVE !== '1') return;
+  console.error(`sidetrain: SIDETRAIN_REQUIRE_NATIVE=1 but the native addon native/build/Release/sidetrain_native.node was not built: ${why}`);
+  process.exitCode = 1;
 }
 
 main();

@@ -8,10 +8,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { nativeStatus } from '../trainers/backend/native/index.ts';
+import { nativeSkip } from './helpers/native.ts';
 import { geluFused, groupNormFused, layerNormFused, setFusedKernels, siluFused } from '../trainers/nets/fused.ts';
 
 const status = nativeStatus();
-const skip = status.available ? false : status.reason;
+const skip = nativeSkip(status.available ? false : status.reason);
 
 /** Deterministic uniform [lo, hi) values (a small LCG, so failures reproduce). */
 function rand(shape: number[], seed: number, lo = -1, hi = 1): Tensor {

@@ -9,10 +9,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { attention } from '../trainers/nets/layers.ts';
+import { nativeSkip } from './helpers/native.ts';
 import { hasNativeAttention, nativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 
 await initBackend();
-const skip = hasNativeAttention() ? false : 'native attention kernels not available on this backend';
+const skip = nativeSkip(hasNativeAttention() ? false : 'native attention kernels not available on this backend');
 
 /** Deterministic uniform [-1, 1) values (a small LCG, so failures reproduce). */
 function rand(shape: number[], seed: number): Tensor {

@@ -8,9 +8,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/backend/native/index.ts';
+import { nativeSkip } from './helpers/native.ts';
 
 const status = nativeStatus();
-const skip = status.available ? false : status.reason;
+const skip = nativeSkip(status.available ? false : status.reason);
 
 /** Deterministic uniform [-1, 1) values (a small LCG, so failures reproduce). */
 function rand(shape: number[], seed: number): Tensor {

@@ -15,12 +15,13 @@ import { Adafactor, type AdafactorOptions } from '../trainers/optim/adafactor.ts
 import { allFiniteWithin } from '../trainers/optim/check.ts';
 import { totalGradNorm } from '../trainers/optim/clip-grad.ts';
 import { optimKernels, setNativeOptim } from '../trainers/optim/native.ts';
+import { nativeSkip } from './helpers/native.ts';
 import { seededNormal } from '../trainers/train/sample.ts';
 
 let skip: string | false = false;
 before(async () => {
   await initBackend();
-  if (!optimKernels()) skip = 'native optim kernels not in use on this backend';
+  skip = nativeSkip(optimKernels() ? false : 'native optim kernels not in use on this backend');
 });
 after(() => setNativeOptim(true));
 

@@ -513,7 +513,7 @@ void af_means(const AfShape& s, const float* g, const AfK& k, float* rowMean, st
 // Unfactored: row/rowOut are the full V (col/colOut empty).
 napi_value AdafactorStep(napi_env env, napi_callback_info info) {
   Args a(env, info, 13, "adafactorStep");
-  long n = 0, nDims = 0, nStrides = 0;
+  long n = 0;
   const float* p = a.f32(0, -1, &n);
   const float* g = a.f32(1, n);
   const double* dims = nullptr;
@@ -528,7 +528,6 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
                  type != napi_float64_array || length != 4))
       a.fail("argument " + std::to_string(i) + " must be a Float64Array of 4");
     (i == 9 ? dims : strides) = static_cast<const double*>(data);
-    (i == 9 ? nDims : nStrides) = static_cast<long>(length);
   }
   const float* kc = a.f32(11, 9);
   const int flags = static_cast<int>(a.num(12));
@@ -635,8 +634,6 @@ napi_value AdafactorStep(napi_env env, napi_callback_info info) {
       po[o] = next - u;
     }
   });
-  (void)nDims;
-  (void)nStrides;
   return nullptr;
 }
 

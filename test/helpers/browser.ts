@@ -1,16 +1,17 @@
 /**
- * @file Headless Chromium for the page's browser tests: Debian's `chromium` package (installed by
- * .ci/run) driven by playwright-core, with a fresh profile per launch and no background traffic
- * (no updates, sync, QUIC or first-run pages). Fails with a clear message when chromium is absent.
+ * @file Headless Chromium for the page's browser tests (chromium-path.ts says which one: Debian's
+ * when installed, else the one in the @sparticuz/chromium devDependency) driven by playwright-core,
+ * with a fresh profile per launch and no background traffic (no updates, sync, QUIC or first-run
+ * pages). Fails with a clear message when there is no browser.
  * Also a screenshot helper that writes into test-artifacts/ (gitignored).
  */
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import { findChromium } from './chromium-path.ts';
 
-export const CHROMIUM = process.env.SIDETRAIN_CHROMIUM ?? '/usr/bin/chromium';
 export const ARTIFACTS = fileURLToPath(new URL('../../test-artifacts/', import.meta.url));
 
 const ARGS = [
@@ -32,18 +33,25 @@ export interface TestBrowser {
 
 /** Launch chromium with a fresh --user-data-dir (Playwright passes it for a persistent context). */
 export async function launchBrowser(): Promise<TestBrowser> {
-  if (!existsSync(CHROMIUM)) {
-    throw new Error(`chromium not found at ${CHROMIUM}: install Debian's chromium package (apt-get install -y chromium; .ci/run does) or set SIDETRAIN_CHROMIUM`);
-  }
+  const browser = await findChromium();
   const profile = mkdtempSync(join(tmpdir(), 'sidetrain-chromium-'));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    chromiumSandbox: false,
-    args: ARGS,
-    viewport: { width: 1400, height: 1100 },
-    timeout: 30_000,
-  });
+  let context: BrowserContext;
+  try {
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: browser.executablePath,
+      env: { ...process.env, ...browser.env } as Record<string, string>,
+      headless: true,
+      chromiumSandbox: false,
+      args: ARGS,
+      viewport: { width: 1400, height: 1100 },
+      // the bundled Chromium turns LANG=C into the tag 'en-US@posix', which Intl rejects
+      locale: 'en-US',
+      timeout: 30_000,
+    });
+  } catch (err) {
+    rmSync(profile, { recursive: true, force: true });
+    throw new Error(`could not start ${browser.source} (${browser.executablePath}): ${(err as Error).message}`);
+  }
   const page = context.pages()[0] ?? (await context.newPage());
   return {
     context,

@@ -61,11 +61,13 @@ function firstLine(err: unknown): string {
 
 /**
  * Initialise TF.js once. `preferred` (or env SIDETRAIN_BACKEND) forces one backend and fails
- * if it is not available; otherwise the first that loads in BACKEND_ORDER wins.
+ * if it is not available; otherwise the first that loads in BACKEND_ORDER wins. Under
+ * SIDETRAIN_REQUIRE_NATIVE=1 a native addon that does not load is an error whatever the choice.
  */
 export async function initBackend(preferred?: string): Promise<BackendChoice> {
   const done = currentBackend();
   if (done) return done;
+  (await import('./native/addon.ts')).checkRequiredAddon();
   const wanted = preferred ?? process.env.SIDETRAIN_BACKEND;
   if (wanted) {
     if (!(BACKEND_ORDER as readonly string[]).includes(wanted)) {

@@ -150,11 +150,3 @@ export async function checkReadableFile(value: string, field: string, searchDirs
   throw new PathError(field, `'${value}' is not a readable file`);
 }
 
-/** True when `p` exists and is a symlink (used by tests and listings). */
-export async function isSymlink(p: string): Promise<boolean> {
-  try {
-    return (await lstat(p)).isSymbolicLink();
-  } catch {
-    return false;
-  }
-}

@@ -74,20 +74,3 @@ export function asMap(x: unknown): Map<unknown, unknown> | undefined {
   return undefined;
 }
 
-/** A short description of a Python value's type, for error messages. */
-export function pyTypeName(x: unknown): string {
-  if (x === null) return 'None';
-  if (x instanceof TensorRef) return 'Tensor';
-  if (x instanceof PyOrderedDict) return 'OrderedDict';
-  if (x instanceof Map) return 'dict';
-  if (x instanceof PyTuple) return 'tuple';
-  if (Array.isArray(x)) return 'list';
-  if (x instanceof PyObject) return x.cls.qualified;
-  if (x instanceof PyFloat) return 'float';
-  if (typeof x === 'number') return Number.isInteger(x) ? 'int' : 'float';
-  if (typeof x === 'bigint') return 'int';
-  if (typeof x === 'string') return 'str';
-  if (typeof x === 'boolean') return 'bool';
-  if (x instanceof Uint8Array) return 'bytes';
-  return typeof x;
-}

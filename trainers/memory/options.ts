@@ -36,8 +36,6 @@ export const AUTO_SLICE_BYTES = 64 * 2 ** 20;
 /** `on` keeps each slice's scores near 32 MB. */
 export const ON_SLICE_BYTES = 32 * 2 ** 20;
 
-export const MEMORY_DEFAULTS: MemorySpec = { gradientCheckpointing: 'auto', attentionSlicing: 'auto', halfFrozenWeights: false };
-
 /**
  * The UNet's memory mode from the job's toggles; `fits` says whether the job fits without
  * checkpointing (estimate.ts). Float16 frozen weights turn auto checkpointing on: without it the

@@ -30,8 +30,6 @@ import { UNET_PREFIX } from './unet.ts';
 /** Which modules get adapters (schemas/lora.json `targets`). */
 export type LoraTargetKind = 'attn' | 'proj' | 'ff' | 'resnet' | 'text';
 
-export const LORA_TARGET_KINDS: readonly LoraTargetKind[] = ['attn', 'proj', 'ff', 'resnet', 'text'];
-
 /** One adapted module. */
 export interface LoraTarget {
   /** Kohya name (`lora_unet_…`, `lora_te_…`): the file's key stem. */

@@ -21,15 +21,8 @@ import type { CpuBackend } from '../backend/native/kernels.ts';
 
 type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNullable<NativeAddon[K]> };
 
-let enabled = process.env.SIDETRAIN_NATIVE_ATTENTION !== '0';
+const enabled = process.env.SIDETRAIN_NATIVE_ATTENTION !== '0';
 let registered: AttentionAddon | undefined;
-
-/** Turns the native attention core on or off (the TF-ops slices run when off); returns the previous setting. */
-export function setNativeAttention(on: boolean): boolean {
-  const was = enabled;
-  enabled = on;
-  return was;
-}
 
 /** Whether attention cores run natively here (cpu-native backend, addon with the attention kernels, not turned off). */
 export function hasNativeAttention(): boolean {

@@ -5,6 +5,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** The addon's exports (native/src/addon.cc). Outputs are allocated by the caller. */
@@ -120,7 +121,9 @@ export interface NativeAddon {
   info(): { threads: number; isa: string };
 }
 
-const addonPath = fileURLToPath(new URL('../../../native/build/Release/sidetrain_native.node', import.meta.url));
+const builtPath = fileURLToPath(new URL('../../../native/build/Release/sidetrain_native.node', import.meta.url));
+/** The addon file; SIDETRAIN_NATIVE_ADDON points the loader elsewhere (the test of a missing addon does). */
+export const addonPath = process.env.SIDETRAIN_NATIVE_ADDON ? resolve(process.env.SIDETRAIN_NATIVE_ADDON) : builtPath;
 const errorPath = fileURLToPath(new URL('../../../native/build-error.txt', import.meta.url));
 
 let loaded: NativeAddon | undefined;
@@ -140,11 +143,30 @@ export function loadAddon(): NativeAddon {
   throw new Error(loadError);
 }
 
+/**
+ * SIDETRAIN_REQUIRE_NATIVE=1 (CI sets it): a missing addon is an error naming it, instead of the
+ * quiet fall-through to WASM / pure-JS CPU that a user's install gets — so a broken C++ build
+ * cannot leave the suite green by skipping the native tests.
+ */
+export function nativeRequired(): boolean {
+  return process.env.SIDETRAIN_REQUIRE_NATIVE === '1';
+}
+
+/** Throws, naming the addon file and why, when the addon is required and does not load. */
+export function checkRequiredAddon(): void {
+  if (!nativeRequired()) return;
+  try {
+    loadAddon();
+  } catch (err) {
+    throw new Error(`SIDETRAIN_REQUIRE_NATIVE=1 but the native addon ${addonPath} did not load: ${(err as Error).message}`);
+  }
+}
+
 function reason(err: unknown): string {
-  if (existsSync(errorPath)) {
+  if (addonPath === builtPath && existsSync(errorPath)) {
     const first = readFileSync(errorPath, 'utf8').split('\n')[0]!;
     return `native kernels not built: ${first} (details in native/build-error.txt; rebuild with \`node scripts/build-native.mjs\`)`;
   }
-  if (!existsSync(addonPath)) return 'native kernels not built: run `npm install` (or `node scripts/build-native.mjs`)';
+  if (!existsSync(addonPath)) return `native kernels not built: no ${addonPath}; run \`npm install\` (or \`node scripts/build-native.mjs\`)`;
   return `native kernels failed to load: ${String(err instanceof Error ? err.message : err).split('\n')[0]}`;
 }
