@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { nativeSkip } from './helpers/native.ts';
 
-const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'];
+const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny', 'test/fixtures/sdxl-tiny'];
 const CANDIDATES = ['cpu-native', 'wasm', 'cpu'];
 
 /** Each candidate backend: null when it loads in this install, else why not (the addon may not have built). */
@@ -34,7 +34,7 @@ const runs = [...backends.map((b) => [b]), ...backends.filter((b) => b !== 'cpu'
   // bf16 mixed precision (its own rule: trainers/golden.ts), native kernels only
   ...backends.filter((b) => b === 'cpu-native').map((b) => [b, '--precision', 'bf16'])];
 for (const [backend, ...flags] of runs as [string, ...string[]][]) {
-  test(`golden harness passes on ${FIXTURES.join(' and ')} (${[backend, ...flags].join(' ')})`, () => {
+  test(`golden harness passes on ${FIXTURES.join(', ')} (${[backend, ...flags].join(' ')})`, () => {
     let output = '';
     try {
       output = execFileSync(process.execPath, ['bin/sidetrain.mjs', 'golden', '--backend', backend!, ...flags, ...FIXTURES], { encoding: 'utf8' });

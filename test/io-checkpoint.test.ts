@@ -8,13 +8,13 @@ import { detectFamily, keyMapping, modelHash, normaliseKeys, openCheckpoint, sha
 const FIX = 'test/fixtures';
 const keys = async (file: string) => JSON.parse(await readFile(`${FIX}/${file}`, 'utf8')) as Record<string, number[]>;
 
-test('family from full-size key lists: SD1.5, SD2.1, SDXL refused', async () => {
+test('family from full-size key lists: SD1.5, SD2.1, SDXL', async () => {
   assert.equal(detectFamily(shapeOnlySource('sd15.ckpt', await keys('sd-tiny/keys-sd15.json'))), 'sd1');
   assert.equal(detectFamily(shapeOnlySource('sd21.ckpt', await keys('sd-tiny/keys-sd21.json'))), 'sd2');
   assert.throws(() => detectFamily(shapeOnlySource('xl.safetensors', {})), /xl\.safetensors: unknown layout: no UNet/);
-  assert.throws(() => detectFamily(shapeOnlySource('xl.safetensors', { 'conditioner.embedders.0.x': [1] })), /xl\.safetensors: this is an SDXL checkpoint/);
+  assert.throws(() => detectFamily(shapeOnlySource('xl.safetensors', { 'conditioner.embedders.0.x': [1] })), /xl\.safetensors: this is an SDXL refiner/);
   const xl = shapeOnlySource('sdxl.safetensors', await keys('sdxl-tiny/keys-sdxl.json'));
-  assert.throws(() => detectFamily(xl), /sdxl\.safetensors: this is an SDXL checkpoint .* SD1\.x and SD2\.x checkpoints only/);
+  assert.equal(detectFamily(xl), 'sdxl');
 });
 
 test('inpainting and unknown UNet inputs are refused', async () => {

@@ -30,6 +30,7 @@ import { textualInversionLoss } from './methods/textual-inversion.ts';
 import { hypernetworkLoss } from './methods/hypernetwork.ts';
 import { lossAndGrads } from './nets/recompute.ts';
 import type { UNetMemory } from './memory/options.ts';
+import { sdxlGoldens } from './golden-sdxl.ts';
 
 export interface GoldenRow {
   name: string;
@@ -174,7 +175,7 @@ async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tenso
 export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {}): Promise<GoldenRow[]> {
   const g = JSON.parse(readFileSync(join(dir, 'golden.json'), 'utf8')) as Json;
   const inputs = await openSafetensors(join(dir, 'golden.safetensors'));
-  const model = await loadSdModel(join(dir, 'model.safetensors'), ['text', 'unet', 'vae-encoder', 'vae-decoder']);
+  const model = await loadSdModel(join(dir, 'model.safetensors'), ['text', 'unet', 'vae-encoder', 'vae-decoder'], {}, { xl: true });
   const input = async (name: string) => {
     const { shape } = inputs.info(name);
     return tf.tensor(await inputs.read(name), shape);
@@ -182,6 +183,12 @@ export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {})
   const c: Ctx = { g, inputs, model, input, memory: opts.memory };
   const out: Out = new Map();
   try {
+    if (model.family === 'sdxl') {
+      // the SDXL part lives in golden-sdxl.ts; the VAE is the same network
+      await vaeGoldens(c, out);
+      await sdxlGoldens(c, out);
+      return await compare(g, inputs, out);
+    }
     await textGoldens(c, out);
     await unetGoldens(c, out);
     await vaeGoldens(c, out);

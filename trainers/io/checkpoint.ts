@@ -1,8 +1,9 @@
 /**
- * @file Open any SD1/SD2 checkpoint (`.safetensors`, `.ckpt`) lazily and say what it is, the way
- * the webui decides (modules/sd_models_config.py `guess_model_config_from_state_dict`,
+ * @file Open any SD1/SD2/SDXL checkpoint (`.safetensors`, `.ckpt`) lazily and say what it is, the
+ * way the webui decides (modules/sd_models_config.py `guess_model_config_from_state_dict`,
  * `find_checkpoint_config_near_filename`): a `<stem>.yaml` beside the file wins; SD2 when
- * `cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight` exists; SDXL, inpainting
+ * `cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight` exists; SDXL when both
+ * `conditioner.embedders.0` (CLIP-L) and `.1` (OpenCLIP-G) do; the SDXL refiner, inpainting
  * (9 input channels), instruct-pix2pix (8), depth/unCLIP/AltDiffusion are refused.
  * Keys are normalised: legacy SD1 text-encoder names get `text_model.` (webui
  * sd_models.transform_checkpoint_dict_key), `model_ema.*` copies are hidden unless asked for.
@@ -16,7 +17,7 @@ import type { TensorInfo, TensorSource } from './types.ts';
 import { openSafetensors } from './safetensors.ts';
 import { openTorchCheckpoint } from './torch-source.ts';
 
-export type Family = 'sd1' | 'sd2';
+export type Family = 'sd1' | 'sd2' | 'sdxl';
 export type Prediction = 'eps' | 'v';
 
 export interface Checkpoint {
@@ -32,6 +33,8 @@ const SD1_TEXT_LEGACY = /^cond_stage_model\.transformer\.(embeddings|encoder|fin
 const UNET_IN = 'model.diffusion_model.input_blocks.0.0.weight';
 const SD2_TEXT = 'cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight';
 const SD1_TEXT = 'cond_stage_model.transformer.text_model.embeddings.token_embedding.weight';
+const XL_TEXT_L = 'conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight';
+const XL_TEXT_G = 'conditioner.embedders.1.model.token_embedding.weight';
 
 /** Open `.safetensors` / `.ckpt` / `.pt` by content, not by trusting the extension alone. */
 export async function openTensorFile(path: string): Promise<TensorSource> {
@@ -54,7 +57,7 @@ export async function openCheckpoint(path: string, options: { ema?: boolean } = 
   try {
     const source = normaliseKeys(raw, options.ema ?? false);
     const family = detectFamily(source);
-    const { prediction, from } = await detectPrediction(path, family, raw.metadata());
+    const { prediction, from } = await detectPrediction(path, family, raw.metadata(), raw.keys());
     return { source, family, prediction, predictionFrom: from };
   } catch (err) {
     await raw.close();
@@ -62,12 +65,14 @@ export async function openCheckpoint(path: string, options: { ema?: boolean } = 
   }
 }
 
-/** SD1 / SD2 from the keys, or an error saying what the model is and that it is not supported. */
+/** SD1 / SD2 / SDXL from the keys, or an error saying what the model is and that it is not supported. */
 export function detectFamily(src: Pick<TensorSource, 'path' | 'has' | 'info' | 'keys'>): Family {
   const refuse = (what: string): never => {
-    throw new Error(`${src.path}: ${what} — sidetrain trains SD1.x and SD2.x checkpoints only`);
+    throw new Error(`${src.path}: ${what} — sidetrain trains SD1.x, SD2.x and SDXL base checkpoints only`);
   };
-  if (src.keys().some((k) => k.startsWith('conditioner.embedders.'))) refuse('this is an SDXL checkpoint (conditioner.embedders.*)');
+  const xl = src.keys().some((k) => k.startsWith('conditioner.embedders.'));
+  if (xl && !src.has(XL_TEXT_L)) refuse('this is an SDXL refiner (no CLIP-L at conditioner.embedders.0)');
+  if (xl && !src.has(XL_TEXT_G)) refuse(`unknown SDXL layout: no OpenCLIP-G ('${XL_TEXT_G}')`);
   if (src.keys().some((k) => k.startsWith('depth_model.'))) refuse('this is an SD2 depth model');
   if (src.keys().some((k) => k.startsWith('embedder.model.'))) refuse('this is an SD2 unCLIP model');
   if (src.keys().some((k) => k.startsWith('cond_stage_model.roberta.'))) refuse('this is an AltDiffusion model');
@@ -75,12 +80,13 @@ export function detectFamily(src: Pick<TensorSource, 'path' | 'has' | 'info' | '
   const inChannels = src.info(UNET_IN).shape[1];
   if (inChannels === 9) refuse('this is an inpainting model (UNet input has 9 channels)');
   if (inChannels !== 4) refuse(`unknown UNet input with ${inChannels} channels (instruct-pix2pix has 8)`);
+  if (xl) return 'sdxl';
   if (src.has(SD2_TEXT)) return 'sd2';
   if (src.has(SD1_TEXT)) return 'sd1';
   return refuse('unknown layout: no SD1 (cond_stage_model.transformer.*) or SD2 (cond_stage_model.model.*) text encoder');
 }
 
-async function detectPrediction(path: string, family: Family, meta: Record<string, string>): Promise<{ prediction?: Prediction; from?: string }> {
+async function detectPrediction(path: string, family: Family, meta: Record<string, string>, keys: string[]): Promise<{ prediction?: Prediction; from?: string }> {
   const yamlPath = path.slice(0, path.length - extname(path).length) + '.yaml';
   const yamlText = await readFile(yamlPath, 'utf8').catch(() => undefined);
   if (yamlText !== undefined) {
@@ -90,15 +96,25 @@ async function detectPrediction(path: string, family: Family, meta: Record<strin
     } catch (err) {
       throw new Error(`${yamlPath}: not valid YAML (${(err as Error).message})`);
     }
-    const param = (doc as { model?: { params?: { parameterization?: unknown } } })?.model?.params?.parameterization;
-    return { prediction: param === 'v' ? 'v' : 'eps', from: yamlPath };
+    return { prediction: yamlPrediction(doc), from: yamlPath };
   }
   const pt = meta['modelspec.prediction_type'] ?? meta.prediction_type;
   if (pt === 'v' || pt === 'v_prediction') return { prediction: 'v', from: 'metadata' };
   if (pt === 'epsilon' || pt === 'eps') return { prediction: 'eps', from: 'metadata' };
   if (meta.ss_v_parameterization === 'True') return { prediction: 'v', from: 'metadata' };
   if (family === 'sd1') return { prediction: 'eps', from: 'SD1 default (v1-inference.yaml)' };
+  // Forge/ComfyUI mark v-prediction SDXL finetunes with an empty `v_pred` tensor
+  if (family === 'sdxl' && keys.includes('v_pred')) return { prediction: 'v', from: "the checkpoint's v_pred key" };
+  if (family === 'sdxl') return { prediction: 'eps', from: 'SDXL default (sd_xl_base.yaml)' };
   return {};
+}
+
+/** ldm yaml: `model.params.parameterization`; sgm yaml: the denoiser's scaling (VScaling = v). */
+export function yamlPrediction(doc: unknown): Prediction {
+  const params = (doc as { model?: { params?: Record<string, any> } })?.model?.params ?? {}; // eslint-disable-line @typescript-eslint/no-explicit-any
+  if (params.parameterization !== undefined) return params.parameterization === 'v' ? 'v' : 'eps';
+  const scaling = String(params.denoiser_config?.params?.scaling_config?.target ?? '');
+  return /\.VScaling(EDM)?$/.test(scaling) ? 'v' : 'eps';
 }
 
 /** Public key → key in the file. */

@@ -8,6 +8,8 @@
  * tower (`cond_stage_model.model.*`, fused `in_proj_weight` rows q;k;v), exact GELU, the UNet gets
  * `ln_final` of the output of block L-2 (ldm FrozenOpenCLIPEmbedder layer='penultimate').
  * Both: token + position embedding, pre-LN residual blocks, causal mask, LayerNorm eps 1e-5.
+ * SDXL has one of each under other prefixes (sdxl-text.ts); both give the output of block L-2
+ * WITHOUT the final LayerNorm (`contextNorm: false`).
  *
  * Textual Inversion vectors are spliced into the token-embedding rows before the position
  * embedding is added (webui modules/sd_hijack.py EmbeddingsWithFixes), with ops that have
@@ -47,8 +49,10 @@ export interface ClipTextConfig {
   contextLength: number;
   /** MLP activation: openai CLIP QuickGELU x·σ(1.702x) (SD1) or exact erf GELU (SD2). */
   activation: 'quick_gelu' | 'gelu';
-  /** Which block output (through the final LayerNorm) is the UNet context by default. */
+  /** Which block output is the UNet context by default. */
   contextLayer: 'last' | 'penultimate';
+  /** Whether the final LayerNorm is applied to the context (SD1/SD2 yes; SDXL's two encoders no). */
+  contextNorm: boolean;
   /** LayerNorm eps (1e-5 in both towers). */
   layerNormEps: number;
 }
@@ -60,7 +64,7 @@ const SD1_PREFIX = 'cond_stage_model.transformer.text_model.';
 const SD2_PREFIX = 'cond_stage_model.model.';
 
 /** Checkpoint key names of one block's tensors (without `.weight`/`.bias` for Linear/LN). */
-interface BlockKeys {
+export interface BlockKeys {
   ln1: string;
   ln2: string;
   fc1: string;
@@ -115,14 +119,18 @@ function shapeOf(lookup: ShapeLookup, key: string): number[] | undefined {
  * which token-embedding key exists; width/vocab/context from the embedding shapes; layers by
  * counting blocks; the MLP width from fc1/c_fc. `heads` defaults to width/64 (see the config).
  */
-export function textConfigFromKeys(lookup: ShapeLookup, opts: { heads?: number } = {}): ClipTextConfig {
-  const family: TextFamily | undefined = shapeOf(lookup, textKeyNames('sd1').tokenEmbedding)
+export function textConfigFromKeys(
+  lookup: ShapeLookup, opts: { heads?: number; family?: TextFamily; prefix?: string } = {},
+): ClipTextConfig {
+  const family: TextFamily | undefined = opts.family ?? (shapeOf(lookup, textKeyNames('sd1').tokenEmbedding)
     ? 'sd1'
-    : shapeOf(lookup, textKeyNames('sd2').tokenEmbedding) ? 'sd2' : undefined;
+    : shapeOf(lookup, textKeyNames('sd2').tokenEmbedding) ? 'sd2' : undefined);
   if (!family) {
     throw new Error(`text encoder: found neither '${textKeyNames('sd1').tokenEmbedding}' (SD1) nor '${textKeyNames('sd2').tokenEmbedding}' (SD2)`);
   }
-  const names = textKeyNames(family);
+  const prefix = opts.prefix ?? (family === 'sd1' ? SD1_PREFIX : SD2_PREFIX);
+  const names = textKeyNames(family, prefix);
+  if (!shapeOf(lookup, names.tokenEmbedding)) throw new Error(`text encoder: missing '${names.tokenEmbedding}'`);
   const [vocabSize, width] = shapeOf(lookup, names.tokenEmbedding) as [number, number];
   const contextLength = must(lookup, names.positionEmbedding)[0]!;
   let layers = 0;
@@ -135,8 +143,8 @@ export function textConfigFromKeys(lookup: ShapeLookup, opts: { heads?: number }
   }
   const sd1 = family === 'sd1';
   return {
-    family, prefix: sd1 ? SD1_PREFIX : SD2_PREFIX, width, layers, heads, mlpWidth, vocabSize, contextLength,
-    activation: sd1 ? 'quick_gelu' : 'gelu', contextLayer: sd1 ? 'last' : 'penultimate', layerNormEps: 1e-5,
+    family, prefix, width, layers, heads, mlpWidth, vocabSize, contextLength,
+    activation: sd1 ? 'quick_gelu' : 'gelu', contextLayer: sd1 ? 'last' : 'penultimate', contextNorm: true, layerNormEps: 1e-5,
   };
 }
 
@@ -157,6 +165,27 @@ export function textKeys(cfg: ClipTextConfig): { used: string[]; unused: string[
     used.push(...wb(b.ln1), ...qkv, ...wb(b.outProj), ...wb(b.ln2), ...wb(b.fc1), ...wb(b.fc2));
   }
   return { used, unused: names.unused };
+}
+
+/** PyTorch shape of every key the forward reads (the load check and the key-consumption tests). */
+export function textParamShapes(cfg: ClipTextConfig): Map<string, number[]> {
+  const names = textKeyNames(cfg.family, cfg.prefix);
+  const [w, m] = [cfg.width, cfg.mlpWidth];
+  const out = new Map<string, number[]>([[names.tokenEmbedding, [cfg.vocabSize, w]], [names.positionEmbedding, [cfg.contextLength, w]]]);
+  const lin = (n: string, o: number, i: number) => out.set(`${n}.weight`, [o, i]).set(`${n}.bias`, [o]);
+  const ln = (n: string) => out.set(`${n}.weight`, [w]).set(`${n}.bias`, [w]);
+  ln(names.finalLn);
+  for (let i = 0; i < cfg.layers; i++) {
+    const b = names.block(i);
+    ln(b.ln1);
+    ln(b.ln2);
+    if ('fused' in b.qkv) out.set(`${b.qkv.fused}weight`, [3 * w, w]).set(`${b.qkv.fused}bias`, [3 * w]);
+    else for (const n of [b.qkv.q, b.qkv.k, b.qkv.v]) lin(n, w, w);
+    lin(b.outProj, w, w);
+    lin(b.fc1, m, w);
+    lin(b.fc2, w, m);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -192,7 +221,7 @@ export function encodeText(p: Params, cfg: ClipTextConfig, ids: number[][], opts
     let h = embed(p, cfg, ids, opts.splices);
     const mask = causalMask(h.shape[1]!);
     for (let i = 0; i < run; i++) h = block(p, cfg, names.block(i), h, mask);
-    return layerNorm(p, names.finalLn, h, cfg.layerNormEps);
+    return cfg.contextNorm ? layerNorm(p, names.finalLn, h, cfg.layerNormEps) : h;
   }));
 }
 
@@ -225,7 +254,7 @@ export function encodeTextHidden(p: Params, cfg: ClipTextConfig, ids: number[][]
       hidden,
       lastHiddenState: finalLn(after(cfg.layers)),
       penultimateLn: finalLn(after(Math.max(cfg.layers - 1, 0))),
-      context: finalLn(after(contextBlocks(cfg, opts.clipSkip))),
+      context: cfg.contextNorm ? finalLn(after(contextBlocks(cfg, opts.clipSkip))) : after(contextBlocks(cfg, opts.clipSkip)),
     };
   }));
 }
@@ -240,7 +269,7 @@ export function namedTextOutputs(h: TextHidden): Map<string, Tensor> {
 }
 
 /** How many blocks run before the final LayerNorm gives the context. */
-function contextBlocks(cfg: ClipTextConfig, clipSkip = 1): number {
+export function contextBlocks(cfg: ClipTextConfig, clipSkip = 1): number {
   // ldm FrozenOpenCLIPEmbedder(layer='penultimate'): stop before the last block; webui
   // sd_hijack_open_clip.py does not apply CLIP skip to SD2.
   if (cfg.contextLayer === 'penultimate') return Math.max(cfg.layers - 1, 0);
@@ -253,7 +282,7 @@ function contextBlocks(cfg: ClipTextConfig, clipSkip = 1): number {
 }
 
 /** Token embedding (TI rows spliced in) + position embedding: [B, T, W]. */
-function embed(p: Params, cfg: ClipTextConfig, ids: number[][], splices: TextSplice[] = []): Tensor {
+export function embed(p: Params, cfg: ClipTextConfig, ids: number[][], splices: TextSplice[] = []): Tensor {
   const names = textKeyNames(cfg.family, cfg.prefix);
   const t = ids[0]?.length ?? 0;
   if (t === 0 || t > cfg.contextLength || ids.some((row) => row.length !== t)) {
@@ -333,7 +362,7 @@ function spliceRows(tokens: Tensor, splices: TextSplice[]): Tensor {
 }
 
 /** openai CLIP build_attention_mask: token i attends to 0..i (a large negative above the diagonal). */
-function causalMask(t: number): Tensor {
+export function causalMask(t: number): Tensor {
   const mask = new Float32Array(t * t);
   for (let i = 0; i < t; i++) for (let j = i + 1; j < t; j++) mask[i * t + j] = -1e30; // exp → exactly 0, no inf arithmetic
   return tf.tensor2d(mask, [t, t]);
@@ -347,7 +376,7 @@ function affine(p: Params, weightKey: string, biasKey: string, x: Tensor): Tenso
 }
 
 /** Pre-LN residual block: x + attn(ln_1 x), then + mlp(ln_2 x) (openai ResidualAttentionBlock). */
-function block(p: Params, cfg: ClipTextConfig, k: BlockKeys, x: Tensor, mask: Tensor): Tensor {
+export function block(p: Params, cfg: ClipTextConfig, k: BlockKeys, x: Tensor, mask: Tensor): Tensor {
   const lin = (name: string, h: Tensor) => affine(p, `${name}.weight`, `${name}.bias`, h);
   const a = layerNorm(p, k.ln1, x, cfg.layerNormEps);
   let q: Tensor, key: Tensor, v: Tensor;

@@ -101,6 +101,17 @@ export class NoiseSchedule implements ScheduleBuffers {
     return this.betas.length;
   }
 
+  private sigmaTable?: Float32Array;
+
+  /**
+   * sgm's sigma of each timestep, ascending (DiscreteDenoiser, LegacyDDPMDiscretization):
+   * float32((1 − ᾱ)/ᾱ) then its float32 square root; σ and t are the same index.
+   */
+  get sigmas(): Float32Array {
+    this.sigmaTable ??= Float32Array.from(this.alphasCumprod, (acp) => Math.fround(Math.sqrt(Math.fround((1 - acp) / acp))));
+    return this.sigmaTable;
+  }
+
   /** util.py extract_into_tensor: per-sample coefficient broadcast as [B, 1, 1, 1]. */
   private coef(buffer: Float32Array, timesteps: number[]): Tensor {
     const values = timesteps.map((t) => {

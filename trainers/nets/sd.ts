@@ -5,16 +5,18 @@
  *
  * What the tensors cannot say (attention head counts, v vs eps, scale factor) comes, as in the
  * webui (modules/sd_models_config.py find_checkpoint_config_near_filename), from a config next to
- * the checkpoint: `<stem>.yaml` in ldm's format, or a fixture-style `config.json`; otherwise the
- * real models' values apply (SD1: 8 UNet heads, SD2: 64-channel heads, text heads = width/64).
+ * the checkpoint: `<stem>.yaml` in ldm's or sgm's format, or a fixture-style `config.json`;
+ * otherwise the real models' values apply (SD1: 8 UNet heads, SD2/SDXL: 64-channel heads, text
+ * heads = width/64; SDXL latents × 0.13025).
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, extname, join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { openCheckpoint, type Family, type Prediction } from '../io/checkpoint.ts';
+import { openCheckpoint, yamlPrediction, type Family, type Prediction } from '../io/checkpoint.ts';
 import type { TensorSource } from '../io/types.ts';
 import { loadParams, type Params } from './params.ts';
 import { textConfigFromKeys, textKeys, type ClipTextConfig } from './clip.ts';
+import { sdxlTextConfigs, sdxlTextKeys, type SdxlText } from './sdxl-conditioner.ts';
 import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
 import { loadVae, type VaeConfig } from './vae.ts';
 import type { UNetMemory } from '../memory/options.ts';
@@ -25,6 +27,8 @@ import { loadSchedule, type NoiseSchedule } from './noise-schedule.ts';
 export interface ModelOverrides {
   unetHeads: HeadOverrides;
   textHeads?: number;
+  /** SDXL's OpenCLIP-G heads (textHeads is CLIP-L's there). */
+  textHeadsG?: number;
   prediction?: Prediction;
   scaleFactor?: number;
   /** The file the overrides came from, for messages. */
@@ -38,7 +42,9 @@ export function modelOverrides(checkpointPath: string): ModelOverrides {
   const dir = dirname(checkpointPath);
   const yamlPath = join(dir, `${basename(checkpointPath, extname(checkpointPath))}.yaml`);
   if (existsSync(yamlPath)) {
-    const params: Json = (parseYaml(readFileSync(yamlPath, 'utf8')) as Json)?.model?.params ?? {};
+    const doc = parseYaml(readFileSync(yamlPath, 'utf8')) as Json;
+    const params: Json = doc?.model?.params ?? {};
+    if (params.network_config) return sgmOverrides(params, yamlPrediction(doc), yamlPath);
     const unet: Json = params.unet_config?.params ?? {};
     return {
       unetHeads: pickHeads(unet),
@@ -50,6 +56,10 @@ export function modelOverrides(checkpointPath: string): ModelOverrides {
   const jsonPath = join(dir, 'config.json');
   if (existsSync(jsonPath)) {
     const cfg = JSON.parse(readFileSync(jsonPath, 'utf8')) as Json;
+    if (cfg.engine_config?.params?.network_config) {
+      const o = sgmOverrides(cfg.engine_config.params, yamlPrediction({ model: cfg.engine_config }), jsonPath);
+      return { ...o, textHeadsG: cfg.open_clip_model_config?.text_cfg?.heads ?? o.textHeadsG };
+    }
     if (cfg.unet?.params) {
       return {
         unetHeads: pickHeads(cfg.unet.params),
@@ -61,6 +71,18 @@ export function modelOverrides(checkpointPath: string): ModelOverrides {
     }
   }
   return { unetHeads: {} };
+}
+
+/** sgm DiffusionEngine params (sd_xl_base.yaml `model.params`): heads, scale, prediction. */
+function sgmOverrides(params: Json, prediction: Prediction, from: string): ModelOverrides {
+  const embedders: Json[] = params.conditioner_config?.params?.emb_models ?? [];
+  return {
+    unetHeads: pickHeads(params.network_config?.params ?? {}),
+    textHeads: embedders[0]?.params?.heads,
+    prediction,
+    scaleFactor: params.scale_factor,
+    from,
+  };
 }
 
 function pickHeads(p: Json): HeadOverrides {
@@ -75,7 +97,10 @@ export interface SdModel {
   source: TensorSource;
   family: Family;
   overrides: ModelOverrides;
+  /** SD1/SD2's text encoder. */
   text?: { params: Params; cfg: ClipTextConfig };
+  /** SDXL's two text encoders (sdxl-conditioner.ts); `text` is absent then. */
+  textXl?: SdxlText;
   /** `memory`: the job's gradient checkpointing / attention slicing (memory-options.ts). */
   unet?: { params: Params; cfg: UNetConfig; memory?: UNetMemory };
   vae?: { params: Params; cfg: VaeConfig };
@@ -98,12 +123,29 @@ export async function loadText(source: TensorSource, heads?: number): Promise<{ 
   return { params: await loadParams(source, [cfg.prefix], (k) => !wanted.has(k)), cfg };
 }
 
+/** Load SDXL's two text encoders from an open source. */
+export async function loadTextXl(source: TensorSource, overrides: Pick<ModelOverrides, 'textHeads' | 'textHeadsG'> = {}): Promise<SdxlText> {
+  const cfg = sdxlTextConfigs(shapesOf(source), { l: overrides.textHeads, g: overrides.textHeadsG });
+  const wanted = new Set(sdxlTextKeys(cfg).used);
+  return { params: await loadParams(source, [cfg.l.prefix, cfg.g.prefix], (k) => !wanted.has(k)), cfg };
+}
+
+/** SDXL's VAE latent scale (sd_xl_base.yaml scale_factor). */
+export const SDXL_SCALE_FACTOR = 0.13025;
+
 /** Frozen parts kept in float16 (half-params.ts): the job's halfFrozenWeights, for the parts that do not train. */
 export interface HalfParts { unet?: boolean; text?: boolean }
 
-/** Open a checkpoint and load the requested parts. The caller closes `source` when done. */
-export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts = {}): Promise<SdModel> {
+/**
+ * Open a checkpoint and load the requested parts. The caller closes `source` when done.
+ * `xl`: the caller handles SDXL (`textXl`, `y`); without it an SDXL file is refused, naming it.
+ */
+export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts = {}, opts: { xl?: boolean; what?: string } = {}): Promise<SdModel> {
   const ckpt = await openCheckpoint(path);
+  if (ckpt.family === 'sdxl' && !opts.xl) {
+    await ckpt.source.close();
+    throw new Error(`${path}: an SDXL checkpoint; ${opts.what ?? 'this method'} trains SD1.x/SD2.x checkpoints only`);
+  }
   const overrides = modelOverrides(path);
   const source = ckpt.source;
   const model: SdModel = {
@@ -111,11 +153,15 @@ export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts
     schedule: await loadSchedule(source),
     prediction: ckpt.prediction ?? overrides.prediction ?? 'eps',
   };
-  if (parts.includes('text')) model.text = await loadText(source, overrides.textHeads);
+  const xl = ckpt.family === 'sdxl';
+  if (parts.includes('text') && !xl) model.text = await loadText(source, overrides.textHeads);
+  if (parts.includes('text') && xl) model.textXl = await loadTextXl(source, overrides);
   if (model.text && half.text) model.text.params = await halfFrozen(model.text.params);
+  if (model.textXl && half.text) model.textXl.params = await halfFrozen(model.textXl.params);
   if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads) : await loadUnet(source, overrides.unetHeads);
   const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
-  if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor: overrides.scaleFactor });
+  const scaleFactor = overrides.scaleFactor ?? (xl ? SDXL_SCALE_FACTOR : undefined);
+  if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor });
   // SD2 without a config saying which: the webui's test run (needs the UNet)
   if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
     model.prediction = (await detectVPrediction(model.unet.params, model.unet.cfg)) ? 'v' : 'eps';
