@@ -26,6 +26,7 @@ const LAYERS: Record<string, number> = {
   train: 6,
   methods: 7,
   'golden.ts': 8,
+  'golden-sdxl.ts': 8,
 };
 
 function walk(dir: string): string[] {

@@ -65,6 +65,16 @@ export async function openCheckpoint(path: string, options: { ema?: boolean } = 
   }
 }
 
+/** The family of a checkpoint file from its keys alone (the header), without loading anything. */
+export async function peekFamily(path: string): Promise<Family> {
+  const raw = await openTensorFile(path);
+  try {
+    return detectFamily(normaliseKeys(raw, false));
+  } finally {
+    await raw.close();
+  }
+}
+
 /** SD1 / SD2 / SDXL from the keys, or an error saying what the model is and that it is not supported. */
 export function detectFamily(src: Pick<TensorSource, 'path' | 'has' | 'info' | 'keys'>): Family {
   const refuse = (what: string): never => {

@@ -24,7 +24,7 @@ export interface XlVectors {
 export interface XlTiBatch extends DiffusionBatch {
   idsL: number[][];
   idsG: number[][];
-  /** Per row: positions (same in both sequences) that get vectors 0..n-1. */
+  /** Per row: positions (same in both sequences) that get vectors 0..n-1, then 0..n-1 again for a second occurrence, …. */
   positions: number[][];
   sizes: SizeCond[];
 }
@@ -33,7 +33,10 @@ export type XlTiModel = Denoiser & { textXl: SdxlText };
 
 /** Context and pooled vector with the embedding spliced into both encoders. */
 export function xlTiConditioning(text: SdxlText, vectors: XlVectors, batch: Pick<XlTiBatch, 'idsL' | 'idsG' | 'positions'>) {
-  const splice = (v: Tensor) => batch.positions.map((positions, row) => ({ batch: row, positions, vectors: v }));
+  const splice = (v: Tensor) => batch.positions.flatMap((positions, row) => {
+    const n = v.shape[0]!;
+    return Array.from({ length: Math.ceil(positions.length / n) }, (_, k) => ({ batch: row, positions: positions.slice(k * n, k * n + n), vectors: v }));
+  });
   return encodeSdxlText(text, batch.idsL, batch.idsG, { l: splice(vectors.l), g: splice(vectors.g) });
 }
 

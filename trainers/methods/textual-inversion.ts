@@ -24,6 +24,9 @@ import {
 import { tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import type { JobContext, JobResult } from '../job.ts';
+import { peekFamily } from '../io/checkpoint.ts';
+import { checkReadableDir, checkReadableFile } from '../io/paths.ts';
+import { initXlState, xlTiMethod, xlTiPaths, type XlRun } from './textual-inversion-xl-job.ts';
 
 export type { TokenizedPrompt };
 
@@ -141,6 +144,7 @@ function tiMethod(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths): 
 
 /** The TI job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
 export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
+  if (await peekFamily(await checkReadableFile(spec.model, '/model')) === 'sdxl') return runTextualInversionXl(spec, ctx);
   const paths = await checkRun(spec, resolve(spec.embeddingsDir), 'embeddings');
   parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
   const backend = await initJobBackend(spec, ctx);
@@ -152,6 +156,26 @@ export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promis
     return { step, output: paths.output, outputs, kind: 'embedding', usage: spec.name, cancelled };
   } finally {
     s.vectors.dispose();
+    s.optimizer.dispose();
+    releaseRun(run);
+    await run.model.source.close();
+  }
+}
+
+/** SDXL: both encoders' vectors, `<name>.safetensors` {clip_l, clip_g} (textual-inversion-xl-job.ts). */
+async function runTextualInversionXl(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
+  await checkReadableDir(spec.images, '/images');
+  const paths = xlTiPaths(spec);
+  parseLrSchedule(spec.lr, spec.steps);
+  const backend = await initBackend();
+  const run = (await prepareRun(spec, ctx, 'textual_inversion', { xl: true })) as XlRun;
+  const s = await initXlState(run, spec, paths, ctx);
+  try {
+    const method = xlTiMethod(run, spec, s, paths);
+    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { family: 'sdxl' }, ctx);
+    return { step, output: paths.output, outputs, kind: 'embedding', usage: spec.name, cancelled };
+  } finally {
+    tf.dispose([s.vectors.l, s.vectors.g]);
     s.optimizer.dispose();
     releaseRun(run);
     await run.model.source.close();

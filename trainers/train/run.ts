@@ -106,19 +106,20 @@ export interface PreparedRun {
 }
 
 /** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
-export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string): Promise<PreparedRun> {
+export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean } = {}): Promise<PreparedRun> {
   const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }));
   const memory = await chooseUNetMemory(type, spec, ctx);
   // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
   const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains } : {};
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half)) as PreparedRun['model'];
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type })) as PreparedRun['model'];
   model.unet.memory = memory;
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
+  const scaleFactor = model.vae!.cfg.scaleFactor; // the family's (SDXL 0.13025) or the config's
   disposeParams(model.vae!.params);
   delete model.vae;
   dataset.releasePixels();
-  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;
+  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor }) : undefined;
   return {
     dataset, model, latents, decoder, tokenizer: await ClipTokenizer.load(),
     modelHash: await modelHash(spec.model), modelName: basename(spec.model, extname(spec.model)),
@@ -204,8 +205,11 @@ export async function resumeSource(paths: RunPaths, name: string): Promise<strin
 
 export function releaseRun(run: PreparedRun): void {
   run.latents.dispose();
-  releaseTextCache(run.model.text.params);
-  disposeParams(run.model.text.params);
+  if (run.model.text) {
+    releaseTextCache(run.model.text.params);
+    disposeParams(run.model.text.params);
+  }
+  if (run.model.textXl) disposeParams(run.model.textXl.params);
   disposeParams(run.model.unet.params);
   if (run.decoder) disposeParams(run.decoder.params);
 }
