@@ -187,7 +187,7 @@ export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {})
       // the SDXL part lives in golden-sdxl.ts; the VAE is the same network
       await vaeGoldens(c, out);
       await sdxlGoldens(c, out);
-      return await compare(g, inputs, out);
+      return await compare(g, inputs, out, computePrecision() === 'bf16');
     }
     await textGoldens(c, out);
     await unetGoldens(c, out);

@@ -167,7 +167,7 @@ async function runTextualInversionXl(spec: TiSpec, ctx: JobContext): Promise<Job
   await checkReadableDir(spec.images, '/images');
   const paths = xlTiPaths(spec);
   parseLrSchedule(spec.lr, spec.steps);
-  const backend = await initBackend();
+  const backend = await initJobBackend(spec, ctx);
   const run = (await prepareRun(spec, ctx, 'textual_inversion', { xl: true })) as XlRun;
   const s = await initXlState(run, spec, paths, ctx);
   try {

@@ -1,0 +1,94 @@
+/**
+ * @file The SDXL half of the LoRA method (kohya sd-scripts sdxl_train_network.py): batches carry
+ * both id sequences and each image's size conditioning (sgm/kohya: original size, crop
+ * top-left, target size), the loss is sgm's with the `vector` y, and the adapters sit on the
+ * sgm UNet and, with `text`, on both encoders (`lora_te1_*`, `lora_te2_*`, nets/lora.ts).
+ * While the encoders do not train their outputs are computed outside the tape, once per batch.
+ */
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { tf } from '../../backend/index.ts';
+import { mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
+import { overlayParams } from '../../nets/half-params.ts';
+import { sampleImage, savePreviewPng } from '../../train/sample.ts';
+import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../../nets/sdxl-conditioner.ts';
+import { sgmLoss } from '../../train/sgm-loss.ts';
+import { xlIds, xlSampling } from '../../train/sdxl-sampling.ts';
+import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/run.ts';
+import { withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
+import { sizeCondOf } from '../textual-inversion-xl-job.ts';
+import type { LoraRun, LoraSpec } from './lora-file.ts';
+
+export type XlLoraBatch = PriorBatch & { sizes: SizeCond[]; cond?: SdxlConditioning };
+
+const textOf = (run: PreparedRun): SdxlText => {
+  if (!run.model.textXl) throw new Error('LoRA: not an SDXL model');
+  return run.model.textXl;
+};
+
+/** The conditioning of the batch's prompts with the adapters read lazily (inside the tape when they train). */
+function conditioning(run: PreparedRun, net: LoraNetwork, ids: number[][], opts: { dropout?: number; seed?: number } = {}): SdxlConditioning {
+  const text = textOf(run);
+  const { idsL, idsG } = xlIds(ids);
+  return encodeSdxlText({ params: withLora(text.params, net, opts), cfg: text.cfg }, idsL, idsG);
+}
+
+/** Instance rows (+ class rows, generated at the job's size: nothing cropped), with sizes; text encoded now when it does not train. */
+export function nextXlLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: number, micro: number, textTrains: boolean): XlLoraBatch {
+  const { prompts, ...inst } = diffusionBatch(run, spec as CommonSpec, step, micro, new Map());
+  const items = run.dataset.batchAt(step - 1, micro).items;
+  const at = { step, micro, gradAccum: run.dataset.gradAccum };
+  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
+  const batch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
+  const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
+  const sizes = [...items.map((i) => sizeCondOf(run, i)), ...new Array<SizeCond>(batch.classRows).fill(size)];
+  const xl: XlLoraBatch = { ...batch, sizes };
+  if (!textTrains) xl.cond = conditioning(run, net, batch.ids); // encodeSdxlText tidies its intermediates
+  return xl;
+}
+
+/** sgm loss of the adapted model; with class rows, instance mean + priorWeight × class mean. */
+export function xlLoraLoss(run: PreparedRun, net: LoraNetwork, batch: XlLoraBatch, opts: { dropout: number; seed: number; priorWeight: number }): PriorLoss {
+  return tf.tidy(() => {
+    const { unet } = run.model;
+    const cond = batch.cond ?? conditioning(run, net, batch.ids, opts);
+    const vector = vectorConditioning(cond.pooled, batch.sizes, unet.cfg.admInChannels);
+    const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
+    const { perSample } = sgmLoss(model, batch, { crossattn: cond.crossattn, vector });
+    const n = batch.timesteps.length - batch.classRows;
+    if (!batch.classRows) {
+      const loss = perSample.mean() as tf.Scalar;
+      return { loss, instance: loss.clone() };
+    }
+    const instance = perSample.slice(0, n).mean() as tf.Scalar;
+    const prior = perSample.slice(n).mean() as tf.Scalar;
+    return { loss: instance.add(prior.mul(opts.priorWeight)) as tf.Scalar, instance, prior };
+  });
+}
+
+/** Tensors of a batch to release after its step. */
+export const xlBatchTensors = (b: XlLoraBatch) => [b.latents, b.noise, ...(b.cond ? [b.cond.crossattn, b.cond.pooled] : [])];
+
+/** A preview of the adapted model (multiplier 1, no dropout): merged views of the UNet and both encoders. */
+export async function xlLoraPreview(run: PreparedRun, spec: CommonSpec, net: LoraNetwork, path: string, ids: number[]): Promise<string> {
+  const text = textOf(run);
+  const { unet, schedule, prediction } = run.model;
+  const merged = { unet: mergeLora(unet.params, net), text: mergeLora(text.params, net) };
+  const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
+  const adaptedText = { params: params.text, cfg: text.cfg };
+  const { idsL, idsG } = xlIds([ids]);
+  const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
+  const inputs = xlSampling(adaptedText, { ...unet, params: params.unet }, encodeSdxlText(adaptedText, idsL, idsG), run.tokenizer, size);
+  try {
+    const image = await sampleImage(
+      { ...inputs, schedule, vae: run.decoder! },
+      { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
+    );
+    await mkdir(dirname(path), { recursive: true });
+    await savePreviewPng(path, image.rgb, image.width, image.height, `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}`);
+    return path;
+  } finally {
+    inputs.dispose();
+    tf.dispose([...merged.unet.values(), ...merged.text.values()]);
+  }
+}
