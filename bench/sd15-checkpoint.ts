@@ -13,6 +13,7 @@ import { writeSafetensors, type TensorToWrite } from '../trainers/io/safetensors
 import { floatToHalfBits } from '../trainers/io/half.ts';
 
 export const SD15_KEYS = 'test/fixtures/sd-tiny/keys-sd15.json';
+export const SDXL_KEYS = 'test/fixtures/sdxl-tiny/keys-sdxl.json';
 
 /** ldm make_beta_schedule('linear', 1000, 0.00085, 0.012) and the buffers LatentDiffusion registers. */
 function scheduleBuffers(n = 1000): Record<string, Float64Array> {
@@ -51,6 +52,7 @@ function uniformHalf(count: number, bound: number, seed: number): Uint8Array {
 
 function randomTensor(name: string, shape: number[], seed: number): TensorToWrite {
   const count = shape.reduce((a, b) => a * b, 1);
+  if (shape.length === 0) return { name, dtype: 'F16', shape, data: new Uint8Array(2) }; // e.g. OpenCLIP's logit_scale (unused)
   if (name.endsWith('position_ids')) return { name, dtype: 'I64', shape, data: new Uint8Array(new BigInt64Array(Array.from({ length: count }, (_, i) => BigInt(i))).buffer) };
   if (shape.length === 1) {
     const one = floatToHalfBits(name.endsWith('.weight') ? 1 : 0);

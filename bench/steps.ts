@@ -15,14 +15,17 @@
  * (variants `bf16`, and `fp32` for the LoRA row it compares with); bench/precision.ts has the
  * peak probes those rows' GFLOP/s compare with.
  *
+ * SDXL (issue 18): an SDXL-shaped model (random F16 weights from keys-sdxl.json) for TI and LoRA
+ * at 512 and 1024 px, batch 1, with the memory levers (float16 frozen weights, checkpointing).
+ *
  * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…]`.
- * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows.
+ * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows, SIDETRAIN_BENCH_SDXL=0 the SDXL ones.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { writeRandomSd15 } from './sd15-checkpoint.ts';
+import { SDXL_KEYS, writeRandomCheckpoint, writeRandomSd15 } from './sd15-checkpoint.ts';
 import { pytorchTiStep } from './pytorch.ts';
 import { estimateJob, type JobEstimate } from '../trainers/memory/estimate.ts';
 import { RSS_LIMIT_BYTES, runBenchChild, statusKb, type Row } from './child.ts';
@@ -31,7 +34,7 @@ const TINY = 'test/fixtures/sd-tiny/model.safetensors';
 const SELF = fileURLToPath(import.meta.url);
 
 export interface StepRowSpec {
-  model: 'sd-tiny' | 'sd15-shaped';
+  model: 'sd-tiny' | 'sd15-shaped' | 'sdxl-shaped';
   method: string;
   px: number;
   steps: number;
@@ -59,7 +62,7 @@ export const MEMORY_VARIANTS: { label: string; options: Record<string, unknown> 
  * SD1.5 on the first only (WASM's 4 GB heap cannot hold it). SD1.5 steps take tens of seconds,
  * so those rows time one step after the warm-up one; a row whose estimate does not fit is skipped.
  */
-export function stepRows(methods: string[], backends: string[], sd15: boolean): StepRowSpec[] {
+export function stepRows(methods: string[], backends: string[], sd15: boolean, sdxl = false): StepRowSpec[] {
   const rows: StepRowSpec[] = [];
   const sized = methods.filter((m) => !VARIANT_METHODS.has(m));
   const varied = methods.filter((m) => VARIANT_METHODS.has(m));
@@ -85,8 +88,16 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean): 
       for (const v of MEMORY_VARIANTS) rows.push({ model, method, px: 256, steps: model === 'sd-tiny' ? 3 : 2, backend: backends[0]!, options: v.options, label: v.label });
     }
   }
+  // SDXL: TI and LoRA at 512 and 1024 px with the levers a 24 GB machine needs
+  if (sdxl) {
+    for (const method of methods.filter((m) => m === 'textual_inversion' || m === 'lora')) {
+      for (const px of [512, 1024]) rows.push({ model: 'sdxl-shaped', method, px, steps: 2, backend: backends[0]!, options: XL_LEVERS, label: 'half+ckpt' });
+    }
+  }
   return rows;
 }
+
+const XL_LEVERS = { halfFrozenWeights: true, gradientCheckpointing: 'on' };
 
 /** The job spec of a row (the schema fills every other default). */
 export function jobSpec(r: StepRowSpec, modelPath: string, images: string, out: string): Record<string, unknown> {
@@ -126,19 +137,21 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 const runChild = (args: string[], backend: string, timeoutMs: number) => runBenchChild(SELF, args, backend, timeoutMs);
 
 /** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
-export async function benchSteps(opts: { backends?: string[]; methods?: string[]; variants?: string[]; sd15?: boolean; quick?: boolean } = {}): Promise<Row[]> {
+export async function benchSteps(opts: { backends?: string[]; methods?: string[]; variants?: string[]; sd15?: boolean; sdxl?: boolean; quick?: boolean } = {}): Promise<Row[]> {
   const { methods } = await import('../trainers/methods/index.ts');
   const { nativeStatus } = await import('../trainers/backend/native/index.ts');
   const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
   const names = opts.methods ?? Object.keys(methods).filter((m) => ['textual_inversion', 'hypernetwork', 'dreambooth', 'lora'].includes(m));
   const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
+  const sdxl = opts.sdxl ?? process.env.SIDETRAIN_BENCH_SDXL !== '0';
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-bench-steps-'));
   const checkpoint = sd15 ? await writeRandomSd15() : undefined;
+  const checkpointXl = sdxl ? await writeRandomCheckpoint(SDXL_KEYS) : undefined;
   const rows: Row[] = [];
   try {
-    const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512) } as Record<number, string>;
-    for (const r of stepRows(names, backends, sd15).filter((row) => !row.label || !opts.variants || opts.variants.includes(row.label))) {
-      const modelPath = r.model === 'sd-tiny' ? TINY : checkpoint!.path;
+    const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512), ...(sdxl ? { 1024: await makeImages(dir, 1024) } : {}) } as Record<number, string>;
+    for (const r of stepRows(names, backends, sd15, sdxl).filter((row) => !row.label || !opts.variants || opts.variants.includes(row.label))) {
+      const modelPath = r.model === 'sd-tiny' ? TINY : r.model === 'sdxl-shaped' ? checkpointXl!.path : checkpoint!.path;
       const spec = jobSpec(opts.quick ? { ...r, steps: 2 } : r, modelPath, images[r.px]!, join(dir, 'out'));
       const est = await estimateJob(r.method, spec, { backend: r.backend }).catch((err: Error) => err);
       // a row the estimate says cannot fit is not run: the estimate is what a user would see
@@ -152,6 +165,7 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
     if (sd15 && checkpoint) rows.push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
   } finally {
     await checkpoint?.remove();
+    await checkpointXl?.remove();
     rmSync(dir, { recursive: true, force: true });
   }
   return rows;

@@ -5,6 +5,7 @@
 import { readdir, stat } from 'node:fs/promises';
 import { extname, join, relative } from 'node:path';
 import type { WebuiClient } from './webui.ts';
+import { peekFamily } from '../trainers/io/checkpoint.ts';
 
 export interface WebuiFile {
   name: string;
@@ -12,6 +13,8 @@ export interface WebuiFile {
   title?: string;
   hash?: string | null;
   loaded?: boolean;
+  /** Checkpoints: the family from the file's keys (header only), or 'unsupported: <why>'. */
+  family?: string;
   source: 'webui' | 'folder';
 }
 
@@ -65,13 +68,24 @@ async function fromWebui<T>(webui: WebuiClient, fetch: () => Promise<T>): Promis
 export async function listModels(webui: WebuiClient, folder: string): Promise<WebuiFileList> {
   const models = await fromWebui(webui, () => webui.sdModels());
   if (models) {
-    return {
-      webuiUp: true,
-      folder,
-      items: models.map((m) => ({ name: m.model_name, title: m.title, path: m.filename, hash: m.hash ?? null, source: 'webui' as const })),
-    };
+    const items = models.map((m) => ({ name: m.model_name, title: m.title, path: m.filename, hash: m.hash ?? null, source: 'webui' as const }));
+    return { webuiUp: true, folder, items: await withFamilies(items) };
   }
-  return { webuiUp: false, folder, items: await listFolder(folder, ['.safetensors', '.ckpt']) };
+  return { webuiUp: false, folder, items: await withFamilies(await listFolder(folder, ['.safetensors', '.ckpt'])) };
+}
+
+/** Each checkpoint's family from its header (one file at a time: a folder of .ckpt files is read lazily). */
+async function withFamilies(items: WebuiFile[]): Promise<WebuiFile[]> {
+  for (const item of items) {
+    if (!item.path) continue;
+    try {
+      item.family = await peekFamily(item.path);
+    } catch (err) {
+      const why = (err as Error).message.replace(/^.*?: /, '').replace(/ — sidetrain trains.*$/, '');
+      item.family = `unsupported: ${why}`;
+    }
+  }
+  return items;
 }
 
 export async function listEmbeddings(webui: WebuiClient, folder: string): Promise<WebuiFileList> {

@@ -62,6 +62,31 @@ async function inspectHypernetwork(path: string): Promise<Report> {
   return { file: path, format: 'torch zip-pickle', kind: 'hypernetwork', sizes, parameters: params, ...hn.meta, missingKeys: hn.missing };
 }
 
+/**
+ * A kohya-format LoRA: its family from `ss_base_model_version` (what the webui's Lora tab reads),
+ * else from the text-encoder key stems (lora_te1_/lora_te2_: SDXL), modules, rank and alpha.
+ */
+async function inspectLora(path: string, format: string): Promise<Report> {
+  const src = await openTensorFile(path);
+  try {
+    const keys = src.keys();
+    const stems = [...new Set(keys.filter((k) => k.endsWith('.lora_down.weight')).map((k) => k.slice(0, -'.lora_down.weight'.length)))];
+    const meta = src.metadata();
+    const byKeys = stems.some((k) => /^lora_te[12]_/.test(k)) ? 'sdxl' : undefined;
+    const base = meta.ss_base_model_version;
+    const family = base ? (base.startsWith('sdxl') ? 'sdxl' : base === 'sd_v2' ? 'sd2' : base === 'sd_v1' ? 'sd1' : base) : byKeys ?? 'sd1/sd2 (no ss_base_model_version)';
+    const count = (re: RegExp) => stems.filter((k) => re.test(k)).length;
+    const rank = stems[0] ? src.info(`${stems[0]}.lora_down.weight`).shape[0] : undefined;
+    return {
+      file: path, format, kind: 'lora', family, baseModelVersion: base, architecture: meta['modelspec.architecture'],
+      modules: { unet: count(/^lora_unet_/), textEncoder: count(/^lora_te_/), textEncoder1: count(/^lora_te1_/), textEncoder2: count(/^lora_te2_/) },
+      rank, alpha: meta.ss_network_alpha, steps: meta.ss_steps,
+    };
+  } finally {
+    await src.close();
+  }
+}
+
 export async function inspectFile(path: string): Promise<Report> {
   const src = await openTensorFile(path);
   const isSafetensors = !('zip' in src);
@@ -72,6 +97,7 @@ export async function inspectFile(path: string): Promise<Report> {
     const hasUnet = keys.includes('model.diffusion_model.input_blocks.0.0.weight');
     if (hasUnet || keys.some((k) => k.startsWith('conditioner.'))) return inspectCheckpoint(path, format);
     if (keys.length <= 2 || keys.includes('emb_params')) return inspectEmbedding(path, format);
+    if (keys.some((k) => k.endsWith('.lora_down.weight'))) return inspectLora(path, format);
     detectFamily(src); // refuses with the reason (e.g. a VAE or LoRA file)
   }
   const kind = await torchKind(path);

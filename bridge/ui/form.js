@@ -63,9 +63,17 @@ function inputFor(key, p, role, models) {
 }
 
 /** Checkpoint picker: the server's model list (webui API or checkpoints folder), or a typed path. */
+function familyLabel(m) {
+  const name = m.title ?? m.name;
+  if (!m.family) return name;
+  const shown = { sd1: 'SD1', sd2: 'SD2', sdxl: 'SDXL' }[m.family] ?? m.family;
+  return `${name} [${shown}]`;
+}
+
 function modelPicker(key, p, models) {
   const select = el('select', { id: `f-${key}`, name: key, class: 'model-select' }, [
-    ...models.map((m) => el('option', { value: m.path ?? m.name }, m.title ?? m.name)),
+    // the family (SD1/SD2/SDXL, or why it cannot be trained) beside each checkpoint's name
+    ...models.map((m) => el('option', { value: m.path ?? m.name }, familyLabel(m))),
     el('option', { value: '' }, models.length ? 'Other path…' : 'Type a checkpoint path…'),
   ]);
   const other = el('input', { type: 'text', class: 'model-path', placeholder: '/path/to/model.safetensors', spellcheck: false, 'data-for': key });

@@ -54,7 +54,7 @@ const LORA_KINDS: Record<string, RegExp> = {
   proj: /^model\.diffusion_model\..*\.proj_(in|out)\.weight$/,
   ff: /^model\.diffusion_model\..*\.ff\.net\.(0\.proj|2)\.weight$/,
   resnet: /^model\.diffusion_model\..*\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection|op|conv)\.weight$/,
-  text: /^cond_stage_model\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)(\.weight|_weight)$/,
+  text: /^(cond_stage_model|conditioner)\..*(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)(\.weight|_weight)$/,
 };
 
 /** rank·(in + out) per targeted weight (conv: in·kh·kw), and the targeted weights' own size. */

@@ -137,8 +137,22 @@ function headRule(path: string, family: Family): { numHeads?: number; numHeadCha
   return family === 'sd1' ? { numHeads: 8 } : { numHeadChannels: 64 };
 }
 
-/** Text encoder: width, layers, tokens, from its keys (SD1 HF CLIP or SD2 open_clip). */
+/**
+ * Text encoder: width, layers, tokens, from its keys (SD1 HF CLIP or SD2 open_clip). SDXL's two
+ * encoders as one of width W_L + W_G (TI trains n × both) whose layer count keeps the sum of
+ * Σ layers·W² (the weights' and FLOPs' measure).
+ */
 function textShape(shapes: Shapes): { width: number; layers: number; tokens: number; mlp: number } {
+  const xlL = shapes.get('conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight');
+  const xlG = shapes.get('conditioner.embedders.1.model.token_embedding.weight');
+  if (xlL && xlG) {
+    const count = (re: RegExp) => new Set([...shapes.keys()].map((k) => re.exec(k)?.[1]).filter(Boolean)).size;
+    const [wl, wg] = [xlL[1]!, xlG[1]!];
+    const ll = count(/^conditioner\.embedders\.0\.transformer\.text_model\.encoder\.layers\.(\d+)\./);
+    const lg = count(/^conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\./);
+    const width = wl + wg;
+    return { width, layers: Math.max(1, Math.round((ll * wl * wl + lg * wg * wg) / (width * width))), tokens: 77, mlp: 4 * width };
+  }
   const sd1 = shapes.get('cond_stage_model.transformer.text_model.embeddings.token_embedding.weight');
   const sd2 = shapes.get('cond_stage_model.model.token_embedding.weight');
   const width = (sd1 ?? sd2)?.[1] ?? 768;
@@ -284,7 +298,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   // float16 frozen weights: half the bytes, plus the float32 copies alive at once (one block's when checkpointed, all the tape's otherwise)
   const half = spec.halfFrozenWeights === true;
   const unetF32 = paramBytes(shapes, ['model.diffusion_model.']);
-  const textF32 = paramBytes(shapes, ['cond_stage_model.']);
+  const textF32 = paramBytes(shapes, ['cond_stage_model.', 'conditioner.']);
   const upcastUnet = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) : unetF32;
   const weightBytes = {
     text: half && plan.frozen.text ? textF32 / 2 + textF32 / Math.max(1, text.layers) : textF32,

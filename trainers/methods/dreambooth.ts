@@ -104,7 +104,7 @@ export interface DbRun extends PreparedRun {
 
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
 export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<DbRun> {
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'])) as PreparedRun['model'] & SdModel;
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], {}, { what: 'dreambooth (full UNet)', prediction: spec.prediction })) as PreparedRun['model'] & SdModel;
   model.unet.memory = await chooseUNetMemory('dreambooth', spec, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);

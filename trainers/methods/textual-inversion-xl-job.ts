@@ -16,9 +16,9 @@ import { AdamW } from '../optim/adamw.ts';
 import type { TrainMethod } from '../train/loop.ts';
 import { diffusionBatch, previewPromptText, type CommonSpec, type PreparedRun, type RunPaths } from '../train/run.ts';
 import { sampleImage, savePreviewPng } from '../train/sample.ts';
-import { unetForward } from '../nets/unet.ts';
-import { encodeSdxlText, vectorConditioning, type SdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
-import { EOS_ID, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
+import type { SdxlText, SizeCond } from '../nets/sdxl-conditioner.ts';
+import { tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
+import { eosPadded, xlSampling } from '../train/sdxl-sampling.ts';
 import { initVectorsFrom, xlTextualInversionLoss, xlTiConditioning, type XlTiBatch, type XlVectors } from './textual-inversion-xl.ts';
 import type { JobContext } from '../job.ts';
 
@@ -35,11 +35,7 @@ export function xlTiPaths(spec: CommonSpec & { embeddingsDir: string }): RunPath
   return { output, runDir, snapshots: join(runDir, 'embeddings'), images: join(runDir, 'images'), csv: join(runDir, 'loss.csv') };
 }
 
-/** CLIP-L's ids from OpenCLIP-G's: the same tokens, padded with EOS instead of 0 after the (first) EOS. */
-export function eosPadded(ids: number[]): number[] {
-  const end = ids.indexOf(EOS_ID);
-  return ids.map((id, i) => (end >= 0 && i > end ? EOS_ID : id));
-}
+export { eosPadded };
 
 /** sgm/kohya size conditioning of a dataset image: its file's size, the crop taken (none: TI resizes whole), the size trained. */
 export function sizeCondOf(run: PreparedRun, index: number): SizeCond {
@@ -144,22 +140,15 @@ export async function saveXlEmbedding(run: XlRun, name: string, s: XlTiState, pa
   return [path, `${path}.optim`];
 }
 
-/** Preview with sidetrain's sampler: crossattn + vector of the prompt (vectors spliced in) and of the empty prompt. */
+/** Preview with sidetrain's sampler: the prompt's conditioning with the vectors spliced in (train/sdxl-sampling.ts). */
 async function renderXlPreview(run: XlRun, spec: CommonSpec, s: XlTiState, path: string, prompt: TokenizedPrompt): Promise<string> {
   const { textXl, unet, schedule, prediction } = run.model;
   const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
-  const cond = xlTiConditioning(textXl, s.vectors, { idsL: [eosPadded(prompt.ids)], idsG: [prompt.ids], positions: [prompt.embeddings[0]?.positions ?? []] });
-  const empty = run.tokenizer.encode('', 'zero');
-  const unc = encodeSdxlText(textXl, [eosPadded(empty)], [empty]);
-  const [yCond, yUncond] = [vectorConditioning(cond.pooled, [size], unet.cfg.admInChannels), vectorConditioning(unc.pooled, [size], unet.cfg.admInChannels)];
-  const yBoth = tf.concat([yUncond, yCond]); // the sampler batches [uncond, cond] when the contexts match
-  const denoise = (latents: Tensor, t: number, ctx: Tensor) => {
-    const y = ctx.shape[0] === 2 ? yBoth : ctx === unc.crossattn ? yUncond : yCond;
-    return unetForward(unet.params, unet.cfg, latents, new Array(latents.shape[0]).fill(t), ctx, { y, memory: unet.memory });
-  };
+  const cond = xlTiConditioning(textXl, s.vectors, { idsL: [eosPadded(prompt.ids)], idsG: [prompt.ids], positions: [prompt.embeddings.flatMap((e) => e.positions)] });
+  const inputs = xlSampling(textXl, unet, cond, run.tokenizer, size);
   try {
     const image = await sampleImage(
-      { denoise, schedule, vae: run.decoder!, context: cond.crossattn, uncondContext: unc.crossattn },
+      { ...inputs, schedule, vae: run.decoder! },
       { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
     );
     const infotext = `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Sampler: ${spec.previewSampler}, CFG scale: ${spec.previewCfgScale}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}, Model: ${run.modelName}`;
@@ -167,7 +156,7 @@ async function renderXlPreview(run: XlRun, spec: CommonSpec, s: XlTiState, path:
     await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
     return path;
   } finally {
-    tf.dispose([cond.crossattn, cond.pooled, unc.crossattn, unc.pooled, yCond, yUncond, yBoth]);
+    inputs.dispose();
   }
 }
 

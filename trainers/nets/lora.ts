@@ -11,7 +11,11 @@
  * module trained, whatever the layout. Text encoder: SD1 `lora_te_text_model_encoder_layers_N_…`
  * (the HF module path); SD2 uses the same HF-style names, which the webui maps to open_clip's
  * `resblocks.N` (`mlp_fc1` → `mlp.c_fc`, `self_attn` → `attn`, q/k/v → row blocks of the fused
- * `in_proj_weight`, applied only when q, k, v AND out_proj are all present).
+ * `in_proj_weight`, applied only when q, k, v AND out_proj are all present). SDXL (as kohya
+ * sd-scripts sdxl_train_network writes it): CLIP-L `lora_te1_text_model_…` (its HF path) and
+ * OpenCLIP-G `lora_te2_text_model_encoder_layers_N_…` (HF-style names of open_clip's resblocks,
+ * which the webui maps back onto `1_model_transformer_resblocks_N_…`, q/k/v onto the fused
+ * `in_proj_weight`).
  *
  * File layout (kohya): `<name>.lora_down.weight` [r, in] (conv: [r, in, kh, kw]),
  * `<name>.lora_up.weight` [out, r] (conv: [out, r, 1, 1]), `<name>.alpha` scalar;
@@ -56,6 +60,12 @@ export interface LoraNetwork {
 
 const SD1_TEXT = 'cond_stage_model.transformer.text_model.';
 const SD2_TEXT = 'cond_stage_model.model.transformer.resblocks.';
+const XL_TEXT_L = 'conditioner.embedders.0.transformer.text_model.';
+const XL_TEXT_G = 'conditioner.embedders.1.model.transformer.resblocks.';
+
+/** HF-style (CLIP-L-like) and open_clip-style text-encoder prefixes, with their kohya name stems. */
+const HF_TEXT: [prefix: string, stem: string][] = [[SD1_TEXT, 'lora_te_text_model_'], [XL_TEXT_L, 'lora_te1_text_model_']];
+const OPEN_CLIP_TEXT: [prefix: string, stem: string][] = [[SD2_TEXT, 'lora_te_text_model_encoder_layers_'], [XL_TEXT_G, 'lora_te2_text_model_encoder_layers_']];
 
 // ---------------------------------------------------------------------------------------------
 // Names
@@ -71,9 +81,11 @@ const underscore = (s: string) => s.replace(/\./g, '_');
 /** Kohya name of a checkpoint module path (dots → underscores, model prefix dropped). */
 export function kohyaName(module: string): string {
   if (module.startsWith(UNET_PREFIX)) return `lora_unet_${underscore(module.slice(UNET_PREFIX.length))}`;
-  if (module.startsWith(SD1_TEXT)) return `lora_te_text_model_${underscore(module.slice(SD1_TEXT.length))}`;
-  const m = module.startsWith(SD2_TEXT) && /^(\d+)\.(.+)$/.exec(module.slice(SD2_TEXT.length));
-  if (m && SD2_TO_HF[m[2]!]) return `lora_te_text_model_encoder_layers_${m[1]}_${SD2_TO_HF[m[2]!]}`;
+  for (const [prefix, stem] of HF_TEXT) if (module.startsWith(prefix)) return `${stem}${underscore(module.slice(prefix.length))}`;
+  for (const [prefix, stem] of OPEN_CLIP_TEXT) {
+    const m = module.startsWith(prefix) && /^(\d+)\.(.+)$/.exec(module.slice(prefix.length));
+    if (m && SD2_TO_HF[m[2]!]) return `${stem}${m[1]}_${SD2_TO_HF[m[2]!]}`;
+  }
   throw new Error(`LoRA: no kohya name for module '${module}'`);
 }
 
@@ -89,19 +101,28 @@ export function networkLayerMapping(keys: Iterable<string>): Map<string, string>
     if (module === key) continue;
     if (module.startsWith(UNET_PREFIX)) mapping.set(underscore(module.slice('model.'.length)), module);
     else if (module.startsWith('cond_stage_model.')) mapping.set(underscore(module.slice('cond_stage_model.'.length)), module);
+    // SDXL: each embedder's `wrapped` modules, named `<i>_<path>` (0: CLIP-L, 1: OpenCLIP-G)
+    else if (/^conditioner\.embedders\.\d+\./.test(module)) mapping.set(underscore(module.slice('conditioner.embedders.'.length)), module);
   }
   return mapping;
 }
 
 /** lora_convert.convert_diffusers_name_to_compvis, the text-encoder rule (the UNet rules only fire on diffusers names). */
 function convertTextName(name: string, isSd2: boolean): string {
+  const g = /^lora_te2_text_model_encoder_layers_(\d+)_(.+)$/.exec(name);
+  if (g) return `1_model_transformer_resblocks_${g[1]}_${openClipSuffix(g[2]!)}`;
   const m = /^lora_te_text_model_encoder_layers_(\d+)_(.+)$/.exec(name);
   if (!m) return name;
   const [, layer, rest] = m as unknown as [string, string, string];
   if (!isSd2) return `transformer_text_model_encoder_layers_${layer}_${rest}`;
-  if (rest.includes('mlp_fc1')) return `model_transformer_resblocks_${layer}_${rest.replace('mlp_fc1', 'mlp_c_fc')}`;
-  if (rest.includes('mlp_fc2')) return `model_transformer_resblocks_${layer}_${rest.replace('mlp_fc2', 'mlp_c_proj')}`;
-  return `model_transformer_resblocks_${layer}_${rest.replace('self_attn', 'attn')}`;
+  return `model_transformer_resblocks_${layer}_${openClipSuffix(rest)}`;
+}
+
+/** HF CLIP suffix → open_clip's (mlp_fc1 → mlp_c_fc, mlp_fc2 → mlp_c_proj, self_attn → attn). */
+function openClipSuffix(rest: string): string {
+  if (rest.includes('mlp_fc1')) return rest.replace('mlp_fc1', 'mlp_c_fc');
+  if (rest.includes('mlp_fc2')) return rest.replace('mlp_fc2', 'mlp_c_proj');
+  return rest.replace('self_attn', 'attn');
 }
 
 /** Diffusers-style UNet names that convert_diffusers_name_to_compvis rewrites assuming SD's layout. */
@@ -122,6 +143,7 @@ export function webuiModuleFor(name: string, mapping: Map<string, string>, isSd2
   const parent = xproj && mapping.get(xproj[1]!);
   if (parent) return `${parent}.${xproj![2]}`;
   if (name.includes('lora_unet')) return mapping.get(name.replace('lora_unet', 'diffusion_model'));
+  if (name.includes('lora_te1_text_model')) return mapping.get(name.replace('lora_te1_text_model', '0_transformer_text_model'));
   return undefined;
 }
 
@@ -154,11 +176,13 @@ function target(module: string, weightKey: string, shape: number[], rows?: [numb
   return t;
 }
 
-/** Text-encoder targets: SD1 separate Linears; SD2 q/k/v row blocks of in_proj_weight + out_proj + MLP. */
+/** Text-encoder targets: HF CLIP separate Linears; open_clip q/k/v row blocks of in_proj_weight + out_proj + MLP. */
 function textTargets(key: string, shape: number[]): LoraTarget[] {
-  if (key.startsWith(SD1_TEXT) && SD1_TEXT_LINEAR.test(key.slice(SD1_TEXT.length))) return [target(key.slice(0, -'.weight'.length), key, shape)];
-  if (!key.startsWith(SD2_TEXT)) return [];
-  const rest = key.slice(SD2_TEXT.length);
+  const hf = HF_TEXT.find(([prefix]) => key.startsWith(prefix))?.[0];
+  if (hf) return SD1_TEXT_LINEAR.test(key.slice(hf.length)) ? [target(key.slice(0, -'.weight'.length), key, shape)] : [];
+  const oc = OPEN_CLIP_TEXT.find(([prefix]) => key.startsWith(prefix))?.[0];
+  if (!oc) return [];
+  const rest = key.slice(oc.length);
   if (SD2_TEXT_LINEAR.test(rest)) return [target(key.slice(0, -'.weight'.length), key, shape)];
   if (!/^\d+\.attn\.in_proj_weight$/.test(rest)) return [];
   const width = shape[0]! / 3; // rows q; k; v (nn.MultiheadAttention)

@@ -133,6 +133,11 @@ export async function loadTextXl(source: TensorSource, overrides: Pick<ModelOver
 /** SDXL's VAE latent scale (sd_xl_base.yaml scale_factor). */
 export const SDXL_SCALE_FACTOR = 0.13025;
 
+/** The VAE latent scale of a model: its config's, else the family's (SDXL 0.13025, SD1/SD2 0.18215). */
+export function scaleFactorOf(model: Pick<SdModel, 'overrides' | 'family'>): number | undefined {
+  return model.overrides.scaleFactor ?? (model.family === 'sdxl' ? SDXL_SCALE_FACTOR : undefined);
+}
+
 /** Frozen parts kept in float16 (half-params.ts): the job's halfFrozenWeights, for the parts that do not train. */
 export interface HalfParts { unet?: boolean; text?: boolean }
 
@@ -140,7 +145,9 @@ export interface HalfParts { unet?: boolean; text?: boolean }
  * Open a checkpoint and load the requested parts. The caller closes `source` when done.
  * `xl`: the caller handles SDXL (`textXl`, `y`); without it an SDXL file is refused, naming it.
  */
-export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts = {}, opts: { xl?: boolean; what?: string } = {}): Promise<SdModel> {
+export async function loadSdModel(
+  path: string, parts: SdPart[], half: HalfParts = {}, opts: { xl?: boolean; what?: string; prediction?: Prediction | 'auto' } = {},
+): Promise<SdModel> {
   const ckpt = await openCheckpoint(path);
   if (ckpt.family === 'sdxl' && !opts.xl) {
     await ckpt.source.close();
@@ -160,10 +167,12 @@ export async function loadSdModel(path: string, parts: SdPart[], half: HalfParts
   if (model.textXl && half.text) model.textXl.params = await halfFrozen(model.textXl.params);
   if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads) : await loadUnet(source, overrides.unetHeads);
   const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
-  const scaleFactor = overrides.scaleFactor ?? (xl ? SDXL_SCALE_FACTOR : undefined);
+  const scaleFactor = scaleFactorOf({ overrides, family: ckpt.family });
   if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor });
+  // the job's --prediction eps|v wins: models whose file carries no hint (v-prediction SDXL finetunes)
+  if (opts.prediction === 'eps' || opts.prediction === 'v') model.prediction = opts.prediction;
   // SD2 without a config saying which: the webui's test run (needs the UNet)
-  if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
+  else if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
     model.prediction = (await detectVPrediction(model.unet.params, model.unet.cfg)) ? 'v' : 'eps';
   }
   return model;

@@ -17,7 +17,9 @@ import { Dataset } from '../data/dataset.ts';
 import type { LatentSampling } from '../data/dataset.ts';
 import type { Template } from '../text/templates.ts';
 import type { ClipTokenizer } from '../text/tokenizer.ts';
-import { paddingFor, type SdModel } from '../nets/sd.ts';
+import { paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
+import { encodeSdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
+import { xlIds, xlSampling } from './sdxl-sampling.ts';
 import { disposeParams, type Params } from '../nets/params.ts';
 import { unetForward } from '../nets/unet.ts';
 import { loadVae, type VaeConfig } from '../nets/vae.ts';
@@ -69,7 +71,7 @@ export function describePrior(spec: PriorSpec): string {
   return `prior preservation: ${spec.classImages} class images of '${spec.classPrompt}' from ${from} (missing ones generated), weight ${spec.priorWeight}`;
 }
 
-type Generator = Pick<SdModel, 'source' | 'overrides' | 'family' | 'schedule' | 'prediction'> & Required<Pick<SdModel, 'text' | 'unet'>>;
+type Generator = Pick<SdModel, 'source' | 'overrides' | 'family' | 'schedule' | 'prediction' | 'text' | 'textXl'> & Required<Pick<SdModel, 'unet'>>;
 
 /**
  * Top the folder up to `spec.classImages` images; seeds derive from the prompt and index, so any
@@ -81,11 +83,9 @@ export async function ensureClassImages(spec: PriorSpec, model: Generator, token
   const missing = Math.max(0, spec.classImages - count);
   if (!missing) return 0;
   ctx.emit({ type: 'log', level: 'info', message: `generating ${missing} class images for '${spec.classPrompt}' in ${dir}` });
-  const { text, unet, schedule, prediction, family } = model;
-  const vae = await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor });
-  const context = encodeText(text.params, text.cfg, [tokenizer.encode(spec.classPrompt!, paddingFor(family))]);
-  const uncond = encodeText(text.params, text.cfg, [tokenizer.encode('', paddingFor(family))]);
-  const denoise = (x: Tensor, t: number, c: Tensor) => unetForward(unet.params, unet.cfg, x, new Array(x.shape[0]).fill(t), c);
+  const { unet, schedule, prediction } = model;
+  const vae = await loadVae(model.source, { parts: ['decoder'], scaleFactor: scaleFactorOf(model) });
+  const { denoise, context, uncondContext: uncond, dispose } = classSampling(model, tokenizer, spec);
   try {
     for (let i = 0; count < spec.classImages && !ctx.signal.aborted; i++) {
       const path = join(dir, `class-${String(i).padStart(5, '0')}.png`);
@@ -98,11 +98,26 @@ export async function ensureClassImages(spec: PriorSpec, model: Generator, token
       count++;
     }
   } finally {
-    tf.dispose([context, uncond]);
+    dispose();
     disposeParams(vae.params);
   }
   if (ctx.signal.aborted) throw new Error('cancelled while generating class images (the ones written are kept for the next run)');
   return missing;
+}
+
+/** The sampler's inputs for the class prompt: SD1/SD2 contexts, or SDXL's with the size conditioning (train/sdxl-sampling.ts). */
+function classSampling(model: Generator, tokenizer: ClipTokenizer, spec: PriorSpec) {
+  const { text, textXl, unet } = model;
+  if (textXl) {
+    const { idsL, idsG } = xlIds([tokenizer.encode(spec.classPrompt!, 'zero')]);
+    const size = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] } as SizeCond;
+    return xlSampling(textXl, unet, encodeSdxlText(textXl, idsL, idsG), tokenizer, size);
+  }
+  if (!text) throw new Error('class images: the model has no text encoder loaded');
+  const context = encodeText(text.params, text.cfg, [tokenizer.encode(spec.classPrompt!, paddingFor(model.family))]);
+  const uncondContext = encodeText(text.params, text.cfg, [tokenizer.encode('', paddingFor(model.family))]);
+  const denoise = (x: Tensor, t: number, c: Tensor) => unetForward(unet.params, unet.cfg, x, new Array(x.shape[0]).fill(t), c);
+  return { denoise, context, uncondContext, dispose: () => tf.dispose([context, uncondContext]) };
 }
 
 const fixedTemplate = (prompt: string): Template => ({ name: 'prompt', path: '', lines: [prompt], usesName: false, usesFilewords: prompt.includes('[filewords]') });
@@ -136,7 +151,7 @@ export async function prepareClassSet(
   const dir = classImageDir(spec, hash);
   await ensureClassImages(spec, model, tokenizer, dir, ctx);
   const dataset = await loadPromptSet(spec, dir, spec.classPrompt!, batchSize, ctx);
-  const vae = encoder ?? (await loadVae(model.source, { parts: ['encoder'], scaleFactor: model.overrides.scaleFactor }));
+  const vae = encoder ?? (await loadVae(model.source, { parts: ['encoder'], scaleFactor: scaleFactorOf(model) }));
   try {
     const latents = await LatentCache.build(dataset, vae, spec.seed);
     dataset.releasePixels();

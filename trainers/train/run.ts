@@ -68,6 +68,8 @@ export interface CommonSpec {
   fusedBackward?: boolean;
   /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
   precision?: PrecisionOption;
+  /** auto (the file/family decides) or the model's prediction when the file carries no hint. */
+  prediction?: 'auto' | 'eps' | 'v';
 }
 
 export interface RunPaths {
@@ -112,7 +114,7 @@ export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string
   // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
   const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains } : {};
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type })) as PreparedRun['model'];
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type, prediction: spec.prediction })) as PreparedRun['model'];
   model.unet.memory = memory;
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
   const scaleFactor = model.vae!.cfg.scaleFactor; // the family's (SDXL 0.13025) or the config's

@@ -87,7 +87,7 @@ export async function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<
   const output = await checkSpec(spec);
   const backend = await initJobBackend(spec, ctx);
   const data = await prepareData(spec, ctx);
-  const model = (await loadSdModel(spec.model, ['text', 'unet'])) as FtRun['model'];
+  const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { what: 'finetune', prediction: spec.prediction })) as FtRun['model'];
   const trainable = new Map<string, tf.Variable>();
   let decoder: FtRun['decoder'];
   try {

@@ -20,6 +20,7 @@ export interface FinetuneSpec {
   /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
   precision?: PrecisionOption;
   model: string;
+  prediction?: 'auto' | 'eps' | 'v';
   images: string;
   manifest?: string;
   name: string;

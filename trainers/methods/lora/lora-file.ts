@@ -131,6 +131,7 @@ function priorMetadata(run: LoraRun, spec: LoraSpec): Record<string, string> {
 
 export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, step: number, hashes: { legacy: string; full: string }): Promise<Record<string, string>> {
   const sd2 = run.model.family === 'sd2';
+  const xl = run.model.family === 'sdxl';
   const args: Record<string, string> = {};
   if (spec.targets.includes('resnet')) Object.assign(args, { conv_dim: String(s.net.rank), conv_alpha: String(s.net.alpha) });
   if (spec.dropout > 0) args.rank_dropout = String(spec.dropout);
@@ -139,7 +140,7 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
   return {
     ss_session_id: randomUUID(), ss_training_started_at: String(s.startedAt), ss_training_finished_at: String(Date.now() / 1000),
     ss_output_name: spec.name, ss_sd_model_name: basename(spec.model), ss_sd_model_hash: hashes.legacy, ss_new_sd_model_hash: hashes.full,
-    ss_base_model_version: sd2 ? 'sd_v2' : 'sd_v1', ss_v2: sd2 ? 'True' : 'False', ss_v_parameterization: run.model.prediction === 'v' ? 'True' : 'False',
+    ss_base_model_version: xl ? 'sdxl_base_v1-0' : sd2 ? 'sd_v2' : 'sd_v1', ss_v2: sd2 ? 'True' : 'False', ss_v_parameterization: run.model.prediction === 'v' ? 'True' : 'False',
     ss_network_module: 'networks.lora', ss_network_dim: String(s.net.rank), ss_network_alpha: String(s.net.alpha),
     ss_network_dropout: 'None', ss_network_args: JSON.stringify(args),
     ss_learning_rate: String(lr), ss_unet_lr: String(lr), ss_text_encoder_lr: targetKinds(spec).includes('text') ? String(textLr) : 'None',
@@ -154,6 +155,8 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
     ss_tag_frequency: tagFrequency(run, spec, s), ss_dataset_dirs: JSON.stringify({ [basename(spec.images)]: { n_repeats: 1, img_count: run.dataset.items.length } }),
     ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: SS_OPTIMIZER[spec.optimizer ?? 'adamw'],
     ...priorMetadata(run, spec),
+    // kohya sd-scripts sai_model_spec: what Forge/SD.Next read to place the LoRA
+    ...(xl ? { 'modelspec.architecture': 'stable-diffusion-xl-v1-base/lora', 'modelspec.implementation': 'https://github.com/Stability-AI/generative-models', 'modelspec.sai_model_spec': '1.0.0', 'modelspec.title': spec.name, 'modelspec.resolution': `${spec.width}x${spec.height}`, 'modelspec.prediction_type': run.model.prediction === 'v' ? 'v' : 'epsilon' } : {}),
   };
 }
 

@@ -39,6 +39,8 @@ import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
 import type { JobContext, JobResult } from '../../job.ts';
 
+import { nextXlLoraBatch, xlBatchTensors, xlLoraLoss, xlLoraPreview, type XlLoraBatch } from './lora-xl.ts';
+
 export type { LoraSpec } from './lora-file.ts';
 
 type LoraBatch = DiffusionBatch & { ids: number[][]; classRows: number; context?: Tensor };
@@ -62,7 +64,7 @@ async function templateFor(spec: LoraSpec, runDir: string): Promise<{ template: 
 
 /** The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group. */
 function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): DbOptimizer {
-  const isText = (k: string) => k.startsWith('lora_te_');
+  const isText = (k: string) => /^lora_te\d?_/.test(k);
   const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
   const text = new Map([...net.weights].filter(([k]) => isText(k)));
   const kind = spec.optimizer ?? 'adamw';
@@ -116,11 +118,50 @@ function nextLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: num
   return batch;
 }
 
-function loraMethod(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }): TrainMethod<LoraBatch> {
+/** What differs between the SD1/SD2 and the SDXL method: batches, loss, what a batch holds, previews. */
+interface FamilyOps<B> {
+  next(step: number, micro: number, textTrains: boolean): B;
+  loss(batch: B, opts: { dropout: number; seed: number; priorWeight: number }): PriorLoss;
+  tensors(batch: B): Tensor[];
+  preview(step: number, path: string): Promise<string>;
+}
+
+function sdOps(run: LoraRun, spec: LoraSpec, s: LoraState): FamilyOps<LoraBatch> {
   const { text } = run.model;
-  const textKeys = [...s.net.weights.keys()].filter((k) => k.startsWith('lora_te_'));
-  const trainable = new Map(s.net.weights);
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec as CommonSpec), new Map(), paddingFor(run.model.family));
+  return {
+    next: (step, micro, textTrains) => nextLoraBatch(run, spec, s.net, step, micro, textTrains),
+    loss: (batch, opts) => loraLoss(run, s.net, batch, opts),
+    tensors: (b) => [b.latents, b.noise, ...(b.context ? [b.context] : [])],
+    preview: async (_step, path) => {
+      const unet = run.model.unet;
+      const merged = { unet: mergeLora(unet.params, s.net), text: mergeLora(text.params, s.net) }; // multiplier 1, no dropout
+      // views, not copies: iterating a float16 base (halfFrozenWeights) would materialise every weight
+      const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
+      const adapted = { ...run, model: { ...run.model, unet: { ...unet, params: params.unet }, text: { ...text, params: params.text } } };
+      try {
+        return await renderPreview(adapted, spec as CommonSpec, path, previewPrompt, {});
+      } finally {
+        tf.dispose([...merged.unet.values(), ...merged.text.values()]);
+      }
+    },
+  };
+}
+
+/** SDXL (lora-xl.ts): both encoders' ids and the size conditioning per row, sgm's loss, SDXL previews. */
+function xlOps(run: LoraRun, spec: LoraSpec, s: LoraState): FamilyOps<XlLoraBatch> {
+  const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec as CommonSpec), new Map(), 'zero');
+  return {
+    next: (step, micro, textTrains) => nextXlLoraBatch(run, spec, s.net, step, micro, textTrains),
+    loss: (batch, opts) => xlLoraLoss(run, s.net, batch, opts),
+    tensors: xlBatchTensors,
+    preview: (_step, path) => xlLoraPreview(run, spec as CommonSpec, s.net, path, previewPrompt.ids),
+  };
+}
+
+function loraMethod<B>(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }, ops: FamilyOps<B>): TrainMethod<B> {
+  const textKeys = [...s.net.weights.keys()].filter((k) => /^lora_te\d?_/.test(k));
+  const trainable = new Map(s.net.weights);
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
   let dropoutSeed = 0;
   let current = 0;
@@ -133,31 +174,20 @@ function loraMethod(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths,
       // past the text encoder's step limit its adapters stop being trained (and differentiated)
       if (!textTrains) for (const k of textKeys) trainable.delete(k);
       dropoutSeed = spec.seed * 1_000_003 + step * 1009 + micro;
-      return nextLoraBatch(run, spec, s.net, step, micro, textTrains);
+      return ops.next(step, micro, textTrains);
     },
     loss: (batch) => {
-      const parts = loraLoss(run, s.net, batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
+      const parts = ops.loss(batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
       if (run.classes) log.record(current, parts);
       else tf.dispose(parts.instance);
       return parts.loss;
     },
-    disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
+    disposeBatch: (b) => tf.dispose(ops.tensors(b)),
     save: async (step, final) => {
       await log.flush();
       return saveLora(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step, hashes);
     },
-    preview: async (step) => {
-      const unet = run.model.unet;
-      const merged = { unet: mergeLora(unet.params, s.net), text: mergeLora(text.params, s.net) }; // multiplier 1, no dropout
-      // views, not copies: iterating a float16 base (halfFrozenWeights) would materialise every weight
-      const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
-      const adapted = { ...run, model: { ...run.model, unet: { ...unet, params: params.unet }, text: { ...text, params: params.text } } };
-      try {
-        return await renderPreview(adapted, spec as CommonSpec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {});
-      } finally {
-        tf.dispose([...merged.unet.values(), ...merged.text.values()]);
-      }
-    },
+    preview: (step) => ops.preview(step, join(paths.images, `${spec.name}-${step}.png`)),
   };
 }
 
@@ -187,13 +217,15 @@ export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult
   let run: LoraRun | undefined;
   let s: LoraState | undefined;
   try {
-    run = await prepareRun(spec as CommonSpec, ctx, 'lora');
+    run = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true });
     run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
     s = await initState(run, spec, paths, instancePrompt, textLr, ctx);
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const full = await fileSha256(spec.model);
     const hashes = { legacy: await legacyModelHash(spec.model), full };
-    const method = loraMethod(run, spec, s, paths, hashes);
+    const method: TrainMethod<unknown> = run.model.textXl
+      ? loraMethod(run, spec, s, paths, hashes, xlOps(run, spec, s)) as TrainMethod<unknown>
+      : loraMethod(run, spec, s, paths, hashes, sdOps(run, spec, s)) as TrainMethod<unknown>;
     const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
     const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
     const { step, outputs, cancelled } = await trainAndSave(run, spec as CommonSpec, paths, method, s, backend.name, settings, ctx);
