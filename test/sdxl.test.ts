@@ -7,7 +7,8 @@ import { SDXL_UNET, checkUnetKeys, unetConfigFromKeys, unetParamShapes } from '.
 import { textParamShapes } from '../trainers/nets/clip.ts';
 import { sdxlTextConfigs, sdxlTextKeys } from '../trainers/nets/sdxl-conditioner.ts';
 import { vaeConfigFromKeys, vaeParamShapes } from '../trainers/nets/vae.ts';
-import { detectFamily, shapeOnlySource } from '../trainers/io/checkpoint.ts';
+import { detectFamily, shapeOnlySource, yamlPrediction } from '../trainers/io/checkpoint.ts';
+import { loadSdModel } from '../trainers/nets/sd.ts';
 
 const KEYS = 'test/fixtures/sdxl-tiny/keys-sdxl.json';
 
@@ -44,4 +45,17 @@ test('SDXL checkpoints are detected; the refiner and half layouts are refused wi
   assert.throws(() => detectFamily(shapeOnlySource('refiner.safetensors', refiner)), /refiner\.safetensors: this is an SDXL refiner/);
   const noG = Object.fromEntries(Object.entries(all).filter(([k]) => !k.startsWith('conditioner.embedders.1.')));
   assert.throws(() => detectFamily(shapeOnlySource('odd.safetensors', noG)), /no OpenCLIP-G/);
+});
+
+test('prediction: an sgm yaml with VScaling says v, EpsScaling eps; --prediction overrides what the file says', async () => {
+  const sgm = (target: string) => ({ model: { params: { denoiser_config: { params: { scaling_config: { target } } } } } });
+  assert.equal(yamlPrediction(sgm('sgm.modules.diffusionmodules.denoiser_scaling.VScaling')), 'v');
+  assert.equal(yamlPrediction(sgm('sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling')), 'eps');
+  assert.equal(yamlPrediction({ model: { params: { parameterization: 'v' } } }), 'v');
+  const { initBackend } = await import('../trainers/backend/index.ts');
+  await initBackend();
+  const model = await loadSdModel('test/fixtures/sdxl-tiny/model.safetensors', ['text'], {}, { xl: true, prediction: 'v' });
+  assert.equal(model.prediction, 'v');
+  await model.source.close();
+  await assert.rejects(loadSdModel('test/fixtures/sdxl-tiny/model.safetensors', ['text'], {}, { what: 'hypernetwork' }), /model\.safetensors: an SDXL checkpoint; hypernetwork trains SD1\.x\/SD2\.x checkpoints only/);
 });
