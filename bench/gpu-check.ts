@@ -2,7 +2,8 @@
  * @file The check for the first machine with a real GPU (run through bench/gpu-check.sh): installs
  * nothing, downloads nothing. One JSON line per row, printed as it finishes:
  *  1. the adapter webgpu would use (or why none);
- *  2. the goldens of sd-tiny and sd2-tiny on webgpu (pass/fail counts);
+ *  2. the goldens of sd-tiny and sd2-tiny on webgpu (pass/fail counts), and sidetrain's webgpu
+ *     kernels beside the stock ones at SD shapes (bench/webgpu-kernels.ts);
  *  3. real jobs on random-weight full-size checkpoints (bench/sd15-checkpoint.ts), webgpu beside
  *     cpu-native: SD1.5-shaped TI and LoRA at 512 px, SDXL-shaped LoRA at 1024 px (only once this
  *     build trains SDXL: until then the row says why not). s/step is the median after the warm-up.
@@ -44,6 +45,19 @@ function golden(dir: string): Promise<Row> {
     done(m ? { row: 'golden', fixture: dir, backend: 'webgpu', passed: Number(m[1]), failed: Number(m[2]), sec }
       : { row: 'golden', fixture: dir, backend: 'webgpu', error: out.trim().split('\n').slice(-3).join(' | ').slice(0, 300), code, sec });
   }));
+}
+
+/** bench/webgpu-kernels.ts with sidetrain's kernels or the stock ones (its rows, as one row's `rows`). */
+async function kernelRows(stock: boolean): Promise<Row> {
+  const env = { ...process.env, ...(stock ? { SIDETRAIN_WEBGPU_KERNELS: '0' } : {}) };
+  const child = spawn(process.execPath, ['--import', 'tsx', 'bench/webgpu-kernels.ts'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d));
+  const timer = setTimeout(() => child.kill('SIGKILL'), Math.min(90_000, left()));
+  const code = await new Promise<number | null>((done) => child.on('close', done));
+  clearTimeout(timer);
+  const rows = out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Row);
+  return { row: 'kernels', kernels: stock ? 'stock' : 'sidetrain', rows, ...(code === 0 ? {} : { error: `exit ${code}` }) };
 }
 
 /** Whether this build trains checkpoints with these keys (SDXL: not yet), before writing gigabytes. */
@@ -88,6 +102,7 @@ async function jobRows(model: string, keysFile: string, rows: { method: string; 
 async function main(): Promise<void> {
   print({ row: 'adapter', webgpu: await webgpuStatus(true), cpu: cpus()[0]?.model ?? 'unknown', cores: cpus().length });
   for (const fixture of ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny']) print(await golden(fixture));
+  for (const stock of [false, true]) print(await kernelRows(stock));
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-gpu-check-'));
   try {
     await jobRows('sd15-shaped', SD15_KEYS, [{ method: 'textual_inversion', px: 512 }, { method: 'lora', px: 512 }], dir);

@@ -64,6 +64,12 @@ test('a binding over the adapter limit: refused before dispatch naming the op, o
   assert.deepEqual(scoped.small, [2, 3]);
 });
 
+test("sidetrain's Conv2DBackpropFilter (a product per filter tap) agrees with a float64 loop", { skip }, async () => {
+  const errors = (await child('conv-filter-grad', { ...lavapipeEnv })) as unknown as number[];
+  assert.equal(errors.length, 5);
+  for (const e of errors) assert.ok(e < 1e-5, `max error ${e}`);
+});
+
 test('goldens of sd-tiny and sd2-tiny pass on webgpu', { skip }, async () => {
   const { stdout } = await node(['bin/sidetrain.mjs', 'golden', 'test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny'], { ...lavapipeEnv, SIDETRAIN_BACKEND: 'webgpu' }, 600_000);
   assert.match(stdout, /^backend: webgpu on /m);

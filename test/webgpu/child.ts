@@ -1,7 +1,8 @@
 /**
  * @file Runs in a child process of test/webgpu.test.ts (Dawn reads VK_ICD_FILENAMES and the
  * loader path at process start): `probe` prints the backend choice and health's webgpu line;
- * `oversize` makes a tensor over the adapter's storage binding limit and prints the error.
+ * `oversize` makes a tensor over the adapter's storage binding limit and prints the error;
+ * `conv-filter-grad` prints Conv2DBackpropFilter's largest error against a float64 loop per case.
  */
 import { initBackend, tf } from '../../trainers/backend/index.ts';
 import { webgpuStatus } from '../../trainers/backend/webgpu/adapter.ts';
@@ -25,6 +26,39 @@ if (mode === 'probe') {
   // the backend keeps working after the refusal
   const small = Array.from(await tf.add(tf.tensor([1, 2]), 1).data());
   console.log(JSON.stringify({ ...(result as object), small }));
+} else if (mode === 'conv-filter-grad') {
+  await initBackend('webgpu');
+  console.log(JSON.stringify(await convFilterGradErrors()));
 } else {
   throw new Error(`child.ts: unknown mode '${mode}'`);
+}
+
+/** Conv2DBackpropFilter on webgpu against a float64 loop: strides, 'same'/'valid'/numeric padding, 1×1 and 3×3. */
+async function convFilterGradErrors(): Promise<number[]> {
+  const cases: [number[], number[], [number, number], 'same' | 'valid' | number][] = [
+    [[2, 9, 11, 5], [3, 3, 5, 7], [1, 1], 'same'], [[1, 10, 10, 4], [3, 3, 4, 6], [2, 2], 1],
+    [[1, 9, 9, 4], [3, 3, 4, 6], [2, 2], 'same'], [[2, 8, 8, 6], [1, 1, 6, 3], [1, 1], 'valid'], [[1, 7, 8, 3], [3, 3, 3, 2], [1, 1], 'valid'],
+  ];
+  const errors: number[] = [];
+  for (const [xs, fs, st, pad] of cases) {
+    const info = tf.backend_util.computeConv2DInfo(xs as [number, number, number, number], fs as [number, number, number, number], st, 1, pad);
+    const x = tf.randomUniform(xs, -1, 1, 'float32', 7);
+    const dy = tf.randomUniform([info.batchSize, info.outHeight, info.outWidth, info.outChannels], -1, 1, 'float32', 8);
+    const dw = tf.engine().runKernel('Conv2DBackpropFilter', { x, dy }, { strides: st, pad, dataFormat: 'NHWC', filterShape: fs }) as tf.Tensor;
+    const [xv, dyv, dwv] = await Promise.all([x.data(), dy.data(), dw.data()]);
+    const [, H, W, Ci] = xs as [number, number, number, number];
+    const [, KW, , Co] = fs as [number, number, number, number];
+    let maxErr = 0;
+    for (let k = 0; k < dwv.length; k++) {
+      const co = k % Co, ci = Math.floor(k / Co) % Ci, kw = Math.floor(k / (Co * Ci)) % KW, kh = Math.floor(k / (Co * Ci * KW));
+      let sum = 0;
+      for (let b = 0; b < info.batchSize; b++) for (let y = 0; y < info.outHeight; y++) for (let xx = 0; xx < info.outWidth; xx++) {
+        const iy = y * st[0] + kh - info.padInfo.top, ix = xx * st[1] + kw - info.padInfo.left;
+        if (iy >= 0 && iy < H && ix >= 0 && ix < W) sum += xv[((b * H + iy) * W + ix) * Ci + ci]! * dyv[((b * info.outHeight + y) * info.outWidth + xx) * Co + co]!;
+      }
+      maxErr = Math.max(maxErr, Math.abs(sum - dwv[k]!));
+    }
+    errors.push(maxErr);
+  }
+  return errors;
 }

@@ -11,6 +11,7 @@ import { createRequire } from 'node:module';
 import { tf } from '../tf.ts';
 import { findAdapter, installGpuGlobals, summarize, type AdapterSummary, type GpuAdapter } from './adapter.ts';
 import { guardBackend, nameKernels, type WebGpuBackendLike } from './guard.ts';
+import { convFilterGradByTaps } from './conv-filter-grad.ts';
 
 export { checkGpuErrors } from './guard.ts';
 export { describeAdapter, type AdapterSummary } from './adapter.ts';
@@ -24,6 +25,23 @@ const LIMITS = [
 ] as const;
 
 let loaded: AdapterSummary | undefined;
+
+/** The package's kernels that sidetrain replaces, kept to call and to restore. */
+const stock = new Map<string, tf.KernelFunc>();
+
+/** sidetrain's kernels over the package's (SIDETRAIN_WEBGPU_KERNELS=0 keeps the stock ones, to compare). */
+function registerKernels(): void {
+  if (process.env.SIDETRAIN_WEBGPU_KERNELS === '0') return;
+  const ours: Record<string, tf.KernelFunc> = { Conv2DBackpropFilter: convFilterGradByTaps(stock) };
+  for (const [kernelName, kernelFunc] of Object.entries(ours)) {
+    const current = tf.getKernel(kernelName, 'webgpu');
+    if (current) {
+      stock.set(kernelName, current.kernelFunc);
+      tf.unregisterKernel(kernelName, 'webgpu');
+    }
+    tf.registerKernel({ kernelName, backendName: 'webgpu', kernelFunc });
+  }
+}
 
 async function makeDevice(adapter: GpuAdapter): Promise<unknown> {
   const requiredFeatures = ['timestamp-query', 'shader-f16'].filter((f) => adapter.features.has(f));
@@ -51,6 +69,7 @@ export async function loadWebgpu(forced: boolean): Promise<AdapterSummary> {
   }
   const backend = new pkg.WebGPUBackend(await makeDevice(adapter), adapter.info);
   guardBackend(backend);
+  registerKernels();
   nameKernels();
   tf.removeBackend('webgpu'); // the package's own factory (any adapter, no checks)
   tf.registerBackend('webgpu', () => backend as unknown as tf.KernelBackend, 3);
