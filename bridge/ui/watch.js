@@ -18,10 +18,11 @@ export function logLine(m) {
   const time = String(m.time ?? '').slice(11, 19);
   let text;
   if (m.type === 'step') text = `step ${m.step}/${m.totalSteps} loss ${Number(m.loss).toFixed(5)} lr ${m.learnRate} ${Number(m.itPerSec).toFixed(2)} it/s`;
+  // started's message is the backend line (adapter, skipped ones)
+  else if (m.type === 'started') text = `${m.totalSteps} steps from ${m.startStep} on ${m.message ?? m.backend}`;
   else if (typeof m.message === 'string') text = `${m.level ?? m.action ?? ''} ${m.message}`.trim();
   else if (m.type === 'preview' || m.type === 'snapshot') text = `step ${m.step}: ${basename(m.path)}`;
   else if (m.type === 'finished') text = `step ${m.step}: ${m.output}`;
-  else if (m.type === 'started') text = `${m.totalSteps} steps from ${m.startStep} on ${m.message ?? m.backend}`;
   else if (m.type === 'queued') text = `position ${m.position}`;
   else text = m.step !== undefined ? `step ${m.step}` : '';
   return `${time} [${m.type}] ${text}`;
