@@ -2,7 +2,7 @@
  * @file The check for the first machine with a real GPU (run through bench/gpu-check.sh): installs
  * nothing, downloads nothing. One JSON line per row, printed as it finishes:
  *  1. the adapter webgpu would use (or why none);
- *  2. the goldens of sd-tiny and sd2-tiny on webgpu (pass/fail counts), and sidetrain's webgpu
+ *  2. the goldens of sd-tiny, sd2-tiny and sdxl-tiny on webgpu (pass/fail counts), and sidetrain's webgpu
  *     kernels beside the stock ones at SD shapes (bench/webgpu-kernels.ts);
  *  3. real jobs on random-weight full-size checkpoints (bench/sd15-checkpoint.ts), webgpu beside
  *     cpu-native: SD1.5-shaped TI and LoRA at 512 px, SDXL-shaped LoRA at 1024 px (only once this
@@ -101,7 +101,7 @@ async function jobRows(model: string, keysFile: string, rows: { method: string; 
 
 async function main(): Promise<void> {
   print({ row: 'adapter', webgpu: await webgpuStatus(true), cpu: cpus()[0]?.model ?? 'unknown', cores: cpus().length });
-  for (const fixture of ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny']) print(await golden(fixture));
+  for (const fixture of ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny', 'test/fixtures/sdxl-tiny']) print(await golden(fixture));
   for (const stock of [false, true]) print(await kernelRows(stock));
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-gpu-check-'));
   try {
