@@ -93,5 +93,8 @@ test('sdxl-tiny: a LoRA run (UNet + both encoders) writes kohya SDXL keys and me
   // an SD1 LoRA (lora_te_*) given to an SDXL run: refused, naming the file and the key
   const sd1 = join(tmp, 'Lora', 'sd1.safetensors');
   await writeSafetensors(sd1, [{ name: 'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight', dtype: 'F32', shape: [4, 32], data: new Float32Array(128) }], { ss_base_model_version: 'sd_v1' });
-  await assert.rejects(loadWeights(sd1, net), /sd1\.safetensors: .*SD1 LoRA.*SDXL|sd1\.safetensors: no 'lora_/);
+  await assert.rejects(loadWeights(sd1, net, 'sdxl'), /sd1\.safetensors: a LoRA for sd_v1 \(ss_base_model_version\), this model is sdxl_base_v1-0/);
+  await assert.rejects(loadWeights(sd1, net), /sd1\.safetensors: no 'lora_/);
+  // and an SDXL LoRA resumed on an SD1 model
+  await assert.rejects(loadWeights(result.output, net, 'sd1'), /xl\.safetensors: a LoRA for sdxl_base_v1-0 \(ss_base_model_version\), this model is sd_v1/);
 });

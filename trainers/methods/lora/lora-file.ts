@@ -13,6 +13,7 @@ import { basename, join, resolve } from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { tf } from '../../backend/tf.ts';
 import type { LoraNetwork, LoraTargetKind } from '../../nets/lora.ts';
+import type { Family } from '../../io/checkpoint.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../../io/safetensors.ts';
 import { parseLrSchedule } from '../../optim/lr.ts';
 import { readOptimizerState, writeOptimizerState, type DbOptimizer, type OptimizerName } from '../../optim/trainable.ts';
@@ -60,10 +61,20 @@ export function targetKinds(spec: LoraSpec): LoraTargetKind[] {
   return [...kinds];
 }
 
-/** Up/down weights from an existing LoRA file (resume); the step from its ss_steps. */
-export async function loadWeights(path: string, net: LoraNetwork): Promise<number> {
+/** ss_base_model_version of each family (kohya sd-scripts train_util / sdxl_train_util). */
+const BASE_VERSION: Record<Family, string> = { sd1: 'sd_v1', sd2: 'sd_v2', sdxl: 'sdxl_base_v1-0' };
+
+/**
+ * Up/down weights from an existing LoRA file (resume); the step from its ss_steps. With `family`,
+ * a file whose ss_base_model_version names another family (an SD1 LoRA for an SDXL run) is refused.
+ */
+export async function loadWeights(path: string, net: LoraNetwork, family?: Family): Promise<number> {
   const file = await openSafetensors(path);
   try {
+    const base = file.metadata().ss_base_model_version;
+    if (family && base && (base.startsWith('sdxl') ? 'sdxl' : base) !== (family === 'sdxl' ? 'sdxl' : BASE_VERSION[family])) {
+      throw new Error(`${path}: a LoRA for ${base} (ss_base_model_version), this model is ${BASE_VERSION[family]}; pass --overwrite to start afresh`);
+    }
     for (const [key, v] of net.weights) {
       if (!file.has(key)) throw new Error(`${path}: no '${key}': it was trained with other targets or another model; pass --overwrite to start afresh`);
       const info = file.info(key);

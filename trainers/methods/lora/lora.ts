@@ -78,7 +78,7 @@ async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, inst
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
   let step = 0;
   const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
-  if (from) step = await loadWeights(from, net);
+  if (from) step = await loadWeights(from, net, run.model.family);
   else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
   const optimizer = loraOptimizer(net, spec, textLr, step);
   const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
