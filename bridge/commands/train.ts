@@ -141,8 +141,8 @@ export function registerTrain(program: Command): void {
     addOptions(cmd, props);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = specFrom(props, opts);
+      await fillOutputFolders(entry.schema, spec); // before a dry run too: it shows the paths the run uses
       if (spec.dryRun) return dryRun(type, spec);
-      await fillOutputFolders(entry.schema, spec);
       const report = progressReporter();
       const result = await runJobInProcess(type, spec, report);
       report({ type: 'finished', step: result.step, output: result.output, outputs: result.outputs, kind: result.kind, usage: result.usage });

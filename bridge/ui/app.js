@@ -116,9 +116,17 @@ async function train(event) {
   const errorBox = $('.form-error');
   errorBox.textContent = '';
   current.clearErrors();
+  const spec = current.read();
+  // a required field left empty is answered here, before anything is sent (the Dreambooth instance prompt above all)
+  const missing = current.required.filter((k) => spec[k] === undefined || spec[k] === '');
+  if (missing.length) {
+    current.showErrors(missing.map((k) => ({ field: `/spec/${k}`, message: 'is required', text: `${k} is required` })));
+    errorBox.textContent = 'Fill in the fields marked in red.';
+    return;
+  }
   button.disabled = true;
   try {
-    const job = await request('api/jobs', { method: 'POST', json: { type: current.type, spec: current.read() } });
+    const job = await request('api/jobs', { method: 'POST', json: { type: current.type, spec } });
     jobs.set(job.id, job);
     select(job.id);
   } catch (err) {
@@ -134,6 +142,9 @@ function showMethod(type) {
   current = forms.find((f) => f.type === type);
   for (const f of forms) f.node.hidden = f !== current;
   for (const b of document.querySelectorAll('.method-tab')) b.classList.toggle('active', b.dataset.method === type);
+  // the previous method's numbers must not stay up, nor its answer still in flight land here
+  estimateSeq++;
+  showEstimate('Estimate: …');
   scheduleEstimate();
 }
 

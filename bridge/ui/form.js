@@ -8,7 +8,7 @@
 import { el } from './dom.js';
 
 /** Shown open under the required fields, when the schema has them; every other field is "advanced". */
-const COMMON = ['steps', 'lr', 'batchSize', 'gradAccum', 'width', 'height', 'initText', 'vectors', 'template', 'layerStructure', 'activation', 'previewEvery', 'saveEvery', 'previewPrompt', 'seed', 'resume', 'overwrite'];
+const COMMON = ['captionMode', 'classPrompt', 'lora', 'rank', 'alpha', 'steps', 'lr', 'batchSize', 'gradAccum', 'width', 'height', 'initText', 'vectors', 'template', 'layerStructure', 'activation', 'previewEvery', 'saveEvery', 'previewPrompt', 'seed', 'resume', 'overwrite'];
 
 /** Resolve `$ref` (`common.json#/definitions/steps`, `#/definitions/x`) against `components`; the property's own keys win. */
 export function resolveProp(prop, components, stem) {
@@ -42,8 +42,7 @@ function limits(p) {
 }
 
 /** The input element for one property (select, checkbox, number, list or text). */
-function inputFor(key, p, role, models) {
-  const id = `f-${key}`;
+function inputFor(id, key, p, role, models, required) {
   if (p.enum) {
     return el('select', { id, name: key }, p.enum.map((v) => el('option', { value: String(v), selected: v === p.default }, String(v))));
   }
@@ -53,9 +52,9 @@ function inputFor(key, p, role, models) {
     return el('input', { id, name: key, type: 'number', step, min: p.minimum, max: p.maximum, value: p.default ?? '' });
   }
   if (p.type === 'array') return el('input', { id, name: key, type: 'text', value: (p.default ?? []).join(', '), placeholder: 'comma-separated, e.g. 1, 2, 1' });
-  if (role === 'model') return modelPicker(key, p, models);
+  if (role === 'model') return modelPicker(id, key, models);
   const listId = p.examples ? `${id}-examples` : undefined;
-  const input = el('input', { id, name: key, type: 'text', value: p.default ?? '', list: listId, maxlength: p.maxLength, spellcheck: false });
+  const input = el('input', { id, name: key, type: 'text', value: p.default ?? '', list: listId, maxlength: p.maxLength, spellcheck: false, required });
   if (role === 'dataset') input.placeholder = '/path/to/training/images';
   if (role === 'output') input.placeholder = 'default: the configured folder';
   if (!listId) return input;
@@ -70,8 +69,8 @@ function familyLabel(m) {
   return `${name} [${shown}]`;
 }
 
-function modelPicker(key, p, models) {
-  const select = el('select', { id: `f-${key}`, name: key, class: 'model-select' }, [
+function modelPicker(id, key, models) {
+  const select = el('select', { id, name: key, class: 'model-select' }, [
     // the family (SD1/SD2/SDXL, or why it cannot be trained) beside each checkpoint's name
     ...models.map((m) => el('option', { value: m.path ?? m.name }, familyLabel(m))),
     el('option', { value: '' }, models.length ? 'Other path…' : 'Type a checkpoint path…'),
@@ -83,11 +82,13 @@ function modelPicker(key, p, models) {
   return el('span', { class: 'model-picker' }, [select, other]);
 }
 
-function fieldRow(key, p, required, role, models) {
+function fieldRow(method, key, p, required, role, models) {
   const range = limits(p);
+  // ids carry the method: every method's form is in the page at once, and a label must focus its own field
+  const id = `f-${method}-${key}`;
   return el('div', { class: `field${required ? ' required' : ''}`, 'data-field': key }, [
-    el('label', { for: `f-${key}` }, [key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null, range ? el('small', { class: 'limits' }, range) : null]),
-    inputFor(key, p, role, models),
+    el('label', { for: id }, [key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null, range ? el('small', { class: 'limits' }, range) : null]),
+    inputFor(id, key, p, role, models, required),
     el('div', { class: 'field-error', role: 'alert' }),
     p.description ? el('small', { class: 'help', title: p.description }, p.description) : null,
   ]);
@@ -104,7 +105,7 @@ export function buildForm(method, components, models) {
   const required = (schema.required ?? []).filter((k) => k in props);
   const common = COMMON.filter((k) => k in props && !required.includes(k));
   const rest = Object.keys(props).filter((k) => !required.includes(k) && !common.includes(k));
-  const row = (k) => fieldRow(k, props[k], required.includes(k), roleOf(k, props[k]), models);
+  const row = (k) => fieldRow(method.type, k, props[k], required.includes(k), roleOf(k, props[k]), models);
   const advanced = el('details', { class: 'advanced' }, [el('summary', {}, `Advanced (${rest.length})`), ...rest.map(row)]);
   const node = el('div', { class: 'schema-form', 'data-method': method.type }, [
     schema.description ? el('p', { class: 'method-help' }, schema.description) : null,

@@ -48,6 +48,11 @@ export interface DatasetOptions {
   /** What [name] becomes: the embedding's (or hypernetwork's) name. */
   name: string;
   template: Template;
+  /**
+   * The template of images that have a `<stem>.txt` caption (default: `template`): how LoRA and
+   * Dreambooth combine a caption with the instance prompt (train/instance-prompts.ts).
+   */
+  captionedTemplate?: Template;
   // Required, not defaulted: an option a trainer forgets to pass would otherwise be silently off.
   shuffleTags: boolean;
   tagDropOut: number;
@@ -271,7 +276,8 @@ export class Dataset {
 }
 
 function makePrompt(o: DatasetOptions, item: DatasetItem, rng: Rng): string {
-  return createPrompt(rng.choice(o.template.lines), o.name, item.caption, o, rng);
+  const template = item.captionSource === 'txt' && o.captionedTemplate ? o.captionedTemplate : o.template;
+  return createPrompt(rng.choice(template.lines), o.name, item.caption, o, rng);
 }
 
 function firstLine(err: unknown): string {
@@ -298,7 +304,11 @@ export function groupedBatches(groups: number[][], n: number, batchSize: number,
 
 export interface DatasetReport {
   dir: string;
-  used: { file: string; width: number; height: number; sourceWidth: number; sourceHeight: number; caption: string; captionSource: 'txt' | 'filename'; alpha: boolean }[];
+  used: {
+    file: string; width: number; height: number; sourceWidth: number; sourceHeight: number; caption: string; captionSource: 'txt' | 'filename'; alpha: boolean;
+    /** The prompt it trains with (its first use when prompts change per use). */
+    prompt: string;
+  }[];
   skipped: SkippedFile[];
   /** Images per training size. */
   sizes: { width: number; height: number; count: number }[];
@@ -327,6 +337,7 @@ export function datasetReport(ds: Dataset, examples = 3): DatasetReport {
       caption: it.caption,
       captionSource: it.captionSource,
       alpha: it.image.alpha !== undefined,
+      prompt: ds.prompt(it, 0, it.index),
     })),
     skipped: ds.skipped,
     sizes: [...ds.buckets.entries()].map(([key, ids]) => {
@@ -348,7 +359,8 @@ export function formatDatasetReport(r: DatasetReport): string {
   const lines = [`Dataset ${r.dir}: ${r.used.length} image(s) used, ${r.skipped.length} skipped`];
   for (const u of r.used) {
     const size = u.width === u.sourceWidth && u.height === u.sourceHeight ? `${u.width}×${u.height}` : `${u.sourceWidth}×${u.sourceHeight} → ${u.width}×${u.height}`;
-    lines.push(`  ${u.file}  ${size}${u.alpha ? '  alpha' : ''}  caption (${u.captionSource === 'txt' ? '.txt' : 'file name'}): ${JSON.stringify(u.caption)}`);
+    const prompt = u.prompt === u.caption ? '' : `  prompt: ${JSON.stringify(u.prompt)}`;
+    lines.push(`  ${u.file}  ${size}${u.alpha ? '  alpha' : ''}  caption (${u.captionSource === 'txt' ? '.txt' : 'file name'}): ${JSON.stringify(u.caption)}${prompt}`);
   }
   for (const s of r.skipped) lines.push(`  skipped ${s.file}: ${s.reason}`);
   lines.push(`Sizes: ${r.sizes.map((s) => `${s.width}×${s.height} (${s.count})`).join(', ')}`);

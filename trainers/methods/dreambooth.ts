@@ -33,7 +33,8 @@ import {
   describePrior, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
   type ClassSet, type PriorLoss, type PriorSpec,
 } from '../train/prior-preservation.ts';
-import { runLora, type LoraSpec } from './lora/lora.ts';
+import { loraDryRun, runLora, type LoraSpec } from './lora/lora.ts';
+import { captionOverrideWarning, type CaptionMode } from '../train/instance-prompts.ts';
 import type { JobContext, JobResult } from '../job.ts';
 import type { TrainMethod } from '../train/loop.ts';
 import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
@@ -45,6 +46,8 @@ import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 /** The job's options (schemas/dreambooth.json). */
 export interface DbSpec extends CommonSpec, Omit<PriorSpec, 'classPrompt'> {
   instancePrompt: string;
+  /** How an image's caption file and the instance prompt combine (train/instance-prompts.ts; default ignore). */
+  captionMode: CaptionMode;
   classPrompt: string;
   trainTextEncoder: boolean;
   textEncoderLr: string;
@@ -66,7 +69,7 @@ const FIXED: Partial<DbSpec> = {
   template: 'none', shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '',
   filenameJoinString: ' ', latentSampling: 'once', clipGrad: 'disabled', clipGradValue: '0.1', previewSampler: 'ddim',
   previewSteps: 20, previewCfgScale: 7, classSampler: 'ddim', classSteps: 20, classCfgScale: 7, batchSize: 1, gradAccum: 1,
-  instancePrompt: 'a photo of sks cat', classPrompt: '', classImages: 100, priorWeight: 1, trainTextEncoder: false,
+  captionMode: 'ignore', classPrompt: '', classImages: 100, priorWeight: 1, trainTextEncoder: false,
   textEncoderLr: '5e-6', textEncoderSteps: 0, optimizer: 'adamw', half: false, lora: false, rank: 16, alpha: 8, lr: '5e-6', steps: 800, saveEvery: 0,
   previewEvery: 0, seed: 0, width: 512, height: 512, resume: false, overwrite: false,
 };
@@ -108,7 +111,9 @@ export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<
   model.unet.memory = await chooseUNetMemory('dreambooth', spec, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
-  const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx);
+  const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx, spec.captionMode);
+  const override = captionOverrideWarning(dataset, spec.captionMode, spec.instancePrompt);
+  if (override) ctx.emit({ type: 'log', level: 'warn', message: override });
   const classes = await prepareClassSet(spec, model, tokenizer, hash, dataset.batchSize, ctx, model.vae);
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
   dataset.releasePixels();
@@ -273,9 +278,18 @@ export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: Ru
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
 export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
   const spec = dreamboothSpec(raw);
-  const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, { emit: () => {}, signal: new AbortController().signal });
-  const output = spec.lora ? `output: LoRA adapters (rank ${spec.rank}, alpha ${spec.alpha}) in ${resolve(spec.loraDir, `${spec.name}.safetensors`)}` : `output: ${dreamboothPaths(spec).output}`;
-  return `${formatDatasetReport(datasetReport(set))}\n${describePrior(spec)}\n${output}`;
+  const quiet = { emit: () => {}, signal: new AbortController().signal };
+  if (spec.lora) return loraDryRun(loraSpecOf(spec, quiet));
+  const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, quiet, spec.captionMode);
+  const report = datasetReport(set);
+  report.template = `instance prompt ${JSON.stringify(spec.instancePrompt)}, captions: ${spec.captionMode}`;
+  const override = captionOverrideWarning(set, spec.captionMode, spec.instancePrompt);
+  if (override) report.warnings.push(override);
+  const paths = dreamboothPaths(spec);
+  return [
+    formatDatasetReport(report), describePrior(spec), `learn rate ${spec.lr}${spec.trainTextEncoder ? `, text encoder ${spec.textEncoderLr}` : ''}`,
+    `output: ${paths.output} (pick '${spec.name}' in the webui's checkpoint list)`, `snapshots, previews, loss CSV: ${paths.runDir}`,
+  ].join('\n');
 }
 
 /** Everything checked before a model loads or a file is written. */
@@ -300,11 +314,16 @@ async function preflight(raw: DbSpec, ctx: JobContext): Promise<{ spec: DbSpec; 
 
 /** The spec with what the schema leaves out filled in (the dataset options Dreambooth fixes, default folders). */
 export function dreamboothSpec(raw: Partial<DbSpec>): DbSpec {
+  // the learn rates have no schema default: adapters want LoRA's (schemas/lora.json), the whole model diffusers' 5e-6
+  const lr = raw.lr ?? (raw.lora ? LORA_LR : DB_LR);
   return {
     ...(FIXED as DbSpec), ...stripUndefined(raw), template: 'none', logDir: raw.logDir ?? 'textual_inversion',
-    checkpointDir: raw.checkpointDir ?? 'checkpoints', loraDir: raw.loraDir ?? 'lora',
+    checkpointDir: raw.checkpointDir ?? 'checkpoints', loraDir: raw.loraDir ?? 'lora', lr, textEncoderLr: raw.textEncoderLr ?? (raw.lora ? lr : DB_LR),
   };
 }
+
+const DB_LR = '5e-6';
+const LORA_LR = '1e-4';
 
 function stripUndefined<T extends object>(o: T): Partial<T> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
@@ -352,5 +371,5 @@ export async function releaseDreambooth(run: DbRun): Promise<void> {
 export function loraSpecOf(spec: DbSpec, ctx: JobContext): LoraSpec {
   if (spec.half) ctx.emit({ type: 'log', level: 'warn', message: '--half applies to a checkpoint output; the LoRA is written in float32' });
   const { checkpointDir: _c, half: _h, lora: _l, template: _t, ...rest } = spec;
-  return { ...rest, instancePromptAlways: true, dropout: 0, targets: ['attn'], method: 'dreambooth' };
+  return { ...rest, dropout: 0, targets: ['attn'], method: 'dreambooth' };
 }

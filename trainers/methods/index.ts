@@ -22,6 +22,7 @@ export const methods: Record<string, MethodEntry> = {
   lora: {
     schema: 'lora',
     load: async () => (await import('./lora/lora.ts')).runLora as unknown as JobRunner,
+    dryRun: async () => (await import('./lora/lora.ts')).loraDryRun as unknown as (spec: Record<string, unknown>) => Promise<string>,
   },
   finetune: {
     schema: 'finetune',

@@ -15,7 +15,7 @@ import { basename, dirname, extname, join, resolve } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
 import { Dataset } from '../data/dataset.ts';
 import type { LatentSampling } from '../data/dataset.ts';
-import type { Template } from '../text/templates.ts';
+import { instanceTemplates, type CaptionMode } from './instance-prompts.ts';
 import type { ClipTokenizer } from '../text/tokenizer.ts';
 import { paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
 import { encodeSdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
@@ -120,12 +120,10 @@ function classSampling(model: Generator, tokenizer: ClipTokenizer, spec: PriorSp
   return { denoise, context, uncondContext, dispose: () => tf.dispose([context, uncondContext]) };
 }
 
-const fixedTemplate = (prompt: string): Template => ({ name: 'prompt', path: '', lines: [prompt], usesName: false, usesFilewords: prompt.includes('[filewords]') });
-
-/** A folder whose every image has `prompt` ([filewords] = its caption). */
-export async function loadPromptSet(spec: PriorSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext): Promise<Dataset> {
+/** A folder whose every image has `prompt` ([filewords] = its caption), images with a caption file as `captionMode` says. */
+export async function loadPromptSet(spec: PriorSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext, captionMode: CaptionMode = 'ignore'): Promise<Dataset> {
   return Dataset.load({
-    dir, width: spec.width, height: spec.height, name: spec.name, template: fixedTemplate(prompt), latentSampling: spec.latentSampling,
+    dir, width: spec.width, height: spec.height, name: spec.name, ...instanceTemplates(prompt, captionMode), latentSampling: spec.latentSampling,
     // one fixed prompt per image: class and instance prompts are not tag lists
     shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '', filenameJoinString: ' ',
     batchSize, gradAccum: spec.gradAccum, seed: spec.seed, onWarning: (message) => ctx.emit({ type: 'log', level: 'warn', message }),

@@ -11,7 +11,7 @@ import { basename, extname, join, resolve } from 'node:path';
 import { tf, currentBackend, describeBackend, type Tensor } from '../backend/tf.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
 import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
-import { loadTemplate } from '../text/templates.ts';
+import { loadTemplate, type Template } from '../text/templates.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
 import { loadVae, type VaeConfig } from '../nets/vae.ts';
@@ -108,8 +108,8 @@ export interface PreparedRun {
 }
 
 /** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
-export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean } = {}): Promise<PreparedRun> {
-  const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }));
+export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean; templates?: PromptTemplates } = {}): Promise<PreparedRun> {
+  const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }), opts.templates);
   const memory = await chooseUNetMemory(type, spec, ctx);
   // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
@@ -128,11 +128,18 @@ export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string
   };
 }
 
+/** The prompts of a method that does not take them from `spec.template` (LoRA: the instance prompt and captions). */
+export interface PromptTemplates {
+  template: Template;
+  captionedTemplate?: Template;
+}
+
 /** The training images as the job's options describe them (no model needed). */
-export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void): Promise<Dataset> {
+export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
   return Dataset.load({
     dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
-    template: await loadTemplate(spec.template ?? 'none'), // methods whose prompts are not templated (LoRA, fine-tune)
+    // methods whose prompts are not templated by spec.template (LoRA: instance prompt and captions; fine-tune) pass their own
+    ...(templates ?? { template: await loadTemplate(spec.template ?? 'none') }),
     shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
     latentSampling: spec.latentSampling, batchSize: spec.batchSize, gradAccum: spec.gradAccum, seed: spec.seed,
     useWeight: spec.useWeight, filenameWordRegex: spec.filenameWordRegex, filenameJoinString: spec.filenameJoinString, onWarning,

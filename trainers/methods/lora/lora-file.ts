@@ -18,14 +18,15 @@ import { openSafetensors, writeSafetensors, type TensorToWrite } from '../../io/
 import { parseLrSchedule } from '../../optim/lr.ts';
 import { readOptimizerState, writeOptimizerState, type DbOptimizer, type OptimizerName } from '../../optim/trainable.ts';
 import type { ClassSet, PriorSpec } from '../../train/prior-preservation.ts';
+import type { CaptionMode } from '../../train/instance-prompts.ts';
 import type { CommonSpec, PreparedRun, RunPaths } from '../../train/run.ts';
 
 /** The job's options (schemas/lora.json). */
 export interface LoraSpec extends Omit<CommonSpec, 'template'>, Partial<Omit<PriorSpec, keyof CommonSpec>> {
   template?: string;
   instancePrompt?: string;
-  /** The instance prompt is every image's prompt even beside caption files (Dreambooth; not in the schema). */
-  instancePromptAlways?: boolean;
+  /** How an image's caption file and the instance prompt combine (train/instance-prompts.ts; default caption). */
+  captionMode?: CaptionMode;
   rank: number;
   alpha: number;
   dropout: number;
@@ -48,8 +49,6 @@ export interface LoraState {
   step: number;
   optimizer: DbOptimizer;
   startedAt: number;
-  /** The instance prompt is every image's prompt (no caption files): it is what ss_tag_frequency counts. */
-  instancePrompt?: string;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ export async function legacyModelHash(path: string): Promise<string> {
 function tagFrequency(run: PreparedRun, spec: LoraSpec, s: LoraState): string {
   const counts: Record<string, number> = {};
   for (const item of run.dataset.items) {
-    for (const tag of (s.instancePrompt ?? item.caption).split(',').map((t) => t.trim()).filter(Boolean)) counts[tag] = (counts[tag] ?? 0) + 1;
+    for (const tag of (item.fixedPrompt ?? item.caption).split(',').map((t) => t.trim()).filter(Boolean)) counts[tag] = (counts[tag] ?? 0) + 1;
   }
   return JSON.stringify({ [`1_${basename(spec.images)}`]: counts });
 }

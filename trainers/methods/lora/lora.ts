@@ -10,7 +10,6 @@
  * (a class prompt turns it on; prior-preservation.ts): this is also `train dreambooth --lora`.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { tf, initJobBackend, type Tensor } from '../../backend/index.ts';
 import { createLora, disposeLora, loraTargets, mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
@@ -26,15 +25,18 @@ import { fileSha256 } from '../../io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
 import { DbOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
 import {
-  prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
+  describePrior, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
   type PriorLoss, type PriorSpec,
 } from '../../train/prior-preservation.ts';
 import { checkReadableDir } from '../../io/paths.ts';
 import type { TrainMethod } from '../../train/loop.ts';
 import {
-  checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview,
-  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave,
+  checkRun, diffusionBatch, loadDataset, prepareRun, previewPromptText, releaseRun, renderPreview,
+  type CommonSpec, type PreparedRun, type PromptTemplates, type RunPaths, trainAndSave,
 } from '../../train/run.ts';
+import { captionOverrideWarning, instanceTemplates } from '../../train/instance-prompts.ts';
+import { datasetReport, formatDatasetReport, type Dataset } from '../../data/dataset.ts';
+import { loadTemplate } from '../../text/templates.ts';
 import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
 import type { JobContext, JobResult } from '../../job.ts';
@@ -46,17 +48,35 @@ export type { LoraSpec } from './lora-file.ts';
 type LoraBatch = DiffusionBatch & { ids: number[][]; classRows: number; context?: Tensor };
 
 // ---------------------------------------------------------------------------------------------
-// Prompts: the instance prompt for every image when the folder has no caption files
+// Prompts: the instance prompt, combined with each caption file as captionMode says (instance-prompts.ts)
 
-/** The template a run uses: the spec's, else the instance prompt (no captions) or the captions. */
-async function templateFor(spec: LoraSpec, runDir: string): Promise<{ template: string; instancePrompt?: string }> {
-  if (spec.template) return { template: spec.template };
-  const captions = !spec.instancePromptAlways && (await readdir(spec.images)).some((f) => f.toLowerCase().endsWith('.txt'));
-  const instancePrompt = spec.instancePrompt && !captions ? spec.instancePrompt : undefined;
-  await mkdir(runDir, { recursive: true });
-  const path = join(runDir, 'lora-template.txt');
-  await writeFile(path, `${instancePrompt ?? '[filewords]'}\n`);
-  return { template: path, instancePrompt };
+/** The run's prompt templates: the spec's template when given, else the instance prompt and the captions. */
+async function promptTemplates(spec: LoraSpec): Promise<PromptTemplates> {
+  if (spec.template) return { template: await loadTemplate(spec.template) };
+  return instanceTemplates(spec.instancePrompt ?? '[filewords]', spec.captionMode ?? 'caption');
+}
+
+/** Say which images a caption file keeps from the instance prompt (before anything loads). */
+function warnCaptionOverride(ds: Dataset, spec: LoraSpec, ctx: JobContext): void {
+  const message = !spec.template && spec.instancePrompt ? captionOverrideWarning(ds, spec.captionMode ?? 'caption', spec.instancePrompt) : undefined;
+  if (message) ctx.emit({ type: 'log', level: 'warn', message });
+}
+
+/** `--dry-run`: every image with the prompt it trains with, the class images and the output, as the run will use them. */
+export async function loraDryRun(raw: LoraSpec): Promise<string> {
+  const spec = withDefaults(raw);
+  const warnings: string[] = [];
+  const ds = await loadDataset(spec as CommonSpec, (m) => warnings.push(m), await promptTemplates(spec));
+  const override = !spec.template && spec.instancePrompt ? captionOverrideWarning(ds, spec.captionMode ?? 'caption', spec.instancePrompt) : undefined;
+  const report = datasetReport(ds);
+  report.template = spec.template ?? `instance prompt ${JSON.stringify(spec.instancePrompt ?? '')}, captions: ${spec.captionMode ?? 'caption'}`;
+  if (override) report.warnings.push(override);
+  return [
+    formatDatasetReport(report), describePrior(spec as PriorSpec),
+    `learn rate ${spec.lr}; LoRA rank ${spec.rank}, alpha ${spec.alpha}, targets ${targetKinds(spec).join(', ')}`,
+    `output: ${resolve(spec.loraDir, `${spec.name}.safetensors`)} (use it as <lora:${spec.name}:1>)`,
+    `snapshots, previews, loss CSV: ${resolve(spec.logDir, spec.name)}`,
+  ].join('\n');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -73,7 +93,7 @@ function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | un
   return optimizer;
 }
 
-async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, instancePrompt: string | undefined, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
+async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
   const targets = loraTargets(shapesOf(run.model.source), targetKinds(spec));
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
   let step = 0;
@@ -81,7 +101,7 @@ async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, inst
   if (from) step = await loadWeights(from, net, run.model.family);
   else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
   const optimizer = loraOptimizer(net, spec, textLr, step);
-  const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000, instancePrompt };
+  const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000 };
   if (from) {
     const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
     const restored = await loadOptimizer(`${from}.optim`, s, spec, step, warn);
@@ -192,9 +212,8 @@ function loraMethod<B>(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPat
 }
 
 /** Everything checked before a model loads or a file is written. */
-async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; instancePrompt?: string; textLr?: LrSchedule }> {
-  const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
-  const spec: LoraSpec = { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
+async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; textLr?: LrSchedule }> {
+  const spec = withDefaults(raw);
   if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
   const paths = await checkRun({ ...spec, template: '' } as CommonSpec, resolve(spec.loraDir), 'lora');
   paths.output = resolve(spec.loraDir, `${spec.name}.safetensors`);
@@ -206,20 +225,27 @@ async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSp
   const textLr = spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
   if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
   if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
-  const { template, instancePrompt } = await templateFor(spec, paths.runDir);
-  return { spec: { ...spec, template }, paths, instancePrompt, textLr };
+  if (spec.template && spec.instancePrompt) ctx.emit({ type: 'log', level: 'warn', message: `template ${spec.template} gives every prompt: the instance prompt is not used` });
+  return { spec, paths, textLr };
+}
+
+/** The spec with the folders and prior-preservation options a spec built in code may leave out. */
+function withDefaults(raw: LoraSpec): LoraSpec {
+  const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
+  return { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
 }
 
 /** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
 export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
-  const { spec, paths, instancePrompt, textLr } = await preflight(raw, ctx);
+  const { spec, paths, textLr } = await preflight(raw, ctx);
   const backend = await initJobBackend(spec, ctx);
   let run: LoraRun | undefined;
   let s: LoraState | undefined;
   try {
-    run = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true });
+    run = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true, templates: await promptTemplates(spec) });
+    warnCaptionOverride(run.dataset, spec, ctx);
     run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
-    s = await initState(run, spec, paths, instancePrompt, textLr, ctx);
+    s = await initState(run, spec, paths, textLr, ctx);
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const full = await fileSha256(spec.model);
     const hashes = { legacy: await legacyModelHash(spec.model), full };
