@@ -4,11 +4,12 @@
  */
 import { Command } from 'commander';
 import { commands } from './commands/index.ts';
+import { oneLineErrors } from './commands/flags.ts';
 
-const program = new Command('sidetrain')
+// configured before the sub-commands exist: they inherit it (an unknown flag gets one line with a suggestion, not the help)
+const program = oneLineErrors(new Command('sidetrain'))
   .description('Train Textual Inversion embeddings, hypernetworks, Dreambooth/LoRA and fine-tunes for AUTOMATIC1111-compatible webuis')
-  .version('0.1.0')
-  .showHelpAfterError();
+  .version('0.1.0');
 
 for (const register of commands) register(program);
 

@@ -2,11 +2,12 @@
  * @file Server configuration: defaults, environment (SIDETRAIN_HOST/PORT/TOKEN/WEBUI_URL/WEBUI_DIR/
  * WEBUI_AUTH/STATE_DIR/WEBUI_PREVIEWS and the folder variables of FOLDER_SETTINGS) and flags, and where outputs
  * go. Output folders come, in order, from explicit options (`--embeddings-dir` …), `--webui-dir`
- * (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally sidetrain's own
- * `embeddings/`, `hypernetworks/` and the state dir. Explicit folders exist because the other two
+ * (A1111 layout), a running webui's `/sdapi/v1/cmd-flags`, and finally one default root, the
+ * state dir (`~/.sidetrain/{embeddings,hypernetworks,checkpoints,lora,runs}`), on every interface. Explicit folders exist because the other two
  * sources miss cases: A1111/Forge started with custom folder flags break the `--webui-dir` layout,
  * and SD.Next keeps its folders in its settings, not in cmd-flags.
  */
+import { stat } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -104,14 +105,32 @@ export function webuiLayout(dir: string): Partial<Folders> {
   };
 }
 
+/** Names that tell a webui's folder (A1111, Forge, SD.Next) from any other. */
+const WEBUI_MARKS = ['webui.py', 'launch.py', 'webui.sh', 'webui.bat', 'webui-user.sh', 'webui-user.bat', 'models', 'extensions', 'embeddings'];
+
+/**
+ * `--webui-dir` checked before anything runs: it must exist and look like a webui, else an error
+ * naming `flag` (a typo would otherwise send every output into a new, unseen folder). Returns it absolute.
+ */
+export async function checkWebuiDir(dir: string, flag: string): Promise<string> {
+  const abs = resolve(dir);
+  const st = await stat(abs).catch(() => undefined);
+  if (!st) throw new Error(`${flag} '${dir}' does not exist: give the folder the webui is installed in`);
+  if (!st.isDirectory()) throw new Error(`${flag} '${dir}' is not a folder`);
+  const marks = await Promise.all(WEBUI_MARKS.map((m) => stat(join(abs, m)).then(() => true, () => false)));
+  if (!marks.some(Boolean)) throw new Error(`${flag} '${dir}' does not look like a webui folder (none of ${WEBUI_MARKS.slice(0, 2).join(', ')}, models/, extensions/ in it)`);
+  return abs;
+}
+
 const DISCOVERY_TTL_MS = 30_000;
 
 /** Folders now: explicit → --webui-dir → running webui (cached 30 s) → sidetrain's defaults. */
 export function folderResolver(opts: ServerOptions, webui: WebuiClient): () => Promise<Folders> {
   const state = stateDirOf(opts);
+  // one root for everything when no webui is known: the clone's folders are no place for a user's outputs
   const defaults: Folders = {
-    embeddings: join(REPO_DIR, 'embeddings'),
-    hypernetworks: join(REPO_DIR, 'hypernetworks'),
+    embeddings: join(state, 'embeddings'),
+    hypernetworks: join(state, 'hypernetworks'),
     checkpoints: join(state, 'checkpoints'),
     lora: join(state, 'lora'),
     logs: join(state, 'runs'),

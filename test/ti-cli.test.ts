@@ -165,9 +165,9 @@ test('--dry-run --shuffle-tags --tag-drop-out 0.5: the example prompts have thei
 test('a bad flag exits 1 with a field-named message and writes nothing', async () => {
   const dir = await tmp();
   for (const [flags, message] of [
-    [['--vectors', '76'], /^sidetrain: \/vectors must be <= 75$/m],
-    [['--lr', 'fast'], /^sidetrain: \/lr: bad learn rate schedule "fast": .*Syntax: RATE\[:STEP\]/m],
-    [['--model', join(dir, 'none.safetensors')], /^sidetrain: \/model '.*none\.safetensors' is not a readable file$/m],
+    [['--vectors', '76'], /^sidetrain: --vectors must be <= 75$/m],
+    [['--lr', 'fast'], /^sidetrain: --lr: bad learn rate schedule "fast": .*Syntax: RATE\[:STEP\]/m],
+    [['--model', join(dir, 'none.safetensors')], /^sidetrain: --model '.*none\.safetensors' is not a readable file$/m],
   ] as const) {
     const exit = await cli([...tiArgs(dir, 'bad', ['--steps', '200']), ...flags]).exit;
     assert.equal(exit.code, 1, flags.join(' '));

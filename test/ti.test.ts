@@ -214,21 +214,21 @@ test('an existing <name>.pt is not replaced without --overwrite / --resume', asy
   assert.equal(existsSync(join(dir, 'log')), false);
 });
 
-test('bad inputs: a clear error naming the field or file, and nothing written', async () => {
+test('bad inputs: a clear error naming the flag or file, and nothing written', async () => {
   const dir = await tmp();
   await mkdir(join(dir, 'empty'));
   await mkdir(join(dir, 'corrupt-only'));
   await writeFile(join(dir, 'corrupt-only', 'broken.png'), 'not a png');
   const cases: [Record<string, unknown>, RegExp][] = [
-    [{ model: join(dir, 'missing.safetensors') }, /\/model .*missing\.safetensors' is not a readable file/],
+    [{ model: join(dir, 'missing.safetensors') }, /--model .*missing\.safetensors' is not a readable file/],
     [{ images: join(dir, 'empty') }, /images folder .*empty is empty/],
-    [{ images: join(dir, 'nowhere') }, /\/images .*nowhere' is not a readable folder/],
+    [{ images: join(dir, 'nowhere') }, /--images .*nowhere' is not a readable folder/],
     [{ images: join(dir, 'corrupt-only') }, /has no usable images: broken\.png \(/],
-    [{ lr: '0.005:abc' }, /\/lr: bad learn rate schedule "0\.005:abc".*Syntax: RATE\[:STEP\]/],
+    [{ lr: '0.005:abc' }, /--lr: bad learn rate schedule "0\.005:abc".*Syntax: RATE\[:STEP\]/],
     [{ lr: '0.005:10, 0.001:5' }, /learn rate schedule.*Syntax: RATE\[:STEP\]/],
-    [{ vectors: 0 }, /\/vectors must be >= 1/],
-    [{ vectors: 76 }, /\/vectors must be <= 75/],
-    [{ name: 'a/b' }, /\/name must match pattern/],
+    [{ vectors: 0 }, /--vectors must be >= 1/],
+    [{ vectors: 76 }, /--vectors must be <= 75/],
+    [{ name: 'a/b' }, /--name may only have letters, digits/],
   ];
   for (const [over, message] of cases) {
     const spec = { model: MODEL, images: IMAGES, name: 'bad', steps: 2, width: 64, height: 64, embeddingsDir: join(dir, 'emb'), logDir: join(dir, 'log'), ...over };

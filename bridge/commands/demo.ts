@@ -8,7 +8,8 @@
 import { join, relative } from 'node:path';
 import type { Command } from 'commander';
 import { REPO_DIR } from '../config.ts';
-import { progressReporter, runJobInProcess } from './train.ts';
+import { runJobInProcess } from './train.ts';
+import { progressReporter } from './progress.ts';
 
 export const DEMO_NAME = 'demo_pallas_cat';
 

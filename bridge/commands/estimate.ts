@@ -5,22 +5,14 @@
  * or an API body `{type, spec}`. `images` and `name` are not needed for an estimate.
  */
 import { readFileSync } from 'node:fs';
-import { Command, Option } from 'commander';
+import type { Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { getSchema, validate } from '../../schemas/index.ts';
+import { addSchemaOptions, flagErrors, type Prop } from './flags.ts';
 import { methods } from '../../trainers/methods/index.ts';
 import { estimateJob, type JobEstimate } from '../../trainers/memory/estimate.ts';
 
-type Prop = { type?: string; description?: string; items?: { type?: string } };
-
 const ALIASES: Record<string, string> = { textual_inversion: 'ti', hypernetwork: 'hn' };
-const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
-
-function parseValue(prop: Prop, raw: string): unknown {
-  if (prop.type === 'integer' || prop.type === 'number') return Number(raw);
-  if (prop.type === 'array') return raw.split(',').map((x) => (prop.items?.type === 'string' ? x.trim() : Number(x)));
-  return raw;
-}
 
 /** The job file (train job or `{type, spec}`) overlaid with the flags; schema defaults filled in. */
 export function estimateSpec(schema: string, props: Record<string, Prop>, opts: Record<string, unknown>): Record<string, unknown> {
@@ -30,10 +22,14 @@ export function estimateSpec(schema: string, props: Record<string, Prop>, opts: 
     const doc = (/\.ya?ml$/i.test(opts.config) ? parseYaml(text) : JSON.parse(text)) as Record<string, unknown>;
     spec = { ...((doc.spec && typeof doc.spec === 'object' ? doc.spec : doc) as Record<string, unknown>) };
   }
-  for (const key of Object.keys(props)) if (opts[key] !== undefined) spec[key] = opts[key];
-  const filled = { images: '.', name: 'estimate', ...spec }; // not needed to estimate
+  for (const [key, prop] of Object.entries(props)) {
+    const value = opts[key] ?? (prop['x-cli-alias'] ? opts[prop['x-cli-alias']] : undefined);
+    if (value !== undefined) spec[key] = value;
+  }
+  // not needed to estimate
+  const filled = { images: '.', name: 'estimate', ...('instancePrompt' in props ? { instancePrompt: 'estimate' } : {}), ...spec };
   const errors = validate(schema, filled);
-  if (errors.length) throw new Error(errors.map((e) => e.text).join('\n'));
+  if (errors.length) throw new Error(flagErrors(errors));
   return filled;
 }
 
@@ -60,10 +56,7 @@ export function registerEstimate(program: Command): void {
     cmd.option('--config <file>', 'job file (JSON or YAML): a train job or an API body {type, spec}');
     cmd.option('--json', 'print the estimate as JSON');
     cmd.option('--backend <name>', 'estimate for this backend instead of the one this machine would pick');
-    for (const [key, prop] of Object.entries(props)) {
-      if (key === 'dryRun') continue;
-      cmd.addOption(prop.type === 'boolean' ? new Option(`--${kebab(key)}`, prop.description) : new Option(`--${kebab(key)} <value>`, prop.description).argParser((raw: string) => parseValue(prop, raw)));
-    }
+    addSchemaOptions(cmd, props, ['dryRun']);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = estimateSpec(entry.schema, props, opts);
       const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined });

@@ -6,7 +6,7 @@
  * so a flag's name in the help text is part of the contract.
  */
 import type { Command } from 'commander';
-import { fromEnv, onOff, DEFAULT_HOST, DEFAULT_PORT, FOLDER_SETTINGS, type ServerOptions } from '../config.ts';
+import { checkWebuiDir, fromEnv, onOff, DEFAULT_HOST, DEFAULT_PORT, FOLDER_SETTINGS, type ServerOptions } from '../config.ts';
 import { startServer } from '../main.ts';
 
 const list = (v: string, prev: string[] = []) => [...prev, ...v.split(',').map((s) => s.trim()).filter(Boolean)];
@@ -67,7 +67,10 @@ export function registerServe(program: Command): void {
     .option('--methods <module>', 'methods registry module (default trainers/methods/index.ts)')
     .option('--log-level <level>', 'pino log level', 'info')
     .action(async (o: Record<string, unknown>) => {
-      const running = await startServer(serveOptions(o));
+      const options = serveOptions(o);
+      // a mistyped folder would send every output into a new, unseen folder: refused before the server starts
+      if (options.webuiDir) options.webuiDir = await checkWebuiDir(options.webuiDir, o.webuiDir ? '--webui-dir' : 'SIDETRAIN_WEBUI_DIR');
+      const running = await startServer(options);
       const stop = (signal: string) => {
         running.log.info({ signal }, 'shutting down');
         void running.close().then(() => process.exit(0));

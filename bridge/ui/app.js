@@ -45,6 +45,20 @@ function select(id) {
   refresh();
 }
 
+function onDeleted(job) {
+  jobs.delete(job.id);
+  refresh();
+}
+
+/** "Train again": the job's form, filled with its settings (not resume/overwrite), ready to change and submit. */
+function onTrainAgain(job) {
+  const form = forms.find((f) => f.type === job.type);
+  if (!form) return;
+  showMethod(job.type);
+  form.fill(job.spec ?? {});
+  form.node.scrollIntoView({ block: 'start' });
+}
+
 function onChanged(job) {
   jobs.set(job.id, job);
   watch.update(job);
@@ -77,6 +91,12 @@ function describeEstimate(result, spec) {
   return { text: parts.join(' · '), notes, detail };
 }
 
+/** The label a person sees for an API field (`/spec/batchSize` → "Batch size"). */
+function labelOf(field) {
+  const key = /^\/spec\/([^/]+)/.exec(field ?? '')?.[1];
+  return (key && current?.props[key]?.title) || key || field;
+}
+
 function showEstimate(text, notes = [], detail = '') {
   const box = $('.estimate');
   box.title = detail;
@@ -94,7 +114,7 @@ function scheduleEstimate() {
 async function estimate() {
   const spec = current.read();
   const missing = current.required.filter((k) => spec[k] === undefined || spec[k] === '');
-  if (missing.length) return showEstimate(`Estimate: fill in ${missing.join(', ')} first.`);
+  if (missing.length) return showEstimate(`Estimate: fill in ${missing.map((k) => labelOf(`/spec/${k}`)).join(', ')} first.`);
   const seq = ++estimateSeq;
   showEstimate('Estimate: …');
   let shown;
@@ -104,7 +124,7 @@ async function estimate() {
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
     if (err.status === 501) shown = ['Estimate: not available on this server.'];
-    else if (err.errors.length) shown = [`Estimate: needs valid fields (${err.errors.map((e) => e.text).join('; ')})`];
+    else if (err.errors.length) shown = [`Estimate: first fix ${err.errors.map((e) => `${labelOf(e.field)} (${e.message})`).join('; ')}`];
     else shown = [`Estimate: not available (${err.message}).`];
   }
   if (seq === estimateSeq) showEstimate(...shown);
@@ -132,7 +152,7 @@ async function train(event) {
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
     const unplaced = current.showErrors(err.errors);
-    errorBox.textContent = unplaced.length ? unplaced.map((e) => e.text).join('; ') : err.errors.length ? 'Fix the fields marked in red.' : err.message;
+    errorBox.textContent = unplaced.length ? unplaced.map((e) => `${labelOf(e.field)} ${e.message}`).join('; ') : err.errors.length ? 'Fix the fields marked in red.' : err.message;
   } finally {
     button.disabled = false;
   }
@@ -158,7 +178,9 @@ function buildForms(methods, components, models) {
 }
 
 function showHealth(h) {
-  const webui = h.webui?.url ? `webui ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : 'no webui configured';
+  // --webui-dir (or explicit folders) configures a webui without a URL: its folders say which
+  const root = /^(.*)[\\/]models[\\/]Stable-diffusion$/.exec(h.folders?.checkpoints ?? '')?.[1];
+  const webui = h.webui?.url ? `webui ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : root ? `webui folder ${root}` : `no webui set up: outputs in ${h.folders?.lora?.replace(/[\\/]lora$/, '') ?? 'the state folder'}`;
   $('.health').textContent = `v${h.version} · backend ${h.backend ?? '(first job decides)'} · ${webui}`;
   // the GPU adapter (vendor, architecture, limits) or why webgpu is skipped, on hover
   if (h.webgpu) $('.health').title = `webgpu: ${h.webgpu}`;
@@ -178,7 +200,7 @@ async function main() {
   form.addEventListener('input', scheduleEstimate);
   form.addEventListener('change', scheduleEstimate);
   list = createJobList($('.job-list'), select);
-  watch = createWatch($('.watch'), { onChanged });
+  watch = createWatch($('.watch'), { onChanged, onDeleted, onTrainAgain });
   for (const j of list0) jobs.set(j.id, j);
   refresh();
   const first = list0.find((j) => j.state === 'running') ?? list0[0];

@@ -87,10 +87,14 @@ function fieldRow(method, key, p, required, role, models) {
   // ids carry the method: every method's form is in the page at once, and a label must focus its own field
   const id = `f-${method}-${key}`;
   return el('div', { class: `field${required ? ' required' : ''}`, 'data-field': key }, [
-    el('label', { for: id }, [key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null, range ? el('small', { class: 'limits' }, range) : null]),
+    // the schema's title is the label (words, not the field name); the field name stays as the tooltip for API and job-file users
+    el('label', { for: id, title: `${key} (--${key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)})` }, [
+      p.title ?? key, required ? el('span', { class: 'req', title: 'required' }, ' *') : null, range ? el('small', { class: 'limits' }, range) : null,
+    ]),
     inputFor(id, key, p, role, models, required),
     el('div', { class: 'field-error', role: 'alert' }),
     p.description ? el('small', { class: 'help', title: p.description }, p.description) : null,
+    p.default !== undefined && p.default !== '' && p.type !== 'boolean' ? el('small', { class: 'default muted' }, `default: ${Array.isArray(p.default) ? p.default.join(', ') : p.default}`) : null,
   ]);
 }
 
@@ -139,7 +143,23 @@ export function buildForm(method, components, models) {
     first?.querySelector('input, select')?.focus({ preventScroll: true });
     return unplaced;
   };
-  return { node, read, showErrors, clearErrors, props };
+  /** Put a job's settings into the form (its output folders and resume/overwrite left as they are). */
+  const fill = (spec) => {
+    for (const [key, value] of Object.entries(spec)) {
+      const p = props[key];
+      const input = node.querySelector(`[name="${CSS.escape(key)}"]`);
+      if (!p || !input || ['resume', 'overwrite', 'dryRun'].includes(key) || roleOf(key, p) === 'output') continue;
+      if (p.type === 'boolean') input.checked = value === true;
+      else if (input.classList.contains('model-select')) {
+        input.value = [...input.options].some((o) => o.value === value) ? String(value) : '';
+        const other = node.querySelector(`.model-path[data-for="${CSS.escape(key)}"]`);
+        other.value = input.value ? '' : String(value);
+        other.hidden = input.value !== '';
+      } else input.value = Array.isArray(value) ? value.join(', ') : String(value);
+    }
+    node.dispatchEvent(new Event('change', { bubbles: true }));
+  };
+  return { node, read, showErrors, clearErrors, props, fill };
 }
 
 function parseList(text, p) {

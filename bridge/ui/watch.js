@@ -28,7 +28,7 @@ export function logLine(m) {
   return `${time} [${m.type}] ${text}`;
 }
 
-export function createWatch(root, { onChanged }) {
+export function createWatch(root, { onChanged, onDeleted, onTrainAgain }) {
   let job;
   let seen = new Set();
   let logLines = [];
@@ -46,11 +46,26 @@ export function createWatch(root, { onChanged }) {
   }
   $('.cancel').addEventListener('click', () => act('cancel'));
   $('.resume').addEventListener('click', () => act('resume'));
+  $('.again').addEventListener('click', () => onTrainAgain?.(job));
+  $('.delete').addEventListener('click', async () => {
+    if (!window.confirm(`Remove job '${jobName(job)}' from the list? Its output file is kept.`)) return;
+    flash('');
+    try {
+      await request(`api/jobs/${job.id}`, { method: 'DELETE' });
+      const gone = job;
+      job = undefined;
+      root.hidden = true;
+      onDeleted?.(gone);
+    } catch (err) {
+      flash(err instanceof ApiError ? err.message : String(err));
+    }
+  });
 
   function renderHead() {
     $('.watch-title').replaceChildren(el('strong', {}, jobName(job)), ' ', el('span', { class: 'muted' }, job.type), ' ', badge(job.state));
     $('.cancel').disabled = !CANCELLABLE.has(job.state);
     $('.resume').disabled = !RESUMABLE.has(job.state);
+    $('.delete').disabled = CANCELLABLE.has(job.state);
     $('.watch-usage').replaceChildren(...(job.state === 'finished' && job.usage ? ['Use it: ', promptBox(job), job.output ? el('small', { class: 'muted' }, ` ${job.output}`) : null] : []));
     $('.watch-usage').hidden = !(job.state === 'finished' && job.usage);
     $('.watch-failure').textContent = job.state === 'failed' ? job.error ?? 'failed' : '';

@@ -10,6 +10,7 @@ So each folder is looked up in `opts` first, then `cmd_opts`, then the webui's d
 Everything is read on each call (never cached) so a changed setting takes effect at once.
 """
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -72,15 +73,48 @@ def _first_text(*values):
     return ""
 
 
+# Written by `sidetrain install-extension` beside the extension: {"folder": the clone, "autostart": true}.
+INSTALLED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sidecar.json")
+
+
+def installed() -> dict:
+    """What `sidetrain install-extension` recorded ({} when the extension was put here by hand)."""
+    try:
+        with open(INSTALLED_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _saved(opts, key) -> bool:
+    """Whether the user saved this setting (the webui keeps saved values in `opts.data`)."""
+    data = _get(opts, "data")
+    return isinstance(data, dict) and key in data
+
+
 def read_settings() -> Settings:
-    """The extension's settings: a command-line flag wins over Settings → sidetrain, which wins over env."""
+    """The extension's settings: a command-line flag wins over Settings → sidetrain, which wins over env
+    and over what `sidetrain install-extension` recorded (the clone's folder, autostart on)."""
     shared = _shared()
     opts, cmd = _get(shared, "opts"), _get(shared, "cmd_opts")
+    recorded = installed()
     url = _first_text(_get(cmd, KEY_URL), _get(opts, KEY_URL), os.environ.get("SIDETRAIN_URL"), DEFAULT_URL)
     token = _first_text(_get(cmd, KEY_TOKEN), _get(opts, KEY_TOKEN), os.environ.get("SIDETRAIN_TOKEN"))
-    autostart = _get(cmd, KEY_AUTOSTART) is True or _get(opts, KEY_AUTOSTART) is True
-    folder = _first_text(_get(opts, KEY_FOLDER))
+    autostart = _get(cmd, KEY_AUTOSTART) is True or _get(opts, KEY_AUTOSTART) is True or (
+        not _saved(opts, KEY_AUTOSTART) and recorded.get("autostart") is True)
+    folder = _first_text(_get(opts, KEY_FOLDER), recorded.get("folder"))
     return Settings(url=url.rstrip("/"), token=token, autostart=autostart, folder=folder)
+
+
+def start_command(settings: Settings) -> str:
+    """What a person runs to start the sidecar for this webui, for messages: from the known clone, else
+    the one-step install that records it."""
+    root = webui_root()
+    if settings.folder:
+        return f"cd {settings.folder} && npx sidetrain serve --webui-dir {root}"
+    return (f"in your sidetrain clone, npx sidetrain serve --webui-dir {root}; or once "
+            f"npx sidetrain install-extension --webui-dir {root} there, and the webui starts it")
 
 
 def webui_root() -> str:

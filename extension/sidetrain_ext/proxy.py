@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket
 
 from . import PREFIX
-from .config import Settings
+from .config import Settings, start_command
 
 try:
     import httpx
@@ -180,8 +180,10 @@ class Proxy:
     @staticmethod
     def _unreachable(settings: Settings, err) -> Response:
         log.warning("sidetrain: sidecar at %s not reachable: %s", settings.url, err)
+        # `npx sidetrain serve` fails in the webui's folder (sidetrain is not installed there): say what works
         return error_response(502, f"the sidetrain sidecar at {settings.url} is not reachable ({err}); "
-                                   "start it with `npx sidetrain serve` or enable autostart in Settings → sidetrain")
+                                   f"start it: {start_command(settings)}; or tick Settings → sidetrain → "
+                                   "Start the sidecar with the webui")
 
     @staticmethod
     def _has_body(request: Request) -> bool:

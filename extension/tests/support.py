@@ -25,6 +25,12 @@ except ImportError as err:  # pragma: no cover
     raise ImportError(f"{err}: the extension's tests need Debian's python3 with the packages in "
                       "extension/tests/REQUIREMENTS.md (run them with /usr/bin/python3)") from err
 from modules import paths, shared, shared_items  # noqa: E402
+from sidetrain_ext import config  # noqa: E402
+
+# An installed copy has the sidecar.json that install-extension wrote; the tests start from a webui
+# without one (test_installed.py reads the real one on purpose).
+INSTALLED_FILE = config.INSTALLED_FILE
+config.INSTALLED_FILE = os.path.join(TESTS_DIR, "no-such-sidecar.json")
 
 logging.getLogger("sidetrain").setLevel(logging.ERROR)  # "sidecar not reachable" is what some tests provoke
 

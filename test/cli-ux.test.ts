@@ -1,0 +1,84 @@
+/**
+ * @file The CLI as a new user meets it (issue 22): `--help` shows what to type and the defaults;
+ * a bad value or an unknown flag gives one line naming the flag; missing fields are named as
+ * flags; `--webui-dir` puts the output into that webui's folders, is checked before anything
+ * runs, and the run ends with a summary of every path; without a terminal, progress comes as
+ * lines.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const MODEL = 'test/fixtures/sd-tiny/model.safetensors';
+const IMAGES = 'assets/demo-images';
+
+function cli(args: string[], env: Record<string, string> = {}) {
+  const r = spawnSync(process.execPath, ['bin/sidetrain.mjs', ...args], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 120_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** An empty folder laid out like an A1111 install. */
+async function fakeWebui(): Promise<string> {
+  const root = await mkdtemp(join(tmpdir(), 'sidetrain-webui-'));
+  for (const d of ['embeddings', 'models/Stable-diffusion', 'models/Lora', 'models/hypernetworks', 'extensions']) await mkdir(join(root, d), { recursive: true });
+  await writeFile(join(root, 'webui.py'), '# stand-in\n');
+  return root;
+}
+
+test('--help: placeholders that say what to type, and every default', () => {
+  const { stdout, code } = cli(['train', 'ti', '--help']);
+  assert.equal(code, 0);
+  assert.match(stdout, /--steps <n>/);
+  assert.match(stdout, /--model <file>/);
+  assert.match(stdout, /--images <dir>/);
+  assert.match(stdout, /--lr <rate>/);
+  assert.match(stdout.replace(/\s+/g, ' '), /\(default: style_filewords\)/);
+  assert.match(stdout.replace(/\s+/g, ' '), /\(default: 0\.005\)/);
+  assert.match(stdout, /--webui-dir <dir>/);
+});
+
+test('a bad value, an unknown flag and a missing field: one line each, naming the --flag', () => {
+  const bad = cli(['train', 'ti', '--model', MODEL, '--images', IMAGES, '--name', 'x', '--steps', 'abc']);
+  assert.equal(bad.code, 1);
+  assert.equal(bad.stderr.trim().split('\n').length, 1, bad.stderr);
+  assert.match(bad.stderr, /option '--steps <n>' argument 'abc' is invalid\. --steps takes a whole number/);
+
+  const unknown = cli(['train', 'ti', '--stpes', '5']);
+  assert.equal(unknown.code, 1);
+  assert.equal(unknown.stderr.trim().split('\n').length, 1, unknown.stderr);
+  assert.match(unknown.stderr, /unknown option '--stpes'.*Did you mean --steps\?/);
+
+  const missing = cli(['train', 'dreambooth', '--model', MODEL, '--images', IMAGES, '--name', 'x']);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /--instance-prompt is required/);
+  assert.doesNotMatch(missing.stderr, /\/instancePrompt/);
+});
+
+test('--webui-dir that is not a webui is refused before anything runs, naming the flag', () => {
+  const r = cli(['train', 'ti', '--model', MODEL, '--images', IMAGES, '--name', 'x', '--webui-dir', '/nonexistent/webui']);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /--webui-dir '\/nonexistent\/webui' does not exist/);
+});
+
+test('train ti --webui-dir writes into that webui; the summary lists every path; no terminal: progress lines', async () => {
+  const webui = await fakeWebui();
+  const state = await mkdtemp(join(tmpdir(), 'sidetrain-state-'));
+  const r = cli([
+    'train', 'ti', '--model', MODEL, '--images', IMAGES, '--name', 'kitty', '--init-text', 'cat', '--template', 'subject',
+    '--width', '64', '--height', '64', '--steps', '6', '--save-every', '3', '--preview-every', '3', '--preview-steps', '2', '--webui-dir', webui,
+  ], { SIDETRAIN_STATE_DIR: state });
+  assert.equal(r.code, 0, r.stderr);
+  const output = join(webui, 'embeddings', 'kitty.pt');
+  assert.ok(existsSync(output));
+  const runDir = join(state, 'runs', 'kitty');
+  for (const line of [`output     ${output}`, 'use it     put kitty in a prompt', `previews   ${join(runDir, 'images')} (2`, `snapshots  ${join(runDir, 'embeddings')} (1, last kitty-3.pt`,
+    `loss CSV   ${join(runDir, 'loss.csv')}`, `settings   ${join(runDir, 'settings.json')}`]) {
+    assert.ok(r.stdout.includes(line), `summary lacks '${line}':\n${r.stdout}`);
+  }
+  assert.match(r.stderr, /^step 6\/6 {2}loss \d+\.\d{5} {2}lr /m, 'a progress line per N steps without a terminal');
+  assert.doesNotMatch(r.stderr, /\{loss\}/);
+});
