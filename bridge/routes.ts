@@ -13,6 +13,7 @@ import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
 import type { WebuiClient } from './webui.ts';
 import { webgpuStatus } from '../trainers/backend/webgpu/adapter.ts';
 import { listEmbeddings, listHypernetworks, listLoras, listModels } from './listings.ts';
+import { datasetRoutes } from './dataset-routes.ts';
 
 export interface ServerContext {
   manager: JobManager;
@@ -158,6 +159,7 @@ export const routes: RouteDef[] = [
     method: 'get', path: '/api/webui/loras', tag: 'webui', summary: "The webui's LoRAs", response: S('WebuiFileList'),
     handler: async (_req, _res, ctx) => listLoras(ctx.webui, (await ctx.folders()).lora),
   },
+  ...datasetRoutes,
 ];
 
 /** One line per event, for people. */

@@ -5,6 +5,8 @@
  * or an API body `{type, spec}`. `images` and `name` are not needed for an estimate.
  */
 import { readFileSync } from 'node:fs';
+import { freemem, totalmem } from 'node:os';
+import { duration } from './progress.ts';
 import type { Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { getSchema, validate } from '../../schemas/index.ts';
@@ -35,10 +37,23 @@ export function estimateSpec(schema: string, props: Record<string, Prop>, opts: 
 
 const gb = (b: number) => `${(b / 2 ** 30).toFixed(2)} GB`;
 
+/** The answer a user asks for first: how long, and whether it fits this machine now (with what else runs). */
+export function verdict(spec: Record<string, unknown>, e: JobEstimate, mem = { free: freemem(), total: totalmem() }): string[] {
+  const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
+  const time = steps ? `total time    ~${duration(e.secondsPerStep * steps)} for ${steps} steps (plus loading and caching latents)` : undefined;
+  const fits = e.peakBytes <= mem.free
+    ? `fits now: needs ${gb(e.peakBytes)}, ${gb(mem.free)} of ${gb(mem.total)} free`
+    : e.peakBytes <= mem.total
+      ? `does NOT fit now: needs ${gb(e.peakBytes)}, only ${gb(mem.free)} of ${gb(mem.total)} free (close the webui's model or other programs, or use the memory options)`
+      : `does NOT fit this machine: needs ${gb(e.peakBytes)}, it has ${gb(mem.total)} (use --gradient-checkpointing on, --half-frozen-weights, a smaller size or batch)`;
+  return [...(time ? [time] : []), `memory        ${fits}`];
+}
+
 export function formatEstimate(type: string, spec: Record<string, unknown>, e: JobEstimate): string {
   const w = e.breakdown.weightBytes;
   return [
     `${type} on ${spec.model} at ${spec.width}×${spec.height}, batch ${spec.batchSize}, backend ${e.backend}`,
+    ...verdict(spec, e),
     `peak memory   ${gb(e.peakBytes)}  (loading + caching latents ${gb(e.breakdown.prepPeakBytes)}, training ${gb(e.breakdown.trainPeakBytes)})`,
     `time per step ${e.secondsPerStep.toFixed(1)} s  (${e.breakdown.denseGflop} GFLOP dense + ${e.breakdown.attentionGflop} GFLOP attention)`,
     `weights       text ${gb(w.text)}, UNet ${gb(w.unet)}, VAE encoder ${gb(w.vaeEncoder)} (released after caching), decoder ${gb(w.vaeDecoder)}, trained ${gb(w.trainable)}`,
@@ -60,7 +75,9 @@ export function registerEstimate(program: Command): void {
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = estimateSpec(entry.schema, props, opts);
       const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined });
-      console.log(opts.json ? JSON.stringify(e, null, 2) : formatEstimate(type, spec, e));
+      const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
+      const answer = { ...e, totalSeconds: steps ? e.secondsPerStep * steps : undefined, freeBytes: freemem(), totalBytes: totalmem(), fitsNow: e.peakBytes <= freemem() };
+      console.log(opts.json ? JSON.stringify(answer, null, 2) : formatEstimate(type, spec, e));
     });
   }
 }

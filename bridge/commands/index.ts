@@ -11,3 +11,4 @@ commands.push((await import('./train.ts')).registerTrain);
 commands.push((await import('./demo.ts')).registerDemo);
 commands.push((await import('./estimate.ts')).registerEstimate);
 commands.push((await import('./install-extension.ts')).registerInstallExtension);
+commands.push((await import('./dataset.ts')).registerDataset);

@@ -8,6 +8,7 @@ import { bytes, duration, el } from './dom.js';
 import { buildForm } from './form.js';
 import { createJobList } from './jobs.js';
 import { createWatch } from './watch.js';
+import { createDatasetPanel } from './dataset.js';
 
 const jobs = new Map();
 const $ = (sel) => document.querySelector(sel);
@@ -15,6 +16,7 @@ let forms = [];
 let current;
 let list;
 let watch;
+let dataset;
 
 /** Fold a live event into the job record, so the list and view update before the next state message. */
 function fold(job, m) {
@@ -108,7 +110,10 @@ let estimateSeq = 0;
 
 function scheduleEstimate() {
   clearTimeout(estimateTimer);
-  estimateTimer = setTimeout(estimate, 500);
+  estimateTimer = setTimeout(() => {
+    void estimate();
+    void dataset?.show(current.type, current.read());
+  }, 500);
 }
 
 async function estimate() {
@@ -139,8 +144,11 @@ async function train(event) {
   const spec = current.read();
   // a required field left empty is answered here, before anything is sent (the Dreambooth instance prompt above all)
   const missing = current.required.filter((k) => spec[k] === undefined || spec[k] === '');
-  if (missing.length) {
-    current.showErrors(missing.map((k) => ({ field: `/spec/${k}`, message: 'is required', text: `${k} is required` })));
+  const folder = dataset?.problem(spec);
+  if (missing.length || folder) {
+    const errors = missing.map((k) => ({ field: `/spec/${k}`, message: 'is required', text: `${k} is required` }));
+    if (folder) errors.push({ field: '/spec/images', message: folder, text: `images ${folder}` });
+    current.showErrors(errors);
     errorBox.textContent = 'Fill in the fields marked in red.';
     return;
   }
@@ -200,6 +208,7 @@ async function main() {
   form.addEventListener('input', scheduleEstimate);
   form.addEventListener('change', scheduleEstimate);
   list = createJobList($('.job-list'), select);
+  dataset = createDatasetPanel($('.dataset-panel'));
   watch = createWatch($('.watch'), { onChanged, onDeleted, onTrainAgain });
   for (const j of list0) jobs.set(j.id, j);
   refresh();

@@ -25,13 +25,13 @@
  *   console.log(formatDatasetReport(datasetReport(ds)));
  *   const { items, prompts } = ds.batchAt(step, 0);
  */
-import { readdir, readFile, stat } from 'node:fs/promises';
-import { basename, extname, join } from 'node:path';
-import { compileWordRegex } from './word-regex.ts';
+import { readdir, stat } from 'node:fs/promises';
+import { extname, join } from 'node:path';
 import { tf } from '../backend/tf.ts';
 import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
 import { isImageFile, loadImage, lossWeightMap, type DecodedImage } from './images.ts';
+import { readCaption } from './dataset-preview.ts';
 
 export type LatentSampling = 'once' | 'deterministic' | 'random';
 
@@ -92,31 +92,8 @@ export interface Batch {
   prompts: string[];
 }
 
-const NUMBER_PREFIX = /^[-\d]+\s*/;
-
-/**
- * The webui's file-name caption rule (used when there is no `<stem>.txt`). The word regex is the
- * user's own, so it runs on RE2 (re2js): linear time, so `(a|a)+$` cannot hang the worker as it
- * did on V8's backtracking engine. RE2 has no look-arounds or back-references; such a regex is
- * refused when the job is submitted (checkWordRegex).
- */
-export function filewordsFromFilename(file: string, wordRegex = '', joinString = ' '): string {
-  const text = basename(file, extname(file)).replace(NUMBER_PREFIX, '');
-  if (!wordRegex) return text;
-  const re = compileWordRegex(wordRegex);
-  const groups = re.groupCount(); // capture groups, like Python findall
-  return [...re.matchAll(text)].map((m) => (groups === 1 ? (m[1] ?? '') : m[0])).join(joinString);
-}
-
-async function readCaption(path: string, opts: DatasetOptions): Promise<Pick<DatasetItem, 'caption' | 'captionSource'>> {
-  const txt = path.slice(0, path.length - extname(path).length) + '.txt';
-  try {
-    return { caption: (await readFile(txt, 'utf8')).trim(), captionSource: 'txt' };
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-  }
-  return { caption: filewordsFromFilename(path, opts.filenameWordRegex, opts.filenameJoinString), captionSource: 'filename' };
-}
+// the caption rules live with the page's preview (no TF.js there); re-exported for the trainers' callers
+export { filewordsFromFilename } from './dataset-preview.ts';
 
 async function listFolder(dir: string): Promise<{ images: string[]; skipped: SkippedFile[] }> {
   let st;

@@ -86,13 +86,17 @@ const CAL = {
   backends: {
     // bench/steps.ts rows (2-core x86-64, fused norms and the native attention core): SD1.5 TI 256 px
     // 4.4 s/step (399 GFLOP), 512 px with 7 blocks checkpointed 10.1 s (2158 GFLOP), hypernetwork
-    // 512 px 13.1 s: ~310 GFLOP/s on the big ops plus ~3 s per step of small kernels
-    'cpu-native': { denseGflops: 320, attentionGflops: 320, elementSec: 0.5, passSec: 2.8 },
-    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8, passSec: 0 },
-    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15, passSec: 0 },
-    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1, passSec: 0.5 },
-    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05, passSec: 0.2 },
-  } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number; passSec: number }>,
+    // 512 px 13.1 s: ~310 GFLOP/s on the big ops plus ~3 s per step of small kernels.
+    // callSec: the part of those small kernels that does not shrink with the model (one dispatch per
+    // kernel call, as many calls for the tiny test model as for SD1.5): without it a 64 px step of
+    // test/fixtures/sd-tiny came out ~30× too fast (demo.ts: ~0.1 s/step on 2 cores, 3.5 ms estimated)
+    'cpu-native': { denseGflops: 320, attentionGflops: 320, elementSec: 0.5, passSec: 2.7, callSec: 0.09 },
+    // (measured on cpu-native only; the others keep their size-scaled pass cost)
+    wasm: { denseGflops: 12, attentionGflops: 8, elementSec: 8, passSec: 0, callSec: 0 },
+    cpu: { denseGflops: 0.35, attentionGflops: 0.3, elementSec: 15, passSec: 0, callSec: 0 },
+    tensorflow: { denseGflops: 150, attentionGflops: 100, elementSec: 1, passSec: 0.5, callSec: 0 },
+    'tensorflow-gpu': { denseGflops: 5000, attentionGflops: 3000, elementSec: 0.05, passSec: 0.2, callSec: 0 },
+  } as Record<string, { denseGflops: number; attentionGflops: number; elementSec: number; passSec: number; callSec: number }>,
 };
 
 const WASM_HEAP = 3.9 * 2 ** 30;
@@ -336,7 +340,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const optimizerElements = plan.trainableParams * CAL.optimizerElementsPerParam;
   const recomputedShare = sum((b) => b.denseFlop, ckpt) / Math.max(1, 2 * sum((b) => b.denseFlop));
   const secondsPerStep = accum * (denseFlop / (cal.denseGflops * 1e9) + attnFlop / (cal.attentionGflops * 1e9) + (elements / 1e9) * cal.elementSec +
-    cal.passSec * (unetF32 / SD15_UNET_BYTES) * (1 + recomputedShare)) +
+    (cal.passSec * (unetF32 / SD15_UNET_BYTES) + cal.callSec) * (1 + recomputedShare)) +
     (optimizerElements / 1e9) * cal.elementSec;
 
   if (!CAL.backends[backend]) notes.push(`backend '${backend}' is not calibrated: time estimated as for cpu-native`);

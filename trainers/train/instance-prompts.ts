@@ -7,7 +7,6 @@
  * `--caption_suffix` for the trigger word; diffusers' train_dreambooth uses the instance prompt
  * for every image.
  */
-import type { Dataset } from '../data/dataset.ts';
 import type { Template } from '../text/templates.ts';
 
 /**
@@ -26,7 +25,7 @@ export function instanceTemplates(instancePrompt: string, mode: CaptionMode): { 
 }
 
 /** Images whose caption file replaces the instance prompt, named in a warning; undefined when none does. */
-export function captionOverrideWarning(ds: Pick<Dataset, 'items'>, mode: CaptionMode, instancePrompt: string): string | undefined {
+export function captionOverrideWarning(ds: { items: { file: string; captionSource: string }[] }, mode: CaptionMode, instancePrompt: string): string | undefined {
   if (mode !== 'caption') return undefined;
   const files = ds.items.filter((it) => it.captionSource === 'txt').map((it) => it.file);
   if (!files.length) return undefined;
