@@ -94,3 +94,33 @@ test('estimate answers how long in total and whether it fits this machine now; t
   assert.equal(json.totalSeconds, json.secondsPerStep * 400);
   assert.equal(typeof json.fitsNow, 'boolean');
 });
+
+test('names in any alphabet, as the webui allows them ("café", "猫"); path characters still refused', async () => {
+  const { validate } = await import('../schemas/index.ts');
+  const { checkName } = await import('../trainers/io/paths.ts');
+  for (const name of ['café', '猫の絵', 'Ñandú 2']) {
+    assert.equal(checkName(name), name);
+    assert.deepEqual(validate('lora', { model: MODEL, images: IMAGES, name, instancePrompt: 'x' }).filter((e) => e.field === '/name'), [], name);
+  }
+  for (const name of ['a/b', 'a\\b', 'x:y', '..']) assert.throws(() => checkName(name), /must contain only letters/, name);
+  assert.equal(validate('lora', { model: MODEL, images: IMAGES, name: 'a/b', instancePrompt: 'x' })[0]!.text, "/name may only have letters, digits, '.', '_', '-' and spaces (it becomes a file name)");
+});
+
+test('train lora --webui-dir: models/Lora/<name>.safetensors, and inspect reads what sidetrain wrote (LoRA and its .optim)', async () => {
+  const webui = await fakeWebui();
+  const state = await mkdtemp(join(tmpdir(), 'sidetrain-state-'));
+  const r = cli(['train', 'lora', '--model', MODEL, '--images', IMAGES, '--name', 'café', '--instance-prompt', 'sks cat', '--rank', '4',
+    '--width', '64', '--height', '64', '--steps', '2', '--save-every', '0', '--preview-every', '0', '--webui-dir', webui], { SIDETRAIN_STATE_DIR: state });
+  assert.equal(r.code, 0, r.stderr);
+  const output = join(webui, 'models', 'Lora', 'café.safetensors');
+  assert.ok(r.stdout.includes(`output     ${output}`), r.stdout);
+  assert.ok(r.stdout.includes('use it     put <lora:café:1> in a prompt'), r.stdout);
+  const info = JSON.parse(cli(['inspect', '--json', output]).stdout);
+  assert.equal(info.kind, 'lora');
+  assert.equal(info.usage, '<lora:café:1>');
+  assert.equal(info.rank, 4);
+  assert.equal(info.alpha, 8);
+  assert.ok(info.modules.unet > 0);
+  const optim = JSON.parse(cli(['inspect', '--json', `${output}.optim`]).stdout);
+  assert.equal(optim.kind, 'optimizer state', JSON.stringify(optim));
+});

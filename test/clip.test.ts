@@ -232,6 +232,6 @@ test('heads: width/64 by default, an explicit value otherwise, an error when it 
     ]);
   assert.equal(textConfigFromKeys(shapes(1280)).heads, 20);
   assert.equal(textConfigFromKeys(shapes(48), { heads: 3 }).heads, 3);
-  assert.throws(() => textConfigFromKeys(shapes(48)), /pass heads explicitly/);
+  assert.throws(() => textConfigFromKeys(shapes(48)), /width 48 is not a known SD1\/SD2 text encoder .*put the config it came with \(<name>\.yaml, or config\.json\) beside the checkpoint/);
   assert.throws(() => textConfigFromKeys(new Map()), /found neither/);
 });

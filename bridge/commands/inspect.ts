@@ -2,7 +2,8 @@
  * @file `sidetrain inspect FILE [--json]`: what a checkpoint / embedding / hypernetwork file is,
  * found without executing anything (restricted unpickler, validated safetensors header). Prints
  * the format, the detected model family and parameterisation or the embedding/hypernetwork
- * layout, tensor count, parameters, dtypes — or the error, with exit code 1.
+ * layout, a LoRA's modules, rank and alpha, sidetrain's optimizer state, tensor count, parameters,
+ * dtypes — or the error, with exit code 1.
  */
 import type { Command } from 'commander';
 import { basename, extname } from 'node:path';
@@ -80,8 +81,23 @@ async function inspectLora(path: string, format: string): Promise<Report> {
     return {
       file: path, format, kind: 'lora', family, baseModelVersion: base, architecture: meta['modelspec.architecture'],
       modules: { unet: count(/^lora_unet_/), textEncoder: count(/^lora_te_/), textEncoder1: count(/^lora_te1_/), textEncoder2: count(/^lora_te2_/) },
-      rank, alpha: meta.ss_network_alpha, steps: meta.ss_steps,
+      rank, alpha: meta.ss_network_alpha ? Number(meta.ss_network_alpha) : undefined, steps: meta.ss_steps ? Number(meta.ss_steps) : undefined,
+      // how to use it, and what sidetrain recorded of its training
+      usage: `<lora:${meta.ss_output_name || basename(path, extname(path))}:1>`, trainedBy: meta.ss_sidetrain_method ? `sidetrain ${meta.ss_sidetrain_method}` : undefined,
+      instancePrompt: meta.ss_sidetrain_instance_prompt || undefined,
     };
+  } finally {
+    await src.close();
+  }
+}
+
+/** sidetrain's own optimizer state beside a LoRA or a Dreambooth snapshot (optim/trainable.ts layout). */
+async function inspectOptimizerState(path: string): Promise<Report> {
+  const src = await openTensorFile(path);
+  try {
+    const meta = src.metadata();
+    const groups = Object.keys(meta).filter((k) => k.endsWith('.optimizer')).map((k) => k.slice(0, -'.optimizer'.length));
+    return { file: path, format: 'safetensors', kind: 'optimizer state', groups: Object.fromEntries(groups.map((g) => [g, meta[`${g}.optimizer`]])), step: meta.sidetrain_step, ...tensorStats(src) };
   } finally {
     await src.close();
   }
@@ -96,6 +112,7 @@ export async function inspectFile(path: string): Promise<Report> {
   if (isSafetensors) {
     const hasUnet = keys.includes('model.diffusion_model.input_blocks.0.0.weight');
     if (hasUnet || keys.some((k) => k.startsWith('conditioner.'))) return inspectCheckpoint(path, format);
+    if (keys.length && keys.every((k) => /^[^:]+:.+#\w+$/.test(k))) return inspectOptimizerState(path);
     if (keys.length <= 2 || keys.includes('emb_params')) return inspectEmbedding(path, format);
     if (keys.some((k) => k.endsWith('.lora_down.weight'))) return inspectLora(path, format);
     detectFamily(src); // refuses with the reason (e.g. a VAE or LoRA file)

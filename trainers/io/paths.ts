@@ -20,11 +20,12 @@ export class PathError extends Error {
 /**
  * The webui's rule for embedding and hypernetwork names
  * (modules/textual_inversion/textual_inversion.py create_embedding, hypernetwork.py
- * create_hypernetwork: `"".join(x for x in name if x.isalnum() or x in "._- ")`), restricted to
- * ASCII as issue 5 specifies.
+ * create_hypernetwork: `"".join(x for x in name if x.isalnum() or x in "._- ")`). Python's
+ * isalnum is Unicode-aware, so "café" or "猫" are names the webui makes and lists (letters with
+ * their combining marks, digits); path characters, controls and symbols are still removed.
  */
 export function sanitizeName(name: string): string {
-  return name.replace(/[^A-Za-z0-9._\- ]/g, '');
+  return name.replace(/[^\p{L}\p{M}\p{N}._\- ]/gu, '');
 }
 
 /** Throw unless `name` is already what sanitizeName makes of it and is a usable file stem. */

@@ -139,7 +139,10 @@ export function textConfigFromKeys(
   const mlpWidth = must(lookup, `${names.block(0).fc1}.weight`)[0]!;
   const heads = opts.heads ?? width / 64;
   if (!Number.isInteger(heads) || heads < 1 || width % heads !== 0) {
-    throw new Error(`text encoder: width ${width} does not split into ${opts.heads ?? 'width/64'} heads; pass heads explicitly`);
+    // every SD1/SD2 release has 64-wide heads (12 of 768, 16 of 1024); anything else needs the config it came with
+    throw new Error(opts.heads === undefined
+      ? `text encoder: width ${width} is not a known SD1/SD2 text encoder (64-wide heads): put the config it came with (<name>.yaml, or config.json) beside the checkpoint`
+      : `text encoder: width ${width} does not split into ${opts.heads} heads (from the config beside the checkpoint)`);
   }
   const sd1 = family === 'sd1';
   return {
