@@ -92,7 +92,8 @@ async function mainFlow(): Promise<void> {
 
   // The form is the schema's: required fields first, defaults and limits from it.
   const labels = await page.locator('.schema-form:visible > .field label').allTextContents();
-  assert.deepEqual(labels.slice(0, 3).map((l) => l.replace(/\s*\*$/, '')), ['model', 'images', 'name']);
+  // labels are the schema's titles, words for people, not field names
+  assert.deepEqual(labels.slice(0, 3).map((l) => l.replace(/\s*\*$/, '')), ['Base model', 'Training images', 'Name']);
   assert.equal(await field('steps').locator('input').inputValue(), '3000');
   assert.equal(await field('steps').locator('input').getAttribute('min'), '1');
   assert.match((await field('steps').locator('.help').textContent()) ?? '', /Max steps/);
