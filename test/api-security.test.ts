@@ -100,11 +100,13 @@ describe('paths and bodies', () => {
   const fieldOf = (r: { body: { errors?: { field: string }[] } }) => r.body.errors?.map((e) => e.field);
 
   test('names are sanitised as the webui does: ../, slashes, NUL refused, naming the field', async () => {
-    for (const name of ['../evil', 'a/b', 'a\\b', 'nul\0byte', '..', 'ü']) {
+    for (const name of ['../evil', 'a/b', 'a\\b', 'nul\0byte', '..', 'a\u202eb', 'a／b']) {
       const r = await start({ name });
       assert.equal(r.status, 400, name);
       assert.deepEqual(fieldOf(r), ['/spec/name'], name);
     }
+    // letters of any alphabet are the webui's too (Python isalnum): issue 22
+    assert.equal((await start({ name: 'café ü' })).status, 201);
     const r = await start({ name: '../evil' });
     assert.match(r.body.errors[0].message, /did you mean '..evil'/);
   });
