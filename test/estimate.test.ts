@@ -194,3 +194,20 @@ test('fusedBackward: the UNet gradient buffer becomes one block\'s, checkpointin
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('estimate knows the precision: bf16 scales the dense time by the measured bf16/fp32 rate and says so; fp32 and other backends unchanged', async () => {
+  const { nativeStatus } = await import('../trainers/backend/native/index.ts');
+  const { bf16DenseSpeedup } = await import('../trainers/backend/precision.ts');
+  const fp32 = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'fp32' }, { backend: 'cpu-native' });
+  const plain = await estimateJob('textual_inversion', { ...base, ...whole }, { backend: 'cpu-native' });
+  assert.equal(fp32.secondsPerStep, plain.secondsPerStep);
+  const wasm = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'bf16' }, { backend: 'wasm' });
+  assert.ok(!wasm.notes.some((n) => /bf16/.test(n)), 'no bf16 kernels on wasm');
+  if (!nativeStatus().available) return;
+  const bf16 = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'bf16' }, { backend: 'cpu-native' });
+  assert.ok(bf16.notes.some((n) => /^precision bf16: dense products at [\d.]+× the fp32 rate/.test(n)), bf16.notes.join('; '));
+  const k = bf16DenseSpeedup();
+  assert.ok(k > 0);
+  assert.ok(k >= 1 ? bf16.secondsPerStep <= fp32.secondsPerStep : bf16.secondsPerStep > fp32.secondsPerStep, `speedup ${k}: ${bf16.secondsPerStep} vs ${fp32.secondsPerStep}`);
+  assert.equal(bf16.peakBytes, fp32.peakBytes, 'same memory: the store is 2 bytes a weight either way');
+});

@@ -18,8 +18,9 @@ import { createLora, disposeLora, loraTargets, withLora } from '../trainers/nets
 import { shapesOf } from '../trainers/nets/sd.ts';
 import {
   HalfParams, HalfTensor, float32ToHalfJs, halfConverter, halfFrozen, halfToFloat32Js,
-  loadHalfParams, loadUnetHalf, overlayParams,
+  loadHalfParams, loadUnetHalf, overlayParams, bf16ToFloat32, float32ToBf16,
 } from '../trainers/nets/half-params.ts';
+import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
 
 const DIR = 'test/fixtures/sd-tiny';
 
@@ -293,4 +294,34 @@ test('LoRA over a float16 UNet (the lazy withLora view): loss and adapter gradie
   disposeParams(rounded);
   half.dispose();
   await src.close();
+});
+
+test('bfloat16 store (bf16 precision): array converters equal io/half.ts; the tiny UNet from it equals the bf16-rounded UNet exactly', async () => {
+  const probe = Float32Array.from([0, -0, 1, -1.00390625, 3.14159, 1e-40, -1e-45, 65504, 1e38, 3.4e38, Infinity, -Infinity, NaN, 1.0039062, 1.01171875]);
+  const bits = float32ToBf16(probe);
+  for (let i = 0; i < probe.length; i++) assert.equal(bits[i], floatToBf16Bits(probe[i]!), `bits of ${probe[i]}`);
+  const back = bf16ToFloat32(bits);
+  for (let i = 0; i < probe.length; i++) assert.ok(Object.is(back[i], bf16BitsToFloat(bits[i]!)) || Number.isNaN(back[i]!), `value of ${probe[i]}`);
+
+  const src = await openSafetensors(`${DIR}/model.safetensors`);
+  const start = tf.memory().numTensors;
+  const { params, cfg } = await loadUnet(src);
+  const rounded: Params = new Map();
+  for (const [k, t] of params) rounded.set(k, tf.tensor(bf16ToFloat32(float32ToBf16((await t.data()) as Float32Array)), t.shape));
+  const half = await halfFrozen(params, undefined, 'bf16');
+  assert.equal(half.report().floatTensors, 0, 'nothing stays float32: bf16 cannot overflow');
+  const { x, context } = unetInputs(cfg);
+  const want = unetForward(rounded, cfg, x, [10, 700], context);
+  const got = unetForward(half, cfg, x, [10, 700], context);
+  await assertSame(got, want, 'unet out (bf16 store)');
+  // loading straight into the bf16 store gives the same weights
+  const loaded = await loadUnetHalf(src, {}, undefined, 'bf16');
+  const got2 = unetForward(loaded.params, cfg, x, [10, 700], context);
+  await assertSame(got2, want, 'unet out (loadUnetHalf bf16)');
+  tf.dispose([x, context, want, got, got2]);
+  disposeParams(rounded);
+  half.dispose();
+  loaded.params.dispose();
+  await src.close();
+  assert.equal(tf.memory().numTensors, start, 'nothing left');
 });

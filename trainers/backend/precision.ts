@@ -65,6 +65,33 @@ export function bf16Faster(): { bf16: boolean; why: string } {
   return autoVerdict;
 }
 
+let speedup: number | undefined;
+
+/**
+ * How much faster the bf16 kernels run the dense products than fp32 on this CPU, for estimates:
+ * the measured peak ratio of the unit (AVX512-BF16 dot product or AMX tile GEMM over float32 FMA,
+ * the addon's probes; AMX capped at 4×, since packing and memory bound it well before its 7×
+ * peak — not measured: no AMX machine was at hand); the portable kernel runs at about half the
+ * fp32 rate (bench/precision.ts).
+ */
+export function bf16DenseSpeedup(): number {
+  if (speedup !== undefined) return speedup;
+  const a = addonWithBf16();
+  const isa = a?.bf16Isa!() ?? 'none';
+  if (!a?.peakProbe || isa === 'portable' || isa === 'none') return (speedup = 0.5);
+  const fma = a.peakProbe('fp32-fma', 0.05);
+  const unit = a.peakProbe(isa === 'amx' ? 'amx' : 'avx512-bf16', 0.05);
+  speedup = fma > 0 && unit > 0 ? Math.min(isa === 'amx' ? 4 : Infinity, unit / fma) : 1;
+  return speedup;
+}
+
+/** What `option` would resolve to on `backend` (no change to the active precision), for estimates. */
+export function resolvePrecisionFor(option: unknown, backend: string): Precision {
+  if (backend !== 'cpu-native' || !addonWithBf16()) return 'fp32';
+  if (option === 'bf16') return 'bf16';
+  return option === 'auto' && bf16Faster().bf16 ? 'bf16' : 'fp32';
+}
+
 /**
  * Resolves a job's `precision` for the backend in use and makes it the active one. bf16 on a
  * backend without bf16 kernels is an error naming the option; 'auto' falls back to fp32.

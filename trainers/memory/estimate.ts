@@ -20,6 +20,7 @@
  * Time: dense FLOPs (conv, Linear; forward, input- and weight-gradient backward, recompute) and attention FLOPs over a
  * throughput measured per backend, plus a per-element cost of the elementwise/norm/layout ops.
  */
+import { bf16DenseSpeedup, resolvePrecisionFor } from '../backend/precision.ts';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename, dirname, extname, join } from 'node:path';
 import { createRequire } from 'node:module';
@@ -293,8 +294,13 @@ const isCheckpointed = (m: UNetMemory, block: string) => block !== 'out' && (m.c
 
 function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Record<string, unknown>): JobEstimate {
   const { plan, shapes, text } = job;
-  const cal = CAL.backends[backend] ?? CAL.backends['cpu-native']!;
   const notes: string[] = [];
+  // bf16: the dense products (conv, linear) run at the bf16 kernels' rate; the native attention
+  // core, norms and elementwise ops stay float32
+  const bf16 = resolvePrecisionFor(spec.precision, backend) === 'bf16';
+  const base = CAL.backends[backend] ?? CAL.backends['cpu-native']!;
+  const cal = bf16 ? { ...base, denseGflops: base.denseGflops * bf16DenseSpeedup() } : base;
+  if (bf16) notes.push(`precision bf16: dense products at ${bf16DenseSpeedup().toFixed(2)}× the fp32 rate (this CPU's measured peak ratio)`);
   const { width, height } = plan;
   const batch = plan.batchRows;
   const accum = num(spec.gradAccum, 1);
@@ -346,7 +352,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   if (!CAL.backends[backend]) notes.push(`backend '${backend}' is not calibrated: time estimated as for cpu-native`);
   if (backend === 'wasm' && trainPeakBytes - CAL.runtimeBytes > WASM_HEAP) notes.push('does not fit the WASM backend: its heap holds at most ~3.9 GB of tensors');
   if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
-  notes.push(half && (plan.frozen.unet || plan.frozen.text) ? 'frozen weights held in float16, upcast per layer' : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
+  notes.push(half && (plan.frozen.unet || plan.frozen.text) ? `frozen weights held in ${bf16 ? 'bfloat16' : 'float16'}, upcast per layer` : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
   notes.push(`${describeMemory(memory)}`);
   if (plan.fusedUnetGradients) notes.push('fused backward: each UNet block\'s gradients applied and freed as its recompute ends (no whole-model gradient buffer)');
   return {

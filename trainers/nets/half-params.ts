@@ -21,6 +21,11 @@
  *
  * Conversion: the native addon (native/src/half.cc: F16C, multi-threaded) when it is built,
  * else the pure-JS converters of io/half.ts (same bits), so the WASM and pure-CPU backends get it too.
+ *
+ * Under bf16 precision (backend/precision.ts) the store holds bfloat16 instead (format 'bf16'):
+ * the same 2 bytes a weight, a read is float32(bf16(w)) — exactly the operand the bf16 kernels
+ * round to anyway, so the store costs no accuracy beyond the precision's own — and nothing
+ * overflows (bf16 has float32's range). A BF16 checkpoint's own bits are used unchanged.
  */
 import { tf, type Tensor } from '../backend/tf.ts';
 import type { TensorSource } from '../io/types.ts';
@@ -85,15 +90,36 @@ export function float32ToHalf(values: Float32Array, out = new Uint16Array(values
 // ---------------------------------------------------------------------------------------------
 // The store
 
-/** One frozen weight as float16 bits, already in the params.ts layout (conv filters TF-style). */
+/** The store's 16-bit format: IEEE float16 or bfloat16. */
+export type HalfFormat = 'f16' | 'bf16';
+
+/** bfloat16 bits → float32 (exact: the top half of a float32). */
+export function bf16ToFloat32(bits: Uint16Array, out = new Float32Array(bits.length)): Float32Array {
+  const o = new Uint32Array(out.buffer, out.byteOffset, bits.length);
+  for (let i = 0; i < bits.length; i++) o[i] = bits[i]! << 16;
+  return out;
+}
+
+/** float32 → bfloat16 bits, round to nearest even (io/half.ts floatToBf16Bits, on a whole array). */
+export function float32ToBf16(values: Float32Array, out = new Uint16Array(values.length)): Uint16Array {
+  const x = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  for (let i = 0; i < x.length; i++) {
+    const u = x[i]!;
+    out[i] = (u & 0x7fffffff) > 0x7f800000 ? (u >>> 16) | 0x40 : (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
+  }
+  return out;
+}
+
+/** One frozen weight as float16 (or bfloat16) bits, already in the params.ts layout (conv filters TF-style). */
 export class HalfTensor {
   constructor(
     readonly bits: Uint16Array,
     readonly shape: number[],
+    readonly format: HalfFormat = 'f16',
   ) {}
   /** A new float32 tensor in the current tf scope. */
   materialise(): Tensor {
-    return tf.tensor(halfToFloat32(this.bits), this.shape, 'float32');
+    return tf.tensor(this.format === 'bf16' ? bf16ToFloat32(this.bits) : halfToFloat32(this.bits), this.shape, 'float32');
   }
 }
 
@@ -186,18 +212,19 @@ export class HalfParams extends Map<string, Tensor> {
  * `params` is emptied); entries with `keep(key)`, tf.Variables, non-float32 tensors and
  * tensors with values beyond float16's range (±65504, which would become Inf) stay as they are.
  */
-export async function halfFrozen(params: Params, keep: (key: string) => boolean = () => false): Promise<HalfParams> {
+export async function halfFrozen(params: Params, keep: (key: string) => boolean = () => false, format: HalfFormat = 'f16'): Promise<HalfParams> {
   const out = params instanceof HalfParams ? params : new HalfParams();
   for (const key of [...params.keys()]) {
     const t = params instanceof HalfParams ? params.raw(key)! : params.get(key)!;
     if (t instanceof HalfTensor) continue;
     const frozen = !keep(key) && !(t instanceof tf.Variable) && t.dtype === 'float32';
-    const half = frozen ? float32ToHalf((await t.data()) as Float32Array) : undefined;
+    const values = frozen ? ((await t.data()) as Float32Array) : undefined;
+    const half = values && (format === 'bf16' ? { bits: float32ToBf16(values), overflow: 0 } : float32ToHalf(values));
     if (!half || half.overflow > 0) {
       out.set(key, t); // same position when `out` is `params` (Map.set keeps an existing key's place)
       continue;
     }
-    out.setHalf(key, new HalfTensor(half.bits, [...t.shape]));
+    out.setHalf(key, new HalfTensor(half.bits, [...t.shape], format));
     t.dispose();
   }
   if (out !== params) params.clear();
@@ -221,20 +248,20 @@ function torchToTfConvBits(src: Uint16Array, [o, i, kh, kw]: number[]): Uint16Ar
   return dst;
 }
 
-/** One tensor of `source` as float16 bits in params.ts layout, or float32 values when it does not fit float16. */
-async function readHalf(source: RawSource, key: string): Promise<HalfTensor | Float32Array> {
+/** One tensor of `source` as float16 (bfloat16) bits in params.ts layout, or float32 values when it does not fit float16. */
+async function readHalf(source: RawSource, key: string, format: HalfFormat): Promise<HalfTensor | Float32Array> {
   const { dtype, shape } = source.info(key);
   let bits: Uint16Array;
-  if (dtype === 'F16' && source.readRaw) {
+  if (dtype === (format === 'bf16' ? 'BF16' : 'F16') && source.readRaw) {
     const bytes = await source.readRaw(key); // the file's own bits, no conversion
     bits = bytes.byteOffset % 2 === 0 ? new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2) : new Uint16Array(bytes.slice().buffer);
   } else {
     const values = await source.read(key);
-    const half = float32ToHalf(values);
+    const half = format === 'bf16' ? { bits: float32ToBf16(values), overflow: 0 } : float32ToHalf(values);
     if (half.overflow > 0) return values;
     bits = half.bits;
   }
-  return new HalfTensor(shape.length === 4 ? torchToTfConvBits(bits, shape) : bits, shape.length === 4 ? [shape[2]!, shape[3]!, shape[1]!, shape[0]!] : shape);
+  return new HalfTensor(shape.length === 4 ? torchToTfConvBits(bits, shape) : bits, shape.length === 4 ? [shape[2]!, shape[3]!, shape[1]!, shape[0]!] : shape, format);
 }
 
 /**
@@ -246,6 +273,7 @@ export async function loadHalfParams(
   prefixes: string[],
   keep: (key: string) => boolean = () => false,
   skip: (key: string) => boolean = () => false,
+  format: HalfFormat = 'f16',
 ): Promise<HalfParams> {
   const params = new HalfParams();
   for (const key of source.keys()) {
@@ -254,7 +282,7 @@ export async function loadHalfParams(
       params.set(key, paramFromTorch(await source.read(key), source.info(key).shape));
       continue;
     }
-    const h = await readHalf(source, key);
+    const h = await readHalf(source, key, format);
     if (h instanceof HalfTensor) params.setHalf(key, h);
     else params.set(key, paramFromTorch(h, source.info(key).shape));
   }
@@ -266,11 +294,12 @@ export async function loadUnetHalf(
   source: TensorSource,
   overrides: HeadOverrides = {},
   keep: (key: string) => boolean = () => false,
+  format: HalfFormat = 'f16',
 ): Promise<{ params: HalfParams; cfg: UNetConfig }> {
   const shapes = new Map(source.keys().map((k) => [k, source.info(k).shape] as [string, number[]]));
   const cfg = unetConfigFromKeys(shapes, overrides);
   checkUnetKeys(shapes, cfg);
-  return { params: await loadHalfParams(source, [cfg.prefix], keep), cfg };
+  return { params: await loadHalfParams(source, [cfg.prefix], keep, undefined, format), cfg };
 }
 
 /**

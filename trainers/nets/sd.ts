@@ -20,7 +20,7 @@ import { sdxlTextConfigs, sdxlTextKeys, type SdxlText } from './sdxl-conditioner
 import { loadUnet, detectVPrediction, type HeadOverrides, type UNetConfig } from './unet.ts';
 import { loadVae, type VaeConfig } from './vae.ts';
 import type { UNetMemory } from '../memory/options.ts';
-import { halfFrozen, loadUnetHalf } from './half-params.ts';
+import { halfFrozen, loadUnetHalf, type HalfFormat } from './half-params.ts';
 import { loadSchedule, type NoiseSchedule } from './noise-schedule.ts';
 
 /** What a config next to the checkpoint says about the model. */
@@ -138,8 +138,8 @@ export function scaleFactorOf(model: Pick<SdModel, 'overrides' | 'family'>): num
   return model.overrides.scaleFactor ?? (model.family === 'sdxl' ? SDXL_SCALE_FACTOR : undefined);
 }
 
-/** Frozen parts kept in float16 (half-params.ts): the job's halfFrozenWeights, for the parts that do not train. */
-export interface HalfParts { unet?: boolean; text?: boolean }
+/** Frozen parts kept in float16 (half-params.ts): the job's halfFrozenWeights, for the parts that do not train; bf16 under bf16 precision. */
+export interface HalfParts { unet?: boolean; text?: boolean; format?: HalfFormat }
 
 /**
  * Open a checkpoint and load the requested parts. The caller closes `source` when done.
@@ -163,9 +163,9 @@ export async function loadSdModel(
   const xl = ckpt.family === 'sdxl';
   if (parts.includes('text') && !xl) model.text = await loadText(source, overrides.textHeads);
   if (parts.includes('text') && xl) model.textXl = await loadTextXl(source, overrides);
-  if (model.text && half.text) model.text.params = await halfFrozen(model.text.params);
-  if (model.textXl && half.text) model.textXl.params = await halfFrozen(model.textXl.params);
-  if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads) : await loadUnet(source, overrides.unetHeads);
+  if (model.text && half.text) model.text.params = await halfFrozen(model.text.params, undefined, half.format);
+  if (model.textXl && half.text) model.textXl.params = await halfFrozen(model.textXl.params, undefined, half.format);
+  if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads, undefined, half.format) : await loadUnet(source, overrides.unetHeads);
   const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
   const scaleFactor = scaleFactorOf({ overrides, family: ckpt.family });
   if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor });

@@ -4,7 +4,7 @@
  * (the VAE encoder is released before training), the log folder layout, per-step batches with
  * seeded noise and timesteps, previews from sidetrain's own sampler, and the job's settings file.
  */
-import type { PrecisionOption } from '../backend/precision.ts';
+import { computePrecision, type PrecisionOption } from '../backend/precision.ts';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, extname, join, resolve } from 'node:path';
@@ -113,7 +113,8 @@ export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string
   const memory = await chooseUNetMemory(type, spec, ctx);
   // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
-  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains } : {};
+  // under bf16 precision the store is bfloat16: the operands the bf16 kernels use anyway
+  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains, format: computePrecision() === 'bf16' ? ('bf16' as const) : ('f16' as const) } : {};
   const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type, prediction: spec.prediction })) as PreparedRun['model'];
   model.unet.memory = memory;
   const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
