@@ -9,6 +9,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { estimateJob } from '../trainers/memory/estimate.ts';
 import { encodeHeader } from '../trainers/io/safetensors.ts';
+import { nativeStatus } from '../trainers/backend/native/index.ts';
+import { bf16DenseSpeedup } from '../trainers/backend/precision.ts';
+import { nativeSkip } from './helpers/native.ts';
 
 const TINY = 'test/fixtures/sd-tiny/model.safetensors';
 const base = { model: TINY, width: 256, height: 256, batchSize: 1, previewEvery: 0 };
@@ -195,15 +198,17 @@ test('fusedBackward: the UNet gradient buffer becomes one block\'s, checkpointin
   }
 });
 
-test('estimate knows the precision: bf16 scales the dense time by the measured bf16/fp32 rate and says so; fp32 and other backends unchanged', async () => {
-  const { nativeStatus } = await import('../trainers/backend/native/index.ts');
-  const { bf16DenseSpeedup } = await import('../trainers/backend/precision.ts');
+test('estimate knows the precision: fp32 as before; no bf16 on backends without its kernels', async () => {
   const fp32 = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'fp32' }, { backend: 'cpu-native' });
   const plain = await estimateJob('textual_inversion', { ...base, ...whole }, { backend: 'cpu-native' });
   assert.equal(fp32.secondsPerStep, plain.secondsPerStep);
   const wasm = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'bf16' }, { backend: 'wasm' });
   assert.ok(!wasm.notes.some((n) => /bf16/.test(n)), 'no bf16 kernels on wasm');
-  if (!nativeStatus().available) return;
+});
+
+const native = nativeStatus();
+test('estimate under bf16 scales the dense time by the measured bf16/fp32 rate and says so; memory unchanged', { skip: nativeSkip(native.available ? false : native.reason) }, async () => {
+  const fp32 = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'fp32' }, { backend: 'cpu-native' });
   const bf16 = await estimateJob('textual_inversion', { ...base, ...whole, precision: 'bf16' }, { backend: 'cpu-native' });
   assert.ok(bf16.notes.some((n) => /^precision bf16: dense products at [\d.]+× the fp32 rate/.test(n)), bf16.notes.join('; '));
   const k = bf16DenseSpeedup();

@@ -12,9 +12,11 @@ import { initBackend, tf, setComputePrecision, choosePrecision, type Tensor } fr
 import { nativeStatus } from '../trainers/backend/native/index.ts';
 import { loadAddon } from '../trainers/backend/native/addon.ts';
 import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
+import { assertClose } from './helpers/close.ts';
+import { nativeSkip } from './helpers/native.ts';
 
 const status = nativeStatus();
-const skip = status.available ? false : status.reason;
+const skip = nativeSkip(status.available ? false : status.reason);
 
 function values(n: number, seed: number): Float32Array {
   let s = seed >>> 0;
@@ -38,17 +40,6 @@ function kernels(): string[] {
   for (const cap of ['', 'avx512-bf16', 'portable'] as const) seen.add(addon.bf16Isa!(cap));
   addon.bf16Isa!(''); // back to the best (or the env's cap)
   return [...seen];
-}
-
-function assertClose(label: string, a: Float32Array, b: Float32Array, k: number) {
-  assert.equal(a.length, b.length, `${label}: length`);
-  let diff = 0, scale = 0;
-  for (let i = 0; i < a.length; i++) {
-    diff = Math.max(diff, Math.abs(a[i]! - b[i]!));
-    scale = Math.max(scale, Math.abs(b[i]!));
-  }
-  const tol = 4 * Math.max(1, k) * 1.2e-7 * Math.max(1, scale / Math.sqrt(k));
-  assert.ok(diff <= tol, `${label}: max abs diff ${diff} > ${tol} (scale ${scale})`);
 }
 
 async function run(precision: 'fp32' | 'bf16', f: () => Tensor[]): Promise<Float32Array[]> {

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/backend/native/index.ts';
 import { nativeSkip } from './helpers/native.ts';
+import { assertClose } from './helpers/close.ts';
 
 const status = nativeStatus();
 const skip = nativeSkip(status.available ? false : status.reason);
@@ -39,19 +40,6 @@ async function both(f: () => Tensor[]): Promise<{ native: Float32Array[]; stock:
   const stock = await run();
   registerNativeKernels();
   return { native, stock };
-}
-
-/** Max |a-b| must be within float32 accumulation error of the values' scale. */
-function assertClose(label: string, a: Float32Array, b: Float32Array, k: number) {
-  assert.equal(a.length, b.length, `${label}: length`);
-  let diff = 0, scale = 0;
-  for (let i = 0; i < a.length; i++) {
-    diff = Math.max(diff, Math.abs(a[i]! - b[i]!));
-    scale = Math.max(scale, Math.abs(b[i]!));
-  }
-  // float32 sums of k products of values in [-1, 1]: error ≲ k·eps per output
-  const tol = 4 * Math.max(1, k) * 1.2e-7 * Math.max(1, scale / Math.sqrt(k));
-  assert.ok(diff <= tol, `${label}: max abs diff ${diff} > ${tol} (scale ${scale})`);
 }
 
 type Pad = 'same' | 'valid' | [[number, number], [number, number], [number, number], [number, number]];

@@ -24,17 +24,6 @@
 
 namespace st {
 
-uint16_t* packed_b16_buffer(size_t halves) {
-  static uint16_t* buf = nullptr;
-  static size_t cap = 0;
-  if (halves > cap) {
-    std::free(buf);
-    cap = halves + halves / 4;
-    buf = static_cast<uint16_t*>(std::aligned_alloc(64, ((sizeof(uint16_t) * cap + 63) / 64) * 64));
-  }
-  return buf;
-}
-
 namespace {
 
 inline float bf16_to_float(uint16_t h) {

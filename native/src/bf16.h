@@ -50,8 +50,8 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-// Packed bf16 B of every problem, kept between calls like packed_b_buffer.
-uint16_t* packed_b16_buffer(size_t halves);
+// Packed bf16 B of every problem, kept between calls like packed_b_buffer (gemm.h).
+inline uint16_t* packed_b16_buffer(size_t halves) { return static_cast<uint16_t*>(kept_buffer(1, halves * sizeof(uint16_t))); }
 
 namespace bf16_detail {
 
@@ -138,8 +138,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
   });
   const int threads = pool_threads();
   const long MCB = static_cast<long>(kern.mr) * kern.mcPanels, mblocks = (M + MCB - 1) / MCB;
-  long nchunks = 1;
-  while (count * mblocks * nchunks < 4L * threads && (npanels / (nchunks * 2)) >= 1) nchunks *= 2;
+  const long nchunks = n_chunks(count, mblocks, npanels, threads);
   const long panelsPerChunk = (npanels + nchunks - 1) / nchunks, perProblem = mblocks * nchunks;
   parallel_for(static_cast<int>(count * perProblem), [&](int task) {
     const long i = task / perProblem, rest = task % perProblem;

@@ -76,10 +76,20 @@ static inline void edge_kernel(long kc, const float* a, const float* b, float* c
     for (int j = 0; j < ncols; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
 }
 
-// Packed B of every problem, kept between calls (grown when a call needs more) so that big
-// kernels do not pay first-touch page faults each time. Layout per problem: for each KC block
-// pc, the NR-column panels of that block, panel jr at pc*Npad + jr*kc.
-float* packed_b_buffer(size_t floats);
+// A 64-byte aligned buffer kept between calls (grown when a call needs more) so that big
+// kernels do not pay first-touch page faults each time; slot 0 float32 packed B, 1 bf16 (bf16.h).
+void* kept_buffer(int slot, size_t bytes);
+// Packed B of every problem. Layout per problem: for each KC block pc, the NR-column panels of
+// that block, panel jr at pc*Npad + jr*kc.
+inline float* packed_b_buffer(size_t floats) { return static_cast<float*>(kept_buffer(0, floats * sizeof(float))); }
+
+// How many N chunks the row blocks of `count` problems are split into: enough tasks (4 per
+// thread) to keep every thread busy when the row blocks alone are too few.
+inline long n_chunks(long count, long mblocks, long npanels, int threads) {
+  long nchunks = 1;
+  while (count * mblocks * nchunks < 4L * threads && (npanels / (nchunks * 2)) >= 1) nchunks *= 2;
+  return nchunks;
+}
 
 // Multi-threaded GEMM over `count` problems of equal shape; make(i) returns problem i's
 // packers and row functor as a struct with members a, b, c.
@@ -103,9 +113,7 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
   });
   const int threads = pool_threads();
   const long mblocks = (M + MC - 1) / MC;
-  // split N too when there are too few row blocks to keep every thread busy
-  long nchunks = 1;
-  while (count * mblocks * nchunks < 4L * threads && (npanels / (nchunks * 2)) >= 1) nchunks *= 2;
+  const long nchunks = n_chunks(count, mblocks, npanels, threads);
   const long panelsPerChunk = (npanels + nchunks - 1) / nchunks;
   const long perProblem = mblocks * nchunks;
   parallel_for(static_cast<int>(count * perProblem), [&](int task) {

@@ -87,15 +87,15 @@ void parallel_for(int n, const std::function<void(int)>& f) { pool().run(n, f); 
 
 namespace st {
 
-float* packed_b_buffer(size_t floats) {
-  static float* buf = nullptr;
-  static size_t cap = 0;
-  if (floats > cap) {
-    std::free(buf);
-    cap = floats + floats / 4;
-    buf = static_cast<float*>(std::aligned_alloc(64, ((sizeof(float) * cap + 63) / 64) * 64));
+void* kept_buffer(int slot, size_t bytes) {
+  static void* buf[2] = {};
+  static size_t cap[2] = {};
+  if (bytes > cap[slot]) {
+    std::free(buf[slot]);
+    cap[slot] = bytes + bytes / 4;
+    buf[slot] = std::aligned_alloc(64, ((cap[slot] + 63) / 64) * 64);
   }
-  return buf;
+  return buf[slot];
 }
 
 }  // namespace st
