@@ -17,6 +17,7 @@ import { WorkerProcess, type WorkerHostOptions, type WorkerOutcome } from './wor
 import { JobWebui } from './job-webui.ts';
 import { WebuiPreviews } from './webui-preview.ts';
 import { LOCK_FILE, waitForWorkerExit } from './worker-lock.ts';
+import { cleanStaleTemps } from '../trainers/io/atomic.ts';
 import type { WebuiClient } from './webui.ts';
 
 export interface JobManagerOptions {
@@ -66,6 +67,11 @@ export class JobManager {
 
   get methods(): Record<string, MethodEntry> {
     return this.opts.methods;
+  }
+
+  /** The module the workers load the methods from (the probe process loads it too). */
+  get methodsModule(): string {
+    return this.opts.worker.methodsModule;
   }
 
   /** Load jobs from disk (running ones become interrupted). */
@@ -258,6 +264,7 @@ export class JobManager {
     log.info({ attempt: job.attempts }, 'job started');
     const lockFile = join(this.store.jobDir(job.id), LOCK_FILE);
     if (!(await this.previousWorkerGone(job, lockFile))) return;
+    await cleanOutputFolders(job.spec);
     await this.webuiSide.before(job.id, worker);
     let lastPersist = Date.now();
     let terminal = false;
@@ -265,7 +272,8 @@ export class JobManager {
     let lastCsvWrite = Promise.resolve();
     if (!existsSync(csv)) await this.store.append(job.id, 'loss.csv', 'step,epoch,loss,learn_rate\n');
     const outcome = await worker.run(job.type, job.spec, lockFile, {
-      onEvent: (event) => {
+      onEvent: (raw) => {
+        const event = withExistingOutput(raw);
         terminal ||= TERMINAL.has(event.type);
         this.apply(job, event);
         this.publish(job.id, withUrl(job, event));
@@ -352,7 +360,7 @@ export class JobManager {
     job.endedAt = new Date().toISOString();
     let event: JobEvent;
     if (outcome.kind === 'result') {
-      const r = outcome.result;
+      const r = resultWithExistingOutput(outcome.result);
       Object.assign(job, { step: r.step, output: r.output, outputs: r.outputs, kind: r.kind, usage: r.usage });
       job.state = r.cancelled ? 'cancelled' : 'finished';
       event = r.cancelled
@@ -368,6 +376,30 @@ export class JobManager {
     }
     if (!terminal || outcome.kind === 'died') this.publish(job.id, event);
   }
+}
+
+/**
+ * A job reports as its output only a file that exists: a job cancelled while loading used to
+ * report the path it would have written.
+ */
+function resultWithExistingOutput<R extends { output?: string; outputs?: string[] }>(r: R): R {
+  const outputs = r.outputs?.filter((f) => existsSync(f));
+  const output = r.output !== undefined && existsSync(r.output) ? r.output : undefined;
+  return { ...r, output, ...(outputs ? { outputs } : {}) };
+}
+
+function withExistingOutput(e: JobEvent): JobEvent {
+  return e.type === 'finished' || e.type === 'cancelled' ? resultWithExistingOutput(e) : e;
+}
+
+/**
+ * Before a worker starts: remove the temps a killed write left in the job's output folders and
+ * its run folder (io/atomic.ts names them by pid; those of live processes stay).
+ */
+async function cleanOutputFolders(spec: Record<string, unknown>): Promise<void> {
+  const dirs = Object.entries(spec).filter(([k, v]) => /Dir$/.test(k) && typeof v === 'string').map(([, v]) => v as string);
+  if (typeof spec.logDir === 'string' && typeof spec.name === 'string') dirs.push(join(spec.logDir, spec.name), join(spec.logDir, spec.name, 'snapshots'));
+  for (const dir of dirs) await cleanStaleTemps(dir).catch(() => []);
 }
 
 /** Preview events carry a URL the API serves them from. */

@@ -4,6 +4,8 @@
  * are names in the schema registry (schemas/index.ts).
  */
 import { existsSync } from 'node:fs';
+import { METHODS as ESTIMATED_METHODS } from '../trainers/memory/estimate-methods.ts';
+import { checkFits, dryRunInProbe, estimable, estimateInProbe } from './preflight.ts';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Request, Response } from 'express';
@@ -48,12 +50,28 @@ export function present(j: JobRecord): JobRecord {
   return { ...j, previews: j.previews.map((p, i) => ({ ...p, url: `/api/jobs/${j.id}/previews/${i}` })) };
 }
 
+/** The estimate runs in the probe process (probe.ts): a model file cannot hold or bloat the server. */
 async function estimate(req: Request, _res: Response, ctx: ServerContext): Promise<unknown> {
   const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
   const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
-  // loaded on first use: the server starts without reading the estimator's tables
-  const { estimateJob } = await import('../trainers/memory/estimate.ts');
-  return await estimateJob(type, prepared);
+  if (!estimable(type)) throw new RequestError([fieldError('/type', `has no estimate (estimates exist for ${ESTIMATED_METHODS.join(', ')})`)], 422);
+  return await estimateInProbe(type, prepared);
+}
+
+/**
+ * Start a job — or, with `dryRun: true`, only its dataset report (nothing loaded, nothing written,
+ * no job stored), as the CLI's --dry-run does. A job whose estimate exceeds the machine's memory
+ * is refused unless `force` is set.
+ */
+async function startJob(req: Request, res: Response, ctx: ServerContext): Promise<unknown> {
+  const { type, spec, force } = req.body as { type: string; spec: Record<string, unknown>; force?: boolean };
+  const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
+  if (prepared.dryRun === true) {
+    res.status(200).json({ dryRun: true, type, report: await dryRunInProbe(ctx.manager.methodsModule, type, prepared) });
+    return undefined;
+  }
+  await checkFits(type, prepared, force === true);
+  return present(await ctx.manager.create(type, spec));
 }
 
 export const routes: RouteDef[] = [
@@ -76,11 +94,8 @@ export const routes: RouteDef[] = [
     }),
   },
   {
-    method: 'post', path: '/api/jobs', tag: 'jobs', summary: 'Start a job (queued if another is running)', body: S('StartJobRequest'), response: 'job', status: 201,
-    handler: async (req, _res, ctx) => {
-      const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
-      return present(await ctx.manager.create(type, spec));
-    },
+    method: 'post', path: '/api/jobs', tag: 'jobs', summary: 'Start a job (queued if another is running); with spec.dryRun only its dataset report; refused (422) when its estimate exceeds the memory, unless force', body: S('StartJobRequest'), response: 'job', status: 201,
+    handler: startJob,
   },
   {
     method: 'get', path: '/api/jobs', tag: 'jobs', summary: 'List jobs, newest first', query: S('ListJobsQuery'), response: S('JobList'),

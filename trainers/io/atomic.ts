@@ -3,8 +3,16 @@
  * dot-prefixed, `.sidetrain-tmp` extension), fsync, rename over the target. A reader — the
  * webui refreshing its embeddings list mid-save — sees either nothing or the whole file.
  * An existing target is never replaced unless the caller asked to overwrite.
+ *
+ * Files that belong together (an embedding and its `.optim`) are written inside `atomicGroup`:
+ * every temp is written first, and only when all are complete are they renamed into place, the
+ * first written first — so a full disk leaves none of them, and the main output, written last,
+ * exists only beside its side files. A write killed mid-way (SIGKILL, a crash) leaves its temp;
+ * the next write into that folder removes the temps of processes that are gone. Every error
+ * names the file it is about (`ENOSPC` alone never did).
  */
-import { open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { open, readdir, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 
@@ -16,9 +24,62 @@ export interface WriteOptions {
 /** Receives an open handle and writes the content sequentially through `write`. */
 export type Writer = (write: (chunk: Uint8Array) => Promise<void>) => Promise<void>;
 
+const TEMP_SUFFIX = '.sidetrain-tmp';
+/** `.<name>.<pid>.<hex>.sidetrain-tmp`; older versions wrote `.<name>.<hex>.sidetrain-tmp`. */
+const TEMP_RE = /^\..+\.(\d+)\.[0-9a-f]{8}\.sidetrain-tmp$/;
+const OLD_TEMP_RE = /^\..+\.[0-9a-f]{8}\.sidetrain-tmp$/;
+/** A temp without a pid is someone's only when it is this fresh. */
+const UNOWNED_TEMP_AGE_MS = 60 * 60 * 1000;
+
 /** The temp name used for `path` (exported so tests can check nothing is left behind). */
 export function tempPathFor(path: string): string {
-  return join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.sidetrain-tmp`);
+  return join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString('hex')}${TEMP_SUFFIX}`);
+}
+
+/** Is `name` one of our temp files? */
+export const isTempName = (name: string): boolean => name.endsWith(TEMP_SUFFIX) && OLD_TEMP_RE.test(name);
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+const cleaned = new Set<string>();
+
+/**
+ * Remove the temps a killed write left in `dir`: those of processes that no longer run (and
+ * old pid-less ones). Once per folder per process; returns the names removed.
+ */
+export async function cleanStaleTemps(dir: string): Promise<string[]> {
+  if (cleaned.has(dir)) return [];
+  cleaned.add(dir);
+  const removed: string[] = [];
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    if (!isTempName(name)) continue;
+    const m = TEMP_RE.exec(name);
+    const pid = m ? Number(m[1]) : undefined;
+    if (pid === process.pid || (pid !== undefined && alive(pid))) continue;
+    if (pid === undefined) {
+      const st = await stat(join(dir, name)).catch(() => undefined);
+      if (!st || Date.now() - st.mtimeMs < UNOWNED_TEMP_AGE_MS) continue;
+    }
+    await rm(join(dir, name), { force: true });
+    removed.push(name);
+  }
+  return removed;
+}
+
+/** `err` with `path` in its message (and its code kept), unless it names it already. */
+export function namingFile(err: unknown, path: string): Error {
+  const e = err instanceof Error ? err : new Error(String(err));
+  if (e.message.includes(path)) return e;
+  const named = new Error(`${path}: ${e.message}`, { cause: e });
+  (named as NodeJS.ErrnoException).code = (e as NodeJS.ErrnoException).code;
+  return named;
 }
 
 export async function assertWritable(path: string, options: WriteOptions = {}): Promise<void> {
@@ -29,12 +90,61 @@ export async function assertWritable(path: string, options: WriteOptions = {}): 
   }
 }
 
+interface Pending {
+  tmp: string;
+  path: string;
+  options: WriteOptions;
+}
+
+const group = new AsyncLocalStorage<Pending[]>();
+
+/**
+ * Where `path`'s content is right now: its temp while it waits in the current group (a side file
+ * that hashes its main file reads it there), else `path` itself.
+ */
+export function pendingPath(path: string): string {
+  return [...(group.getStore() ?? [])].reverse().find((p) => p.path === path)?.tmp ?? path;
+}
+
+/**
+ * Run `fn`; every writeFileAtomic inside it lands together when it returns (renamed in the
+ * order written, and the file `main(result)` names last, so the main output never stands without
+ * its side files) or not at all when it throws. Nested groups join the outer one.
+ */
+export async function atomicGroup<T>(fn: () => Promise<T>, main?: (result: T) => string | undefined): Promise<T> {
+  if (group.getStore()) return fn();
+  const pending: Pending[] = [];
+  let result: T;
+  try {
+    result = await group.run(pending, fn);
+    const last = main?.(result);
+    pending.sort((a, b) => Number(a.path === last) - Number(b.path === last)); // stable: the rest keep their order
+    for (const p of pending) await assertWritable(p.path, p.options);
+  } catch (err) {
+    await Promise.all(pending.map((p) => rm(p.tmp, { force: true })));
+    throw err;
+  }
+  for (let i = 0; i < pending.length; i++) {
+    const p = pending[i]!;
+    try {
+      await rename(p.tmp, p.path);
+    } catch (err) {
+      await Promise.all(pending.slice(i).map((q) => rm(q.tmp, { force: true })));
+      throw namingFile(err, p.path);
+    }
+  }
+  for (const dir of new Set(pending.map((p) => dirname(p.path)))) await syncDir(dir);
+  return result;
+}
+
 /** Write `data` (bytes or a streaming writer) to `path` atomically. */
 export async function writeFileAtomic(path: string, data: Uint8Array | Writer, options: WriteOptions = {}): Promise<void> {
   await assertWritable(path, options);
+  await cleanStaleTemps(dirname(path));
   const tmp = tempPathFor(path);
-  let fh: FileHandle | undefined = await open(tmp, 'wx');
+  let fh: FileHandle | undefined;
   try {
+    fh = await open(tmp, 'wx');
     let position = 0;
     const write = async (chunk: Uint8Array): Promise<void> => {
       let done = 0;
@@ -49,6 +159,11 @@ export async function writeFileAtomic(path: string, data: Uint8Array | Writer, o
     await fh.sync();
     await fh.close();
     fh = undefined;
+    const pending = group.getStore();
+    if (pending) {
+      pending.push({ tmp, path, options }); // renamed when the group ends
+      return;
+    }
     // Re-check right before the rename: another writer may have created the target meanwhile.
     await assertWritable(path, options);
     await rename(tmp, path);
@@ -56,7 +171,7 @@ export async function writeFileAtomic(path: string, data: Uint8Array | Writer, o
   } catch (err) {
     await fh?.close().catch(() => {});
     await rm(tmp, { force: true });
-    throw err;
+    throw namingFile(err, path);
   }
 }
 

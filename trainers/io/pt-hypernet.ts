@@ -10,7 +10,7 @@ import { openTorchZip, writeTorchZip } from './torchzip.ts';
 import { SaveTensor } from './pickle-write.ts';
 import { modelHash } from './checkpoint.ts';
 import { adamwStateDict, type AdamGroup, type AdamParamState } from './optim-file.ts';
-import type { WriteOptions } from './atomic.ts';
+import { pendingPath, type WriteOptions } from './atomic.ts';
 
 export interface HypernetTensor {
   values: Float32Array;
@@ -131,7 +131,7 @@ export async function writeHypernetworkOptim(
   path: string, ptPath: string, states: AdamParamState[], group: AdamGroup, optimizerName = 'AdamW', options: WriteOptions = {},
 ): Promise<void> {
   const value = new Map<unknown, unknown>([
-    ['optimizer_name', optimizerName], ['hash', await modelHash(ptPath)], ['optimizer_state_dict', adamwStateDict(states, group)],
+    ['optimizer_name', optimizerName], ['hash', await modelHash(pendingPath(ptPath))], ['optimizer_state_dict', adamwStateDict(states, group)],
   ]);
   await writeTorchZip(path, value, options);
 }

@@ -8,6 +8,7 @@ import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
+import { atomicGroup } from '../io/atomic.ts';
 import type { JobContext } from '../job.ts';
 import { lossAndGrads } from '../nets/recompute.ts';
 import { allFiniteWithin } from '../optim/check.ts';
@@ -151,7 +152,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
     step = next;
     await report(opts, ctx, step, loss, started);
     if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
-      const paths = await method.save(step, false);
+      const paths = await atomicGroup(() => method.save(step, false), (p) => p[0]); // snapshot + .optim together
       // the snapshot itself; its side files (.optim) are not snapshots of their own
       lastSnapshot = paths[0] ?? lastSnapshot;
       if (paths[0]) ctx.emit({ type: 'snapshot', step, path: paths[0] });

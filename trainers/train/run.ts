@@ -21,6 +21,7 @@ import { encodeText, type TextSplice } from '../nets/clip.ts';
 import { modelHash } from '../io/checkpoint.ts';
 import { LatentCache, seededNoise } from './latent-cache.ts';
 import { Rng } from '../random.ts';
+import { atomicGroup } from '../io/atomic.ts';
 import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
 import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext } from '../job.ts';
@@ -245,7 +246,8 @@ export async function trainAndSave<B>(
     clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer, fused: spec.fusedBackward === true,
     saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
   }, ctx);
-  const outputs = result.cancelled && result.step === state.step ? [] : await method.save(result.step, true);
+  // the output and its side files (.optim) land together or not at all, the output last
+  const outputs = result.cancelled && result.step === state.step ? [] : await atomicGroup(() => method.save(result.step, true), (p) => p[0]);
   return { step: result.step, outputs, cancelled: result.cancelled };
 }
 

@@ -19,6 +19,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { atomicGroup } from '../../io/atomic.ts';
 import { tf, initJobBackend } from '../../backend/index.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../../io/paths.ts';
 import { expandRepeats, makeCaption } from '../../data/captioned.ts';
@@ -132,8 +133,8 @@ async function trainRun(run: FtRun, output: string, backend: string, ctx: JobCon
       csvPath: join(run.runDir, 'loss.csv'),
     }, ctx);
     const snapshotted = spec.saveEvery > 0 && result.step % spec.saveEvery === 0;
-    if (result.cancelled && result.step > startStep && !snapshotted) await method.save(result.step, false);
-    const outputs = result.step === startStep ? [] : await method.save(result.step, true);
+    if (result.cancelled && result.step > startStep && !snapshotted) await atomicGroup(() => method.save(result.step, false), (p) => p[0]);
+    const outputs = result.step === startStep ? [] : await atomicGroup(() => method.save(result.step, true), (p) => p[0]);
     return { step: result.step, output, outputs, kind: 'checkpoint', usage: spec.name, cancelled: result.cancelled };
   } finally {
     optimizer.dispose();

@@ -1,0 +1,44 @@
+/**
+ * @file The probe process: answers ONE question about a job — its memory/time estimate (which
+ * parses the model's header) or its dry-run report (which reads the dataset) — and exits. Forked
+ * by bridge/probe.ts with a heap limit, an RSS watch and a deadline, so a model file with a 99 MB
+ * header or a 256-megapixel image costs this process, never the server's event loop or memory.
+ *
+ * IPC in: {op: 'estimate' | 'dryRun', type, spec, methodsModule} · out: {ok: true, result} |
+ * {ok: false, message}
+ */
+import { pathToFileURL } from 'node:url';
+import type { MethodEntry } from '../trainers/job.ts';
+
+export interface ProbeRequest {
+  op: 'estimate' | 'dryRun';
+  type: string;
+  spec: Record<string, unknown>;
+  methodsModule: string;
+}
+
+export type ProbeReply = { ok: true; result: unknown } | { ok: false; message: string };
+
+async function answer(req: ProbeRequest): Promise<unknown> {
+  if (req.op === 'estimate') {
+    const { estimateJob } = await import('../trainers/memory/estimate.ts');
+    return await estimateJob(req.type, req.spec);
+  }
+  const mod = (await import(pathToFileURL(req.methodsModule).href)) as { methods: Record<string, MethodEntry> };
+  const entry = Object.hasOwn(mod.methods, req.type) ? mod.methods[req.type] : undefined;
+  if (!entry) throw new Error(`unknown job type '${req.type}'`);
+  const report = entry.dryRun ? await entry.dryRun() : (await import('../trainers/train/run.ts')).datasetDryRun;
+  return await report(req.spec as never);
+}
+
+function reply(msg: ProbeReply): void {
+  process.send!(msg, undefined, {}, () => process.exit(0));
+}
+
+process.once('message', (req: ProbeRequest) => {
+  answer(req).then(
+    (result) => reply({ ok: true, result }),
+    (err: unknown) => reply({ ok: false, message: err instanceof Error ? err.message : String(err) }),
+  );
+});
+process.on('disconnect', () => process.exit(1));
