@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { filewordsFromFilename } from '../trainers/data/dataset.ts';
 import { isAllowedGlobal, unpickle } from '../trainers/io/unpickle.ts';
 import { jsonDepth } from '../bridge/json-depth.ts';
-import { events, startTestServer, type TestServer } from './helpers/api-server.ts';
+import { events, startTestServer, waitJob, type TestServer } from './helpers/api-server.ts';
 
 const REAL_METHODS = fileURLToPath(new URL('../trainers/methods/index.ts', import.meta.url));
 const TOKEN = 'attack-token';
@@ -133,6 +133,28 @@ describe('no request holds the event loop', () => {
       assert.match(res.body.error, /^\/type must be one of: textual_inversion/);
       const est = await t.api('/api/estimate', { method: 'POST', json: { type, spec: {} } });
       assert.equal(est.status, 400, type);
+    }
+  });
+});
+
+describe('the worker honours SIGTERM', () => {
+  test('within a second, even in a step that ignores the abort (cancel needed 26 s and SIGKILL)', async () => {
+    const t = await startTestServer({ cancelGraceMs: 60_000, killGraceMs: 60_000 });
+    try {
+      const res = await t.api('/api/jobs', { method: 'POST', json: { type: 'stub', spec: { name: 'term', steps: 100_000, stepMs: 5, ignoreAbort: true } } });
+      const ev = await events(t.base, res.body.id);
+      await ev.waitFor((m) => m.type === 'step');
+      const pid = t.srv.manager.workerPid(res.body.id)!;
+      const t0 = performance.now();
+      process.kill(pid, 'SIGTERM');
+      const job = await waitJob(t, res.body.id, (j) => j.state !== 'running', 5000);
+      const ms = performance.now() - t0;
+      assert.equal(job.state, 'failed');
+      assert.match(job.error, /SIGTERM/);
+      assert.ok(ms < 1000, `the worker took ${ms.toFixed(0)} ms to stop`);
+      ev.close();
+    } finally {
+      await t.close();
     }
   });
 });

@@ -65,12 +65,19 @@ interface Rgba {
   hasAlpha: boolean;
 }
 
+/** Larger images are refused unread (8192 × 8192): decoded as RGBA they alone would take 256 MB. */
+export const MAX_IMAGE_PIXELS = 64 * 2 ** 20;
+
 /** Decode any supported file to 8-bit sRGB RGBA at its own (EXIF-oriented) size. */
 export async function decodeRgba(path: string): Promise<Rgba> {
   const file = await readFile(path);
   if (extname(path).toLowerCase() === '.bmp' || (file[0] === 0x42 && file[1] === 0x4d)) return decodeBmp(file);
   const image = sharp(file, { failOn: 'error' });
   const meta = await image.metadata();
+  // The header's size, before anything is decoded: a 256-megapixel image took 2 GB in a dry run.
+  if ((meta.width ?? 0) * (meta.height ?? 0) > MAX_IMAGE_PIXELS) {
+    throw new Error(`${path}: ${meta.width}×${meta.height} is over ${MAX_IMAGE_PIXELS / 2 ** 20} megapixels; scale it down first`);
+  }
   const { data, info } = await image
     .rotate()
     .toColourspace('srgb')

@@ -103,7 +103,7 @@ const group = new AsyncLocalStorage<Pending[]>();
  * that hashes its main file reads it there), else `path` itself.
  */
 export function pendingPath(path: string): string {
-  return [...(group.getStore() ?? [])].reverse().find((p) => p.path === path)?.tmp ?? path;
+  return group.getStore()?.find((p) => p.path === path)?.tmp ?? path;
 }
 
 /**
@@ -161,7 +161,10 @@ export async function writeFileAtomic(path: string, data: Uint8Array | Writer, o
     fh = undefined;
     const pending = group.getStore();
     if (pending) {
-      pending.push({ tmp, path, options }); // renamed when the group ends
+      // renamed when the group ends; a second write of the same file in the group replaces the first
+      const earlier = pending.findIndex((p) => p.path === path);
+      if (earlier >= 0) await rm(pending.splice(earlier, 1)[0]!.tmp, { force: true });
+      pending.push({ tmp, path, options });
       return;
     }
     // Re-check right before the rename: another writer may have created the target meanwhile.

@@ -15,6 +15,7 @@ import { tf } from '../../backend/tf.ts';
 import type { LoraNetwork, LoraTargetKind } from '../../nets/lora.ts';
 import type { Family } from '../../io/checkpoint.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../../io/safetensors.ts';
+import { pendingPath } from '../../io/atomic.ts';
 import { parseLrSchedule } from '../../optim/lr.ts';
 import { readOptimizerState, writeOptimizerState, type DbOptimizer, type OptimizerName } from '../../optim/trainable.ts';
 import type { ClassSet, PriorSpec } from '../../train/prior-preservation.ts';
@@ -186,7 +187,7 @@ export async function saveLora(run: LoraRun, spec: LoraSpec, s: LoraState, path:
   await writeSafetensors(path, tensors, metadata, { overwrite: true, order: 'widest-first' });
   // sshs_model_hash (kohya precalculate_safetensors_hashes, the webui's addnet hash): sha256 of the
   // data after the header, which the metadata does not change; so: write, hash, write again
-  metadata.sshs_model_hash = await addnetHash(path);
+  metadata.sshs_model_hash = await addnetHash(pendingPath(path)); // inside a save's atomicGroup the file is still its temp
   await writeSafetensors(path, tensors, metadata, { overwrite: true, order: 'widest-first' });
   return [path, ...optim];
 }
