@@ -7,6 +7,7 @@
  */
 import { fork } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
+import { getPriority, setPriority } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import type { ProbeReply, ProbeRequest } from './probe-worker.ts';
 
@@ -72,6 +73,12 @@ function probeNow(req: ProbeRequest, limits: ProbeLimits): Promise<unknown> {
     stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
     serialization: 'advanced',
   });
+  // Below the server's priority: a probe's CPU must not slow the answers of the server itself.
+  if (child.pid) {
+    try {
+      setPriority(child.pid, Math.min(19, getPriority() + 10));
+    } catch { /* not permitted: runs at the server's priority */ }
+  }
   let stderr = '';
   child.stderr?.on('data', (b: Buffer) => void (stderr = (stderr + b.toString()).slice(-2000)));
   return new Promise((resolve, reject) => {

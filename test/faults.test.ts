@@ -121,13 +121,39 @@ describe('the API with the real methods', () => {
     await waitJob(t, forced.body.id, (j) => ['cancelled', 'failed', 'finished'].includes(j.state), 60_000);
   });
 
+});
+
+describe('outputs of failed and cancelled jobs', () => {
+  let t: TestServer;
+  const ti = (extra: Record<string, unknown> = {}) => ({
+    type: 'textual_inversion',
+    spec: { name: 'cat', model: MODEL, images: IMAGES, initText: 'cat', vectors: 1, width: 64, height: 64, steps: 4, previewEvery: 0, saveEvery: 2, ...extra },
+  });
+  before(async () => {
+    t = await startTestServer({ methodsModule: REAL_METHODS });
+  });
+  after(() => t.close());
+
   test('a job cancelled while loading reports no output that does not exist', async () => {
     const res = await t.api('/api/jobs', { method: 'POST', json: ti({ name: 'early' }) });
     assert.equal(res.status, 201);
+    await waitJob(t, res.body.id, (j) => j.state === 'running', 60_000); // its worker is starting: cancel while it loads
     await t.api(`/api/jobs/${res.body.id}/cancel`, { method: 'POST' });
     const job = await waitJob(t, res.body.id, (j) => ['cancelled', 'finished', 'failed'].includes(j.state), 60_000);
     if (job.output !== undefined) assert.ok(existsSync(job.output), `${job.output} is reported but does not exist`);
     for (const f of job.outputs) assert.ok(existsSync(f), f);
+  });
+
+  test('a method that reports an output it never wrote: the job shows none', async () => {
+    const stub = await startTestServer();
+    try {
+      const res = await stub.api('/api/jobs', { method: 'POST', json: { type: 'stub', spec: { name: 'ghost', steps: 2, stepMs: 1, writeNothing: true } } });
+      const job = await waitJob(stub, res.body.id, (j) => j.state === 'finished');
+      assert.equal(job.output, undefined);
+      assert.deepEqual(job.outputs, []);
+    } finally {
+      await stub.close();
+    }
   });
 
   test('a hypernetwork whose .optim cannot be written leaves no .pt either (the retry said "already exists")', async () => {

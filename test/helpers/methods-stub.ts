@@ -31,6 +31,7 @@ export const schemas: Record<string, Record<string, unknown>> = {
       pausable: { type: 'boolean', default: false },
       resume: { type: 'boolean', default: false },
       overwrite: { type: 'boolean', default: false },
+      writeNothing: { type: 'boolean', default: false, description: 'report the output path without writing it (a method cancelled while loading did)' },
     },
   },
 };
@@ -52,6 +53,7 @@ interface StubSpec {
   pausable: boolean;
   resume: boolean;
   overwrite: boolean;
+  writeNothing: boolean;
 }
 
 /** 1×1 PNG, enough for a preview file. */
@@ -98,7 +100,7 @@ function makeRunner(kind: OutputKind) {
       }
     }
     save();
-    writeFileSync(output, `stub ${kind} ${spec.name} step ${step}\n`);
+    if (!spec.writeNothing) writeFileSync(output, `stub ${kind} ${spec.name} step ${step}\n`);
     const cancelled = step < spec.steps;
     const usage = kind === 'hypernetwork' ? `<hypernet:${spec.name}:1>` : spec.name;
     return { step, output, outputs: [output], kind, usage, cancelled };
