@@ -61,7 +61,15 @@ function levers(spec: Record<string, unknown>): string[] {
  */
 export async function checkFits(type: string, spec: Record<string, unknown>, force: boolean, limitBytes = jobMemoryLimit()): Promise<void> {
   if (force || !estimable(type)) return;
-  const estimate = await estimateInProbe(type, spec);
+  let estimate: JobEstimate;
+  try {
+    estimate = await estimateInProbe(type, spec);
+  } catch (err) {
+    // A model file the estimator cannot read (its path is in the message) is refused here; an
+    // estimator that does not know this job yet must not stop a job the trainer can run.
+    if (err instanceof RequestError && typeof spec.model === 'string' && err.message.includes(spec.model)) throw err;
+    return;
+  }
   if (estimate.peakBytes <= limitBytes) return;
   const fix = levers(spec);
   throw new RequestError(

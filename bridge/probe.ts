@@ -22,8 +22,9 @@ export interface ProbeLimits {
 
 export const DEFAULT_PROBE_LIMITS: Record<ProbeRequest['op'], Required<ProbeLimits>> = {
   estimate: { timeoutMs: 20_000, maxRssMb: 1024 },
-  // a dry run decodes every image once (sizes, buckets): slower, same memory bound
-  dryRun: { timeoutMs: 120_000, maxRssMb: 1024 },
+  // a dry run decodes every image (sizes, buckets) and keeps them: slower and larger for a big
+  // dataset; one huge image is refused from its header (data/images.ts)
+  dryRun: { timeoutMs: 300_000, maxRssMb: 4096 },
 };
 
 /** The probe could not answer: the request's file or dataset is at fault (422), or it timed out. */
