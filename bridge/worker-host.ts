@@ -1,8 +1,9 @@
 /**
  * @file Runs one job in a child process (bridge/worker.ts, `child_process.fork` with
  * `--import tsx`) and turns whatever happens to it into one outcome: the method's result, its
- * error, or the process dying (crash, SIGKILL, out-of-memory). Cancel is an IPC message first,
- * SIGTERM after a grace period, SIGKILL after a second one. The worker holds the job's lock file (worker-lock.ts). Pause is an IPC message when the
+ * error, or the process dying (crash, SIGKILL, out-of-memory). Cancel is an IPC message first
+ * (the method stops after its step and saves), SIGTERM after both grace periods (the worker dies
+ * at once), SIGKILL a second later. The worker holds the job's lock file (worker-lock.ts). Pause is an IPC message when the
  * method waits in ctx.waitIfPaused between steps (it says so with 'pausable'), SIGSTOP otherwise.
  */
 import { fork, type ChildProcess } from 'node:child_process';
@@ -15,9 +16,9 @@ export const WORKER_PATH = fileURLToPath(new URL('./worker.ts', import.meta.url)
 export interface WorkerHostOptions {
   /** Module exporting `methods` (default trainers/methods/index.ts). */
   methodsModule: string;
-  /** After a cancel message, wait this long before SIGTERM. */
+  /** After a cancel message, wait this long plus killGraceMs before SIGTERM. */
   cancelGraceMs?: number;
-  /** After SIGTERM, wait this long before SIGKILL. */
+  /** Added to cancelGraceMs: the whole time a cancelled job has to finish its step and save. */
   killGraceMs?: number;
   /** Forward at most one step event per this many ms. */
   stepIntervalMs?: number;
@@ -113,11 +114,13 @@ export class WorkerProcess {
     if (child.connected) child.send({ type: 'cancel' } satisfies HostMessage);
     const grace = this.opts.cancelGraceMs ?? 15_000;
     const killGrace = this.opts.killGraceMs ?? 10_000;
+    // The worker dies at once on SIGTERM (worker.ts), so both graces go to the step and the save
+    // the cancel asked for; SIGKILL a second later only if SIGTERM did not end it.
     this.timers.push(
       setTimeout(() => {
         child.kill('SIGTERM');
-        this.timers.push(setTimeout(() => child.kill('SIGKILL'), killGrace));
-      }, grace),
+        this.timers.push(setTimeout(() => child.kill('SIGKILL'), 1000));
+      }, grace + killGrace),
     );
   }
 
