@@ -48,12 +48,20 @@ export interface StepRowSpec {
 /** Methods measured in the memory variants below rather than at two sizes. */
 const VARIANT_METHODS = new Set(['dreambooth', 'lora']);
 
-/** Optimizer state and gradient checkpointing, each without and with (checkpointing off, not auto). */
-export const MEMORY_VARIANTS: { label: string; options: Record<string, unknown> }[] = [
+/**
+ * Optimizer state and gradient checkpointing, each without and with (checkpointing off, not auto);
+ * for the full-weight Dreambooth also the fused backward (no whole gradient buffer), Adafactor and
+ * bf16 weights with stochastic rounding on top of checkpointing (issue 19).
+ */
+export const MEMORY_VARIANTS: { label: string; options: Record<string, unknown>; methods?: string[] }[] = [
   { label: 'adamw', options: { optimizer: 'adamw', gradientCheckpointing: 'off' } },
   { label: 'adamw8bit', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'off' } },
   { label: 'adamw+ckpt', options: { optimizer: 'adamw', gradientCheckpointing: 'on' } },
   { label: 'adamw8bit+ckpt', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'on' } },
+  { label: 'adamw+ckpt+fused', options: { optimizer: 'adamw', gradientCheckpointing: 'on', fusedBackward: true }, methods: ['dreambooth'] },
+  { label: 'adafactor+ckpt', options: { optimizer: 'adafactor', gradientCheckpointing: 'on' }, methods: ['dreambooth'] },
+  { label: 'adafactor+ckpt+fused', options: { optimizer: 'adafactor', gradientCheckpointing: 'on', fusedBackward: true }, methods: ['dreambooth'] },
+  { label: 'adamw+ckpt+fused+bf16', options: { optimizer: 'adamw', gradientCheckpointing: 'on', fusedBackward: true, bf16Weights: true }, methods: ['dreambooth'] },
 ];
 
 
@@ -85,7 +93,7 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean, s
   // Dreambooth / LoRA: 256 px, batch 1, first backend, every memory variant
   for (const model of sd15 ? (['sd-tiny', 'sd15-shaped'] as const) : (['sd-tiny'] as const)) {
     for (const method of varied) {
-      for (const v of MEMORY_VARIANTS) rows.push({ model, method, px: 256, steps: model === 'sd-tiny' ? 3 : 2, backend: backends[0]!, options: v.options, label: v.label });
+      for (const v of MEMORY_VARIANTS.filter((x) => !x.methods || x.methods.includes(method))) rows.push({ model, method, px: 256, steps: model === 'sd-tiny' ? 3 : 2, backend: backends[0]!, options: v.options, label: v.label });
     }
   }
   // SDXL: TI and LoRA at 512 and 1024 px with the levers a 24 GB machine needs
@@ -161,8 +169,9 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
         : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, 20 * 60_000);
       rows.push(withEstimate(r, est, measured));
     }
-    if (sd15) rows.push(...(await pytorchRows(rows)));
-    if (sd15 && checkpoint) rows.push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
+    // the PyTorch yardstick and the profile are TI's
+    if (sd15 && names.includes('textual_inversion')) rows.push(...(await pytorchRows(rows)));
+    if (sd15 && checkpoint && names.includes('textual_inversion')) rows.push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
   } finally {
     await checkpoint?.remove();
     await checkpointXl?.remove();

@@ -216,3 +216,30 @@ test('estimate under bf16 scales the dense time by the measured bf16/fp32 rate a
   assert.ok(k >= 1 ? bf16.secondsPerStep <= fp32.secondsPerStep : bf16.secondsPerStep > fp32.secondsPerStep, `speedup ${k}: ${bf16.secondsPerStep} vs ${fp32.secondsPerStep}`);
   assert.equal(bf16.peakBytes, fp32.peakBytes, 'same memory: the store is 2 bytes a weight either way');
 });
+
+test('full-weight jobs: the memory-lever ladder against a limit, the least change that fits picked and said', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'sidetrain-est-'));
+  try {
+    const job = { model: sparseSd15(dir), width: 512, height: 512, instancePrompt: 'sks', gradientCheckpointing: 'off' };
+    const e = await estimateJob('dreambooth', job, { backend: 'cpu-native', memoryLimit: 8 * 2 ** 30 });
+    const fit = e.fit!;
+    assert.deepEqual(fit.combinations.map((c) => c.label), [
+      'as given', 'gradient checkpointing on', 'gradient checkpointing on, fused backward',
+      'gradient checkpointing on, fused backward, optimizer adamw8bit', 'gradient checkpointing on, fused backward, optimizer adafactor',
+    ]);
+    const peaks = fit.combinations.map((c) => c.peakBytes);
+    peaks.slice(1).forEach((p, i) => assert.ok(p < peaks[i]!, `each rung needs less: ${peaks}`));
+    assert.equal(fit.pick, fit.combinations.findIndex((c) => c.peakBytes <= 8 * 2 ** 30));
+    assert.ok(e.notes.some((n) => n.includes(`fits with ${fit.combinations[fit.pick!]!.label}`)), e.notes.join('\n'));
+    // gradAccum > 1: no fused rung, said why; Adafactor already: no optimizer rung
+    const accum = await estimateJob('finetune', { ...job, gradAccum: 2, optimizer: 'adafactor', resolution: 512 }, { backend: 'cpu-native', memoryLimit: 1 });
+    assert.deepEqual(accum.fit!.combinations.map((c) => c.label), ['as given', 'gradient checkpointing on']);
+    assert.match(accum.fit!.skipped.join(), /fused backward: needs gradAccum 1/);
+    assert.equal(accum.fit!.pick, undefined);
+    assert.ok(accum.notes.some((n) => /does not fit 0\.0 GB with any memory lever/.test(n)));
+    // LoRA and the other methods have no ladder
+    assert.equal((await estimateJob('dreambooth', { ...job, lora: true }, { backend: 'cpu-native' })).fit, undefined);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

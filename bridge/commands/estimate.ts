@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { freemem, totalmem } from 'node:os';
 import { duration } from './progress.ts';
-import type { Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { getSchema, validate } from '../../schemas/index.ts';
 import { addSchemaOptions, flagErrors, type Prop } from './flags.ts';
@@ -35,6 +35,12 @@ export function estimateSpec(schema: string, props: Record<string, Prop>, opts: 
   return filled;
 }
 
+function parseLimit(raw: string): number {
+  const gib = Number(raw);
+  if (!(gib > 0) || !Number.isFinite(gib)) throw new InvalidArgumentError(`a number of GB above 0, got '${raw}'`);
+  return gib;
+}
+
 const gb = (b: number) => `${(b / 2 ** 30).toFixed(2)} GB`;
 
 /** The answer a user asks for first: how long, and whether it fits this machine now (with what else runs). */
@@ -59,6 +65,9 @@ export function formatEstimate(type: string, spec: Record<string, unknown>, e: J
     `weights       text ${gb(w.text)}, UNet ${gb(w.unet)}, VAE encoder ${gb(w.vaeEncoder)} (released after caching), decoder ${gb(w.vaeDecoder)}, trained ${gb(w.trainable)}`,
     `activations   UNet ${gb(e.breakdown.unetActivationBytes)}, attention scores ${gb(e.breakdown.attentionScoreBytes)}, text ${gb(e.breakdown.textActivationBytes)}`,
     ...e.notes.map((n) => `note: ${n}`),
+    ...(e.fit ? [`memory levers against ${gb(e.fit.limitBytes)}:`, ...e.fit.combinations.map((c, i) =>
+      `  ${i === e.fit!.pick ? '→' : ' '} ${c.fits ? 'fits ' : 'over '} ${gb(c.peakBytes).padStart(9)}  ${c.secondsPerStep.toFixed(1).padStart(7)} s/step  ${c.label}`),
+    ...e.fit.skipped.map((s) => `    (not tried: ${s})`)] : []),
   ].join('\n');
 }
 
@@ -71,10 +80,12 @@ export function registerEstimate(program: Command): void {
     cmd.option('--config <file>', 'job file (JSON or YAML): a train job or an API body {type, spec}');
     cmd.option('--json', 'print the estimate as JSON');
     cmd.option('--backend <name>', 'estimate for this backend instead of the one this machine would pick');
+    cmd.addOption(new Option('--memory-limit <GB>', 'Dreambooth / fine-tune: the memory the job must fit, for the lever ladder (default 85% of this machine\'s RAM)').argParser(parseLimit));
     addSchemaOptions(cmd, props, ['dryRun']);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = estimateSpec(entry.schema, props, opts);
-      const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined });
+      const memoryLimit = typeof opts.memoryLimit === 'number' ? opts.memoryLimit * 2 ** 30 : undefined;
+      const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined, memoryLimit });
       const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
       const answer = { ...e, totalSeconds: steps ? e.secondsPerStep * steps : undefined, freeBytes: freemem(), totalBytes: totalmem(), fitsNow: e.peakBytes <= freemem() };
       console.log(opts.json ? JSON.stringify(answer, null, 2) : formatEstimate(type, spec, e));

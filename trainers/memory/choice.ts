@@ -5,6 +5,7 @@
  */
 import type { JobContext } from '../job.ts';
 import { estimateJob } from './estimate.ts';
+import { describeFit } from './estimate-fit.ts';
 import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
 
 /** The UNet memory mode for a job of `type` (a trainers/methods/index.ts name) with `spec`. */
@@ -15,6 +16,8 @@ export async function chooseUNetMemory(type: string, spec: Partial<MemorySpec> &
     const estimate = await estimateJob(type, spec as Record<string, unknown>);
     memory = estimate.memory;
     why = ` (estimated peak ${(estimate.peakBytes / 2 ** 30).toFixed(1)} GB)`;
+    // the levers that change the job (fused backward, optimizer) are the user's to turn on: said, not applied
+    if (estimate.fit && estimate.fit.pick !== 0) ctx?.emit({ type: 'log', level: 'warn', message: `memory: ${describeFit(estimate.fit)}` });
   } catch {
     memory = unetMemoryFor(spec, true); // no estimate for this job: only what the user turned on
   }

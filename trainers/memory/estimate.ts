@@ -29,6 +29,7 @@ import { openCheckpoint, type Family } from '../io/checkpoint.ts';
 import { blockScores, slicedAttnFlop, unetBlocks, type BlockCost, type Shapes } from './estimate-unet.ts';
 import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
 import { methodPlan, METHODS, type MethodPlan } from './estimate-methods.ts';
+import { describeFit, fitLadder, type MemoryFit } from './estimate-fit.ts';
 import { totalmem } from 'node:os';
 import { currentBackend } from '../backend/tf.ts';
 import { gpuBudgetAndNotes, gpuFacts } from './estimate-gpu.ts';
@@ -60,6 +61,8 @@ export interface JobEstimate {
   notes: string[];
   /** The memory mode the job will run with (auto toggles resolved against the budget). */
   memory: UNetMemory;
+  /** Full-weight jobs (Dreambooth, fine-tune): the memory levers' ladder against the limit, and the pick. */
+  fit?: MemoryFit;
 }
 
 export interface EstimateOptions {
@@ -67,6 +70,8 @@ export interface EstimateOptions {
   backend?: string;
   /** Bytes above which auto gradient checkpointing turns on (default a third of RAM). */
   memoryBudget?: number;
+  /** Bytes a full-weight job must fit for the lever ladder's pick (default 85% of RAM). */
+  memoryLimit?: number;
 }
 
 /** Calibration constants (bench/steps.ts, 2-core x86-64, tfjs 4.22 + sidetrain native kernels). */
@@ -210,6 +215,22 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const gpu = backend === 'webgpu' ? await gpuFacts() : undefined;
   const gpuSide = gpu && gpuBudgetAndNotes(gpu.adapter, gpu.memory, Math.max(...[...shapes.values()].map((s) => F32 * numel(s))));
   const budget = opts.memoryBudget ?? gpuSide?.budget ?? AUTO_BUDGET_SHARE * totalmem();
+  const estimate = estimateShapes(type, spec, shapes, family, backend, budget, gpuSide);
+  if ((type === 'dreambooth' && spec.lora !== true) || type === 'finetune') {
+    const limit = opts.memoryLimit ?? gpuSide?.budget ?? LIMIT_SHARE * totalmem();
+    estimate.fit = await fitLadder(spec, limit, async (s) => estimateShapes(type, s, shapes, family, backend, budget, gpuSide));
+    estimate.notes.push(describeFit(estimate.fit));
+  }
+  return estimate;
+}
+
+/** The most of RAM a job may need (the webui and the OS keep the rest). */
+const LIMIT_SHARE = 0.85;
+
+function estimateShapes(
+  type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family, backend: string, budget: number,
+  gpuSide: ReturnType<typeof gpuBudgetAndNotes> | undefined,
+): JobEstimate {
   const job = describeJob(type, spec, shapes, family, backend);
   // float16 weights (and the checkpointing they bring) only where the method's loader keeps frozen weights in float16
   const memSpec = { ...(spec as Partial<MemorySpec>), halfFrozenWeights: spec.halfFrozenWeights === true && (job.plan.frozen.unet || job.plan.frozen.text) };
@@ -220,7 +241,7 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   }
   if (gpuSide) estimate.notes.push(...gpuSide.notes);
   if (gpuSide?.budget !== undefined && estimate.peakBytes > gpuSide.budget) estimate.notes.push(`needs more than the GPU's ${gb(gpuSide.budget / 0.9)} GB free: lower the resolution or batch, or turn on halfFrozenWeights`);
-  else if (estimate.peakBytes > 0.85 * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
+  else if (estimate.peakBytes > LIMIT_SHARE * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
   return estimate;
 }
 
