@@ -268,9 +268,6 @@ export class JobManager {
     await this.webuiSide.before(job.id, worker);
     let lastPersist = Date.now();
     let terminal = false;
-    const csv = join(this.store.jobDir(job.id), 'loss.csv');
-    let lastCsvWrite = Promise.resolve();
-    if (!existsSync(csv)) await this.store.append(job.id, 'loss.csv', 'step,epoch,loss,learn_rate\n');
     const outcome = await worker.run(job.type, job.spec, lockFile, {
       onEvent: (raw) => {
         const event = withExistingOutput(raw);
@@ -278,10 +275,7 @@ export class JobManager {
         this.apply(job, event);
         this.publish(job.id, withUrl(job, event));
         if (event.type === 'snapshot') this.previews.snapshot(job.id, job.spec, event.step, event.path);
-        if (event.type === 'step') {
-          lastCsvWrite = this.store.append(job.id, 'loss.csv', `${event.step},${event.epoch},${event.loss},${event.learnRate}\n`);
-          if (Date.now() - lastPersist < PERSIST_EVERY_MS) return;
-        }
+        if (event.type === 'step' && Date.now() - lastPersist < PERSIST_EVERY_MS) return;
         lastPersist = Date.now();
         void this.persist(job);
       },
@@ -291,8 +285,8 @@ export class JobManager {
       },
     });
     const cancelling = this.running.get(job.id)?.cancelling ?? false;
-    // The loss CSV and the log are complete by the time anyone sees the job ended (a busy disk lags).
-    await Promise.all([lastCsvWrite, this.lastEventWrite.get(job.id)]);
+    // The log is complete by the time anyone sees the job ended (a busy disk lags).
+    await this.lastEventWrite.get(job.id);
     this.lastEventWrite.delete(job.id);
     this.settle(job, outcome, cancelling, terminal);
     log.info({ state: job.state, error: job.error }, 'job ended');
@@ -344,6 +338,7 @@ export class JobManager {
       const { type: _t, ...progress } = e;
       Object.assign(job, { step: e.step, totalSteps: e.totalSteps, progress });
     } else if (e.type === 'preview') job.previews.push({ step: e.step, path: e.path });
+    else if (e.type === 'lossLog') job.lossLog = e.path;
     else if (e.type === 'snapshot') {
       job.snapshots.push({ step: e.step, path: e.path });
       job.lastSnapshot = e.path;

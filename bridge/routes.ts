@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Request, Response } from 'express';
 import { getSchema, type JobRecord } from '../schemas/index.ts';
+import { LOSS_CSV_HEADER } from '../trainers/train/loss-log.ts';
 import type { JobManager } from './jobs.ts';
 import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
 import type { WebuiClient } from './webui.ts';
@@ -138,10 +139,11 @@ export const routes: RouteDef[] = [
     },
   },
   {
-    method: 'get', path: '/api/jobs/:id/loss.csv', tag: 'jobs', summary: "A job's loss curve: step,epoch,loss,learn_rate", response: 'text/csv',
+    method: 'get', path: '/api/jobs/:id/loss.csv', tag: 'jobs', summary: "A job's loss log as the training loop writes it: step,epoch,epoch_step,loss,learn_rate", response: 'text/csv',
     handler: async (req, res, ctx) => {
-      const file = join(ctx.manager.store.jobDir(job(ctx, req).id), 'loss.csv');
-      res.type('text/csv').send(existsSync(file) ? await readFile(file) : 'step,epoch,loss,learn_rate\n');
+      // the loop's own file (train/loss-log.ts), as written: every step, once
+      const file = job(ctx, req).lossLog;
+      res.type('text/csv').send(file && existsSync(file) ? await readFile(file) : LOSS_CSV_HEADER);
     },
   },
   {

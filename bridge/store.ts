@@ -2,7 +2,7 @@
  * @file The job store: one JSON file per job under `<stateDir>/jobs/<id>.json`, written atomically
  * (temp file + fsync + rename + fsync of the folder) so a crash or power cut leaves either the old
  * or the new record, never half of one. Beside it, `<id>/events.jsonl` (the log) and
- * `<id>/loss.csv` are append-only. On load, a job that was running or queued when the server
+ * `<id>/worker.log` are append-only (the loss log is the training loop's own file, job.lossLog). On load, a job that was running or queued when the server
  * stopped is marked `interrupted` (it can be resumed).
  */
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
@@ -98,7 +98,7 @@ export class JobStore {
   }
 
   /** Append to a job's log file; appends to one file are chained so lines keep their order. */
-  append(id: string, file: 'events.jsonl' | 'loss.csv' | 'worker.log', text: string): Promise<void> {
+  append(id: string, file: 'events.jsonl' | 'worker.log', text: string): Promise<void> {
     const key = `${id}/${file}`;
     const dir = this.jobDir(id);
     const next = (this.appends.get(key) ?? Promise.resolve())

@@ -185,6 +185,7 @@ export interface JobRecord {
   usage?: string;
   error?: string;
   lastSnapshot?: string;
+  lossLog?: string;
   previews: FileRef[];
   snapshots: FileRef[];
   webui?: { ready: boolean; message: string };

@@ -1,14 +1,50 @@
 /**
- * @file The golden harness on every fixture copied into the project, on every backend the project
- * can pick here (each in its own process, as a user would run `npm run golden`). A tensor that
- * fails its atol or is not computed fails the test.
+ * @file The golden harness on every fixture copied into the project and on a second, differently
+ * shaped one built here (helpers/golden-fixture.ts: a hypernetwork of two sizes, one of them no
+ * width of the model's contexts), on every backend the project can pick here (each in its own
+ * process, as a user would run `npm run golden`). A tensor that fails its atol or is not computed
+ * fails the test.
  */
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { nativeSkip } from './helpers/native.ts';
+import { buildTwoSizeFixture, referenceModule } from './helpers/golden-fixture.ts';
+import { openSafetensors } from '../trainers/io/safetensors.ts';
 
-const FIXTURES = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny', 'test/fixtures/sdxl-tiny'];
+const SHIPPED = ['test/fixtures/sd-tiny', 'test/fixtures/sd2-tiny', 'test/fixtures/sdxl-tiny'];
+const SOURCE = 'test/fixtures/sd-tiny';
+// 48: neither sd-tiny's context width (32) nor a channel count of its UNet (32, 64)
+const BUILT = mkdtempSync(join(tmpdir(), 'sidetrain-golden-two-sizes-'));
+await buildTwoSizeFixture(SOURCE, BUILT, 48);
+after(() => rmSync(BUILT, { recursive: true, force: true }));
+const FIXTURES = [...SHIPPED, BUILT];
+
+test("the built fixture's reference module reproduces sd-tiny's PyTorch hypernetwork goldens (size 32, x = unet.context)", async () => {
+  const f = await openSafetensors(join(SOURCE, 'golden.safetensors'));
+  const g = JSON.parse(readFileSync(join(SOURCE, 'golden.json'), 'utf8'));
+  try {
+    const size = g.hypernetwork.enable_sizes[0] as number;
+    const x = await f.read('unet.context');
+    for (const kv of ['k', 'v']) {
+      const [w1, b1, w2, b2] = await Promise.all((g.hypernetwork.state_tensors as string[]).filter((n) => n.startsWith(`hn.${size}.${kv}.`)).map((n) => f.read(n)));
+      const ours = referenceModule(x, size, w1!, b1!, w2!, b2!);
+      const want = await f.read(`hn.${kv}_out.${size}`);
+      const atol = g.tensors[`hn.${kv}_out.${size}`].atol as number;
+      let max = 0;
+      for (let i = 0; i < want.length; i++) max = Math.max(max, Math.abs(ours[i]! - want[i]!));
+      assert.ok(max <= atol, `hn.${kv}_out.${size}: max |reference − golden| ${max} > atol ${atol}`);
+    }
+  } finally {
+    await f.close();
+  }
+  const built = JSON.parse(readFileSync(join(BUILT, 'golden.json'), 'utf8'));
+  assert.deepEqual(built.hypernetwork.enable_sizes, [48, 32]);
+  assert.match(built.tensors['hn.k_out.48'].desc, /x = hn\.in\.48$/);
+});
 const CANDIDATES = ['cpu-native', 'wasm', 'cpu'];
 
 /** Each candidate backend: null when it loads in this install, else why not (the addon may not have built). */
@@ -34,7 +70,7 @@ const runs = [...backends.map((b) => [b]), ...backends.filter((b) => b !== 'cpu'
   // bf16 mixed precision (its own rule: trainers/golden.ts), native kernels only
   ...backends.filter((b) => b === 'cpu-native').map((b) => [b, '--precision', 'bf16'])];
 for (const [backend, ...flags] of runs as [string, ...string[]][]) {
-  test(`golden harness passes on ${FIXTURES.join(', ')} (${[backend, ...flags].join(' ')})`, () => {
+  test(`golden harness passes on ${SHIPPED.join(', ')} and a two-size hypernetwork fixture (${[backend, ...flags].join(' ')})`, () => {
     let output = '';
     try {
       output = execFileSync(process.execPath, ['bin/sidetrain.mjs', 'golden', '--backend', backend!, ...flags, ...FIXTURES], { encoding: 'utf8' });
@@ -45,6 +81,7 @@ for (const [backend, ...flags] of runs as [string, ...string[]][]) {
     assert.match(output, new RegExp(`backend: ${backend}`));
     const summaries = output.match(/^\d+ passed, \d+ failed$/gm) ?? [];
     assert.equal(summaries.length, FIXTURES.length);
+    assert.match(output, /^hn\.k_out\.48 .* pass$/m, 'the built fixture ran');
     for (const s of summaries) assert.match(s, / 0 failed$/);
     assert.doesNotMatch(output, /NOT COMPUTED|FAIL/);
   });

@@ -315,12 +315,15 @@ test('a short LoRA run on sd-tiny lowers the loss and writes kohya keys + ss_* m
 test('SD2: the family metadata says sd_v2; an existing output is refused without overwrite/resume', async () => {
   const images = join(tmp, 'images2');
   mkdirSync(images, { recursive: true });
-  copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
-  const spec = loraSpec({ model: join(SD2, 'model.safetensors'), steps: 2, trainTextEncoder: true }, images);
+  for (const f of ['green_triangle.png', 'green_triangle.txt']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+  const spec = loraSpec({ model: join(SD2, 'model.safetensors'), steps: 2, trainTextEncoder: true, shuffleTags: true, tagDropOut: 0.5 }, images);
   const result = await runLora(spec, context());
   const file = await openSafetensors(result.output);
   assert.equal(file.metadata().ss_base_model_version, 'sd_v2');
   assert.equal(file.metadata().ss_v2, 'True');
+  // captions (.txt) → prompts are [filewords]: their tags really were shuffled and dropped
+  assert.equal(file.metadata().ss_shuffle_caption, 'True');
+  assert.equal(file.metadata().ss_caption_tag_dropout_rate, '0.5');
   assert.ok(file.has('lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight'));
   await file.close();
   await assert.rejects(runLora({ ...spec }, context()), /already exists/);
@@ -398,11 +401,14 @@ test('train lora: prior preservation only with a class prompt (class images, pri
   const images = join(tmp, 'images4');
   mkdirSync(images, { recursive: true });
   copyFileSync(join('test/fixtures/images', 'green_triangle.png'), join(images, 'green_triangle.png'));
-  const plain = loraSpec({ steps: 1, previewEvery: 1, previewSteps: 2 }, images);
+  const plain = loraSpec({ steps: 1, previewEvery: 1, previewSteps: 2, shuffleTags: true, tagDropOut: 0.5 }, images);
   const off = await runLora(plain, context());
   assert.ok(existsSync(join(plain.logDir, 'sks', 'images', 'sks-1.png')), 'a preview of the merged LoRA');
   const offFile = await openSafetensors(off.output);
   assert.equal(offFile.metadata().ss_num_reg_images, '0');
+  // no captions: every prompt is the instance prompt, which has no tags to shuffle or drop
+  assert.equal(offFile.metadata().ss_shuffle_caption, 'False');
+  assert.equal(offFile.metadata().ss_caption_tag_dropout_rate, '0');
   assert.equal(offFile.metadata().ss_sidetrain_class_prompt, undefined);
   await offFile.close();
   assert.ok(!existsSync(join(plain.logDir, 'sks', 'prior-loss.csv')));

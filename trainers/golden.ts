@@ -2,7 +2,11 @@
  * @file The golden harness: for a fixture directory laid out like test/fixtures/sd-tiny (read its
  * README), load `model.safetensors`, compute every output tensor named in `golden.json` from the
  * inputs it names, and compare with `golden.safetensors` within each tensor's atol. Prompts,
- * timesteps, names, hypernetwork settings and head counts come from golden.json / config.json.
+ * timesteps, names, hypernetwork settings and head counts come from golden.json / config.json;
+ * shapes, sizes and vector counts from the tensors themselves. Outputs are grouped by name prefix
+ * (GROUPS): a group runs when golden.json lists one of its outputs, so a fixture without, say,
+ * hypernetwork goldens needs no hypernetwork, and a new family adds a group. An output that no
+ * group computes is reported NOT COMPUTED.
  *
  * Under bf16 precision (backend/precision.ts) the goldens are still PyTorch's float32 ones, and
  * bf16 is an approximation of them, so the rule is derived from each tensor's magnitude instead:
@@ -13,7 +17,7 @@
  * The VAE and the text encoder's forward run float32 under bf16 too (nets/vae.ts, nets/clip.ts).
  * Under fp32 every tensor keeps its own atol, as before.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tf, type Tensor } from './backend/tf.ts';
 import { computePrecision } from './backend/precision.ts';
@@ -60,6 +64,10 @@ interface Ctx {
   input(name: string): Promise<Tensor>;
   /** Gradient checkpointing / attention slicing for every UNet run (absent: whole). */
   memory?: UNetMemory;
+  /** train_batch's latents, noise and timesteps (read once). */
+  batch(): Promise<DiffusionBatch>;
+  /** The frozen text encoder's context of train_batch.ids (computed once; train.context). */
+  trainContext(): Tensor;
 }
 
 async function textGoldens(c: Ctx, out: Out): Promise<void> {
@@ -98,15 +106,17 @@ async function trainBatch(c: Ctx): Promise<DiffusionBatch> {
   return { latents: nhwc(await c.input(tb.x0)), noise: nhwc(await c.input(tb.noise)), timesteps: tb.timesteps };
 }
 
-async function trainGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void> {
+async function trainGoldens(c: Ctx, out: Out): Promise<void> {
   const s = c.model.schedule;
+  const batch = await c.batch();
   out.set('train.x_noisy', nchw(s.qSample(batch.latents, batch.noise, batch.timesteps)));
   out.set('train.target', nchw(s.targetFor(c.model.prediction, batch.latents, batch.noise, batch.timesteps)));
-  out.set('train.context', encodeText(c.model.text!.params, c.model.text!.cfg, c.g.train_batch.ids));
+  out.set('train.context', c.trainContext().clone());
 }
 
 /** ft.*: every weight trainable; gradients of the named checkpoint keys, in checkpoint layout. */
-function fullModelGoldens(c: Ctx, out: Out, batch: DiffusionBatch): void {
+async function fullModelGoldens(c: Ctx, out: Out): Promise<void> {
+  const batch = await c.batch();
   const names: string[] = c.g.full_model_gradients.grads;
   const keys = names.map((n) => n.slice('ft.grad.'.length));
   const text = c.model.text!;
@@ -132,7 +142,8 @@ function fullModelGoldens(c: Ctx, out: Out, batch: DiffusionBatch): void {
   vars.forEach((v) => v.dispose());
 }
 
-async function tiGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void> {
+async function tiGoldens(c: Ctx, out: Out): Promise<void> {
+  const batch = await c.batch();
   const ti = c.g.textual_inversion;
   const vectors = tf.variable(await c.input('ti.vectors'), true, 'golden/ti');
   const prompts = ti.ids.map((ids: number[], i: number) => ({ ids, embeddings: [{ name: ti.name, positions: ti.vector_positions[i] }] }));
@@ -146,8 +157,25 @@ async function tiGoldens(c: Ctx, out: Out, batch: DiffusionBatch): Promise<void>
   vectors.dispose();
 }
 
-async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tensor): Promise<void> {
+/**
+ * The input a hypernetwork module of `size` is applied to for its golden: golden.json says it in
+ * the desc of hn.k_out.<size> / hn.v_out.<size> ("… x = <input>"), e.g. unet.context for the
+ * context width and hn.in.<size> for a size the context does not have.
+ */
+function moduleInput(g: Json, size: number): string {
+  for (const key of [`hn.k_out.${size}`, `hn.v_out.${size}`]) {
+    const name = /\bx = ([\w.]+)/.exec(String(g.tensors[key]?.desc ?? ''))?.[1];
+    if (!name) continue;
+    if (g.tensors[name]?.kind !== 'input') throw new Error(`golden.json: ${key} is computed from '${name}', which is not an input tensor`);
+    return name;
+  }
+  throw new Error(`golden.json: hn.k_out.${size} does not name its input ("x = <tensor>" in its desc)`);
+}
+
+async function hnGoldens(c: Ctx, out: Out): Promise<void> {
   const h = c.g.hypernetwork;
+  const batch = await c.batch();
+  const context = c.trainContext();
   const spec: HypernetworkSpec = hypernetSpecFromWebui(
     { layer_structure: h.layer_structure, activation_func: h.activation_func, is_layer_norm: h.add_layer_norm,
       use_dropout: h.use_dropout, activate_output: h.activate_output, weight_initialization: h.weight_init },
@@ -155,11 +183,14 @@ async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tenso
   );
   const params: Params = new Map();
   for (const name of h.state_tensors as string[]) params.set(name.slice('hn.'.length), tf.variable(await c.input(name), true, `golden/${name}`));
-  const unetContext = await c.input(c.g.unet.inputs.context);
   for (const size of spec.sizes) {
-    out.set(`hn.k_out.${size}`, hypernetForward(params, spec, size, 'k', unetContext));
-    out.set(`hn.v_out.${size}`, hypernetForward(params, spec, size, 'v', unetContext));
+    if (!c.g.tensors[`hn.k_out.${size}`] && !c.g.tensors[`hn.v_out.${size}`]) continue;
+    const x = await c.input(moduleInput(c.g, size));
+    out.set(`hn.k_out.${size}`, hypernetForward(params, spec, size, 'k', x));
+    out.set(`hn.v_out.${size}`, hypernetForward(params, spec, size, 'v', x));
+    x.dispose();
   }
+  const unetContext = await c.input(c.g.unet.inputs.context);
   const hnModel = { ...c.model, unet: { ...c.model.unet!, memory: c.memory }, hypernetwork: { params, spec } };
   const { params: up, cfg } = c.model.unet!;
   const x = nhwc(await c.input(c.g.unet.inputs.x));
@@ -167,12 +198,28 @@ async function hnGoldens(c: Ctx, out: Out, batch: DiffusionBatch, context: Tenso
   const vars = params as Map<string, tf.Variable>;
   const { value, grads } = lossAndGrads(() => hypernetworkLoss(hnModel, batch, context), vars);
   out.set('hn.loss', value);
-  for (const key of params.keys()) out.set(`hn.grad.${key}`, grads[key]!);
+  // a module the UNet never applies (no context or block of its width) is on no path: its gradient is zero
+  for (const [key, p] of params) out.set(`hn.grad.${key}`, grads[key] ?? tf.zerosLike(p));
   vars.forEach((v) => v.dispose());
 }
 
+/** The output groups by name prefix (see the file comment). */
+const GROUPS: { prefix: string; run: (c: Ctx, out: Out) => Promise<void> | void }[] = [
+  { prefix: 'text.', run: textGoldens },
+  { prefix: 'unet.', run: unetGoldens },
+  { prefix: 'vae.', run: vaeGoldens },
+  { prefix: 'schedule.', run: scheduleGoldens },
+  { prefix: 'train.', run: trainGoldens },
+  { prefix: 'ft.', run: fullModelGoldens },
+  { prefix: 'ti.', run: tiGoldens },
+  { prefix: 'hn.', run: hnGoldens },
+];
+
 /** Compute every golden output of `dir` and compare; one row per golden output tensor (`memory`: with checkpointing/slicing). */
 export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {}): Promise<GoldenRow[]> {
+  for (const file of ['golden.json', 'golden.safetensors', 'model.safetensors']) {
+    if (!existsSync(join(dir, file))) throw new Error(`${dir} is not a golden fixture: it has no ${file} (see test/fixtures/sd-tiny/README.md)`);
+  }
   const g = JSON.parse(readFileSync(join(dir, 'golden.json'), 'utf8')) as Json;
   const inputs = await openSafetensors(join(dir, 'golden.safetensors'));
   const model = await loadSdModel(join(dir, 'model.safetensors'), ['text', 'unet', 'vae-encoder', 'vae-decoder'], {}, { xl: true });
@@ -180,8 +227,15 @@ export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {})
     const { shape } = inputs.info(name);
     return tf.tensor(await inputs.read(name), shape);
   };
-  const c: Ctx = { g, inputs, model, input, memory: opts.memory };
+  let batch: DiffusionBatch | undefined;
+  let trainContext: Tensor | undefined;
+  const c: Ctx = {
+    g, inputs, model, input, memory: opts.memory,
+    batch: async () => (batch ??= await trainBatch(c)),
+    trainContext: () => (trainContext ??= encodeText(model.text!.params, model.text!.cfg, g.train_batch.ids)),
+  };
   const out: Out = new Map();
+  const outputs = Object.entries(g.tensors as Record<string, Json>).filter(([, meta]) => meta.kind === 'output').map(([name]) => name);
   try {
     if (model.family === 'sdxl') {
       // the SDXL part lives in golden-sdxl.ts; the VAE is the same network
@@ -189,18 +243,12 @@ export async function runGolden(dir: string, opts: { memory?: UNetMemory } = {})
       await sdxlGoldens(c, out);
       return await compare(g, inputs, out, computePrecision() === 'bf16');
     }
-    await textGoldens(c, out);
-    await unetGoldens(c, out);
-    await vaeGoldens(c, out);
-    scheduleGoldens(c, out);
-    const batch = await trainBatch(c);
-    await trainGoldens(c, out, batch);
-    fullModelGoldens(c, out, batch);
-    await tiGoldens(c, out, batch);
-    await hnGoldens(c, out, batch, out.get('train.context')!);
+    for (const group of GROUPS) if (outputs.some((name) => name.startsWith(group.prefix))) await group.run(c, out);
     return await compare(g, inputs, out, computePrecision() === 'bf16');
   } finally {
     tf.dispose([...out.values()]);
+    if (batch) tf.dispose([batch.latents, batch.noise]);
+    trainContext?.dispose();
     await inputs.close();
     await model.source.close();
   }

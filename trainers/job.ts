@@ -19,6 +19,8 @@ export type JobEvent =
     }
   | { type: 'preview'; step: number; path: string }
   | { type: 'snapshot'; step: number; path: string }
+  /** The loss CSV the loop writes (train/loss-log.ts); the server serves it as written. */
+  | { type: 'lossLog'; path: string }
   | { type: 'log'; level: 'info' | 'warn' | 'error'; message: string }
   | { type: 'finished'; step: number; output: string; outputs: string[]; kind: OutputKind; usage: string }
   | { type: 'failed'; step: number; message: string; lastSnapshot?: string }

@@ -72,15 +72,18 @@ export function createLossChart(root) {
   };
 }
 
-/** loss.csv (`step,epoch,loss,learn_rate`) → [{step, loss}]. */
+/** loss.csv (`step,epoch,epoch_step,loss,learn_rate`; columns found by the header) → [{step, loss}]. */
 export function parseLossCsv(text) {
-  return text
-    .split('\n')
-    .slice(1)
+  const [header = '', ...rows] = text.split('\n');
+  const names = header.split(',');
+  const stepAt = names.indexOf('step');
+  const lossAt = names.indexOf('loss');
+  if (stepAt < 0 || lossAt < 0) return [];
+  return rows
     .filter(Boolean)
     .map((line) => {
-      const [step, , loss] = line.split(',');
-      return { step: Number(step), loss: Number(loss) };
+      const cells = line.split(',');
+      return { step: Number(cells[stepAt]), loss: Number(cells[lossAt]) };
     })
     .filter((p) => Number.isFinite(p.step));
 }

@@ -23,6 +23,7 @@ export function logLine(m) {
   else if (typeof m.message === 'string') text = `${m.level ?? m.action ?? ''} ${m.message}`.trim();
   else if (m.type === 'preview' || m.type === 'snapshot') text = `step ${m.step}: ${basename(m.path)}`;
   else if (m.type === 'finished') text = `step ${m.step}: ${m.output}`;
+  else if (m.type === 'lossLog') text = m.path;
   else if (m.type === 'queued') text = `position ${m.position}`;
   else text = m.step !== undefined ? `step ${m.step}` : '';
   return `${time} [${m.type}] ${text}`;

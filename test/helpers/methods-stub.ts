@@ -9,6 +9,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { JobContext, JobResult, MethodEntry, OutputKind } from '../../trainers/job.ts';
+import { LossLog } from '../../trainers/train/loss-log.ts';
 
 /** Registered by the server from this export (no file in schemas/ needed). */
 export const schemas: Record<string, Record<string, unknown>> = {
@@ -78,6 +79,7 @@ function makeRunner(kind: OutputKind) {
     mkdirSync(spec.embeddingsDir, { recursive: true });
     let step = spec.resume && existsSync(snapFile) ? (JSON.parse(readFileSync(snapFile, 'utf8')) as { step: number }).step : 0;
     ctx.emit({ type: 'started', totalSteps: spec.steps, startStep: step, backend: 'stub' });
+    const lossLog = await LossLog.start(join(runDir, 'loss.csv'), step, ctx); // as trainers/train/loop.ts does
     const save = () => writeFileSync(snapFile, JSON.stringify({ step }));
     const t0 = Date.now();
     const first = step;
@@ -88,6 +90,7 @@ function makeRunner(kind: OutputKind) {
       step++;
       if (spec.crashAt === step) crash(spec.crash, step);
       const itPerSec = (step - first) / Math.max(1e-3, (Date.now() - t0) / 1000);
+      await lossLog.append({ step, epoch: Math.floor(step / 10), epochStep: (step % 10) + 1, loss: 1 / step, learnRate: 0.005 });
       ctx.emit({ type: 'step', step, totalSteps: spec.steps, epoch: Math.floor(step / 10), loss: 1 / step, learnRate: 0.005, itPerSec, etaSeconds: (spec.steps - step) / itPerSec });
       if (step % spec.saveEvery === 0) {
         save();

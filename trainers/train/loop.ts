@@ -4,12 +4,10 @@
  * events, previews, snapshots, cancel and NaN stops. A method supplies only what differs:
  * its trainable variables, its loss for a batch, and how it saves.
  */
-import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
 import { atomicGroup } from '../io/atomic.ts';
 import type { JobContext } from '../job.ts';
+import { LossLog } from './loss-log.ts';
 import { lossAndGrads } from '../nets/recompute.ts';
 import { allFiniteWithin } from '../optim/check.ts';
 
@@ -65,7 +63,7 @@ export interface LoopOptions {
   previewEvery: number;
   /** Steps per epoch, for the CSV's epoch/epoch_step columns. */
   stepsPerEpoch: number;
-  /** Loss CSV path (`step,epoch,epoch_step,loss,learn_rate`, the webui's textual_inversion_loss.csv columns). */
+  /** The job's loss log (loss-log.ts: `step,epoch,epoch_step,loss,learn_rate`, the webui's textual_inversion_loss.csv columns). */
   csvPath?: string;
 }
 
@@ -137,7 +135,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
   // torch's clip_grad_norm_ scales by the norm of ALL gradients, known only after the last one;
   // clipping each parameter by its own norm would be a different method, so the pair is refused
   if (opts.fused && opts.clip?.byNorm) throw new Error('fusedBackward cannot clip by the global gradient norm (it is known only when every gradient exists): use clipGrad value or disabled, or turn fusedBackward off');
-  if (opts.csvPath) await startCsv(opts.csvPath, opts.startStep);
+  const log = opts.csvPath ? await LossLog.start(opts.csvPath, opts.startStep, ctx) : undefined;
   const started = Date.now();
   let step = opts.startStep;
   let lastSnapshot: string | undefined;
@@ -150,7 +148,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
       throw new NonFiniteError(next, loss, lastSnapshot);
     }
     step = next;
-    await report(opts, ctx, step, loss, started);
+    await report(opts, ctx, log, step, loss, started);
     if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
       const paths = await atomicGroup(() => method.save(step, false), (p) => p[0]); // snapshot + .optim together
       // the snapshot itself; its side files (.optim) are not snapshots of their own
@@ -164,27 +162,11 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
   return { step, cancelled: ctx.signal.aborted && step < opts.steps };
 }
 
-/**
- * The loss CSV continues at `startStep`: rows past it (written by a run killed after its last
- * snapshot, or by an earlier run an --overwrite replaces) are dropped so each step appears once.
- */
-async function startCsv(path: string, startStep: number): Promise<void> {
-  const header = 'step,epoch,epoch_step,loss,learn_rate\n';
-  if (!existsSync(path)) {
-    await mkdir(dirname(path), { recursive: true });
-    await writeFile(path, header);
-    return;
-  }
-  const lines = (await readFile(path, 'utf8')).split('\n').slice(1).filter((l) => l.trim());
-  const kept = lines.filter((l) => Number(l.split(',')[0]) <= startStep);
-  if (kept.length !== lines.length) await writeFile(path, header + kept.map((l) => `${l}\n`).join(''));
-}
-
-async function report(opts: LoopOptions, ctx: JobContext, step: number, loss: number, started: number): Promise<void> {
+async function report(opts: LoopOptions, ctx: JobContext, log: LossLog | undefined, step: number, loss: number, started: number): Promise<void> {
   const lr = opts.learnRate(step - 1);
   const epoch = Math.floor((step - 1) / opts.stepsPerEpoch);
   const epochStep = ((step - 1) % opts.stepsPerEpoch) + 1;
-  if (opts.csvPath) await appendFile(opts.csvPath, `${step},${epoch},${epochStep},${loss},${lr}\n`);
+  await log?.append({ step, epoch, epochStep, loss, learnRate: lr });
   const done = step - opts.startStep;
   const itPerSec = done / Math.max((Date.now() - started) / 1000, 1e-9);
   const etaSeconds = (opts.steps - step) / Math.max(itPerSec, 1e-9);

@@ -162,13 +162,20 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
     ss_batch_size_per_device: String(spec.batchSize), ss_total_batch_size: String(spec.batchSize * spec.gradAccum),
     ss_gradient_accumulation_steps: String(spec.gradAccum), ss_seed: String(spec.seed), ss_mixed_precision: 'no', ss_full_fp16: 'False',
     ss_clip_skip: 'None', ss_max_grad_norm: spec.clipGrad === 'norm' ? spec.clipGradValue : '0.0', ss_caption_dropout_rate: '0.0',
-    ss_caption_tag_dropout_rate: String(spec.tagDropOut), ss_shuffle_caption: spec.shuffleTags ? 'True' : 'False',
+    ...tagMetadata(run),
     ss_tag_frequency: tagFrequency(run, spec, s), ss_dataset_dirs: JSON.stringify({ [basename(spec.images)]: { n_repeats: 1, img_count: run.dataset.items.length } }),
     ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: SS_OPTIMIZER[spec.optimizer ?? 'adamw'],
     ...priorMetadata(run, spec),
     // kohya sd-scripts sai_model_spec: what Forge/SD.Next read to place the LoRA
     ...(xl ? { 'modelspec.architecture': 'stable-diffusion-xl-v1-base/lora', 'modelspec.implementation': 'https://github.com/Stability-AI/generative-models', 'modelspec.sai_model_spec': '1.0.0', 'modelspec.title': spec.name, 'modelspec.resolution': `${spec.width}x${spec.height}`, 'modelspec.prediction_type': run.model.prediction === 'v' ? 'v' : 'epsilon' } : {}),
   };
+}
+
+/** What the dataset really did to the captions' tags: nothing when its prompts have no [filewords]. */
+function tagMetadata(run: LoraRun): Record<string, string> {
+  const { template, shuffleTags, tagDropOut } = run.dataset.options;
+  const tags = template.usesFilewords;
+  return { ss_caption_tag_dropout_rate: String(tags ? tagDropOut : 0), ss_shuffle_caption: tags && shuffleTags ? 'True' : 'False' };
 }
 
 export async function saveLora(run: LoraRun, spec: LoraSpec, s: LoraState, path: string, step: number, hashes: { legacy: string; full: string }): Promise<string[]> {
