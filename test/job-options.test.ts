@@ -34,7 +34,7 @@ for (const type of ['textual_inversion', 'hypernetwork', 'lora']) {
     const props = (getSchema(methods[type]!.schema) as { properties: Record<string, unknown> }).properties;
     const options = Object.keys(CHANGED).filter((k) => k in props);
     assert.ok(options.length >= 10, `${type}: ${options.join(', ')}`);
-    const raw = { model: 'test/fixtures/sd-tiny/model.safetensors', images, name: `opt_${type}`, template: 'style_filewords', ...Object.fromEntries(options.map((k) => [k, CHANGED[k as keyof DatasetOptions]])) };
+    const raw = { model: 'test/fixtures/sd-tiny/model.safetensors', images, name: `opt_${type}`, template: 'style_filewords', ...('instancePrompt' in props ? { instancePrompt: 'a photo of sks' } : {}), ...Object.fromEntries(options.map((k) => [k, CHANGED[k as keyof DatasetOptions]])) };
     const spec = await prepareSpec(methods, type, raw, folders);
     const ds = await loadDataset(spec as unknown as CommonSpec, () => {});
     for (const key of options) assert.deepEqual(ds.options[key as keyof DatasetOptions], CHANGED[key as keyof DatasetOptions], `${type}: /${key} did not reach the dataset`);

@@ -173,8 +173,9 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
 
 /** What the dataset really did to the captions' tags: nothing when its prompts have no [filewords]. */
 function tagMetadata(run: LoraRun): Record<string, string> {
-  const { template, shuffleTags, tagDropOut } = run.dataset.options;
-  const tags = template.usesFilewords;
+  const { template, captionedTemplate, shuffleTags, tagDropOut } = run.dataset.options;
+  // each image's prompt comes from the captioned template when it has a caption file (dataset.ts)
+  const tags = run.dataset.items.some((it) => (it.captionSource === 'txt' && captionedTemplate ? captionedTemplate : template).usesFilewords);
   return { ss_caption_tag_dropout_rate: String(tags ? tagDropOut : 0), ss_shuffle_caption: tags && shuffleTags ? 'True' : 'False' };
 }
 
