@@ -11,7 +11,6 @@ import assert from 'node:assert/strict';
 import { initBackend, tf, setComputePrecision, choosePrecision, type Tensor } from '../trainers/backend/index.ts';
 import { nativeStatus } from '../trainers/backend/native/index.ts';
 import { loadAddon } from '../trainers/backend/native/addon.ts';
-import { nativeSkip } from './helpers/native.ts';
 import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
 import { assertClose } from './helpers/close.ts';
 import { nativeSkip } from './helpers/native.ts';
