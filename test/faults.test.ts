@@ -43,12 +43,14 @@ async function bigHeaderFile(path: string, headerBytes: number): Promise<void> {
   await fh.close();
 }
 
+/** A 4-step TI job on the tiny model at 64 px, with `extra` spec fields. */
+const ti = (extra: Record<string, unknown> = {}) => ({
+  type: 'textual_inversion',
+  spec: { name: 'cat', model: MODEL, images: IMAGES, initText: 'cat', vectors: 1, width: 64, height: 64, steps: 4, previewEvery: 0, saveEvery: 2, ...extra },
+});
+
 describe('the API with the real methods', () => {
   let t: TestServer;
-  const ti = (extra: Record<string, unknown> = {}) => ({
-    type: 'textual_inversion',
-    spec: { name: 'cat', model: MODEL, images: IMAGES, initText: 'cat', vectors: 1, width: 64, height: 64, steps: 4, previewEvery: 0, saveEvery: 2, ...extra },
-  });
   before(async () => {
     t = await startTestServer({ methodsModule: REAL_METHODS });
   });
@@ -125,10 +127,6 @@ describe('the API with the real methods', () => {
 
 describe('outputs of failed and cancelled jobs', () => {
   let t: TestServer;
-  const ti = (extra: Record<string, unknown> = {}) => ({
-    type: 'textual_inversion',
-    spec: { name: 'cat', model: MODEL, images: IMAGES, initText: 'cat', vectors: 1, width: 64, height: 64, steps: 4, previewEvery: 0, saveEvery: 2, ...extra },
-  });
   before(async () => {
     t = await startTestServer({ methodsModule: REAL_METHODS });
   });
