@@ -1,10 +1,12 @@
 /**
  * @file One bench row in its own process, so its peak RSS is its own: spawn `script args` on a
  * backend, stop it past the RSS limit or a timeout, and take its last JSON stdout line as the row.
+ * The row carries the machine's 1-minute load average sampled while it ran (`load1`, mean;
+ * `load1Max`): on a shared machine s/step means little without it.
  */
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { totalmem } from 'node:os';
+import { loadavg, totalmem } from 'node:os';
 
 export type Row = Record<string, unknown>;
 
@@ -25,7 +27,9 @@ export async function runBenchChild(script: string, args: string[], backend: str
   child.stdout.on('data', (d: Buffer) => (stdout += d));
   child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
   const started = performance.now();
+  const loads: number[] = [];
   const watch = setInterval(() => {
+    loads.push(loadavg()[0]!);
     let rssKb = 0;
     try {
       rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
@@ -36,7 +40,9 @@ export async function runBenchChild(script: string, args: string[], backend: str
   }, 500);
   const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
   clearInterval(watch);
+  if (!loads.length) loads.push(loadavg()[0]!);
+  const load = { load1: +(loads.reduce((a, b) => a + b, 0) / loads.length).toFixed(2), load1Max: Math.max(...loads) };
   const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
-  if (code === 0 && line) return JSON.parse(line) as Row;
-  return { error: (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200) };
+  if (code === 0 && line) return { ...(JSON.parse(line) as Row), ...load };
+  return { error: (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200), ...load };
 }

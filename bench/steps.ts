@@ -18,8 +18,11 @@
  * SDXL (issue 18): an SDXL-shaped model (random F16 weights from keys-sdxl.json) for TI and LoRA
  * at 512 and 1024 px, batch 1, with the memory levers (float16 frozen weights, checkpointing).
  *
+ * Each row is handed to `onRow` as soon as it is measured (a run cut off still shows its rows).
+ *
  * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…]`.
- * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows, SIDETRAIN_BENCH_SDXL=0 the SDXL ones.
+ * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows, SIDETRAIN_BENCH_SDXL=0 the SDXL ones,
+ * SIDETRAIN_BENCH_PYTORCH=0 the PyTorch yardstick (installed with apt-get when missing).
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -80,6 +83,13 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean, s
   if (sd15) {
     for (const method of sized) for (const px of [256, 512]) rows.push({ model: 'sd15-shaped', method, px, steps: 2, backend: backends[0]! });
   }
+  // SDXL: TI and LoRA at 512 and 1024 px with the levers a 24 GB machine needs; before the
+  // variant rows, both methods at 512 px first (a 1024 px step takes minutes on a loaded machine)
+  if (sdxl) {
+    for (const px of [512, 1024]) {
+      for (const method of methods.filter((m) => m === 'textual_inversion' || m === 'lora')) rows.push({ model: 'sdxl-shaped', method, px, steps: 2, backend: backends[0]!, options: XL_LEVERS, label: 'half+ckpt' });
+    }
+  }
   // bf16 mixed precision beside them (issue 20): SD1.5 TI at 256 and 512 px, LoRA at 512 px in
   // fp32 and bf16, on cpu-native only (the other backends have no bf16 kernels)
   if (sd15 && backends[0] === 'cpu-native') {
@@ -94,12 +104,6 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean, s
   for (const model of sd15 ? (['sd-tiny', 'sd15-shaped'] as const) : (['sd-tiny'] as const)) {
     for (const method of varied) {
       for (const v of MEMORY_VARIANTS.filter((x) => !x.methods || x.methods.includes(method))) rows.push({ model, method, px: 256, steps: model === 'sd-tiny' ? 3 : 2, backend: backends[0]!, options: v.options, label: v.label });
-    }
-  }
-  // SDXL: TI and LoRA at 512 and 1024 px with the levers a 24 GB machine needs
-  if (sdxl) {
-    for (const method of methods.filter((m) => m === 'textual_inversion' || m === 'lora')) {
-      for (const px of [512, 1024]) rows.push({ model: 'sdxl-shaped', method, px, steps: 2, backend: backends[0]!, options: XL_LEVERS, label: 'half+ckpt' });
     }
   }
   return rows;
@@ -144,18 +148,49 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 /** Spawn one row's child (this script's --child/--profile modes). */
 const runChild = (args: string[], backend: string, timeoutMs: number) => runBenchChild(SELF, args, backend, timeoutMs);
 
-/** Every step row plus the PyTorch yardstick; `only` filters rows by a substring of their label. */
-export async function benchSteps(opts: { backends?: string[]; methods?: string[]; variants?: string[]; sd15?: boolean; sdxl?: boolean; quick?: boolean } = {}): Promise<Row[]> {
+export interface StepsOptions {
+  backends?: string[];
+  /** Methods to run (registry names); default: TI, hypernetwork, Dreambooth, LoRA. */
+  methods?: string[];
+  /** Variant labels to keep ('adamw', 'half+ckpt', …); rows without a variant always run. */
+  variants?: string[];
+  sd15?: boolean;
+  sdxl?: boolean;
+  quick?: boolean;
+  /** Called with each row as soon as it is measured. */
+  onRow?: (r: Row) => void;
+}
+
+/** The options of the command line: --methods a,b  --variants x,y  --quick. */
+export function stepsArgs(argv: string[]): StepsOptions {
+  const list = (flag: string) => {
+    const at = argv.indexOf(flag);
+    if (at < 0) return undefined;
+    const items = (argv[at + 1] ?? '').split(',').map((m) => m.trim()).filter(Boolean);
+    if (!items.length) throw new Error(`${flag} needs a comma-separated list`);
+    return items;
+  };
+  return { methods: list('--methods'), variants: list('--variants'), quick: argv.includes('--quick') };
+}
+
+/** Every step row plus the PyTorch yardstick; `variants` filters rows by their label. */
+export async function benchSteps(opts: StepsOptions = {}): Promise<Row[]> {
   const { methods } = await import('../trainers/methods/index.ts');
   const { nativeStatus } = await import('../trainers/backend/native/index.ts');
   const backends = opts.backends ?? (nativeStatus().available ? ['cpu-native', 'wasm'] : ['wasm']);
   const names = opts.methods ?? Object.keys(methods).filter((m) => ['textual_inversion', 'hypernetwork', 'dreambooth', 'lora'].includes(m));
+  const unknown = names.filter((m) => !methods[m]);
+  if (unknown.length) throw new Error(`--methods: unknown method(s) ${unknown.join(', ')}; known: ${Object.keys(methods).join(', ')}`);
   const sd15 = opts.sd15 ?? process.env.SIDETRAIN_BENCH_SD15 !== '0';
   const sdxl = opts.sdxl ?? process.env.SIDETRAIN_BENCH_SDXL !== '0';
   const dir = mkdtempSync(join(tmpdir(), 'sidetrain-bench-steps-'));
   const checkpoint = sd15 ? await writeRandomSd15() : undefined;
   const checkpointXl = sdxl ? await writeRandomCheckpoint(SDXL_KEYS) : undefined;
   const rows: Row[] = [];
+  const push = (r: Row) => {
+    rows.push(r);
+    opts.onRow?.(r);
+  };
   try {
     const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512), ...(sdxl ? { 1024: await makeImages(dir, 1024) } : {}) } as Record<number, string>;
     for (const r of stepRows(names, backends, sd15, sdxl).filter((row) => !row.label || !opts.variants || opts.variants.includes(row.label))) {
@@ -166,12 +201,12 @@ export async function benchSteps(opts: { backends?: string[]; methods?: string[]
       const tooBig = !(est instanceof Error) && est.peakBytes > RSS_LIMIT_BYTES;
       const measured = tooBig
         ? { skipped: `estimated ${(est.peakBytes / 2 ** 30).toFixed(1)} GB > ${(RSS_LIMIT_BYTES / 2 ** 30).toFixed(1)} GB allowed on this machine` }
-        : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, 20 * 60_000);
-      rows.push(withEstimate(r, est, measured));
+        : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, (r.model === 'sdxl-shaped' ? 45 : 20) * 60_000);
+      push(withEstimate(r, est, measured));
     }
     // the PyTorch yardstick and the profile are TI's
-    if (sd15 && names.includes('textual_inversion')) rows.push(...(await pytorchRows(rows)));
-    if (sd15 && checkpoint && names.includes('textual_inversion')) rows.push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
+    if (sd15 && names.includes('textual_inversion') && process.env.SIDETRAIN_BENCH_PYTORCH !== '0') for (const r of pytorchRows(rows)) push(r);
+    if (sd15 && checkpoint && names.includes('textual_inversion')) push(await runChild(['--profile', checkpoint.path, images[256]!, join(dir, 'out')], backends[0]!, 20 * 60_000));
   } finally {
     await checkpoint?.remove();
     await checkpointXl?.remove();
@@ -189,19 +224,21 @@ function withEstimate(r: StepRowSpec, est: JobEstimate | Error, measured: Row): 
   return row;
 }
 
-/** The yardstick at each SD1.5 TI size, and our/PyTorch on the matching rows. */
-async function pytorchRows(rows: Row[]): Promise<Row[]> {
-  const out: Row[] = [];
+/**
+ * The yardstick at each SD1.5 TI size, with our s/step and our/PyTorch on its row (our rows were
+ * already printed when it runs).
+ */
+function* pytorchRows(rows: Row[]): Generator<Row> {
   for (const px of [256, 512]) {
-    const ours = rows.find((r) => r.bench === 'step.textual_inversion' && r.model === 'sd15-shaped' && r.px === px);
+    const ours = rows.find((r) => r.bench === 'step.textual_inversion' && r.model === 'sd15-shaped' && r.px === px && r.variant === 'default');
     const torch = pytorchTiStep(px, px === 512 ? 0 : 1); // 512 px: the one (warm-up) step only, ~3 min
-    out.push({ bench: 'step.textual_inversion', model: 'sd15-shaped', px, batch: 1, backend: 'pytorch', ...torch });
-    if (ours && typeof torch.secPerStep === 'number') {
-      ours.pytorchSecPerStep = torch.secPerStep;
-      if (typeof ours.secPerStep === 'number') ours.oursOverPytorch = +(ours.secPerStep / torch.secPerStep).toFixed(2);
+    const row: Row = { bench: 'step.textual_inversion', model: 'sd15-shaped', px, batch: 1, backend: 'pytorch', ...torch };
+    if (typeof ours?.secPerStep === 'number' && typeof torch.secPerStep === 'number') {
+      row.oursSecPerStep = ours.secPerStep;
+      row.oursOverPytorch = +(ours.secPerStep / torch.secPerStep).toFixed(2);
     }
+    yield row;
   }
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,13 +293,9 @@ async function main(argv: string[]): Promise<void> {
     console.log(JSON.stringify(await profileTiStep(argv[pAt + 1]!, argv[pAt + 2]!, argv[pAt + 3]!)));
     return;
   }
-  const mAt = argv.indexOf('--methods');
-  const only = mAt >= 0 ? argv[mAt + 1]!.split(',').map((m) => m.trim()) : undefined;
-  const vAt = argv.indexOf('--variants');
-  const variants = vAt >= 0 ? argv[vAt + 1]!.split(',').map((v) => v.trim()) : undefined;
-  const rows = await benchSteps({ quick: argv.includes('--quick'), methods: only, variants });
-  if (argv.includes('--json')) for (const r of rows) console.log(JSON.stringify(r));
-  else console.table(rows);
+  const json = argv.includes('--json');
+  const rows = await benchSteps({ ...stepsArgs(argv), onRow: json ? (r) => console.log(JSON.stringify(r)) : undefined });
+  if (!json) console.table(rows);
 }
 
 if (process.argv[1] === SELF) await main(process.argv.slice(2));
