@@ -160,14 +160,17 @@ function must(lookup: ShapeLookup, key: string): number[] {
 /** Every key the forward reads, plus the ones real checkpoints carry and it ignores. */
 export function textKeys(cfg: ClipTextConfig): { used: string[]; unused: string[] } {
   const names = textKeyNames(cfg.family, cfg.prefix);
-  const wb = (n: string) => [`${n}.weight`, `${n}.bias`];
-  const used = [names.tokenEmbedding, names.positionEmbedding, ...wb(names.finalLn)];
-  for (let i = 0; i < cfg.layers; i++) {
-    const b = names.block(i);
-    const qkv = 'fused' in b.qkv ? [`${b.qkv.fused}weight`, `${b.qkv.fused}bias`] : [...wb(b.qkv.q), ...wb(b.qkv.k), ...wb(b.qkv.v)];
-    used.push(...wb(b.ln1), ...qkv, ...wb(b.outProj), ...wb(b.ln2), ...wb(b.fc1), ...wb(b.fc2));
-  }
+  const used = [names.tokenEmbedding, names.positionEmbedding, `${names.finalLn}.weight`, `${names.finalLn}.bias`];
+  for (let i = 0; i < cfg.layers; i++) used.push(...textBlockKeys(cfg, i));
   return { used, unused: names.unused };
+}
+
+/** The keys of transformer block `i`. */
+export function textBlockKeys(cfg: Pick<ClipTextConfig, 'family' | 'prefix'>, i: number): string[] {
+  const wb = (n: string) => [`${n}.weight`, `${n}.bias`];
+  const b = textKeyNames(cfg.family, cfg.prefix).block(i);
+  const qkv = 'fused' in b.qkv ? [`${b.qkv.fused}weight`, `${b.qkv.fused}bias`] : [...wb(b.qkv.q), ...wb(b.qkv.k), ...wb(b.qkv.v)];
+  return [...wb(b.ln1), ...qkv, ...wb(b.outProj), ...wb(b.ln2), ...wb(b.fc1), ...wb(b.fc2)];
 }
 
 /** PyTorch shape of every key the forward reads (the load check and the key-consumption tests). */

@@ -212,6 +212,20 @@ export function priorPreservationLoss(m: Denoiser, batch: DiffusionBatch & { cla
   });
 }
 
+/** Per-sample losses → instance mean (+ priorWeight × class mean over the last `classRows` rows). */
+export function splitPriorLoss(perSample: Tensor, classRows: number, priorWeight: number): PriorLoss {
+  return tf.tidy(() => {
+    if (!classRows) {
+      const loss = perSample.mean() as tf.Scalar;
+      return { loss, instance: loss.clone() }; // its own tensor: the log disposes it
+    }
+    const n = perSample.shape[0]! - classRows;
+    const instance = perSample.slice(0, n).mean() as tf.Scalar;
+    const prior = perSample.slice(n).mean() as tf.Scalar;
+    return { loss: instance.add(prior.mul(priorWeight)) as tf.Scalar, instance, prior };
+  });
+}
+
 /**
  * `<runDir>/prior-loss.csv`: instance and class loss of each micro-batch. `record` keeps the
  * scalars (called in the loss); `flush` reads them (async) at the next batch or save.
