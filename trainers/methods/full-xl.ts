@@ -14,7 +14,7 @@
  * pooled vector, and train (kohya trains them the same way).
  */
 import { tf } from '../backend/tf.ts';
-import { makeVariables } from '../nets/params.ts';
+import type { Params } from '../nets/params.ts';
 import { textBlockKeys, textKeyNames } from '../nets/clip.ts';
 import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
 import { sgmLoss } from '../train/sgm-loss.ts';
@@ -44,6 +44,18 @@ export function xlEncoderTrainedKeys(text: SdxlText, which: XlEncoder): string[]
   const finalLn = textKeyNames(cfg.family, cfg.prefix).finalLn;
   const unreached = new Set([...textBlockKeys(cfg, cfg.layers - 1), `${finalLn}.weight`, `${finalLn}.bias`]);
   return keys.filter((k) => !unreached.has(k));
+}
+
+/** The weights `keys` of `params` become trainable variables, in place (the replaced tensors are disposed). */
+function makeVariables(params: Params, keys: Iterable<string> = params.keys()): Map<string, tf.Variable> {
+  const vars = new Map<string, tf.Variable>();
+  for (const key of [...keys]) {
+    const v = tf.variable(params.get(key)!, true);
+    params.get(key)!.dispose();
+    params.set(key, v);
+    vars.set(key, v);
+  }
+  return vars;
 }
 
 /** The trained weights as variables, in place in the model: the UNet always, each encoder in `encoders`. */

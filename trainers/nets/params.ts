@@ -55,22 +55,6 @@ export function param(params: Params, key: string): Tensor {
   return t;
 }
 
-/**
- * The named parameters become trainable variables, in place (the replaced tensors are disposed),
- * so every forward that reads `params` reads the variables; returns them by key.
- */
-export function makeVariables(params: Params, keys: Iterable<string> = params.keys()): Map<string, tf.Variable> {
-  const vars = new Map<string, tf.Variable>();
-  for (const key of [...keys]) {
-    const t = param(params, key);
-    const v = tf.variable(t, true);
-    t.dispose();
-    params.set(key, v);
-    vars.set(key, v);
-  }
-  return vars;
-}
-
 export function disposeParams(params: Params): void {
   // a float16 store (half-params.ts HalfParams) frees its own bits; iterating would upcast each first
   const own = (params as Params & { dispose?: () => void }).dispose;

@@ -15,7 +15,7 @@ import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlTex
 import { sgmLoss } from '../../train/sgm-loss.ts';
 import { xlIds, xlSampling } from '../../train/sdxl-sampling.ts';
 import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/run.ts';
-import { splitPriorLoss, withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
+import { withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
 import { sizeCondOf } from '../textual-inversion-xl-job.ts';
 import type { LoraRun, LoraSpec } from './lora-file.ts';
 
@@ -55,7 +55,14 @@ export function xlLoraLoss(run: PreparedRun, net: LoraNetwork, batch: XlLoraBatc
     const vector = vectorConditioning(cond.pooled, batch.sizes, unet.cfg.admInChannels);
     const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
     const { perSample } = sgmLoss(model, batch, { crossattn: cond.crossattn, vector });
-    return splitPriorLoss(perSample, batch.classRows, opts.priorWeight);
+    const n = batch.timesteps.length - batch.classRows;
+    if (!batch.classRows) {
+      const loss = perSample.mean() as tf.Scalar;
+      return { loss, instance: loss.clone() };
+    }
+    const instance = perSample.slice(0, n).mean() as tf.Scalar;
+    const prior = perSample.slice(n).mean() as tf.Scalar;
+    return { loss: instance.add(prior.mul(opts.priorWeight)) as tf.Scalar, instance, prior };
   });
 }
 
