@@ -4,7 +4,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage } from '../trainers/data/buckets.ts';
+import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, loadNearestBucketImage, nativeResolution, sizeBuckets } from '../trainers/data/buckets.ts';
+import { Dataset } from '../trainers/data/dataset.ts';
+import { loadTemplate } from '../trainers/text/templates.ts';
 import { latentJob } from '../trainers/methods/finetune/data.ts';
 import { LatentDiskCache } from '../trainers/train/latent-disk-cache.ts';
 import { Rng } from '../trainers/random.ts';
@@ -136,6 +138,77 @@ test('random crop and the latent cache: the key holds the crop; the pixels are c
     }
     const centred = await center.pixels();
     assert.equal(centred.pixels[0], Math.fround(64 / 127.5 - 1));
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+});
+
+test('default training side per family: SDXL 1024, SD1/SD2 512', () => {
+  assert.deepEqual([nativeResolution('sdxl'), nativeResolution('sd1'), nativeResolution('sd2')], [1024, 512, 512]);
+});
+
+test('SDXL buckets around 1024²: sides multiples of 64 from 512 to 2048, never over 1024² pixels, the usual SDXL sizes among them', () => {
+  const buckets = sizeBuckets(1024, 1024);
+  for (const b of buckets) {
+    assert.equal(b.width % 64, 0);
+    assert.equal(b.height % 64, 0);
+    assert.ok(b.width * b.height <= 1024 * 1024, `${b.width}×${b.height}`);
+    assert.ok(Math.min(b.width, b.height) >= 512 && Math.max(b.width, b.height) <= 2048, `${b.width}×${b.height}`);
+  }
+  const has = (w: number, h: number) => buckets.some((b) => b.width === w && b.height === h);
+  for (const [w, h] of [[1024, 1024], [1152, 896], [896, 1152], [1216, 832], [1344, 768], [768, 1344], [1536, 640]] as const) assert.ok(has(w, h), `${w}×${h}`);
+  // the same rule at SD's 512²: sides 256…1024
+  const sd = sizeBuckets(512, 512);
+  assert.ok(sd.some((b) => b.width === 512 && b.height === 512) && sd.every((b) => b.width * b.height <= 512 * 512 && Math.min(b.width, b.height) >= 256));
+  // a non-square training size is a pixel budget
+  assert.ok(sizeBuckets(768, 512).every((b) => b.width * b.height <= 768 * 512));
+  assert.throws(() => sizeBuckets(32, 32), /under 64×64/);
+});
+
+test('an image cut to its nearest bucket: source size and crop top-left kept (SDXL size conditioning), alpha cut the same way', async () => {
+  const tmp = await mkdtemp(join(tmpdir(), 'buckets-'));
+  try {
+    const path = join(tmp, 'wide.png');
+    // 16:9 with alpha: left half opaque, right half transparent
+    const [w, h] = [1600, 900];
+    const rgba = Buffer.alloc(w * h * 4);
+    for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) rgba.set([0, 255, 0, x < w / 2 ? 255 : 0], (y * w + x) * 4);
+    await sharp(rgba, { raw: { width: w, height: h, channels: 4 } }).png().toFile(path);
+    const buckets = sizeBuckets(1024, 1024);
+    const img = await loadNearestBucketImage(path, buckets, { keepAlpha: true });
+    const bucket = nearestBucket(buckets, w, h);
+    const box = cropBox(w, h, bucket);
+    assert.deepEqual([img.width, img.height], [bucket.width, bucket.height]);
+    assert.ok(Math.abs(Math.log(img.width / img.height) - Math.log(16 / 9)) < 0.1, `${img.width}×${img.height}`);
+    assert.deepEqual([img.sourceWidth, img.sourceHeight, img.cropLeft, img.cropTop], [w, h, box.left, box.top]);
+    assert.ok(box.left + box.top > 0, 'a 16:9 image in a bucket of another ratio is cropped');
+    assert.deepEqual([img.alpha!.width, img.alpha!.height, img.alpha!.data.length], [img.width, img.height, img.width * img.height]);
+    const mid = Math.round(w / 2 * (box.resizeWidth / w)) - box.left; // the alpha edge after resize and crop
+    assert.equal(img.alpha!.data[10 * img.width + mid - 8], 255);
+    assert.equal(img.alpha!.data[10 * img.width + mid + 8], 0);
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+});
+
+test('dataset with aspect buckets: each image in the bucket of its shape, not stretched; batches never mix buckets', async () => {
+  const tmp = await mkdtemp(join(tmpdir(), 'buckets-ds-'));
+  try {
+    const shapes: [string, number, number][] = [['a-wide.png', 320, 180], ['b-tall.png', 180, 320], ['c-square.png', 200, 200], ['d-wide.png', 330, 190]];
+    for (const [file, width, height] of shapes) await sharp({ create: { width, height, channels: 3, background: { r: 9, g: 9, b: 9 } } }).png().toFile(join(tmp, file));
+    const ds = await Dataset.load({
+      dir: tmp, width: 256, height: 256, aspectBuckets: true, name: 'tok', template: await loadTemplate('none'), seed: 1, onWarning: () => {}, batchSize: 2, gradAccum: 1,
+      shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, latentSampling: 'once', filenameWordRegex: '', filenameJoinString: ' ',
+    });
+    const buckets = sizeBuckets(256, 256);
+    for (const it of ds.items) {
+      const b = nearestBucket(buckets, it.image.sourceWidth, it.image.sourceHeight);
+      assert.deepEqual([it.image.width, it.image.height], [b.width, b.height], it.file);
+    }
+    const size = (i: number) => `${ds.items[i]!.image.width}x${ds.items[i]!.image.height}`;
+    assert.notEqual(size(0), size(1));
+    assert.equal(size(0), size(3));
+    for (let epoch = 0; epoch < 3; epoch++) for (const batch of ds.epochBatches(epoch)) assert.equal(new Set(batch.items.map(size)).size, 1);
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }

@@ -15,6 +15,9 @@
  * - batches: each epoch every bucket's images are shuffled and cut into batches, then the batch
  *   list is shuffled; a batch never mixes buckets (one latent shape per step).
  *
+ * Default sizes: SDXL is trained around 1024² (sgm's and kohya's SDXL configs), SD1/SD2 around
+ * 512² (the webui's Train tab) — `nativeResolution`.
+ *
  * Example:
  *   const buckets = makeBuckets({ resolution: 512 });
  *   const assigned = sizes.map((s) => nearestBucket(buckets, s.width, s.height));
@@ -23,11 +26,19 @@
  */
 import sharp from 'sharp';
 import { Rng } from '../random.ts';
-import { decodeRgba, toUnitRange } from './images.ts';
+import type { Family } from '../io/checkpoint.ts';
+import { alphaOf, decodeRgba, stripAlpha, toUnitRange, type DecodedImage } from './images.ts';
+
+/** The side a family is trained at by default: SDXL 1024 (sd_xl_base.yaml, kohya sdxl_train), SD1/SD2 512. */
+export function nativeResolution(family: Family): number {
+  return family === 'sdxl' ? 1024 : 512;
+}
 
 export interface BucketOptions {
   /** Target side: buckets hold at most resolution² pixels. */
   resolution: number;
+  /** Pixel budget of a bucket when it is not resolution² (a width × height training size). */
+  area?: number;
   /** Side granularity (64: latents /8, and the UNet halves three more times). */
   step?: number;
   /** Smallest allowed side (default: resolution / 2 rounded to step, at least step). */
@@ -62,10 +73,10 @@ function roundDown(v: number, step: number): number {
 /** The bucket sizes, sorted by aspect ratio (widest last). */
 export function makeBuckets(opts: BucketOptions): Bucket[] {
   const step = opts.step ?? 64;
-  const area = opts.resolution * opts.resolution;
+  const area = opts.area ?? opts.resolution * opts.resolution;
   const minSide = opts.minSide ?? Math.max(step, roundDown(opts.resolution / 2, step));
   const maxSide = opts.maxSide ?? opts.resolution * 2;
-  if (minSide * minSide > area) throw new Error(`minSide ${minSide} leaves no bucket within ${opts.resolution}² pixels`);
+  if (minSide * minSide > area) throw new Error(`minSide ${minSide} leaves no bucket within ${area} pixels`);
   const seen = new Set<string>();
   const sizes: [number, number][] = [];
   for (let w = minSide; w <= maxSide; w += step) {
@@ -168,18 +179,53 @@ export function formatBucketTable(rows: readonly BucketRow[]): string {
   return lines.join('\n');
 }
 
-/** An image decoded, cover-resized (cubic, as images.ts) and cropped to its bucket: [h, w, 3] in [-1, 1]. */
-export async function loadBucketImage(path: string, bucket: Bucket, rng?: Rng): Promise<{ pixels: Float32Array; width: number; height: number }> {
+/**
+ * The buckets of a training size: about width × height pixels, sides in steps of 64 from half the
+ * size's side up to twice it (kohya's SDXL defaults: 1024² with sides 512…2048 in steps of 64).
+ */
+export function sizeBuckets(width: number, height: number): Bucket[] {
+  const side = Math.sqrt(width * height);
+  if (side < 64) throw new Error(`training size ${width}×${height} is under 64×64 pixels: no aspect-ratio bucket fits`);
+  return makeBuckets({ resolution: side, area: width * height, step: 64, minSide: Math.max(64, roundDown(side / 2, 64)), maxSide: Math.max(64, roundDown(side * 2, 64)) });
+}
+
+/**
+ * An image decoded, cover-resized (cubic, as images.ts) and cropped to a bucket: [h, w, 3] in
+ * [-1, 1], with its source size and the crop's top-left (SDXL's size conditioning) and, when
+ * asked and present, its alpha cut the same way.
+ */
+export async function loadBucketImage(path: string, bucket: Bucket, rng?: Rng, opts: { keepAlpha?: boolean } = {}): Promise<DecodedImage> {
+  return cutToBucket(await decodeRgba(path), bucket, rng, opts);
+}
+
+/** An image decoded and cut to the bucket nearest its aspect ratio (centre crop). */
+export async function loadNearestBucketImage(path: string, buckets: readonly Bucket[], opts: { keepAlpha?: boolean } = {}): Promise<DecodedImage> {
   const rgba = await decodeRgba(path);
+  return cutToBucket(rgba, nearestBucket(buckets, rgba.width, rgba.height), undefined, opts);
+}
+
+async function cutToBucket(rgba: Awaited<ReturnType<typeof decodeRgba>>, bucket: Bucket, rng: Rng | undefined, opts: { keepAlpha?: boolean }): Promise<DecodedImage> {
   const box = cropBox(rgba.width, rgba.height, bucket, rng);
   // convert('RGB') semantics: alpha dropped, not composited (see images.ts)
-  const n = rgba.width * rgba.height;
-  const rgb = Buffer.alloc(n * 3);
-  for (let i = 0; i < n; i++) for (let c = 0; c < 3; c++) rgb[i * 3 + c] = rgba.data[i * 4 + c]!;
-  const out = await sharp(rgb, { raw: { width: rgba.width, height: rgba.height, channels: 3 } })
+  const out = await sharp(stripAlpha(rgba), { raw: { width: rgba.width, height: rgba.height, channels: 3 } })
     .resize(box.resizeWidth, box.resizeHeight, { fit: 'fill', kernel: 'cubic' })
     .extract({ left: box.left, top: box.top, width: box.width, height: box.height })
     .raw()
     .toBuffer();
-  return { pixels: toUnitRange(out), width: box.width, height: box.height };
+  const image: DecodedImage = {
+    pixels: toUnitRange(out), width: box.width, height: box.height,
+    sourceWidth: rgba.width, sourceHeight: rgba.height, cropLeft: box.left, cropTop: box.top,
+  };
+  if (opts.keepAlpha && rgba.hasAlpha) {
+    // the loss weight map must cover the pixels trained: the alpha goes through the same resize and crop
+    const alpha = alphaOf(rgba);
+    const data = await sharp(Buffer.from(alpha.data), { raw: { width: alpha.width, height: alpha.height, channels: 1 } })
+      .resize(box.resizeWidth, box.resizeHeight, { fit: 'fill', kernel: 'cubic' })
+      .extract({ left: box.left, top: box.top, width: box.width, height: box.height })
+      .extractChannel(0) // libvips widens one band to sRGB on the way
+      .raw()
+      .toBuffer();
+    image.alpha = { data: new Uint8Array(data), width: box.width, height: box.height };
+  }
+  return image;
 }

@@ -32,6 +32,7 @@ import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
 import { isImageFile, loadImage, lossWeightMap, type DecodedImage } from './images.ts';
 import { readCaption } from './dataset-preview.ts';
+import { loadNearestBucketImage, sizeBuckets } from './buckets.ts';
 
 export type LatentSampling = 'once' | 'deterministic' | 'random';
 
@@ -42,6 +43,12 @@ export interface DatasetOptions {
   height: number;
   /** Keep each image's size (cropped to a multiple of `sizeMultiple`); batches are size-bucketed. */
   doNotResize: boolean;
+  /**
+   * Cut each image to the aspect-ratio bucket nearest its shape, of about width × height pixels
+   * (buckets.ts sizeBuckets: cover resize, centre crop) instead of stretching it to width ×
+   * height, as sgm and kohya train SDXL; batches never mix buckets. Off under doNotResize.
+   */
+  aspectBuckets?: boolean;
   sizeMultiple?: number;
   /** Keep alpha for loss weighting (webui use_weight). */
   useWeight: boolean;
@@ -173,10 +180,13 @@ export class Dataset {
   static async load(options: DatasetOptions): Promise<Dataset> {
     const warn = options.onWarning ?? ((m: string) => console.warn(m));
     const { images, skipped } = await listFolder(options.dir);
+    const buckets = options.aspectBuckets && !options.doNotResize ? sizeBuckets(options.width, options.height) : undefined;
     const loaded = await mapLimit(images, 4, async (file) => {
       const path = join(options.dir, file);
       try {
-        const image = await loadImage(path, { ...options, keepAlpha: options.useWeight });
+        const image = buckets
+          ? await loadNearestBucketImage(path, buckets, { keepAlpha: options.useWeight })
+          : await loadImage(path, { ...options, keepAlpha: options.useWeight });
         return { path, file, image, ...(await readCaption(path, options)) };
       } catch (err) {
         skipped.push({ file, reason: firstLine(err) });

@@ -42,6 +42,12 @@ export interface DecodedImage {
   /** Size of the file's image. */
   sourceWidth: number;
   sourceHeight: number;
+  /**
+   * Top-left of the part kept, in pixels of the resized image (0 when stretched): with the two
+   * sizes, SDXL's size conditioning (sgm crop_coords_top_left).
+   */
+  cropLeft: number;
+  cropTop: number;
   /** [height, width, 3] RGB in [-1, 1]. */
   pixels: Float32Array;
   /** The original alpha, when asked for and present. */
@@ -58,7 +64,7 @@ export interface LoadImageOptions {
   keepAlpha?: boolean;
 }
 
-interface Rgba {
+export interface Rgba {
   data: Buffer;
   width: number;
   height: number;
@@ -89,7 +95,7 @@ export async function decodeRgba(path: string): Promise<Rgba> {
 }
 
 /** convert('RGB'): drop the alpha byte of every pixel. */
-function stripAlpha(rgba: Rgba): Buffer {
+export function stripAlpha(rgba: Rgba): Buffer {
   const n = rgba.width * rgba.height;
   const rgb = Buffer.alloc(n * 3);
   for (let i = 0; i < n; i++) {
@@ -100,7 +106,7 @@ function stripAlpha(rgba: Rgba): Buffer {
   return rgb;
 }
 
-function alphaOf(rgba: Rgba): AlphaChannel {
+export function alphaOf(rgba: Rgba): AlphaChannel {
   const n = rgba.width * rgba.height;
   const data = new Uint8Array(n);
   for (let i = 0; i < n; i++) data[i] = rgba.data[i * 4 + 3]!;
@@ -138,11 +144,14 @@ export async function loadImage(path: string, opts: LoadImageOptions): Promise<D
   const rgba = await decodeRgba(path);
   const { width, height } = targetSize(rgba.width, rgba.height, opts);
   const rgb = await resizeRgb(stripAlpha(rgba), rgba.width, rgba.height, width, height, opts.doNotResize === true);
+  const cropped = opts.doNotResize === true;
   return {
     width,
     height,
     sourceWidth: rgba.width,
     sourceHeight: rgba.height,
+    cropLeft: cropped ? Math.floor((rgba.width - width) / 2) : 0,
+    cropTop: cropped ? Math.floor((rgba.height - height) / 2) : 0,
     pixels: toUnitRange(rgb),
     alpha: opts.keepAlpha && rgba.hasAlpha ? alphaOf(rgba) : undefined,
   };
