@@ -19,6 +19,9 @@ import { loadSdModel, type SdModel } from '../trainers/nets/sd.ts';
 import { paramToTorch } from '../trainers/nets/params.ts';
 import { lossAndGrads } from '../trainers/nets/recompute.ts';
 import { writeCheckpoint } from '../trainers/nets/checkpoint-write.ts';
+import { createHypernetwork } from '../trainers/nets/hypernet.ts';
+import { attentionWidths } from '../trainers/methods/hypernetwork.ts';
+import { hypernetworkWebuiWarning, xlHypernetworkLoss } from '../trainers/methods/hypernetwork-xl.ts';
 import { makeXlVariables, xlConditioning, xlFullLoss, type XlFullModel } from '../trainers/methods/full-xl.ts';
 
 await initBackend();
@@ -132,4 +135,33 @@ test('sdxl-tiny: the full checkpoint keeps every key, shape and dtype of the inp
     await src.close();
     await model.source.close();
   }
+});
+
+test('sdxl-tiny: hypernetwork modules apply by context width (cross-attention 80 = L+G, self-attention 64), identity modules leave the sgm loss as it was', async () => {
+  const model = (await loadSdModel(MODEL, ['text', 'unet'], {}, { xl: true })) as SdModel & XlFullModel;
+  const { gs, batch } = await goldenBatch();
+  const { source } = await openCheckpoint(MODEL);
+  const widths = attentionWidths(source.keys().map((k) => [k, source.info(k).shape] as [string, number[]]));
+  await source.close();
+  assert.deepEqual(widths, [64, 80], 'the tiny model: transformer channels 64, context 32 + 48');
+  const full = Object.entries(JSON.parse(readFileSync(`${DIR}/keys-sdxl.json`, 'utf8')) as Record<string, number[]>);
+  assert.deepEqual(attentionWidths(full), [640, 1280, 2048], 'SDXL base: self-attention 640/1280, cross-attention 2048');
+  const spec = { sizes: widths, layerStructure: [1, 2, 1], activation: 'relu', layerNorm: false, dropout: false, activateOutput: false, weightInit: 'Normal', lastLayerDropout: false };
+  const params = createHypernetwork(spec, 3);
+  const cond = xlConditioning(model, batch);
+  const xlBatch = { ...batch, cond };
+  const trainable = new Map([...params].filter(([, v]) => (v as tf.Variable).trainable) as [string, tf.Variable][]);
+  const { value, grads } = lossAndGrads(() => xlHypernetworkLoss(model, { params, spec }, xlBatch, 1), trainable);
+  for (const size of widths) for (const kv of ['k', 'v']) assert.ok(grads[`${size}.${kv}.linear.0.weight`], `module ${size}.${kv} reached`);
+  // zero output layers: every module is x + 0, so the loss is the plain sgm loss
+  for (const [k, v] of trainable) if (k.includes('.linear.2.')) v.assign(tf.zerosLike(v));
+  const identity = xlHypernetworkLoss(model, { params, spec }, xlBatch, 1);
+  const plain = xlFullLoss(model, xlBatch).loss;
+  assert.equal((await identity.data())[0], (await plain.data())[0]);
+  assert.ok(Number.isFinite((await value.data())[0]!));
+  tf.dispose([value, identity, plain, cond.crossattn, cond.pooled, ...Object.values(grads), ...params.values()]);
+  assert.equal(hypernetworkWebuiWarning('forge', 'sd1')?.includes('Forge'), true);
+  assert.equal(hypernetworkWebuiWarning('a1111', 'sdxl'), undefined);
+  await gs.close();
+  await model.source.close();
 });
