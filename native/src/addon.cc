@@ -19,126 +19,58 @@
 #include "norm.h"
 #include "optim.h"
 #include "kernels.h"
+#include "napi_args.h"
 
 namespace {
 
-struct Args {
-  napi_env env;
-  napi_value argv[8];
-  size_t argc = 8;
-  bool failed = false;
-
-  Args(napi_env e, napi_callback_info info) : env(e) { napi_get_cb_info(e, info, &argc, argv, nullptr, nullptr); }
-
-  void fail(const std::string& msg) {
-    if (!failed) napi_throw_type_error(env, nullptr, msg.c_str());
-    failed = true;
-  }
-  template <class T>
-  T* array(size_t i, napi_typedarray_type want, size_t minLen, const char* name) {
-    if (failed) return nullptr;
-    bool is = false;
-    if (i >= argc || napi_is_typedarray(env, argv[i], &is) != napi_ok || !is) {
-      fail(std::string(name) + ": expected a typed array");
-      return nullptr;
-    }
-    napi_typedarray_type type;
-    size_t len;
-    void* data;
-    napi_get_typedarray_info(env, argv[i], &type, &len, &data, nullptr, nullptr);
-    if (type != want) {
-      fail(std::string(name) + ": wrong typed array type");
-      return nullptr;
-    }
-    if (len < minLen) {
-      fail(std::string(name) + ": has " + std::to_string(len) + " elements, needs " + std::to_string(minLen));
-      return nullptr;
-    }
-    return static_cast<T*>(data);
-  }
-  // optional boolean argument i (absent or undefined = false)
-  bool flag(size_t i) {
-    bool v = false;
-    if (failed || i >= argc) return false;
-    napi_valuetype t;
-    napi_typeof(env, argv[i], &t);
-    if (t == napi_undefined) return false;
-    if (napi_get_value_bool(env, argv[i], &v) != napi_ok) fail("expected a boolean");
-    return v;
-  }
-  long num(size_t i) {
-    double v = 0;
-    if (!failed && (i >= argc || napi_get_value_double(env, argv[i], &v) != napi_ok)) fail("expected a number");
-    return static_cast<long>(v);
-  }
-};
+using st::NapiArgs;
 
 // (x|dy, w|dy, out, Int32Array[15] ConvShape, bf16?: boolean — forward and input gradient)
 template <int Which>
 napi_value Conv(napi_env env, napi_callback_info info) {
-  Args args(env, info);
-  const bool bf16 = args.flag(4);
-  const int* p = args.array<int>(3, napi_int32_array, 15, "shape");
+  NapiArgs args(env, info, Which == 0 ? "conv2d" : Which == 1 ? "conv2dBackpropInput" : "conv2dBackpropFilter");
+  const bool bf16 = args.optional_boolean(4, "bf16");
+  const int* p = args.i32(3, 15, "shape");
   if (!p) return nullptr;
   st::ConvShape s{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12], p[13], p[14]};
   const size_t nx = s.batch * s.inH * s.inW * s.inC, ny = s.batch * s.outH * s.outW * s.outC,
                nw = s.fH * s.fW * s.inC * s.outC;
   if (Which == 0) {
-    const float* x = args.array<float>(0, napi_float32_array, nx, "x");
-    const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
-    float* y = args.array<float>(2, napi_float32_array, ny, "y");
-    if (!args.failed) st::conv2d(x, w, y, s, bf16);
+    const float* x = args.f32(0, nx, "x");
+    const float* w = args.f32(1, nw, "filter");
+    float* y = args.f32(2, ny, "y");
+    if (args.ok()) st::conv2d(x, w, y, s, bf16);
   } else if (Which == 1) {
-    const float* dy = args.array<float>(0, napi_float32_array, ny, "dy");
-    const float* w = args.array<float>(1, napi_float32_array, nw, "filter");
-    float* dx = args.array<float>(2, napi_float32_array, nx, "dx");
-    if (!args.failed) st::conv2d_backprop_input(dy, w, dx, s, bf16);
+    const float* dy = args.f32(0, ny, "dy");
+    const float* w = args.f32(1, nw, "filter");
+    float* dx = args.f32(2, nx, "dx");
+    if (args.ok()) st::conv2d_backprop_input(dy, w, dx, s, bf16);
   } else {
-    const float* x = args.array<float>(0, napi_float32_array, nx, "x");
-    const float* dy = args.array<float>(1, napi_float32_array, ny, "dy");
-    float* dw = args.array<float>(2, napi_float32_array, nw, "dw");
-    if (!args.failed) st::conv2d_backprop_filter(x, dy, dw, s);
+    const float* x = args.f32(0, nx, "x");
+    const float* dy = args.f32(1, ny, "dy");
+    float* dw = args.f32(2, nw, "dw");
+    if (args.ok()) st::conv2d_backprop_filter(x, dy, dw, s);
   }
   return nullptr;
 }
 
 // (a, b, out, aOffsets: Float64Array, bOffsets: Float64Array, M, N, K, transA, transB, bf16?)
 napi_value MatMul(napi_env env, napi_callback_info info) {
-  Args args(env, info);
-  args.argc = 8;
-  napi_value argv[11];
-  size_t argc = 11;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  for (int i = 0; i < 8; i++) args.argv[i] = argv[i];
-  args.argc = argc < 8 ? argc : 8;
-  const long M = args.num(5), N = args.num(6), K = args.num(7);
-  bool ta = false, tb = false;
-  if (argc < 10 || napi_get_value_bool(env, argv[8], &ta) != napi_ok || napi_get_value_bool(env, argv[9], &tb) != napi_ok)
-    args.fail("transA/transB: expected booleans");
-  bool bf16 = false;
-  if (argc >= 11 && !args.failed) {
-    napi_valuetype vt;
-    napi_typeof(env, argv[10], &vt);
-    if (vt != napi_undefined && napi_get_value_bool(env, argv[10], &bf16) != napi_ok) args.fail("bf16: expected a boolean");
-  }
-  const float* a = args.array<float>(0, napi_float32_array, 0, "a");
-  const float* b = args.array<float>(1, napi_float32_array, 0, "b");
-  size_t count = 0;
-  if (!args.failed) {
-    napi_typedarray_type t;
-    napi_get_typedarray_info(env, argv[3], &t, &count, nullptr, nullptr, nullptr);
-  }
-  const double* ao = args.array<double>(3, napi_float64_array, count, "aOffsets");
-  const double* bo = args.array<double>(4, napi_float64_array, count, "bOffsets");
-  float* out = args.array<float>(2, napi_float32_array, count * M * N, "out");
-  if (args.failed) return nullptr;
-  size_t na, nb;
-  napi_typedarray_type t;
-  napi_get_typedarray_info(env, argv[0], &t, &na, nullptr, nullptr, nullptr);
-  napi_get_typedarray_info(env, argv[1], &t, &nb, nullptr, nullptr, nullptr);
+  NapiArgs args(env, info, "matmul");
+  const long M = args.integer(5, "M"), N = args.integer(6, "N"), K = args.integer(7, "K");
+  const bool ta = args.boolean(8, "transA"), tb = args.boolean(9, "transB");
+  const bool bf16 = args.optional_boolean(10, "bf16");
+  const size_t count = args.length(3);
+  const float* a = args.f32(0, 0, "a");
+  const float* b = args.f32(1, 0, "b");
+  const double* ao = args.f64(3, count, "aOffsets");
+  const double* bo = args.f64(4, count, "bOffsets");
+  float* out = args.f32(2, count * M * N, "out");
+  if (!args.ok()) return nullptr;
+  const size_t na = args.length(0), nb = args.length(1);
   for (size_t i = 0; i < count; i++) {
     if (ao[i] < 0 || ao[i] + M * K > na || bo[i] < 0 || bo[i] + K * N > nb) {
-      args.fail("matmul: batch offset out of range");
+      args.range_error("batch offset out of range");
       return nullptr;
     }
   }
@@ -148,29 +80,25 @@ napi_value MatMul(napi_env env, napi_callback_info info) {
 
 // (x, y, rows, n)
 napi_value Softmax(napi_env env, napi_callback_info info) {
-  Args args(env, info);
-  const long rows = args.num(2), n = args.num(3);
-  const float* x = args.array<float>(0, napi_float32_array, rows * n, "x");
-  float* y = args.array<float>(1, napi_float32_array, rows * n, "y");
-  if (!args.failed && rows > 0 && n > 0) st::softmax(x, y, rows, n);
+  NapiArgs args(env, info, "softmax");
+  const long rows = args.integer(2, "rows"), n = args.integer(3, "n");
+  const float* x = args.f32(0, rows * n, "x");
+  float* y = args.f32(1, rows * n, "y");
+  if (args.ok() && rows > 0 && n > 0) st::softmax(x, y, rows, n);
   return nullptr;
 }
 
 // (op, a, b, out, shape: Float64Array, aStrides: Float64Array, bStrides: Float64Array)
 napi_value Binary(napi_env env, napi_callback_info info) {
-  Args args(env, info);
-  const int op = static_cast<int>(args.num(0));
-  size_t rank = 0;
-  if (!args.failed && args.argc >= 7) {
-    napi_typedarray_type t;
-    napi_get_typedarray_info(env, args.argv[4], &t, &rank, nullptr, nullptr, nullptr);
-  }
-  const double* shp = args.array<double>(4, napi_float64_array, 1, "shape");
-  const double* sa = args.array<double>(5, napi_float64_array, rank, "aStrides");
-  const double* sb = args.array<double>(6, napi_float64_array, rank, "bStrides");
-  if (args.failed) return nullptr;
+  NapiArgs args(env, info, "binary");
+  const int op = static_cast<int>(args.integer(0, "op"));
+  const size_t rank = args.length(4);
+  const double* shp = args.f64(4, 1, "shape");
+  const double* sa = args.f64(5, rank, "aStrides");
+  const double* sb = args.f64(6, rank, "bStrides");
+  if (!args.ok()) return nullptr;
   if (rank > 8) {
-    args.fail("binary: rank > 8");
+    args.range_error("shape: rank > 8");
     return nullptr;
   }
   long shape[8], as[8], bs[8], total = 1, aMax = 0, bMax = 0;
@@ -180,25 +108,20 @@ napi_value Binary(napi_env env, napi_callback_info info) {
     aMax += (shape[d] - 1) * as[d];
     bMax += (shape[d] - 1) * bs[d];
   }
-  const float* a = args.array<float>(1, napi_float32_array, total ? aMax + 1 : 0, "a");
-  const float* b = args.array<float>(2, napi_float32_array, total ? bMax + 1 : 0, "b");
-  float* out = args.array<float>(3, napi_float32_array, total, "out");
-  if (!args.failed && total > 0) st::binary(op, a, b, out, static_cast<int>(rank), shape, as, bs);
+  const float* a = args.f32(1, total ? aMax + 1 : 0, "a");
+  const float* b = args.f32(2, total ? bMax + 1 : 0, "b");
+  float* out = args.f32(3, total, "out");
+  if (args.ok() && total > 0) st::binary(op, a, b, out, static_cast<int>(rank), shape, as, bs);
   return nullptr;
 }
 
-// Reads a Float64Array of up to 16 integers into v; returns its length (0 on failure).
-size_t longs(Args& args, size_t i, long* v, const char* name) {
-  if (args.failed || i >= args.argc) return 0;
-  napi_typedarray_type t;
-  size_t n = 0;
-  bool is = false;
-  if (napi_is_typedarray(args.env, args.argv[i], &is) == napi_ok && is)
-    napi_get_typedarray_info(args.env, args.argv[i], &t, &n, nullptr, nullptr, nullptr);
-  const double* d = args.array<double>(i, napi_float64_array, 1, name);
+// Reads a Float64Array of 1 to 16 integers into v; returns its length (0 on failure).
+size_t longs(NapiArgs& args, size_t i, long* v, const char* name) {
+  const size_t n = args.length(i);
+  const double* d = args.f64(i, 1, name);
   if (!d) return 0;
   if (n > 16) {
-    args.fail(std::string(name) + ": rank > 16");
+    args.range_error(std::string(name) + ": rank > 16");
     return 0;
   }
   for (size_t k = 0; k < n; k++) v[k] = static_cast<long>(d[k]);
@@ -207,34 +130,34 @@ size_t longs(Args& args, size_t i, long* v, const char* name) {
 
 // (src, dst, shape, srcStrides, dstStrides, srcOffset, dstOffset): all Float64Array / numbers
 napi_value Copy(napi_env env, napi_callback_info info) {
-  Args args(env, info);
+  NapiArgs args(env, info, "copy");
   long shape[16], ss[16], ds[16];
   const size_t rank = longs(args, 2, shape, "shape");
-  if (longs(args, 3, ss, "srcStrides") != rank || longs(args, 4, ds, "dstStrides") != rank) args.fail("copy: rank mismatch");
-  const long so = args.num(5), dO = args.num(6);
-  if (args.failed) return nullptr;
+  const size_t srank = longs(args, 3, ss, "srcStrides"), drank = longs(args, 4, ds, "dstStrides");
+  if (args.ok() && (srank != rank || drank != rank)) args.range_error("srcStrides/dstStrides: rank differs from shape's");
+  const long so = args.integer(5, "srcOffset"), dO = args.integer(6, "dstOffset");
+  if (!args.ok()) return nullptr;
   long total = 1, sMax = so, dMax = dO;
   for (size_t d = 0; d < rank; d++) {
     total *= shape[d];
-    if (shape[d] < 0 || ss[d] < 0 || ds[d] < 0) args.fail("copy: negative size or stride");
+    if (shape[d] < 0 || ss[d] < 0 || ds[d] < 0) args.range_error("shape/strides: negative size or stride");
     sMax += (shape[d] - 1) * ss[d], dMax += (shape[d] - 1) * ds[d];
   }
-  if (so < 0 || dO < 0) args.fail("copy: negative offset");
-  const float* src = args.array<float>(0, napi_float32_array, total ? sMax + 1 : 0, "src");
-  float* dst = args.array<float>(1, napi_float32_array, total ? dMax + 1 : 0, "dst");
-  if (!args.failed && total > 0) st::strided_copy(src + so, dst + dO, static_cast<int>(rank), shape, ss, ds);
+  if (so < 0 || dO < 0) args.range_error("srcOffset/dstOffset: negative offset");
+  const float* src = args.f32(0, total ? sMax + 1 : 0, "src");
+  float* dst = args.f32(1, total ? dMax + 1 : 0, "dst");
+  if (args.ok() && total > 0) st::strided_copy(src + so, dst + dO, static_cast<int>(rank), shape, ss, ds);
   return nullptr;
 }
 
 // (x, out, groupSizes: Float64Array, reduced: Float64Array of 0/1, divisor)
 napi_value ReduceSum(napi_env env, napi_callback_info info) {
-  Args args(env, info);
+  NapiArgs args(env, info, "reduceSum");
   long size[16], red[16];
   const size_t G = longs(args, 2, size, "sizes");
-  if (longs(args, 3, red, "reduced") != G || G == 0) args.fail("reduceSum: bad groups");
-  double divisor = 1;
-  if (!args.failed && napi_get_value_double(env, args.argv[4], &divisor) != napi_ok) args.fail("divisor: expected a number");
-  if (args.failed) return nullptr;
+  if (longs(args, 3, red, "reduced") != G && args.ok()) args.range_error("reduced: one flag per group expected");
+  const double divisor = args.number(4, "divisor");
+  if (!args.ok()) return nullptr;
   long total = 1, outN = 1;
   bool reduced[16];
   for (size_t g = 0; g < G; g++) {
@@ -242,9 +165,9 @@ napi_value ReduceSum(napi_env env, napi_callback_info info) {
     reduced[g] = red[g] != 0;
     if (!reduced[g]) outN *= size[g];
   }
-  const float* x = args.array<float>(0, napi_float32_array, total, "x");
-  float* out = args.array<float>(1, napi_float32_array, outN, "out");
-  if (args.failed) return nullptr;
+  const float* x = args.f32(0, total, "x");
+  float* out = args.f32(1, outN, "out");
+  if (!args.ok()) return nullptr;
   if (total == 0) {
     for (long i = 0; i < outN; i++) out[i] = 0;
     return nullptr;
@@ -255,18 +178,12 @@ napi_value ReduceSum(napi_env env, napi_callback_info info) {
 
 // (op, x, y)
 napi_value Unary(napi_env env, napi_callback_info info) {
-  Args args(env, info);
-  const int op = static_cast<int>(args.num(0));
-  size_t n = 0;
-  if (!args.failed && args.argc >= 3) {
-    napi_typedarray_type t;
-    bool is = false;
-    if (napi_is_typedarray(env, args.argv[1], &is) == napi_ok && is)
-      napi_get_typedarray_info(env, args.argv[1], &t, &n, nullptr, nullptr, nullptr);
-  }
-  const float* x = args.array<float>(1, napi_float32_array, n, "x");
-  float* y = args.array<float>(2, napi_float32_array, n, "y");
-  if (!args.failed && n > 0) st::unary(op, x, y, static_cast<long>(n));
+  NapiArgs args(env, info, "unary");
+  const int op = static_cast<int>(args.integer(0, "op"));
+  const size_t n = args.length(1);
+  const float* x = args.f32(1, n, "x");
+  float* y = args.f32(2, n, "y");
+  if (args.ok() && n > 0) st::unary(op, x, y, static_cast<long>(n));
   return nullptr;
 }
 
@@ -284,24 +201,15 @@ napi_value Info(napi_env env, napi_callback_info) {
 // ([cap: "amx" | "avx512-bf16" | "portable" | ""]) -> the bf16 kernel in use; with an argument,
 // first caps the choice at that kernel ("" = the best the CPU has).
 napi_value Bf16Isa(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  size_t argc = 1;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  napi_valuetype t = napi_undefined;
-  if (argc >= 1) napi_typeof(env, argv[0], &t);
-  if (t == napi_string) {
-    char buf[32];
-    size_t len = 0;
-    napi_get_value_string_utf8(env, argv[0], buf, sizeof(buf), &len);
-    const std::string cap(buf, len);
+  NapiArgs args(env, info, "bf16Isa");
+  if (args.present(0)) {
+    const std::string cap = args.string(0, "cap", 32);
+    if (!args.ok()) return nullptr;
     if (cap != "" && cap != "amx" && cap != "avx512-bf16" && cap != "portable") {
-      napi_throw_type_error(env, nullptr, ("bf16Isa: '" + cap + "' is not amx, avx512-bf16, portable or ''").c_str());
+      args.type_error("'" + cap + "' is not amx, avx512-bf16, portable or ''");
       return nullptr;
     }
-    st::bf16_select(buf);
-  } else if (t != napi_undefined) {
-    napi_throw_type_error(env, nullptr, "bf16Isa: expected a string");
-    return nullptr;
+    st::bf16_select(cap.c_str());
   }
   napi_value v;
   napi_create_string_utf8(env, st::bf16_kernel().name, NAPI_AUTO_LENGTH, &v);
@@ -310,19 +218,12 @@ napi_value Bf16Isa(napi_env env, napi_callback_info info) {
 
 // (kind: "fp32-fma" | "avx512-bf16" | "amx", seconds) -> one core's GFLOP/s, -1 if absent (peak.cc)
 napi_value PeakProbe(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  size_t argc = 2;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  char kind[32] = {};
-  size_t len = 0;
-  double seconds = 0;
-  if (argc < 2 || napi_get_value_string_utf8(env, argv[0], kind, sizeof(kind), &len) != napi_ok ||
-      napi_get_value_double(env, argv[1], &seconds) != napi_ok) {
-    napi_throw_type_error(env, nullptr, "peakProbe(kind: string, seconds: number)");
-    return nullptr;
-  }
+  NapiArgs args(env, info, "peakProbe", 2);
+  const std::string kind = args.string(0, "kind", 32);
+  const double seconds = args.number(1, "seconds");
+  if (!args.ok()) return nullptr;
   napi_value v;
-  napi_create_double(env, st::peak_probe(kind, seconds), &v);
+  napi_create_double(env, st::peak_probe(kind.c_str(), seconds), &v);
   return v;
 }
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "napi_args.h"
 #include "pool.h"
 #include "vexp.h"
 
@@ -361,90 +362,55 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 
 namespace {
 
-// The float32 typed array argv[i] with at least n elements; else throws and returns nullptr.
-float* f32(napi_env env, napi_value v, size_t n, const char* name) {
-  bool is = false;
-  napi_typedarray_type type;
-  size_t len = 0;
-  void* data = nullptr;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
-      napi_get_typedarray_info(env, v, &type, &len, &data, nullptr, nullptr) != napi_ok || type != napi_float32_array) {
-    napi_throw_type_error(env, nullptr, (std::string(name) + ": expected a Float32Array").c_str());
-    return nullptr;
-  }
-  if (len < n) {
-    napi_throw_range_error(env, nullptr, (std::string(name) + ": has " + std::to_string(len) + " elements, needs " + std::to_string(n)).c_str());
-    return nullptr;
-  }
-  return static_cast<float*>(data);
-}
-
 struct Dims {
   long batch, heads, tq, tk, d;
   float scale;
   long bh() const { return batch * heads; }
 };
 
-// argv[0..5]: batch, heads, tq, tk, d, scale (numbers); throws and returns false when invalid.
-bool dims(napi_env env, napi_value* argv, Dims* out) {
-  double x[6];
-  for (int i = 0; i < 6; i++)
-    if (napi_get_value_double(env, argv[i], &x[i]) != napi_ok) {
-      napi_throw_type_error(env, nullptr, "attention: expected numbers batch, heads, tq, tk, d, scale");
-      return false;
-    }
-  *out = Dims{static_cast<long>(x[0]), static_cast<long>(x[1]), static_cast<long>(x[2]), static_cast<long>(x[3]),
-              static_cast<long>(x[4]), static_cast<float>(x[5])};
-  if (out->batch < 0 || out->heads < 1 || out->tq < 0 || out->tk < 1 || out->d < 1 || !(out->scale > 0)) {
-    napi_throw_range_error(env, nullptr, "attention: needs batch, tq ≥ 0, heads, tk, d ≥ 1 and scale > 0");
-    return false;
-  }
-  return true;
+// Arguments i..i+5: batch, heads, tq, tk, d, scale; false (and thrown) when invalid.
+bool dims(NapiArgs& a, size_t i, Dims* out) {
+  const char* const names[5] = {"batch", "heads", "tq", "tk", "d"};
+  long x[5];
+  for (int j = 0; j < 5; j++) x[j] = a.integer(i + j, names[j]);
+  const double scale = a.number(i + 5, "scale");
+  if (!a.ok()) return false;
+  *out = Dims{x[0], x[1], x[2], x[3], x[4], static_cast<float>(scale)};
+  if (out->batch < 0 || out->heads < 1 || out->tq < 0 || out->tk < 1 || out->d < 1 || !(out->scale > 0))
+    a.range_error("needs batch, tq ≥ 0, heads, tk, d ≥ 1 and scale > 0");
+  return a.ok();
 }
 
-// The first n typed-array arguments, each a Float32Array with at least need[i] elements.
-bool arrays(napi_env env, napi_value* argv, int n, const size_t* need, const char* const* names, float** p) {
-  for (int i = 0; i < n; i++)
-    if (!(p[i] = f32(env, argv[i], need[i], names[i]))) return false;
-  return true;
+// The first n arguments, each a Float32Array with at least need[i] elements.
+bool arrays(NapiArgs& a, int n, const size_t* need, const char* const* names, float** p) {
+  for (int i = 0; i < n; i++) p[i] = a.f32(i, need[i], names[i]);
+  return a.ok();
 }
 
 // (q, k, v, out, lse, batch, heads, tq, tk, d, scale)
 napi_value Forward(napi_env env, napi_callback_info info) {
-  napi_value argv[11];
-  size_t argc = 11;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  NapiArgs a(env, info, "attentionForward", 11);
   Dims m;
-  if (argc < 11) {
-    napi_throw_type_error(env, nullptr, "attentionForward: expected (q, k, v, out, lse, batch, heads, tq, tk, d, scale)");
-    return nullptr;
-  }
-  if (!dims(env, argv + 5, &m)) return nullptr;
+  if (!dims(a, 5, &m)) return nullptr;
   const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
   const size_t need[5] = {nq, nk, nk, nq, static_cast<size_t>(m.bh() * m.tq)};
   const char* const names[5] = {"q", "k", "v", "out", "lse"};
   float* p[5];
-  if (arrays(env, argv, 5, need, names, p) && nq > 0)
+  if (arrays(a, 5, need, names, p) && nq > 0)
     attention_forward(p[0], p[1], p[2], p[3], p[4], m.batch, m.heads, m.tq, m.tk, m.d, m.scale);
   return nullptr;
 }
 
 // (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale)
 napi_value Backward(napi_env env, napi_callback_info info) {
-  napi_value argv[15];
-  size_t argc = 15;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
+  NapiArgs a(env, info, "attentionBackward", 15);
   Dims m;
-  if (argc < 15) {
-    napi_throw_type_error(env, nullptr, "attentionBackward: expected (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale)");
-    return nullptr;
-  }
-  if (!dims(env, argv + 9, &m)) return nullptr;
+  if (!dims(a, 9, &m)) return nullptr;
   const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
   const size_t need[9] = {nq, nk, nk, nq, nq, static_cast<size_t>(m.bh() * m.tq), nq, nk, nk};
   const char* const names[9] = {"q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"};
   float* p[9];
-  if (!arrays(env, argv, 9, need, names, p)) return nullptr;
+  if (!arrays(a, 9, need, names, p)) return nullptr;
   if (nq == 0) {
     std::fill(p[7], p[7] + nk, 0.0f);
     std::fill(p[8], p[8] + nk, 0.0f);

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "napi_args.h"
 #include "pool.h"
 
 namespace st {
@@ -126,54 +127,22 @@ long float_to_half(const float* src, uint16_t* dst, long n) {
   return total;
 }
 
-namespace {
-
-// The data and length of typed array `v` if it has the wanted type; else throws, returns false.
-bool typed(napi_env env, napi_value v, napi_typedarray_type want, void** data, size_t* len, const std::string& what) {
-  bool is = false;
-  napi_typedarray_type type;
-  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
-      napi_get_typedarray_info(env, v, &type, len, data, nullptr, nullptr) != napi_ok || type != want) {
-    napi_throw_type_error(env, nullptr, (what + ": wrong or missing typed array").c_str());
-    return false;
-  }
-  return true;
-}
-
-// (src, dst) of the given types, dst at least as long as src; n = src's length.
-bool pair(napi_env env, napi_callback_info info, napi_typedarray_type s, napi_typedarray_type d, void** src, void** dst,
-          size_t* n, const std::string& name) {
-  napi_value argv[2];
-  size_t argc = 2, nd = 0;
-  napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  if (argc < 2) {
-    napi_throw_type_error(env, nullptr, (name + ": expected (src, dst)").c_str());
-    return false;
-  }
-  if (!typed(env, argv[0], s, src, n, name + " src") || !typed(env, argv[1], d, dst, &nd, name + " dst")) return false;
-  if (nd < *n) {
-    napi_throw_range_error(env, nullptr, (name + ": dst is shorter than src").c_str());
-    return false;
-  }
-  return true;
-}
-
-}  // namespace
-
 napi_value HalfToFloat(napi_env env, napi_callback_info info) {
-  void *src = nullptr, *dst = nullptr;
-  size_t n = 0;
-  if (pair(env, info, napi_uint16_array, napi_float32_array, &src, &dst, &n, "halfToFloat") && n > 0)
-    half_to_float(static_cast<const uint16_t*>(src), static_cast<float*>(dst), static_cast<long>(n));
+  NapiArgs a(env, info, "halfToFloat", 2);
+  const size_t n = a.length(0);
+  const uint16_t* src = a.u16(0, 0, "src");
+  float* dst = a.f32(1, n, "dst");
+  if (a.ok() && n > 0) half_to_float(src, dst, static_cast<long>(n));
   return nullptr;
 }
 
 napi_value FloatToHalf(napi_env env, napi_callback_info info) {
-  void *src = nullptr, *dst = nullptr;
-  size_t n = 0;
-  long overflow = 0;
-  if (!pair(env, info, napi_float32_array, napi_uint16_array, &src, &dst, &n, "floatToHalf")) return nullptr;
-  if (n > 0) overflow = float_to_half(static_cast<const float*>(src), static_cast<uint16_t*>(dst), static_cast<long>(n));
+  NapiArgs a(env, info, "floatToHalf", 2);
+  const size_t n = a.length(0);
+  const float* src = a.f32(0, 0, "src");
+  uint16_t* dst = a.u16(1, n, "dst");
+  if (!a.ok()) return nullptr;
+  const long overflow = n > 0 ? float_to_half(src, dst, static_cast<long>(n)) : 0;
   napi_value out;
   napi_create_double(env, static_cast<double>(overflow), &out);
   return out;

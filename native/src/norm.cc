@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "napi_args.h"
 #include "pool.h"
 #include "vexp.h"
 
@@ -343,125 +344,71 @@ void activation(const float* dy, const float* x, float* out, long n) {
 
 // ---- N-API ----------------------------------------------------------------------------------
 
-struct Call {
-  napi_env env;
-  napi_value argv[12];
-  size_t argc = 12;
-  bool failed = false;
-  std::string name;
-
-  Call(napi_env e, napi_callback_info info, const char* fn) : env(e), name(fn) {
-    napi_get_cb_info(e, info, &argc, argv, nullptr, nullptr);
-  }
-  void fail(const std::string& msg) {
-    if (!failed) napi_throw_type_error(env, nullptr, (name + ": " + msg).c_str());
-    failed = true;
-  }
-  // Argument i as a typed array of `want` with at least minLen elements.
-  template <class T>
-  T* array(size_t i, napi_typedarray_type want, size_t minLen, const char* what) {
-    if (failed) return nullptr;
-    bool is = false;
-    napi_typedarray_type type;
-    size_t len = 0;
-    void* data = nullptr;
-    if (i >= argc || napi_is_typedarray(env, argv[i], &is) != napi_ok || !is ||
-        napi_get_typedarray_info(env, argv[i], &type, &len, &data, nullptr, nullptr) != napi_ok || type != want) {
-      fail(std::string(what) + ": expected a typed array of the right type");
-      return nullptr;
-    }
-    if (len < minLen) {
-      fail(std::string(what) + ": has " + std::to_string(len) + " elements, needs " + std::to_string(minLen));
-      return nullptr;
-    }
-    return static_cast<T*>(data);
-  }
-  float* f32(size_t i, size_t minLen, const char* what) { return array<float>(i, napi_float32_array, minLen, what); }
-  double num(size_t i, const char* what) {
-    double v = 0;
-    if (!failed && (i >= argc || napi_get_value_double(env, argv[i], &v) != napi_ok)) fail(std::string(what) + ": expected a number");
-    return v;
-  }
-  bool flag(size_t i, const char* what) {
-    bool v = false;
-    if (!failed && (i >= argc || napi_get_value_bool(env, argv[i], &v) != napi_ok)) fail(std::string(what) + ": expected a boolean");
-    return v;
-  }
-  size_t length(size_t i) {
-    size_t len = 0;
-    bool is = false;
-    napi_typedarray_type type;
-    if (!failed && i < argc && napi_is_typedarray(env, argv[i], &is) == napi_ok && is)
-      napi_get_typedarray_info(env, argv[i], &type, &len, nullptr, nullptr, nullptr);
-    return len;
-  }
-};
-
 // dims: Float64Array [B, HW, C, G] with G dividing C.
-bool gn_shape(Call& a, size_t i, GnShape& s) {
-  const double* d = a.array<double>(i, napi_float64_array, 4, "dims");
+bool gn_shape(NapiArgs& a, size_t i, GnShape& s) {
+  const double* d = a.f64(i, 4, "dims");
   if (!d) return false;
   s = {static_cast<long>(d[0]), static_cast<long>(d[1]), static_cast<long>(d[2]), static_cast<long>(d[3])};
-  if (s.B < 1 || s.HW < 1 || s.C < 1 || s.G < 1 || s.C % s.G != 0) a.fail("dims: need B, HW, C, G ≥ 1 with G dividing C");
-  return !a.failed;
+  if (s.B < 1 || s.HW < 1 || s.C < 1 || s.G < 1 || s.C % s.G != 0) a.range_error("dims: need B, HW, C, G ≥ 1 with G dividing C");
+  return a.ok();
 }
 
 // (x, weight, bias, y, mean, rstd, dims, eps, silu)
 napi_value GroupNormForward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "groupNormForward");
+  NapiArgs a(env, info, "groupNormForward");
   GnShape s;
   if (!gn_shape(a, 6, s)) return nullptr;
   const size_t n = s.B * s.HW * s.C, bg = s.B * s.G;
   const float *x = a.f32(0, n, "x"), *w = a.f32(1, s.C, "weight"), *b = a.f32(2, s.C, "bias");
   float *y = a.f32(3, n, "y"), *mean = a.f32(4, bg, "mean"), *rstd = a.f32(5, bg, "rstd");
-  const double eps = a.num(7, "eps");
-  const bool silu = a.flag(8, "silu");
-  if (!a.failed) group_norm_forward(x, w, b, y, mean, rstd, s, eps, silu);
+  const double eps = a.number(7, "eps");
+  const bool silu = a.boolean(8, "silu");
+  if (a.ok()) group_norm_forward(x, w, b, y, mean, rstd, s, eps, silu);
   return nullptr;
 }
 
 // (dy, x, mean, rstd, weight, bias, dx, dweight, dbias, dims, silu)
 napi_value GroupNormBackward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "groupNormBackward");
+  NapiArgs a(env, info, "groupNormBackward");
   GnShape s;
   if (!gn_shape(a, 9, s)) return nullptr;
   const size_t n = s.B * s.HW * s.C, bg = s.B * s.G;
   const float *dy = a.f32(0, n, "dy"), *x = a.f32(1, n, "x"), *mean = a.f32(2, bg, "mean"), *rstd = a.f32(3, bg, "rstd");
   const float *w = a.f32(4, s.C, "weight"), *b = a.f32(5, s.C, "bias");
   float *dx = a.f32(6, n, "dx"), *dw = a.f32(7, s.C, "dweight"), *db = a.f32(8, s.C, "dbias");
-  const bool silu = a.flag(10, "silu");
-  if (!a.failed) group_norm_backward(dy, x, mean, rstd, w, b, dx, dw, db, s, silu);
+  const bool silu = a.boolean(10, "silu");
+  if (a.ok()) group_norm_backward(dy, x, mean, rstd, w, b, dx, dw, db, s, silu);
   return nullptr;
 }
 
-bool ln_dims(Call& a, size_t i, long& rows, long& n) {
-  rows = static_cast<long>(a.num(i, "rows"));
-  n = static_cast<long>(a.num(i + 1, "n"));
-  if (!a.failed && (rows < 0 || n < 1)) a.fail("rows ≥ 0 and n ≥ 1 expected");
-  return !a.failed;
+bool ln_dims(NapiArgs& a, size_t i, long& rows, long& n) {
+  rows = static_cast<long>(a.number(i, "rows"));
+  n = static_cast<long>(a.number(i + 1, "n"));
+  if (a.ok() && (rows < 0 || n < 1)) a.range_error("rows ≥ 0 and n ≥ 1 expected");
+  return a.ok();
 }
 
 // (x, weight, bias, y, mean, rstd, rows, n, eps)
 napi_value LayerNormForward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "layerNormForward");
+  NapiArgs a(env, info, "layerNormForward");
   long rows, n;
   if (!ln_dims(a, 6, rows, n)) return nullptr;
   const float *x = a.f32(0, rows * n, "x"), *w = a.f32(1, n, "weight"), *b = a.f32(2, n, "bias");
   float *y = a.f32(3, rows * n, "y"), *mean = a.f32(4, rows, "mean"), *rstd = a.f32(5, rows, "rstd");
-  const double eps = a.num(8, "eps");
-  if (!a.failed && rows > 0) layer_norm_forward(x, w, b, y, mean, rstd, rows, n, eps);
+  const double eps = a.number(8, "eps");
+  if (a.ok() && rows > 0) layer_norm_forward(x, w, b, y, mean, rstd, rows, n, eps);
   return nullptr;
 }
 
 // (dy, x, mean, rstd, weight, dx, dweight, dbias, rows, n)
 napi_value LayerNormBackward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "layerNormBackward");
+  NapiArgs a(env, info, "layerNormBackward");
   long rows, n;
   if (!ln_dims(a, 8, rows, n)) return nullptr;
   const float *dy = a.f32(0, rows * n, "dy"), *x = a.f32(1, rows * n, "x"), *mean = a.f32(2, rows, "mean");
   const float *rstd = a.f32(3, rows, "rstd"), *w = a.f32(4, n, "weight");
   float *dx = a.f32(5, rows * n, "dx"), *dw = a.f32(6, n, "dweight"), *db = a.f32(7, n, "dbias");
-  if (a.failed) return nullptr;
+  if (!a.ok()) return nullptr;
   if (rows > 0) {
     layer_norm_backward(dy, x, mean, rstd, w, dx, dw, db, rows, n);
   } else {
@@ -478,25 +425,25 @@ void run_activation(int op, const float* dy, const float* x, float* out, long n)
 
 // (op, x, y)
 napi_value ActivationForward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "activationForward");
-  const int op = static_cast<int>(a.num(0, "op"));
+  NapiArgs a(env, info, "activationForward");
+  const int op = static_cast<int>(a.number(0, "op"));
   const size_t n = a.length(1);
   const float* x = a.f32(1, n, "x");
   float* y = a.f32(2, n, "y");
-  if (!a.failed && (op < 0 || op > 1)) a.fail("op: 0 (SiLU) or 1 (GELU)");
-  if (!a.failed && n > 0) run_activation(op, nullptr, x, y, static_cast<long>(n));
+  if (a.ok() && (op < 0 || op > 1)) a.range_error("op: 0 (SiLU) or 1 (GELU)");
+  if (a.ok() && n > 0) run_activation(op, nullptr, x, y, static_cast<long>(n));
   return nullptr;
 }
 
 // (op, dy, x, dx)
 napi_value ActivationBackward(napi_env env, napi_callback_info info) {
-  Call a(env, info, "activationBackward");
-  const int op = static_cast<int>(a.num(0, "op"));
+  NapiArgs a(env, info, "activationBackward");
+  const int op = static_cast<int>(a.number(0, "op"));
   const size_t n = a.length(2);
   const float *dy = a.f32(1, n, "dy"), *x = a.f32(2, n, "x");
   float* dx = a.f32(3, n, "dx");
-  if (!a.failed && (op < 0 || op > 1)) a.fail("op: 0 (SiLU) or 1 (GELU)");
-  if (!a.failed && n > 0) run_activation(op, dy, x, dx, static_cast<long>(n));
+  if (a.ok() && (op < 0 || op > 1)) a.range_error("op: 0 (SiLU) or 1 (GELU)");
+  if (a.ok() && n > 0) run_activation(op, dy, x, dx, static_cast<long>(n));
   return nullptr;
 }
 

@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#include "napi_args.h"
 #include "pool.h"
 
 namespace st {
@@ -209,65 +210,22 @@ void pack_codes(const std::vector<uint8_t>& codes, float* packed, long words) {
   });
 }
 
-// ---- N-API argument parsing ----
-
-struct Args {
-  napi_env env;
-  std::vector<napi_value> argv;
-  std::string name;
-  bool ok = true;
-
-  Args(napi_env e, napi_callback_info info, size_t want, const char* fn) : env(e), argv(want), name(fn) {
-    size_t argc = want;
-    napi_get_cb_info(env, info, &argc, argv.data(), nullptr, nullptr);
-    if (argc < want) fail(std::string("expected ") + std::to_string(want) + " arguments");
-  }
-  void fail(const std::string& why) {
-    if (ok) napi_throw_type_error(env, nullptr, (name + ": " + why).c_str());
-    ok = false;
-  }
-  // Float32Array argument i, of length `len` when len ≥ 0 (its length goes to *n when given).
-  float* f32(size_t i, long len, long* n = nullptr) {
-    if (!ok) return nullptr;
-    bool is = false;
-    napi_typedarray_type type;
-    size_t length = 0;
-    void* data = nullptr;
-    if (napi_is_typedarray(env, argv[i], &is) != napi_ok || !is ||
-        napi_get_typedarray_info(env, argv[i], &type, &length, &data, nullptr, nullptr) != napi_ok || type != napi_float32_array) {
-      fail("argument " + std::to_string(i) + " must be a Float32Array");
-      return nullptr;
-    }
-    if (len >= 0 && static_cast<long>(length) != len) {
-      fail("argument " + std::to_string(i) + " has " + std::to_string(length) + " values, expected " + std::to_string(len));
-      return nullptr;
-    }
-    if (n) *n = static_cast<long>(length);
-    return static_cast<float*>(data);
-  }
-  double num(size_t i) {
-    double d = 0;
-    if (ok && napi_get_value_double(env, argv[i], &d) != napi_ok) fail("argument " + std::to_string(i) + " must be a number");
-    return d;
-  }
-};
-
-AdamK adam_constants(Args& a, size_t i) {
+AdamK adam_constants(NapiArgs& a, size_t i) {
   AdamK k{};
-  const float* c = a.f32(i, 8);
+  const float* c = a.f32_exact(i, 8, "k");
   if (c) std::memcpy(&k, c, sizeof k);
   return k;
 }
 
 // adamwStep(p, g, m, v, pOut, mOut, vOut, k)
 napi_value AdamwStep(napi_env env, napi_callback_info info) {
-  Args a(env, info, 8, "adamwStep");
-  long n = 0;
-  const float* p = a.f32(0, -1, &n);
-  const float *g = a.f32(1, n), *m = a.f32(2, n), *v = a.f32(3, n);
-  float *po = a.f32(4, n), *mo = a.f32(5, n), *vo = a.f32(6, n);
+  NapiArgs a(env, info, "adamwStep", 8);
+  const long n = static_cast<long>(a.length(0));
+  const float* p = a.f32(0, 0, "p");
+  const float *g = a.f32_exact(1, n, "g"), *m = a.f32_exact(2, n, "m"), *v = a.f32_exact(3, n, "v");
+  float *po = a.f32_exact(4, n, "pOut"), *mo = a.f32_exact(5, n, "mOut"), *vo = a.f32_exact(6, n, "vOut");
   const AdamK k = adam_constants(a, 7);
-  if (!a.ok) return nullptr;
+  if (!a.ok()) return nullptr;
   const long tasks = (n + kChunk - 1) / kChunk;
   parallel_for(static_cast<int>(tasks), [&](int t) {
     const long s = t * kChunk, e = std::min(n, s + kChunk);
@@ -287,19 +245,20 @@ Book make_book(const float* code, const float* mids) {
 // adamw8bitStep(p, g, mPacked, mAbsmax, vPacked, vAbsmax, pOut, mPackedOut, mAbsmaxOut,
 //               vPackedOut, vAbsmaxOut, books, k, blockSize)
 napi_value Adamw8bitStep(napi_env env, napi_callback_info info) {
-  Args a(env, info, 14, "adamw8bitStep");
-  long n = 0;
-  const float* p = a.f32(0, -1, &n);
-  const float* g = a.f32(1, n);
-  const long bs = static_cast<long>(a.num(13));
-  if (a.ok && bs < 1) a.fail("blockSize must be ≥ 1");
-  const long blocks = a.ok ? (n + bs - 1) / bs : 0, words = (blocks * bs + 2) / 3;
-  Quant qm{a.f32(2, words), a.f32(3, blocks), a.f32(8, blocks), {}};
-  Quant qv{a.f32(4, words), a.f32(5, blocks), a.f32(10, blocks), {}};
-  float *po = a.f32(6, n), *mPackedOut = a.f32(7, words), *vPackedOut = a.f32(9, words);
-  const float* books = a.f32(11, 1022);
+  NapiArgs a(env, info, "adamw8bitStep", 14);
+  const long n = static_cast<long>(a.length(0));
+  const float* p = a.f32(0, 0, "p");
+  const float* g = a.f32_exact(1, n, "g");
+  const long bs = a.integer(13, "blockSize");
+  if (a.ok() && bs < 1) a.range_error("blockSize: must be ≥ 1");
+  const long blocks = a.ok() ? (n + bs - 1) / bs : 0, words = (blocks * bs + 2) / 3;
+  Quant qm{a.f32_exact(2, words, "mPacked"), a.f32_exact(3, blocks, "mAbsmax"), a.f32_exact(8, blocks, "mAbsmaxOut"), {}};
+  Quant qv{a.f32_exact(4, words, "vPacked"), a.f32_exact(5, blocks, "vAbsmax"), a.f32_exact(10, blocks, "vAbsmaxOut"), {}};
+  float *po = a.f32_exact(6, n, "pOut"), *mPackedOut = a.f32_exact(7, words, "mPackedOut"),
+        *vPackedOut = a.f32_exact(9, words, "vPackedOut");
+  const float* books = a.f32_exact(11, 1022, "books");
   const AdamK k = adam_constants(a, 12);
-  if (!a.ok) return nullptr;
+  if (!a.ok()) return nullptr;
   Book sm = make_book(books, books + 256), sv = make_book(books + 511, books + 767);
 #if defined(__AVX512F__)
   Levels smLevels, svLevels;
@@ -325,13 +284,13 @@ napi_value Adamw8bitStep(napi_env env, napi_callback_info info) {
 // emaUpdate(shadow, param, out, decay): out = float32(d·shadow + (1 − d)·param) in float64,
 // trainers/optim/ema.ts's JS expression.
 napi_value EmaUpdate(napi_env env, napi_callback_info info) {
-  Args a(env, info, 4, "emaUpdate");
-  long n = 0;
-  const float* s = a.f32(0, -1, &n);
-  const float* p = a.f32(1, n);
-  float* o = a.f32(2, n);
-  const double d = a.num(3), c = 1 - d;
-  if (!a.ok) return nullptr;
+  NapiArgs a(env, info, "emaUpdate", 4);
+  const long n = static_cast<long>(a.length(0));
+  const float* s = a.f32(0, 0, "shadow");
+  const float* p = a.f32_exact(1, n, "param");
+  float* o = a.f32_exact(2, n, "out");
+  const double d = a.number(3, "decay"), c = 1 - d;
+  if (!a.ok()) return nullptr;
   const long tasks = (n + kChunk - 1) / kChunk;
   parallel_for(static_cast<int>(tasks), [&](int t) {
     for (long i = t * kChunk; i < std::min(n, (t + 1) * kChunk); i++)
@@ -343,11 +302,11 @@ napi_value EmaUpdate(napi_env env, napi_callback_info info) {
 // finiteWithin(x, maxAbs): every |x| ≤ float32(maxAbs) and finite (the loop's check compares
 // in float32 against the rounded limit; NaN fails every comparison).
 napi_value FiniteWithin(napi_env env, napi_callback_info info) {
-  Args a(env, info, 2, "finiteWithin");
-  long n = 0;
-  const float* x = a.f32(0, -1, &n);
-  const float lim = std::min(static_cast<float>(a.num(1)), FLT_MAX);
-  if (!a.ok) return nullptr;
+  NapiArgs a(env, info, "finiteWithin", 2);
+  const long n = static_cast<long>(a.length(0));
+  const float* x = a.f32(0, 0, "x");
+  const float lim = std::min(static_cast<float>(a.number(1, "maxAbs")), FLT_MAX);
+  if (!a.ok()) return nullptr;
   const long tasks = (n + kChunk - 1) / kChunk;
   std::vector<char> bad(static_cast<size_t>(tasks), 0);
   parallel_for(static_cast<int>(tasks), [&](int t) {
@@ -364,10 +323,10 @@ napi_value FiniteWithin(napi_env env, napi_callback_info info) {
 
 // sumSquares(x): Σ x² in float64 (per-task partial sums, added in task order).
 napi_value SumSquares(napi_env env, napi_callback_info info) {
-  Args a(env, info, 1, "sumSquares");
-  long n = 0;
-  const float* x = a.f32(0, -1, &n);
-  if (!a.ok) return nullptr;
+  NapiArgs a(env, info, "sumSquares", 1);
+  const long n = static_cast<long>(a.length(0));
+  const float* x = a.f32(0, 0, "x");
+  if (!a.ok()) return nullptr;
   const long tasks = (n + kChunk - 1) / kChunk;
   std::vector<double> part(static_cast<size_t>(tasks), 0.0);
   parallel_for(static_cast<int>(tasks), [&](int t) {
@@ -512,38 +471,28 @@ void af_means(const AfShape& s, const float* g, const AfK& k, float* rowMean, st
 // flags bit 0 factored, 1 scaleParameter, 2 first moment (m/mOut, torch layout), 3 weight decay.
 // Unfactored: row/rowOut are the full V (col/colOut empty).
 napi_value AdafactorStep(napi_env env, napi_callback_info info) {
-  Args a(env, info, 13, "adafactorStep");
-  long n = 0;
-  const float* p = a.f32(0, -1, &n);
-  const float* g = a.f32(1, n);
-  const double* dims = nullptr;
-  const double* strides = nullptr;
-  for (size_t i : {9, 10}) {
-    bool is = false;
-    napi_typedarray_type type;
-    size_t length = 0;
-    void* data = nullptr;
-    if (a.ok && (napi_is_typedarray(env, a.argv[i], &is) != napi_ok || !is ||
-                 napi_get_typedarray_info(env, a.argv[i], &type, &length, &data, nullptr, nullptr) != napi_ok ||
-                 type != napi_float64_array || length != 4))
-      a.fail("argument " + std::to_string(i) + " must be a Float64Array of 4");
-    (i == 9 ? dims : strides) = static_cast<const double*>(data);
-  }
-  const float* kc = a.f32(11, 9);
-  const int flags = static_cast<int>(a.num(12));
-  if (!a.ok) return nullptr;
+  NapiArgs a(env, info, "adafactorStep", 13);
+  const long n = static_cast<long>(a.length(0));
+  const float* p = a.f32(0, 0, "p");
+  const float* g = a.f32_exact(1, n, "g");
+  const double* dims = a.typed<double>(9, napi_float64_array, 4, "dims", true);
+  const double* strides = a.typed<double>(10, napi_float64_array, 4, "strides", true);
+  const float* kc = a.f32_exact(11, 9, "k");
+  const int flags = static_cast<int>(a.integer(12, "flags"));
+  if (!a.ok()) return nullptr;
   const AfShape s = af_shape(dims, strides);
   if (s.N != n) {
-    a.fail("dims do not match the parameter size");
+    a.range_error("dims: do not match the parameter size");
     return nullptr;
   }
   const bool factored = flags & 1, scaleParam = flags & 2, hasM = flags & 4, hasWd = flags & 8;
   const long rowN = s.B * s.R, colN = factored ? s.B * s.C : 0, mN = hasM ? n : 0;
-  const float* row = a.f32(2, rowN);
-  const float* col = a.f32(3, colN);
-  const float* m = a.f32(4, mN);
-  float *po = a.f32(5, n), *rowOut = a.f32(6, rowN), *colOut = a.f32(7, colN), *mo = a.f32(8, mN);
-  if (!a.ok) return nullptr;
+  const float* row = a.f32_exact(2, rowN, "row");
+  const float* col = a.f32_exact(3, colN, "col");
+  const float* m = a.f32_exact(4, mN, "m");
+  float *po = a.f32_exact(5, n, "pOut"), *rowOut = a.f32_exact(6, rowN, "rowOut"), *colOut = a.f32_exact(7, colN, "colOut"),
+        *mo = a.f32_exact(8, mN, "mOut");
+  if (!a.ok()) return nullptr;
   AfK k{};
   std::memcpy(&k, kc, sizeof k);
 
