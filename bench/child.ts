@@ -1,6 +1,8 @@
 /**
  * @file One bench row in its own process, so its peak RSS is its own: spawn `script args` on a
- * backend, stop it past the RSS limit or a timeout, and take its last JSON stdout line as the row.
+ * backend, stop it past the RSS limit or a timeout, and take its last JSON stdout line as the row
+ * (a child that prints its row so far as it goes and is stopped still gives that, with the reason
+ * in `error` and its peak RSS at the stop).
  * The row carries the machine's 1-minute load average sampled while it ran (`load1`, mean;
  * `load1Max`): on a shared machine s/step means little without it.
  */
@@ -23,12 +25,13 @@ export async function runBenchChild(script: string, args: string[], backend: str
   const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', script, ...args], {
     env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let stdout = '', stderr = '', stopped = '';
+  let stdout = '', stderr = '', stopped = '', hwmAtStopKb = 0;
   child.stdout.on('data', (d: Buffer) => (stdout += d));
   child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d).slice(-20000)));
   const started = performance.now();
   const loads: number[] = [];
   const watch = setInterval(() => {
+    if (stopped) return;
     loads.push(loadavg()[0]!);
     let rssKb = 0;
     try {
@@ -36,7 +39,12 @@ export async function runBenchChild(script: string, args: string[], backend: str
     } catch { /* exited */ }
     if (rssKb * 1024 > RSS_LIMIT_BYTES) stopped = `stopped at ${Math.round(rssKb / 1024)} MB RSS (limit ${Math.round(RSS_LIMIT_BYTES / 2 ** 20)} MB)`;
     else if (performance.now() - started > timeoutMs) stopped = `stopped after ${timeoutMs / 1000} s`;
-    if (stopped) child.kill('SIGKILL');
+    if (stopped) {
+      try {
+        hwmAtStopKb = Number(/VmHWM:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? 0);
+      } catch { /* exited */ }
+      child.kill('SIGKILL');
+    }
   }, 500);
   const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
   clearInterval(watch);
@@ -44,5 +52,12 @@ export async function runBenchChild(script: string, args: string[], backend: str
   const load = { load1: +(loads.reduce((a, b) => a + b, 0) / loads.length).toFixed(2), load1Max: Math.max(...loads) };
   const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
   if (code === 0 && line) return { ...(JSON.parse(line) as Row), ...load };
-  return { error: (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200), ...load };
+  if (stopped && line) {
+    // the peak so far: the last row's, or the process's high-water mark at the stop if higher
+    const row = JSON.parse(line) as Row;
+    const atStop = Math.round(hwmAtStopKb / 1024);
+    return { ...row, peakRssMB: Math.max(Number(row.peakRssMB) || 0, atStop), error: stopped, vmHwmAtStopMB: atStop, ...load };
+  }
+  const why = (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200);
+  return { error: why, ...(stopped ? { peakRssMB: Math.round(hwmAtStopKb / 1024) } : {}), ...load };
 }

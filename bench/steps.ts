@@ -159,9 +159,11 @@ export interface StepsOptions {
   quick?: boolean;
   /** Called with each row as soon as it is measured. */
   onRow?: (r: Row) => void;
+  /** Time limit of one row in minutes (default 20, SDXL rows 45); a stopped row keeps what it measured. */
+  rowMinutes?: number;
 }
 
-/** The options of the command line: --methods a,b  --variants x,y  --quick. */
+/** The options of the command line: --methods a,b  --variants x,y  --quick  --row-minutes n. */
 export function stepsArgs(argv: string[]): StepsOptions {
   const list = (flag: string) => {
     const at = argv.indexOf(flag);
@@ -170,7 +172,10 @@ export function stepsArgs(argv: string[]): StepsOptions {
     if (!items.length) throw new Error(`${flag} needs a comma-separated list`);
     return items;
   };
-  return { methods: list('--methods'), variants: list('--variants'), quick: argv.includes('--quick') };
+  const at = argv.indexOf('--row-minutes');
+  const rowMinutes = at >= 0 ? Number(argv[at + 1]) : undefined;
+  if (rowMinutes !== undefined && !(rowMinutes > 0)) throw new Error('--row-minutes needs a positive number of minutes');
+  return { methods: list('--methods'), variants: list('--variants'), quick: argv.includes('--quick'), rowMinutes };
 }
 
 /** Every step row plus the PyTorch yardstick; `variants` filters rows by their label. */
@@ -201,7 +206,7 @@ export async function benchSteps(opts: StepsOptions = {}): Promise<Row[]> {
       const tooBig = !(est instanceof Error) && est.peakBytes > RSS_LIMIT_BYTES;
       const measured = tooBig
         ? { skipped: `estimated ${(est.peakBytes / 2 ** 30).toFixed(1)} GB > ${(RSS_LIMIT_BYTES / 2 ** 30).toFixed(1)} GB allowed on this machine` }
-        : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, (r.model === 'sdxl-shaped' ? 45 : 20) * 60_000);
+        : await runChild(['--child', JSON.stringify({ method: r.method, spec })], r.backend, (opts.rowMinutes ?? (r.model === 'sdxl-shaped' ? 45 : 20)) * 60_000);
       push(withEstimate(r, est, measured));
     }
     // the PyTorch yardstick and the profile are TI's
@@ -220,7 +225,9 @@ function withEstimate(r: StepRowSpec, est: JobEstimate | Error, measured: Row): 
   if (est instanceof Error) return { ...row, estError: est.message.split('\n')[0] };
   row.estPeakRssMB = Math.round(est.peakBytes / 2 ** 20);
   row.estSecPerStep = +est.secondsPerStep.toPrecision(3);
-  if (typeof measured.peakRssMB === 'number') row.estVsMeasured = +(est.peakBytes / 2 ** 20 / measured.peakRssMB).toFixed(2);
+  // a row stopped before its first step ended has not seen a step's peak: no ratio
+  const sawStep = !measured.error || Number(measured.steps) >= 1;
+  if (typeof measured.peakRssMB === 'number' && sawStep) row.estVsMeasured = +(est.peakBytes / 2 ** 20 / measured.peakRssMB).toFixed(2);
   return row;
 }
 
@@ -245,7 +252,11 @@ function* pytorchRows(rows: Row[]): Generator<Row> {
 // In the child
 
 
-/** Run one job; s/step from the step events, peak RSS before and after training starts. */
+/**
+ * Run one job; s/step from the step events, peak RSS before and after training starts. The row so
+ * far is printed after preparation and after every step: a row stopped at its time limit still
+ * reports what it measured (runBenchChild takes the last line).
+ */
 async function childRow(method: string, spec: Record<string, unknown>): Promise<Row> {
   const { methods } = await import('../trainers/methods/index.ts');
   const { validate } = await import('../schemas/index.ts');
@@ -257,6 +268,16 @@ async function childRow(method: string, spec: Record<string, unknown>): Promise<
   const marks: number[] = [];
   let prepPeakKb = 0;
   let backend = '';
+  const soFar = (): Row => {
+    const trainPeakKb = marks.length ? statusKb('VmHWM') : 0;
+    const stepMs = marks.slice(1).map((m, i) => m - marks[i]!);
+    const later = stepMs.length > 1 ? stepMs.slice(1) : stepMs;
+    return {
+      tfBackend: backend, steps: stepMs.length, ...(stepMs.length ? { secPerStep: +(median(later) / 1000).toPrecision(3), firstStepSec: +(stepMs[0]! / 1000).toPrecision(3) } : {}),
+      prepSec: +(((marks[0] ?? performance.now()) - t0) / 1000).toFixed(1), peakRssMB: Math.round(Math.max(prepPeakKb, trainPeakKb, marks.length ? 0 : statusKb('VmHWM')) / 1024),
+      prepPeakMB: Math.round((prepPeakKb || statusKb('VmHWM')) / 1024), trainPeakMB: Math.round(trainPeakKb / 1024),
+    };
+  };
   const ctx = {
     signal: new AbortController().signal,
     emit: (e: { type: string; backend?: string }) => {
@@ -265,19 +286,16 @@ async function childRow(method: string, spec: Record<string, unknown>): Promise<
         prepPeakKb = statusKb('VmHWM');
         writeFileSync('/proc/self/clear_refs', '5'); // reset VmHWM: the training phase's own peak from here
         marks.push(performance.now());
+        console.log(JSON.stringify(soFar()));
       }
-      if (e.type === 'step') marks.push(performance.now());
+      if (e.type === 'step') {
+        marks.push(performance.now());
+        console.log(JSON.stringify(soFar()));
+      }
     },
   };
   await (await entry.load())(spec, ctx as never);
-  const trainPeakKb = statusKb('VmHWM');
-  const stepMs = marks.slice(1).map((m, i) => m - marks[i]!);
-  const later = stepMs.length > 1 ? stepMs.slice(1) : stepMs;
-  return {
-    tfBackend: backend, steps: stepMs.length, secPerStep: +(median(later) / 1000).toPrecision(3), firstStepSec: +(stepMs[0]! / 1000).toPrecision(3),
-    prepSec: +((marks[0]! - t0) / 1000).toFixed(1), peakRssMB: Math.round(Math.max(prepPeakKb, trainPeakKb) / 1024),
-    prepPeakMB: Math.round(prepPeakKb / 1024), trainPeakMB: Math.round(trainPeakKb / 1024),
-  };
+  return soFar();
 }
 
 async function main(argv: string[]): Promise<void> {
