@@ -70,6 +70,9 @@ export class JobWebui {
     if (timer) clearInterval(timer);
     this.pollers.delete(job.id);
     if (!this.webui.configured) return undefined;
+    // The model back first: the check needs it loaded (the skipped-embedding test; SD.Next reads
+    // new embeddings only when it loads a model).
+    if (this.vram === 'unload') this.report(job.id, 'reload', await this.webui.reload());
     let result: JobRecord['webui'] | undefined;
     if (job.output && job.kind && (job.state === 'finished' || job.state === 'cancelled')) {
       const refreshed = await this.webui.refresh(job.kind);
@@ -80,7 +83,6 @@ export class JobWebui {
       this.report(job.id, 'verify', verified);
       result = { ready: verified.ready ?? false, message: verified.message };
     }
-    if (this.vram === 'unload') this.report(job.id, 'reload', await this.webui.reload());
     return result;
   }
 

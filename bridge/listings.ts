@@ -92,8 +92,8 @@ export async function listEmbeddings(webui: WebuiClient, folder: string): Promis
   const e = await fromWebui(webui, () => webui.embeddings());
   if (e) {
     const items = [
-      ...Object.keys(e.loaded ?? {}).map((name) => ({ name, loaded: true, source: 'webui' as const })),
-      ...Object.keys(e.skipped ?? {}).map((name) => ({ name, loaded: false, source: 'webui' as const })),
+      ...e.loaded.map((name) => ({ name, loaded: true, source: 'webui' as const })),
+      ...e.skipped.map(({ name }) => ({ name, loaded: false, source: 'webui' as const })),
     ];
     return { webuiUp: true, folder, items };
   }

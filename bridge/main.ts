@@ -40,10 +40,12 @@ export async function loadMethods(modulePath: string): Promise<Record<string, Me
   return mod.methods;
 }
 
-function parseAuth(auth: string | undefined): { username: string; password: string } | undefined {
+/** `user:pass` (the webui's --api-auth / SD.Next --auth form) → Basic credentials; the value is never echoed. */
+export function parseAuth(auth: string | undefined): { username: string; password: string } | undefined {
   if (!auth) return undefined;
   const i = auth.indexOf(':');
-  return i < 0 ? { username: auth, password: '' } : { username: auth.slice(0, i), password: auth.slice(i + 1) };
+  if (i <= 0) throw new Error('--api-auth / SIDETRAIN_WEBUI_AUTH: expected user:pass, as given to the webui\'s --api-auth (SD.Next: --auth)');
+  return { username: auth.slice(0, i), password: auth.slice(i + 1) };
 }
 
 export async function startServer(opts: ServerOptions = {}, logger?: Logger): Promise<RunningServer> {

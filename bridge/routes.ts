@@ -14,6 +14,7 @@ import { LOSS_CSV_HEADER } from '../trainers/train/loss-log.ts';
 import type { JobManager } from './jobs.ts';
 import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
 import type { WebuiClient } from './webui.ts';
+import { FLAVOUR_NAMES } from './webui-flavours.ts';
 import { webgpuStatus } from '../trainers/backend/webgpu/adapter.ts';
 import { listEmbeddings, listHypernetworks, listLoras, listModels } from './listings.ts';
 import { datasetRoutes } from './dataset-routes.ts';
@@ -75,13 +76,20 @@ async function startJob(req: Request, res: Response, ctx: ServerContext): Promis
   return present(await ctx.manager.create(type, spec));
 }
 
+/** The webui's URL, whether it answers and which one it is (A1111, Forge, SD.Next). */
+async function webuiHealth(webui: WebuiClient): Promise<{ url: string | null; up: boolean; flavour: string | null }> {
+  const up = await webui.up();
+  const flavour = up ? await webui.flavour() : undefined;
+  return { url: webui.url ?? null, up, flavour: flavour ? FLAVOUR_NAMES[flavour] : null };
+}
+
 export const routes: RouteDef[] = [
   {
     method: 'get', path: '/api/health', tag: 'server', summary: 'Health, version, TF.js backend, queue and webui status', response: S('Health'),
     handler: async (_req, _res, ctx) => ({
       ok: true, name: 'sidetrain', version: ctx.version, node: process.version, backend: ctx.manager.backend,
       webgpu: await webgpuStatus(), methods: Object.keys(ctx.manager.methods), queue: ctx.manager.counts(),
-      webui: { url: ctx.webui.url ?? null, up: await ctx.webui.up() }, folders: { ...(await ctx.folders()) },
+      webui: await webuiHealth(ctx.webui), folders: { ...(await ctx.folders()) },
     }),
   },
   {

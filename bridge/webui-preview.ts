@@ -127,6 +127,9 @@ export class WebuiPreviews {
   /** Refresh, check the webui sees it, txt2img, clean up; the PNG's path. Throws why not. */
   private async render(t: Target, step: number, snapshot: string, signal: AbortSignal): Promise<string> {
     if (!(await this.webui.up())) throw new Error(`the webui at ${this.webui.url} is not answering`);
+    // Forge and SD.Next would render the prompt without the hypernetwork: no misleading preview.
+    const unusable = await this.webui.unusable(t.kind);
+    if (unusable) throw new Error(unusable);
     await removeLeftovers(t);
     const inside = resolve(snapshot).startsWith(t.dir + sep);
     const copy = inside ? undefined : join(t.dir, `${PREVIEW_PREFIX}${t.name}-${step}${extname(snapshot)}`);

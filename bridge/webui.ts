@@ -4,16 +4,19 @@
  * VRAM hand-off. A webui that is down or slow never fails a job: every call is retried a few
  * times with backoff and the outcome is returned as a message, never thrown.
  *
- * Routes are A1111's (modules/api/api.py); `/sidetrain/refresh-hypernetworks` is added by our
- * extension because the webui has no API route that reloads its hypernetwork list.
+ * The flavour (A1111, Forge, SD.Next) is asked once and decides the routes (webui-flavours.ts):
+ * what one cannot re-scan or cannot use is said plainly instead of checked. Credentials for a
+ * webui started with `--api-auth` (A1111, Forge) or `--auth` (SD.Next) go as HTTP Basic on every
+ * call and are never logged or shown.
  */
 import axios, { type AxiosInstance } from 'axios';
 import type { OutputKind } from '../trainers/job.ts';
+import { embeddingLists, FLAVOUR_NAMES, FLAVOUR_PROBES, SUPPORT, type Flavour, type KindSupport, type SkippedEmbedding } from './webui-flavours.ts';
 
 export interface WebuiOptions {
   /** e.g. http://127.0.0.1:7860; undefined = no webui. */
   url?: string;
-  /** For a webui started with `--api-auth user:pass`. */
+  /** For a webui started with `--api-auth user:pass` (A1111, Forge) or `--auth user:pass` (SD.Next). */
   auth?: { username: string; password: string };
   timeoutMs?: number;
   /** Attempts per call (refresh, unload, reload). */
@@ -38,17 +41,13 @@ export interface WebuiOutcome {
   ready?: boolean;
 }
 
-const REFRESH_ROUTE: Record<OutputKind, string> = {
-  embedding: '/sdapi/v1/refresh-embeddings',
-  hypernetwork: '/sidetrain/refresh-hypernetworks',
-  checkpoint: '/sdapi/v1/refresh-checkpoints',
-  lora: '/sdapi/v1/refresh-loras',
-};
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function reason(err: unknown): string {
   if (axios.isAxiosError(err)) {
+    if (err.response?.status === 401) {
+      return 'HTTP 401: the webui wants API credentials (it runs with --api-auth or --auth): give them to sidetrain with --api-auth user:pass or SIDETRAIN_WEBUI_AUTH';
+    }
     if (err.response) return `HTTP ${err.response.status} ${JSON.stringify(err.response.data).slice(0, 200)}`;
     return err.code ?? err.message;
   }
@@ -62,18 +61,39 @@ function stem(path: string): string {
   return dot > 0 ? base.slice(0, dot) : base;
 }
 
+/**
+ * `http://user:pass@host` → the URL without them (it is logged and shown on the page) and the
+ * credentials as Basic auth, unless given separately.
+ */
+function splitCredentials(url: string | undefined, auth: WebuiOptions['auth']): { url: string | undefined; auth: WebuiOptions['auth'] } {
+  if (!url) return { url, auth };
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw new Error(`webui URL '${url}' is not a URL (expected e.g. http://127.0.0.1:7860)`);
+  }
+  if (!u.username && !u.password) return { url, auth };
+  const found = { username: decodeURIComponent(u.username), password: decodeURIComponent(u.password) };
+  u.username = '';
+  u.password = '';
+  return { url: u.href.replace(/\/+$/, ''), auth: auth ?? found };
+}
+
 export class WebuiClient {
   readonly url: string | undefined;
   private readonly http: AxiosInstance | undefined;
   private readonly retries: number;
   private readonly retryDelayMs: number;
+  private detected: Promise<Flavour | undefined> | undefined;
 
   constructor(opts: WebuiOptions = {}) {
-    this.url = opts.url?.replace(/\/+$/, '') || undefined;
+    const { url, auth } = splitCredentials(opts.url?.replace(/\/+$/, '') || undefined, opts.auth);
+    this.url = url;
     this.retries = Math.max(1, opts.retries ?? 3);
     this.retryDelayMs = opts.retryDelayMs ?? 500;
     if (this.url) {
-      this.http = axios.create({ baseURL: this.url, timeout: opts.timeoutMs ?? 10_000, auth: opts.auth, proxy: false });
+      this.http = axios.create({ baseURL: this.url, timeout: opts.timeoutMs ?? 10_000, auth, proxy: false });
     }
   }
 
@@ -84,6 +104,43 @@ export class WebuiClient {
   /** The webui's origin (scheme://host:port), allowed to call us from a browser. */
   get origin(): string | undefined {
     return this.url ? new URL(this.url).origin : undefined;
+  }
+
+  /**
+   * Which webui answers (asked once; undefined while it is down or none is configured): the
+   * first probe route that exists (any status but 404) names it, else A1111.
+   */
+  async flavour(): Promise<Flavour | undefined> {
+    if (!this.http) return undefined;
+    this.detected ??= this.detect();
+    const found = await this.detected;
+    if (!found) this.detected = undefined; // down now: ask again next time
+    return found;
+  }
+
+  private async detect(): Promise<Flavour | undefined> {
+    for (const { flavour, route } of FLAVOUR_PROBES) {
+      try {
+        await this.http!.get(route, { timeout: 5000 });
+        return flavour;
+      } catch (err) {
+        const status = axios.isAxiosError(err) ? err.response?.status : undefined;
+        if (status === undefined) return undefined; // no answer at all: the webui is down
+        if (status !== 404) return flavour;
+      }
+    }
+    return 'a1111';
+  }
+
+  /** What this webui can do with an output of `kind` (A1111's routes while the flavour is unknown). */
+  async support(kind: OutputKind): Promise<KindSupport & { webui: string }> {
+    const f = (await this.flavour()) ?? 'a1111';
+    return { ...SUPPORT[f][kind], webui: FLAVOUR_NAMES[f] };
+  }
+
+  /** Why this webui cannot use an output of `kind` at all (Forge/SD.Next and hypernetworks), else undefined. */
+  async unusable(kind: OutputKind): Promise<string | undefined> {
+    return (await this.support(kind)).unusable;
   }
 
   private async get<T>(path: string): Promise<T> {
@@ -141,8 +198,9 @@ export class WebuiClient {
     return this.get('/sdapi/v1/sd-models');
   }
 
-  async embeddings(): Promise<{ loaded: Record<string, unknown>; skipped: Record<string, unknown> }> {
-    return this.get('/sdapi/v1/embeddings');
+  /** Loaded and skipped embeddings, whichever shape the flavour answers in. */
+  async embeddings(): Promise<{ loaded: string[]; skipped: SkippedEmbedding[] }> {
+    return embeddingLists(await this.get('/sdapi/v1/embeddings'));
   }
 
   async hypernetworks(): Promise<{ name: string; path?: string }[]> {
@@ -155,7 +213,10 @@ export class WebuiClient {
 
   /** Ask the webui to rescan the folder an output of `kind` went to. */
   async refresh(kind: OutputKind): Promise<WebuiOutcome> {
-    const route = REFRESH_ROUTE[kind];
+    const support = await this.support(kind);
+    if (support.unusable) return { ok: true, message: `nothing to refresh: ${support.unusable}` };
+    if (!support.refresh) return { ok: true, message: `not refreshed: ${support.noRefresh}` };
+    const route = support.refresh;
     const err = await this.postRetried(route);
     return err
       ? { ok: false, message: `could not refresh the webui's ${kind} list (${route}): ${err}` }
@@ -165,10 +226,13 @@ export class WebuiClient {
   /** Check the webui lists `output` after the refresh; say how to use it, or why not. */
   async verify(kind: OutputKind, output: string, usage: string): Promise<WebuiOutcome> {
     const name = stem(output);
+    const support = await this.support(kind);
+    if (support.unusable) return { ok: true, ready: false, message: `not usable here: ${support.unusable}` };
     try {
       const found = await this.lookup(kind, name);
       if (found === true) return { ok: true, ready: true, message: `ready: use \`${usage}\`` };
-      const why = found === false ? `the webui does not list ${kind} '${name}'` : found;
+      const missing = `the webui does not list ${kind} '${name}'` + (support.noRefresh ? ` yet — ${support.noRefresh}` : '');
+      const why = found === false ? missing : found;
       return { ok: true, ready: false, message: `not ready: ${why}` };
     } catch (err) {
       return { ok: false, ready: false, message: `could not check the webui's ${kind} list: ${reason(err)}` };
@@ -179,8 +243,8 @@ export class WebuiClient {
   private async lookup(kind: OutputKind, name: string): Promise<boolean | string> {
     if (kind === 'embedding') {
       const { loaded, skipped } = await this.embeddings();
-      if (name in (loaded ?? {})) return true;
-      const s = (skipped ?? {})[name] as { shape?: number } | undefined;
+      if (loaded.includes(name)) return true;
+      const s = skipped.find((e) => e.name === name);
       if (s) {
         return `the webui skipped embedding '${name}'${s.shape ? ` (vector size ${s.shape})` : ''}: it does not fit the loaded checkpoint`;
       }

@@ -12,6 +12,7 @@ import { describe, test } from 'node:test';
 import { Command } from 'commander';
 import { registerServe, serveOptions } from '../bridge/commands/serve.ts';
 import { PREVIEW_PREFIX, previewPrompt, previewTarget } from '../bridge/webui-preview.ts';
+import type { Flavour } from '../bridge/webui-flavours.ts';
 import { TINY_PNG, startFakeWebui, type FakeWebui } from './helpers/fake-webui.ts';
 import { events, makeDirs, startTestServer, waitJob, type TestDirs, type TestServer } from './helpers/api-server.ts';
 import type { ServerOptions } from '../bridge/config.ts';
@@ -20,9 +21,9 @@ const webuiDirs = (d: TestDirs) => ({ embeddings: d.embeddings, hypernetworks: d
 const paths = (w: FakeWebui) => w.calls.map((c) => `${c.method} ${c.path}`);
 const leftovers = (d: TestDirs) => [...readdirSync(d.embeddings), ...readdirSync(d.hypernetworks)].filter((f) => f.startsWith(PREVIEW_PREFIX));
 
-async function withWebui(extra: Partial<ServerOptions>, fn: (t: TestServer, webui: FakeWebui, dirs: TestDirs) => Promise<void>): Promise<void> {
+async function withWebui(extra: Partial<ServerOptions>, fn: (t: TestServer, webui: FakeWebui, dirs: TestDirs) => Promise<void>, flavour?: Flavour): Promise<void> {
   const dirs = makeDirs();
-  const webui = await startFakeWebui({ dirs: webuiDirs(dirs) });
+  const webui = await startFakeWebui({ dirs: webuiDirs(dirs), flavour });
   const t = await startTestServer({ webuiUrl: webui.url, ...extra }, dirs);
   try {
     await fn(t, webui, dirs);
@@ -85,6 +86,19 @@ describe('previews through the webui', () => {
       assert.ok(paths(webui).includes('POST /sidetrain/refresh-hypernetworks'));
       assert.deepEqual(leftovers(dirs), []);
     });
+  });
+
+  test('Forge and SD.Next ignore hypernetworks: no preview that would render without it, the reason said', async () => {
+    for (const flavour of ['forge', 'sdnext'] as Flavour[]) {
+      await withWebui({}, async (t, webui, dirs) => {
+        const { job, messages } = await runJob(t, 'stub_hypernetwork', 'hn');
+        assert.equal(job.state, 'finished', job.error);
+        assert.equal(webui.txt2img.length, 0, flavour);
+        assert.ok(messages.some((m) => m.type === 'log' && /webui preview at step 5 failed \((Forge lists hypernetworks|SD.Next does not support hypernetworks)/.test(m.message)), flavour);
+        assert.match(job.webui.message, /^not usable here: /);
+        assert.deepEqual(leftovers(dirs), []);
+      }, flavour);
+    }
   });
 
   test('a webui that fails the generation: a warning, the copy removed, the job finishes', async () => {

@@ -2,7 +2,7 @@
  * @file The webui client against a stand-in webui (test/helpers/fake-webui.ts): folders discovered
  * from cmd-flags, refresh + "ready: use `name`" after an output, skipped embeddings reported,
  * VRAM unload/reload (also after a failure), pause while it generates, --api-auth, retries,
- * and a webui that is down never failing the job.
+ * and a webui that is down never failing the job. Each flavour's own routes: webui-flavours.test.ts.
  */
 import assert from 'node:assert/strict';
 import { existsSync, writeFileSync } from 'node:fs';
@@ -42,13 +42,14 @@ describe('with a running webui', () => {
     await ev.waitFor((m) => m.type === 'webui' && m.action === 'reload');
     const job = await waitJob(t, r.body.id, (j) => j.state === 'finished' && j.webui);
     assert.deepEqual(job.webui, { ready: true, message: 'ready: use `pallas_cat`' });
-    const order = paths(webui).filter((p) => !p.includes('cmd-flags'));
+    // the flavour probes (webui-flavours.ts) are asked once, by the first refresh
+    const order = paths(webui).filter((p) => !p.includes('cmd-flags') && !p.endsWith('/version') && !p.endsWith('/sd-modules'));
     assert.deepEqual(order, [
       'POST /sdapi/v1/unload-checkpoint',
+      'POST /sdapi/v1/reload-checkpoint',
       'POST /sdapi/v1/refresh-embeddings',
       'GET /sdapi/v1/embeddings',
-      'POST /sdapi/v1/reload-checkpoint',
-    ]);
+    ], 'the model back first: the check needs it loaded');
     ev.close();
   });
 
@@ -86,7 +87,7 @@ describe('with a running webui', () => {
     const models = await t.api('/api/webui/models');
     assert.deepEqual(models.body.items.map((m: { title: string }) => m.title), ['tiny.safetensors [0123456789]']);
     const health = await t.api('/api/health');
-    assert.deepEqual(health.body.webui, { url: webui.url, up: true });
+    assert.deepEqual(health.body.webui, { url: webui.url, up: true, flavour: 'AUTOMATIC1111' });
   });
 });
 
@@ -104,7 +105,7 @@ describe('webui trouble never fails a job', () => {
       assert.ok(existsSync(join(dirs.embeddings, 'lonely.pt')));
       const log = await t.api(`/api/jobs/${r.body.id}/log?format=jsonl`);
       const webuiEvents = String(log.body).trim().split('\n').map((l) => JSON.parse(l)).filter((e) => e.type === 'webui');
-      assert.deepEqual(webuiEvents.map((e) => `${e.action}:${e.ok}`), ['unload:false', 'refresh:false', 'verify:false', 'reload:false']);
+      assert.deepEqual(webuiEvents.map((e) => `${e.action}:${e.ok}`), ['unload:false', 'reload:false', 'refresh:false', 'verify:false']);
       const listing = await t.api('/api/webui/embeddings');
       assert.equal(listing.body.webuiUp, false);
       assert.deepEqual(listing.body.items.map((i: { name: string }) => i.name), ['lonely'], 'from the folder');

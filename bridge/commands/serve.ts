@@ -7,7 +7,7 @@
  */
 import type { Command } from 'commander';
 import { checkWebuiDir, fromEnv, onOff, DEFAULT_HOST, DEFAULT_PORT, FOLDER_SETTINGS, type ServerOptions } from '../config.ts';
-import { startServer } from '../main.ts';
+import { parseAuth, startServer } from '../main.ts';
 
 const list = (v: string, prev: string[] = []) => [...prev, ...v.split(',').map((s) => s.trim()).filter(Boolean)];
 
@@ -40,6 +40,7 @@ export function serveOptions(o: Record<string, unknown>, env: NodeJS.ProcessEnv 
     maxOldSpaceMb: o.maxMemory as number | undefined,
     logLevel: (o.logLevel ?? 'info') as string,
   };
+  parseAuth(opts.webuiAuth); // a malformed value is refused here, not at the first webui call
   if (!['off', 'unload', 'pause'].includes(opts.vram!)) throw new Error(`--vram: expected off, unload or pause, got '${opts.vram}'`);
   return opts;
 }
@@ -57,7 +58,7 @@ export function registerServe(program: Command): void {
     serve.option(`${flag} <dir>`, `where ${what} go (overrides the webui's folders; env ${env})`);
   }
   serve
-    .option('--api-auth <user:pass>', "credentials of a webui started with --api-auth")
+    .option('--api-auth <user:pass>', "credentials of a webui started with --api-auth (SD.Next: --auth); other users can read a command line: SIDETRAIN_WEBUI_AUTH is safer")
     .option('--vram <mode>', "off | unload (free the webui's model during a job) | pause (pause while the webui generates)", 'off')
     .option('--webui-previews <on|off>', "render each snapshot with the webui's txt2img when it is up (default on; env SIDETRAIN_WEBUI_PREVIEWS)")
     .option('--concurrency <n>', 'jobs run at the same time', (v) => Number(v), 1)

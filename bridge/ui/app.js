@@ -188,7 +188,7 @@ function buildForms(methods, components, models) {
 function showHealth(h) {
   // --webui-dir (or explicit folders) configures a webui without a URL: its folders say which
   const root = /^(.*)[\\/]models[\\/]Stable-diffusion$/.exec(h.folders?.checkpoints ?? '')?.[1];
-  const webui = h.webui?.url ? `webui ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : root ? `webui folder ${root}` : `no webui set up: outputs in ${h.folders?.lora?.replace(/[\\/]lora$/, '') ?? 'the state folder'}`;
+  const webui = h.webui?.url ? `${h.webui.flavour ?? 'webui'} ${h.webui.up ? 'up' : 'down'} (${h.webui.url})` : root ? `webui folder ${root}` : `no webui set up: outputs in ${h.folders?.lora?.replace(/[\\/]lora$/, '') ?? 'the state folder'}`;
   $('.health').textContent = `v${h.version} · backend ${h.backend ?? '(first job decides)'} · ${webui}`;
   // the GPU adapter (vendor, architecture, limits) or why webgpu is skipped, on hover
   if (h.webgpu) $('.health').title = `webgpu: ${h.webgpu}`;

@@ -152,3 +152,17 @@ def webui_url() -> str:
     scheme = "https" if _get(cmd, "tls_keyfile") and _get(cmd, "tls_certfile") else "http"
     subpath = _first_text(_get(cmd, "subpath")).strip("/")
     return f"{scheme}://127.0.0.1:{port}" + (f"/{subpath}" if subpath else "")
+
+
+def webui_api_auth() -> str:
+    """The `user:pass` the webui's API wants, for the sidecar's calls to it; "" when it wants none.
+    A1111 and Forge: `--api-auth` (modules/api/api.py reads `cmd_opts.api_auth`); SD.Next: `--auth`
+    (its Api class puts `cmd_opts.auth` on every API route). Both take a comma-separated list of
+    pairs; the first one serves."""
+    cmd = _get(_shared(), "cmd_opts")
+    for key in ("api_auth", "auth"):
+        value = _first_text(_get(cmd, key))
+        pair = value.split(",")[0].strip()
+        if ":" in pair:
+            return pair
+    return ""

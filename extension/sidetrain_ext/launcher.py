@@ -6,7 +6,8 @@ webui looks and it can tell the webui to refresh. Which sidetrain runs:
   `npm install` done);
 - else `sidetrain` on PATH (`npm install -g`), else `npx --no-install sidetrain` (a local install;
   `--no-install` so npx never fetches a package of that name from the registry by itself).
-The token goes to the child in `SIDETRAIN_TOKEN` (not argv, which other users can read), its
+The token goes to the child in `SIDETRAIN_TOKEN` and the webui's own API credentials (`--api-auth`,
+SD.Next `--auth`) in `SIDETRAIN_WEBUI_AUTH` (not argv, which other users can read), its
 output to `<extension>/sidecar.log`. The process started here is stopped when the webui exits
 normally; on Ctrl+C the terminal's SIGINT reaches it too (same process group).
 """
@@ -24,7 +25,7 @@ import urllib.request
 from typing import Optional
 from urllib.parse import urlsplit
 
-from .config import Settings, read_settings, resolve_folders, webui_url
+from .config import Settings, read_settings, resolve_folders, webui_api_auth, webui_url
 
 log = logging.getLogger("sidetrain")
 
@@ -128,6 +129,9 @@ def _log_file():
 def _spawn(settings: Settings) -> subprocess.Popen:
     command = build_command(settings, resolve_folders(), webui_url(), supported_flags(_program(settings)))
     env = dict(os.environ, **({"SIDETRAIN_TOKEN": settings.token} if settings.token else {}))
+    auth = webui_api_auth()
+    if auth:
+        env["SIDETRAIN_WEBUI_AUTH"] = auth
     output = _log_file()
     try:
         process = subprocess.Popen(command, cwd=settings.folder or None, env=env, stdin=subprocess.DEVNULL,

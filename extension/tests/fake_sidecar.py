@@ -127,7 +127,8 @@ def main(argv):
     record = os.environ.get("FAKE_SIDECAR_ARGS")
     if record:
         with open(record, "w") as f:
-            json.dump({"argv": argv, "token": os.environ.get("SIDETRAIN_TOKEN", "")}, f)
+            json.dump({"argv": argv, "token": os.environ.get("SIDETRAIN_TOKEN", ""),
+                       "webui_auth": os.environ.get("SIDETRAIN_WEBUI_AUTH", "")}, f)
     port = int(argv[argv.index("--port") + 1])
     uvicorn.run(make_app(port, os.environ.get("SIDETRAIN_TOKEN", "")), host="127.0.0.1", port=port,
                 log_level="warning", lifespan="off")

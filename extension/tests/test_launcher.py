@@ -12,6 +12,7 @@ from unittest import mock
 import support  # noqa: F401  (import paths)
 from fake_sidecar import make_app
 from support import TESTS_DIR, ServerThread, free_port, make_webui
+from modules import shared
 
 from sidetrain_ext import launcher
 from sidetrain_ext.config import Settings
@@ -93,6 +94,7 @@ class LauncherTest(unittest.TestCase):
                                           "from fake_sidecar import main\nmain(sys.argv[1:])\n")
         env = {"PATH": self.bin + os.pathsep + os.environ["PATH"], "FAKE_SIDECAR_ARGS": record}
         wanted = settings(free_port(), token="tok")
+        shared.cmd_opts.api_auth = "me:s3cret,other:pw"  # the webui runs with --api-auth
         with mock.patch.dict(os.environ, env):
             message = launcher.start(wanted, wait=30)
             if "sidecar up" not in message:
@@ -105,11 +107,22 @@ class LauncherTest(unittest.TestCase):
             recorded = json.load(f)
         self.assertEqual(recorded["token"], "tok")  # in the environment...
         self.assertNotIn("tok", recorded["argv"])  # ...not on the command line
+        self.assertEqual(recorded["webui_auth"], "me:s3cret")  # the webui's API credentials too...
+        self.assertFalse(any("s3cret" in a for a in recorded["argv"]))  # ...never in argv
         argv = recorded["argv"]
         self.assertEqual(argv[argv.index("--hypernetwork-dir") + 1], self.folders["hypernetwork_dir"])
         launcher.stop_started()
         self.assertIsNotNone(process.poll())
         self.assertIsNone(launcher.health(wanted))
+
+    def test_the_webuis_api_credentials(self):
+        from sidetrain_ext.config import webui_api_auth
+        self.assertEqual(webui_api_auth(), "")  # no --api-auth: none
+        shared.cmd_opts.api_auth = "a:b:c, d:e"  # A1111/Forge --api-auth: the first pair, colons kept
+        self.assertEqual(webui_api_auth(), "a:b:c")
+        make_webui(self.root, "sdnext")
+        shared.cmd_opts.auth = "next:pw"  # SD.Next --auth
+        self.assertEqual(webui_api_auth(), "next:pw")
 
     def test_autostart_off_does_nothing(self):
         self.assertIsNone(launcher.autostart_in_background())
