@@ -1,7 +1,8 @@
 /**
  * @file `sidetrain inspect FILE [--json]`: what a checkpoint / embedding / hypernetwork file is,
  * found without executing anything (restricted unpickler, validated safetensors header). Prints
- * the format, the detected model family and parameterisation or the embedding/hypernetwork
+ * the format, the detected model family, parameterisation and head split (from the config beside
+ * it or the family's release config; refused when a job could not load it) or the embedding/hypernetwork
  * layout, a LoRA's modules, rank and alpha, sidetrain's optimizer state, tensor count, parameters,
  * dtypes — or the error, with exit code 1.
  */
@@ -14,6 +15,7 @@ import { readOptim } from '../../trainers/io/optim-file.ts';
 import { openTorchZip } from '../../trainers/io/torchzip.ts';
 import { numel } from '../../trainers/io/dtypes.ts';
 import type { TensorSource } from '../../trainers/io/types.ts';
+import { modelConfig } from './inspect-model.ts';
 
 type Report = Record<string, unknown>;
 
@@ -43,7 +45,12 @@ async function torchKind(path: string): Promise<'checkpoint' | 'hypernetwork' | 
 async function inspectCheckpoint(path: string, format: string): Promise<Report> {
   const ck = await openCheckpoint(path);
   try {
-    return { file: path, format, kind: 'checkpoint', family: ck.family, prediction: ck.prediction ?? null, predictionFrom: ck.predictionFrom, ...tensorStats(ck.source), metadata: ck.source.metadata() };
+    const shapes = new Map(ck.source.keys().map((k) => [k, ck.source.info(k).shape] as [string, number[]]));
+    const { config, heads } = modelConfig(path, ck.family, shapes);
+    return {
+      file: path, format, kind: 'checkpoint', family: ck.family, prediction: ck.prediction ?? null, predictionFrom: ck.predictionFrom,
+      config, heads, ...tensorStats(ck.source), metadata: ck.source.metadata(),
+    };
   } finally {
     await ck.source.close();
   }

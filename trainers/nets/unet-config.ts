@@ -142,7 +142,10 @@ function attnLayer(cfg: UNetConfig, ch: number, depth: number): UNetLayer {
   const heads = cfg.numHeadChannels === -1 ? cfg.numHeads : ch / cfg.numHeadChannels;
   const dHead = ch / heads;
   if (!Number.isInteger(heads) || !Number.isInteger(dHead) || heads < 1) {
-    throw new Error(`UNet: ${ch} channels cannot be split into heads (num_heads ${cfg.numHeads}, num_head_channels ${cfg.numHeadChannels})`);
+    throw new Error(
+      `UNet: ${ch} channels cannot be split into heads (num_heads ${cfg.numHeads}, num_head_channels ${cfg.numHeadChannels})`
+      + ' — the head split is in no tensor: it comes from the config beside the checkpoint (<name>.yaml or config.json), else the family\'s release config',
+    );
   }
   return { kind: 'attn', ch, heads, dHead, depth };
 }
