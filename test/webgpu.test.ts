@@ -64,6 +64,14 @@ test('a binding over the adapter limit: refused before dispatch naming the op, o
   assert.deepEqual(scoped.small, [2, 3]);
 });
 
+test('a gather or matmul input over the binding limit is refused before dispatch, naming the op and the input', { skip }, async () => {
+  const r = await child('oversize-inputs', { ...lavapipeEnv });
+  const over = String.raw`float32 is [\d.]+ MiB, over this adapter's storage binding limit of [\d.]+ MiB`;
+  assert.match(String((r.gather as { error?: string }).error), new RegExp(String.raw`^webgpu: GatherV2 \(\w+\) input 0 \[(?:\d+, )*256\] ${over}`));
+  assert.match(String((r.matmul as { error?: string }).error), new RegExp(String.raw`^webgpu: BatchMatMul \(\w+\) input 0 \[1, \d+, 256\] ${over}`));
+  assert.deepEqual(r.small, [2, 3]);
+});
+
 test("sidetrain's Conv2DBackpropFilter (a product per filter tap) agrees with a float64 loop", { skip }, async () => {
   const errors = (await child('conv-filter-grad', { ...lavapipeEnv })) as unknown as number[];
   assert.equal(errors.length, 5);

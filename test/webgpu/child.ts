@@ -2,6 +2,7 @@
  * @file Runs in a child process of test/webgpu.test.ts (Dawn reads VK_ICD_FILENAMES and the
  * loader path at process start): `probe` prints the backend choice and health's webgpu line;
  * `oversize` makes a tensor over the adapter's storage binding limit and prints the error;
+ * `oversize-inputs` gives such a tensor (uploaded from JS) to a gather and a matmul and prints theirs;
  * `conv-filter-grad` prints Conv2DBackpropFilter's largest error against a float64 loop per case.
  */
 import { initBackend, tf } from '../../trainers/backend/index.ts';
@@ -26,6 +27,22 @@ if (mode === 'probe') {
   // the backend keeps working after the refusal
   const small = Array.from(await tf.add(tf.tensor([1, 2]), 1).data());
   console.log(JSON.stringify({ ...(result as object), small }));
+} else if (mode === 'oversize-inputs') {
+  const choice = await initBackend('webgpu');
+  const limit = Number(/binding ≤ (\d+) MiB/.exec(choice.adapter ?? '')?.[1]);
+  const rows = ((limit + 8) * 2 ** 20) / (4 * 256); // 8 MiB over the limit as [rows, 256] float32
+  const big = tf.tensor2d(new Float32Array(rows * 256).fill(0.5), [rows, 256]);
+  const errorOf = async (f: () => tf.Tensor) => {
+    try {
+      return { value: Array.from(await f().data()).slice(0, 2) };
+    } catch (err) {
+      return { error: String(err instanceof Error ? err.message : err) };
+    }
+  };
+  const gather = await errorOf(() => tf.gather(big, [0, 1]));
+  const matmul = await errorOf(() => tf.matMul(big, tf.ones([256, 2])));
+  const small = Array.from(await tf.add(tf.tensor([1, 2]), 1).data());
+  console.log(JSON.stringify({ gather, matmul, small }));
 } else if (mode === 'conv-filter-grad') {
   await initBackend('webgpu');
   console.log(JSON.stringify(await convFilterGradErrors()));
