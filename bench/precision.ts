@@ -1,8 +1,9 @@
 /**
  * @file Precision bench: the peak probes of this machine's cores (float32 FMA; AVX512-BF16 and AMX
  * when present), then each GEMM kernel class of an SD1.5 step — a linear layer, the two attention
- * products at head width 40, a 3×3 conv and its input gradient — in fp32, in bf16 on the best
- * kernel, and in bf16 on the portable kernel, each as GFLOP/s per core and % of its unit's peak.
+ * products at head width 40, a 3×3 conv and its input gradient — in fp32 and in bf16 on every
+ * bf16 kernel this CPU reaches (the default one marked), each as GFLOP/s per core and % of its
+ * unit's peak (float32 FMA for the kernels that widen bf16 to float32).
  * GFLOP/s per core divides by the process's CPU seconds (not wall time), so a shared machine's
  * other load costs little accuracy; wall ms are shown too. Run: `node --import tsx bench/precision.ts`.
  */
@@ -72,15 +73,25 @@ export async function benchPrecision(reps = 3): Promise<Row[]> {
     peak[kind] = addon.peakProbe(kind, 0.3);
     rows.push({ bench: 'peak probe', case: kind, gflopsPerCore: peak[kind]! < 0 ? 'absent' : Math.round(peak[kind]!) });
   }
+  // every distinct bf16 kernel this CPU reaches, the default one first; each against its unit's peak
   const best = addon.bf16Isa('');
+  const caps = ['', 'avx512-bf16', 'avx512-fma', 'portable'] as const;
+  const kernels = new Map<string, (typeof caps)[number]>();
+  for (const cap of caps) {
+    const k = addon.bf16Isa(cap);
+    if (!kernels.has(k)) kernels.set(k, cap);
+  }
+  addon.bf16Isa('');
   const variants = [
-    { variant: 'fp32', bf16: false, isa: '', peakOf: 'fp32-fma' },
-    { variant: `bf16 ${best}`, bf16: true, isa: '', peakOf: best === 'portable' ? 'fp32-fma' : best },
-    ...(best === 'portable' ? [] : [{ variant: 'bf16 portable', bf16: true, isa: 'portable', peakOf: 'fp32-fma' }]),
+    { variant: 'fp32', bf16: false, isa: '' as (typeof caps)[number], peakOf: 'fp32-fma' },
+    ...[...kernels].map(([k, cap]) => ({
+      variant: `bf16 ${k}${k === best ? ' (default)' : ''}`, bf16: true, isa: cap,
+      peakOf: k === 'amx' || k === 'avx512-bf16' ? k : 'fp32-fma',
+    })),
   ];
   for (const c of CASES()) {
     for (const v of variants) {
-      addon.bf16Isa(v.isa as '');
+      addon.bf16Isa(v.isa);
       const t = time(c, addon, v.bf16, reps);
       rows.push({ bench: 'gemm', case: c.name, variant: v.variant, ...t, pctOfPeak: Math.round((100 * t.gflopsPerCore) / peak[v.peakOf]!) });
     }

@@ -3,8 +3,8 @@
  * conv2d, its input gradient and batched matmul under bf16 equal the float32 kernels run on the
  * bf16-rounded operands, within float32 accumulation error (a bf16 product is exact in float32,
  * so only the summation order differs); the filter gradient stays float32 bit for bit. Runs every
- * bf16 kernel this CPU has (AMX, AVX512-BF16) and the portable one always; the portable kernel
- * gives the AVX512-BF16 kernel's sums bit for bit.
+ * bf16 kernel this CPU has (AMX, AVX512-BF16, AVX-512 FMA on the widened values) and the portable
+ * one always; the portable kernel gives the AVX512-BF16 and AVX-512 FMA kernels' sums bit for bit.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -37,7 +37,7 @@ const rand = (shape: number[], seed: number, round = false): Tensor => {
 function kernels(): string[] {
   const addon = loadAddon();
   const seen = new Set<string>();
-  for (const cap of ['', 'avx512-bf16', 'portable'] as const) seen.add(addon.bf16Isa!(cap));
+  for (const cap of ['', 'avx512-bf16', 'avx512-fma', 'portable'] as const) seen.add(addon.bf16Isa!(cap));
   addon.bf16Isa!(''); // back to the best (or the env's cap)
   return [...seen];
 }
@@ -90,11 +90,13 @@ test('bf16 conv2d and its input gradient equal float32 on bf16-rounded operands;
     }
   }
   addon.bf16Isa!('');
-  if (kernels().includes('avx512-bf16')) {
-    // avx512-bf16 then portable ran: the same sums bit for bit
-    for (const [i, outs] of byKernel) {
-      assert.deepEqual(outs[2], outs[0], `conv case ${i} y: portable = avx512-bf16`);
-      assert.deepEqual(outs[3], outs[1], `conv case ${i} dx: portable = avx512-bf16`);
+  // every kernel but AMX gives the portable kernel's sums bit for bit
+  const ran = kernels();
+  for (const [i, outs] of byKernel) {
+    const at = (k: string) => 2 * ran.indexOf(k);
+    for (const k of ran.filter((k) => k !== 'amx' && k !== 'portable')) {
+      assert.deepEqual(outs[at(k)], outs[at('portable')], `conv case ${i} y: portable = ${k}`);
+      assert.deepEqual(outs[at(k) + 1], outs[at('portable') + 1], `conv case ${i} dx: portable = ${k}`);
     }
   }
 });
@@ -124,8 +126,8 @@ test('bf16 batched matmul equals float32 on bf16-rounded operands, on every kern
     }
   }
   addon.bf16Isa!('');
-  if (outs.has('avx512-bf16 0'))
-    for (const i of matmulCases.keys()) assert.deepEqual(outs.get(`portable ${i}`), outs.get(`avx512-bf16 ${i}`), `matmul case ${i}: portable = avx512-bf16`);
+  for (const k of kernels().filter((k) => k !== 'amx' && k !== 'portable'))
+    for (const i of matmulCases.keys()) assert.deepEqual(outs.get(`${k} ${i}`), outs.get(`portable ${i}`), `matmul case ${i}: portable = ${k}`);
 });
 
 test('precision: fp32 stays the float32 kernels bit for bit; auto and bf16 resolve with a reason; bad values are named', { skip }, async () => {
@@ -137,7 +139,7 @@ test('precision: fp32 stays the float32 kernels bit for bit; auto and bf16 resol
   assert.deepEqual(after[0], before[0]);
   const bf = choosePrecision('bf16');
   assert.equal(bf.precision, 'bf16');
-  assert.ok(['amx', 'avx512-bf16', 'portable'].includes(bf.kernel!), bf.kernel);
+  assert.ok(['amx', 'avx512-bf16', 'avx512-fma', 'portable'].includes(bf.kernel!), bf.kernel);
   const auto = choosePrecision('auto');
   assert.match(auto.why, /^precision auto → (fp32|bf16): /);
   assert.throws(() => choosePrecision('fp16' as 'fp32'), /precision: unknown 'fp16'/);

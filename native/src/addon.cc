@@ -198,15 +198,15 @@ napi_value Info(napi_env env, napi_callback_info) {
   return obj;
 }
 
-// ([cap: "amx" | "avx512-bf16" | "portable" | ""]) -> the bf16 kernel in use; with an argument,
+// ([cap: "amx" | "avx512-bf16" | "avx512-fma" | "portable" | ""]) -> the bf16 kernel in use; with an argument,
 // first caps the choice at that kernel ("" = the best the CPU has).
 napi_value Bf16Isa(napi_env env, napi_callback_info info) {
   NapiArgs args(env, info, "bf16Isa");
   if (args.present(0)) {
     const std::string cap = args.string(0, "cap", 32);
     if (!args.ok()) return nullptr;
-    if (cap != "" && cap != "amx" && cap != "avx512-bf16" && cap != "portable") {
-      args.type_error("'" + cap + "' is not amx, avx512-bf16, portable or ''");
+    if (cap != "" && cap != "amx" && cap != "avx512-bf16" && cap != "avx512-fma" && cap != "portable") {
+      args.type_error("'" + cap + "' is not amx, avx512-bf16, avx512-fma, portable or ''");
       return nullptr;
     }
     st::bf16_select(cap.c_str());

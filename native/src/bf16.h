@@ -4,11 +4,16 @@
 // accumulation. The micro-kernel is picked at run time (bf16.cc):
 //   amx          AMX tiles, tdpbf16ps (Sapphire Rapids and later; needs the kernel's
 //                ARCH_REQ_XCOMP_PERM permission for the tile data)
-//   avx512-bf16  vdpbf16ps on zmm registers (Cooper Lake, Sapphire Rapids, Zen 4)
-//   portable     float32 FMA on the upconverted values, any CPU (same sums as avx512-bf16:
-//                each bf16 product is exact in float32, and the pair is added odd element
-//                first, as the SDM's VDPBF16PS pseudo-code does)
-// SIDETRAIN_BF16_ISA=avx512-bf16|portable caps the choice (tests and benches force a lower path).
+//   avx512-bf16  vdpbf16ps on zmm registers (Cooper Lake, Sapphire Rapids, Zen 4) — chosen
+//                only where it runs at least at the float32 FMA rate (a few ms of probe at first
+//                use): some cores issue it at half that rate, and there the next kernel is faster
+//   avx512-fma   float32 FMA on zmm registers on the upconverted values (A panels widened when
+//                packed, B panels kept in bf16 and widened in registers), any AVX-512 CPU
+//   portable     the same float32 arithmetic in plain C++, any CPU
+// The three lower kernels give the same sums bit for bit: each bf16 product is exact in float32,
+// and each pair is added odd element first, as the SDM's VDPBF16PS pseudo-code does.
+// SIDETRAIN_BF16_ISA=avx512-bf16|avx512-fma|portable caps the choice (tests and benches force a
+// lower path; a cap names the kernel to use when the CPU has it).
 #pragma once
 #include <cstdint>
 #include <cstdlib>
@@ -29,6 +34,7 @@ struct Bf16Kernel {
   int mr;           // rows of one A panel (a multiple of MR is not required)
   int kAlign;       // k of a block padded with zeros to a multiple of this
   bool aRowMajor;   // A panel layout [mr][kpad] instead of [kp][mr][2]
+  bool aFloat;      // A panel holds the bf16 values widened to float32 ([kp][mr][2] floats)
   int mcPanels;     // A panels per MC block
   // rows[r][0..ncols) (=|+=) Σ_k A[r][k]·B[k][j] over kpad (a multiple of kAlign) k
   void (*tile)(long kpad, const uint16_t* a, const uint16_t* b, float* const* rows, int nrows, int ncols, bool acc);
@@ -36,18 +42,29 @@ struct Bf16Kernel {
 
 // The kernel in use (first call detects the CPU and reads SIDETRAIN_BF16_ISA).
 const Bf16Kernel& bf16_kernel();
-// Caps the kernel at `name` ("amx", "avx512-bf16", "portable"; "" = the best present) and
-// returns the one now in use.
+// Caps the kernel at `name` ("amx", "avx512-bf16", "avx512-fma", "portable"; "" = the best
+// present) and returns the one now in use.
 const Bf16Kernel& bf16_select(const char* name);
 
 // One core's GFLOP/s on a register-resident loop of `kind` (peak.cc), -1 when absent.
 double peak_probe(const char* kind, double seconds);
+// Whether this CPU (and OS) runs `isa` ("amx", "avx512-bf16", "avx512f"), bf16.cc.
+bool cpu_has(const char* isa);
+// vdpbf16ps GFLOP/s over float32 zmm FMA GFLOP/s on this core (peak.cc; a few ms), 0 without them.
+double bf16_dot_fma_ratio();
 
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+// f rounded to bf16 and widened back to float32.
+inline float bf16_round(float f) {
+  const uint32_t u = static_cast<uint32_t>(float_to_bf16(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
 }
 
 // Packed bf16 B of every problem, kept between calls like packed_b_buffer (gemm.h).
@@ -76,12 +93,19 @@ template <class PA>
 void pack_a16(const Bf16Kernel& kern, const PA& pa, uint16_t* dst, long m, int rows, long k0, long kc, long kpad) {
   float* f = scratch16().f;
   const int mr = kern.mr;
-  if (rows < mr || kc < kpad) std::memset(dst, 0, sizeof(uint16_t) * mr * kpad);
+  if (rows < mr || kc < kpad) std::memset(dst, 0, (kern.aFloat ? sizeof(float) : sizeof(uint16_t)) * mr * kpad);
   for (int r0 = 0; r0 < rows; r0 += MR) {
     const int n = std::min(MR, rows - r0);
     pa.pack(f, m + r0, n, k0, kc);
     if (kc & 1) std::memset(f + kc * MR, 0, sizeof(float) * MR);  // the odd k's partner
-    if (kern.aRowMajor) {
+    if (kern.aFloat) {
+      float* d = reinterpret_cast<float*>(dst) + 2 * r0;
+      for (long k = 0; k < kc; k += 2) {
+        const float* f0 = f + k * MR;
+        float* dk = d + k * mr;  // pair k/2 of [kp][mr][2]
+        for (int r = 0; r < n; r++) dk[2 * r] = bf16_round(f0[r]), dk[2 * r + 1] = bf16_round(f0[MR + r]);
+      }
+    } else if (kern.aRowMajor) {
       for (int r = 0; r < n; r++) {
         uint16_t* d = dst + static_cast<long>(r0 + r) * kpad;
         for (long k = 0; k < kc; k++) d[k] = float_to_bf16(f[k * MR + r]);
@@ -123,7 +147,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
   using namespace bf16_detail;
   if (count <= 0 || M <= 0 || N <= 0 || K <= 0) return;
   const Bf16Kernel& kern = bf16_kernel();
-  const long al = kern.kAlign, kblocks = (K + KCB - 1) / KCB;
+  const long al = kern.kAlign, kblocks = (K + KCB - 1) / KCB, aw = kern.aFloat ? 2 : 1;  // A halves per value
   // padded K of every block: KCB is a multiple of every kAlign, so only the last block pads
   const long Kpad = (kblocks - 1) * KCB + ((K - (kblocks - 1) * KCB + al - 1) / al) * al;
   const long npanels = (N + NRB - 1) / NRB, Npad = npanels * NRB;
@@ -152,7 +176,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
       const long kc = std::min(KCB, K - pc), kpad = ((kc + al - 1) / al) * al;
       const bool acc = accumulate || pc > 0;
       for (long ir = 0; ir < mc; ir += kern.mr)
-        pack_a16(kern, prob.a, ap + ir * kpad, ic + ir, static_cast<int>(std::min<long>(kern.mr, mc - ir)), pc, kc, kpad);
+        pack_a16(kern, prob.a, ap + ir * kpad * aw, ic + ir, static_cast<int>(std::min<long>(kern.mr, mc - ir)), pc, kc, kpad);
       for (long jr = j0; jr < j1; jr += NRB) {
         const int ncols = static_cast<int>(std::min<long>(NRB, j1 - jr));
         const uint16_t* b = bi + pc * Npad + jr * kpad;
@@ -160,7 +184,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
           const int nrows = static_cast<int>(std::min<long>(kern.mr, mc - ir));
           float* rows[32];
           for (int r = 0; r < nrows; r++) rows[r] = prob.c(ic + ir + r) + jr;
-          kern.tile(kpad, ap + ir * kpad, b, rows, nrows, ncols, acc);
+          kern.tile(kpad, ap + ir * kpad * aw, b, rows, nrows, ncols, acc);
         }
       }
     }

@@ -3,6 +3,7 @@
 // the thread's CPU clock (a shared machine's other load does not count against it).
 #include <time.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -57,9 +58,49 @@ double probe_dpbf16(long iters) {
   __asm__ volatile("" ::"v"(s));
   return 12.0 * 64 * iters;  // 16 lanes × 2 pairs × 2 flops
 }
+
+__attribute__((target("avx512f")))
+double probe_fma512(long iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  __m512 m = _mm512_set1_ps(0.999999f), a = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_fmadd_ps(acc[i], m, a);
+    __asm__ volatile("" : "+v"(m));
+  }
+  __m512 s = acc[0];
+  for (int i = 1; i < 12; i++) s = _mm512_add_ps(s, acc[i]);
+  __asm__ volatile("" ::"v"(s));
+  return 12.0 * 32 * iters;
+}
 #endif
 
+// GFLOP/s of `probe` over about `seconds` of this thread's CPU time.
+double rate(double (*probe)(long), double seconds) {
+  probe(1000);  // warm up (frequency licence, page in)
+  double flops = 0;
+  const double t0 = thread_seconds();
+  while (thread_seconds() - t0 < seconds) flops += probe(1 << 14);
+  return flops / (thread_seconds() - t0) / 1e9;
+}
+
 }  // namespace
+
+double bf16_dot_fma_ratio() {
+#if defined(ST_X86)
+  if (!cpu_has("avx512-bf16") || !cpu_has("avx512f")) return 0;
+  // interleaved twice, the better of each, so that a burst of other load skews neither
+  double dot = 0, fma = 0;
+  for (int i = 0; i < 2; i++) {
+    dot = std::max(dot, rate(probe_dpbf16, 0.002));
+    fma = std::max(fma, rate(probe_fma512, 0.002));
+  }
+  return fma > 0 ? dot / fma : 0;
+#else
+  return 0;
+#endif
+}
 
 // GFLOP/s of one core for `kind` ("fp32-fma", "avx512-bf16", "amx" via a tile GEMM), or -1 when
 // this CPU (or build) has no such unit. Runs for about `seconds` of this thread's CPU time.
@@ -68,11 +109,7 @@ double peak_probe(const char* kind, double seconds) {
   double (*probe)(long) = nullptr;
   if (k == "fp32-fma") probe = probe_fma;
 #if defined(ST_X86)
-  if (k == "avx512-bf16") {
-    if (std::strcmp(bf16_select("avx512-bf16").name, "avx512-bf16") != 0) probe = nullptr;
-    else probe = probe_dpbf16;
-    bf16_select(std::getenv("SIDETRAIN_BF16_ISA"));
-  }
+  if (k == "avx512-bf16" && cpu_has("avx512-bf16")) probe = probe_dpbf16;
 #endif
   if (k == "amx") {
     // no register-resident form: one thread's tile GEMM on a 32 × 32 × 4096 problem in L1/L2
@@ -98,13 +135,7 @@ double peak_probe(const char* kind, double seconds) {
     bf16_select(std::getenv("SIDETRAIN_BF16_ISA"));
     return have ? flops / (thread_seconds() - t0) / 1e9 : -1;
   }
-  if (!probe) return -1;
-  probe(1000);  // warm up (frequency licence, page in)
-  long iters = 1 << 16;
-  double flops = 0;
-  const double t0 = thread_seconds();
-  while (thread_seconds() - t0 < seconds) flops += probe(iters);
-  return flops / (thread_seconds() - t0) / 1e9;
+  return probe ? rate(probe, seconds) : -1;
 }
 
 }  // namespace st

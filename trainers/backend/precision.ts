@@ -7,8 +7,9 @@
  *
  * 'auto' picks bf16 only where it is faster: with AMX tiles, or where the AVX512-BF16 dot product
  * outruns float32 FMA on this core (measured once by the addon's peak probes). On Sapphire Rapids
- * without AMX (e.g. a VM that hides it) vdpbf16ps issues at half the FMA rate, so bf16 there
- * would be slower than fp32 and 'auto' keeps fp32.
+ * without AMX (e.g. a VM that hides it) vdpbf16ps issues at half the FMA rate; there the addon's
+ * bf16 kernel is 'avx512-fma' (float32 FMA on the widened values, about the fp32 speed, the
+ * memory of bf16 weights) and 'auto' keeps fp32.
  */
 import { currentBackend } from './tf.ts';
 import { loadAddon, type NativeAddon } from './native/addon.ts';
@@ -71,13 +72,15 @@ let speedup: number | undefined;
  * How much faster the bf16 kernels run the dense products than fp32 on this CPU, for estimates:
  * the measured peak ratio of the unit (AVX512-BF16 dot product or AMX tile GEMM over float32 FMA,
  * the addon's probes; AMX capped at 4×, since packing and memory bound it well before its 7×
- * peak — not measured: no AMX machine was at hand); the portable kernel runs at about half the
- * fp32 rate (bench/precision.ts).
+ * peak — not measured: no AMX machine was at hand); the avx512-fma kernel runs on the float32
+ * FMA unit itself, at 0.8–1.1× the fp32 GEMM (bench/precision.ts), so 1; the portable kernel at
+ * about half the fp32 rate.
  */
 export function bf16DenseSpeedup(): number {
   if (speedup !== undefined) return speedup;
   const a = addonWithBf16();
   const isa = a?.bf16Isa!() ?? 'none';
+  if (isa === 'avx512-fma') return (speedup = 1);
   if (!a?.peakProbe || isa === 'portable' || isa === 'none') return (speedup = 0.5);
   const fma = a.peakProbe('fp32-fma', 0.05);
   const unit = a.peakProbe(isa === 'amx' ? 'amx' : 'avx512-bf16', 0.05);

@@ -23,11 +23,13 @@ export interface NativeAddon {
     M: number, N: number, K: number, transposeA: boolean, transposeB: boolean, bf16?: boolean,
   ): void;
   /**
-   * The bf16 GEMM kernel in use: 'amx', 'avx512-bf16' or 'portable' (float32 FMA on upconverted
-   * values, the same sums as avx512-bf16). With an argument, first caps the choice at that kernel
-   * ('' = the best this CPU has; env SIDETRAIN_BF16_ISA sets the cap at load).
+   * The bf16 GEMM kernel in use: 'amx', 'avx512-bf16', 'avx512-fma' (float32 FMA on zmm on the
+   * upconverted values; picked over avx512-bf16 where vdpbf16ps is the slower of the two) or
+   * 'portable' (the same float32 arithmetic in plain C++); the last three give the same sums. With
+   * an argument, first caps the choice at that kernel ('' = the best this CPU has; env
+   * SIDETRAIN_BF16_ISA sets the cap at load).
    */
-  bf16Isa?(cap?: '' | 'amx' | 'avx512-bf16' | 'portable'): string;
+  bf16Isa?(cap?: '' | 'amx' | 'avx512-bf16' | 'avx512-fma' | 'portable'): string;
   /** One core's GFLOP/s on a register-resident loop ('fp32-fma', 'avx512-bf16', 'amx'), -1 when absent. */
   peakProbe?(kind: 'fp32-fma' | 'avx512-bf16' | 'amx', seconds: number): number;
   /** y[r,:] = softmax(x[r,:]) over rows × n. */
