@@ -124,8 +124,11 @@ export async function checkWebuiDir(dir: string, flag: string): Promise<string> 
 
 const DISCOVERY_TTL_MS = 30_000;
 
-/** Folders now: explicit → --webui-dir → running webui (cached 30 s) → sidetrain's defaults. */
-export function folderResolver(opts: ServerOptions, webui: WebuiClient): () => Promise<Folders> {
+/** Output folders now; `webuiDir` (a job's own, already checked) stands in for the configured one. */
+export type FolderSource = (webuiDir?: string) => Promise<Folders>;
+
+/** Folders now: explicit → --webui-dir (or the job's) → running webui (cached 30 s) → sidetrain's defaults. */
+export function folderResolver(opts: ServerOptions, webui: WebuiClient): FolderSource {
   const state = stateDirOf(opts);
   // one root for everything when no webui is known: the clone's folders are no place for a user's outputs
   const defaults: Folders = {
@@ -148,8 +151,9 @@ export function folderResolver(opts: ServerOptions, webui: WebuiClient): () => P
     if (d) cached = { at: Date.now(), dirs };
     return dirs;
   };
-  return async () => {
-    const merged = { ...defaults, ...(await discover()), ...(opts.webuiDir ? webuiLayout(opts.webuiDir) : {}), ...opts.folders };
+  return async (jobWebuiDir?: string) => {
+    const webuiDir = jobWebuiDir ?? opts.webuiDir;
+    const merged = { ...defaults, ...(jobWebuiDir ? {} : await discover()), ...(webuiDir ? webuiLayout(webuiDir) : {}), ...opts.folders };
     return Object.fromEntries(Object.entries(merged).map(([k, v]) => [k, resolve(v!)])) as unknown as Folders;
   };
 }

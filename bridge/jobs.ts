@@ -19,12 +19,14 @@ import { WebuiPreviews } from './webui-preview.ts';
 import { LOCK_FILE, waitForWorkerExit } from './worker-lock.ts';
 import { cleanStaleTemps } from '../trainers/io/atomic.ts';
 import type { WebuiClient } from './webui.ts';
+import type { FolderSource } from './config.ts';
+import { checkedWebuiDir } from './job-folders.ts';
 
 export interface JobManagerOptions {
   store: JobStore;
   methods: Record<string, MethodEntry>;
-  /** Current output folders (may ask a running webui). */
-  folders(): Promise<Folders>;
+  /** Current output folders (may ask a running webui); a job's own webui folder stands in for the configured one. */
+  folders: FolderSource;
   webui: WebuiClient;
   /** 'unload': free the webui's model during a job; 'pause': freeze the job while it generates. */
   vram?: 'off' | 'unload' | 'pause';
@@ -86,12 +88,13 @@ export class JobManager {
   }
 
   /** Validate, resolve paths, store as queued and start when a slot is free. */
-  async create(type: string, spec: Record<string, unknown>): Promise<JobRecord> {
-    const prepared = await prepareSpec(this.opts.methods, type, spec, await this.opts.folders());
+  async create(type: string, spec: Record<string, unknown>, webuiDir?: string): Promise<JobRecord> {
+    const prepared = await prepareSpec(this.opts.methods, type, spec, await this.opts.folders(webuiDir));
     const job: JobRecord = {
       id: randomBytes(8).toString('hex'),
       type,
       spec: prepared,
+      ...(webuiDir ? { webuiDir } : {}),
       state: 'queued',
       createdAt: new Date().toISOString(),
       attempts: 0,
@@ -113,7 +116,9 @@ export class JobManager {
     }
     const spec = { ...job.spec };
     if (job.startedAt && 'resume' in (this.schemaProps(job.type) ?? {})) spec.resume = true;
-    job.spec = await prepareSpec(this.opts.methods, job.type, spec, await this.opts.folders());
+    // the webui folder it was started with, checked again: it may have moved since
+    const webuiDir = job.webuiDir ? await checkedWebuiDir(job.webuiDir, '/webuiDir') : undefined;
+    job.spec = await prepareSpec(this.opts.methods, job.type, spec, await this.opts.folders(webuiDir));
     delete job.error;
     delete job.endedAt;
     await this.enqueue(job);

@@ -14,6 +14,8 @@ import { LOSS_CSV_HEADER } from '../trainers/train/loss-log.ts';
 import type { JobManager } from './jobs.ts';
 import { RequestError, fieldError, prepareSpec, type Folders } from './spec.ts';
 import type { WebuiClient } from './webui.ts';
+import type { FolderSource } from './config.ts';
+import { requestFolders } from './job-folders.ts';
 import { FLAVOUR_NAMES } from './webui-flavours.ts';
 import { webgpuStatus } from '../trainers/backend/webgpu/adapter.ts';
 import { listEmbeddings, listHypernetworks, listLoras, listModels } from './listings.ts';
@@ -22,7 +24,7 @@ import { datasetRoutes } from './dataset-routes.ts';
 export interface ServerContext {
   manager: JobManager;
   webui: WebuiClient;
-  folders(): Promise<Folders>;
+  folders: FolderSource;
   version: string;
 }
 
@@ -54,8 +56,9 @@ export function present(j: JobRecord): JobRecord {
 
 /** The estimate runs in the probe process (probe.ts): a model file cannot hold or bloat the server. */
 async function estimate(req: Request, _res: Response, ctx: ServerContext): Promise<unknown> {
-  const { type, spec } = req.body as { type: string; spec: Record<string, unknown> };
-  const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
+  const { type } = req.body as { type: string };
+  const { spec, folders } = await requestFolders(ctx.folders, req.body);
+  const prepared = await prepareSpec(ctx.manager.methods, type, spec, folders);
   if (!estimable(type)) throw new RequestError([fieldError('/type', `has no estimate (estimates exist for ${ESTIMATED_METHODS.join(', ')})`)], 422);
   return await estimateInProbe(type, prepared);
 }
@@ -66,14 +69,15 @@ async function estimate(req: Request, _res: Response, ctx: ServerContext): Promi
  * is refused unless `force` is set.
  */
 async function startJob(req: Request, res: Response, ctx: ServerContext): Promise<unknown> {
-  const { type, spec, force } = req.body as { type: string; spec: Record<string, unknown>; force?: boolean };
-  const prepared = await prepareSpec(ctx.manager.methods, type, spec, await ctx.folders());
+  const { type, force } = req.body as { type: string; force?: boolean };
+  const { spec, webuiDir, folders } = await requestFolders(ctx.folders, req.body);
+  const prepared = await prepareSpec(ctx.manager.methods, type, spec, folders);
   if (prepared.dryRun === true) {
     res.status(200).json({ dryRun: true, type, report: await dryRunInProbe(ctx.manager.methodsModule, type, prepared) });
     return undefined;
   }
   await checkFits(type, prepared, force === true);
-  return present(await ctx.manager.create(type, spec));
+  return present(await ctx.manager.create(type, spec, webuiDir));
 }
 
 /** The webui's URL, whether it answers and which one it is (A1111, Forge, SD.Next). */

@@ -169,6 +169,8 @@ export interface JobRecord {
   id: string;
   type: string;
   spec: Record<string, unknown>;
+  /** The webui folder the request named (StartJobRequest.webuiDir), absolute. */
+  webuiDir?: string;
   state: JobState;
   createdAt: string;
   startedAt?: string;

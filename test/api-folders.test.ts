@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { Command } from 'commander';
@@ -112,6 +112,58 @@ describe('explicit output folders', () => {
     const t = await serverFrom(await parseServe(['--webui-dir', join(dirs.root, 'webui')], { SIDETRAIN_EMBEDDINGS_DIR: fromEnv }), dirs);
     try {
       assert.equal(await runJob(t, 'stub', 'env_emb'), join(fromEnv, 'env_emb.pt'));
+    } finally {
+      await t.close();
+    }
+  });
+});
+
+describe("a job's own webui folder (webuiDir in the request, as the CLI's --webui-dir)", () => {
+  /** A folder laid out like an A1111/Forge install. */
+  const makeWebui = (root: string) => {
+    const dir = join(root, 'my webui');
+    for (const sub of ['embeddings', 'models/hypernetworks', 'models/Lora', 'models/Stable-diffusion']) mkdirSync(join(dir, sub), { recursive: true });
+    writeFileSync(join(dir, 'launch.py'), '');
+    return dir;
+  };
+
+  test('outputs go into that webui; it is kept for a resume; bad folders and escaping paths are refused by field', async () => {
+    const dirs = makeDirs();
+    const webuiDir = makeWebui(dirs.root);
+    const t = await startTestServer({ folders: { logs: dirs.logs } }, dirs);
+    try {
+      const res = await t.api('/api/jobs', { method: 'POST', json: { type: 'stub', webuiDir, spec: { name: 'mycat', steps: 5, stepMs: 0, crashAt: 2, crash: 'throw' } } });
+      assert.equal(res.status, 201, JSON.stringify(res.body));
+      assert.equal(res.body.webuiDir, webuiDir);
+      assert.equal(res.body.spec.embeddingsDir, join(webuiDir, 'embeddings'));
+      const failed = await waitJob(t, res.body.id, (j) => j.state === 'failed');
+      assert.equal(failed.webuiDir, webuiDir);
+      // resumed: the same webui folder, not the server's
+      const again = await t.api(`/api/jobs/${res.body.id}/resume`, { method: 'POST', json: {} });
+      assert.equal(again.status, 200, JSON.stringify(again.body));
+      assert.equal(again.body.spec.embeddingsDir, join(webuiDir, 'embeddings'));
+
+      // spec.webuiDir (a CLI job file sent as it is) means the same
+      const hn = await t.api('/api/jobs', { method: 'POST', json: { type: 'stub_hypernetwork', spec: { name: 'fromfile', steps: 2, stepMs: 0, webuiDir } } });
+      assert.equal(hn.status, 201, JSON.stringify(hn.body));
+      const done = await waitJob(t, hn.body.id, (j) => j.state === 'finished' || j.state === 'failed');
+      assert.equal(done.output, join(webuiDir, 'models', 'hypernetworks', 'fromfile.pt'));
+      assert.ok(existsSync(done.output));
+      assert.equal('webuiDir' in done.spec, false, 'not handed to the method');
+
+      const refused = async (json: Record<string, unknown>, field: string, message: RegExp) => {
+        const r = await t.api('/api/jobs', { method: 'POST', json });
+        assert.equal(r.status, 400, JSON.stringify(r.body));
+        assert.equal(r.body.errors[0].field, field, JSON.stringify(r.body));
+        assert.match(r.body.errors[0].message, message);
+      };
+      await refused({ type: 'stub', webuiDir: join(dirs.root, 'nowhere'), spec: { name: 'x' } }, '/webuiDir', /does not exist: give the folder the webui is installed in/);
+      await refused({ type: 'stub', webuiDir: dirs.logs, spec: { name: 'x' } }, '/webuiDir', /does not look like a webui folder/);
+      await refused({ type: 'stub', spec: { name: 'x', webuiDir: 7 } }, '/spec/webuiDir', /must be the folder a webui is installed in/);
+      // an output folder outside that webui's folders (and the server's explicit ones) stays refused
+      await refused({ type: 'stub', webuiDir, spec: { name: 'x', embeddingsDir: join(dirs.root, 'elsewhere') } }, '/spec/embeddingsDir', /./);
+      const est = await t.api('/api/estimate', { method: 'POST', json: { type: 'stub', webuiDir: join(dirs.root, 'nowhere'), spec: { name: 'x' } } });
+      assert.equal(est.body.errors[0].field, '/webuiDir');
     } finally {
       await t.close();
     }
