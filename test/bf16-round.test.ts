@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { initBackend, tf } from '../trainers/backend/index.ts';
 import { nearestBf16, stochasticRoundBf16, useBf16Weights } from '../trainers/optim/bf16-round.ts';
-import { DbOptimizer, makeGroupOptimizer } from '../trainers/optim/trainable.ts';
+import { TrainableOptimizer, makeGroupOptimizer } from '../trainers/optim/trainable.ts';
 import { Rng } from '../trainers/random.ts';
 import { validate } from '../schemas/index.ts';
 import { dreamboothSpec, runDreambooth, type DbSpec } from '../trainers/methods/dreambooth.ts';
@@ -66,7 +66,7 @@ test('round-to-nearest bf16 ties to even and keeps NaN/Inf', () => {
 test('bf16Weights: updates 40× below half a bf16 step still train (in expectation); every weight stays bf16-exact', async () => {
   const w = tf.variable(tf.ones([1024]), true);
   const vars = new Map([['w', w]]);
-  const opt = new DbOptimizer(makeGroupOptimizer('adamw', vars));
+  const opt = new TrainableOptimizer(makeGroupOptimizer('adamw', vars));
   useBf16Weights(opt, vars, 11);
   const nearest = Float32Array.from({ length: 1024 }, () => 1);
   const g = tf.ones([1024]);

@@ -24,7 +24,7 @@ import { createLora, disposeLora, kohyaName, loraTargets, networkLayerMapping, w
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { trainLoop } from '../trainers/train/loop.ts';
 import {
-  dreamboothLoss, dreamboothMethod, dreamboothPaths, dreamboothSpec, initDreamboothState, nextDbBatch, prepareDreambooth,
+  dreamboothLoss, dreamboothSession, dreamboothPaths, dreamboothSpec, initDreamboothState, nextDbBatch, prepareDreambooth,
   releaseDreambooth, runDreambooth, type DbBatch, type DbSpec,
 } from '../trainers/methods/dreambooth.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';
@@ -127,11 +127,11 @@ test('prior preservation: class images cached; instance loss falls, class loss b
     assert.equal(readdirSync(run.classes.dir).filter((f) => f.endsWith('.png')).length, 2);
     assert.match(run.classes.dir, /class-images[/\\][0-9a-f]{10}-[0-9a-f]{10}$/);
     const paths = dreamboothPaths(spec);
-    const s = await initDreamboothState(run, spec, paths, ctx);
+    const s = await initDreamboothState(run, spec, paths, undefined, ctx);
     try {
       const base = new Map([...s.unet].map(([k, v]) => [k, v.clone()]));
       const before = await fixedLosses(run, spec, base, 4);
-      const method = dreamboothMethod(run, spec, s, paths);
+      const method = dreamboothSession(run, spec, s, paths);
       await trainLoop(method, { startStep: 0, steps: spec.steps, gradAccum: 1, learnRate: () => 0.002, optimizer: s.optimizer, saveEvery: 0, previewEvery: 0, stepsPerEpoch: 1 }, ctx);
       const after = await fixedLosses(run, spec, s.unet, 4);
       assert.ok(after[0] < before[0], `instance loss ${before[0]} → ${after[0]}`);

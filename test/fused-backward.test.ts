@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { checkpointed, lossAndGrads } from '../trainers/nets/recompute.ts';
 import { trainLoop, type LoopOptions, type TrainMethod } from '../trainers/train/loop.ts';
-import { DbOptimizer, makeGroupOptimizer, type OptimizerName } from '../trainers/optim/trainable.ts';
+import { TrainableOptimizer, makeGroupOptimizer, type OptimizerName } from '../trainers/optim/trainable.ts';
 import { makeClipper } from '../trainers/optim/clip-grad.ts';
 import { unetMemoryFor } from '../trainers/memory/options.ts';
 import { validate } from '../schemas/index.ts';
@@ -46,7 +46,7 @@ function toy(seed: number) {
 
 async function train(name: OptimizerName, fused: boolean, steps: number, clip?: LoopOptions['clip']) {
   const { vars, loss } = toy(10);
-  const optimizer = new DbOptimizer(makeGroupOptimizer(name, vars));
+  const optimizer = new TrainableOptimizer(makeGroupOptimizer(name, vars));
   const parts: string[][] = [];
   const step = optimizer.stepPart.bind(optimizer);
   optimizer.stepPart = (grads, lr) => { parts.push([...grads.keys()]); step(grads, lr); };
@@ -83,7 +83,7 @@ test('fused backward: clipping by value is per element (identical), by norm is r
 test('fused backward: gradient accumulation and checkpointing off are refused, naming the options', async () => {
   const { vars, loss } = toy(1);
   const method: TrainMethod<Tensor> = { trainable: vars, nextBatch: () => tf.ones([4, 24]), loss, save: async () => [] };
-  const optimizer = new DbOptimizer(makeGroupOptimizer('adamw', vars));
+  const optimizer = new TrainableOptimizer(makeGroupOptimizer('adamw', vars));
   await assert.rejects(
     trainLoop(method, { startStep: 0, steps: 1, gradAccum: 2, learnRate: () => 0.1, optimizer, saveEvery: 0, previewEvery: 0, stepsPerEpoch: 1, fused: true }, ctx()),
     /cannot sum 2 micro-batches \(gradAccum\)/,

@@ -16,7 +16,7 @@ import { runHypernetwork, hypernetworkLoss, hypernetSpecFromJob, type HnSpec } f
 import { createHypernetwork, type HypernetworkSpec } from '../trainers/nets/hypernet.ts';
 import { disposeParams, type Params } from '../trainers/nets/params.ts';
 import { encodeText } from '../trainers/nets/clip.ts';
-import { diffusionBatch, prepareRun, releaseRun } from '../trainers/train/run.ts';
+import { diffusionBatch, prepareRun, releaseRun } from '../trainers/train/prepare.ts';
 import { readHypernetwork } from '../trainers/io/pt-hypernet.ts';
 import { readOptim } from '../trainers/io/optim-file.ts';
 import { modelHash } from '../trainers/io/checkpoint.ts';

@@ -1,7 +1,7 @@
 /**
  * @file Job options reach the code that uses them. Each method's schema goes through the job
  * builder (bridge/spec.ts prepareSpec: defaults filled, paths checked) with every dataset option set
- * away from its default, and the dataset the trainer loads (train/run.ts loadDataset) must hold
+ * away from its default, and the dataset the trainer loads (train/prepare.ts loadDataset) must hold
  * exactly those values — an option that is accepted, shown in the forms and written into a file's
  * metadata but never given to the dataset (tag shuffling and drop-out once were) fails here.
  */
@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { prepareSpec, type Folders } from '../bridge/spec.ts';
 import { getSchema, loadSchemas } from '../schemas/index.ts';
 import { methods } from '../trainers/methods/index.ts';
-import { loadDataset, type CommonSpec } from '../trainers/train/run.ts';
+import { loadDataset, type CommonSpec } from '../trainers/train/prepare.ts';
 import type { DatasetOptions } from '../trainers/data/dataset.ts';
 
 loadSchemas();

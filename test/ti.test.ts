@@ -23,7 +23,7 @@ import { param } from '../trainers/nets/params.ts';
 import { textKeyNames } from '../trainers/nets/clip.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings } from '../trainers/text/tokenizer.ts';
 import { initialVectors, runTextualInversion, textualInversionLoss, type TiModel, type TiSpec } from '../trainers/methods/textual-inversion.ts';
-import { diffusionBatch, prepareRun, releaseRun, type PreparedRun } from '../trainers/train/run.ts';
+import { diffusionBatch, prepareRun, releaseRun, type PreparedRun } from '../trainers/train/prepare.ts';
 import { NonFiniteError } from '../trainers/train/loop.ts';
 import { runJobInProcess } from '../bridge/commands/train.ts';
 import type { JobContext, JobEvent } from '../trainers/job.ts';

@@ -25,7 +25,7 @@ export interface MethodPlan {
   mergedWeightBytes: number;
   /** The VAE decoder is loaded while preparing (Dreambooth's class images). */
   decoderAtPrep: boolean;
-  /** Parts the method's loader keeps in float16 under halfFrozenWeights (run-common.ts prepareRun). */
+  /** Parts the method's loader keeps in float16 under halfFrozenWeights (train/prepare.ts prepareRun). */
   frozen: { text: boolean; unet: boolean };
   /**
    * fusedBackward: the UNet's gradients are applied and freed block by block, so only the

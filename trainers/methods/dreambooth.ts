@@ -13,10 +13,10 @@
  * half of each batch and the two-part loss come from prior-preservation.ts in both cases.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
-import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
-import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
+import { checkReadableDir } from '../io/paths.ts';
 import { datasetReport, formatDatasetReport } from '../data/dataset.ts';
 import { ClipTokenizer } from '../text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
@@ -33,14 +33,14 @@ import {
   describePrior, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
   type ClassSet, type PriorLoss, type PriorSpec,
 } from '../train/prior-preservation.ts';
-import { loraDryRun, runLora, type LoraSpec } from './lora/lora.ts';
+import { lora, loraDryRun, loraSpec, type LoraSpec } from './lora/lora.ts';
 import { captionOverrideWarning, type CaptionMode } from '../train/instance-prompts.ts';
 import type { JobContext, JobResult } from '../job.ts';
-import type { TrainMethod } from '../train/loop.ts';
-import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
-import { DbOptimizer, makeGroupOptimizer, readOptimizerState, writeOptimizerState } from '../optim/trainable.ts';
+import { parseLrSchedule } from '../optim/lr.ts';
+import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
-import { diffusionBatch, renderPreview, trainAndSave, previewPromptText, type CommonSpec, type PreparedRun, type RunPaths } from '../train/run.ts';
+import { datasetSession, diffusionBatch, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { runMethod, runPaths, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 
 /** The job's options (schemas/dreambooth.json). */
@@ -126,18 +126,6 @@ export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<
   };
 }
 
-/** Every UNet (and text-encoder) weight becomes a trainable variable, in place in the model. */
-function makeVariables(params: Params): Map<string, tf.Variable> {
-  const vars = new Map<string, tf.Variable>();
-  for (const [key, t] of params) {
-    const v = tf.variable(t, true);
-    t.dispose();
-    params.set(key, v);
-    vars.set(key, v);
-  }
-  return vars;
-}
-
 // ---------------------------------------------------------------------------------------------
 // State, save, resume
 
@@ -145,33 +133,21 @@ export interface DbState {
   unet: Map<string, tf.Variable>;
   text: Map<string, tf.Variable>;
   step: number;
-  optimizer: DbOptimizer;
+  optimizer: TrainableOptimizer;
 }
 
-export function dreamboothPaths(spec: DbSpec): RunPaths {
-  const runDir = resolve(spec.logDir, spec.name);
-  return { output: resolve(spec.checkpointDir, `${spec.name}.safetensors`), runDir, snapshots: join(runDir, 'checkpoints'), images: join(runDir, 'images'), csv: join(runDir, 'loss.csv') };
-}
+const layout = (spec: DbSpec): OutputLayout => ({ dir: resolve(spec.checkpointDir), ext: '.safetensors', snapshots: 'checkpoints', snapshotSuffix: '.safetensors', outputResumes: true });
 
-const optimPath = (paths: RunPaths, name: string, step: number) => join(paths.snapshots, `${name}-${step}.optim.safetensors`);
+export const dreamboothPaths = (spec: DbSpec): RunPaths => runPaths(spec, layout(spec));
 
-/** The output if it exists, else the newest `<name>-<step>.safetensors` snapshot. */
-export async function dreamboothResumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
-  if (existsSync(paths.output)) return paths.output;
-  if (!existsSync(paths.snapshots)) return undefined;
-  const re = new RegExp(`^${name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}-(\\d+)\\.safetensors$`);
-  const steps = (await readdir(paths.snapshots)).map((f) => re.exec(f)?.[1]).filter((s): s is string => !!s).map(Number);
-  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.safetensors`) : undefined;
-}
+const optimPath = (paths: RunPaths, name: string, step: number) => snapshotPath(paths, name, step, { snapshotSuffix: '.optim.safetensors' });
 
 /** Trainable variables (from the resumed checkpoint when resuming) and the optimizer (with its saved state). */
-export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPaths, ctx: JobContext): Promise<DbState> {
-  const unet = makeVariables(run.model.unet.params);
-  const text = makeVariables(run.model.text.params);
+export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPaths, from: string | undefined, ctx: JobContext): Promise<DbState> {
+  const unet = makeTrainable(run.model.unet.params);
+  const text = makeTrainable(run.model.text.params);
   for (const v of text.values()) v.trainable = spec.trainTextEncoder;
   let step = 0;
-  const from = spec.resume ? await dreamboothResumeSource(paths, spec.name) : undefined;
-  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting from ${spec.model}` });
   if (from) {
     const { source } = await openCheckpoint(from);
     try {
@@ -186,7 +162,7 @@ export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPa
       await source.close();
     }
   }
-  const optimizer = new DbOptimizer(
+  const optimizer = new TrainableOptimizer(
     makeGroupOptimizer(spec.optimizer, unet),
     spec.trainTextEncoder ? makeGroupOptimizer(spec.optimizer, text) : undefined,
     new Set(text.keys()),
@@ -197,7 +173,7 @@ export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPa
   return { unet, text, step, optimizer };
 }
 
-async function restoreOptimizer(optimizer: DbOptimizer, path: string, ctx: JobContext): Promise<void> {
+async function restoreOptimizer(optimizer: TrainableOptimizer, path: string, ctx: JobContext): Promise<void> {
   const warn = (message: string) => ctx.emit({ type: 'log', level: 'warn', message });
   if (!existsSync(path)) return warn(`no optimizer state ${path}: the optimizer starts afresh`);
   try {
@@ -220,7 +196,7 @@ function checkpointMetadata(run: DbRun, spec: DbSpec, step: number): Record<stri
 
 /** The checkpoint (output or snapshot) and the optimizer state of its step beside the snapshots. */
 async function saveDreambooth(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths, step: number, final: boolean): Promise<string[]> {
-  const path = final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`);
+  const path = final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec));
   const trained = new Map<string, Tensor>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
   await writeCheckpoint({
     dir: dirname(path), name: basename(path, '.safetensors'), source: run.raw, trained, half: spec.half, overwrite: true,
@@ -245,26 +221,30 @@ export function nextDbBatch(run: DbRun, spec: DbSpec, step: number, micro: numbe
   return batch;
 }
 
-export function dreamboothMethod(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths): TrainMethod<DbBatch> {
+export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths, settings: object = {}): Session<DbBatch> {
   const trainable = new Map<string, tf.Variable>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
+  // past the text encoder's step limit its weights stop being trained (and differentiated)
+  const prune = (done: number) => {
+    if (!s.optimizer.textActive(done)) for (const k of s.text.keys()) trainable.delete(k);
+  };
+  prune(s.step);
   const model: DbModel = { ...run.model };
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, spec.previewPrompt || previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
-  let current = 0;
   return {
+    ...datasetSession(run, spec, settings),
+    startStep: s.step,
+    optimizer: s.optimizer,
     trainable,
-    nextBatch: async (step, micro) => {
-      await log.flush();
-      current = step;
-      const textTrains = s.optimizer.textActive(step - 1);
-      // past the text encoder's step limit its weights stop being trained (and differentiated)
-      if (!textTrains) for (const k of s.text.keys()) trainable.delete(k);
-      return nextDbBatch(run, spec, step, micro, !textTrains);
-    },
-    loss: (batch) => {
+    nextBatch: (step, micro) => nextDbBatch(run, spec, step, micro, !s.optimizer.textActive(step - 1)),
+    loss: (batch, step) => {
       const parts = dreamboothLoss(model, batch, spec.priorWeight);
-      log.record(current, parts);
+      log.record(step, parts);
       return parts.loss;
+    },
+    afterStep: async (step) => {
+      await log.flush();
+      prune(step);
     },
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
     save: async (step, final) => {
@@ -292,26 +272,6 @@ export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
   ].join('\n');
 }
 
-/** Everything checked before a model loads or a file is written. */
-async function preflight(raw: DbSpec, ctx: JobContext): Promise<{ spec: DbSpec; paths: RunPaths; textLr?: LrSchedule }> {
-  const spec = dreamboothSpec(raw);
-  checkName(spec.name);
-  await checkReadableFile(spec.model, '/model');
-  await checkReadableDir(spec.images, '/images');
-  if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
-  const paths = dreamboothPaths(spec);
-  if (existsSync(paths.output) && !spec.overwrite && !spec.resume) {
-    throw new Error(`${paths.output} already exists: pass --resume to continue training it or --overwrite to replace it`);
-  }
-  const lr = parseLrSchedule(spec.lr, spec.steps);
-  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
-  const textLr = spec.trainTextEncoder ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
-  if (spec.classPrompt && !priorOn(spec) && !spec.classImagesDir) {
-    ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
-  }
-  return { spec, paths, textLr };
-}
-
 /** The spec with what the schema leaves out filled in (the dataset options Dreambooth fixes, default folders). */
 export function dreamboothSpec(raw: Partial<DbSpec>): DbSpec {
   // the learn rates have no schema default: adapters want LoRA's (schemas/lora.json), the whole model diffusers' 5e-6
@@ -329,28 +289,40 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
 
-/** The Dreambooth job: check, generate class images, prepare, train, save the checkpoint. */
-export async function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobResult> {
-  if (raw.lora) return runLora(loraSpecOf(dreamboothSpec(raw), ctx), ctx);
-  const { spec, paths, textLr } = await preflight(raw, ctx);
-  const backend = await initJobBackend(spec, ctx);
-  let run: DbRun | undefined;
-  let s: DbState | undefined;
-  try {
-    run = await prepareDreambooth(spec, ctx);
-    s = await initDreamboothState(run, spec, paths, ctx);
+/** Dreambooth (a full checkpoint) as the one run (train/run.ts) drives it; `--lora` runs the LoRA definition. */
+export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
+  kind: 'checkpoint',
+  usage: (spec) => spec.name,
+  layout,
+  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: (spec) => `starting from ${spec.model}`,
+  async preflight(spec, _paths, _from, ctx) {
+    if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
+    textSchedule(spec); // a bad schedule fails before anything loads
+    if (spec.classPrompt && !priorOn(spec) && !spec.classImagesDir) {
+      ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
+    }
+  },
+  async load({ spec, paths, from, onRelease }, ctx) {
+    const run = await prepareDreambooth(spec, ctx);
+    onRelease(() => releaseDreambooth(run));
+    const s = await initDreamboothState(run, spec, paths, from?.path, ctx);
+    onRelease(() => s.optimizer.dispose());
     s.optimizer.done = s.step;
-    s.optimizer.textLr = textLr;
+    s.optimizer.textLr = textSchedule(spec);
     s.optimizer.textSteps = spec.textEncoderSteps;
-    const method = dreamboothMethod(run, spec, s, paths);
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const settings = { classImagesDir: run.classes?.dir, classImagesUsed: run.classes?.dataset.items.length ?? 0, optimizer: spec.optimizer };
-    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, settings, ctx);
-    return { step, output: paths.output, outputs, kind: 'checkpoint', usage: spec.name, cancelled };
-  } finally {
-    s?.optimizer.dispose();
-    if (run) await releaseDreambooth(run);
-  }
+    return dreamboothSession(run, spec, s, paths, settings);
+  },
+};
+
+const textSchedule = (spec: DbSpec) => (spec.trainTextEncoder ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined);
+
+/** The Dreambooth job: check, generate class images, prepare, train, save the checkpoint (or, with `lora`, the LoRA). */
+export function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobResult> {
+  if (raw.lora) return runMethod(lora, loraSpec(loraSpecOf(dreamboothSpec(raw), ctx)), ctx);
+  return runMethod(dreambooth, dreamboothSpec(raw), ctx);
 }
 
 export async function releaseDreambooth(run: DbRun): Promise<void> {

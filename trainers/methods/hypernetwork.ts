@@ -9,7 +9,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
 import {
   createHypernetwork, defaultDropoutStructure, hypernetHook, hypernetLayers, hypernetSpecFromWebui,
   validateHypernetworkSpec, type HypernetworkSpec,
@@ -17,31 +17,30 @@ import {
 import type { Params } from '../nets/params.ts';
 import { encodeFrozenText } from '../train/context-cache.ts';
 import { UNET_PREFIX } from '../nets/unet.ts';
-import { openCheckpoint } from '../io/checkpoint.ts';
+import { modelHash, openCheckpoint } from '../io/checkpoint.ts';
 import { readHypernetwork, writeHypernetwork, writeHypernetworkOptim, type HypernetModule } from '../io/pt-hypernet.ts';
-import { modelHash } from '../io/checkpoint.ts';
 import { readOptim } from '../io/optim-file.ts';
 import { AdamW } from '../optim/adamw.ts';
 import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
 import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
-import type { TrainMethod } from '../train/loop.ts';
 import {
-  checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview, resumeSource, saveSettings,
-  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave
-} from '../train/run.ts';
+  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type CommonSpec, type PreparedRun,
+} from '../train/prepare.ts';
+import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diffusion-loss.ts';
+import { Rng } from '../random.ts';
 import type { JobContext, JobResult } from '../job.ts';
 
 export interface HnModel extends Denoiser {
   hypernetwork: { params: Params; spec: HypernetworkSpec };
 }
 
-/** The hypernetwork loss: p_losses with the modules hooked into every attention (train mode). */
-export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderHiddenStates: Tensor): tf.Scalar {
+/** The hypernetwork loss: p_losses with the modules hooked into every attention (train mode, dropout seeded). */
+export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderHiddenStates: Tensor, dropoutSeed = 0): tf.Scalar {
   const { params, spec } = model.hypernetwork;
-  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true, seed: Math.floor(Math.random() * 2 ** 31) }) }));
+  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true, seed: dropoutSeed }) }));
 }
 
 /** The job's options (schemas/hypernetwork.json). */
@@ -173,9 +172,7 @@ async function loadOptimizer(from: string, optimizer: AdamW, ctx: JobContext): P
   }
 }
 
-async function initState(spec: HnSpec, paths: RunPaths, widths: number[], ctx: JobContext): Promise<HnState> {
-  const from = spec.resume ? await resumeSource(paths, spec.name) : undefined;
-  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new hypernetwork` });
+async function initState(spec: HnSpec, from: string | undefined, widths: number[], ctx: JobContext): Promise<HnState> {
   let hn: HypernetworkSpec;
   let params: Params;
   let step = 0;
@@ -241,22 +238,29 @@ async function saveHypernetwork(run: PreparedRun, spec: HnSpec, s: HnState, path
 // ---------------------------------------------------------------------------------------------
 // The run
 
-type HnBatch = DiffusionBatch & { context: Tensor };
+/** The frozen text encoder's output rides in the batch; dropout is seeded by (seed, step, micro). */
+type HnBatch = DiffusionBatch & { context: Tensor; dropoutSeed: number };
 
-function hnMethod(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths): TrainMethod<HnBatch> {
+const layout = (spec: HnSpec): OutputLayout => ({ dir: resolve(spec.hypernetworkDir), ext: '.pt', snapshots: 'hypernetworks', snapshotSuffix: '.pt', outputResumes: true });
+
+function hnSession(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths): Session<HnBatch> {
   const model: HnModel = { ...run.model, hypernetwork: { params: s.params, spec: s.hn } };
   const { text } = run.model;
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
   return {
+    ...datasetSession(run, spec, { hypernetwork: s.hn }),
+    startStep: s.step,
+    optimizer: s.optimizer,
     trainable: s.trainable,
     nextBatch: (step, micro) => {
       const { prompts, ...batch } = diffusionBatch(run, spec, step, micro, new Map());
       // the text encoder is frozen: its output is an input here, computed outside the gradient tape
-      return { ...batch, context: encodeFrozenText(text.params, text.cfg, prompts.map((p) => p.ids)) }; // [B, 77, W]
+      const context = encodeFrozenText(text.params, text.cfg, prompts.map((p) => p.ids)); // [B, 77, W]
+      return { ...batch, context, dropoutSeed: Rng.derive(spec.seed, 'dropout', step, micro).int(2 ** 31) };
     },
-    loss: (batch) => hypernetworkLoss(model, batch, batch.context),
+    loss: (batch) => hypernetworkLoss(model, batch, batch.context, batch.dropoutSeed),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, b.context]),
-    save: (step, final) => saveHypernetwork(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.pt`), step),
+    save: (step, final) => saveHypernetwork(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step),
     preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {
       hooks: { kv: hypernetHook(s.params, s.hn) }, // eval mode: no dropout, multiplier 1
     }),
@@ -271,36 +275,31 @@ function warnHighLr(lr: LrSchedule, ctx: JobContext): void {
   }
 }
 
-/** Everything checked before a model loads or a file is written. */
-async function preflight(raw: HnSpec, ctx: JobContext): Promise<{ spec: HnSpec; paths: RunPaths; widths: number[] }> {
-  const spec: HnSpec = { ...raw, hypernetworkDir: raw.hypernetworkDir ?? 'hypernetworks', logDir: raw.logDir ?? 'textual_inversion' };
-  const paths = await checkRun(spec, resolve(spec.hypernetworkDir), 'hypernetworks');
-  const lr = parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
-  warnHighLr(lr, ctx);
-  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
-  const widths = await modelWidths(spec.model);
-  const fromFile = spec.resume && (await resumeSource(paths, spec.name));
-  if (!fromFile) checkSizes(hypernetSpecFromJob(spec).sizes, widths, spec.model);
-  return { spec, paths, widths };
-}
+/** The hypernetwork as the one run (train/run.ts) drives it. */
+export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
+  kind: 'hypernetwork',
+  usage: (spec) => `<hypernet:${spec.name}:1>`,
+  layout,
+  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: () => 'starting a new hypernetwork',
+  async preflight(spec, _paths, from, ctx) {
+    warnHighLr(parseLrSchedule(spec.lr, spec.steps), ctx);
+    // a resumed file keeps its own structure; a new one must fit the model's attentions
+    if (!from) checkSizes(hypernetSpecFromJob(spec).sizes, await modelWidths(spec.model), spec.model);
+  },
+  async load({ spec, paths, from, onRelease }, ctx) {
+    const s = await initState(spec, from?.path, await modelWidths(spec.model), ctx);
+    onRelease(() => {
+      tf.dispose([...s.params.values()]);
+      s.optimizer.dispose();
+    });
+    const run = await prepareRun(spec, ctx, 'hypernetwork');
+    onRelease(() => closeRun(run));
+    return hnSession(run, spec, s, paths);
+  },
+};
 
 /** The hypernetwork job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
-export async function runHypernetwork(raw: HnSpec, ctx: JobContext): Promise<JobResult> {
-  const { spec, paths, widths } = await preflight(raw, ctx);
-  const backend = await initJobBackend(spec, ctx);
-  const s = await initState(spec, paths, widths, ctx);
-  let run: PreparedRun | undefined;
-  try {
-    run = await prepareRun(spec, ctx, 'hypernetwork');
-    const method = hnMethod(run, spec, s, paths);
-    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { hypernetwork: s.hn }, ctx);
-    return { step, output: paths.output, outputs, kind: 'hypernetwork', usage: `<hypernet:${spec.name}:1>`, cancelled };
-  } finally {
-    tf.dispose([...s.params.values()]);
-    s.optimizer.dispose();
-    if (run) {
-      releaseRun(run);
-      await run.model.source.close();
-    }
-  }
+export function runHypernetwork(spec: HnSpec, ctx: JobContext): Promise<JobResult> {
+  return runMethod(hypernetwork, { ...spec, hypernetworkDir: spec.hypernetworkDir ?? 'hypernetworks', logDir: spec.logDir ?? 'textual_inversion' }, ctx);
 }

@@ -7,14 +7,14 @@
  * (step, model hash). The AdamW state goes beside it as `<name>.safetensors.optim`.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { tf, type Tensor } from '../backend/index.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.ts';
-import { checkName } from '../io/paths.ts';
 import { AdamW } from '../optim/adamw.ts';
-import type { TrainMethod } from '../train/loop.ts';
-import { diffusionBatch, previewPromptText, type CommonSpec, type PreparedRun, type RunPaths } from '../train/run.ts';
+import { parseLrSchedule } from '../optim/lr.ts';
+import { closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
 import { sampleImage, savePreviewPng } from '../train/sample.ts';
 import type { SdxlText, SizeCond } from '../nets/sdxl-conditioner.ts';
 import { tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
@@ -23,17 +23,6 @@ import { initVectorsFrom, xlTextualInversionLoss, xlTiConditioning, type XlTiBat
 import type { JobContext } from '../job.ts';
 
 export type XlRun = PreparedRun & { model: PreparedRun['model'] & { textXl: SdxlText } };
-
-/** Output and log folders of an SDXL embedding; an existing output is never replaced silently. */
-export function xlTiPaths(spec: CommonSpec & { embeddingsDir: string }): RunPaths {
-  const name = checkName(spec.name);
-  const output = resolve(spec.embeddingsDir, `${name}.safetensors`);
-  if (existsSync(output) && !spec.overwrite && !spec.resume) {
-    throw new Error(`${output} already exists: pass --resume to continue training it or --overwrite to replace it`);
-  }
-  const runDir = resolve(spec.logDir, name);
-  return { output, runDir, snapshots: join(runDir, 'embeddings'), images: join(runDir, 'images'), csv: join(runDir, 'loss.csv') };
-}
 
 export { eosPadded };
 
@@ -67,20 +56,7 @@ export async function readXlEmbedding(path: string, text: SdxlText): Promise<{ l
   }
 }
 
-/** Newest of the output and the snapshots, for --resume. */
-async function resumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
-  if (existsSync(paths.output)) return paths.output;
-  if (!existsSync(paths.snapshots)) return undefined;
-  const steps = (await readdir(paths.snapshots))
-    .filter((f) => f.startsWith(`${name}-`) && f.endsWith('.safetensors'))
-    .map((f) => f.slice(name.length + 1, -'.safetensors'.length))
-    .filter((s) => /^\d+$/.test(s)).map(Number);
-  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.safetensors`) : undefined;
-}
-
-export async function initXlState(run: XlRun, spec: CommonSpec & { initText: string; vectors: number }, paths: RunPaths, ctx: JobContext): Promise<XlTiState> {
-  const from = spec.resume ? await resumeSource(paths, spec.name) : undefined;
-  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new embedding` });
+export async function initXlState(run: XlRun, spec: CommonSpec & { initText: string; vectors: number }, from: string | undefined, ctx: JobContext): Promise<XlTiState> {
   const text = run.model.textXl;
   const bpe = run.tokenizer.bpe(spec.initText);
   const init = from
@@ -160,11 +136,18 @@ async function renderXlPreview(run: XlRun, spec: CommonSpec, s: XlTiState, path:
   }
 }
 
-export function xlTiMethod(run: XlRun, spec: CommonSpec, s: XlTiState, paths: RunPaths): TrainMethod<XlTiBatch> {
+const layout = (spec: XlTiSpec): OutputLayout => ({ dir: resolve(spec.embeddingsDir), ext: '.safetensors', snapshots: 'embeddings', snapshotSuffix: '.safetensors', outputResumes: true });
+
+type XlTiSpec = CommonSpec & { initText: string; vectors: number; embeddingsDir: string };
+
+export function xlTiSession(run: XlRun, spec: XlTiSpec, s: XlTiState, paths: RunPaths): Session<XlTiBatch> {
   const embeddings = new Map([[spec.name, s.vectors.l.shape[0]!]]);
   const vectors: XlVectors = s.vectors;
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), embeddings, 'zero');
   return {
+    ...datasetSession(run, spec, { family: 'sdxl' }),
+    startStep: s.step,
+    optimizer: s.optimizer,
     trainable: new Map([['clip_l', s.vectors.l], ['clip_g', s.vectors.g]]),
     maxAbs: 3.4028234663852886e38 / 100,
     nextBatch: (step, micro) => {
@@ -178,7 +161,26 @@ export function xlTiMethod(run: XlRun, spec: CommonSpec, s: XlTiState, paths: Ru
     },
     loss: (batch) => xlTextualInversionLoss({ ...run.model, textXl: run.model.textXl }, vectors, batch),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise]),
-    save: (step, final) => saveXlEmbedding(run, spec.name, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step),
+    save: (step, final) => saveXlEmbedding(run, spec.name, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step),
     preview: (step) => renderXlPreview(run, spec, s, join(paths.images, `${spec.name}-${step}.png`), previewPrompt),
   };
 }
+
+/** Textual Inversion on SDXL as the one run (train/run.ts) drives it; textual-inversion.ts picks it by the model's family. */
+export const textualInversionXl: MethodDefinition<XlTiSpec, XlTiBatch> = {
+  kind: 'embedding',
+  usage: (spec) => spec.name,
+  layout,
+  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: () => 'starting a new embedding',
+  async load({ spec, paths, from, onRelease }, ctx) {
+    const run = (await prepareRun(spec, ctx, 'textual_inversion', { xl: true })) as XlRun;
+    onRelease(() => closeRun(run));
+    const s = await initXlState(run, spec, from?.path, ctx);
+    onRelease(() => {
+      tf.dispose([s.vectors.l, s.vectors.g]);
+      s.optimizer.dispose();
+    });
+    return xlTiSession(run, spec, s, paths);
+  },
+};

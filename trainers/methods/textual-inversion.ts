@@ -4,29 +4,27 @@
  * encoder's input, which runs every step. Output: `<embeddings-dir>/<name>.pt` (+ `.optim`).
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { tf, initJobBackend, type Tensor } from '../backend/index.ts';
-import { encodeText, splicesFor, type ClipTextConfig } from '../nets/clip.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
+import { encodeText, splicesFor, textKeyNames, type ClipTextConfig } from '../nets/clip.ts';
 import { param, type Params } from '../nets/params.ts';
-import { textKeyNames } from '../nets/clip.ts';
 import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diffusion-loss.ts';
 import { readEmbedding, writeEmbedding, writeEmbeddingOptim, embeddingChecksum } from '../io/pt-embedding.ts';
 import { readOptim } from '../io/optim-file.ts';
 import { AdamW } from '../optim/adamw.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
 import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
-import type { TrainMethod } from '../train/loop.ts';
 import {
-  checkRun, diffusionBatch, prepareRun, previewPromptText, releaseRun, renderPreview, saveSettings,
-  type CommonSpec, type PreparedRun, type RunPaths, trainAndSave
-} from '../train/run.ts';
+  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type CommonSpec, type PreparedRun,
+} from '../train/prepare.ts';
+import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
 import { tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import type { JobContext, JobResult } from '../job.ts';
 import { peekFamily } from '../io/checkpoint.ts';
-import { checkReadableDir, checkReadableFile } from '../io/paths.ts';
-import { initXlState, xlTiMethod, xlTiPaths, type XlRun } from './textual-inversion-xl-job.ts';
+import { checkReadableFile } from '../io/paths.ts';
+import { textualInversionXl } from './textual-inversion-xl-job.ts';
 
 export type { TokenizedPrompt };
 
@@ -72,26 +70,13 @@ export function initialVectors(run: PreparedRun, initText: string, numVectors: n
   return tf.gather(param(params, textKeyNames(cfg.family, cfg.prefix).tokenEmbedding), rows);
 }
 
-/** Where a resume starts: the output if it exists, else the newest snapshot a killed run left. */
-async function resumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
-  if (existsSync(paths.output)) return paths.output;
-  if (!existsSync(paths.snapshots)) return undefined;
-  const steps = (await readdir(paths.snapshots))
-    .map((f) => new RegExp(`^${name.replace(/[.]/g, '\\.')}-(\\d+)\\.pt$`).exec(f)?.[1])
-    .filter((s): s is string => !!s)
-    .map(Number);
-  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.pt`) : undefined;
-}
-
 interface TiState {
   vectors: tf.Variable;
   step: number;
   optimizer: AdamW;
 }
 
-async function initState(run: PreparedRun, spec: TiSpec, paths: RunPaths, ctx: JobContext): Promise<TiState> {
-  const from = spec.resume ? await resumeSource(paths, spec.name) : undefined;
-  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new embedding` });
+async function initState(run: PreparedRun, spec: TiSpec, from: string | undefined, ctx: JobContext): Promise<TiState> {
   let step = 0;
   let init: Tensor;
   if (from) {
@@ -125,59 +110,50 @@ async function saveEmbedding(run: PreparedRun, spec: TiSpec, s: TiState, path: s
   return [path, ...(states[0] ? [`${path}.optim`] : [])];
 }
 
-function tiMethod(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths): TrainMethod<TiBatch> {
+const layout = (spec: TiSpec): OutputLayout => ({ dir: resolve(spec.embeddingsDir), ext: '.pt', snapshots: 'embeddings', snapshotSuffix: '.pt', outputResumes: true });
+
+function tiSession(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths): Session<TiBatch> {
   const vectorMap = new Map<string, Tensor>([[spec.name, s.vectors]]);
   const embeddings = new Map([[spec.name, s.vectors.shape[0]!]]);
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), embeddings, paddingFor(run.model.family));
   return {
+    ...datasetSession(run, spec),
+    startStep: s.step,
+    optimizer: s.optimizer,
     trainable: new Map([[spec.name, s.vectors]]),
     maxAbs: MAX_VECTOR_ABS,
     nextBatch: (step, micro) => diffusionBatch(run, spec, step, micro, embeddings),
     loss: (batch) => textualInversionLoss(run.model, vectorMap, batch),
     disposeBatch: (b) => tf.dispose([b.latents, b.noise]),
-    save: (step, final) => saveEmbedding(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.pt`), step),
+    save: (step, final) => saveEmbedding(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step),
     preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {
       splices: () => splicesFor([previewPrompt], vectorMap),
     }),
   };
 }
 
+/** Textual Inversion as the one run (train/run.ts) drives it. */
+export const textualInversion: MethodDefinition<TiSpec, TiBatch> = {
+  kind: 'embedding',
+  usage: (spec) => spec.name,
+  layout,
+  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: () => 'starting a new embedding',
+  async load({ spec, paths, from, onRelease }, ctx) {
+    const run = await prepareRun(spec, ctx, 'textual_inversion');
+    onRelease(() => closeRun(run));
+    const s = await initState(run, spec, from?.path, ctx);
+    onRelease(() => {
+      s.vectors.dispose();
+      s.optimizer.dispose();
+    });
+    return tiSession(run, spec, s, paths);
+  },
+};
+
 /** The TI job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
 export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
-  if (await peekFamily(await checkReadableFile(spec.model, '/model')) === 'sdxl') return runTextualInversionXl(spec, ctx);
-  const paths = await checkRun(spec, resolve(spec.embeddingsDir), 'embeddings');
-  parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
-  const backend = await initJobBackend(spec, ctx);
-  const run = await prepareRun(spec, ctx, 'textual_inversion');
-  const s = await initState(run, spec, paths, ctx);
-  try {
-    const method = tiMethod(run, spec, s, paths);
-    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, {}, ctx);
-    return { step, output: paths.output, outputs, kind: 'embedding', usage: spec.name, cancelled };
-  } finally {
-    s.vectors.dispose();
-    s.optimizer.dispose();
-    releaseRun(run);
-    await run.model.source.close();
-  }
-}
-
-/** SDXL: both encoders' vectors, `<name>.safetensors` {clip_l, clip_g} (textual-inversion-xl-job.ts). */
-async function runTextualInversionXl(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
-  await checkReadableDir(spec.images, '/images');
-  const paths = xlTiPaths(spec);
-  parseLrSchedule(spec.lr, spec.steps);
-  const backend = await initJobBackend(spec, ctx);
-  const run = (await prepareRun(spec, ctx, 'textual_inversion', { xl: true })) as XlRun;
-  const s = await initXlState(run, spec, paths, ctx);
-  try {
-    const method = xlTiMethod(run, spec, s, paths);
-    const { step, outputs, cancelled } = await trainAndSave(run, spec, paths, method, s, backend.name, { family: 'sdxl' }, ctx);
-    return { step, output: paths.output, outputs, kind: 'embedding', usage: spec.name, cancelled };
-  } finally {
-    tf.dispose([s.vectors.l, s.vectors.g]);
-    s.optimizer.dispose();
-    releaseRun(run);
-    await run.model.source.close();
-  }
+  // SDXL: both encoders' vectors, `<name>.safetensors` {clip_l, clip_g} (textual-inversion-xl-job.ts)
+  if ((await peekFamily(await checkReadableFile(spec.model, '/model'))) === 'sdxl') return runMethod(textualInversionXl, spec, ctx);
+  return runMethod(textualInversion, spec, ctx);
 }

@@ -16,7 +16,7 @@
 import type { tf } from '../backend/tf.ts';
 import { Rng } from '../random.ts';
 import { assignValues, hostValues } from './native.ts';
-import type { DbOptimizer } from './trainable.ts';
+import type { TrainableOptimizer } from './trainable.ts';
 
 /** `values` stochastically rounded to bfloat16 precision (a new array; NaN/Inf kept). */
 export function stochasticRoundBf16(values: Float32Array, rng: Rng): Float32Array {
@@ -65,7 +65,7 @@ export function bf16Rounder(seed: number): (name: string, variable: tf.Variable,
  * nearest bf16 values (as loading the checkpoint in bfloat16 would give) and every update is
  * rounded stochastically from then on.
  */
-export function useBf16Weights(optimizer: DbOptimizer, vars: Map<string, tf.Variable>, seed: number): void {
+export function useBf16Weights(optimizer: TrainableOptimizer, vars: Map<string, tf.Variable>, seed: number): void {
   for (const v of vars.values()) assignValues(v, nearestBf16(hostValues(v) ?? (v.dataSync() as Float32Array)));
   optimizer.round = { vars, apply: bf16Rounder(seed) };
 }

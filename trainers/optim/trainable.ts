@@ -1,11 +1,13 @@
 /**
- * @file The optimizer of a full fine-tune (Dreambooth): one optimizer per parameter group (UNet,
+ * @file The optimizer of every method that trains network weights (Dreambooth, LoRA, fine-tune):
+ * the weights made trainable variables, one optimizer per parameter group (UNet,
  * optionally the text encoder with its own learn-rate schedule and step limit, as diffusers'
  * two param groups), chosen by name (adamw | adamw8bit | adafactor), and its state saved beside a
  * snapshot as `<name>-<step>.optim.safetensors`: tensors `<group>:<param>#<buffer>` (F32 or U8),
  * the per-parameter steps and hyper-parameters in `__metadata__`.
  */
-import type { tf, Tensor } from '../backend/tf.ts';
+import { tf, type Tensor } from '../backend/tf.ts';
+import type { Params } from '../nets/params.ts';
 import { AdamW, type AdamWStateDict } from './adamw.ts';
 import { AdamW8bit, type ExportedBuffer, type ExportedOptimizerState, type StatefulOptimizer } from './adamw8bit.ts';
 import { Adafactor } from './adafactor.ts';
@@ -61,10 +63,24 @@ export function makeGroupOptimizer(name: OptimizerName, params: Map<string, tf.V
 }
 
 /**
+ * Every weight of `params` becomes a trainable variable, in place (same keys; the replaced
+ * tensors are disposed); returns them, in the params' order, also added to `into` when given.
+ */
+export function makeTrainable(params: Params, into = new Map<string, tf.Variable>()): Map<string, tf.Variable> {
+  for (const [key, t] of params) {
+    const v = tf.variable(t, true);
+    t.dispose();
+    params.set(key, v);
+    into.set(key, v);
+  }
+  return into;
+}
+
+/**
  * The loop's optimizer: the UNet group at the loop's rate; the text group at its own schedule
  * until `textSteps` updates (0 = always). `done` counts completed steps (a resumed run's step).
  */
-export class DbOptimizer {
+export class TrainableOptimizer {
   done = 0;
   /**
    * bf16Weights (optim/bf16-round.ts): after each update a parameter's values are rounded

@@ -2,7 +2,7 @@
  * @file The one training loop every method runs (nanoGPT's train.py, diffusers' TI loop): learn
  * rate from the schedule, gradient accumulation, clipping, optimizer step, loss CSV, progress
  * events, previews, snapshots, cancel and NaN stops. A method supplies only what differs:
- * its trainable variables, its loss for a batch, and how it saves.
+ * its trainable variables, its batches and loss, what it does after each step, and how it saves.
  */
 import { tf, type Tensor } from '../backend/tf.ts';
 import { atomicGroup } from '../io/atomic.ts';
@@ -15,10 +15,15 @@ import { allFiniteWithin } from '../optim/check.ts';
 export interface TrainMethod<Batch> {
   /** The variables the optimizer updates, by name. */
   trainable: Map<string, tf.Variable>;
-  /** The next micro-batch for a step (deterministic given the seed and step). */
+  /** The micro-batch of a step: a function of (seed, step, micro), without side effects. */
   nextBatch(step: number, micro: number): Promise<Batch> | Batch;
-  /** Scalar loss for one micro-batch; its gradients are taken by lossAndGrads (nets/recompute.ts). */
-  loss(batch: Batch): tf.Scalar;
+  /** Scalar loss for one micro-batch of `step`; its gradients are taken by lossAndGrads (nets/recompute.ts). */
+  loss(batch: Batch, step: number): tf.Scalar;
+  /**
+   * After update `step` is applied and checked finite, before its report, snapshot and preview:
+   * the method's per-step extras (EMA, validation, loss-part logs, a trainable set that shrinks).
+   */
+  afterStep?(step: number): Promise<void> | void;
   /** Save a snapshot (periodic) or the final output; returns the paths written. */
   save(step: number, final: boolean): Promise<string[]>;
   /** Render a preview image for this step; returns its path. */
@@ -97,7 +102,7 @@ function applyPart(opts: LoopOptions, grads: Map<string, Tensor>, step: number):
 /** One update with the fused backward: no map of every gradient exists at any time. */
 async function fusedStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: number): Promise<number> {
   const batch = await method.nextBatch(step, 0);
-  const { value, grads } = lossAndGrads(() => method.loss(batch), method.trainable, (name, g) => applyPart(opts, new Map([[name, g]]), step));
+  const { value, grads } = lossAndGrads(() => method.loss(batch, step), method.trainable, (name, g) => applyPart(opts, new Map([[name, g]]), step));
   const rest = new Map(Object.entries(grads));
   applyPart(opts, rest, step);
   opts.optimizer.endStep?.();
@@ -114,7 +119,7 @@ async function oneStep<B>(method: TrainMethod<B>, opts: LoopOptions, step: numbe
   let lossSum = 0;
   for (let micro = 0; micro < opts.gradAccum; micro++) {
     const batch = await method.nextBatch(step, micro);
-    const { value, grads: g } = lossAndGrads(() => method.loss(batch).div(opts.gradAccum) as tf.Scalar, method.trainable);
+    const { value, grads: g } = lossAndGrads(() => method.loss(batch, step).div(opts.gradAccum) as tf.Scalar, method.trainable);
     lossSum += (await value.data())[0]! * opts.gradAccum;
     value.dispose();
     accumulate(grads, g);
@@ -148,6 +153,7 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
       throw new NonFiniteError(next, loss, lastSnapshot);
     }
     step = next;
+    await method.afterStep?.(step);
     await report(opts, ctx, log, step, loss, started);
     if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
       const paths = await atomicGroup(() => method.save(step, false), (p) => p[0]); // snapshot + .optim together

@@ -1,80 +1,45 @@
 /**
- * @file What Textual Inversion and hypernetwork runs share (webui train_embedding /
- * train_hypernetwork): checks that write nothing when they fail, the dataset, cached latents
- * (the VAE encoder is released before training), the log folder layout, per-step batches with
- * seeded noise and timesteps, previews from sidetrain's own sampler, and the job's settings file.
+ * @file The one run every method goes through (the webui's train_embedding / train_hypernetwork
+ * shape, which diffusers' and kohya's scripts share): checks that write nothing when they fail,
+ * "already exists", the resume lookup, the backend, the started event, settings.json, the loop
+ * (train/loop.ts: steps, snapshots, previews, cancel, NaN stop) and the final save. A method is a
+ * {@link MethodDefinition}: its output layout, its own checks, and a `load` that returns its
+ * trainable parameters, loss, per-step extras and writers. Adding a method is writing one.
  */
-import { computePrecision, type PrecisionOption } from '../backend/precision.ts';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
-import { basename, extname, join, resolve } from 'node:path';
-import { tf, currentBackend, describeBackend, type Tensor } from '../backend/tf.ts';
-import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
-import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
-import { loadTemplate, type Template } from '../text/templates.ts';
-import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
-import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
-import { loadVae, type VaeConfig } from '../nets/vae.ts';
-import { disposeParams, type Params } from '../nets/params.ts';
-import { unetForward, type UNetHooks } from '../nets/unet.ts';
-import { encodeText, type TextSplice } from '../nets/clip.ts';
-import { modelHash } from '../io/checkpoint.ts';
-import { LatentCache, seededNoise } from './latent-cache.ts';
-import { Rng } from '../random.ts';
+import { join, resolve } from 'node:path';
+import { initJobBackend } from '../backend/index.ts';
+import { currentBackend, describeBackend } from '../backend/tf.ts';
+import type { PrecisionOption } from '../backend/precision.ts';
 import { atomicGroup } from '../io/atomic.ts';
-import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
-import type { DiffusionBatch } from './diffusion-loss.ts';
-import type { JobContext } from '../job.ts';
-import { chooseUNetMemory } from '../memory/choice.ts';
-import { releaseTextCache } from './context-cache.ts';
-import type { MemoryToggle } from '../memory/options.ts';
-import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
-import { parseLrSchedule } from '../optim/lr.ts';
+import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
 import { makeClipper } from '../optim/clip-grad.ts';
+import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
+import type { JobContext, JobResult, OutputKind } from '../job.ts';
+import { trainLoop, type Optimizer, type TrainMethod } from './loop.ts';
 
-/** The options TI and hypernetwork jobs share (schemas/common.json). */
-export interface CommonSpec {
+/** The spec fields the run itself reads (every method's schema has them). */
+export interface RunSpec {
+  name: string;
   model: string;
   images: string;
-  name: string;
-  steps: number;
-  lr: string;
-  batchSize: number;
-  gradAccum: number;
-  template: string;
-  width: number;
-  height: number;
-  previewEvery: number;
-  saveEvery: number;
   logDir: string;
+  steps: number;
+  saveEvery: number;
   seed: number;
   resume: boolean;
   overwrite: boolean;
-  clipGrad: 'disabled' | 'value' | 'norm';
-  clipGradValue: string;
-  shuffleTags: boolean;
-  tagDropOut: number;
-  latentSampling: LatentSampling;
-  doNotResize: boolean;
-  useWeight: boolean;
-  filenameWordRegex: string;
-  filenameJoinString: string;
-  previewPrompt?: string;
-  previewSampler: SamplerName;
-  previewSteps: number;
-  previewCfgScale: number;
-  gradientCheckpointing?: MemoryToggle;
-  attentionSlicing?: MemoryToggle;
-  halfFrozenWeights?: boolean;
+  clipGrad?: 'disabled' | 'value' | 'norm';
+  clipGradValue?: string;
+  /** Apply each gradient as the backward pass completes it (train/loop.ts). */
   fusedBackward?: boolean;
   /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
   precision?: PrecisionOption;
-  /** auto (the file/family decides) or the model's prediction when the file carries no hint. */
-  prediction?: 'auto' | 'eps' | 'v';
 }
 
 export interface RunPaths {
-  /** The webui-facing output (`embeddings/<name>.pt`). */
+  /** The webui-facing output (`embeddings/<name>.pt`, `Lora/<name>.safetensors`, …). */
   output: string;
   /** `<log-dir>/<name>`: snapshots, previews, loss CSV, settings. */
   runDir: string;
@@ -83,108 +48,111 @@ export interface RunPaths {
   csv: string;
 }
 
-/** Name, files and folders checked before anything loads; an existing output is never replaced silently. */
-export async function checkRun(spec: CommonSpec, outDir: string, snapshotsFolder: string): Promise<RunPaths> {
-  const name = checkName(spec.name);
-  await checkReadableFile(spec.model, '/model');
-  await checkReadableDir(spec.images, '/images');
-  const output = resolve(outDir, `${name}.pt`);
+/** Where a method's files go and how its snapshots are named (`<snapshots>/<name>-<step><suffix>`). */
+export interface OutputLayout {
+  /** Folder of the output `<name><ext>`. */
+  dir: string;
+  ext: string;
+  /** Folder under the run directory that holds the snapshots. */
+  snapshots: string;
+  snapshotSuffix: string;
+  /**
+   * The output itself continues a run (TI, hypernetwork, LoRA, Dreambooth). When not (a fine-tune
+   * writes EMA weights without optimizer state), resume reads snapshots only, and a cancel between
+   * snapshots writes one.
+   */
+  outputResumes: boolean;
+}
+
+/** What a resume continues: a snapshot (its step from the file name) or the output. */
+export interface ResumePoint {
+  path: string;
+  /** The step in the snapshot's name; undefined for the output (its step is in the file). */
+  step?: number;
+}
+
+/** What `load` gets: the checked spec, its paths, the resume point, and where to leave disposals. */
+export interface LoadArgs<S> {
+  spec: S;
+  paths: RunPaths;
+  from?: ResumePoint;
+  /** The backend's name (the started event and settings). */
+  backend: string;
+  /** Register a release, run in reverse order when the run ends (also when `load` throws midway). */
+  onRelease(release: () => unknown): void;
+}
+
+/** A loaded method, ready to train: the loop's method plus what the run needs around it. */
+export interface Session<B> extends TrainMethod<B> {
+  /** The step the loaded state is at (0 for a new run). */
+  startStep: number;
+  optimizer: Optimizer;
+  /** Micro-batches summed per optimizer step. */
+  gradAccum: number;
+  /** Steps per epoch, for the loss CSV. */
+  stepsPerEpoch: number;
+  /** Preview (sample image) cadence in steps; 0 = none. */
+  previewEvery: number;
+  /** Written into settings.json beside the spec. */
+  settings: object;
+  /** After the started event and settings, before the first step (fine-tune: validation at step 0). */
+  begin?(): Promise<void>;
+}
+
+/** A training method, as the one run drives it. */
+export interface MethodDefinition<S extends RunSpec, B> {
+  kind: OutputKind;
+  /** How the output is used (`<lora:NAME:1>`, the embedding's name, the checkpoint's name). */
+  usage(spec: S): string;
+  layout(spec: S): OutputLayout;
+  /** The learn-rate schedule of the loop from `startStep` (parsed before anything loads, too). */
+  schedule(spec: S, startStep: number): LrSchedule;
+  /** Method checks before anything loads; may complete the spec (e.g. a template it writes). */
+  preflight?(spec: S, paths: RunPaths, from: ResumePoint | undefined, ctx: JobContext): Promise<S | void>;
+  /** What a resume with nothing to continue does instead (`starting a new embedding`). */
+  freshStart(spec: S): string;
+  load(args: LoadArgs<S>, ctx: JobContext): Promise<Session<B>>;
+}
+
+/** The run's folders for a layout. */
+export function runPaths(spec: RunSpec, layout: OutputLayout): RunPaths {
+  const runDir = resolve(spec.logDir, spec.name);
+  return {
+    output: resolve(layout.dir, `${spec.name}${layout.ext}`), runDir, snapshots: join(runDir, layout.snapshots),
+    images: join(runDir, 'images'), csv: join(runDir, 'loss.csv'),
+  };
+}
+
+/** `<snapshots>/<name>-<step><suffix>`. */
+export function snapshotPath(paths: RunPaths, name: string, step: number, layout: Pick<OutputLayout, 'snapshotSuffix'>): string {
+  return join(paths.snapshots, `${name}-${step}${layout.snapshotSuffix}`);
+}
+
+/** An existing output is never replaced silently. */
+export function checkOutputFree(output: string, spec: Pick<RunSpec, 'overwrite' | 'resume'>): void {
   if (existsSync(output) && !spec.overwrite && !spec.resume) {
     throw new Error(`${output} already exists: pass --resume to continue training it or --overwrite to replace it`);
   }
-  const runDir = resolve(spec.logDir, name);
-  return { output, runDir, snapshots: join(runDir, snapshotsFolder), images: join(runDir, 'images'), csv: join(runDir, 'loss.csv') };
 }
 
-export interface PreparedRun {
-  dataset: Dataset;
-  model: SdModel & Required<Pick<SdModel, 'text' | 'unet'>>;
-  latents: LatentCache;
-  tokenizer: ClipTokenizer;
-  /** The VAE decoder, only when previews are on. */
-  decoder?: { params: Params; cfg: VaeConfig };
-  /** First 10 hex of the model file's sha256 (webui `sd_checkpoint`) and its stem. */
-  modelHash: string;
-  modelName: string;
+/** The newest `<name>-<step><suffix>` in `dir` (a killed run's last snapshot), or undefined. */
+export async function newestSnapshot(dir: string, name: string, suffix: string): Promise<ResumePoint | undefined> {
+  if (!existsSync(dir)) return undefined;
+  const prefix = `${name}-`;
+  const steps = (await readdir(dir))
+    .filter((f) => f.startsWith(prefix) && f.endsWith(suffix))
+    .map((f) => f.slice(prefix.length, f.length - suffix.length))
+    .filter((s) => /^\d+$/.test(s))
+    .map(Number);
+  if (!steps.length) return undefined;
+  const step = Math.max(...steps);
+  return { path: join(dir, `${name}-${step}${suffix}`), step };
 }
 
-/** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
-export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean; templates?: PromptTemplates } = {}): Promise<PreparedRun> {
-  const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }), opts.templates);
-  const memory = await chooseUNetMemory(type, spec, ctx);
-  // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
-  const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
-  // under bf16 precision the store is bfloat16: the operands the bf16 kernels use anyway
-  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains, format: computePrecision() === 'bf16' ? ('bf16' as const) : ('f16' as const) } : {};
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type, prediction: spec.prediction })) as PreparedRun['model'];
-  model.unet.memory = memory;
-  const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
-  const scaleFactor = model.vae!.cfg.scaleFactor; // the family's (SDXL 0.13025) or the config's
-  disposeParams(model.vae!.params);
-  delete model.vae;
-  dataset.releasePixels();
-  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor }) : undefined;
-  return {
-    dataset, model, latents, decoder, tokenizer: await ClipTokenizer.load(),
-    modelHash: await modelHash(spec.model), modelName: basename(spec.model, extname(spec.model)),
-  };
-}
-
-/** The prompts of a method that does not take them from `spec.template` (LoRA: the instance prompt and captions). */
-export interface PromptTemplates {
-  template: Template;
-  captionedTemplate?: Template;
-}
-
-/** The training images as the job's options describe them (no model needed). */
-export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
-  return Dataset.load({
-    dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
-    // methods whose prompts are not templated by spec.template (LoRA: instance prompt and captions; fine-tune) pass their own
-    ...(templates ?? { template: await loadTemplate(spec.template ?? 'none') }),
-    shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
-    latentSampling: spec.latentSampling, batchSize: spec.batchSize, gradAccum: spec.gradAccum, seed: spec.seed,
-    useWeight: spec.useWeight, filenameWordRegex: spec.filenameWordRegex, filenameJoinString: spec.filenameJoinString, onWarning,
-  });
-}
-
-/** `--dry-run`: the dataset report (images used and skipped, sizes, captions, prompts, steps per epoch). */
-export async function datasetDryRun(spec: CommonSpec): Promise<string> {
-  return formatDatasetReport(datasetReport(await loadDataset(spec, () => {})));
-}
-
-/** The micro-batch for update `step` (1-based): cached latents, seeded noise and timesteps, prompts. */
-export function diffusionBatch(run: PreparedRun, spec: CommonSpec, step: number, micro: number, embeddings: Map<string, number>): DiffusionBatch & { prompts: TokenizedPrompt[] } {
-  const b = run.dataset.batchAt(step - 1, micro);
-  const latents = run.latents.latents(b.items, step, micro);
-  const rng = Rng.derive(spec.seed, 'timesteps', step, micro);
-  const timesteps = b.items.map(() => rng.int(run.model.schedule.timesteps));
-  const padding = paddingFor(run.model.family);
-  return {
-    latents, timesteps, noise: seededNoise(latents.shape, spec.seed, 'noise', step, micro),
-    prompts: b.prompts.map((p) => tokenizeWithEmbeddings(run.tokenizer, p, embeddings, padding)),
-  };
-}
-
-/** Render a preview PNG of the current weights: `splices` for TI vectors, `hooks` for hypernetworks. */
-export async function renderPreview(
-  run: PreparedRun, spec: CommonSpec, path: string, prompt: TokenizedPrompt,
-  conditioning: { splices?: (batchRow: number) => TextSplice[]; hooks?: UNetHooks },
-): Promise<string> {
-  const { text, unet, schedule, prediction, family } = run.model;
-  const context = encodeText(text.params, text.cfg, [prompt.ids], { splices: conditioning.splices?.(0) });
-  const uncond = encodeText(text.params, text.cfg, [run.tokenizer.encode('', paddingFor(family))]);
-  const denoise = (latents: Tensor, t: number, ctx: Tensor) =>
-    unetForward(unet.params, unet.cfg, latents, new Array(latents.shape[0]).fill(t), ctx, { hooks: conditioning.hooks });
-  const image = await sampleImage(
-    { denoise, schedule, vae: run.decoder!, context, uncondContext: uncond },
-    { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
-  );
-  tf.dispose([context, uncond]);
-  await mkdir(join(path, '..'), { recursive: true });
-  const infotext = `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Sampler: ${spec.previewSampler}, CFG scale: ${spec.previewCfgScale}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}, Model: ${run.modelName}`;
-  await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
-  return path;
+/** Where a resume starts: the output when it continues a run, else the newest snapshot. */
+export async function resumePoint(paths: RunPaths, name: string, layout: OutputLayout): Promise<ResumePoint | undefined> {
+  if (layout.outputResumes && existsSync(paths.output)) return { path: paths.output };
+  return newestSnapshot(paths.snapshots, name, layout.snapshotSuffix);
 }
 
 /** The job's settings beside its snapshots (webui save_settings_to_file). */
@@ -193,61 +161,56 @@ export async function saveSettings(paths: RunPaths, spec: object, extra: object)
   await writeFile(join(paths.runDir, 'settings.json'), JSON.stringify({ ...spec, ...extra }, null, 2));
 }
 
-/** The preview prompt: the spec's, or the first dataset prompt (the webui's "use prompt from dataset"). */
-export function previewPromptText(run: PreparedRun, spec: CommonSpec): string {
-  return spec.previewPrompt || run.dataset.batchAt(0, 0).prompts[0]!;
-}
-
 /**
- * Where a resume starts: the output if it exists, else the newest `<name>-<step>.pt` snapshot a
- * killed run left in `paths.snapshots`; undefined when there is neither.
+ * Check, load, train, save. Cancel saves the current step (a run cancelled before its first
+ * step trained nothing and writes nothing); NaN stops with the last good snapshot kept.
  */
-export async function resumeSource(paths: RunPaths, name: string): Promise<string | undefined> {
-  if (existsSync(paths.output)) return paths.output;
-  if (!existsSync(paths.snapshots)) return undefined;
-  const prefix = `${name}-`;
-  const steps = (await readdir(paths.snapshots))
-    .filter((f) => f.startsWith(prefix) && f.endsWith('.pt'))
-    .map((f) => f.slice(prefix.length, -'.pt'.length))
-    .filter((s) => /^\d+$/.test(s))
-    .map(Number);
-  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.pt`) : undefined;
-}
-
-export function releaseRun(run: PreparedRun): void {
-  run.latents.dispose();
-  if (run.model.text) {
-    releaseTextCache(run.model.text.params);
-    disposeParams(run.model.text.params);
+export async function runMethod<S extends RunSpec, B>(def: MethodDefinition<S, B>, given: S, ctx: JobContext): Promise<JobResult> {
+  let spec = given;
+  checkName(spec.name);
+  await checkReadableFile(spec.model, '/model');
+  await checkReadableDir(spec.images, '/images');
+  const layout = def.layout(spec);
+  const paths = runPaths(spec, layout);
+  checkOutputFree(paths.output, spec);
+  const lr = def.schedule(spec, 0); // a bad schedule fails before anything loads
+  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
+  const from = spec.resume ? await resumePoint(paths, spec.name, layout) : undefined;
+  if (spec.resume && !from) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': ${def.freshStart(spec)}` });
+  spec = (await def.preflight?.(spec, paths, from, ctx)) ?? spec;
+  const backend = await initJobBackend(spec, ctx);
+  const releases: (() => unknown)[] = [];
+  try {
+    const session = await def.load({ spec, paths, from, backend: backend.name, onRelease: (r) => releases.push(r) }, ctx);
+    const { step, outputs, cancelled } = await trainAndSave(def, spec, paths, layout, session, backend.name, ctx);
+    return { step, output: paths.output, outputs, kind: def.kind, usage: def.usage(spec), cancelled };
+  } finally {
+    for (const release of releases.reverse()) await release();
   }
-  if (run.model.textXl) disposeParams(run.model.textXl.params);
-  disposeParams(run.model.unet.params);
-  if (run.decoder) disposeParams(run.decoder.params);
 }
 
-/**
- * The part of a run every method shares once its state exists: schedules, the started event,
- * settings, the loop, and the final save. A run cancelled before its first step (Ctrl-C while
- * loading) trained nothing and writes nothing.
- */
-export async function trainAndSave<B>(
-  run: PreparedRun, spec: CommonSpec, paths: RunPaths, method: TrainMethod<B>,
-  state: { step: number; optimizer: Optimizer }, backend: string, settings: object, ctx: JobContext,
+async function trainAndSave<S extends RunSpec, B>(
+  def: MethodDefinition<S, B>, spec: S, paths: RunPaths, layout: OutputLayout, session: Session<B>, backend: string, ctx: JobContext,
 ): Promise<{ step: number; outputs: string[]; cancelled: boolean }> {
-  const lr = parseLrSchedule(spec.lr, spec.steps, state.step);
-  const clipValue = spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue, spec.steps, state.step, 'clip value');
+  const start = session.startStep;
+  const lr = def.schedule(spec, start);
+  const clipValue = !spec.clipGrad || spec.clipGrad === 'disabled' ? undefined : parseLrSchedule(spec.clipGradValue ?? '', spec.steps, start, 'clip value');
   const choice = currentBackend();
-  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: state.step, backend, ...(choice ? { message: describeBackend(choice) } : {}) });
+  ctx.emit({ type: 'started', totalSteps: lr.endStep, startStep: start, backend, ...(choice ? { message: describeBackend(choice) } : {}) });
   if (choice) ctx.emit({ type: 'log', level: 'info', message: describeBackend(choice) });
-  await saveSettings(paths, spec, { modelHash: run.modelHash, stepsPerEpoch: run.dataset.stepsPerEpoch, images: run.dataset.items.length, ...settings });
+  await saveSettings(paths, spec, session.settings);
   ctx.emit({ type: 'log', level: 'info', message: `learn rate: ${lr.describe()}` });
-  const result = await trainLoop(method, {
-    startStep: state.step, steps: lr.endStep, gradAccum: run.dataset.gradAccum, learnRate: (d) => lr.getLr(d),
-    clip: clipValue && makeClipper(spec.clipGrad, (d) => clipValue.getLr(d)), optimizer: state.optimizer, fused: spec.fusedBackward === true,
-    saveEvery: spec.saveEvery, previewEvery: spec.previewEvery, stepsPerEpoch: run.dataset.stepsPerEpoch, csvPath: paths.csv,
+  await session.begin?.();
+  const result = await trainLoop(session, {
+    startStep: start, steps: lr.endStep, gradAccum: session.gradAccum, learnRate: (d) => lr.getLr(d),
+    clip: clipValue && makeClipper(spec.clipGrad!, (d) => clipValue.getLr(d)), optimizer: session.optimizer, fused: spec.fusedBackward === true,
+    saveEvery: spec.saveEvery, previewEvery: session.previewEvery, stepsPerEpoch: session.stepsPerEpoch, csvPath: paths.csv,
   }, ctx);
+  if (result.cancelled && result.step === start) return { step: result.step, outputs: [], cancelled: true };
+  const snapshotted = spec.saveEvery > 0 && result.step % spec.saveEvery === 0;
+  // the output does not continue a run: a cancel keeps a snapshot to resume from
+  if (result.cancelled && !layout.outputResumes && !snapshotted) await atomicGroup(() => session.save(result.step, false), (p) => p[0]);
   // the output and its side files (.optim) land together or not at all, the output last
-  const outputs = result.cancelled && result.step === state.step ? [] : await atomicGroup(() => method.save(result.step, true), (p) => p[0]);
+  const outputs = await atomicGroup(() => session.save(result.step, true), (p) => p[0]);
   return { step: result.step, outputs, cancelled: result.cancelled };
 }
-

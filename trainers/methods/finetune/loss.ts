@@ -48,16 +48,17 @@ export async function logValidation(run: FtRun, step: number, ctx: JobContext): 
   const csv = join(run.runDir, 'validation.csv');
   if (!existsSync(csv)) await writeFile(csv, 'step,validation_loss\n');
   await appendFile(csv, `${step},${loss}\n`);
+  run.validatedAt = step;
   ctx.emit({ type: 'log', level: 'info', message: `step ${step}: validation loss ${loss.toFixed(6)}` });
 }
 
-/**
- * After optimizer step `done`: EMA update and validation when due (idempotent per step). Called at
- * the next step's first batch (where the loop lets a method run async code) and before saving.
- */
-export async function afterStep(run: FtRun, done: number, ctx: JobContext, final = false): Promise<void> {
-  if (done <= run.emaStep) return;
-  run.emaStep = done;
+/** After optimizer step `done` (train/run.ts afterStep): the EMA update and the validation loss, when due. */
+export async function afterStep(run: FtRun, done: number, ctx: JobContext): Promise<void> {
   if (run.ema && run.ema.due(done)) await run.ema.update(run.trainable);
-  if (done > 0 && (final || (run.spec.validateEvery > 0 && done % run.spec.validateEvery === 0))) await logValidation(run, done, ctx);
+  if (run.spec.validateEvery > 0 && done % run.spec.validateEvery === 0) await logValidation(run, done, ctx);
+}
+
+/** The validation loss of the final weights, unless `afterStep` logged it at this step already. */
+export async function finalValidation(run: FtRun, step: number, ctx: JobContext): Promise<void> {
+  if (step > 0 && run.validatedAt !== step) await logValidation(run, step, ctx);
 }

@@ -1,11 +1,11 @@
 /**
  * @file What a fine-tune writes: the output checkpoint(s) (EMA, raw or both, every source key kept,
  * io/checkpoint-write.ts), snapshots for resume in `<runDir>/snapshots/` (the trained weights in TF
- * layout, the optimizer groups via dreambooth-optim.ts, the EMA state), resume from the newest
+ * layout, the optimizer groups via optim/trainable.ts, the EMA state), resume from the newest
  * complete snapshot, and the sample images of `samplePrompts`.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tf, type Tensor } from '../../backend/tf.ts';
 import { paddingFor } from '../../nets/sd.ts';
@@ -16,7 +16,7 @@ import { openTensorFile } from '../../io/checkpoint.ts';
 import { writeCheckpoint } from '../../nets/checkpoint-write.ts';
 import { openSafetensors, writeSafetensors } from '../../io/safetensors.ts';
 import { sampleImage, savePreviewPng } from '../../train/sample.ts';
-import { readOptimizerState, writeOptimizerState, type DbOptimizer } from '../../optim/trainable.ts';
+import { readOptimizerState, writeOptimizerState, type TrainableOptimizer } from '../../optim/trainable.ts';
 import { Ema } from '../../optim/ema.ts';
 import type { JobContext } from '../../job.ts';
 import type { FtRun } from './types.ts';
@@ -77,7 +77,7 @@ function snapshotPaths(run: FtRun, step: number) {
 }
 
 /** Optimizer and EMA state first, the weights last: a snapshot with weights is complete. */
-export async function saveSnapshot(run: FtRun, optimizer: DbOptimizer, step: number): Promise<string[]> {
+export async function saveSnapshot(run: FtRun, optimizer: TrainableOptimizer, step: number): Promise<string[]> {
   const paths = snapshotPaths(run, step);
   await mkdir(join(run.runDir, 'snapshots'), { recursive: true });
   await writeOptimizerState(paths.optim, await optimizer.exportGroups(), { step: String(step) });
@@ -87,23 +87,8 @@ export async function saveSnapshot(run: FtRun, optimizer: DbOptimizer, step: num
   return [paths.weights, paths.optim, ...(run.ema ? [paths.ema] : [])];
 }
 
-/** Steps of the complete snapshots (those with a weights file) in the run's folder. */
-async function snapshotSteps(run: FtRun): Promise<number[]> {
-  const dir = join(run.runDir, 'snapshots');
-  if (!existsSync(dir)) return [];
-  const prefix = `${run.spec.name}-`;
-  const steps = (await readdir(dir)).map((f) => (f.startsWith(prefix) ? /^(\d+)\.weights\.safetensors$/.exec(f.slice(prefix.length))?.[1] : undefined));
-  return steps.filter((x): x is string => !!x).map(Number);
-}
-
-/** Load the newest complete snapshot into the variables, optimizer and EMA; its step (0 = none). */
-export async function resume(run: FtRun, optimizer: DbOptimizer, ctx: JobContext): Promise<number> {
-  const steps = await snapshotSteps(run);
-  if (steps.length === 0) {
-    ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${run.spec.name}' in ${join(run.runDir, 'snapshots')}: starting from the model` });
-    return 0;
-  }
-  const step = Math.max(...steps);
+/** Load a complete snapshot (train/run.ts found the newest with a weights file) into the variables, optimizer and EMA; its step. */
+export async function resume(run: FtRun, optimizer: TrainableOptimizer, step: number, ctx: JobContext): Promise<number> {
   const paths = snapshotPaths(run, step);
   const file = await openSafetensors(paths.weights);
   try {
@@ -119,7 +104,6 @@ export async function resume(run: FtRun, optimizer: DbOptimizer, ctx: JobContext
   optimizer.importGroups(await readOptimizerState(paths.optim));
   optimizer.done = step;
   if (run.ema) run.ema = existsSync(paths.ema) ? await Ema.load(paths.ema) : await Ema.fromParams(run.trainable, { decay: run.spec.emaDecay, every: run.spec.emaEvery });
-  run.emaStep = step;
   ctx.emit({ type: 'log', level: 'info', message: `continuing ${paths.weights} from step ${step}` });
   return step;
 }

@@ -93,8 +93,8 @@ export interface FtRun {
   items: number[];
   trainable: Map<string, tf.Variable>;
   ema?: Ema;
-  /** The last optimizer step the EMA and validation have seen. */
-  emaStep: number;
+  /** The step of the last validation loss logged. */
+  validatedAt?: number;
   runDir: string;
   /** The VAE decoder, only when sample images are on. */
   decoder?: { params: Params; cfg: VaeConfig };

@@ -3,13 +3,13 @@
  * through the same code): kohya keys `<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
  * the `ss_*` metadata kohya-ss sd-scripts train_network.py writes (plus prior preservation in its
  * reg-image terms and sidetrain's class prompt), the addnet hash, the optimizer state as
- * `<file>.optim` (dreambooth-optim.ts layout), and reading them back to resume. The webui's
+ * `<file>.optim` (optim/trainable.ts layout), and reading them back to resume. The webui's
  * Lora tab decides the model family from `ss_base_model_version`/`ss_v2` alone
  * (extensions-builtin/Lora/network.py NetworkOnDisk.detect_version), so both are always written.
  */
 import { existsSync, createReadStream } from 'node:fs';
-import { mkdir, open, readdir } from 'node:fs/promises';
-import { basename, join, resolve } from 'node:path';
+import { mkdir, open } from 'node:fs/promises';
+import { basename, resolve } from 'node:path';
 import { createHash, randomUUID } from 'node:crypto';
 import { tf } from '../../backend/tf.ts';
 import type { LoraNetwork, LoraTargetKind } from '../../nets/lora.ts';
@@ -17,10 +17,10 @@ import type { Family } from '../../io/checkpoint.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../../io/safetensors.ts';
 import { pendingPath } from '../../io/atomic.ts';
 import { parseLrSchedule } from '../../optim/lr.ts';
-import { readOptimizerState, writeOptimizerState, type DbOptimizer, type OptimizerName } from '../../optim/trainable.ts';
+import { readOptimizerState, writeOptimizerState, type TrainableOptimizer, type OptimizerName } from '../../optim/trainable.ts';
 import type { ClassSet, PriorSpec } from '../../train/prior-preservation.ts';
 import type { CaptionMode } from '../../train/instance-prompts.ts';
-import type { CommonSpec, PreparedRun, RunPaths } from '../../train/run.ts';
+import type { CommonSpec, PreparedRun } from '../../train/prepare.ts';
 
 /** The job's options (schemas/lora.json). */
 export interface LoraSpec extends Omit<CommonSpec, 'template'>, Partial<Omit<PriorSpec, keyof CommonSpec>> {
@@ -48,7 +48,7 @@ export type LoraRun = PreparedRun & { classes?: ClassSet };
 export interface LoraState {
   net: LoraNetwork;
   step: number;
-  optimizer: DbOptimizer;
+  optimizer: TrainableOptimizer;
   startedAt: number;
 }
 
@@ -89,18 +89,6 @@ export async function loadWeights(path: string, net: LoraNetwork, family?: Famil
   } finally {
     await file.close();
   }
-}
-
-/** The output if it exists, else the newest `<name>-<step>.safetensors` snapshot a killed run left. */
-export async function resumeFrom(paths: RunPaths, name: string): Promise<string | undefined> {
-  if (existsSync(paths.output)) return paths.output;
-  if (!existsSync(paths.snapshots)) return undefined;
-  const steps = (await readdir(paths.snapshots))
-    .filter((f) => f.startsWith(`${name}-`) && f.endsWith('.safetensors'))
-    .map((f) => f.slice(name.length + 1, -'.safetensors'.length))
-    .filter((x) => /^\d+$/.test(x))
-    .map(Number);
-  return steps.length ? join(paths.snapshots, `${name}-${Math.max(...steps)}.safetensors`) : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -214,7 +202,7 @@ export async function addnetHash(path: string): Promise<string> {
 
 /**
  * The optimizer state beside the LoRA as `<file>.optim` (a safetensors the webui's Lora list
- * ignores: it lists only .safetensors/.pt/.ckpt), in dreambooth-optim.ts's layout (one group per
+ * ignores: it lists only .safetensors/.pt/.ckpt), in optim/trainable.ts's layout (one group per
  * network part), with the optimizer's name and the LoRA step it belongs to in the metadata.
  */
 async function saveOptimizer(path: string, s: LoraState, spec: LoraSpec, step: number): Promise<string[]> {

@@ -14,7 +14,7 @@ import { sampleImage, savePreviewPng } from '../../train/sample.ts';
 import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../../nets/sdxl-conditioner.ts';
 import { sgmLoss } from '../../train/sgm-loss.ts';
 import { xlIds, xlSampling } from '../../train/sdxl-sampling.ts';
-import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/run.ts';
+import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/prepare.ts';
 import { withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
 import { sizeCondOf } from '../textual-inversion-xl-job.ts';
 import type { LoraRun, LoraSpec } from './lora-file.ts';

@@ -6,15 +6,14 @@
  * nets/lora.ts), and the `ss_*` metadata kohya writes (the file: lora-file.ts).
  * Optimizer: AdamW (torch default weight decay 0.01, as kohya's default), 8-bit AdamW or
  * Adafactor, the text encoder's adapters as their own group (own rate, optional step limit;
- * dreambooth-optim.ts), its state beside the LoRA as `<file>.optim`. Optional prior preservation
+ * optim/trainable.ts), its state beside the LoRA as `<file>.optim`. Optional prior preservation
  * (a class prompt turns it on; prior-preservation.ts): this is also `train dreambooth --lora`.
  */
-import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { tf, initJobBackend, type Tensor } from '../../backend/index.ts';
+import { tf, type Tensor } from '../../backend/tf.ts';
 import { createLora, disposeLora, loraTargets, mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
 import {
-  legacyModelHash, loadOptimizer, loadWeights, resumeFrom, saveLora, targetKinds,
+  legacyModelHash, loadOptimizer, loadWeights, saveLora, targetKinds,
   type LoraRun, type LoraSpec, type LoraState,
 } from './lora-file.ts';
 import { shapesOf, paddingFor } from '../../nets/sd.ts';
@@ -23,24 +22,23 @@ import { encodeText } from '../../nets/clip.ts';
 import { encodeFrozenText } from '../../train/context-cache.ts';
 import { fileSha256 } from '../../io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
-import { DbOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
+import { TrainableOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
 import {
   describePrior, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
   type PriorLoss, type PriorSpec,
 } from '../../train/prior-preservation.ts';
 import { checkReadableDir } from '../../io/paths.ts';
-import type { TrainMethod } from '../../train/loop.ts';
 import {
-  checkRun, diffusionBatch, loadDataset, prepareRun, previewPromptText, releaseRun, renderPreview,
-  type CommonSpec, type PreparedRun, type PromptTemplates, type RunPaths, trainAndSave,
-} from '../../train/run.ts';
+  closeRun, datasetSession, diffusionBatch, loadDataset, prepareRun, previewPromptText, renderPreview,
+  type CommonSpec, type PreparedRun, type PromptTemplates,
+} from '../../train/prepare.ts';
 import { captionOverrideWarning, instanceTemplates } from '../../train/instance-prompts.ts';
 import { datasetReport, formatDatasetReport, type Dataset } from '../../data/dataset.ts';
 import { loadTemplate } from '../../text/templates.ts';
+import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../../train/run.ts';
 import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
 import type { JobContext, JobResult } from '../../job.ts';
-
 import { nextXlLoraBatch, xlBatchTensors, xlLoraLoss, xlLoraPreview, type XlLoraBatch } from './lora-xl.ts';
 
 export type { LoraSpec } from './lora-file.ts';
@@ -64,7 +62,7 @@ function warnCaptionOverride(ds: Dataset, spec: LoraSpec, ctx: JobContext): void
 
 /** `--dry-run`: every image with the prompt it trains with, the class images and the output, as the run will use them. */
 export async function loraDryRun(raw: LoraSpec): Promise<string> {
-  const spec = withDefaults(raw);
+  const spec = loraSpec(raw);
   const warnings: string[] = [];
   const ds = await loadDataset(spec as CommonSpec, (m) => warnings.push(m), await promptTemplates(spec));
   const override = !spec.template && spec.instancePrompt ? captionOverrideWarning(ds, spec.captionMode ?? 'caption', spec.instancePrompt) : undefined;
@@ -83,23 +81,20 @@ export async function loraDryRun(raw: LoraSpec): Promise<string> {
 // State
 
 /** The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group. */
-function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): DbOptimizer {
+function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): TrainableOptimizer {
   const isText = (k: string) => /^lora_te\d?_/.test(k);
   const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
   const text = new Map([...net.weights].filter(([k]) => isText(k)));
   const kind = spec.optimizer ?? 'adamw';
-  const optimizer = new DbOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps ?? 0);
+  const optimizer = new TrainableOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps ?? 0);
   optimizer.done = done;
   return optimizer;
 }
 
-async function initState(run: PreparedRun, spec: LoraSpec, paths: RunPaths, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
+async function initState(run: PreparedRun, spec: LoraSpec, from: string | undefined, textLr: LrSchedule | undefined, ctx: JobContext): Promise<LoraState> {
   const targets = loraTargets(shapesOf(run.model.source), targetKinds(spec));
   const net = createLora(targets, { rank: spec.rank, alpha: spec.alpha, seed: spec.seed });
-  let step = 0;
-  const from = spec.resume ? await resumeFrom(paths, spec.name) : undefined;
-  if (from) step = await loadWeights(from, net, run.model.family);
-  else if (spec.resume) ctx.emit({ type: 'log', level: 'warn', message: `nothing to resume for '${spec.name}': starting a new LoRA` });
+  const step = from ? await loadWeights(from, net, run.model.family) : 0;
   const optimizer = loraOptimizer(net, spec, textLr, step);
   const s: LoraState = { net, step, optimizer, startedAt: Date.now() / 1000 };
   if (from) {
@@ -137,6 +132,8 @@ function nextLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: num
   if (!textTrains) batch.context = textAdapters ? tf.tidy(() => encodeText(withLora(text.params, net), text.cfg, batch.ids)) : encodeFrozenText(text.params, text.cfg, batch.ids);
   return batch;
 }
+
+const layout = (spec: LoraSpec): OutputLayout => ({ dir: resolve(spec.loraDir), ext: '.safetensors', snapshots: 'lora', snapshotSuffix: '.safetensors', outputResumes: true });
 
 /** What differs between the SD1/SD2 and the SDXL method: batches, loss, what a batch holds, previews. */
 interface FamilyOps<B> {
@@ -179,93 +176,91 @@ function xlOps(run: LoraRun, spec: LoraSpec, s: LoraState): FamilyOps<XlLoraBatc
   };
 }
 
-function loraMethod<B>(run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }, ops: FamilyOps<B>): TrainMethod<B> {
+/** A family's batch with its adapter-dropout seed, a function of (seed, step, micro). */
+type Seeded<B> = { batch: B; dropoutSeed: number };
+
+function loraSession<B>(
+  run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }, settings: object, ops: FamilyOps<B>,
+): Session<Seeded<B>> {
   const textKeys = [...s.net.weights.keys()].filter((k) => /^lora_te\d?_/.test(k));
   const trainable = new Map(s.net.weights);
+  const textTrains = (done: number) => textKeys.length > 0 && s.optimizer.textActive(done);
+  // past the text encoder's step limit its adapters stop being trained (and differentiated)
+  const prune = (done: number) => {
+    if (!textTrains(done)) for (const k of textKeys) trainable.delete(k);
+  };
+  prune(s.step);
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
-  let dropoutSeed = 0;
-  let current = 0;
   return {
+    ...datasetSession(run, spec as CommonSpec, settings),
+    startStep: s.step,
+    optimizer: s.optimizer,
     trainable,
-    nextBatch: async (step, micro) => {
-      await log.flush();
-      current = step;
-      const textTrains = textKeys.length > 0 && s.optimizer.textActive(step - 1);
-      // past the text encoder's step limit its adapters stop being trained (and differentiated)
-      if (!textTrains) for (const k of textKeys) trainable.delete(k);
-      dropoutSeed = spec.seed * 1_000_003 + step * 1009 + micro;
-      return ops.next(step, micro, textTrains);
-    },
-    loss: (batch) => {
+    nextBatch: (step, micro) => ({ batch: ops.next(step, micro, textTrains(step - 1)), dropoutSeed: spec.seed * 1_000_003 + step * 1009 + micro }),
+    loss: ({ batch, dropoutSeed }, step) => {
       const parts = ops.loss(batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
-      if (run.classes) log.record(current, parts);
+      if (run.classes) log.record(step, parts);
       else tf.dispose(parts.instance);
       return parts.loss;
     },
-    disposeBatch: (b) => tf.dispose(ops.tensors(b)),
+    afterStep: async (step) => {
+      await log.flush();
+      prune(step);
+    },
+    disposeBatch: ({ batch }) => tf.dispose(ops.tensors(batch)),
     save: async (step, final) => {
       await log.flush();
-      return saveLora(run, spec, s, final ? paths.output : join(paths.snapshots, `${spec.name}-${step}.safetensors`), step, hashes);
+      return saveLora(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step, hashes);
     },
     preview: (step) => ops.preview(step, join(paths.images, `${spec.name}-${step}.png`)),
   };
 }
 
-/** Everything checked before a model loads or a file is written. */
-async function preflight(raw: LoraSpec, ctx: JobContext): Promise<{ spec: LoraSpec; paths: RunPaths; textLr?: LrSchedule }> {
-  const spec = withDefaults(raw);
-  if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
-  const paths = await checkRun({ ...spec, template: '' } as CommonSpec, resolve(spec.loraDir), 'lora');
-  paths.output = resolve(spec.loraDir, `${spec.name}.safetensors`);
-  if (existsSync(paths.output) && !spec.overwrite && !spec.resume) {
-    throw new Error(`${paths.output} already exists: pass --resume to continue training it or --overwrite to replace it`);
-  }
-  const lr = parseLrSchedule(spec.lr, spec.steps); // a bad schedule fails before anything loads
-  for (const message of lr.warnings) ctx.emit({ type: 'log', level: 'warn', message });
-  const textLr = spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
-  if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
-  if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
-  if (spec.template && spec.instancePrompt) ctx.emit({ type: 'log', level: 'warn', message: `template ${spec.template} gives every prompt: the instance prompt is not used` });
-  return { spec, paths, textLr };
-}
+const textSchedule = (spec: LoraSpec): LrSchedule | undefined =>
+  spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
+
+/** LoRA (and `train dreambooth --lora`) as the one run (train/run.ts) drives it. */
+export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
+  kind: 'lora',
+  usage: (spec) => `<lora:${spec.name}:1>`,
+  layout,
+  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: () => 'starting a new LoRA',
+  async preflight(spec, _paths, _from, ctx) {
+    if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
+    textSchedule(spec); // a bad schedule fails before anything loads
+    if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
+    if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
+    if (spec.template && spec.instancePrompt) ctx.emit({ type: 'log', level: 'warn', message: `template ${spec.template} gives every prompt: the instance prompt is not used` });
+  },
+  async load({ spec, paths, from, onRelease }, ctx) {
+    const run: LoraRun = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true, templates: await promptTemplates(spec) });
+    onRelease(() => closeRun(run));
+    warnCaptionOverride(run.dataset, spec, ctx);
+    onRelease(() => run.classes?.latents.dispose());
+    run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
+    const s = await initState(run, spec, from?.path, textSchedule(spec), ctx);
+    onRelease(() => {
+      disposeLora(s.net);
+      s.optimizer.dispose();
+    });
+    await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
+    const hashes = { legacy: await legacyModelHash(spec.model), full: await fileSha256(spec.model) };
+    const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
+    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
+    return run.model.textXl
+      ? (loraSession(run, spec, s, paths, hashes, settings, xlOps(run, spec, s)) as Session<Seeded<unknown>>)
+      : (loraSession(run, spec, s, paths, hashes, settings, sdOps(run, spec, s)) as Session<Seeded<unknown>>);
+  },
+};
 
 /** The spec with the folders and prior-preservation options a spec built in code may leave out. */
-function withDefaults(raw: LoraSpec): LoraSpec {
+export function loraSpec(raw: LoraSpec): LoraSpec {
   const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
   return { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
 }
 
 /** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
-export async function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
-  const { spec, paths, textLr } = await preflight(raw, ctx);
-  const backend = await initJobBackend(spec, ctx);
-  let run: LoraRun | undefined;
-  let s: LoraState | undefined;
-  try {
-    run = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true, templates: await promptTemplates(spec) });
-    warnCaptionOverride(run.dataset, spec, ctx);
-    run.classes = await prepareClassSet(spec as PriorSpec, run.model, run.tokenizer, run.modelHash, run.dataset.batchSize, ctx);
-    s = await initState(run, spec, paths, textLr, ctx);
-    await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
-    const full = await fileSha256(spec.model);
-    const hashes = { legacy: await legacyModelHash(spec.model), full };
-    const method: TrainMethod<unknown> = run.model.textXl
-      ? loraMethod(run, spec, s, paths, hashes, xlOps(run, spec, s)) as TrainMethod<unknown>
-      : loraMethod(run, spec, s, paths, hashes, sdOps(run, spec, s)) as TrainMethod<unknown>;
-    const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
-    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
-    const { step, outputs, cancelled } = await trainAndSave(run, spec as CommonSpec, paths, method, s, backend.name, settings, ctx);
-    return { step, output: paths.output, outputs, kind: 'lora', usage: `<lora:${spec.name}:1>`, cancelled };
-  } finally {
-    if (s) {
-      disposeLora(s.net);
-      s.optimizer.dispose();
-    }
-    if (run) {
-      run.classes?.latents.dispose();
-      releaseRun(run);
-      await run.model.source.close();
-    }
-  }
+export function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
+  return runMethod(lora, loraSpec(raw), ctx);
 }
-

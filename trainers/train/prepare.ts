@@ -1,0 +1,191 @@
+/**
+ * @file What the methods that train on the webui's dataset share (webui train_embedding /
+ * train_hypernetwork, and Dreambooth/LoRA on top): the dataset, cached latents (the VAE encoder
+ * is released before training), per-step batches with seeded noise and timesteps, previews from
+ * sidetrain's own sampler, and the spec fields those methods have in common. The run itself
+ * (events, settings, resume, snapshots, final save) is train/run.ts.
+ */
+import { computePrecision, type PrecisionOption } from '../backend/precision.ts';
+import { mkdir } from 'node:fs/promises';
+import { basename, extname, join } from 'node:path';
+import { tf, type Tensor } from '../backend/tf.ts';
+import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
+import { loadTemplate, type Template } from '../text/templates.ts';
+import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
+import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
+import { loadVae, type VaeConfig } from '../nets/vae.ts';
+import { disposeParams, type Params } from '../nets/params.ts';
+import { unetForward, type UNetHooks } from '../nets/unet.ts';
+import { encodeText, type TextSplice } from '../nets/clip.ts';
+import { modelHash } from '../io/checkpoint.ts';
+import { LatentCache, seededNoise } from './latent-cache.ts';
+import { Rng } from '../random.ts';
+import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
+import type { DiffusionBatch } from './diffusion-loss.ts';
+import type { JobContext } from '../job.ts';
+import { chooseUNetMemory } from '../memory/choice.ts';
+import { releaseTextCache } from './context-cache.ts';
+import type { MemoryToggle } from '../memory/options.ts';
+
+/** The options TI and hypernetwork jobs share (schemas/common.json). */
+export interface CommonSpec {
+  model: string;
+  images: string;
+  name: string;
+  steps: number;
+  lr: string;
+  batchSize: number;
+  gradAccum: number;
+  template: string;
+  width: number;
+  height: number;
+  previewEvery: number;
+  saveEvery: number;
+  logDir: string;
+  seed: number;
+  resume: boolean;
+  overwrite: boolean;
+  clipGrad: 'disabled' | 'value' | 'norm';
+  clipGradValue: string;
+  shuffleTags: boolean;
+  tagDropOut: number;
+  latentSampling: LatentSampling;
+  doNotResize: boolean;
+  useWeight: boolean;
+  filenameWordRegex: string;
+  filenameJoinString: string;
+  previewPrompt?: string;
+  previewSampler: SamplerName;
+  previewSteps: number;
+  previewCfgScale: number;
+  gradientCheckpointing?: MemoryToggle;
+  attentionSlicing?: MemoryToggle;
+  halfFrozenWeights?: boolean;
+  fusedBackward?: boolean;
+  /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
+  precision?: PrecisionOption;
+  /** auto (the file/family decides) or the model's prediction when the file carries no hint. */
+  prediction?: 'auto' | 'eps' | 'v';
+}
+
+export interface PreparedRun {
+  dataset: Dataset;
+  model: SdModel & Required<Pick<SdModel, 'text' | 'unet'>>;
+  latents: LatentCache;
+  tokenizer: ClipTokenizer;
+  /** The VAE decoder, only when previews are on. */
+  decoder?: { params: Params; cfg: VaeConfig };
+  /** First 10 hex of the model file's sha256 (webui `sd_checkpoint`) and its stem. */
+  modelHash: string;
+  modelName: string;
+}
+
+/** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
+export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean; templates?: PromptTemplates } = {}): Promise<PreparedRun> {
+  const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }), opts.templates);
+  const memory = await chooseUNetMemory(type, spec, ctx);
+  // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
+  const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
+  // under bf16 precision the store is bfloat16: the operands the bf16 kernels use anyway
+  const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains, format: computePrecision() === 'bf16' ? ('bf16' as const) : ('f16' as const) } : {};
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type, prediction: spec.prediction })) as PreparedRun['model'];
+  model.unet.memory = memory;
+  const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
+  const scaleFactor = model.vae!.cfg.scaleFactor; // the family's (SDXL 0.13025) or the config's
+  disposeParams(model.vae!.params);
+  delete model.vae;
+  dataset.releasePixels();
+  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor }) : undefined;
+  return {
+    dataset, model, latents, decoder, tokenizer: await ClipTokenizer.load(),
+    modelHash: await modelHash(spec.model), modelName: basename(spec.model, extname(spec.model)),
+  };
+}
+
+/** The prompts of a method that does not take them from `spec.template` (LoRA: the instance prompt and captions). */
+export interface PromptTemplates {
+  template: Template;
+  captionedTemplate?: Template;
+}
+
+/** The training images as the job's options describe them (no model needed). */
+export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
+  return Dataset.load({
+    dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
+    // methods whose prompts are not templated by spec.template (LoRA: instance prompt and captions; fine-tune) pass their own
+    ...(templates ?? { template: await loadTemplate(spec.template ?? 'none') }),
+    shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,
+    latentSampling: spec.latentSampling, batchSize: spec.batchSize, gradAccum: spec.gradAccum, seed: spec.seed,
+    useWeight: spec.useWeight, filenameWordRegex: spec.filenameWordRegex, filenameJoinString: spec.filenameJoinString, onWarning,
+  });
+}
+
+/** `--dry-run`: the dataset report (images used and skipped, sizes, captions, prompts, steps per epoch). */
+export async function datasetDryRun(spec: CommonSpec): Promise<string> {
+  return formatDatasetReport(datasetReport(await loadDataset(spec, () => {})));
+}
+
+/** The micro-batch for update `step` (1-based): cached latents, seeded noise and timesteps, prompts. */
+export function diffusionBatch(run: PreparedRun, spec: CommonSpec, step: number, micro: number, embeddings: Map<string, number>): DiffusionBatch & { prompts: TokenizedPrompt[] } {
+  const b = run.dataset.batchAt(step - 1, micro);
+  const latents = run.latents.latents(b.items, step, micro);
+  const rng = Rng.derive(spec.seed, 'timesteps', step, micro);
+  const timesteps = b.items.map(() => rng.int(run.model.schedule.timesteps));
+  const padding = paddingFor(run.model.family);
+  return {
+    latents, timesteps, noise: seededNoise(latents.shape, spec.seed, 'noise', step, micro),
+    prompts: b.prompts.map((p) => tokenizeWithEmbeddings(run.tokenizer, p, embeddings, padding)),
+  };
+}
+
+/** Render a preview PNG of the current weights: `splices` for TI vectors, `hooks` for hypernetworks. */
+export async function renderPreview(
+  run: PreparedRun, spec: CommonSpec, path: string, prompt: TokenizedPrompt,
+  conditioning: { splices?: (batchRow: number) => TextSplice[]; hooks?: UNetHooks },
+): Promise<string> {
+  const { text, unet, schedule, prediction, family } = run.model;
+  const context = encodeText(text.params, text.cfg, [prompt.ids], { splices: conditioning.splices?.(0) });
+  const uncond = encodeText(text.params, text.cfg, [run.tokenizer.encode('', paddingFor(family))]);
+  const denoise = (latents: Tensor, t: number, ctx: Tensor) =>
+    unetForward(unet.params, unet.cfg, latents, new Array(latents.shape[0]).fill(t), ctx, { hooks: conditioning.hooks });
+  const image = await sampleImage(
+    { denoise, schedule, vae: run.decoder!, context, uncondContext: uncond },
+    { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
+  );
+  tf.dispose([context, uncond]);
+  await mkdir(join(path, '..'), { recursive: true });
+  const infotext = `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Sampler: ${spec.previewSampler}, CFG scale: ${spec.previewCfgScale}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}, Model: ${run.modelName}`;
+  await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
+  return path;
+}
+
+/** The preview prompt: the spec's, or the first dataset prompt (the webui's "use prompt from dataset"). */
+export function previewPromptText(run: PreparedRun, spec: CommonSpec): string {
+  return spec.previewPrompt || run.dataset.batchAt(0, 0).prompts[0]!;
+}
+
+/** The session fields a run on a prepared dataset shares (train/run.ts Session); `settings` extra for settings.json. */
+export function datasetSession(run: PreparedRun, spec: CommonSpec, settings: object = {}) {
+  const { dataset } = run;
+  return {
+    gradAccum: dataset.gradAccum, stepsPerEpoch: dataset.stepsPerEpoch, previewEvery: spec.previewEvery,
+    settings: { modelHash: run.modelHash, stepsPerEpoch: dataset.stepsPerEpoch, images: dataset.items.length, ...settings },
+  };
+}
+
+/** Release a prepared run's tensors and close its model file (train/run.ts LoadArgs.onRelease). */
+export async function closeRun(run: PreparedRun): Promise<void> {
+  releaseRun(run);
+  await run.model.source.close();
+}
+
+export function releaseRun(run: PreparedRun): void {
+  run.latents.dispose();
+  if (run.model.text) {
+    releaseTextCache(run.model.text.params);
+    disposeParams(run.model.text.params);
+  }
+  if (run.model.textXl) disposeParams(run.model.textXl.params);
+  disposeParams(run.model.unet.params);
+  if (run.decoder) disposeParams(run.decoder.params);
+}
