@@ -116,7 +116,7 @@ bool cpu_has_avx512bf16() {
 }
 
 // ---- avx512-fma: float32 FMA on the widened values, 12 rows × 32 columns ------------------------
-// The A panel is already float32 ([kp][12][2], broadcast from memory); a B pair row (32 columns ×
+// The A panel is already float32 ([kpad][12], broadcast from memory); a B pair row (32 columns ×
 // 2 k) is 2 zmm of bf16 pairs, widened in registers: the odd k is the pair with its low half
 // cleared, the even k the pair shifted up 16 bits. Odd k first, as portable and vdpbf16ps.
 constexpr int MRF = 12;
@@ -132,10 +132,10 @@ void tile_avx512fma(long kpad, const uint16_t* a16, const uint16_t* b, float* co
     const __m512i b0 = _mm512_load_si512(b + kp * 2 * NRB), b1 = _mm512_load_si512(b + kp * 2 * NRB + 32);
     const __m512 b0o = _mm512_castsi512_ps(_mm512_and_si512(b0, hi)), b0e = _mm512_castsi512_ps(_mm512_slli_epi32(b0, 16));
     const __m512 b1o = _mm512_castsi512_ps(_mm512_and_si512(b1, hi)), b1e = _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16));
-    const float* ak = a + kp * 2 * MRF;
+    const float* ak = a + kp * 2 * MRF;  // rows of k = 2kp, then of 2kp + 1
 #pragma GCC unroll 12
     for (int r = 0; r < MRF; r++) {
-      const __m512 ao = _mm512_set1_ps(ak[2 * r + 1]), ae = _mm512_set1_ps(ak[2 * r]);
+      const __m512 ao = _mm512_set1_ps(ak[MRF + r]), ae = _mm512_set1_ps(ak[r]);
       c0[r] = _mm512_fmadd_ps(ae, b0e, _mm512_fmadd_ps(ao, b0o, c0[r]));
       c1[r] = _mm512_fmadd_ps(ae, b1e, _mm512_fmadd_ps(ao, b1o, c1[r]));
     }

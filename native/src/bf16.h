@@ -34,7 +34,7 @@ struct Bf16Kernel {
   int mr;           // rows of one A panel (a multiple of MR is not required)
   int kAlign;       // k of a block padded with zeros to a multiple of this
   bool aRowMajor;   // A panel layout [mr][kpad] instead of [kp][mr][2]
-  bool aFloat;      // A panel holds the bf16 values widened to float32 ([kp][mr][2] floats)
+  bool aFloat;      // A panel holds the bf16 values widened to float32, [kpad][mr] as gemm.h packs
   int mcPanels;     // A panels per MC block
   // rows[r][0..ncols) (=|+=) Σ_k A[r][k]·B[k][j] over kpad (a multiple of kAlign) k
   void (*tile)(long kpad, const uint16_t* a, const uint16_t* b, float* const* rows, int nrows, int ncols, bool acc);
@@ -93,18 +93,23 @@ template <class PA>
 void pack_a16(const Bf16Kernel& kern, const PA& pa, uint16_t* dst, long m, int rows, long k0, long kc, long kpad) {
   float* f = scratch16().f;
   const int mr = kern.mr;
+  if (kern.aFloat && mr == MR) {
+    // gemm.h's own panel layout: pack straight into it, then round in place (one pass, vectorised)
+    float* d = reinterpret_cast<float*>(dst);
+    pa.pack(d, m, rows, k0, kc);
+    if (kc < kpad) std::memset(d + kc * MR, 0, sizeof(float) * MR * (kpad - kc));
+    for (long i = 0; i < kc * MR; i++) d[i] = bf16_round(d[i]);
+    return;
+  }
   if (rows < mr || kc < kpad) std::memset(dst, 0, (kern.aFloat ? sizeof(float) : sizeof(uint16_t)) * mr * kpad);
   for (int r0 = 0; r0 < rows; r0 += MR) {
     const int n = std::min(MR, rows - r0);
     pa.pack(f, m + r0, n, k0, kc);
     if (kc & 1) std::memset(f + kc * MR, 0, sizeof(float) * MR);  // the odd k's partner
     if (kern.aFloat) {
-      float* d = reinterpret_cast<float*>(dst) + 2 * r0;
-      for (long k = 0; k < kc; k += 2) {
-        const float* f0 = f + k * MR;
-        float* dk = d + k * mr;  // pair k/2 of [kp][mr][2]
-        for (int r = 0; r < n; r++) dk[2 * r] = bf16_round(f0[r]), dk[2 * r + 1] = bf16_round(f0[MR + r]);
-      }
+      float* d = reinterpret_cast<float*>(dst) + r0;
+      for (long k = 0; k < kc; k++)
+        for (int r = 0; r < n; r++) d[k * mr + r] = bf16_round(f[k * MR + r]);
     } else if (kern.aRowMajor) {
       for (int r = 0; r < n; r++) {
         uint16_t* d = dst + static_cast<long>(r0 + r) * kpad;
