@@ -1,6 +1,7 @@
 /**
  * @file `npm run bench`: every benchmark module in one run, one table. Sections (each a module
- * with an exported bench function returning records): io, api, kernels, precision (peak probes,
+ * with an exported bench function returning records): io, api, estimate (bench/estimate-run.ts: the
+ * estimate against a user's `train` run on the tiny model), kernels, precision (peak probes,
  * GEMM classes in fp32 and bf16), unet, vae, ti (if
  * bench/ti.ts exists), steps (bench/steps.ts: TI/hypernetwork/Dreambooth/LoRA steps with estimates on
  * the tiny, SD1.5- and SDXL-shaped models, the PyTorch yardstick and the SD1.5 TI profile), each
@@ -36,6 +37,7 @@ function sections(): Section[] {
   const list: Section[] = [
     { name: 'io', run: async () => (await import('./io.ts')).benchIo() },
     { name: 'api', run: async () => (await import('./api.ts')).benchApi() },
+    { name: 'estimate', run: async () => (await import('./estimate-run.ts')).benchEstimateRun() },
     { name: 'kernels', run: async () => (await import('./kernels.ts')).benchKernels() },
     { name: 'precision', run: async () => (await import('./precision.ts')).benchPrecision() },
     { name: 'unet', run: async () => (await import('./unet.ts')).benchUnet() },

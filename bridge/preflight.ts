@@ -41,6 +41,25 @@ export async function dryRunInProbe(methodsModule: string, type: string, spec: R
   }
 }
 
+/**
+ * A job's time before its first step besides caching latents: process start, imports and the
+ * backend's set-up (~4 s on 2 cores: bench/estimate-run.ts measured 6–8 s of start and load for an
+ * sd-tiny `train` at load 12, whose weights read in no time), then reading and converting the
+ * weights at ~0.5 GB/s. Without it the tiny model's total came out 2–3× short of the wall time.
+ */
+const START_SECONDS = 4;
+const LOAD_BYTES_PER_SECOND = 0.5 * 2 ** 30;
+
+export function startSeconds(e: JobEstimate): number {
+  const w = e.breakdown.weightBytes;
+  return START_SECONDS + (w.text + w.unet + w.vaeEncoder + w.vaeDecoder) / LOAD_BYTES_PER_SECOND;
+}
+
+/** Start and load plus the steps: what a user waits for (caching latents aside: one VAE pass per image). */
+export function totalSeconds(e: JobEstimate, steps: number): number {
+  return startSeconds(e) + e.secondsPerStep * steps;
+}
+
 const gb = (bytes: number) => `${(bytes / 2 ** 30).toFixed(1)} GB`;
 
 /** The settings of `spec` that would lower the estimate, as a person would change them. */

@@ -5,7 +5,7 @@
  */
 import { existsSync } from 'node:fs';
 import { METHODS as ESTIMATED_METHODS } from '../trainers/memory/estimate-methods.ts';
-import { checkFits, dryRunInProbe, estimable, estimateInProbe } from './preflight.ts';
+import { checkFits, dryRunInProbe, estimable, estimateInProbe, startSeconds } from './preflight.ts';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Request, Response } from 'express';
@@ -60,7 +60,8 @@ async function estimate(req: Request, _res: Response, ctx: ServerContext): Promi
   const { spec, folders } = await requestFolders(ctx.folders, req.body);
   const prepared = await prepareSpec(ctx.manager.methods, type, spec, folders);
   if (!estimable(type)) throw new RequestError([fieldError('/type', `has no estimate (estimates exist for ${ESTIMATED_METHODS.join(', ')})`)], 422);
-  return await estimateInProbe(type, prepared);
+  const e = await estimateInProbe(type, prepared);
+  return { ...e, startSeconds: startSeconds(e) };
 }
 
 /**

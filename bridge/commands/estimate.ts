@@ -7,6 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { freemem, totalmem } from 'node:os';
 import { duration } from './progress.ts';
+import { startSeconds, totalSeconds } from '../preflight.ts';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { parse as parseYaml } from 'yaml';
 import { getSchema, validate } from '../../schemas/index.ts';
@@ -46,7 +47,9 @@ const gb = (b: number) => `${(b / 2 ** 30).toFixed(2)} GB`;
 /** The answer a user asks for first: how long, and whether it fits this machine now (with what else runs). */
 export function verdict(spec: Record<string, unknown>, e: JobEstimate, mem = { free: freemem(), total: totalmem() }): string[] {
   const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
-  const time = steps ? `total time    ~${duration(e.secondsPerStep * steps)} for ${steps} steps (plus loading and caching latents)` : undefined;
+  const time = steps
+    ? `total time    ~${duration(totalSeconds(e, steps))} for ${steps} steps (~${duration(e.secondsPerStep * steps)} training, ~${duration(startSeconds(e))} starting and loading; plus caching latents)`
+    : undefined;
   const fits = e.peakBytes <= mem.free
     ? `fits now: needs ${gb(e.peakBytes)}, ${gb(mem.free)} of ${gb(mem.total)} free`
     : e.peakBytes <= mem.total
@@ -87,7 +90,7 @@ export function registerEstimate(program: Command): void {
       const memoryLimit = typeof opts.memoryLimit === 'number' ? opts.memoryLimit * 2 ** 30 : undefined;
       const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined, memoryLimit });
       const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
-      const answer = { ...e, totalSeconds: steps ? e.secondsPerStep * steps : undefined, freeBytes: freemem(), totalBytes: totalmem(), fitsNow: e.peakBytes <= freemem() };
+      const answer = { ...e, startSeconds: startSeconds(e), totalSeconds: steps ? totalSeconds(e, steps) : undefined, freeBytes: freemem(), totalBytes: totalmem(), fitsNow: e.peakBytes <= freemem() };
       console.log(opts.json ? JSON.stringify(answer, null, 2) : formatEstimate(type, spec, e));
     });
   }

@@ -82,8 +82,10 @@ function describeEstimate(result, spec) {
     if (k === 'peakBytes' && typeof v === 'number') parts.push(`peak memory ~${bytes(v)}`);
     else if (k === 'secondsPerStep' && typeof v === 'number') {
       parts.push(perStep(v));
-      if (typeof spec.steps === 'number') parts.push(`~${duration(v * spec.steps)} for ${spec.steps} steps`);
-    } else if (k === 'backend') parts.push(`on ${v}`);
+      // the wait before the first step too (bridge/preflight.ts startSeconds)
+      if (typeof spec.steps === 'number') parts.push(`~${duration(v * spec.steps + (result.startSeconds ?? 0))} for ${spec.steps} steps with starting and loading`);
+    } else if (k === 'startSeconds') continue;
+    else if (k === 'backend') parts.push(`on ${v}`);
     else if (Array.isArray(v)) notes.push(...v.map(String));
     else if (v && typeof v === 'object') detail += `${k}: ${JSON.stringify(v, null, 1)}\n`;
     else if (typeof v === 'number' && /bytes|memory/i.test(k)) parts.push(`${k} ${bytes(v)}`);
