@@ -3,9 +3,10 @@
  * .cache/lavapipe by scripts/fetch-lavapipe.sh (.ci/run does it). Everything runs in child
  * processes, since Dawn reads VK_ICD_FILENAMES and the loader path when a process starts:
  * the goldens of both SD fixtures, a short TI and LoRA whose loss curves and files match
- * cpu-native's, a binding over the adapter's limit that fails with an error naming the op (both
- * before dispatch and, with that check off, from the GPU's error scope), and the choice — a
- * software adapter only when forced, none at all leaves cpu-native with one skip line.
+ * cpu-native's, the WGSL attention core against the TF-ops reference, a binding over the
+ * adapter's limit that fails with an error naming the op (both before dispatch and, with that
+ * check off, from the GPU's error scope), and the choice — a software adapter only when forced,
+ * none at all leaves cpu-native with one skip line.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -70,6 +71,15 @@ test('a gather or matmul input over the binding limit is refused before dispatch
   assert.match(String((r.gather as { error?: string }).error), new RegExp(String.raw`^webgpu: GatherV2 \(\w+\) input 0 \[(?:\d+, )*256\] ${over}`));
   assert.match(String((r.matmul as { error?: string }).error), new RegExp(String.raw`^webgpu: BatchMatMul \(\w+\) input 0 \[1, \d+, 256\] ${over}`));
   assert.deepEqual(r.small, [2, 3]);
+});
+
+test('the WGSL attention core (flash-style tiles) agrees with the TF-ops slices: output and the three gradients', { skip }, async () => {
+  const r = (await child('attention', { ...lavapipeEnv })) as { native: boolean; cases: Record<string, number>[] };
+  assert.equal(r.native, true, 'the webgpu backend should run attention in its own kernels');
+  assert.equal(r.cases.length, 5);
+  for (const [i, errs] of r.cases.entries()) {
+    for (const [name, e] of Object.entries(errs)) assert.ok(e < 1e-5, `case ${i} ${name}: relative error ${e}`);
+  }
 });
 
 test("sidetrain's Conv2DBackpropFilter (a product per filter tap) agrees with a float64 loop", { skip }, async () => {

@@ -7,6 +7,7 @@
  */
 import { initBackend, tf } from '../../trainers/backend/index.ts';
 import { webgpuStatus } from '../../trainers/backend/webgpu/adapter.ts';
+import { hasNativeAttention, nativeAttention, slicedAttentionOps } from '../../trainers/nets/sliced-attention.ts';
 
 const mode = process.argv[2];
 if (mode === 'probe') {
@@ -43,6 +44,9 @@ if (mode === 'probe') {
   const matmul = await errorOf(() => tf.matMul(big, tf.ones([256, 2])));
   const small = Array.from(await tf.add(tf.tensor([1, 2]), 1).data());
   console.log(JSON.stringify({ gather, matmul, small }));
+} else if (mode === 'attention') {
+  await initBackend('webgpu');
+  console.log(JSON.stringify(await attentionErrors()));
 } else if (mode === 'conv-filter-grad') {
   await initBackend('webgpu');
   console.log(JSON.stringify(await convFilterGradErrors()));
@@ -78,4 +82,45 @@ async function convFilterGradErrors(): Promise<number[]> {
     errors.push(maxErr);
   }
   return errors;
+}
+
+/**
+ * The WGSL attention core (forward and the three gradients) against the TF-ops slices on the same
+ * backend: the largest error relative to the reference's largest value, per case and output.
+ * Cases: several heads, Tq ≠ Tk (cross-attention on 7 or 77 tokens), rows past a 64-row block,
+ * head widths 16/40/160 and the VAE's one head of 512 (a tile of a few rows), and a shader
+ * compiled for one shape reused for another (the same head width).
+ */
+async function attentionErrors(): Promise<{ native: boolean; cases: Record<string, number>[] }> {
+  const cases: [b: number, tq: number, tk: number, heads: number, d: number][] = [
+    [2, 70, 70, 2, 16], [1, 100, 7, 3, 40], [1, 65, 77, 1, 160], [1, 20, 20, 1, 512], [1, 33, 9, 2, 16],
+  ];
+  const out: Record<string, number>[] = [];
+  for (const [b, tq, tk, heads, d] of cases) {
+    const c = heads * d;
+    const [q, k, v] = [[b, tq, c], [b, tk, c], [b, tk, c]].map((s, i) => tf.randomNormal(s, 0, 1, 'float32', 11 + i));
+    const w = tf.randomNormal([b, tq, c], 0, 1, 'float32', 20);
+    const split = (t: tf.Tensor, n: number) => t.reshape([b, n, heads, d]).transpose([0, 2, 1, 3]).reshape([b * heads, n, d]);
+    const merge = (t: tf.Tensor) => t.reshape([b, heads, tq, d]).transpose([0, 2, 1, 3]).reshape([b, tq, c]);
+    const ours = (x: tf.Tensor, y: tf.Tensor, z: tf.Tensor) => nativeAttention(x, y, z, heads);
+    const reference = (x: tf.Tensor, y: tf.Tensor, z: tf.Tensor) => merge(slicedAttentionOps(split(x, tq), split(y, tk), split(z, tk), tq));
+    const run = (f: typeof ours) => {
+      const value = f(q, k, v);
+      const grads = tf.grads((x: tf.Tensor, y: tf.Tensor, z: tf.Tensor) => f(x, y, z).mul(w).sum())([q, k, v]);
+      return [value, ...grads];
+    };
+    const [a, r] = [run(ours), run(reference)];
+    const errs: Record<string, number> = {};
+    for (const [i, name] of ['out', 'dq', 'dk', 'dv'].entries()) {
+      const [x, y] = await Promise.all([a[i]!.data(), r[i]!.data()]);
+      let err = 0, scale = 0;
+      for (let n = 0; n < y.length; n++) {
+        err = Math.max(err, Math.abs(x[n]! - y[n]!));
+        scale = Math.max(scale, Math.abs(y[n]!));
+      }
+      errs[name] = err / scale;
+    }
+    out.push(errs);
+  }
+  return { native: hasNativeAttention(), cases: out };
 }

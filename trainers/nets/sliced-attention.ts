@@ -24,9 +24,15 @@ type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNu
 const enabled = process.env.SIDETRAIN_NATIVE_ATTENTION !== '0';
 let registered: AttentionAddon | undefined;
 
-/** Whether attention cores run natively here (cpu-native backend, addon with the attention kernels, not turned off). */
+/**
+ * Whether attention cores run as sidetrain's kernels here: the native ones (cpu-native backend,
+ * addon with the attention kernels) or the WGSL ones (webgpu backend); not when turned off.
+ */
 export function hasNativeAttention(): boolean {
-  if (!enabled || currentBackend()?.name !== 'cpu-native' || tf.getBackend() !== 'cpu') return false;
+  if (!enabled) return false;
+  // the webgpu backend registers the same two kernels as tiled WGSL shaders (backend/webgpu/attention.ts)
+  if (currentBackend()?.name === 'webgpu') return tf.getBackend() === 'webgpu' && tf.getKernel('SidetrainAttention', 'webgpu') !== undefined;
+  if (currentBackend()?.name !== 'cpu-native' || tf.getBackend() !== 'cpu') return false;
   if (registered) return true;
   let addon: NativeAddon;
   try {
