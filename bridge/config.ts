@@ -7,6 +7,7 @@
  * sources miss cases: A1111/Forge started with custom folder flags break the `--webui-dir` layout,
  * and SD.Next keeps its folders in its settings, not in cmd-flags.
  */
+import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -95,10 +96,21 @@ export function stateDirOf(opts: ServerOptions): string {
   return resolve(opts.stateDir ?? join(homedir(), '.sidetrain'));
 }
 
-/** A1111's folder layout under its root (Forge shares it). */
+/**
+ * SD.Next's root: its own installer beside the modules that define its settings (A1111 and Forge
+ * have neither file).
+ */
+export function isSdNextDir(dir: string): boolean {
+  return existsSync(join(dir, 'installer.py')) && existsSync(join(dir, 'modules', 'ui_definitions.py'));
+}
+
+/**
+ * The webui's folder layout under its root: A1111's (Forge shares it), or SD.Next's, which keeps
+ * embeddings under models/ too (modules/ui_definitions.py: `embeddings_dir` = models/embeddings).
+ */
 export function webuiLayout(dir: string): Partial<Folders> {
   return {
-    embeddings: join(dir, 'embeddings'),
+    embeddings: isSdNextDir(dir) ? join(dir, 'models', 'embeddings') : join(dir, 'embeddings'),
     hypernetworks: join(dir, 'models', 'hypernetworks'),
     checkpoints: join(dir, 'models', 'Stable-diffusion'),
     lora: join(dir, 'models', 'Lora'),

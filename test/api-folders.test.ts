@@ -162,6 +162,15 @@ describe("a job's own webui folder (webuiDir in the request, as the CLI's --webu
       await refused({ type: 'stub', spec: { name: 'x', webuiDir: 7 } }, '/spec/webuiDir', /must be the folder a webui is installed in/);
       // an output folder outside that webui's folders (and the server's explicit ones) stays refused
       await refused({ type: 'stub', webuiDir, spec: { name: 'x', embeddingsDir: join(dirs.root, 'elsewhere') } }, '/spec/embeddingsDir', /./);
+      // SD.Next keeps its embeddings under models/
+      const sdnext = join(dirs.root, 'sdnext');
+      mkdirSync(join(sdnext, 'modules'), { recursive: true });
+      for (const f of ['launch.py', 'installer.py']) writeFileSync(join(sdnext, f), '');
+      writeFileSync(join(sdnext, 'modules', 'ui_definitions.py'), '');
+      const next = await t.api('/api/jobs', { method: 'POST', json: { type: 'stub', webuiDir: sdnext, spec: { name: 'nextcat', steps: 1, stepMs: 0 } } });
+      assert.equal(next.status, 201, JSON.stringify(next.body));
+      assert.equal(next.body.spec.embeddingsDir, join(sdnext, 'models', 'embeddings'));
+      await waitJob(t, next.body.id, (j) => j.state === 'finished' || j.state === 'failed');
       const est = await t.api('/api/estimate', { method: 'POST', json: { type: 'stub', webuiDir: join(dirs.root, 'nowhere'), spec: { name: 'x' } } });
       assert.equal(est.body.errors[0].field, '/webuiDir');
     } finally {

@@ -53,7 +53,7 @@ export function registerServe(program: Command): void {
     .option('--port <port>', 'port', (v) => Number(v))
     .option('--state-dir <dir>', 'where jobs are stored (default ~/.sidetrain)')
     .option('--webui-url <url>', 'a running webui, e.g. http://127.0.0.1:7860 (folders and refreshes)')
-    .option('--webui-dir <dir>', "the webui's folder (A1111 layout: embeddings/, models/hypernetworks, ...)");
+    .option('--webui-dir <dir>', "the webui's folder (A1111/Forge: embeddings/, models/hypernetworks, ...; SD.Next: models/embeddings)");
   for (const { flag, env, what } of FOLDER_SETTINGS) {
     serve.option(`${flag} <dir>`, `where ${what} go (overrides the webui's folders; env ${env})`);
   }

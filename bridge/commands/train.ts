@@ -103,7 +103,7 @@ export function registerTrain(program: Command): void {
     const cmd = train.command(name).aliases([type, ...(ALIASES[type]?.slice(1) ?? [])].filter((a) => a !== name));
     cmd.description(`${schema?.description ?? `${type} job`} (flags: schemas/${entry.schema}.json)`);
     cmd.option('--config <file>', 'job file (JSON or YAML) with the same fields; flags override it');
-    cmd.option('--webui-dir <dir>', "the webui's folder (A1111/Forge layout): outputs go into its embeddings/, models/… unless a folder flag says otherwise");
+    cmd.option('--webui-dir <dir>', "the webui's folder (A1111, Forge or SD.Next): outputs go into its embeddings, models/Lora … folders unless a folder flag says otherwise");
     addSchemaOptions(cmd, props);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = specFrom(props, opts);
