@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
+import { currentBackend, initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
 import { unetForward } from '../trainers/nets/unet.ts';
@@ -122,7 +122,7 @@ test('prior preservation: class images cached; instance loss falls, class loss b
     const spec = specFor({ steps: 8, lr: '0.002' });
     const events: JobEvent[] = [];
     const ctx = ctxFor(events);
-    const run = await prepareDreambooth(spec, ctx);
+    const run = await prepareDreambooth(spec, ctx, currentBackend()!.name);
     assert.ok(run.classes, 'prior preservation is on');
     assert.equal(readdirSync(run.classes.dir).filter((f) => f.endsWith('.png')).length, 2);
     assert.match(run.classes.dir, /class-images[/\\][0-9a-f]{10}-[0-9a-f]{10}$/);
@@ -163,7 +163,7 @@ test('prior preservation: class images cached; instance loss falls, class loss b
     }
     // a later job with the same model and class prompt reuses the cached images
     const events2: JobEvent[] = [];
-    const run2 = await prepareDreambooth(specFor(), ctxFor(events2));
+    const run2 = await prepareDreambooth(specFor(), ctxFor(events2), currentBackend()!.name);
     assert.equal(run2.classes!.dir, run.classes.dir);
     assert.ok(!events2.some((e) => e.type === 'log' && /generating/.test(e.message)), 'no class image generated again');
     await releaseDreambooth(run2);
@@ -283,7 +283,7 @@ test('dreambooth --lora: prior preservation lowers the instance loss at fixed ba
   await onGradBackend(async () => {
     const spec = loraSpecFor({ steps: 10, lr: '0.01', name: 'lora-prior' });
     const r = await runDreambooth(spec, ctxFor([]));
-    const run = await prepareDreambooth(spec, ctxFor([]));
+    const run = await prepareDreambooth(spec, ctxFor([]), currentBackend()!.name);
     const net = createLora(loraTargets(shapesOf(run.model.source), ['attn']), { rank: 4, alpha: 4, seed: 0 });
     try {
       assert.ok(run.classes, 'prior preservation is on');

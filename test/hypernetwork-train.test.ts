@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, unlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { initBackend, tf } from '../trainers/backend/index.ts';
+import { currentBackend, initBackend, tf } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { runHypernetwork, hypernetworkLoss, hypernetSpecFromJob, type HnSpec } from '../trainers/methods/hypernetwork.ts';
 import { createHypernetwork, type HypernetworkSpec } from '../trainers/nets/hypernet.ts';
@@ -104,7 +104,7 @@ test('a short run lowers the loss at fixed batches; CSV, events and usage', asyn
   const hn: HypernetworkSpec = hypernetSpecFromJob(spec);
   const initial = createHypernetwork(hn, spec.seed);
   const trained = paramsFromFile(await readHypernetwork(result.output));
-  const run = await prepareRun(spec, context(), 'hypernetwork');
+  const run = await prepareRun(spec, context(), 'hypernetwork', currentBackend()!.name);
   try {
     const losses = { initial: 0, trained: 0 };
     for (let step = 1; step <= 16; step++) {

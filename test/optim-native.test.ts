@@ -16,7 +16,7 @@ import { allFiniteWithin } from '../trainers/optim/check.ts';
 import { totalGradNorm } from '../trainers/optim/clip-grad.ts';
 import { optimKernels, setNativeOptim } from '../trainers/optim/native.ts';
 import { nativeSkip } from './helpers/native.ts';
-import { seededNormal } from '../trainers/train/sample.ts';
+import { seededNormal } from '../trainers/random.ts';
 
 let skip: string | false = false;
 before(async () => {

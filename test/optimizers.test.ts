@@ -10,7 +10,7 @@ import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { AdamW } from '../trainers/optim/adamw.ts';
 import { AdamW8bit, CodeBook, dequantizeBlockwise, dynamicMap, linearMap, quantizeBlockwise } from '../trainers/optim/adamw8bit.ts';
 import { Adafactor } from '../trainers/optim/adafactor.ts';
-import { seededNormal } from '../trainers/train/sample.ts';
+import { seededNormal } from '../trainers/random.ts';
 
 before(async () => {
   await initBackend();

@@ -13,7 +13,8 @@ import { unetForward } from '../trainers/nets/unet.ts';
 import { vaeDecode } from '../trainers/nets/vae.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { ClipTokenizer } from '../trainers/text/tokenizer.ts';
-import { ddimTimesteps, imageToRgb, sampleLatents, seededNormal, type Denoiser } from '../trainers/train/sample.ts';
+import { ddimTimesteps, imageToRgb, sampleLatents, type Denoiser } from '../trainers/train/sample.ts';
+import { seededNormal } from '../trainers/random.ts';
 import { loadSchedule, type Parameterization } from '../trainers/nets/noise-schedule.ts';
 
 before(async () => {

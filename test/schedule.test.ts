@@ -15,7 +15,8 @@ import { openSafetensors } from '../trainers/io/safetensors.ts';
 import type { TensorSource } from '../trainers/io/types.ts';
 import { disposeParams } from '../trainers/nets/params.ts';
 import { loadVae, vaeConfigFromKeys } from '../trainers/nets/vae.ts';
-import { ddimTimesteps, eulerSigmas, sampleImage, sampleLatents, savePreviewPng, seededNormal, type Denoiser } from '../trainers/train/sample.ts';
+import { ddimTimesteps, eulerSigmas, sampleImage, sampleLatents, savePreviewPng, type Denoiser } from '../trainers/train/sample.ts';
+import { seededNormal } from '../trainers/random.ts';
 import {
   computeSchedule, diffusionLoss, loadSchedule, offsetNoise, weightedDiffusionLoss, type Parameterization, type ScheduleConfig,
 } from '../trainers/nets/noise-schedule.ts';

@@ -12,7 +12,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
+import { currentBackend, tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { openTorchZip } from '../trainers/io/torchzip.ts';
@@ -184,7 +184,7 @@ test('30 steps on sd-tiny: loss goes down, same seed → bit-identical .pt, webu
   assert.equal(optim.states[0]!.step, 30);
 
   // the loss on the training batches (same seeds and timesteps) before and after training
-  const run = await prepareRun(tiSpec(dirA, { overwrite: true }), stubCtx().ctx, 'textual_inversion');
+  const run = await prepareRun(tiSpec(dirA, { overwrite: true }), stubCtx().ctx, 'textual_inversion', currentBackend()!.name);
   const v0 = initialVectors(run, 'cat', 2);
   const v30 = tf.tensor(eA.vectors['*']!.values, eA.vectors['*']!.shape);
   const [loss0, loss30] = [await meanLoss(run, specA, v0, 30), await meanLoss(run, specA, v30, 30)];

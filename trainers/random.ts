@@ -1,7 +1,8 @@
 /**
- * @file A small seeded PRNG for everything in training that is random but must repeat for the
- * same seed: data order, template choice, tag shuffling and drop-out. (Tensor noise comes from
- * TF.js with its own seed; this is for host-side choices.)
+ * @file The one source of randomness in training — everything random that must repeat for the
+ * same seed: data order, template choice, tag shuffling and drop-out, dropout masks' seeds, and
+ * (through `seededNormal`) every noise tensor: latent sampling, diffusion noise, sampler noise,
+ * weight init. Nothing in trainers/ calls Math.random except `Rng.randomSeed` (`seed: -1`).
  *
  * sfc32 (Chris Doty-Humphrey's Small Fast Counting generator): 128-bit state, passes PractRand,
  * plain 32-bit integer arithmetic, so it gives the same sequence on every platform. Python's
@@ -127,4 +128,34 @@ export class Rng {
   static randomSeed(): number {
     return Math.floor(Math.random() * 2 ** 32);
   }
+}
+
+/**
+ * mulberry32: a 32-bit-state PRNG, values in [0, 1); same seed → same sequence on every platform.
+ * The element stream of `seededNormal` (and of hypernetwork weight init): a per-element generator
+ * this cheap keeps large noise tensors fast, while `Rng.derive` gives each tensor its own seed.
+ */
+export function mulberry32(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let z = s;
+    z = Math.imul(z ^ (z >>> 15), z | 1);
+    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+    return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** `n` standard normal values from `seed` (Box-Muller; both outputs of each pair are used). */
+export function seededNormal(seed: number, n: number): Float32Array {
+  const next = mulberry32(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += 2) {
+    const u1 = 1 - next(); // (0, 1]: log stays finite
+    const u2 = next();
+    const r = Math.sqrt(-2 * Math.log(u1));
+    out[i] = r * Math.cos(2 * Math.PI * u2);
+    if (i + 1 < n) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
+  }
+  return out;
 }

@@ -187,7 +187,11 @@ function hypernetworkActivations(block: BlockCost, sizes: number[]): number {
   return block.attention.reduce((sum, op) => sum + (sizes.includes(op.ctx) ? 24 * op.tk * op.ctx : 0), 0);
 }
 
-/** The backend in use (in a job worker), SIDETRAIN_BACKEND, or the one initBackend would pick. */
+/**
+ * The backend a standalone estimate assumes (CLI `estimate`, the HTTP route: processes that never
+ * start TF.js): the one in use, SIDETRAIN_BACKEND, or the one initBackend would pick. A job
+ * passes the backend it runs on instead (memory/choice.ts).
+ */
 async function defaultBackend(): Promise<string> {
   const env = currentBackend()?.name ?? process.env.SIDETRAIN_BACKEND;
   if (env) return env;
@@ -204,6 +208,11 @@ async function defaultBackend(): Promise<string> {
   if (typeof (await gpuFacts()).adapter !== 'string') return 'webgpu'; // a hardware adapter
   if (installed('@tensorflow/tfjs-node')) return 'tensorflow';
   return existsSync(new URL('../../native/build/Release/sidetrain_native.node', import.meta.url)) ? 'cpu-native' : 'wasm';
+}
+
+/** Whether `type` (a trainers/methods/index.ts name) has an estimate. */
+export function hasEstimate(type: string): boolean {
+  return METHODS.includes(type);
 }
 
 /** Estimate `type`'s job `spec` (the job's JSON, defaults as in its schema). */

@@ -106,9 +106,9 @@ export interface DbRun extends PreparedRun {
 }
 
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
-export async function prepareDreambooth(spec: DbSpec, ctx: JobContext): Promise<DbRun> {
+export async function prepareDreambooth(spec: DbSpec, ctx: JobContext, backend: string): Promise<DbRun> {
   const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], {}, { what: 'dreambooth (full UNet)', prediction: spec.prediction })) as PreparedRun['model'] & SdModel;
-  model.unet.memory = await chooseUNetMemory('dreambooth', spec, ctx);
+  model.unet.memory = await chooseUNetMemory('dreambooth', spec, backend, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
   const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx, spec.captionMode);
@@ -303,8 +303,8 @@ export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
       ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
     }
   },
-  async load({ spec, paths, from, onRelease }, ctx) {
-    const run = await prepareDreambooth(spec, ctx);
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
+    const run = await prepareDreambooth(spec, ctx, backend);
     onRelease(() => releaseDreambooth(run));
     const s = await initDreamboothState(run, spec, paths, from?.path, ctx);
     onRelease(() => s.optimizer.dispose());

@@ -40,7 +40,7 @@ export interface HnModel extends Denoiser {
 /** The hypernetwork loss: p_losses with the modules hooked into every attention (train mode, dropout seeded). */
 export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderHiddenStates: Tensor, dropoutSeed = 0): tf.Scalar {
   const { params, spec } = model.hypernetwork;
-  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { kv: hypernetHook(params, spec, { training: true, seed: dropoutSeed }) }));
+  return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { hooks: { kv: hypernetHook(params, spec, { training: true, seed: dropoutSeed }) } }));
 }
 
 /** The job's options (schemas/hypernetwork.json). */
@@ -287,13 +287,13 @@ export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
     // a resumed file keeps its own structure; a new one must fit the model's attentions
     if (!from) checkSizes(hypernetSpecFromJob(spec).sizes, await modelWidths(spec.model), spec.model);
   },
-  async load({ spec, paths, from, onRelease }, ctx) {
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
     const s = await initState(spec, from?.path, await modelWidths(spec.model), ctx);
     onRelease(() => {
       tf.dispose([...s.params.values()]);
       s.optimizer.dispose();
     });
-    const run = await prepareRun(spec, ctx, 'hypernetwork');
+    const run = await prepareRun(spec, ctx, 'hypernetwork', backend);
     onRelease(() => closeRun(run));
     return hnSession(run, spec, s, paths);
   },

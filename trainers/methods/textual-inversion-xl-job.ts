@@ -173,8 +173,8 @@ export const textualInversionXl: MethodDefinition<XlTiSpec, XlTiBatch> = {
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
   freshStart: () => 'starting a new embedding',
-  async load({ spec, paths, from, onRelease }, ctx) {
-    const run = (await prepareRun(spec, ctx, 'textual_inversion', { xl: true })) as XlRun;
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
+    const run = (await prepareRun(spec, ctx, 'textual_inversion', backend, { xl: true })) as XlRun;
     onRelease(() => closeRun(run));
     const s = await initXlState(run, spec, from?.path, ctx);
     onRelease(() => {

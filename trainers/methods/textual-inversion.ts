@@ -139,8 +139,8 @@ export const textualInversion: MethodDefinition<TiSpec, TiBatch> = {
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
   freshStart: () => 'starting a new embedding',
-  async load({ spec, paths, from, onRelease }, ctx) {
-    const run = await prepareRun(spec, ctx, 'textual_inversion');
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
+    const run = await prepareRun(spec, ctx, 'textual_inversion', backend);
     onRelease(() => closeRun(run));
     const s = await initState(run, spec, from?.path, ctx);
     onRelease(() => {

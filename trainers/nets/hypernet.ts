@@ -12,6 +12,7 @@
  *   const params = createHypernetwork(spec, 42);
  *   unetForward(unet, cfg, x, t, ctx, { hooks: { kv: hypernetHook(params, spec) } });
  */
+import { mulberry32 } from '../random.ts';
 import { tf, type Tensor } from '../backend/tf.ts';
 import { param, type Params } from './params.ts';
 import { gelu, layerNorm, linear, silu } from './layers.ts';
@@ -156,17 +157,8 @@ export function hypernetLayers(spec: HypernetworkSpec, size: number): HnLayer[] 
 // ---------------------------------------------------------------------------------------------
 // Weight init (webui: Normal → N(0, 0.01) weights and zero biases, and ALWAYS for LayerNorm)
 
-/** mulberry32: a small seeded PRNG so a seed gives the same weights on every backend. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// mulberry32 (trainers/random.ts): a seed gives the same weights on every backend
+const rng = mulberry32;
 
 type Sampler = (n: number, fanIn: number, fanOut: number, rand: () => number) => Float32Array;
 const fill = (n: number, f: () => number) => Float32Array.from({ length: n }, f);

@@ -8,8 +8,7 @@ import { tf, type Tensor } from '../backend/tf.ts';
 import type { Params } from '../nets/params.ts';
 import { vaeEncode, type VaeConfig } from '../nets/vae.ts';
 import type { Dataset, LatentSampling } from '../data/dataset.ts';
-import { Rng } from '../random.ts';
-import { seededNormal } from './sample.ts';
+import { Rng, seededNormal } from '../random.ts';
 
 interface Entry {
   /** Scaled latent [1, h, w, C] for once/deterministic; scaled mean for random. */

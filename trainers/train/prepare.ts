@@ -81,9 +81,12 @@ export interface PreparedRun {
 }
 
 /** Dataset, model, cached latents; the VAE encoder is released once the latents exist. */
-export async function prepareRun(spec: CommonSpec, ctx: JobContext, type: string, opts: { xl?: boolean; templates?: PromptTemplates } = {}): Promise<PreparedRun> {
+/** `backend`: the one initBackend chose (the memory estimate depends on it). */
+export async function prepareRun(
+  spec: CommonSpec, ctx: JobContext, type: string, backend: string, opts: { xl?: boolean; templates?: PromptTemplates } = {},
+): Promise<PreparedRun> {
   const dataset = await loadDataset(spec, (message) => ctx.emit({ type: 'log', level: 'warn', message }), opts.templates);
-  const memory = await chooseUNetMemory(type, spec, ctx);
+  const memory = await chooseUNetMemory(type, spec, backend, ctx);
   // the UNet never trains here; the text encoder does under TI (its vectors) and a text LoRA, whose tape keeps the upcast weights anyway
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
   // under bf16 precision the store is bfloat16: the operands the bf16 kernels use anyway

@@ -19,6 +19,7 @@ import type { Params } from '../nets/params.ts';
 import { vaeDecode, vaeDownscale, type VaeConfig } from '../nets/vae.ts';
 import type { NoiseSchedule, Parameterization } from '../nets/noise-schedule.ts';
 import { writeFileAtomic } from '../io/atomic.ts';
+import { seededNormal } from '../random.ts';
 
 /**
  * The model: latents NHWC [B, h, w, C], one timestep for the batch (fractional for Euler),
@@ -53,34 +54,6 @@ export interface SampleInputs {
   context: Tensor;
   /** Context of the negative/empty prompt [1, T', D]; needed when cfgScale ≠ 1. */
   uncondContext?: Tensor;
-}
-
-// ---------------------------------------------------------------- seeded noise
-
-/** mulberry32: a 32-bit-state PRNG; same seed → same sequence on every platform. Values in [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let z = s;
-    z = Math.imul(z ^ (z >>> 15), z | 1);
-    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
-    return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** `n` standard normal values from `seed` (Box-Muller; both outputs of each pair are used). */
-export function seededNormal(seed: number, n: number): Float32Array {
-  const next = mulberry32(seed);
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i += 2) {
-    const u1 = 1 - next(); // (0, 1]: log stays finite
-    const u2 = next();
-    const r = Math.sqrt(-2 * Math.log(u1));
-    out[i] = r * Math.cos(2 * Math.PI * u2);
-    if (i + 1 < n) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------- guidance

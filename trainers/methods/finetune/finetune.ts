@@ -77,7 +77,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
   layout: (spec): OutputLayout => ({ dir: resolve(spec.checkpointDir), ext: '.safetensors', snapshots: 'snapshots', snapshotSuffix: '.weights.safetensors', outputResumes: false }),
   schedule: (spec) => finetuneLrSchedule(spec, spec.lr),
   freshStart: () => 'starting from the model',
-  async load({ spec, paths, from, onRelease }, ctx) {
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
     const data = await prepareData(spec, ctx);
     const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { what: 'finetune', prediction: spec.prediction })) as FtRun['model'];
     onRelease(async () => {
@@ -90,7 +90,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
     const trainSamples = data.train.flatMap(sample);
     if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
     const trainable = makeTrainable(model.unet.params);
-    model.unet.memory = await chooseUNetMemory('finetune', spec, ctx);
+    model.unet.memory = await chooseUNetMemory('finetune', spec, backend, ctx);
     if (spec.trainTextEncoder) makeTrainable(model.text.params, trainable);
     const samples = spec.sampleEvery > 0 && spec.samplePrompts.length > 0;
     const decoder = samples ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;

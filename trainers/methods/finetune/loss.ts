@@ -1,6 +1,6 @@
 /**
  * @file The fine-tune's loss (diffusers train_text_to_image.py): p_losses on the bucket's latents,
- * optionally min-SNR-γ weighted (schedule.ts minSnrWeights), the text encoder run inside (it may
+ * optionally min-SNR-γ weighted (train/diffusion-loss.ts), the text encoder run inside (it may
  * be training); and the validation loss on held-out images at fixed seeded noise and timesteps
  * (so the numbers compare across steps), with the EMA update that shares its timing.
  */
@@ -8,23 +8,18 @@ import { existsSync } from 'node:fs';
 import { appendFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tf } from '../../backend/tf.ts';
-import { unetForward } from '../../nets/unet.ts';
 import { encodeText } from '../../nets/clip.ts';
-import { diffusionLoss, weightedDiffusionLoss } from '../../nets/noise-schedule.ts';
+import { denoisingLoss } from '../../train/diffusion-loss.ts';
 import { makeBatch } from './data.ts';
 import type { JobContext } from '../../job.ts';
 import type { FtBatch, FtRun } from './types.ts';
 
-/** p_losses with optional min-SNR-γ weights; the text encoder runs inside (it may be training). */
+/** p_losses (train/diffusion-loss.ts) with optional min-SNR-γ weights; the text encoder runs inside (it may be training). */
 export function finetuneLoss(run: Pick<FtRun, 'model' | 'spec'>, batch: FtBatch): tf.Scalar {
-  const { text, unet, schedule, prediction } = run.model;
+  const { text } = run.model;
   return tf.tidy(() => {
     const encoderHiddenStates = encodeText(text.params, text.cfg, batch.ids); // [B, 77, W]
-    const noisyLatents = schedule.qSample(batch.latents, batch.noise, batch.timesteps);
-    const modelPred = unetForward(unet.params, unet.cfg, noisyLatents, batch.timesteps, encoderHiddenStates, { memory: unet.memory });
-    const target = schedule.targetFor(prediction, batch.latents, batch.noise, batch.timesteps);
-    if (!(run.spec.minSnrGamma > 0)) return diffusionLoss(modelPred, target) as tf.Scalar;
-    return weightedDiffusionLoss(modelPred, target, schedule.minSnrWeights(batch.timesteps, run.spec.minSnrGamma, prediction)) as tf.Scalar;
+    return denoisingLoss(run.model, batch, encoderHiddenStates, { minSnrGamma: run.spec.minSnrGamma });
   });
 }
 

@@ -233,8 +233,8 @@ export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
     if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
     if (spec.template && spec.instancePrompt) ctx.emit({ type: 'log', level: 'warn', message: `template ${spec.template} gives every prompt: the instance prompt is not used` });
   },
-  async load({ spec, paths, from, onRelease }, ctx) {
-    const run: LoraRun = await prepareRun(spec as CommonSpec, ctx, 'lora', { xl: true, templates: await promptTemplates(spec) });
+  async load({ spec, paths, from, backend, onRelease }, ctx) {
+    const run: LoraRun = await prepareRun(spec as CommonSpec, ctx, 'lora', backend, { xl: true, templates: await promptTemplates(spec) });
     onRelease(() => closeRun(run));
     warnCaptionOverride(run.dataset, spec, ctx);
     onRelease(() => run.classes?.latents.dispose());
