@@ -28,32 +28,24 @@ export interface RouteTable {
 const LORA_EXTENSION = ['GET /sdapi/v1/loras', 'POST /sdapi/v1/refresh-loras'];
 const SIDETRAIN_EXTENSION = ['POST /sidetrain/refresh-hypernetworks'];
 
+/** A1111 1.10.1 modules/api/api.py. */
+const A1111_API = [
+  'POST txt2img', 'POST img2img', 'POST extra-single-image', 'POST extra-batch-images', 'POST png-info',
+  'GET progress', 'POST interrogate', 'POST interrupt', 'POST skip', 'GET options', 'POST options',
+  'GET cmd-flags', 'GET samplers', 'GET schedulers', 'GET upscalers', 'GET latent-upscale-modes',
+  'GET sd-models', 'GET sd-vae', 'GET hypernetworks', 'GET face-restorers', 'GET realesrgan-models',
+  'GET prompt-styles', 'GET embeddings', 'POST refresh-embeddings', 'POST refresh-checkpoints',
+  'POST refresh-vae', 'POST create/embedding', 'POST create/hypernetwork', 'POST train/embedding',
+  'POST train/hypernetwork', 'GET memory', 'POST unload-checkpoint', 'POST reload-checkpoint',
+  'GET scripts', 'GET script-info', 'GET extensions',
+];
+
+/** Forge's modules/api/api.py: A1111's less `sd-vae` and the train routes, plus `sd-modules`. */
+const FORGE_API = [...A1111_API.filter((r) => !['GET sd-vae', 'POST train/embedding', 'POST train/hypernetwork'].includes(r)), 'GET sd-modules'];
+
 export const WEBUI_ROUTES: Record<Flavour, RouteTable> = {
-  a1111: {
-    protected: [
-      'POST txt2img', 'POST img2img', 'POST extra-single-image', 'POST extra-batch-images', 'POST png-info',
-      'GET progress', 'POST interrogate', 'POST interrupt', 'POST skip', 'GET options', 'POST options',
-      'GET cmd-flags', 'GET samplers', 'GET schedulers', 'GET upscalers', 'GET latent-upscale-modes',
-      'GET sd-models', 'GET sd-vae', 'GET hypernetworks', 'GET face-restorers', 'GET realesrgan-models',
-      'GET prompt-styles', 'GET embeddings', 'POST refresh-embeddings', 'POST refresh-checkpoints',
-      'POST refresh-vae', 'POST create/embedding', 'POST create/hypernetwork', 'POST train/embedding',
-      'POST train/hypernetwork', 'GET memory', 'POST unload-checkpoint', 'POST reload-checkpoint',
-      'GET scripts', 'GET script-info', 'GET extensions',
-    ],
-    open: [...LORA_EXTENSION, ...SIDETRAIN_EXTENSION],
-  },
-  forge: {
-    protected: [
-      'POST txt2img', 'POST img2img', 'POST extra-single-image', 'POST extra-batch-images', 'POST png-info',
-      'GET progress', 'POST interrogate', 'POST interrupt', 'POST skip', 'GET options', 'POST options',
-      'GET cmd-flags', 'GET samplers', 'GET schedulers', 'GET upscalers', 'GET latent-upscale-modes',
-      'GET sd-models', 'GET sd-modules', 'GET hypernetworks', 'GET face-restorers', 'GET realesrgan-models',
-      'GET prompt-styles', 'GET embeddings', 'POST refresh-embeddings', 'POST refresh-checkpoints',
-      'POST refresh-vae', 'POST create/embedding', 'POST create/hypernetwork', 'GET memory',
-      'POST unload-checkpoint', 'POST reload-checkpoint', 'GET scripts', 'GET script-info', 'GET extensions',
-    ],
-    open: [...LORA_EXTENSION, ...SIDETRAIN_EXTENSION],
-  },
+  a1111: { protected: A1111_API, open: [...LORA_EXTENSION, ...SIDETRAIN_EXTENSION] },
+  forge: { protected: FORGE_API, open: [...LORA_EXTENSION, ...SIDETRAIN_EXTENSION] },
   sdnext: {
     protected: [
       'GET motd', 'GET log', 'POST log', 'GET start', 'GET version', 'GET torch', 'GET status',
