@@ -4,7 +4,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
-import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, loadNearestBucketImage, nativeResolution, sizeBuckets } from '../trainers/data/buckets.ts';
+import { makeBuckets, nearestBucket, cropBox, cropRng, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, loadNearestBucketImage, sizeBuckets } from '../trainers/data/buckets.ts';
+import { nativeResolution } from '../trainers/io/checkpoint.ts';
 import { Dataset } from '../trainers/data/dataset.ts';
 import { loadTemplate } from '../trainers/text/templates.ts';
 import { latentJob } from '../trainers/methods/finetune/data.ts';
@@ -197,7 +198,7 @@ test('dataset with aspect buckets: each image in the bucket of its shape, not st
     const shapes: [string, number, number][] = [['a-wide.png', 320, 180], ['b-tall.png', 180, 320], ['c-square.png', 200, 200], ['d-wide.png', 330, 190]];
     for (const [file, width, height] of shapes) await sharp({ create: { width, height, channels: 3, background: { r: 9, g: 9, b: 9 } } }).png().toFile(join(tmp, file));
     const ds = await Dataset.load({
-      dir: tmp, width: 256, height: 256, aspectBuckets: true, name: 'tok', template: await loadTemplate('none'), seed: 1, onWarning: () => {}, batchSize: 2, gradAccum: 1,
+      dir: tmp, width: 256, height: 256, fit: 'buckets', name: 'tok', template: await loadTemplate('none'), seed: 1, onWarning: () => {}, batchSize: 2, gradAccum: 1,
       shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, latentSampling: 'once', filenameWordRegex: '', filenameJoinString: ' ',
     });
     const buckets = sizeBuckets(256, 256);

@@ -98,3 +98,31 @@ test('sdxl-tiny: a LoRA run (UNet + both encoders) writes kohya SDXL keys and me
   // and an SDXL LoRA resumed on an SD1 model
   await assert.rejects(loadWeights(result.output, net, 'sd1'), /xl\.safetensors: a LoRA for sdxl_base_v1-0 \(ss_base_model_version\), this model is sd_v1/);
 });
+
+test('sdxl-tiny, UNet-only LoRA: prompts encoded once and both encoders released; the same adapters as encoding every batch', async () => {
+  const tmp = mkdtempSync(join(tmpdir(), 'sidetrain-xllora-cache-'));
+  const images = join(tmp, 'images');
+  mkdirSync(images);
+  for (const f of ['01-orange cat.png', 'green_triangle.png']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+  const run = async (name: string, extra: Record<string, unknown>) => {
+    const raw: Record<string, unknown> = {
+      model: 'test/fixtures/sdxl-tiny/model.safetensors', images, name, instancePrompt: 'a photo of sks cat', width: 64, height: 64,
+      steps: 2, lr: '0.01', rank: 4, alpha: 2, previewEvery: 2, previewSteps: 2, saveEvery: 0, captionMode: 'ignore',
+      loraDir: join(tmp, 'Lora'), logDir: join(tmp, 'logs'), ...extra,
+    };
+    assert.deepEqual(validate('lora', raw), []);
+    const logs: string[] = [];
+    const result = await runLora(raw as unknown as LoraSpec, { emit: (e) => e.type === 'log' && logs.push(e.message), signal: new AbortController().signal });
+    const file = await openSafetensors(result.output);
+    const weights = new Map(await Promise.all(file.keys().map(async (k) => [k, Array.from(await file.read(k))] as const)));
+    await file.close();
+    return { weights, logs };
+  };
+  const cached = await run('cached', {});
+  assert.ok(cached.logs.some((m) => /SDXL text encoders: 2 prompt\(s\) encoded once; the encoders are released/.test(m)), cached.logs.join('\n'));
+  // tag shuffling makes prompts per use (here: a one-tag prompt, so the same text): the encoders stay and run every batch
+  const live = await run('live', { shuffleTags: true });
+  assert.ok(!live.logs.some((m) => /SDXL text encoders/.test(m)));
+  assert.deepEqual([...cached.weights.keys()], [...live.weights.keys()]);
+  for (const [k, v] of cached.weights) assert.deepEqual(v, live.weights.get(k), k);
+});

@@ -16,7 +16,7 @@
  *   list is shuffled; a batch never mixes buckets (one latent shape per step).
  *
  * Default sizes: SDXL is trained around 1024² (sgm's and kohya's SDXL configs), SD1/SD2 around
- * 512² (the webui's Train tab) — `nativeResolution`.
+ * 512² (the webui's Train tab) — io/checkpoint.ts `nativeResolution`.
  *
  * Example:
  *   const buckets = makeBuckets({ resolution: 512 });
@@ -26,13 +26,7 @@
  */
 import sharp from 'sharp';
 import { Rng } from '../random.ts';
-import type { Family } from '../io/checkpoint.ts';
 import { alphaOf, decodeRgba, stripAlpha, toUnitRange, type DecodedImage } from './images.ts';
-
-/** The side a family is trained at by default: SDXL 1024 (sd_xl_base.yaml, kohya sdxl_train), SD1/SD2 512. */
-export function nativeResolution(family: Family): number {
-  return family === 'sdxl' ? 1024 : 512;
-}
 
 export interface BucketOptions {
   /** Target side: buckets hold at most resolution² pixels. */

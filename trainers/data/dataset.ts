@@ -32,7 +32,7 @@ import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
 import { isImageFile, loadImage, lossWeightMap, type DecodedImage } from './images.ts';
 import { readCaption } from './dataset-preview.ts';
-import { loadNearestBucketImage, sizeBuckets } from './buckets.ts';
+import { loadNearestBucketImage, sizeBuckets, type Bucket } from './buckets.ts';
 
 export type LatentSampling = 'once' | 'deterministic' | 'random';
 
@@ -44,11 +44,13 @@ export interface DatasetOptions {
   /** Keep each image's size (cropped to a multiple of `sizeMultiple`); batches are size-bucketed. */
   doNotResize: boolean;
   /**
-   * Cut each image to the aspect-ratio bucket nearest its shape, of about width × height pixels
-   * (buckets.ts sizeBuckets: cover resize, centre crop) instead of stretching it to width ×
-   * height, as sgm and kohya train SDXL; batches never mix buckets. Off under doNotResize.
+   * How an image becomes width × height (not under doNotResize): `stretch` (the default) as the
+   * webui; `buckets` cuts it to the aspect-ratio bucket nearest its shape, of about width × height
+   * pixels (buckets.ts sizeBuckets: cover resize, centre crop), as sgm and kohya train SDXL, and
+   * batches never mix buckets; `crop` cuts it to width × height itself (one bucket: for batches
+   * that must share one size with other rows, e.g. class images).
    */
-  aspectBuckets?: boolean;
+  fit?: ImageFit;
   sizeMultiple?: number;
   /** Keep alpha for loss weighting (webui use_weight). */
   useWeight: boolean;
@@ -74,6 +76,14 @@ export interface DatasetOptions {
   filenameJoinString: string;
   /** Called for each skipped file and each adjusted setting (default: console.warn). */
   onWarning?: (message: string) => void;
+}
+
+export type ImageFit = 'stretch' | 'crop' | 'buckets';
+
+/** The buckets an image fit cuts to (none: stretched). */
+function bucketsFor(fit: ImageFit, width: number, height: number): Bucket[] | undefined {
+  if (fit === 'buckets') return sizeBuckets(width, height);
+  return fit === 'crop' ? [{ index: 0, width, height }] : undefined;
 }
 
 export interface DatasetItem {
@@ -180,7 +190,7 @@ export class Dataset {
   static async load(options: DatasetOptions): Promise<Dataset> {
     const warn = options.onWarning ?? ((m: string) => console.warn(m));
     const { images, skipped } = await listFolder(options.dir);
-    const buckets = options.aspectBuckets && !options.doNotResize ? sizeBuckets(options.width, options.height) : undefined;
+    const buckets = options.doNotResize ? undefined : bucketsFor(options.fit ?? 'stretch', options.width, options.height);
     const loaded = await mapLimit(images, 4, async (file) => {
       const path = join(options.dir, file);
       try {

@@ -18,6 +18,14 @@ import { openSafetensors } from './safetensors.ts';
 import { openTorchCheckpoint } from './torch-source.ts';
 
 export type Family = 'sd1' | 'sd2' | 'sdxl';
+
+/**
+ * The side a family trains at when the job gives no size: SDXL 1024 (sgm's sd_xl_base.yaml, kohya
+ * sdxl_train), SD1/SD2 512 (the webui's Train tab).
+ */
+export function nativeResolution(family: Family): number {
+  return family === 'sdxl' ? 1024 : 512;
+}
 export type Prediction = 'eps' | 'v';
 
 export interface Checkpoint {
@@ -72,6 +80,20 @@ export async function peekFamily(path: string): Promise<Family> {
     return detectFamily(normaliseKeys(raw, false));
   } finally {
     await raw.close();
+  }
+}
+
+/**
+ * The family when `path` is a regular file with a checkpoint's header, else undefined: for what
+ * only picks a default from it (a dry run must not block on a FIFO or fail on a model the run
+ * itself will refuse with its own message).
+ */
+export async function headerFamily(path: string): Promise<Family | undefined> {
+  try {
+    if (!(await stat(path)).isFile()) return undefined;
+    return await peekFamily(path);
+  } catch {
+    return undefined;
   }
 }
 

@@ -33,6 +33,11 @@ export interface MethodPlan {
    * UNet's gradient out (the text encoder's, on the tape, still arrive together).
    */
   fusedUnetGradients: boolean;
+  /**
+   * The text encoders are freed after preparation (SDXL LoRA without text adapters and with fixed
+   * prompts: each prompt encoded once, train/sdxl-text-cache.ts): counted while preparing only.
+   */
+  textReleased?: boolean;
 }
 
 const F32 = 4;
@@ -69,13 +74,17 @@ function loraSizes(shapes: Shapes, kinds: string[], rank: number): { params: num
   return { params, targetParams };
 }
 
-/** The plan of a job of `type` (a method name of trainers/methods/index.ts) with `spec`. */
-export function methodPlan(type: string, spec: Record<string, unknown>, shapes: Shapes, textWidth: number): MethodPlan {
-  const size = { width: num(spec.width, 512), height: num(spec.height, 512) };
+/**
+ * The plan of a job of `type` (a method name of trainers/methods/index.ts) with `spec`; a size the
+ * spec leaves out is `side` (the family's native one, as the run fills it in).
+ */
+export function methodPlan(type: string, spec: Record<string, unknown>, shapes: Shapes, textWidth: number, side = 512): MethodPlan {
+  const size = { width: num(spec.width, side), height: num(spec.height, side) };
   const base = { ...size, batchRows: num(spec.batchSize, 1), mergedWeightBytes: 0, decoderAtPrep: false, ownValueBytes: F32, unetWeightsTrain: false, fusedUnetGradients: false };
   const adamw = F32 + OPTIMIZER_BYTES.adamw!;
   const chosen = F32 + (OPTIMIZER_BYTES[String(spec.optimizer ?? 'adamw')] ?? OPTIMIZER_BYTES.adamw!);
   const trainTe = spec.trainTextEncoder === true;
+  const xl = shapes.has('conditioner.embedders.1.model.token_embedding.weight');
   if (type === 'dreambooth' && spec.lora === true) type = 'lora'; // dreambooth --lora runs the LoRA trainer
   switch (type) {
     case 'textual_inversion':
@@ -87,6 +96,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       const { params, targetParams } = loraSizes(shapes, kinds, num(spec.rank, 16));
       return {
         ...base, trainableParams: params, bytesPerTrainable: chosen, textTrains: kinds.includes('text'),
+        textReleased: xl && !kinds.includes('text') && spec.shuffleTags !== true && num(spec.tagDropOut, 0) === 0,
         mergedWeightBytes: targetParams * F32, frozen: { text: !kinds.includes('text'), unet: true }, batchRows: base.batchRows * (priorPreservation(spec) ? 2 : 1),
       };
     }

@@ -25,7 +25,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename, dirname, extname, join } from 'node:path';
 import { createRequire } from 'node:module';
 import { parse as parseYaml } from 'yaml';
-import { openCheckpoint, type Family } from '../io/checkpoint.ts';
+import { nativeResolution, openCheckpoint, type Family } from '../io/checkpoint.ts';
 import { blockScores, slicedAttnFlop, unetBlocks, type BlockCost, type Shapes } from './estimate-unet.ts';
 import { describeMemory, unetMemoryFor, type MemorySpec, type UNetMemory } from './options.ts';
 import { methodPlan, METHODS, type MethodPlan } from './estimate-methods.ts';
@@ -293,7 +293,7 @@ interface Job {
 
 function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family, backend: string): Job {
   const text = textShape(shapes);
-  const plan = methodPlan(type, spec, shapes, text.width);
+  const plan = methodPlan(type, spec, shapes, text.width, nativeResolution(family));
   const modelPath = str(spec.model, '');
   const rule = headRule(modelPath, family);
   const heads = (ch: number) => (rule.numHeadChannels ? ch / rule.numHeadChannels : rule.numHeads!);
@@ -361,7 +361,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
 
   const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
   const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
-  const trainPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes +
+  const trainPeakBytes = CAL.runtimeBytes + (plan.textReleased ? 0 : weightBytes.text) + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes +
     CAL.activationSlack * (unetActivationBytes + textActivationBytes) + CAL.scoreSlack * attentionScoreBytes;
 
   // forward, input gradients (+ weight gradients when the UNet trains) of every block, and the forward again of checkpointed ones
@@ -384,6 +384,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   if (weightBytes.vaeDecoder > 0) notes.push('previews load the VAE decoder (counted) and sample with the UNet between steps (not counted in s/step)');
   notes.push(half && (plan.frozen.unet || plan.frozen.text) ? `frozen weights held in ${bf16 ? 'bfloat16' : 'float16'}, upcast per layer` : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
   notes.push(`${describeMemory(memory)}`);
+  if (plan.textReleased) notes.push('SDXL text encoders: each prompt encoded once, then the encoders are released (counted while preparing only)');
   if (plan.fusedUnetGradients) notes.push('fused backward: each UNet block\'s gradients applied and freed as its recompute ends (no whole-model gradient buffer)');
   return {
     peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,

@@ -40,7 +40,7 @@ import { parseLrSchedule } from '../optim/lr.ts';
 import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
 import { datasetSession, diffusionBatch, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
-import { runMethod, runPaths, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
+import { runMethod, runPaths, withNativeSize, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 
 /** The job's options (schemas/dreambooth.json). */
@@ -257,7 +257,7 @@ export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: R
 
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
 export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
-  const spec = dreamboothSpec(raw);
+  const spec = dreamboothSpec(await withNativeSize(raw as DbSpec));
   const quiet = { emit: () => {}, signal: new AbortController().signal };
   if (spec.lora) return loraDryRun(loraSpecOf(spec, quiet));
   const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, quiet, spec.captionMode);
@@ -292,6 +292,7 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
 /** Dreambooth (a full checkpoint) as the one run (train/run.ts) drives it; `--lora` runs the LoRA definition. */
 export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
   kind: 'checkpoint',
+  sized: true,
   usage: (spec) => spec.name,
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),

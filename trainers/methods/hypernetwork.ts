@@ -278,6 +278,7 @@ function warnHighLr(lr: LrSchedule, ctx: JobContext): void {
 /** The hypernetwork as the one run (train/run.ts) drives it. */
 export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
   kind: 'hypernetwork',
+  sized: true,
   usage: (spec) => `<hypernet:${spec.name}:1>`,
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),

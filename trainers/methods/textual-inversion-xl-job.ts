@@ -26,10 +26,10 @@ export type XlRun = PreparedRun & { model: PreparedRun['model'] & { textXl: Sdxl
 
 export { eosPadded };
 
-/** sgm/kohya size conditioning of a dataset image: its file's size, the crop taken (none: TI resizes whole), the size trained. */
+/** sgm/kohya size conditioning of a dataset image: its file's size, the crop taken (top, left, in resized pixels), the size trained (its bucket). */
 export function sizeCondOf(run: PreparedRun, index: number): SizeCond {
   const im = run.dataset.items[index]!.image;
-  return { original: [im.sourceHeight, im.sourceWidth], crop: [0, 0], target: [im.height, im.width] };
+  return { original: [im.sourceHeight, im.sourceWidth], crop: [im.cropTop, im.cropLeft], target: [im.height, im.width] };
 }
 
 export interface XlTiState {
@@ -169,6 +169,7 @@ export function xlTiSession(run: XlRun, spec: XlTiSpec, s: XlTiState, paths: Run
 /** Textual Inversion on SDXL as the one run (train/run.ts) drives it; textual-inversion.ts picks it by the model's family. */
 export const textualInversionXl: MethodDefinition<XlTiSpec, XlTiBatch> = {
   kind: 'embedding',
+  sized: true,
   usage: (spec) => spec.name,
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),

@@ -135,6 +135,7 @@ function tiSession(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths):
 /** Textual Inversion as the one run (train/run.ts) drives it. */
 export const textualInversion: MethodDefinition<TiSpec, TiBatch> = {
   kind: 'embedding',
+  sized: true,
   usage: (spec) => spec.name,
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),

@@ -9,7 +9,7 @@ import { computePrecision, type PrecisionOption } from '../backend/precision.ts'
 import { mkdir } from 'node:fs/promises';
 import { basename, extname, join } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
-import { Dataset, datasetReport, formatDatasetReport, type LatentSampling } from '../data/dataset.ts';
+import { Dataset, datasetReport, formatDatasetReport, type ImageFit, type LatentSampling } from '../data/dataset.ts';
 import { loadTemplate, type Template } from '../text/templates.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
@@ -17,7 +17,9 @@ import { loadVae, type VaeConfig } from '../nets/vae.ts';
 import { disposeParams, type Params } from '../nets/params.ts';
 import { unetForward, type UNetHooks } from '../nets/unet.ts';
 import { encodeText, type TextSplice } from '../nets/clip.ts';
-import { modelHash } from '../io/checkpoint.ts';
+import { headerFamily, modelHash } from '../io/checkpoint.ts';
+import { withNativeSize } from './run.ts';
+import { priorOn, type PriorSpec } from './prior-preservation.ts';
 import { LatentCache, seededNoise } from './latent-cache.ts';
 import { Rng } from '../random.ts';
 import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
@@ -111,10 +113,23 @@ export interface PromptTemplates {
   captionedTemplate?: Template;
 }
 
-/** The training images as the job's options describe them (no model needed). */
-export async function loadDataset(spec: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
+/**
+ * How the images of an SDXL job are cut (the checkpoint's header says the family): to the
+ * aspect-ratio bucket nearest each one's shape, as sgm and kohya train SDXL; to width × height
+ * itself when class images share every batch (prior preservation: one latent size per batch).
+ * SD1/SD2 images are stretched to width × height, as the webui does.
+ */
+async function imageFit(spec: CommonSpec): Promise<ImageFit> {
+  if ((await headerFamily(spec.model)) !== 'sdxl') return 'stretch';
+  const prior = spec as Partial<Pick<PriorSpec, 'classPrompt' | 'classImages'>>;
+  return priorOn({ classPrompt: prior.classPrompt, classImages: prior.classImages ?? 0 }) ? 'crop' : 'buckets';
+}
+
+/** The training images as the job's options describe them (the model's header says how they are cut). */
+export async function loadDataset(given: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
+  const spec = await withNativeSize(given); // a dry run's spec: the run fills the size in before
   return Dataset.load({
-    dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, name: spec.name,
+    dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, fit: await imageFit(spec), name: spec.name,
     // methods whose prompts are not templated by spec.template (LoRA: instance prompt and captions; fine-tune) pass their own
     ...(templates ?? { template: await loadTemplate(spec.template ?? 'none') }),
     shuffleTags: spec.shuffleTags, tagDropOut: spec.tagDropOut,

@@ -13,6 +13,7 @@ import { initJobBackend } from '../backend/index.ts';
 import { currentBackend, describeBackend } from '../backend/tf.ts';
 import type { PrecisionOption } from '../backend/precision.ts';
 import { atomicGroup } from '../io/atomic.ts';
+import { headerFamily, nativeResolution } from '../io/checkpoint.ts';
 import { checkName, checkReadableDir, checkReadableFile } from '../io/paths.ts';
 import { makeClipper } from '../optim/clip-grad.ts';
 import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
@@ -109,6 +110,11 @@ export interface MethodDefinition<S extends RunSpec, B> {
   schedule(spec: S, startStep: number): LrSchedule;
   /** Method checks before anything loads; may complete the spec (e.g. a template it writes). */
   preflight?(spec: S, paths: RunPaths, from: ResumePoint | undefined, ctx: JobContext): Promise<S | void>;
+  /**
+   * The method trains at the spec's width × height: a size the job leaves out is the model
+   * family's native one (SDXL 1024, SD1/SD2 512), filled in before anything else reads it.
+   */
+  sized?: boolean;
   /** What a resume with nothing to continue does instead (`starting a new embedding`). */
   freshStart(spec: S): string;
   load(args: LoadArgs<S>, ctx: JobContext): Promise<Session<B>>;
@@ -162,6 +168,17 @@ export async function saveSettings(paths: RunPaths, spec: object, extra: object)
 }
 
 /**
+ * The spec with the width and height it left out set to its model family's native side (512
+ * where the header says no family: loading the model then fails with the reason).
+ */
+export async function withNativeSize<S extends { model: string }>(spec: S): Promise<S> {
+  const size = spec as { width?: number; height?: number };
+  if (typeof size.width === 'number' && typeof size.height === 'number') return spec;
+  const side = nativeResolution((await headerFamily(spec.model)) ?? 'sd1');
+  return { ...spec, width: size.width ?? side, height: size.height ?? side };
+}
+
+/**
  * Check, load, train, save. Cancel saves the current step (a run cancelled before its first
  * step trained nothing and writes nothing); NaN stops with the last good snapshot kept.
  */
@@ -169,6 +186,7 @@ export async function runMethod<S extends RunSpec, B>(def: MethodDefinition<S, B
   let spec = given;
   checkName(spec.name);
   await checkReadableFile(spec.model, '/model');
+  if (def.sized) spec = await withNativeSize(spec);
   await checkReadableDir(spec.images, '/images');
   const layout = def.layout(spec);
   const paths = runPaths(spec, layout);

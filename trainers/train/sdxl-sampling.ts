@@ -32,10 +32,11 @@ export interface XlSampling {
 /** Sampler inputs for `cond` (the prompt's conditioning, e.g. with TI vectors; taken over and disposed) at `size`. */
 export function xlSampling(
   text: SdxlText, unet: { params: Params; cfg: UNetConfig; memory?: UNetMemory }, cond: SdxlConditioning, tokenizer: ClipTokenizer, size: SizeCond,
+  uncond?: SdxlConditioning,
 ): XlSampling {
-  const empty = tokenizer.encode('', 'zero');
-  const { idsL, idsG } = xlIds([empty]);
-  const unc = encodeSdxlText(text, idsL, idsG);
+  // the empty prompt's conditioning: given (encoded before the encoders were released, taken over too) or encoded now
+  const empty = xlIds([tokenizer.encode('', 'zero')]);
+  const unc = uncond ?? encodeSdxlText(text, empty.idsL, empty.idsG);
   const adm = unet.cfg.admInChannels;
   const yCond = vectorConditioning(cond.pooled, [size], adm);
   const yUncond = vectorConditioning(unc.pooled, [size], adm);

@@ -18,6 +18,7 @@ import { openSafetensors, writeSafetensors, type TensorToWrite } from '../../io/
 import { pendingPath } from '../../io/atomic.ts';
 import { parseLrSchedule } from '../../optim/lr.ts';
 import { readOptimizerState, writeOptimizerState, type TrainableOptimizer, type OptimizerName } from '../../optim/trainable.ts';
+import type { XlTextCache } from '../../train/sdxl-text-cache.ts';
 import type { ClassSet, PriorSpec } from '../../train/prior-preservation.ts';
 import type { CaptionMode } from '../../train/instance-prompts.ts';
 import type { CommonSpec, PreparedRun } from '../../train/prepare.ts';
@@ -43,7 +44,8 @@ export interface LoraSpec extends Omit<CommonSpec, 'template'>, Partial<Omit<Pri
 }
 
 /** A prepared run, with the class images when prior preservation is on. */
-export type LoraRun = PreparedRun & { classes?: ClassSet };
+/** `textCache`: SDXL prompts encoded once while neither encoder trains (the encoders then released). */
+export type LoraRun = PreparedRun & { classes?: ClassSet; textCache?: XlTextCache };
 
 export interface LoraState {
   net: LoraNetwork;

@@ -3,7 +3,8 @@
  * both id sequences and each image's size conditioning (sgm/kohya: original size, crop
  * top-left, target size), the loss is sgm's with the `vector` y, and the adapters sit on the
  * sgm UNet and, with `text`, on both encoders (`lora_te1_*`, `lora_te2_*`, nets/lora.ts).
- * While the encoders do not train their outputs are computed outside the tape, once per batch.
+ * While the encoders do not train their outputs are computed outside the tape, once per batch, or
+ * — prompts known before training — once per prompt, and the encoders released (cacheXlText).
  */
 import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
@@ -17,6 +18,9 @@ import { xlIds, xlSampling } from '../../train/sdxl-sampling.ts';
 import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/prepare.ts';
 import { withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
 import { sizeCondOf } from '../textual-inversion-xl-job.ts';
+import { MAX_CACHED_PROMPTS, XlTextCache, releaseTextXl } from '../../train/sdxl-text-cache.ts';
+import { paddingFor } from '../../nets/sd.ts';
+import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { LoraRun, LoraSpec } from './lora-file.ts';
 
 export type XlLoraBatch = PriorBatch & { sizes: SizeCond[]; cond?: SdxlConditioning };
@@ -43,8 +47,37 @@ export function nextXlLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, 
   const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
   const sizes = [...items.map((i) => sizeCondOf(run, i)), ...new Array<SizeCond>(batch.classRows).fill(size)];
   const xl: XlLoraBatch = { ...batch, sizes };
-  if (!textTrains) xl.cond = conditioning(run, net, batch.ids); // encodeSdxlText tidies its intermediates
+  if (!textTrains) xl.cond = run.textCache ? run.textCache.conditioning(batch.ids) : conditioning(run, net, batch.ids); // encodeSdxlText tidies its intermediates
   return xl;
+}
+
+/**
+ * Every id row the run will encode — the instance and class images' fixed prompts, the preview
+ * prompt and the empty one — or undefined when prompts change per use (tag shuffling / drop-out).
+ */
+function knownRows(run: LoraRun, previewIds: number[]): number[][] | undefined {
+  const sets = [run.dataset, ...(run.classes ? [run.classes.dataset] : [])];
+  if (sets.some((ds) => ds.items.some((it) => it.fixedPrompt === undefined))) return undefined;
+  const padding = paddingFor(run.model.family);
+  return [
+    ...run.dataset.items.map((it) => tokenizeWithEmbeddings(run.tokenizer, it.fixedPrompt!, new Map(), padding).ids), // as diffusionBatch
+    ...(run.classes?.dataset.items.map((it) => run.tokenizer.encode(it.fixedPrompt!, padding)) ?? []), // as withClassRows
+    previewIds, run.tokenizer.encode('', 'zero'), // as xlSampling
+  ];
+}
+
+/**
+ * While no adapter sits on either encoder: every prompt encoded once and both encoders' weights
+ * released (train/sdxl-text-cache.ts); undefined (encoders kept) when the prompts are not known
+ * before training or too many.
+ */
+export function cacheXlText(run: LoraRun, net: LoraNetwork, previewIds: number[]): XlTextCache | undefined {
+  if ([...net.weights.keys()].some((k) => /^lora_te\d?_/.test(k))) return undefined;
+  const rows = knownRows(run, previewIds);
+  if (!rows || new Set(rows.map((r) => r.join(','))).size > MAX_CACHED_PROMPTS) return undefined;
+  const cache = XlTextCache.build(textOf(run), rows);
+  releaseTextXl(run.model);
+  return cache;
 }
 
 /** sgm loss of the adapted model; with class rows, instance mean + priorWeight × class mean. */
@@ -70,7 +103,7 @@ export function xlLoraLoss(run: PreparedRun, net: LoraNetwork, batch: XlLoraBatc
 export const xlBatchTensors = (b: XlLoraBatch) => [b.latents, b.noise, ...(b.cond ? [b.cond.crossattn, b.cond.pooled] : [])];
 
 /** A preview of the adapted model (multiplier 1, no dropout): merged views of the UNet and both encoders. */
-export async function xlLoraPreview(run: PreparedRun, spec: CommonSpec, net: LoraNetwork, path: string, ids: number[]): Promise<string> {
+export async function xlLoraPreview(run: LoraRun, spec: CommonSpec, net: LoraNetwork, path: string, ids: number[]): Promise<string> {
   const text = textOf(run);
   const { unet, schedule, prediction } = run.model;
   const merged = { unet: mergeLora(unet.params, net), text: mergeLora(text.params, net) };
@@ -78,7 +111,10 @@ export async function xlLoraPreview(run: PreparedRun, spec: CommonSpec, net: Lor
   const adaptedText = { params: params.text, cfg: text.cfg };
   const { idsL, idsG } = xlIds([ids]);
   const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
-  const inputs = xlSampling(adaptedText, { ...unet, params: params.unet }, encodeSdxlText(adaptedText, idsL, idsG), run.tokenizer, size);
+  // with the encoders released, the prompt's and the empty prompt's conditioning come from the cache
+  const cache = run.textCache;
+  const cond = cache ? cache.conditioning([ids]) : encodeSdxlText(adaptedText, idsL, idsG);
+  const inputs = xlSampling(adaptedText, { ...unet, params: params.unet }, cond, run.tokenizer, size, cache?.conditioning([run.tokenizer.encode('', 'zero')]));
   try {
     const image = await sampleImage(
       { ...inputs, schedule, vae: run.decoder! },

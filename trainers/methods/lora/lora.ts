@@ -39,7 +39,7 @@ import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type
 import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
 import type { JobContext, JobResult } from '../../job.ts';
-import { nextXlLoraBatch, xlBatchTensors, xlLoraLoss, xlLoraPreview, type XlLoraBatch } from './lora-xl.ts';
+import { cacheXlText, nextXlLoraBatch, xlBatchTensors, xlLoraLoss, xlLoraPreview, type XlLoraBatch } from './lora-xl.ts';
 
 export type { LoraSpec } from './lora-file.ts';
 
@@ -222,6 +222,7 @@ const textSchedule = (spec: LoraSpec): LrSchedule | undefined =>
 /** LoRA (and `train dreambooth --lora`) as the one run (train/run.ts) drives it. */
 export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
   kind: 'lora',
+  sized: true,
   usage: (spec) => `<lora:${spec.name}:1>`,
   layout,
   schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
@@ -244,6 +245,11 @@ export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
       disposeLora(s.net);
       s.optimizer.dispose();
     });
+    if (run.model.textXl) {
+      run.textCache = cacheXlText(run, s.net, tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec as CommonSpec), new Map(), 'zero').ids);
+      onRelease(() => run.textCache?.dispose());
+      if (run.textCache) ctx.emit({ type: 'log', level: 'info', message: `SDXL text encoders: ${run.textCache.size} prompt(s) encoded once; the encoders are released for training (they do not train)` });
+    }
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const hashes = { legacy: await legacyModelHash(spec.model), full: await fileSha256(spec.model) };
     const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
