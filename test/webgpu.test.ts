@@ -3,7 +3,7 @@
  * .cache/lavapipe by scripts/fetch-lavapipe.sh (.ci/run does it). Everything runs in child
  * processes, since Dawn reads VK_ICD_FILENAMES and the loader path when a process starts:
  * the goldens of both SD fixtures, a short TI and LoRA whose loss curves and files match
- * cpu-native's, the WGSL attention core against the TF-ops reference, a binding over the
+ * cpu-native's, the WGSL attention core and GroupNorm against the TF-ops versions, a binding over the
  * adapter's limit that fails with an error naming the op (both before dispatch and, with that
  * check off, from the GPU's error scope), and the choice — a software adapter only when forced,
  * none at all leaves cpu-native with one skip line.
@@ -77,6 +77,15 @@ test('the WGSL attention core (flash-style tiles) agrees with the TF-ops slices:
   const r = (await child('attention', { ...lavapipeEnv })) as { native: boolean; cases: Record<string, number>[] };
   assert.equal(r.native, true, 'the webgpu backend should run attention in its own kernels');
   assert.equal(r.cases.length, 5);
+  for (const [i, errs] of r.cases.entries()) {
+    for (const [name, e] of Object.entries(errs)) assert.ok(e < 1e-5, `case ${i} ${name}: relative error ${e}`);
+  }
+});
+
+test('the WGSL GroupNorm(+SiLU) agrees with the TF-ops version: output and the gradients of x, weight and bias', { skip }, async () => {
+  const r = (await child('group-norm', { ...lavapipeEnv })) as { kernel: boolean; cases: Record<string, number>[] };
+  assert.equal(r.kernel, true);
+  assert.equal(r.cases.length, 4);
   for (const [i, errs] of r.cases.entries()) {
     for (const [name, e] of Object.entries(errs)) assert.ok(e < 1e-5, `case ${i} ${name}: relative error ${e}`);
   }

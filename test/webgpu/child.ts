@@ -3,10 +3,12 @@
  * loader path at process start): `probe` prints the backend choice and health's webgpu line;
  * `oversize` makes a tensor over the adapter's storage binding limit and prints the error;
  * `oversize-inputs` gives such a tensor (uploaded from JS) to a gather and a matmul and prints theirs;
+ * `attention` and `group-norm` print the WGSL kernels' errors against the TF-ops versions;
  * `conv-filter-grad` prints Conv2DBackpropFilter's largest error against a float64 loop per case.
  */
 import { initBackend, tf } from '../../trainers/backend/index.ts';
 import { webgpuStatus } from '../../trainers/backend/webgpu/adapter.ts';
+import { groupNormFused, groupNormOps, siluOps } from '../../trainers/nets/fused.ts';
 import { hasNativeAttention, nativeAttention, slicedAttentionOps } from '../../trainers/nets/sliced-attention.ts';
 
 const mode = process.argv[2];
@@ -47,6 +49,9 @@ if (mode === 'probe') {
 } else if (mode === 'attention') {
   await initBackend('webgpu');
   console.log(JSON.stringify(await attentionErrors()));
+} else if (mode === 'group-norm') {
+  await initBackend('webgpu');
+  console.log(JSON.stringify(await groupNormErrors()));
 } else if (mode === 'conv-filter-grad') {
   await initBackend('webgpu');
   console.log(JSON.stringify(await convFilterGradErrors()));
@@ -111,16 +116,47 @@ async function attentionErrors(): Promise<{ native: boolean; cases: Record<strin
     };
     const [a, r] = [run(ours), run(reference)];
     const errs: Record<string, number> = {};
-    for (const [i, name] of ['out', 'dq', 'dk', 'dv'].entries()) {
-      const [x, y] = await Promise.all([a[i]!.data(), r[i]!.data()]);
-      let err = 0, scale = 0;
-      for (let n = 0; n < y.length; n++) {
-        err = Math.max(err, Math.abs(x[n]! - y[n]!));
-        scale = Math.max(scale, Math.abs(y[n]!));
-      }
-      errs[name] = err / scale;
-    }
+    for (const [i, name] of ['out', 'dq', 'dk', 'dv'].entries()) errs[name] = await relError(a[i]!, r[i]!);
     out.push(errs);
   }
   return { native: hasNativeAttention(), cases: out };
+}
+
+/** Largest |a − r| relative to the reference's largest |r|. */
+async function relError(a: tf.Tensor, r: tf.Tensor): Promise<number> {
+  const [x, y] = await Promise.all([a.data(), r.data()]);
+  let err = 0, scale = 0;
+  for (let n = 0; n < y.length; n++) {
+    err = Math.max(err, Math.abs(x[n]! - y[n]!));
+    scale = Math.max(scale, Math.abs(y[n]!));
+  }
+  return err / scale;
+}
+
+/**
+ * The WGSL GroupNorm(+SiLU) (y, dx, dweight, dbias) against the TF-ops version on the same backend:
+ * with and without SiLU, more than one 256-row chunk of dw/db, more than 256 channels, odd sizes.
+ */
+async function groupNormErrors(): Promise<{ kernel: boolean; cases: Record<string, number>[] }> {
+  const cases: [shape: number[], groups: number, silu: boolean][] = [
+    [[2, 5, 7, 32], 8, true], [[1, 9, 9, 64], 32, false], [[1, 33, 31, 12], 3, true], [[1, 4, 4, 320], 32, true],
+  ];
+  const out: Record<string, number>[] = [];
+  for (const [shape, groups, silu] of cases) {
+    const c = shape[3]!;
+    const x = tf.randomNormal(shape, 0.3, 2, 'float32', 5);
+    const [w, b] = [tf.randomNormal([c], 1, 0.5, 'float32', 6), tf.randomNormal([c], 0, 0.5, 'float32', 7)];
+    const dy = tf.randomNormal(shape, 0, 1, 'float32', 8);
+    const ours = (xi: tf.Tensor, wi: tf.Tensor, bi: tf.Tensor) => groupNormFused(xi, wi, bi, groups, 1e-5, silu);
+    const reference = (xi: tf.Tensor, wi: tf.Tensor, bi: tf.Tensor) => {
+      const y = groupNormOps(xi, wi, bi, groups, 1e-5);
+      return silu ? siluOps(y) : y;
+    };
+    const run = (f: typeof ours) => [f(x, w, b), ...tf.grads((xi: tf.Tensor, wi: tf.Tensor, bi: tf.Tensor) => f(xi, wi, bi).mul(dy).sum())([x, w, b])];
+    const [a, r] = [run(ours), run(reference)];
+    const errs: Record<string, number> = {};
+    for (const [i, name] of ['y', 'dx', 'dweight', 'dbias'].entries()) errs[name] = await relError(a[i]!, r[i]!);
+    out.push(errs);
+  }
+  return { kernel: tf.getKernel('SidetrainGroupNorm', 'webgpu') !== undefined, cases: out };
 }

@@ -4,7 +4,8 @@
  * On the cpu-native backend each is one native kernel forward and one backward
  * (native/src/norm.cc) under a tf.customGrad, instead of the 6–10 elementwise ops (and their
  * autodiff backward) of the TF-ops versions; the backward keeps only x and the per-group/row
- * mean and 1/std. Every other backend runs the TF-ops versions below, which are also the
+ * mean and 1/std. On the webgpu backend GroupNorm(+SiLU) is the same two kernels as WGSL shaders
+ * (backend/webgpu/group-norm.ts). Every other backend runs the TF-ops versions below, which are also the
  * reference the tests compare against. Formulas: torch.nn.GroupNorm / LayerNorm (biased
  * variance), torch.nn.SiLU, torch.nn.GELU (erf).
  */
@@ -39,6 +40,11 @@ function nativeNorm(): NormAddon | undefined {
   registered = addon as NormAddon;
   registerKernels(registered);
   return registered;
+}
+
+/** Whether the webgpu backend runs `kernel` as its own shader (backend/webgpu/group-norm.ts). */
+function onWebgpu(kernel: string): boolean {
+  return enabled && currentBackend()?.name === 'webgpu' && tf.getBackend() === 'webgpu' && tf.getKernel(kernel, 'webgpu') !== undefined;
 }
 
 const f32 = (backend: CpuBackend, t: tf.TensorInfo): Float32Array => {
@@ -136,7 +142,7 @@ export const geluOps = (x: Tensor): Tensor => x.mul(tf.erf(x.mul(Math.SQRT1_2)).
  * `silu` (ldm's `normalization(ch)` then `nn.SiLU()`).
  */
 export function groupNormFused(x: Tensor, weight: Tensor, bias: Tensor, groups: number, eps: number, silu = false): Tensor {
-  if (!nativeNorm() || x.rank !== 4 || !allFloat32(x, weight, bias)) {
+  if (!(nativeNorm() || onWebgpu('SidetrainGroupNorm')) || x.rank !== 4 || !allFloat32(x, weight, bias)) {
     const y = groupNormOps(x, weight, bias, groups, eps);
     return silu ? siluOps(y) : y;
   }

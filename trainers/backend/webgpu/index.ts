@@ -13,6 +13,7 @@ import { findAdapter, installGpuGlobals, summarize, type AdapterSummary, type Gp
 import { guardBackend, nameKernels, type WebGpuBackendLike } from './guard.ts';
 import { convFilterGradByTaps } from './conv-filter-grad.ts';
 import { attentionKernels } from './attention.ts';
+import { groupNormKernels } from './group-norm.ts';
 
 export { checkGpuErrors } from './guard.ts';
 export { describeAdapter, type AdapterSummary } from './adapter.ts';
@@ -33,7 +34,7 @@ const stock = new Map<string, tf.KernelFunc>();
 /** sidetrain's kernels over the package's (SIDETRAIN_WEBGPU_KERNELS=0 keeps the stock ones, to compare). */
 function registerKernels(): void {
   if (process.env.SIDETRAIN_WEBGPU_KERNELS === '0') return;
-  const ours: Record<string, tf.KernelFunc> = { Conv2DBackpropFilter: convFilterGradByTaps(stock), ...attentionKernels };
+  const ours: Record<string, tf.KernelFunc> = { Conv2DBackpropFilter: convFilterGradByTaps(stock), ...attentionKernels, ...groupNormKernels };
   for (const [kernelName, kernelFunc] of Object.entries(ours)) {
     const current = tf.getKernel(kernelName, 'webgpu');
     if (current) {
