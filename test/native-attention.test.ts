@@ -3,11 +3,13 @@
  * against the whole attention in TF ops, softmax(q·kᵀ·d^-0.5)·v: the output and all three
  * gradients within 1e-5, for sizes that are not multiples of the kernel's row and column blocks,
  * head widths 8, 40, 64 and 160, more heads than threads; the multi-head form on [B, T, heads·d]
- * (no head split) against layers.ts `attention`; the TF-ops slices agree too; no leaked tensors. Skipped, with the reason, when the backend is not cpu-native or the addon lacks it.
+ * (no head split) against layers.ts `attention`; the TF-ops slices agree too; no leaked tensors;
+ * under bf16 precision, within the bf16 rule of the float32 attention of the bf16-rounded inputs. Skipped, with the reason, when the backend is not cpu-native or the addon lacks it.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
+import { initBackend, setComputePrecision, tf, type Tensor } from '../trainers/backend/index.ts';
+import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
 import { attention } from '../trainers/nets/layers.ts';
 import { nativeSkip } from './helpers/native.ts';
 import { hasNativeAttention, nativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
@@ -66,6 +68,36 @@ test('native attention core = whole TF-ops attention (output, dq, dk, dv within 
       assert.ok(diff <= 1e-5, `${[bh, tq, tk, d]} ${name}: max abs diff ${diff}`);
     });
     tf.dispose([q, k, v, dy]);
+  }
+});
+
+const cosine = (a: Float32Array, b: Float32Array) => {
+  let ab = 0, aa = 0, bb = 0;
+  for (let i = 0; i < a.length; i++) ab += a[i]! * b[i]!, aa += a[i]! ** 2, bb += b[i]! ** 2;
+  return ab / Math.sqrt(aa * bb);
+};
+
+test('native attention core in bf16: within 1% of max |value| (cosine ≥ 0.999) of float32 attention on bf16-rounded inputs', { skip }, async () => {
+  const round = (t: Tensor) => tf.tensor((t.dataSync() as Float32Array).map((x) => bf16BitsToFloat(floatToBf16Bits(x))), t.shape);
+  for (const [bh, tq, tk, d] of shapes.slice(0, 4)) {
+    const [q, k, v, dy] = [rand([bh, tq, d], 31), rand([bh, tk, d], 32), rand([bh, tk, d], 33), rand([bh, tq, d], 34)];
+    setComputePrecision('bf16');
+    let mixed: Float32Array[];
+    try {
+      mixed = await outAndGrads(nativeAttentionCore, q, k, v, dy);
+    } finally {
+      setComputePrecision('fp32');
+    }
+    const plain = await outAndGrads(nativeAttentionCore, q, k, v, dy);
+    const rounded = [q, k, v, dy].map(round);
+    const ref = await outAndGrads(wholeOps, rounded[0]!, rounded[1]!, rounded[2]!, rounded[3]!);
+    ['out', 'dq', 'dk', 'dv'].forEach((name, i) => {
+      const max = ref[i]!.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
+      const diff = maxDiff(mixed[i]!, ref[i]!), cos = cosine(mixed[i]!, ref[i]!);
+      assert.ok(diff <= 0.01 * max && cos >= 0.999, `${[bh, tq, tk, d]} ${name}: max abs diff ${diff} (max |value| ${max}), cosine ${cos}`);
+    });
+    assert.notDeepEqual(mixed[0], plain[0], 'the bf16 path ran');
+    tf.dispose([q, k, v, dy, ...rounded]);
   }
 });
 

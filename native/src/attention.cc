@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16.h"
 #include "gemm.h"
 #include "napi_args.h"
 #include "pool.h"
@@ -63,28 +64,37 @@ struct Shape {
   long koff(long b) const { return (b / heads) * tk * ld + (b % heads) * d; }
 };
 
+// x[0..n) rounded to bf16 in place (bf16 mode: the float32 kernels then multiply bf16 values,
+// whose products are exact in float32).
+void round_bf16(float* x, long n) {
+  for (long i = 0; i < n; i++) x[i] = bf16_round(x[i]);
+}
+
 // X [T, d] (rows ld apart) → NR-column panels for micro_kernel's B (element (c, j) = X[j][c]), zero past T.
-void pack_panels(const float* x, long ld, long t, long d, long tp, float* dst) {
+void pack_panels(const float* x, long ld, long t, long d, long tp, float* dst, bool bf16) {
   for (long j0 = 0; j0 < tp; j0 += NR) {
     float* p = dst + j0 * d;
     for (long c = 0; c < d; c++)
       for (long j = 0; j < NR; j++) p[c * NR + j] = j0 + j < t ? x[(j0 + j) * ld + c] : 0.0f;
   }
+  if (bf16) round_bf16(dst, tp * d);
 }
 // X [rows, d] (rows ld apart) → MR-row panels for micro_kernel's A (element (r, c) at c·MR + r), zero past rows.
-void pack_rows(const float* x, long ld, long rows, long d, float* dst) {
+void pack_rows(const float* x, long ld, long rows, long d, float* dst, bool bf16) {
   for (long r0 = 0; r0 < rows; r0 += MR) {
     float* p = dst + r0 * d;
     for (long c = 0; c < d; c++)
       for (long r = 0; r < MR; r++) p[c * MR + r] = r0 + r < rows ? x[(r0 + r) * ld + c] : 0.0f;
   }
+  if (bf16) round_bf16(dst, (rows + MR - 1) / MR * MR * d);
 }
 // X [T, d] (rows ld apart) → rows padded to dp floats (zeros past d).
-void pad_rows(const float* x, long ld, long t, long d, long dp, float* dst) {
+void pad_rows(const float* x, long ld, long t, long d, long dp, float* dst, bool bf16) {
   for (long j = 0; j < t; j++) {
     std::memcpy(dst + j * dp, x + j * ld, sizeof(float) * d);
     std::memset(dst + j * dp + d, 0, sizeof(float) * (dp - d));
   }
+  if (bf16) round_bf16(dst, t * dp);
 }
 
 // out[r][0..NV·VW) (=|+=) Σ_k a(r, k)·b[k·ldb ..], a(r, k) = a[r·ars + k·aks], r < R.
@@ -204,12 +214,12 @@ inline float row_max(const float* x, long n) {
 
 // One forward task: rows [r0, r0 + rows) of one head (q, out at the head's start, lse at its row 0).
 void forward_block(const Shape& s, float scale, const float* q, const float* kp, const float* vpad, float* out,
-                   float* lse, long r0, long rows) {
+                   float* lse, long r0, long rows, bool bf16) {
   const long rowsP = (rows + MR - 1) / MR * MR;
   float* qa = tls(0, rowsP * s.d).data();
   float* sc = tls(1, rowsP * s.tkp).data();
   float* o = tls(2, rows * s.dp).data();
-  pack_rows(q + r0 * s.ld, s.ld, rows, s.d, qa);
+  pack_rows(q + r0 * s.ld, s.ld, rows, s.d, qa, bf16);
   score_tile(qa, rows, kp, s.tkp, s.d, sc, s.tkp);
   float inv[kRows];
   for (long r = 0; r < rows; r++) {
@@ -232,6 +242,7 @@ void forward_block(const Shape& s, float scale, const float* q, const float* kp,
     }
     inv[r] = static_cast<float>(1.0 / sum);
     lse[r0 + r] = m + static_cast<float>(std::log(sum));
+    if (bf16) round_bf16(x, s.tk);  // the probabilities as p·v's operand (the sum above stays exact)
   }
   wide_gemm(rows, s.tk, s.nv, sc, s.tkp, 1, vpad, s.dp, o, s.dp, false);
   for (long r = 0; r < rows; r++)
@@ -243,19 +254,19 @@ long blocks_of(long n) { return (n + kRows - 1) / kRows; }
 }  // namespace
 
 void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, long batch, long heads,
-                       long tq, long tk, long d, float scale) {
+                       long tq, long tk, long d, float scale, bool bf16) {
   const Shape s(batch, heads, tq, tk, d);
   const long bh = s.bh;
   Buf kp(bh * s.tkp * d), vpad(bh * tk * s.dp);
   parallel_for(static_cast<int>(bh), [&](int b) {
-    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d);
-    pad_rows(v + s.koff(b), s.ld, tk, d, s.dp, vpad.data() + b * tk * s.dp);
+    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d, bf16);
+    pad_rows(v + s.koff(b), s.ld, tk, d, s.dp, vpad.data() + b * tk * s.dp, bf16);
   });
   const long nb = blocks_of(tq);
   parallel_for(static_cast<int>(bh * nb), [&](int task) {
     const long b = task / nb, r0 = (task % nb) * kRows;
     forward_block(s, scale, q + s.qoff(b), kp.data() + b * s.tkp * d, vpad.data() + b * tk * s.dp, out + s.qoff(b),
-                  lse + b * tq, r0, std::min(kRows, tq - r0));
+                  lse + b * tq, r0, std::min(kRows, tq - r0), bf16);
   });
 }
 
@@ -267,6 +278,7 @@ struct Backward {
   const float *q, *lse, *dout, *out;
   const float *kp, *vp, *kpad;  // per bh: k panels, v panels, k rows padded
   float *dq, *dkAcc, *dvAcc;    // dkAcc/dvAcc: this task's [Tk, dp] accumulators
+  bool bf16;
 
   // Rows [r0, r0 + rows) of one head (pointers already offset to the head).
   void block(long r0, long rows) const {
@@ -277,10 +289,10 @@ struct Backward {
     float *pt = tiles, *dst = pt + rowsP * kCols, *qr = dst + rowsP * kCols, *dor = qr + rowsP * dp,
           *dqa = dor + rowsP * dp;
     const float *qb = q + r0 * s.ld, *db = dout + r0 * s.ld, *ob = out + r0 * s.ld;
-    pack_rows(qb, s.ld, rows, s.d, qa);
-    pack_rows(db, s.ld, rows, s.d, da);
-    pad_rows(qb, s.ld, rows, s.d, dp, qr);
-    pad_rows(db, s.ld, rows, s.d, dp, dor);
+    pack_rows(qb, s.ld, rows, s.d, qa, bf16);
+    pack_rows(db, s.ld, rows, s.d, da, bf16);
+    pad_rows(qb, s.ld, rows, s.d, dp, qr, bf16);
+    pad_rows(db, s.ld, rows, s.d, dp, dor, bf16);
     float rowD[kRows], rowL[kRows];
     for (long r = 0; r < rows; r++) {
       double acc = 0;
@@ -304,6 +316,7 @@ struct Backward {
           p[j] = std::exp(p[j] * scale - rowL[r]);
           ds[j] = p[j] * (ds[j] - rowD[r]) * scale;
         }
+        if (bf16) round_bf16(p, cols), round_bf16(ds, cols);  // operands of the three products below
       }
       // dq += dS·k;  dv += Pᵀ·dout;  dk += dSᵀ·q
       wide_gemm(rows, cols, s.nv, dst, kCols, 1, kpad + j0 * dp, dp, dqa, dp, j0 > 0);
@@ -318,14 +331,14 @@ struct Backward {
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* dout,
                         const float* lse, float* dq, float* dk, float* dv, long batch, long heads, long tq, long tk,
-                        long d, float scale) {
+                        long d, float scale, bool bf16) {
   const Shape s(batch, heads, tq, tk, d);
   const long bh = s.bh;
   Buf kp(bh * s.tkp * d), vp(bh * s.tkp * d), kpad(bh * tk * s.dp);
   parallel_for(static_cast<int>(bh), [&](int b) {
-    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d);
-    pack_panels(v + s.koff(b), s.ld, tk, d, s.tkp, vp.data() + b * s.tkp * d);
-    pad_rows(k + s.koff(b), s.ld, tk, d, s.dp, kpad.data() + b * tk * s.dp);
+    pack_panels(k + s.koff(b), s.ld, tk, d, s.tkp, kp.data() + b * s.tkp * d, bf16);
+    pack_panels(v + s.koff(b), s.ld, tk, d, s.tkp, vp.data() + b * s.tkp * d, bf16);
+    pad_rows(k + s.koff(b), s.ld, tk, d, s.dp, kpad.data() + b * tk * s.dp, bf16);
   });
   // Each head's row blocks split into `chunks` runs: ≥ 4 tasks per thread, so that a thread the OS
   // deschedules (a shared machine) does not hold the others up for long.
@@ -340,7 +353,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
     float* dkAcc = acc.data() + task * 2 * tk * s.dp;
     const Backward w{s, scale, q + s.qoff(b), lse + b * tq, dout + s.qoff(b), out + s.qoff(b),
                      kp.data() + b * s.tkp * d, vp.data() + b * s.tkp * d, kpad.data() + b * tk * s.dp,
-                     dq + s.qoff(b), dkAcc, dkAcc + tk * s.dp};
+                     dq + s.qoff(b), dkAcc, dkAcc + tk * s.dp, bf16};
     for (long blk = c * perChunk; blk < std::min(nb, (c + 1) * perChunk); blk++)
       w.block(blk * kRows, std::min(kRows, tq - blk * kRows));
   });
@@ -387,24 +400,26 @@ bool arrays(NapiArgs& a, int n, const size_t* need, const char* const* names, fl
   return a.ok();
 }
 
-// (q, k, v, out, lse, batch, heads, tq, tk, d, scale)
+// (q, k, v, out, lse, batch, heads, tq, tk, d, scale, bf16?)
 napi_value Forward(napi_env env, napi_callback_info info) {
   NapiArgs a(env, info, "attentionForward", 11);
   Dims m;
+  const bool bf16 = a.optional_boolean(11, "bf16");
   if (!dims(a, 5, &m)) return nullptr;
   const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
   const size_t need[5] = {nq, nk, nk, nq, static_cast<size_t>(m.bh() * m.tq)};
   const char* const names[5] = {"q", "k", "v", "out", "lse"};
   float* p[5];
   if (arrays(a, 5, need, names, p) && nq > 0)
-    attention_forward(p[0], p[1], p[2], p[3], p[4], m.batch, m.heads, m.tq, m.tk, m.d, m.scale);
+    attention_forward(p[0], p[1], p[2], p[3], p[4], m.batch, m.heads, m.tq, m.tk, m.d, m.scale, bf16);
   return nullptr;
 }
 
-// (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale)
+// (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale, bf16?)
 napi_value Backward(napi_env env, napi_callback_info info) {
   NapiArgs a(env, info, "attentionBackward", 15);
   Dims m;
+  const bool bf16 = a.optional_boolean(15, "bf16");
   if (!dims(a, 9, &m)) return nullptr;
   const size_t nq = m.bh() * m.tq * m.d, nk = m.bh() * m.tk * m.d;
   const size_t need[9] = {nq, nk, nk, nq, nq, static_cast<size_t>(m.bh() * m.tq), nq, nk, nk};
@@ -416,7 +431,7 @@ napi_value Backward(napi_env env, napi_callback_info info) {
     std::fill(p[8], p[8] + nk, 0.0f);
     return nullptr;
   }
-  attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], m.batch, m.heads, m.tq, m.tk, m.d, m.scale);
+  attention_backward(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], m.batch, m.heads, m.tq, m.tk, m.d, m.scale, bf16);
   return nullptr;
 }
 

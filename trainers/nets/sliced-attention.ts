@@ -12,12 +12,14 @@
  * a block of query rows at a time, multi-threaded, with the same backward formulas and the
  * per-row log-sum-exp saved by the forward), so `rows` does not matter there: nothing bigger
  * than a block's scores is ever allocated. `nativeAttention` runs them straight on [B, T, heads·d]
- * (no head split/merge transposes). Every other backend, or SIDETRAIN_NATIVE_ATTENTION=0, runs
+ * (no head split/merge transposes); under --precision bf16 their products take bf16 operands
+ * (float32 accumulation and softmax statistics). Every other backend, or SIDETRAIN_NATIVE_ATTENTION=0, runs
  * the TF-ops slices below, which are also the tests' reference.
  */
 import { currentBackend, tf, type Tensor } from '../backend/tf.ts';
 import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
 import type { CpuBackend } from '../backend/native/kernels.ts';
+import { computePrecision } from '../backend/precision.ts';
 
 type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNullable<NativeAddon[K]> };
 
@@ -67,7 +69,7 @@ function registerKernels(addon: AttentionAddon): void {
       const be = backend as CpuBackend, { q, k, v } = inputs as Record<string, tf.TensorInfo>;
       const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
       const out = new Float32Array(b * tq * heads * d), lse = new Float32Array(b * heads * tq);
-      addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, b, heads, tq, tk, d, scale);
+      addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, b, heads, tq, tk, d, scale, computePrecision() === 'bf16');
       return [be.makeTensorInfo(q!.shape, 'float32', out), be.makeTensorInfo([b * heads, tq], 'float32', lse)];
     },
     SidetrainAttentionGrad: ({ inputs, backend, attrs }) => {
@@ -75,7 +77,7 @@ function registerKernels(addon: AttentionAddon): void {
       const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
       const dq = new Float32Array(b * tq * heads * d), dk = new Float32Array(b * tk * heads * d), dv = new Float32Array(b * tk * heads * d);
       const arrays = [q, k, v, out, dout, lse].map((t) => f32(be, t!)) as [Float32Array, Float32Array, Float32Array, Float32Array, Float32Array, Float32Array];
-      addon.attentionBackward(...arrays, dq, dk, dv, b, heads, tq, tk, d, scale);
+      addon.attentionBackward(...arrays, dq, dk, dv, b, heads, tq, tk, d, scale, computePrecision() === 'bf16');
       return [be.makeTensorInfo(q!.shape, 'float32', dq), be.makeTensorInfo(k!.shape, 'float32', dk), be.makeTensorInfo(v!.shape, 'float32', dv)];
     },
   };

@@ -111,13 +111,15 @@ export interface NativeAddon {
   /**
    * Fused attention (native/src/attention.cc), per head: out = softmax(q·kᵀ·scale)·v and the
    * per-row log-sum-exp. q/out [batch, tq, heads·d], k/v [batch, tk, heads·d] (heads interleaved
-   * in the channels; heads = 1 for [bh, t, d]), lse [batch·heads, tq]; scale > 0.
+   * in the channels; heads = 1 for [bh, t, d]), lse [batch·heads, tq]; scale > 0. bf16: the
+   * products' operands (q, k, v, probabilities; in the backward also dout and the score gradient)
+   * rounded to bf16, float32 accumulation, softmax statistics in float32.
    */
-  attentionForward?(q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array, batch: number, heads: number, tq: number, tk: number, d: number, scale: number): void;
+  attentionForward?(q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array, batch: number, heads: number, tq: number, tk: number, d: number, scale: number, bf16?: boolean): void;
   /** Its gradients dq, dk, dv for dout, from the forward's out and lse (scores recomputed a block at a time). */
   attentionBackward?(
     q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, dout: Float32Array, lse: Float32Array,
-    dq: Float32Array, dk: Float32Array, dv: Float32Array, batch: number, heads: number, tq: number, tk: number, d: number, scale: number,
+    dq: Float32Array, dk: Float32Array, dv: Float32Array, batch: number, heads: number, tq: number, tk: number, d: number, scale: number, bf16?: boolean,
   ): void;
   /** Threads in the pool and the vector ISA it was compiled for. */
   info(): { threads: number; isa: string };
