@@ -11,6 +11,7 @@ import { previewDataset, thumbnail, writeCaption, type DatasetPreview } from '..
 import { loadTemplate } from '../trainers/text/templates.ts';
 import { captionOverrideWarning, fixedTemplate, instanceTemplates, type CaptionMode } from '../trainers/train/instance-prompts.ts';
 import { PathError, checkReadableDir } from '../trainers/io/paths.ts';
+import { headerFamily, nativeResolution } from '../trainers/io/checkpoint.ts';
 import { RequestError, fieldError } from './spec.ts';
 import type { MethodEntry } from '../trainers/job.ts';
 import type { RouteDef } from './routes.ts';
@@ -45,10 +46,15 @@ export async function datasetView(methods: Record<string, MethodEntry>, type: st
     ? instanceTemplates(instancePrompt || '[filewords]', captionMode) // Dreambooth, LoRA
     : template ? { template: await loadTemplate(template) } : { template: fixedTemplate('[filewords]') }; // TI, hypernetwork; fine-tune
   if (captionMode && !template && !instancePrompt) warnings.push('no instance prompt yet: it is required, and it carries the trigger word');
+  // the size and cut the run will use (train/prepare.ts): an SDXL model's 1024 and aspect buckets,
+  // from its header as the model list reads it
+  const family = typeof spec.model === 'string' && spec.model && !resolution ? await headerFamily(spec.model) : undefined;
+  const side = nativeResolution(family ?? 'sd1');
+  const prior = !!option<string>(spec, props, 'classPrompt') && (option<number>(spec, props, 'classImages') ?? 0) > 0;
   const view = await previewDataset({
     dir, name: String(spec.name || '[name]'), ...templates,
-    width: resolution ?? option<number>(spec, props, 'width') ?? 512, height: resolution ?? option<number>(spec, props, 'height') ?? 512,
-    doNotResize: option<boolean>(spec, props, 'doNotResize'),
+    width: resolution ?? option<number>(spec, props, 'width') ?? side, height: resolution ?? option<number>(spec, props, 'height') ?? side,
+    doNotResize: option<boolean>(spec, props, 'doNotResize'), fit: family === 'sdxl' ? (prior ? 'crop' : 'buckets') : 'stretch',
     filenameWordRegex: option<string>(spec, props, 'filenameWordRegex'), filenameJoinString: option<string>(spec, props, 'filenameJoinString'),
   });
   if (resolution) warnings.push(`fine-tune puts each image into the aspect-ratio bucket nearest its shape, at most ${resolution}² pixels`);

@@ -92,3 +92,23 @@ test('sidetrain dataset DIR prints each image, its caption and the prompt it tra
   assert.match(out, /02-gray cat on grass\.png {2}128×128 → 512×512\n {4}caption \(\.txt\): "a cat on grass"\n {4}trains with: "a cat on grass, sks cat"/);
   assert.match(out, /skipped notes\.md: not an image file/);
 });
+
+test('POST /api/dataset on an SDXL model: 1024² by default and each image in its aspect-ratio bucket, as the run cuts it', async () => {
+  const t = await startTestServer({ methodsModule: 'trainers/methods/index.ts' });
+  try {
+    const dir = await mkdtemp(join(tmpdir(), 'sidetrain-ds-xl-'));
+    const sharp = (await import('sharp')).default;
+    await sharp({ create: { width: 1600, height: 900, channels: 3, background: { r: 1, g: 2, b: 3 } } }).png().toFile(join(dir, 'wide.png'));
+    await sharp({ create: { width: 500, height: 500, channels: 3, background: { r: 1, g: 2, b: 3 } } }).png().toFile(join(dir, 'square.png'));
+    const view = async (model: string, extra: Record<string, unknown> = {}) => {
+      const r = await t.api('/api/dataset', { method: 'POST', json: { type: 'lora', spec: { images: dir, instancePrompt: 'sks cat', model, ...extra } } });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      return Object.fromEntries(r.body.items.map((i: { file: string; width: number; height: number }) => [i.file, `${i.width}x${i.height}`]));
+    };
+    assert.deepEqual(await view('test/fixtures/sdxl-tiny/model.safetensors'), { 'square.png': '1024x1024', 'wide.png': '1344x768' });
+    assert.deepEqual(await view('test/fixtures/sdxl-tiny/model.safetensors', { classPrompt: 'a cat', classImages: 4 }), { 'square.png': '1024x1024', 'wide.png': '1024x1024' });
+    assert.deepEqual(await view('test/fixtures/sd-tiny/model.safetensors'), { 'square.png': '512x512', 'wide.png': '512x512' });
+  } finally {
+    await t.close();
+  }
+});

@@ -13,6 +13,7 @@ import { Rng } from '../random.ts';
 import { createPrompt, type Template } from '../text/templates.ts';
 import { writeFileAtomic } from '../io/atomic.ts';
 import { isImageFile, targetSize } from './images.ts';
+import { nearestBucket, sizeBuckets, type Bucket } from './buckets.ts';
 import { compileWordRegex } from './word-regex.ts';
 
 export interface PreviewOptions {
@@ -20,6 +21,8 @@ export interface PreviewOptions {
   width: number;
   height: number;
   doNotResize?: boolean;
+  /** How images become width × height (dataset.ts ImageFit; default stretch). */
+  fit?: 'stretch' | 'crop' | 'buckets';
   /** What [name] becomes. */
   name: string;
   template: Template;
@@ -96,6 +99,7 @@ export async function previewDataset(opts: PreviewOptions): Promise<DatasetPrevi
   const entries = (await readdir(opts.dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const items: PreviewItem[] = [];
   const skipped: DatasetPreview['skipped'] = [];
+  let buckets: Bucket[] | undefined;
   for (const e of entries) {
     if (e.name.startsWith('.')) continue;
     if (e.isDirectory()) {
@@ -114,7 +118,7 @@ export async function previewDataset(opts: PreviewOptions): Promise<DatasetPrevi
     }
     let train: { width: number; height: number };
     try {
-      train = targetSize(size.width, size.height, { width: opts.width, height: opts.height, doNotResize: opts.doNotResize });
+      train = trainSize(size, opts, () => (buckets ??= sizeBuckets(opts.width, opts.height)));
     } catch (err) {
       skipped.push({ file: e.name, reason: (err as Error).message });
       continue;
@@ -125,6 +129,14 @@ export async function previewDataset(opts: PreviewOptions): Promise<DatasetPrevi
     items.push({ file: e.name, sourceWidth: size.width, sourceHeight: size.height, ...train, ...caption, prompt });
   }
   return { dir: opts.dir, items, skipped };
+}
+
+/** The size an image trains at, as Dataset.load cuts it (stretched, cut to width × height, or to its nearest bucket). */
+function trainSize(size: { width: number; height: number }, opts: PreviewOptions, buckets: () => Bucket[]): { width: number; height: number } {
+  if (opts.doNotResize || !opts.fit || opts.fit === 'stretch') return targetSize(size.width, size.height, { width: opts.width, height: opts.height, doNotResize: opts.doNotResize });
+  if (opts.fit === 'crop') return { width: opts.width, height: opts.height };
+  const b = nearestBucket(buckets(), size.width, size.height);
+  return { width: b.width, height: b.height };
 }
 
 /** A file name of an image directly in `dir` (no path), or an error naming what is wrong. */
