@@ -1,7 +1,8 @@
-/** @file The webgpu side of the estimate (trainers/memory/estimate-gpu.ts): GPU memory as the budget, the binding limit, nvidia-smi parsing. */
+/** @file The webgpu side of the estimate (trainers/memory/estimate-gpu.ts): GPU memory as the budget, the binding limit, nvidia-smi parsing, no score tensors. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { gpuBudgetAndNotes, nvidiaMemory } from '../trainers/memory/estimate-gpu.ts';
+import { estimateJob } from '../trainers/memory/estimate.ts';
 import type { AdapterSummary } from '../trainers/backend/webgpu/adapter.ts';
 
 const GIB = 2 ** 30;
@@ -29,4 +30,11 @@ test('a weight over the binding limit is named; unknown memory or no adapter lea
   assert.match(r.notes[0]!, /largest weight \(152 MiB\) is over this adapter's binding limit of 128 MiB/);
   assert.match(r.notes[1]!, /memory size is not known/);
   assert.deepEqual(gpuBudgetAndNotes('only a software adapter (llvmpipe)', undefined, 1), { notes: ['webgpu: only a software adapter (llvmpipe)'] });
+});
+
+test('webgpu keeps no attention scores (its WGSL core, like the native one): less memory than the TF-ops backends at the same size', async () => {
+  const spec = { model: 'test/fixtures/sd-tiny/model.safetensors', width: 256, height: 256, previewEvery: 0, gradientCheckpointing: 'off', attentionSlicing: 'off' };
+  const [gpu, ops] = await Promise.all(['webgpu', 'wasm'].map((backend) => estimateJob('textual_inversion', spec, { backend, memoryBudget: 1e15 })));
+  assert.equal(gpu!.backend, 'webgpu');
+  assert.ok(gpu!.breakdown.trainPeakBytes < ops!.breakdown.trainPeakBytes, `${gpu!.breakdown.trainPeakBytes} vs ${ops!.breakdown.trainPeakBytes}`);
 });

@@ -287,7 +287,7 @@ interface Job {
   text: ReturnType<typeof textShape>;
   shapes: Shapes;
   modelPath: string;
-  /** The backend runs attention in the native core (nets/sliced-attention.ts): no score tensors. */
+  /** The backend runs attention in sidetrain's own core (native or WGSL, nets/sliced-attention.ts): no score tensors. */
   nativeAttention: boolean;
 }
 
@@ -298,7 +298,9 @@ function describeJob(type: string, spec: Record<string, unknown>, shapes: Shapes
   const rule = headRule(modelPath, family);
   const heads = (ch: number) => (rule.numHeadChannels ? ch / rule.numHeadChannels : rule.numHeads!);
   const native = backend === 'cpu-native'; // the addon's fused norms and attention core
-  return { type, plan, text, shapes, modelPath, nativeAttention: native, blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads, native) };
+  // webgpu runs the same attention core as tiled WGSL (backend/webgpu/attention.ts): no score tensors either
+  const attentionCore = native || backend === 'webgpu';
+  return { type, plan, text, shapes, modelPath, nativeAttention: attentionCore, blocks: unetBlocks(shapes, (plan.width / 8) * (plan.height / 8), text.tokens, heads, native) };
 }
 
 /** UNet tape memory (elements, batch 1): per-pixel activations and attention scores, whole or checkpointed. */
