@@ -20,7 +20,7 @@
  *
  * Each row is handed to `onRow` as soon as it is measured (a run cut off still shows its rows).
  *
- * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…] [--models sdxl-shaped] [--px 512] [--row-minutes 30]`.
+ * Run alone: `node --import tsx --expose-gc bench/steps.ts [--json] [--quick] [--methods dreambooth,lora] [--variants adamw8bit+ckpt,…] [--models sdxl-shaped] [--px 512] [--first sdxl-shaped] [--row-minutes 30]`.
  * Env: SIDETRAIN_BENCH_SD15=0 skips the SD1.5 rows, SIDETRAIN_BENCH_SDXL=0 the SDXL ones,
  * SIDETRAIN_BENCH_PYTORCH=0 the PyTorch yardstick (installed with apt-get when missing).
  */
@@ -158,6 +158,8 @@ export interface StepsOptions {
   models?: string[];
   /** Sizes to keep (px); default all. */
   px?: number[];
+  /** Rows that run first, in this order: a model ('sdxl-shaped') or a model at a size ('sdxl-shaped@512') — those a long run must not be cut off before. */
+  first?: string[];
   sd15?: boolean;
   sdxl?: boolean;
   quick?: boolean;
@@ -167,7 +169,7 @@ export interface StepsOptions {
   rowMinutes?: number;
 }
 
-/** The options of the command line: --methods a,b  --variants x,y  --models m  --px 512,1024  --quick  --row-minutes n. */
+/** The options of the command line: --methods a,b  --variants x,y  --models m  --px 512,1024  --first m  --quick  --row-minutes n. */
 export function stepsArgs(argv: string[]): StepsOptions {
   const list = (flag: string) => {
     const at = argv.indexOf(flag);
@@ -181,7 +183,7 @@ export function stepsArgs(argv: string[]): StepsOptions {
   if (rowMinutes !== undefined && !(rowMinutes > 0)) throw new Error('--row-minutes needs a positive number of minutes');
   const px = list('--px')?.map(Number);
   if (px?.some((p) => !Number.isInteger(p) || p <= 0)) throw new Error('--px needs sizes in pixels, e.g. 512,1024');
-  return { methods: list('--methods'), variants: list('--variants'), models: list('--models'), px, quick: argv.includes('--quick'), rowMinutes };
+  return { methods: list('--methods'), variants: list('--variants'), models: list('--models'), px, first: list('--first'), quick: argv.includes('--quick'), rowMinutes };
 }
 
 /** Every step row plus the PyTorch yardstick; `variants` filters rows by their label. */
@@ -205,7 +207,12 @@ export async function benchSteps(opts: StepsOptions = {}): Promise<Row[]> {
   try {
     const images = { 256: await makeImages(dir, 256), 512: await makeImages(dir, 512), ...(sdxl ? { 1024: await makeImages(dir, 1024) } : {}) } as Record<number, string>;
     const keep = (row: StepRowSpec) => (!row.label || !opts.variants || opts.variants.includes(row.label)) && (!opts.models || opts.models.includes(row.model)) && (!opts.px || opts.px.includes(row.px));
-    for (const r of stepRows(names, backends, sd15, sdxl).filter(keep)) {
+    const kept = stepRows(names, backends, sd15, sdxl).filter(keep);
+    const rank = (row: StepRowSpec) => {
+      const i = opts.first?.findIndex((f) => f === row.model || f === `${row.model}@${row.px}`) ?? -1;
+      return i < 0 ? Infinity : i;
+    };
+    for (const r of kept.map((row, i) => ({ row, i })).sort((a, b) => rank(a.row) - rank(b.row) || a.i - b.i).map((x) => x.row)) {
       const modelPath = r.model === 'sd-tiny' ? TINY : r.model === 'sdxl-shaped' ? checkpointXl!.path : checkpoint!.path;
       const spec = jobSpec(opts.quick ? { ...r, steps: 2 } : r, modelPath, images[r.px]!, join(dir, 'out'));
       const est = await estimateJob(r.method, spec, { backend: r.backend }).catch((err: Error) => err);
