@@ -74,12 +74,28 @@ test('a gather or matmul input over the binding limit is refused before dispatch
 });
 
 test('the WGSL attention core (flash-style tiles) agrees with the TF-ops slices: output and the three gradients', { skip }, async () => {
-  const r = (await child('attention', { ...lavapipeEnv })) as { native: boolean; cases: Record<string, number>[] };
+  const r = (await child('attention', { ...lavapipeEnv })) as { native: boolean; adapter: string; cases: Record<string, number>[] };
+  assert.doesNotMatch(r.adapter, /float16/);
   assert.equal(r.native, true, 'the webgpu backend should run attention in its own kernels');
   assert.equal(r.cases.length, 5);
   for (const [i, errs] of r.cases.entries()) {
     for (const [name, e] of Object.entries(errs)) assert.ok(e < 1e-5, `case ${i} ${name}: relative error ${e}`);
   }
+});
+
+test("float16 attention: used where the device has 'shader-f16' (within float16's rounding), refused with the reason where it has not", { skip }, async () => {
+  type R = { adapter: string; cases: Record<string, number>[] };
+  const half = (await child('attention-quick', { ...lavapipeEnv, SIDETRAIN_WEBGPU_F16: '1' })) as R;
+  if (/shader-f16/.test(half.adapter)) {
+    assert.match(half.adapter, /; float16 attention \(shader-f16\)$/);
+    const errors = half.cases.flatMap((c) => Object.values(c));
+    for (const e of errors) assert.ok(e < 5e-3, `float16 error ${e}`);
+    assert.ok(Math.max(...errors) > 1e-5, 'float16 rounding should show: the float32 shaders ran');
+  }
+  // the guard: an adapter without the feature keeps float32 and says why
+  const hidden = (await child('attention-quick', { ...lavapipeEnv, SIDETRAIN_WEBGPU_F16: '1', SIDETRAIN_WEBGPU_HIDE_FEATURES: 'shader-f16' })) as R;
+  assert.match(hidden.adapter, /float16 attention asked for \(SIDETRAIN_WEBGPU_F16=1\), but this adapter has no 'shader-f16': float32$/);
+  for (const e of hidden.cases.flatMap((c) => Object.values(c))) assert.ok(e < 1e-5, `float32 error ${e}`);
 });
 
 test('the WGSL GroupNorm(+SiLU) agrees with the TF-ops version: output and the gradients of x, weight and bias', { skip }, async () => {

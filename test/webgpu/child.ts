@@ -3,7 +3,7 @@
  * loader path at process start): `probe` prints the backend choice and health's webgpu line;
  * `oversize` makes a tensor over the adapter's storage binding limit and prints the error;
  * `oversize-inputs` gives such a tensor (uploaded from JS) to a gather and a matmul and prints theirs;
- * `attention` and `group-norm` print the WGSL kernels' errors against the TF-ops versions;
+ * `attention` (`attention-quick`: two cases) and `group-norm` print the WGSL kernels' errors against the TF-ops versions;
  * `conv-filter-grad` prints Conv2DBackpropFilter's largest error against a float64 loop per case.
  */
 import { initBackend, tf } from '../../trainers/backend/index.ts';
@@ -46,9 +46,9 @@ if (mode === 'probe') {
   const matmul = await errorOf(() => tf.matMul(big, tf.ones([256, 2])));
   const small = Array.from(await tf.add(tf.tensor([1, 2]), 1).data());
   console.log(JSON.stringify({ gather, matmul, small }));
-} else if (mode === 'attention') {
-  await initBackend('webgpu');
-  console.log(JSON.stringify(await attentionErrors()));
+} else if (mode === 'attention' || mode === 'attention-quick') {
+  const choice = await initBackend('webgpu');
+  console.log(JSON.stringify({ adapter: choice.adapter, ...(await attentionErrors(mode === 'attention-quick' ? 2 : Infinity)) }));
 } else if (mode === 'group-norm') {
   await initBackend('webgpu');
   console.log(JSON.stringify(await groupNormErrors()));
@@ -96,12 +96,12 @@ async function convFilterGradErrors(): Promise<number[]> {
  * head widths 16/40/160 and the VAE's one head of 512 (a tile of a few rows), and a shader
  * compiled for one shape reused for another (the same head width).
  */
-async function attentionErrors(): Promise<{ native: boolean; cases: Record<string, number>[] }> {
+async function attentionErrors(count: number): Promise<{ native: boolean; cases: Record<string, number>[] }> {
   const cases: [b: number, tq: number, tk: number, heads: number, d: number][] = [
     [2, 70, 70, 2, 16], [1, 100, 7, 3, 40], [1, 65, 77, 1, 160], [1, 20, 20, 1, 512], [1, 33, 9, 2, 16],
   ];
   const out: Record<string, number>[] = [];
-  for (const [b, tq, tk, heads, d] of cases) {
+  for (const [b, tq, tk, heads, d] of cases.slice(0, count)) {
     const c = heads * d;
     const [q, k, v] = [[b, tq, c], [b, tk, c], [b, tk, c]].map((s, i) => tf.randomNormal(s, 0, 1, 'float32', 11 + i));
     const w = tf.randomNormal([b, tq, c], 0, 1, 'float32', 20);

@@ -39,6 +39,8 @@ export interface AdapterSummary {
   /** Bytes. */
   maxBufferSize: number;
   maxStorageBufferBindingSize: number;
+  /** Where float16 was asked for (SIDETRAIN_WEBGPU_F16=1): what the backend does about it. */
+  f16?: string;
 }
 
 let dawn: { gpu: Gpu; globals: Record<string, unknown> } | undefined;
@@ -91,7 +93,7 @@ export function describeAdapter(a: AdapterSummary): string {
   const name = a.description || a.device || 'unnamed';
   const mib = (b: number) => `${Math.round(b / 2 ** 20)} MiB`;
   return `${a.vendor || 'unknown vendor'} ${a.architecture || 'unknown architecture'} (${name})${a.fallback ? ' [software/fallback]' : ''}, `
-    + `binding ≤ ${mib(a.maxStorageBufferBindingSize)}, buffer ≤ ${mib(a.maxBufferSize)}${a.shaderF16 ? ', shader-f16' : ''}`;
+    + `binding ≤ ${mib(a.maxStorageBufferBindingSize)}, buffer ≤ ${mib(a.maxBufferSize)}${a.shaderF16 ? ', shader-f16' : ''}${a.f16 ? `; ${a.f16}` : ''}`;
 }
 
 /**

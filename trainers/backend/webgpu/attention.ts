@@ -24,10 +24,21 @@ interface Backend {
 }
 interface Attrs { heads: number; scale: number }
 
+/**
+ * float16 tiles and products (float32 accumulation and softmax statistics), set by ./index.ts
+ * only where the device has 'shader-f16' and it was asked for (SIDETRAIN_WEBGPU_F16=1).
+ */
+let half = false;
+
+/** Turns the float16 variant on or off (the device must have 'shader-f16'). */
+export function setAttentionF16(on: boolean): void {
+  half = on;
+}
+
 /** Threads (rows) per workgroup. */
 const ROWS = 64;
 /** Staged rows per tile: `perRow` floats each within 16 KiB of workgroup memory, at most 32. */
-const tileRows = (perRow: number) => Math.max(1, Math.min(32, Math.floor(16384 / 4 / perRow)));
+const tileRows = (perRow: number) => Math.max(1, Math.min(32, Math.floor(16384 / (half ? 2 : 4) / perRow)));
 
 /** The sizes every program takes as uniforms, in the order of `UNIFORMS`. */
 const UNIFORMS = 'tq : i32, tk : i32, heads : i32, rowBlocks : i32, groups : i32, scale : f32,';
@@ -35,6 +46,8 @@ const UNIFORMS = 'tq : i32, tk : i32, heads : i32, rowBlocks : i32, groups : i32
 /** WGSL shared by the programs: which (batch, head, row) this thread has; offsets of rows. */
 function prelude(d: number): string {
   return `
+  ${half ? 'enable f16;' : ''}
+  alias T = ${half ? 'f16' : 'f32'};
   const D = ${d};
   const ROWS = ${ROWS};
   fn groupIndex() -> i32 {
@@ -71,10 +84,10 @@ class AttentionProgram {
 /** The log-sum-exp of each query row's scores: [B·heads, Tq]. */
 function lseProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(d);
-  return new AttentionProgram(['q', 'k'], shape, groups, `sidetrainAttnLse_${d}_${tile}`, `
+  return new AttentionProgram(['q', 'k'], shape, groups, `sidetrainAttnLse_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
   ${prelude(d)}
   const TILE = ${tile};
-  var<workgroup> kt : array<f32, ${tile * d}>;
+  var<workgroup> kt : array<T, ${tile * d}>;
   fn main(index : i32) {
     // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
     let g0 = groupIndex();
@@ -84,20 +97,20 @@ function lseProgram(d: number, shape: number[], groups: number): AttentionProgra
     let h = bh % uniforms.heads;
     let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
     let live = g0 < uniforms.groups && i < uniforms.tq;
-    var qi : array<f32, D>;
-    if (live) { for (var c = 0; c < D; c++) { qi[c] = q[idx(b, i, uniforms.tq, h, c)] * uniforms.scale; } }
+    var qi : array<T, D>;
+    if (live) { for (var c = 0; c < D; c++) { qi[c] = T(q[idx(b, i, uniforms.tq, h, c)] * uniforms.scale); } }
     var m = -3.402823e+38f;
     var l = 0.0;
     for (var t0 = 0; t0 < uniforms.tk; t0 += TILE) {
       for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
         let j = t0 + e / D;
-        kt[e] = select(0.0, k[idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D)], j < uniforms.tk);
+        kt[e] = T(select(0.0, k[idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D)], j < uniforms.tk));
       }
       workgroupBarrier();
       if (live) {
         for (var jj = 0; jj < min(TILE, uniforms.tk - t0); jj++) {
           var s = 0.0;
-          for (var c = 0; c < D; c++) { s += qi[c] * kt[jj * D + c]; }
+          for (var c = 0; c < D; c++) { s += f32(qi[c] * kt[jj * D + c]); }
           if (s > m) { l = l * exp(m - s) + 1.0; m = s; } else { l += exp(s - m); }
         }
       }
@@ -110,11 +123,11 @@ function lseProgram(d: number, shape: number[], groups: number): AttentionProgra
 /** o_i = Σ_j exp(s_ij − lse_i)·v_j: [B, Tq, heads·d]. */
 function outProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(2 * d);
-  return new AttentionProgram(['q', 'k', 'v', 'lse'], shape, groups, `sidetrainAttnOut_${d}_${tile}`, `
+  return new AttentionProgram(['q', 'k', 'v', 'lse'], shape, groups, `sidetrainAttnOut_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
   ${prelude(d)}
   const TILE = ${tile};
-  var<workgroup> kt : array<f32, ${tile * d}>;
-  var<workgroup> vt : array<f32, ${tile * d}>;
+  var<workgroup> kt : array<T, ${tile * d}>;
+  var<workgroup> vt : array<T, ${tile * d}>;
   fn main(index : i32) {
     // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
     let g0 = groupIndex();
@@ -124,27 +137,27 @@ function outProgram(d: number, shape: number[], groups: number): AttentionProgra
     let h = bh % uniforms.heads;
     let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
     let live = g0 < uniforms.groups && i < uniforms.tq;
-    var qi : array<f32, D>;
+    var qi : array<T, D>;
     var acc : array<f32, D>;
     var li = 0.0;
     if (live) {
-      for (var c = 0; c < D; c++) { qi[c] = q[idx(b, i, uniforms.tq, h, c)] * uniforms.scale; }
+      for (var c = 0; c < D; c++) { qi[c] = T(q[idx(b, i, uniforms.tq, h, c)] * uniforms.scale); }
       li = lse[bh * uniforms.tq + i];
     }
     for (var t0 = 0; t0 < uniforms.tk; t0 += TILE) {
       for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
         let j = t0 + e / D;
         let src = idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D);
-        kt[e] = select(0.0, k[src], j < uniforms.tk);
-        vt[e] = select(0.0, v[src], j < uniforms.tk);
+        kt[e] = T(select(0.0, k[src], j < uniforms.tk));
+        vt[e] = T(select(0.0, v[src], j < uniforms.tk));
       }
       workgroupBarrier();
       if (live) {
         for (var jj = 0; jj < min(TILE, uniforms.tk - t0); jj++) {
           var s = 0.0;
-          for (var c = 0; c < D; c++) { s += qi[c] * kt[jj * D + c]; }
+          for (var c = 0; c < D; c++) { s += f32(qi[c] * kt[jj * D + c]); }
           let p = exp(s - li);
-          for (var c = 0; c < D; c++) { acc[c] += p * vt[jj * D + c]; }
+          for (var c = 0; c < D; c++) { acc[c] += p * f32(vt[jj * D + c]); }
         }
       }
       workgroupBarrier();
@@ -156,11 +169,11 @@ function outProgram(d: number, shape: number[], groups: number): AttentionProgra
 /** dq_i = scale Σ_j p_ij (do_i·v_j − do_i·o_i) k_j: [B, Tq, heads·d]. */
 function dqProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(2 * d);
-  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDq_${d}_${tile}`, `
+  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDq_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
   ${prelude(d)}
   const TILE = ${tile};
-  var<workgroup> kt : array<f32, ${tile * d}>;
-  var<workgroup> vt : array<f32, ${tile * d}>;
+  var<workgroup> kt : array<T, ${tile * d}>;
+  var<workgroup> vt : array<T, ${tile * d}>;
   fn main(index : i32) {
     // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
     let g0 = groupIndex();
@@ -170,17 +183,17 @@ function dqProgram(d: number, shape: number[], groups: number): AttentionProgram
     let h = bh % uniforms.heads;
     let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
     let live = g0 < uniforms.groups && i < uniforms.tq;
-    var qi : array<f32, D>;
-    var doi : array<f32, D>;
+    var qi : array<T, D>;
+    var doi : array<T, D>;
     var acc : array<f32, D>;
     var li = 0.0;
     var di = 0.0;
     if (live) {
       for (var c = 0; c < D; c++) {
         let n = idx(b, i, uniforms.tq, h, c);
-        qi[c] = q[n] * uniforms.scale;
-        doi[c] = dout[n];
-        di += doi[c] * o[n];
+        qi[c] = T(q[n] * uniforms.scale);
+        doi[c] = T(dout[n]);
+        di += dout[n] * o[n];
       }
       li = lse[bh * uniforms.tq + i];
     }
@@ -188,17 +201,17 @@ function dqProgram(d: number, shape: number[], groups: number): AttentionProgram
       for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
         let j = t0 + e / D;
         let src = idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D);
-        kt[e] = select(0.0, k[src], j < uniforms.tk);
-        vt[e] = select(0.0, v[src], j < uniforms.tk);
+        kt[e] = T(select(0.0, k[src], j < uniforms.tk));
+        vt[e] = T(select(0.0, v[src], j < uniforms.tk));
       }
       workgroupBarrier();
       if (live) {
         for (var jj = 0; jj < min(TILE, uniforms.tk - t0); jj++) {
           var s = 0.0;
           var dp = 0.0;
-          for (var c = 0; c < D; c++) { s += qi[c] * kt[jj * D + c]; dp += doi[c] * vt[jj * D + c]; }
+          for (var c = 0; c < D; c++) { s += f32(qi[c] * kt[jj * D + c]); dp += f32(doi[c] * vt[jj * D + c]); }
           let ds = exp(s - li) * (dp - di);
-          for (var c = 0; c < D; c++) { acc[c] += ds * kt[jj * D + c]; }
+          for (var c = 0; c < D; c++) { acc[c] += ds * f32(kt[jj * D + c]); }
         }
       }
       workgroupBarrier();
@@ -209,12 +222,12 @@ function dqProgram(d: number, shape: number[], groups: number): AttentionProgram
 
 /** dk_j and dv_j, one workgroup per 64 key rows, query tiles staged: [2, B, Tk, heads·d] (dK then dV). */
 function dkvProgram(d: number, shape: number[], groups: number): AttentionProgram {
-  const tile = tileRows(2 * d + 2);
-  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDkv_${d}_${tile}`, `
+  const tile = tileRows(2 * d + (half ? 4 : 2)); // q and do rows (T), lse and D (f32)
+  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDkv_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
   ${prelude(d)}
   const TILE = ${tile};
-  var<workgroup> qt : array<f32, ${tile * d}>;
-  var<workgroup> dot_t : array<f32, ${tile * d}>;
+  var<workgroup> qt : array<T, ${tile * d}>;
+  var<workgroup> dot_t : array<T, ${tile * d}>;
   var<workgroup> lt : array<f32, ${tile}>;
   var<workgroup> dt : array<f32, ${tile}>;
   fn main(index : i32) {
@@ -226,19 +239,19 @@ function dkvProgram(d: number, shape: number[], groups: number): AttentionProgra
     let h = bh % uniforms.heads;
     let j = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
     let live = g0 < uniforms.groups && j < uniforms.tk;
-    var kj : array<f32, D>;
-    var vj : array<f32, D>;
+    var kj : array<T, D>;
+    var vj : array<T, D>;
     var dk : array<f32, D>;
     var dv : array<f32, D>;
     if (live) {
-      for (var c = 0; c < D; c++) { let n = idx(b, j, uniforms.tk, h, c); kj[c] = k[n] * uniforms.scale; vj[c] = v[n]; }
+      for (var c = 0; c < D; c++) { let n = idx(b, j, uniforms.tk, h, c); kj[c] = T(k[n] * uniforms.scale); vj[c] = T(v[n]); }
     }
     for (var t0 = 0; t0 < uniforms.tq; t0 += TILE) {
       for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
         let i = t0 + e / D;
         let src = idx(b, min(i, uniforms.tq - 1), uniforms.tq, h, e % D);
-        qt[e] = select(0.0, q[src], i < uniforms.tq);
-        dot_t[e] = select(0.0, dout[src], i < uniforms.tq);
+        qt[e] = T(select(0.0, q[src], i < uniforms.tq));
+        dot_t[e] = T(select(0.0, dout[src], i < uniforms.tq));
       }
       // D_i = do_i·o_i and lse_i of the tile's query rows
       for (var r = i32(localId.x); r < TILE; r += ROWS) {
@@ -253,10 +266,10 @@ function dkvProgram(d: number, shape: number[], groups: number): AttentionProgra
         for (var ii = 0; ii < min(TILE, uniforms.tq - t0); ii++) {
           var s = 0.0;
           var dp = 0.0;
-          for (var c = 0; c < D; c++) { s += qt[ii * D + c] * kj[c]; dp += dot_t[ii * D + c] * vj[c]; }
+          for (var c = 0; c < D; c++) { s += f32(qt[ii * D + c] * kj[c]); dp += f32(dot_t[ii * D + c] * vj[c]); }
           let p = exp(s - lt[ii]);
           let ds = p * (dp - dt[ii]);
-          for (var c = 0; c < D; c++) { dk[c] += ds * qt[ii * D + c]; dv[c] += p * dot_t[ii * D + c]; }
+          for (var c = 0; c < D; c++) { dk[c] += ds * f32(qt[ii * D + c]); dv[c] += p * f32(dot_t[ii * D + c]); }
         }
       }
       workgroupBarrier();

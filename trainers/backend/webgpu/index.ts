@@ -12,7 +12,7 @@ import { tf } from '../tf.ts';
 import { findAdapter, installGpuGlobals, summarize, type AdapterSummary, type GpuAdapter } from './adapter.ts';
 import { guardBackend, nameKernels, type WebGpuBackendLike } from './guard.ts';
 import { convFilterGradByTaps } from './conv-filter-grad.ts';
-import { attentionKernels } from './attention.ts';
+import { attentionKernels, setAttentionF16 } from './attention.ts';
 import { groupNormKernels } from './group-norm.ts';
 
 export { checkGpuErrors } from './guard.ts';
@@ -45,11 +45,35 @@ function registerKernels(): void {
   }
 }
 
-async function makeDevice(adapter: GpuAdapter): Promise<unknown> {
-  const requiredFeatures = ['timestamp-query', 'shader-f16'].filter((f) => adapter.features.has(f));
+interface Device {
+  features: ReadonlySet<string>;
+  createShaderModule(desc: { code: string; label?: string }): unknown;
+}
+
+/** Features left unrequested, as if the adapter lacked them (SIDETRAIN_WEBGPU_HIDE_FEATURES=a,b: tests of the guards). */
+const hidden = new Set((process.env.SIDETRAIN_WEBGPU_HIDE_FEATURES ?? '').split(',').filter(Boolean));
+
+async function makeDevice(adapter: GpuAdapter): Promise<Device> {
+  const requiredFeatures = ['timestamp-query', 'shader-f16'].filter((f) => adapter.features.has(f) && !hidden.has(f));
   const requiredLimits: Record<string, number> = {};
   for (const name of LIMITS) if (adapter.limits[name] !== undefined) requiredLimits[name] = adapter.limits[name]!;
-  return adapter.requestDevice({ requiredFeatures, requiredLimits });
+  return adapter.requestDevice({ requiredFeatures, requiredLimits }) as Promise<Device>;
+}
+
+/**
+ * The float16 attention core (SIDETRAIN_WEBGPU_F16=1) where the device has 'shader-f16'; without
+ * the feature it stays float32 and the reason is returned. WGSL wants `enable f16;` before any
+ * declaration, but tfjs-backend-webgpu puts a program's code after its own: the directive is moved
+ * to the front of the module here.
+ */
+function enableF16(device: Device): string | undefined {
+  if (process.env.SIDETRAIN_WEBGPU_F16 !== '1') return undefined;
+  if (!device.features.has('shader-f16')) return "float16 attention asked for (SIDETRAIN_WEBGPU_F16=1), but this adapter has no 'shader-f16': float32";
+  const create = device.createShaderModule.bind(device);
+  device.createShaderModule = (desc) =>
+    create(desc.code.includes('enable f16;') ? { ...desc, code: `enable f16;\n${desc.code.replace('enable f16;', '')}` } : desc);
+  setAttentionF16(true);
+  return 'float16 attention (shader-f16)';
 }
 
 /**
@@ -69,7 +93,9 @@ export async function loadWebgpu(forced: boolean): Promise<AdapterSummary> {
   } catch (err) {
     throw new Error(`the optional package @tensorflow/tfjs-backend-webgpu does not load: ${String(err).split('\n')[0]}`);
   }
-  const backend = new pkg.WebGPUBackend(await makeDevice(adapter), adapter.info);
+  const device = await makeDevice(adapter);
+  const f16 = enableF16(device);
+  const backend = new pkg.WebGPUBackend(device, adapter.info);
   guardBackend(backend);
   registerKernels();
   nameKernels();
@@ -77,6 +103,6 @@ export async function loadWebgpu(forced: boolean): Promise<AdapterSummary> {
   tf.registerBackend('webgpu', () => backend as unknown as tf.KernelBackend, 3);
   if (!(await tf.setBackend('webgpu'))) throw new Error("tf.setBackend('webgpu') failed");
   await tf.ready();
-  loaded = summarize(adapter);
+  loaded = { ...summarize(adapter), ...(f16 ? { f16 } : {}) };
   return loaded;
 }
