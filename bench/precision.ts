@@ -3,7 +3,8 @@
  * when present), then each GEMM kernel class of an SD1.5 step — a linear layer, the two attention
  * products at head width 40, a 3×3 conv and its input gradient — in fp32 and in bf16 on every
  * bf16 kernel this CPU reaches (the default one marked), each as GFLOP/s per core and % of its
- * unit's peak (float32 FMA for the kernels that widen bf16 to float32).
+ * unit's peak (float32 FMA for the kernels that widen bf16 to float32); then the fused attention
+ * core at SD1.5's 512 px level-0 shapes (self and cross), fp32 and bf16.
  * GFLOP/s per core divides by the process's CPU seconds (not wall time), so a shared machine's
  * other load costs little accuracy; wall ms are shown too. Run: `node --import tsx bench/precision.ts`.
  */
@@ -40,6 +41,20 @@ function convCase(name: string, hw: number, cin: number, cout: number, backward:
   };
 }
 
+/** The fused attention core (native/src/attention.cc), forward or backward; flops: the products only (4·tq·tk·d per head forward, 10 backward with the recompute). */
+function attentionCase(name: string, heads: number, tq: number, tk: number, d: number, backward: boolean): GemmCase {
+  const q = fill(tq * heads * d), k = fill(tk * heads * d), v = fill(tk * heads * d), out = new Float32Array(q.length), lse = new Float32Array(heads * tq);
+  const dout = fill(q.length), dq = new Float32Array(q.length), dk = new Float32Array(k.length), dv = new Float32Array(k.length);
+  const scale = 1 / Math.sqrt(d);
+  return {
+    name, flops: (backward ? 10 : 4) * heads * tq * tk * d,
+    run: (addon, bf16) => {
+      if (!backward) addon.attentionForward!(q, k, v, out, lse, 1, heads, tq, tk, d, scale, bf16);
+      else addon.attentionBackward!(q, k, v, out, dout, lse, dq, dk, dv, 1, heads, tq, tk, d, scale, bf16);
+    },
+  };
+}
+
 const CASES = (): GemmCase[] => [
   matmulCase('linear [4096,320]×[320,320] (512 px level 0)', 1, 4096, 320, 320),
   matmulCase('linear [1024,640]×[640,2560] (feed-forward, 256 px level 1)', 1, 1024, 2560, 640),
@@ -47,6 +62,11 @@ const CASES = (): GemmCase[] => [
   matmulCase('probs·V 2×[4096,4096]×[4096,40] (head width 40)', 2, 4096, 40, 4096),
   convCase('conv 3×3 320→320 at 64×64', 64, 320, 320, false),
   convCase('conv 3×3 320→320 at 64×64, input gradient', 64, 320, 320, true),
+];
+const ATTENTION = (): GemmCase[] => [
+  attentionCase('attention core 8×[4096,4096] d 40 (512 px self)', 8, 4096, 4096, 40, false),
+  attentionCase('attention core 8×[4096,4096] d 40, backward', 8, 4096, 4096, 40, true),
+  attentionCase('attention core 8×[4096,77] d 40 (512 px cross)', 8, 4096, 77, 40, false),
 ];
 
 /** Median wall ms and CPU-seconds-based GFLOP/s per core over `reps` calls (after a warm-up). */
@@ -97,6 +117,15 @@ export async function benchPrecision(reps = 3): Promise<Row[]> {
     }
   }
   addon.bf16Isa('');
+  // the attention core's products run on float32 FMA in both modes (bf16: rounded operands)
+  if (addon.attentionForward && addon.attentionBackward) {
+    for (const c of ATTENTION()) {
+      for (const bf16 of [false, true]) {
+        const t = time(c, addon, bf16, reps);
+        rows.push({ bench: 'attention', case: c.name, variant: bf16 ? 'bf16' : 'fp32', ...t, pctOfPeak: Math.round((100 * t.gflopsPerCore) / peak['fp32-fma']!) });
+      }
+    }
+  }
   return rows;
 }
 
