@@ -59,44 +59,62 @@ function prelude(d: number): string {
   }`;
 }
 
-/** A program for tfjs-backend-webgpu's runWebGPUProgram (its WebGPUProgram interface). */
+/**
+ * WGSL: this thread's (batch b, head h) and row `row` of `count` rows, and whether it is a real
+ * row (`live`). No early return: barriers need every thread, and a dispatch reshaped to fit the
+ * per-dimension limit has spare workgroups.
+ */
+const rowOf = (row: 'i' | 'j', count: 'tq' | 'tk') => `
+    let g0 = groupIndex();
+    let g = min(g0, uniforms.groups - 1);
+    let bh = g / uniforms.rowBlocks;
+    let b = bh / uniforms.heads;
+    let h = bh % uniforms.heads;
+    let ${row} = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
+    let live = g0 < uniforms.groups && ${row} < uniforms.${count};`;
+
+/** WGSL: the key/value rows t0 … t0+TILE of this (b, h) into the workgroup's kt and vt (zeros past Tk). */
+const STAGE_KV = `
+      for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
+        let j = t0 + e / D;
+        let src = idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D);
+        kt[e] = T(select(0.0, k[src], j < uniforms.tk));
+        vt[e] = T(select(0.0, v[src], j < uniforms.tk));
+      }`;
+
+/**
+ * A program for tfjs-backend-webgpu's runWebGPUProgram (its WebGPUProgram interface): `name`'s
+ * shader for head width d and `tile` staged rows (the shader key: sizes are uniforms, so one
+ * compiled shader serves every shape), `decls` at module scope, `body` as main's.
+ */
 class AttentionProgram {
   readonly dispatchLayout = { x: [0] };
   readonly workgroupSize: [number, number, number] = [ROWS, 1, 1];
   readonly uniforms = UNIFORMS;
-  dispatch: [number, number, number];
-  shaderKey: string;
-  constructor(
-    readonly variableNames: string[],
-    readonly outputShape: number[],
-    groups: number,
-    key: string,
-    private readonly code: string,
-  ) {
+  readonly dispatch: [number, number, number];
+  readonly shaderKey: string;
+  private readonly code: string;
+  constructor(name: string, d: number, tile: number, readonly variableNames: string[], readonly outputShape: number[], groups: number, decls: string, body: string) {
     this.dispatch = [groups, 1, 1];
-    this.shaderKey = key;
+    this.shaderKey = `sidetrainAttn${name}_${d}_${tile}_${half ? 'f16' : 'f32'}`;
+    this.code = `${prelude(d)}\n  const TILE = ${tile};\n${decls}\n  fn main(index : i32) {${body}\n  }`;
   }
   getUserCode(): string {
     return this.code;
   }
 }
 
+/** WGSL: workgroup tiles of `tile` key and value rows. */
+const kvTiles = (tile: number, d: number) => `
+  var<workgroup> kt : array<T, ${tile * d}>;
+  var<workgroup> vt : array<T, ${tile * d}>;`;
+
 /** The log-sum-exp of each query row's scores: [B·heads, Tq]. */
 function lseProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(d);
-  return new AttentionProgram(['q', 'k'], shape, groups, `sidetrainAttnLse_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
-  ${prelude(d)}
-  const TILE = ${tile};
-  var<workgroup> kt : array<T, ${tile * d}>;
-  fn main(index : i32) {
-    // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
-    let g0 = groupIndex();
-    let g = min(g0, uniforms.groups - 1);
-    let bh = g / uniforms.rowBlocks;
-    let b = bh / uniforms.heads;
-    let h = bh % uniforms.heads;
-    let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
-    let live = g0 < uniforms.groups && i < uniforms.tq;
+  return new AttentionProgram('Lse', d, tile, ['q', 'k'], shape, groups, `
+  var<workgroup> kt : array<T, ${tile * d}>;`, `
+    ${rowOf('i', 'tq')}
     var qi : array<T, D>;
     if (live) { for (var c = 0; c < D; c++) { qi[c] = T(q[idx(b, i, uniforms.tq, h, c)] * uniforms.scale); } }
     var m = -3.402823e+38f;
@@ -116,27 +134,14 @@ function lseProgram(d: number, shape: number[], groups: number): AttentionProgra
       }
       workgroupBarrier();
     }
-    if (live) { result[bh * uniforms.tq + i] = m + log(l); }
-  }`);
+    if (live) { result[bh * uniforms.tq + i] = m + log(l); }`);
 }
 
 /** o_i = Σ_j exp(s_ij − lse_i)·v_j: [B, Tq, heads·d]. */
 function outProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(2 * d);
-  return new AttentionProgram(['q', 'k', 'v', 'lse'], shape, groups, `sidetrainAttnOut_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
-  ${prelude(d)}
-  const TILE = ${tile};
-  var<workgroup> kt : array<T, ${tile * d}>;
-  var<workgroup> vt : array<T, ${tile * d}>;
-  fn main(index : i32) {
-    // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
-    let g0 = groupIndex();
-    let g = min(g0, uniforms.groups - 1);
-    let bh = g / uniforms.rowBlocks;
-    let b = bh / uniforms.heads;
-    let h = bh % uniforms.heads;
-    let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
-    let live = g0 < uniforms.groups && i < uniforms.tq;
+  return new AttentionProgram('Out', d, tile, ['q', 'k', 'v', 'lse'], shape, groups, kvTiles(tile, d), `
+    ${rowOf('i', 'tq')}
     var qi : array<T, D>;
     var acc : array<f32, D>;
     var li = 0.0;
@@ -145,12 +150,7 @@ function outProgram(d: number, shape: number[], groups: number): AttentionProgra
       li = lse[bh * uniforms.tq + i];
     }
     for (var t0 = 0; t0 < uniforms.tk; t0 += TILE) {
-      for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
-        let j = t0 + e / D;
-        let src = idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D);
-        kt[e] = T(select(0.0, k[src], j < uniforms.tk));
-        vt[e] = T(select(0.0, v[src], j < uniforms.tk));
-      }
+      ${STAGE_KV}
       workgroupBarrier();
       if (live) {
         for (var jj = 0; jj < min(TILE, uniforms.tk - t0); jj++) {
@@ -162,27 +162,14 @@ function outProgram(d: number, shape: number[], groups: number): AttentionProgra
       }
       workgroupBarrier();
     }
-    if (live) { for (var c = 0; c < D; c++) { result[idx(b, i, uniforms.tq, h, c)] = acc[c]; } }
-  }`);
+    if (live) { for (var c = 0; c < D; c++) { result[idx(b, i, uniforms.tq, h, c)] = acc[c]; } }`);
 }
 
 /** dq_i = scale Σ_j p_ij (do_i·v_j − do_i·o_i) k_j: [B, Tq, heads·d]. */
 function dqProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(2 * d);
-  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDq_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
-  ${prelude(d)}
-  const TILE = ${tile};
-  var<workgroup> kt : array<T, ${tile * d}>;
-  var<workgroup> vt : array<T, ${tile * d}>;
-  fn main(index : i32) {
-    // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
-    let g0 = groupIndex();
-    let g = min(g0, uniforms.groups - 1);
-    let bh = g / uniforms.rowBlocks;
-    let b = bh / uniforms.heads;
-    let h = bh % uniforms.heads;
-    let i = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
-    let live = g0 < uniforms.groups && i < uniforms.tq;
+  return new AttentionProgram('Dq', d, tile, ['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, kvTiles(tile, d), `
+    ${rowOf('i', 'tq')}
     var qi : array<T, D>;
     var doi : array<T, D>;
     var acc : array<f32, D>;
@@ -198,12 +185,7 @@ function dqProgram(d: number, shape: number[], groups: number): AttentionProgram
       li = lse[bh * uniforms.tq + i];
     }
     for (var t0 = 0; t0 < uniforms.tk; t0 += TILE) {
-      for (var e = i32(localId.x); e < TILE * D; e += ROWS) {
-        let j = t0 + e / D;
-        let src = idx(b, min(j, uniforms.tk - 1), uniforms.tk, h, e % D);
-        kt[e] = T(select(0.0, k[src], j < uniforms.tk));
-        vt[e] = T(select(0.0, v[src], j < uniforms.tk));
-      }
+      ${STAGE_KV}
       workgroupBarrier();
       if (live) {
         for (var jj = 0; jj < min(TILE, uniforms.tk - t0); jj++) {
@@ -216,29 +198,18 @@ function dqProgram(d: number, shape: number[], groups: number): AttentionProgram
       }
       workgroupBarrier();
     }
-    if (live) { for (var c = 0; c < D; c++) { result[idx(b, i, uniforms.tq, h, c)] = acc[c] * uniforms.scale; } }
-  }`);
+    if (live) { for (var c = 0; c < D; c++) { result[idx(b, i, uniforms.tq, h, c)] = acc[c] * uniforms.scale; } }`);
 }
 
 /** dk_j and dv_j, one workgroup per 64 key rows, query tiles staged: [2, B, Tk, heads·d] (dK then dV). */
 function dkvProgram(d: number, shape: number[], groups: number): AttentionProgram {
   const tile = tileRows(2 * d + (half ? 4 : 2)); // q and do rows (T), lse and D (f32)
-  return new AttentionProgram(['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `sidetrainAttnDkv_${d}_${tile}_${half ? 'f16' : 'f32'}`, `
-  ${prelude(d)}
-  const TILE = ${tile};
+  return new AttentionProgram('Dkv', d, tile, ['q', 'k', 'v', 'o', 'dout', 'lse'], shape, groups, `
   var<workgroup> qt : array<T, ${tile * d}>;
   var<workgroup> dot_t : array<T, ${tile * d}>;
   var<workgroup> lt : array<f32, ${tile}>;
-  var<workgroup> dt : array<f32, ${tile}>;
-  fn main(index : i32) {
-    // no early return: barriers need every thread (and a reshaped dispatch has spare groups)
-    let g0 = groupIndex();
-    let g = min(g0, uniforms.groups - 1);
-    let bh = g / uniforms.rowBlocks;
-    let b = bh / uniforms.heads;
-    let h = bh % uniforms.heads;
-    let j = (g % uniforms.rowBlocks) * ROWS + i32(localId.x);
-    let live = g0 < uniforms.groups && j < uniforms.tk;
+  var<workgroup> dt : array<f32, ${tile}>;`, `
+    ${rowOf('j', 'tk')}
     var kj : array<T, D>;
     var vj : array<T, D>;
     var dk : array<f32, D>;
@@ -282,8 +253,7 @@ function dkvProgram(d: number, shape: number[], groups: number): AttentionProgra
         result[n] = dk[c] * uniforms.scale;
         result[second + n] = dv[c];
       }
-    }
-  }`);
+    }`);
 }
 
 /** Sizes of q [B, Tq, heads·d] and k [B, Tk, heads·d], and the uniforms for rows of `rowsOf`. */

@@ -77,13 +77,17 @@ const prelude = (silu: boolean) => `
     ${silu ? 'let sg = 1.0 / (1.0 + exp(-z));\n    return dyv * sg * (1.0 + z * (1.0 - sg));' : 'return dyv;'}
   }`;
 
+/** WGSL: this workgroup's (batch, group) `bg` (clamped: a reshaped dispatch has spare ones, g0 ≥ total) and its size m. */
+const GROUP = `
+    let g0 = groupIndex();
+    let bg = min(g0, uniforms.total - 1);
+    let m = uniforms.pixels * (uniforms.channels / uniforms.groups);`;
+
 /** mean and rstd per (b, g), stacked: [2, B, G]. */
 const statsProgram = (shape: number[], workgroups: number) => new NormProgram(['x'], shape, workgroups, 'sidetrainGnStats', `
   ${prelude(false)}
   fn main(index : i32) {
-    let g0 = groupIndex();
-    let bg = min(g0, uniforms.total - 1);
-    let m = uniforms.pixels * (uniforms.channels / uniforms.groups);
+    ${GROUP}
     var s = 0.0;
     for (var e = i32(localId.x); e < m; e += THREADS) { s += x[member(bg, e)]; }
     let mean = workgroupSum(s) / f32(m);
@@ -111,9 +115,7 @@ const applyProgram = (shape: number[], workgroups: number, silu: boolean) => new
 const groupSumsProgram = (shape: number[], workgroups: number, silu: boolean) => new NormProgram(['dy', 'x', 'mean', 'rstd', 'weight', 'bias'], shape, workgroups, `sidetrainGnSums_${silu}`, `
   ${prelude(silu)}
   fn main(index : i32) {
-    let g0 = groupIndex();
-    let bg = min(g0, uniforms.total - 1);
-    let m = uniforms.pixels * (uniforms.channels / uniforms.groups);
+    ${GROUP}
     var s1 = 0.0;
     var s2 = 0.0;
     for (var e = i32(localId.x); e < m; e += THREADS) {
