@@ -120,7 +120,8 @@ test('schemas: TI and hypernetwork jobs get the webui defaults; the lr pattern a
   assert.deepEqual(validate('textual-inversion', ti), []);
   assert.deepEqual(
     [ti.lr, ti.steps, ti.vectors, ti.initText, ti.template, ti.batchSize, ti.gradAccum, ti.width, ti.clipGrad, ti.clipGradValue, ti.latentSampling],
-    ['0.005', 3000, 1, '*', 'style_filewords', 1, 1, 512, 'disabled', '0.1', 'once'],
+    // width/height: none in the schema, the run fills in the model family's native side (train/run.ts withNativeSize; 512 for SD1/SD2 as the webui)
+    ['0.005', 3000, 1, '*', 'style_filewords', 1, 1, undefined, 'disabled', '0.1', 'once'],
   );
   const hn: Record<string, unknown> = { model: 'm.safetensors', images: 'imgs', name: 'hn' };
   assert.deepEqual(validate('hypernetwork', hn), []);
