@@ -21,6 +21,7 @@ export type ProbeReply = { ok: true; result: unknown } | { ok: false; message: s
 
 async function answer(req: ProbeRequest): Promise<unknown> {
   if (req.op === 'estimate') {
+    if (typeof req.spec.model === 'string') await checkHeadSplit(req.spec.model);
     const { estimateJob } = await import('../trainers/memory/estimate.ts');
     return await estimateJob(req.type, req.spec);
   }
@@ -29,6 +30,23 @@ async function answer(req: ProbeRequest): Promise<unknown> {
   if (!entry) throw new Error(`unknown job type '${req.type}'`);
   const report = entry.dryRun ? await entry.dryRun() : (await import('../trainers/train/prepare.ts')).datasetDryRun;
   return await report(req.spec as never);
+}
+
+/**
+ * A model whose head split no config gives (a copy without the config beside it) is refused now,
+ * naming the file to put beside it, not after the job has started loading it. A file that cannot
+ * be opened is left to the estimator, which says why.
+ */
+async function checkHeadSplit(path: string): Promise<void> {
+  const { openCheckpoint } = await import('../trainers/io/checkpoint.ts');
+  const { modelConfig } = await import('./model-config.ts');
+  const ck = await openCheckpoint(path).catch(() => undefined);
+  if (!ck) return;
+  try {
+    modelConfig(path, ck.family, new Map(ck.source.keys().map((k) => [k, ck.source.info(k).shape] as [string, number[]])));
+  } finally {
+    await ck.source.close();
+  }
 }
 
 function reply(msg: ProbeReply): void {

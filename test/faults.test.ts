@@ -6,7 +6,7 @@
  * file, error messages never echo file content, and `output` is only reported when it exists.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -100,6 +100,18 @@ describe('the API with the real methods', () => {
     assert.ok(res.body.error.includes(big));
     assert.ok(slowest < 1000, `/api/health took ${slowest.toFixed(0)} ms during the estimate (was 9.3 s)`);
     assert.ok(process.memoryUsage().rss - rss0 < 300 * 2 ** 20, 'the header was not parsed in the server');
+  });
+
+  test('a model copied without its config is refused before the job starts, naming the file to put beside it', async () => {
+    const copy = join(t.dirs.checkpoints, 'tiny-copy.safetensors');
+    copyFileSync(MODEL, copy);
+    for (const route of ['/api/estimate', '/api/jobs']) {
+      const res = await t.api(route, { method: 'POST', json: ti({ name: 'nocfg', model: copy }) });
+      assert.equal(res.status, 422, JSON.stringify(res.body));
+      assert.equal(res.body.errors[0].field, '/spec/model');
+      assert.match(res.body.error, /cannot be trained as it is .*put the config it came with beside it as tiny-copy\.yaml \(ldm\/sgm\) or config\.json/);
+    }
+    assert.equal((await t.api('/api/jobs')).body.jobs.filter((j: { spec: { name: string } }) => j.spec.name === 'nocfg').length, 0, 'no job stored');
   });
 
   test('an estimate above the memory a job may use is refused with the numbers and the levers, unless forced', async () => {

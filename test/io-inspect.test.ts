@@ -58,7 +58,7 @@ test('a checkpoint copied without its config: the head split a job would use is 
 
 test('a release-shaped checkpoint without a config: the release config is said, and it fits', async () => {
   // the real SD2's head-relevant shapes only (attention in/out, text embedding): heads 64 wide
-  const { modelConfig } = await import('../bridge/commands/inspect-model.ts');
+  const { modelConfig } = await import('../bridge/model-config.ts');
   const shapes = new Map<string, number[]>();
   const pre = 'model.diffusion_model.';
   shapes.set(`${pre}input_blocks.0.0.weight`, [320, 4, 3, 3]);

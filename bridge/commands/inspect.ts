@@ -15,7 +15,7 @@ import { readOptim } from '../../trainers/io/optim-file.ts';
 import { openTorchZip } from '../../trainers/io/torchzip.ts';
 import { numel } from '../../trainers/io/dtypes.ts';
 import type { TensorSource } from '../../trainers/io/types.ts';
-import { modelConfig } from './inspect-model.ts';
+import { modelConfig } from '../model-config.ts';
 
 type Report = Record<string, unknown>;
 

@@ -1,16 +1,17 @@
 /**
- * @file Whether a checkpoint can be trained as it is, said by `inspect`: the attention head split
+ * @file Whether a checkpoint can be trained as it is, said by `inspect` and checked before a job
+ * is accepted (the probe's estimate, bridge/probe-worker.ts): the attention head split
  * is in no tensor shape, so it comes, as in training (nets/sd.ts `modelOverrides`) and in the
  * webui (modules/sd_models_config.py), from a config beside the file, else from the family's
  * release config. The UNet plan and the text encoder configs are built the way a job builds them,
  * so a file `inspect` accepts is one a job can load, and one it refuses gets the reason and the fix.
  */
 import { basename, extname } from 'node:path';
-import type { Family } from '../../trainers/io/checkpoint.ts';
-import { modelOverrides } from '../../trainers/nets/sd.ts';
-import { textConfigFromKeys } from '../../trainers/nets/clip.ts';
-import { sdxlTextConfigs } from '../../trainers/nets/sdxl-conditioner.ts';
-import { unetConfigFromKeys, unetPlan } from '../../trainers/nets/unet-config.ts';
+import type { Family } from '../trainers/io/checkpoint.ts';
+import { modelOverrides } from '../trainers/nets/sd.ts';
+import { textConfigFromKeys } from '../trainers/nets/clip.ts';
+import { sdxlTextConfigs } from '../trainers/nets/sdxl-conditioner.ts';
+import { unetConfigFromKeys, unetPlan } from '../trainers/nets/unet-config.ts';
 
 /** What applies without a config beside the file: the webui's config for the family. */
 const RELEASE_CONFIG: Record<Family, string> = {
