@@ -30,14 +30,14 @@ import { writeCheckpoint } from '../nets/checkpoint-write.ts';
 import { LatentCache } from '../train/latent-cache.ts';
 import type { Denoiser, DiffusionBatch } from '../train/diffusion-loss.ts';
 import {
-  describePrior, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
+  describePrior, flushingPriorLog, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
   type ClassSet, type PriorLoss, type PriorSpec,
 } from '../train/prior-preservation.ts';
 import { lora, loraDryRun, loraSpec, type LoraSpec } from './lora/lora.ts';
 import { captionOverrideWarning, type CaptionMode } from '../train/instance-prompts.ts';
 import type { JobContext, JobResult } from '../job.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
-import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, writeOptimizerState } from '../optim/trainable.ts';
+import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
 import { datasetSession, diffusionBatch, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { runMethod, runPaths, withNativeSize, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
@@ -222,16 +222,13 @@ export function nextDbBatch(run: DbRun, spec: DbSpec, step: number, micro: numbe
 }
 
 export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths, settings: object = {}): Session<DbBatch> {
-  const trainable = new Map<string, tf.Variable>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
   // past the text encoder's step limit its weights stop being trained (and differentiated)
-  const prune = (done: number) => {
-    if (!s.optimizer.textActive(done)) for (const k of s.text.keys()) trainable.delete(k);
-  };
-  prune(s.step);
+  const all = new Map<string, tf.Variable>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
+  const { trainable, prune } = textLimitedTrainable(s.optimizer, all, s.text.keys(), s.step);
   const model: DbModel = { ...run.model };
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, spec.previewPrompt || previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
-  return {
+  return flushingPriorLog(log, {
     ...datasetSession(run, spec, settings),
     startStep: s.step,
     optimizer: s.optimizer,
@@ -242,17 +239,11 @@ export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: R
       log.record(step, parts);
       return parts.loss;
     },
-    afterStep: async (step) => {
-      await log.flush();
-      prune(step);
-    },
+    afterStep: prune,
     disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
-    save: async (step, final) => {
-      await log.flush();
-      return saveDreambooth(run, spec, s, paths, step, final);
-    },
+    save: (step, final) => saveDreambooth(run, spec, s, paths, step, final),
     preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {}),
-  };
+  });
 }
 
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */

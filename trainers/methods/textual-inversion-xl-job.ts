@@ -166,14 +166,19 @@ export function xlTiSession(run: XlRun, spec: XlTiSpec, s: XlTiState, paths: Run
   };
 }
 
+/** What both Textual Inversion definitions (SD1/SD2 and SDXL) share. */
+export const embeddingJob = {
+  kind: 'embedding' as const,
+  usage: (spec: { name: string }) => spec.name,
+  schedule: (spec: { lr: string; steps: number }, startStep: number) => parseLrSchedule(spec.lr, spec.steps, startStep),
+  freshStart: () => 'starting a new embedding',
+};
+
 /** Textual Inversion on SDXL as the one run (train/run.ts) drives it; textual-inversion.ts picks it by the model's family. */
 export const textualInversionXl: MethodDefinition<XlTiSpec, XlTiBatch> = {
-  kind: 'embedding',
+  ...embeddingJob,
   sized: true,
-  usage: (spec) => spec.name,
   layout,
-  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
-  freshStart: () => 'starting a new embedding',
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const run = (await prepareRun(spec, ctx, 'textual_inversion', backend, { xl: true })) as XlRun;
     onRelease(() => closeRun(run));

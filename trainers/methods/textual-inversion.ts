@@ -13,7 +13,6 @@ import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diff
 import { readEmbedding, writeEmbedding, writeEmbeddingOptim, embeddingChecksum } from '../io/pt-embedding.ts';
 import { readOptim } from '../io/optim-file.ts';
 import { AdamW } from '../optim/adamw.ts';
-import { parseLrSchedule } from '../optim/lr.ts';
 import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
 import {
   closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type CommonSpec, type PreparedRun,
@@ -24,7 +23,7 @@ import { paddingFor } from '../nets/sd.ts';
 import type { JobContext, JobResult } from '../job.ts';
 import { peekFamily } from '../io/checkpoint.ts';
 import { checkReadableFile } from '../io/paths.ts';
-import { textualInversionXl } from './textual-inversion-xl-job.ts';
+import { embeddingJob, textualInversionXl } from './textual-inversion-xl-job.ts';
 
 export type { TokenizedPrompt };
 
@@ -134,12 +133,9 @@ function tiSession(run: PreparedRun, spec: TiSpec, s: TiState, paths: RunPaths):
 
 /** Textual Inversion as the one run (train/run.ts) drives it. */
 export const textualInversion: MethodDefinition<TiSpec, TiBatch> = {
-  kind: 'embedding',
+  ...embeddingJob,
   sized: true,
-  usage: (spec) => spec.name,
   layout,
-  schedule: (spec, startStep) => parseLrSchedule(spec.lr, spec.steps, startStep),
-  freshStart: () => 'starting a new embedding',
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const run = await prepareRun(spec, ctx, 'textual_inversion', backend);
     onRelease(() => closeRun(run));

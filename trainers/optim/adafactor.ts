@@ -20,7 +20,7 @@
 import { tf, type Tensor } from '../backend/tf.ts';
 import { checkedUpdates } from './check.ts';
 import { TF_TO_TORCH_CONV, TORCH_TO_TF_CONV } from '../nets/params.ts';
-import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './adamw8bit.ts';
+import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './optim-state.ts';
 import { nativeAdafactor } from './native.ts';
 
 export interface AdafactorOptions {

@@ -19,27 +19,7 @@
 import { tf, type Tensor } from '../backend/tf.ts';
 import { checkedUpdates } from './check.ts';
 import { adamwConstants, nativeAdamw, nativeAdamw8bit, optimKernels, type OptimKernels } from './native.ts';
-
-/** An optimizer's state as plain arrays, by parameter name (saved beside a snapshot). */
-export interface ExportedOptimizerState {
-  optimizer: string;
-  hyper: Record<string, unknown>;
-  params: Map<string, { step: number; buffers: Map<string, ExportedBuffer> }>;
-}
-
-export interface ExportedBuffer {
-  dtype: 'F32' | 'U8';
-  shape: number[];
-  data: Float32Array | Uint8Array;
-}
-
-/** What every trainer optimizer offers besides the loop's step(). */
-export interface StatefulOptimizer {
-  step(grads: Map<string, Tensor>, lr: number): void;
-  exportState(): Promise<ExportedOptimizerState>;
-  importState(state: ExportedOptimizerState): void;
-  dispose(): void;
-}
+import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './optim-state.ts';
 
 export type QuantMap = 'dynamic' | 'linear';
 

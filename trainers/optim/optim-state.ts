@@ -1,9 +1,33 @@
 /**
- * @file Between the optimizer's state (torch state_dict names) and the `.optim` file's records:
- * one conversion each way, so TI and hypernetwork saves share it.
+ * @file The optimizer-state types every optimizer here shares — the exported state of AdamW,
+ * 8-bit AdamW and Adafactor (the snapshot files of Dreambooth, LoRA and fine-tune,
+ * optim/trainable.ts) — and between the AdamW state (torch state_dict names) and the webui's
+ * `.optim` file records: one conversion each way, so the TI and hypernetwork .optim files share it.
  */
+import type { Tensor } from '../backend/tf.ts';
 import type { AdamWStateDict } from './adamw.ts';
 import type { AdamGroup, AdamParamState, OptimFile } from '../io/optim-file.ts';
+
+/** An optimizer's state as plain arrays, by parameter name (saved beside a snapshot). */
+export interface ExportedOptimizerState {
+  optimizer: string;
+  hyper: Record<string, unknown>;
+  params: Map<string, { step: number; buffers: Map<string, ExportedBuffer> }>;
+}
+
+export interface ExportedBuffer {
+  dtype: 'F32' | 'U8';
+  shape: number[];
+  data: Float32Array | Uint8Array;
+}
+
+/** What every trainer optimizer offers besides the loop's step(). */
+export interface StatefulOptimizer {
+  step(grads: Map<string, Tensor>, lr: number): void;
+  exportState(): Promise<ExportedOptimizerState>;
+  importState(state: ExportedOptimizerState): void;
+  dispose(): void;
+}
 
 export function toOptimRecords(sd: AdamWStateDict): { states: AdamParamState[]; group: AdamGroup } {
   const g = sd.param_groups[0]!;

@@ -9,7 +9,8 @@
 import { tf, type Tensor } from '../backend/tf.ts';
 import type { Params } from '../nets/params.ts';
 import { AdamW, type AdamWStateDict } from './adamw.ts';
-import { AdamW8bit, type ExportedBuffer, type ExportedOptimizerState, type StatefulOptimizer } from './adamw8bit.ts';
+import { AdamW8bit } from './adamw8bit.ts';
+import type { ExportedBuffer, ExportedOptimizerState, StatefulOptimizer } from './optim-state.ts';
 import { Adafactor } from './adafactor.ts';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.ts';
 import type { LrSchedule } from './lr.ts';
@@ -142,6 +143,22 @@ export class TrainableOptimizer {
     this.unet.dispose();
     this.text?.dispose();
   }
+}
+
+/**
+ * The loop's trainable set: `all`, less the text group's `textKeys` from the step its limit
+ * stops it (no gradients are taken for them then); `prune(done)` after each step.
+ */
+export function textLimitedTrainable(
+  optimizer: TrainableOptimizer, all: Iterable<[string, tf.Variable]>, textKeys: Iterable<string>, startStep: number,
+): { trainable: Map<string, tf.Variable>; prune(done: number): void } {
+  const trainable = new Map(all);
+  const keys = [...textKeys];
+  const prune = (done: number) => {
+    if (!optimizer.textActive(done)) for (const k of keys) trainable.delete(k);
+  };
+  prune(startStep);
+  return { trainable, prune };
 }
 
 /** Write the groups' states to one safetensors file (replaced if present: it belongs to this run). */

@@ -226,6 +226,21 @@ export function splitPriorLoss(perSample: Tensor, classRows: number, priorWeight
   });
 }
 
+/** `session` with `log` flushed after each step (before the session's own afterStep) and before each save. */
+export function flushingPriorLog<T extends { afterStep?(step: number): unknown; save(step: number, final: boolean): Promise<string[]> }>(log: PriorLossLog, session: T): T {
+  return {
+    ...session,
+    afterStep: async (step: number) => {
+      await log.flush();
+      await session.afterStep?.(step);
+    },
+    save: async (step: number, final: boolean) => {
+      await log.flush();
+      return session.save(step, final);
+    },
+  };
+}
+
 /**
  * `<runDir>/prior-loss.csv`: instance and class loss of each micro-batch. `record` keeps the
  * scalars (called in the loss); `flush` reads them (async) at the next batch or save.

@@ -22,9 +22,9 @@ import { encodeText } from '../../nets/clip.ts';
 import { encodeFrozenText } from '../../train/context-cache.ts';
 import { fileSha256 } from '../../io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
-import { TrainableOptimizer, makeGroupOptimizer } from '../../optim/trainable.ts';
+import { TrainableOptimizer, makeGroupOptimizer, textLimitedTrainable } from '../../optim/trainable.ts';
 import {
-  describePrior, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
+  describePrior, flushingPriorLog, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
   type PriorLoss, type PriorSpec,
 } from '../../train/prior-preservation.ts';
 import { checkReadableDir } from '../../io/paths.ts';
@@ -183,15 +183,11 @@ function loraSession<B>(
   run: LoraRun, spec: LoraSpec, s: LoraState, paths: RunPaths, hashes: { legacy: string; full: string }, settings: object, ops: FamilyOps<B>,
 ): Session<Seeded<B>> {
   const textKeys = [...s.net.weights.keys()].filter((k) => /^lora_te\d?_/.test(k));
-  const trainable = new Map(s.net.weights);
   const textTrains = (done: number) => textKeys.length > 0 && s.optimizer.textActive(done);
   // past the text encoder's step limit its adapters stop being trained (and differentiated)
-  const prune = (done: number) => {
-    if (!textTrains(done)) for (const k of textKeys) trainable.delete(k);
-  };
-  prune(s.step);
+  const { trainable, prune } = textLimitedTrainable(s.optimizer, s.net.weights, textKeys, s.step);
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
-  return {
+  return flushingPriorLog(log, {
     ...datasetSession(run, spec as CommonSpec, settings),
     startStep: s.step,
     optimizer: s.optimizer,
@@ -203,17 +199,11 @@ function loraSession<B>(
       else tf.dispose(parts.instance);
       return parts.loss;
     },
-    afterStep: async (step) => {
-      await log.flush();
-      prune(step);
-    },
+    afterStep: prune,
     disposeBatch: ({ batch }) => tf.dispose(ops.tensors(batch)),
-    save: async (step, final) => {
-      await log.flush();
-      return saveLora(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step, hashes);
-    },
+    save: (step, final) => saveLora(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step, hashes),
     preview: (step) => ops.preview(step, join(paths.images, `${spec.name}-${step}.png`)),
-  };
+  });
 }
 
 const textSchedule = (spec: LoraSpec): LrSchedule | undefined =>
