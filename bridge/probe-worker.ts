@@ -28,8 +28,9 @@ async function answer(req: ProbeRequest): Promise<unknown> {
   const mod = (await import(pathToFileURL(req.methodsModule).href)) as { methods: Record<string, MethodEntry> };
   const entry = Object.hasOwn(mod.methods, req.type) ? mod.methods[req.type] : undefined;
   if (!entry) throw new Error(`unknown job type '${req.type}'`);
-  const report = entry.dryRun ? await entry.dryRun() : (await import('../trainers/train/prepare.ts')).datasetDryRun;
-  return await report(req.spec as never);
+  if (!entry.dryRun) throw new Error(`${req.type} jobs have no dry run`);
+  const report = await entry.dryRun();
+  return await report(req.spec);
 }
 
 /**

@@ -18,6 +18,9 @@ import { Ajv, type AnySchemaObject, type ErrorObject, type ValidateFunction } fr
 import addFormatsModule from 'ajv-formats';
 import { RE2JS } from 're2js';
 import type { JobEvent } from '../trainers/job.ts';
+import type { JobSpecs } from './types.ts';
+
+export type * from './types.ts';
 
 // ajv-formats is CommonJS; under NodeNext its default import is the module object.
 const addFormats = ((addFormatsModule as unknown as { default?: unknown }).default ??
@@ -149,6 +152,17 @@ export function validate(name: string, data: unknown, prefix = ''): FieldError[]
 export function assertValid(name: string, data: unknown): void {
   const errors = validate(name, data);
   if (errors.length) throw new Error(errors.map((e) => e.text).join('; '));
+}
+
+/**
+ * A job spec as the trainers take it (schemas/types.ts, generated from the same file): `data`
+ * validated by the job's schema, every default filled in (on a copy); throws naming each bad field.
+ */
+export function jobSpec<K extends keyof JobSpecs>(schema: K, data: unknown): JobSpecs[K] {
+  const spec = structuredClone(data);
+  const fn = validatorFor(schema) as ValidateFunction<JobSpecs[K]>;
+  if (fn(spec)) return spec;
+  throw new Error(formatErrors(fn.errors).map((e) => e.text).join('; '));
 }
 
 // ---- Types for the server's own schemas (schemas/job.json, schemas/server.json) ----

@@ -11,9 +11,9 @@ import { copyFile, mkdtemp, readdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { validate } from '../schemas/index.ts';
+import { jobSpec, validate } from '../schemas/index.ts';
 import { dreamboothSpec } from '../trainers/methods/dreambooth.ts';
-import { loraDryRun, type LoraSpec } from '../trainers/methods/lora/lora.ts';
+import { loraDryRun } from '../trainers/methods/lora/lora.ts';
 
 const MODEL = 'test/fixtures/sd-tiny/model.safetensors';
 const run = promisify(execFile);
@@ -52,7 +52,7 @@ test('captionMode prepend/append put the instance prompt into each caption; igno
   const report = async (captionMode: string) => {
     const spec = { ...base, captionMode };
     assert.deepEqual(validate('lora', spec), []);
-    return loraDryRun(spec as unknown as LoraSpec);
+    return loraDryRun(jobSpec('lora', spec));
   };
   assert.match(await report('prepend'), /05-small orange cat\.png .*prompt: "sks dog, cute, fluffy"/);
   assert.match(await report('append'), /02-gray cat on grass\.png .*prompt: "a cat on grass, sks dog"/);
@@ -65,7 +65,7 @@ test('dreambooth --lora trains at LoRA learn rate 1e-4 unless told otherwise; th
   const spec = (extra: Record<string, unknown>) => {
     const s = { model: MODEL, images: 'x', name: 'n', instancePrompt: 'sks dog', ...extra };
     assert.deepEqual(validate('dreambooth', s), []);
-    return dreamboothSpec(s);
+    return dreamboothSpec(jobSpec('dreambooth', s));
   };
   assert.equal(spec({ lora: true }).lr, '1e-4');
   assert.equal(spec({ lora: true, trainTextEncoder: true }).textEncoderLr, '1e-4');

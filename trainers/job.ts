@@ -63,6 +63,6 @@ export interface MethodEntry {
   schema: string;
   /** Loaded lazily so that the server process never imports TF.js. */
   load(): Promise<JobRunner>;
-  /** `--dry-run` report of the method's data (default: the shared dataset report); loads no model. */
+  /** `--dry-run` report of the method's data (the dataset report, buckets, class images); loads no model. */
   dryRun?(): Promise<(spec: Record<string, unknown>) => Promise<string>>;
 }

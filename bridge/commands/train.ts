@@ -122,6 +122,7 @@ async function dryRun(type: string, spec: Record<string, unknown>): Promise<void
   const entry = methods[type]!;
   const errors = validate(entry.schema, spec);
   if (errors.length) throw new Error(validationMessage(entry.schema, spec, errors));
-  const report = entry.dryRun ? await entry.dryRun() : (await import('../../trainers/train/prepare.ts')).datasetDryRun;
-  console.log(await report(spec as never));
+  if (!entry.dryRun) throw new Error(`${type} jobs have no --dry-run`);
+  const report = await entry.dryRun();
+  console.log(await report(spec));
 }

@@ -5,7 +5,7 @@
  * before training from the base model with sidetrain's own sampler (or the user's folder, topped
  * up) — each micro-batch has an instance half and a class half, and
  * loss = instance loss + priorWeight × class loss, each the mean over its half, as diffusers.
- * Output: a full checkpoint in the input's LDM key layout (io/checkpoint-write.ts). Snapshots go
+ * Output: a full checkpoint in the input's LDM key layout (nets/checkpoint-write.ts). Snapshots go
  * to `<logDir>/<name>/checkpoints/`, each step's optimizer state beside them
  * (`<name>-<step>.optim.safetensors`), so a cancelled run resumes with its moments.
  * With `lora`, the trained weights are LoRA adapters instead (base frozen): the job is a LoRA
@@ -40,39 +40,24 @@ import { parseLrSchedule } from '../optim/lr.ts';
 import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
 import { datasetSession, diffusionBatch, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
-import { runMethod, runPaths, withNativeSize, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
+import {
+  runMethod, runPaths, snapshotPath, withFolders, withNativeSize, type MethodDefinition, type OutputLayout, type RunPaths, type Session,
+  type Sized, type Unsized, type WithFolders,
+} from '../train/run.ts';
+import type { DreamboothJob } from '../../schemas/types.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 
-/** The job's options (schemas/dreambooth.json). */
-export interface DbSpec extends CommonSpec, Omit<PriorSpec, 'classPrompt'> {
-  instancePrompt: string;
-  /** How an image's caption file and the instance prompt combine (train/instance-prompts.ts; default ignore). */
-  captionMode: CaptionMode;
-  classPrompt: string;
-  trainTextEncoder: boolean;
-  textEncoderLr: string;
-  textEncoderSteps: number;
-  optimizer: 'adamw' | 'adamw8bit' | 'adafactor';
-  half: boolean;
-  /** Trained weights at bfloat16 precision, updates rounded stochastically (optim/bf16-round.ts). */
-  bf16Weights?: boolean;
-  checkpointDir: string;
-  /** Train LoRA adapters (base frozen) and write `<loraDir>/<name>.safetensors` instead of a checkpoint. */
-  lora: boolean;
-  rank: number;
-  alpha: number;
-  loraDir: string;
-}
+/** The dataset options the webui methods have and Dreambooth fixes: one prompt per image, no tags. */
+const DATASET_FIXED = {
+  template: 'none', shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '', filenameJoinString: ' ',
+} as const;
 
-/** What the schema does not have (dataset options the webui methods use), fixed for Dreambooth. */
-const FIXED: Partial<DbSpec> = {
-  template: 'none', shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '',
-  filenameJoinString: ' ', latentSampling: 'once', clipGrad: 'disabled', clipGradValue: '0.1', previewSampler: 'ddim',
-  previewSteps: 20, previewCfgScale: 7, classSampler: 'ddim', classSteps: 20, classCfgScale: 7, batchSize: 1, gradAccum: 1,
-  captionMode: 'ignore', classPrompt: '', classImages: 100, priorWeight: 1, trainTextEncoder: false,
-  textEncoderLr: '5e-6', textEncoderSteps: 0, optimizer: 'adamw', half: false, lora: false, rank: 16, alpha: 8, lr: '5e-6', steps: 800, saveEvery: 0,
-  previewEvery: 0, seed: 0, width: 512, height: 512, resume: false, overwrite: false,
-};
+/**
+ * The job's options (schemas/dreambooth.json), folders set, the learn rates chosen, with the
+ * dataset options it fixes.
+ */
+export type DbSpec = WithFolders<DreamboothJob, 'logDir' | 'checkpointDir' | 'loraDir'> & { lr: string; textEncoderLr: string } & Sized &
+  Pick<CommonSpec, keyof typeof DATASET_FIXED>;
 
 // ---------------------------------------------------------------------------------------------
 // The loss (the trainer's own path; the golden test runs it)
@@ -247,8 +232,8 @@ export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: R
 }
 
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
-export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
-  const spec = dreamboothSpec(await withNativeSize(raw as DbSpec));
+export async function dreamboothDryRun(job: DreamboothJob): Promise<string> {
+  const spec = dreamboothSpec(await withNativeSize(job));
   const quiet = { emit: () => {}, signal: new AbortController().signal };
   if (spec.lora) return loraDryRun(loraSpecOf(spec, quiet));
   const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, quiet, spec.captionMode);
@@ -263,22 +248,16 @@ export async function dreamboothDryRun(raw: Partial<DbSpec>): Promise<string> {
   ].join('\n');
 }
 
-/** The spec with what the schema leaves out filled in (the dataset options Dreambooth fixes, default folders). */
-export function dreamboothSpec(raw: Partial<DbSpec>): DbSpec {
+/** The spec with what the schema leaves out filled in: the learn rates, the dataset options Dreambooth fixes, default folders. */
+export function dreamboothSpec<J extends DreamboothJob>(job: J): J & Unsized<DbSpec> {
   // the learn rates have no schema default: adapters want LoRA's (schemas/lora.json), the whole model diffusers' 5e-6
-  const lr = raw.lr ?? (raw.lora ? LORA_LR : DB_LR);
-  return {
-    ...(FIXED as DbSpec), ...stripUndefined(raw), template: 'none', logDir: raw.logDir ?? 'textual_inversion',
-    checkpointDir: raw.checkpointDir ?? 'checkpoints', loraDir: raw.loraDir ?? 'lora', lr, textEncoderLr: raw.textEncoderLr ?? (raw.lora ? lr : DB_LR),
-  };
+  const lr = job.lr ?? (job.lora ? LORA_LR : DB_LR);
+  const textEncoderLr = job.textEncoderLr ?? (job.lora ? lr : DB_LR);
+  return { ...withFolders(job, ['logDir', 'checkpointDir', 'loraDir']), ...DATASET_FIXED, lr, textEncoderLr };
 }
 
 const DB_LR = '5e-6';
 const LORA_LR = '1e-4';
-
-function stripUndefined<T extends object>(o: T): Partial<T> {
-  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
-}
 
 /** Dreambooth (a full checkpoint) as the one run (train/run.ts) drives it; `--lora` runs the LoRA definition. */
 export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
@@ -312,9 +291,9 @@ export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
 const textSchedule = (spec: DbSpec) => (spec.trainTextEncoder ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined);
 
 /** The Dreambooth job: check, generate class images, prepare, train, save the checkpoint (or, with `lora`, the LoRA). */
-export function runDreambooth(raw: DbSpec, ctx: JobContext): Promise<JobResult> {
-  if (raw.lora) return runMethod(lora, loraSpec(loraSpecOf(dreamboothSpec(raw), ctx)), ctx);
-  return runMethod(dreambooth, dreamboothSpec(raw), ctx);
+export function runDreambooth(job: DreamboothJob, ctx: JobContext): Promise<JobResult> {
+  if (job.lora) return runMethod(lora, loraSpec(loraSpecOf(dreamboothSpec(job), ctx)), ctx);
+  return runMethod(dreambooth, dreamboothSpec(job), ctx);
 }
 
 export async function releaseDreambooth(run: DbRun): Promise<void> {
@@ -332,7 +311,7 @@ export async function releaseDreambooth(run: DbRun): Promise<void> {
  * `--lora`: the same job as LoRA adapters — a LoRA spec with the instance prompt on every image,
  * the class options, and the text encoder's own rate and step limit; the base stays frozen.
  */
-export function loraSpecOf(spec: DbSpec, ctx: JobContext): LoraSpec {
+export function loraSpecOf(spec: Unsized<DbSpec>, ctx: JobContext): Unsized<LoraSpec> {
   if (spec.half) ctx.emit({ type: 'log', level: 'warn', message: '--half applies to a checkpoint output; the LoRA is written in float32' });
   const { checkpointDir: _c, half: _h, lora: _l, template: _t, ...rest } = spec;
   return { ...rest, dropout: 0, targets: ['attn'], method: 'dreambooth' };

@@ -24,9 +24,12 @@ import { AdamW } from '../optim/adamw.ts';
 import { parseLrSchedule, type LrSchedule } from '../optim/lr.ts';
 import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
 import {
-  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type CommonSpec, type PreparedRun,
+  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type PreparedRun,
 } from '../train/prepare.ts';
-import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
+import {
+  runMethod, snapshotPath, withFolders, type MethodDefinition, type OutputLayout, type RunPaths, type Session, type Sized, type WithFolders,
+} from '../train/run.ts';
+import type { HypernetworkJob } from '../../schemas/types.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diffusion-loss.ts';
@@ -43,19 +46,8 @@ export function hypernetworkLoss(model: HnModel, batch: DiffusionBatch, encoderH
   return tf.tidy(() => denoisingLoss(model, batch, encoderHiddenStates, { hooks: { kv: hypernetHook(params, spec, { training: true, seed: dropoutSeed }) } }));
 }
 
-/** The job's options (schemas/hypernetwork.json). */
-export interface HnSpec extends CommonSpec {
-  sizes: number[];
-  layerStructure: number[];
-  activation: string;
-  activateOutput: boolean;
-  layerNorm: boolean;
-  dropout: boolean;
-  dropoutStructure?: number[];
-  lastLayerDropout: boolean;
-  weightInit: string;
-  hypernetworkDir: string;
-}
+/** The job's options (schemas/hypernetwork.json), folders set. */
+export type HnSpec = WithFolders<HypernetworkJob, 'logDir' | 'hypernetworkDir'> & Sized;
 
 /** Rates above this usually wreck a hypernetwork (webui users reuse the embedding default 0.005). */
 export const HN_LR_WARN = 1e-4;
@@ -301,6 +293,6 @@ export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
 };
 
 /** The hypernetwork job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
-export function runHypernetwork(spec: HnSpec, ctx: JobContext): Promise<JobResult> {
-  return runMethod(hypernetwork, { ...spec, hypernetworkDir: spec.hypernetworkDir ?? 'hypernetworks', logDir: spec.logDir ?? 'textual_inversion' }, ctx);
+export function runHypernetwork(job: HypernetworkJob, ctx: JobContext): Promise<JobResult> {
+  return runMethod(hypernetwork, withFolders(job, ['logDir', 'hypernetworkDir']), ctx);
 }

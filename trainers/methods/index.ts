@@ -1,32 +1,67 @@
 /**
  * @file The registry of training methods, by the job type the API and CLI use. Adding a method is
  * a schema in schemas/ and an entry here; nothing in bridge/ is special-cased. Methods load
- * lazily so that the server process never imports TF.js.
+ * lazily so that the server process never imports TF.js. The bridge hands over specs as plain
+ * JSON; `jobSpec` (schemas/index.ts) checks each against its schema and gives it its type
+ * (schemas/types.ts, generated from the same file), defaults filled in.
  */
-import type { JobRunner, MethodEntry } from '../job.ts';
+import { jobSpec } from '../../schemas/index.ts';
+import type { MethodEntry } from '../job.ts';
 
 export const methods: Record<string, MethodEntry> = {
   textual_inversion: {
     schema: 'textual-inversion',
-    load: async () => (await import('./textual-inversion.ts')).runTextualInversion as unknown as JobRunner,
+    load: async () => {
+      const { runTextualInversion } = await import('./textual-inversion.ts');
+      return (spec, ctx) => runTextualInversion(jobSpec('textual-inversion', spec), ctx);
+    },
+    dryRun: async () => {
+      const { datasetDryRun } = await import('../train/prepare.ts');
+      return (spec) => datasetDryRun(jobSpec('textual-inversion', spec));
+    },
   },
   hypernetwork: {
     schema: 'hypernetwork',
-    load: async () => (await import('./hypernetwork.ts')).runHypernetwork as unknown as JobRunner,
+    load: async () => {
+      const { runHypernetwork } = await import('./hypernetwork.ts');
+      return (spec, ctx) => runHypernetwork(jobSpec('hypernetwork', spec), ctx);
+    },
+    dryRun: async () => {
+      const { datasetDryRun } = await import('../train/prepare.ts');
+      return (spec) => datasetDryRun(jobSpec('hypernetwork', spec));
+    },
   },
   dreambooth: {
     schema: 'dreambooth',
-    load: async () => (await import('./dreambooth.ts')).runDreambooth as unknown as JobRunner,
-    dryRun: async () => (await import('./dreambooth.ts')).dreamboothDryRun as (spec: Record<string, unknown>) => Promise<string>,
+    load: async () => {
+      const { runDreambooth } = await import('./dreambooth.ts');
+      return (spec, ctx) => runDreambooth(jobSpec('dreambooth', spec), ctx);
+    },
+    dryRun: async () => {
+      const { dreamboothDryRun } = await import('./dreambooth.ts');
+      return (spec) => dreamboothDryRun(jobSpec('dreambooth', spec));
+    },
   },
   lora: {
     schema: 'lora',
-    load: async () => (await import('./lora/lora.ts')).runLora as unknown as JobRunner,
-    dryRun: async () => (await import('./lora/lora.ts')).loraDryRun as unknown as (spec: Record<string, unknown>) => Promise<string>,
+    load: async () => {
+      const { runLora } = await import('./lora/lora.ts');
+      return (spec, ctx) => runLora(jobSpec('lora', spec), ctx);
+    },
+    dryRun: async () => {
+      const { loraDryRun } = await import('./lora/lora.ts');
+      return (spec) => loraDryRun(jobSpec('lora', spec));
+    },
   },
   finetune: {
     schema: 'finetune',
-    load: async () => (await import('./finetune/finetune.ts')).runFinetune as unknown as JobRunner,
-    dryRun: async () => (await import('./finetune/data.ts')).finetuneDryRun as unknown as (spec: Record<string, unknown>) => Promise<string>,
+    load: async () => {
+      const { runFinetune } = await import('./finetune/finetune.ts');
+      return (spec, ctx) => runFinetune(jobSpec('finetune', spec), ctx);
+    },
+    dryRun: async () => {
+      const { finetuneDryRun } = await import('./finetune/data.ts');
+      return (spec) => finetuneDryRun(jobSpec('finetune', spec));
+    },
   },
 };

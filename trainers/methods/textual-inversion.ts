@@ -15,9 +15,12 @@ import { readOptim } from '../io/optim-file.ts';
 import { AdamW } from '../optim/adamw.ts';
 import { fromOptimFile, toOptimRecords } from '../optim/optim-state.ts';
 import {
-  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type CommonSpec, type PreparedRun,
+  closeRun, datasetSession, diffusionBatch, prepareRun, previewPromptText, renderPreview, type PreparedRun,
 } from '../train/prepare.ts';
-import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../train/run.ts';
+import {
+  runMethod, snapshotPath, withFolders, type MethodDefinition, type OutputLayout, type RunPaths, type Session, type Sized, type WithFolders,
+} from '../train/run.ts';
+import type { TextualInversionJob } from '../../schemas/types.ts';
 import { tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import type { JobContext, JobResult } from '../job.ts';
@@ -48,11 +51,8 @@ export function textualInversionLoss(model: TiModel, vectors: Map<string, Tensor
 /** Embedding.checksum multiplies the vectors by 100 in float32: larger vectors cannot be saved. */
 const MAX_VECTOR_ABS = 3.4028234663852886e38 / 100;
 
-export interface TiSpec extends CommonSpec {
-  initText: string;
-  vectors: number;
-  embeddingsDir: string;
-}
+/** The job's options (schemas/textual-inversion.json), folders set. */
+export type TiSpec = WithFolders<TextualInversionJob, 'logDir' | 'embeddingsDir'> & Sized;
 
 /**
  * create_embedding: the init text's token embeddings spread over the vectors
@@ -149,7 +149,8 @@ export const textualInversion: MethodDefinition<TiSpec, TiBatch> = {
 };
 
 /** The TI job: check, prepare, train, save. Cancel saves the current step; NaN keeps the last snapshot. */
-export async function runTextualInversion(spec: TiSpec, ctx: JobContext): Promise<JobResult> {
+export async function runTextualInversion(job: TextualInversionJob, ctx: JobContext): Promise<JobResult> {
+  const spec = withFolders(job, ['logDir', 'embeddingsDir']);
   // SDXL: both encoders' vectors, `<name>.safetensors` {clip_l, clip_g} (textual-inversion-xl-job.ts)
   if ((await peekFamily(await checkReadableFile(spec.model, '/model'))) === 'sdxl') return runMethod(textualInversionXl, spec, ctx);
   return runMethod(textualInversion, spec, ctx);

@@ -5,11 +5,11 @@
  * sidetrain's own sampler, and the spec fields those methods have in common. The run itself
  * (events, settings, resume, snapshots, final save) is train/run.ts.
  */
-import { computePrecision, type PrecisionOption } from '../backend/precision.ts';
+import { computePrecision } from '../backend/precision.ts';
 import { mkdir } from 'node:fs/promises';
 import { basename, extname, join } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
-import { Dataset, datasetReport, formatDatasetReport, type ImageFit, type LatentSampling } from '../data/dataset.ts';
+import { Dataset, datasetReport, formatDatasetReport, type ImageFit } from '../data/dataset.ts';
 import { loadTemplate, type Template } from '../text/templates.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
 import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
@@ -18,57 +18,32 @@ import { disposeParams, type Params } from '../nets/params.ts';
 import { unetForward, type UNetHooks } from '../nets/unet.ts';
 import { encodeText, type TextSplice } from '../nets/clip.ts';
 import { headerFamily, modelHash } from '../io/checkpoint.ts';
-import { withNativeSize } from './run.ts';
+import { withNativeSize, type Sized } from './run.ts';
 import { priorOn, type PriorSpec } from './prior-preservation.ts';
 import { LatentCache, seededNoise } from './latent-cache.ts';
 import { Rng } from '../random.ts';
-import { sampleImage, savePreviewPng, type SamplerName } from './sample.ts';
+import { sampleImage, savePreviewPng } from './sample.ts';
 import type { DiffusionBatch } from './diffusion-loss.ts';
 import type { JobContext } from '../job.ts';
 import { chooseUNetMemory } from '../memory/choice.ts';
 import { releaseTextCache } from './context-cache.ts';
-import type { MemoryToggle } from '../memory/options.ts';
+import type { TextualInversionJob } from '../../schemas/types.ts';
 
-/** The options TI and hypernetwork jobs share (schemas/common.json). */
-export interface CommonSpec {
-  model: string;
-  images: string;
-  name: string;
-  steps: number;
-  lr: string;
-  batchSize: number;
-  gradAccum: number;
-  template: string;
-  width: number;
-  height: number;
-  previewEvery: number;
-  saveEvery: number;
+/**
+ * The dataset, preview and memory options of the methods that train on the webui dataset (TI and
+ * hypernetwork; Dreambooth and LoRA on top): schemas/textual-inversion.json's, which
+ * schemas/hypernetwork.json shares, with the log folder set.
+ */
+export type CommonSpec = Omit<TextualInversionJob, 'initText' | 'vectors' | 'embeddingsDir' | 'dryRun' | 'logDir' | keyof Sized> & Sized & {
   logDir: string;
-  seed: number;
-  resume: boolean;
-  overwrite: boolean;
-  clipGrad: 'disabled' | 'value' | 'norm';
-  clipGradValue: string;
-  shuffleTags: boolean;
-  tagDropOut: number;
-  latentSampling: LatentSampling;
-  doNotResize: boolean;
-  useWeight: boolean;
-  filenameWordRegex: string;
-  filenameJoinString: string;
-  previewPrompt?: string;
-  previewSampler: SamplerName;
-  previewSteps: number;
-  previewCfgScale: number;
-  gradientCheckpointing?: MemoryToggle;
-  attentionSlicing?: MemoryToggle;
-  halfFrozenWeights?: boolean;
   fusedBackward?: boolean;
-  /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
-  precision?: PrecisionOption;
-  /** auto (the file/family decides) or the model's prediction when the file carries no hint. */
-  prediction?: 'auto' | 'eps' | 'v';
-}
+};
+
+/**
+ * What the dataset is read with: the common options, the size perhaps left to the model family
+ * (a dry run's spec); without a template (LoRA), prompts are the captions.
+ */
+export type DatasetSpec = Omit<CommonSpec, 'logDir' | 'template' | keyof Sized> & Partial<Sized> & { template?: string };
 
 export interface PreparedRun {
   dataset: Dataset;
@@ -119,14 +94,14 @@ export interface PromptTemplates {
  * itself when class images share every batch (prior preservation: one latent size per batch).
  * SD1/SD2 images are stretched to width × height, as the webui does.
  */
-async function imageFit(spec: CommonSpec): Promise<ImageFit> {
+async function imageFit(spec: { model: string }): Promise<ImageFit> {
   if ((await headerFamily(spec.model)) !== 'sdxl') return 'stretch';
   const prior = spec as Partial<Pick<PriorSpec, 'classPrompt' | 'classImages'>>;
   return priorOn({ classPrompt: prior.classPrompt, classImages: prior.classImages ?? 0 }) ? 'crop' : 'buckets';
 }
 
 /** The training images as the job's options describe them (the model's header says how they are cut). */
-export async function loadDataset(given: CommonSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
+export async function loadDataset(given: DatasetSpec, onWarning: (message: string) => void, templates?: PromptTemplates): Promise<Dataset> {
   const spec = await withNativeSize(given); // a dry run's spec: the run fills the size in before
   return Dataset.load({
     dir: spec.images, width: spec.width, height: spec.height, doNotResize: spec.doNotResize, fit: await imageFit(spec), name: spec.name,
@@ -139,7 +114,7 @@ export async function loadDataset(given: CommonSpec, onWarning: (message: string
 }
 
 /** `--dry-run`: the dataset report (images used and skipped, sizes, captions, prompts, steps per epoch). */
-export async function datasetDryRun(spec: CommonSpec): Promise<string> {
+export async function datasetDryRun(spec: DatasetSpec): Promise<string> {
   return formatDatasetReport(datasetReport(await loadDataset(spec, () => {})));
 }
 

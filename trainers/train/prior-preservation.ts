@@ -50,9 +50,6 @@ export interface PriorSpec {
   classCfgScale: number;
 }
 
-/** The schema defaults, for a spec built in code. */
-export const PRIOR_DEFAULTS = { classPrompt: '', classImages: 100, priorWeight: 1, classSampler: 'ddim', classSteps: 20, classCfgScale: 7 } as const;
-
 /** Prior preservation is on when there is a class prompt and at least one class image. */
 export const priorOn = (spec: Pick<PriorSpec, 'classPrompt' | 'classImages'>): boolean => !!spec.classPrompt && spec.classImages > 0;
 

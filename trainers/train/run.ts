@@ -120,6 +120,25 @@ export interface MethodDefinition<S extends RunSpec, B> {
   load(args: LoadArgs<S>, ctx: JobContext): Promise<Session<B>>;
 }
 
+/**
+ * Where outputs go when a spec names no folder (the bridge and the CLI fill them from the webui's
+ * configured folders; a spec built in code may leave them out): the webui's own defaults.
+ */
+export const DEFAULT_FOLDERS = {
+  logDir: 'textual_inversion', embeddingsDir: 'embeddings', hypernetworkDir: 'hypernetworks', loraDir: 'lora', checkpointDir: 'checkpoints',
+} as const;
+
+type FolderKey = keyof typeof DEFAULT_FOLDERS;
+
+/** A spec whose folder fields `K` are set. */
+export type WithFolders<S, K extends keyof S & FolderKey> = S & { [P in K]-?: string };
+
+/** `spec` with each of its missing folder fields `keys` set to the webui's default. */
+export function withFolders<S extends object, K extends keyof S & FolderKey>(spec: S, keys: readonly K[]): WithFolders<S, K> {
+  const folders = Object.fromEntries(keys.map((k) => [k, (spec[k] as string | undefined) ?? DEFAULT_FOLDERS[k]]));
+  return { ...spec, ...folders } as WithFolders<S, K>;
+}
+
 /** The run's folders for a layout. */
 export function runPaths(spec: RunSpec, layout: OutputLayout): RunPaths {
   const runDir = resolve(spec.logDir, spec.name);
@@ -171,22 +190,31 @@ export async function saveSettings(paths: RunPaths, spec: object, extra: object)
  * The spec with the width and height it left out set to its model family's native side (512
  * where the header says no family: loading the model then fails with the reason).
  */
-export async function withNativeSize<S extends { model: string }>(spec: S): Promise<S> {
-  const size = spec as { width?: number; height?: number };
-  if (typeof size.width === 'number' && typeof size.height === 'number') return spec;
+export async function withNativeSize<S extends { model: string } & Partial<Sized>>(spec: S): Promise<S & Sized> {
+  const { width, height } = spec;
+  if (width !== undefined && height !== undefined) return { ...spec, width, height };
   const side = nativeResolution((await headerFamily(spec.model)) ?? 'sd1');
-  return { ...spec, width: size.width ?? side, height: size.height ?? side };
+  return { ...spec, width: width ?? side, height: height ?? side };
 }
+
+/** The training size of a method that trains at one (MethodDefinition.sized). */
+export interface Sized {
+  width: number;
+  height: number;
+}
+
+/** A spec as a job gives it: a sized method's width and height may be left to the model family. */
+export type Unsized<S> = Omit<S, keyof Sized> & Partial<Sized>;
 
 /**
  * Check, load, train, save. Cancel saves the current step (a run cancelled before its first
  * step trained nothing and writes nothing); NaN stops with the last good snapshot kept.
  */
-export async function runMethod<S extends RunSpec, B>(def: MethodDefinition<S, B>, given: S, ctx: JobContext): Promise<JobResult> {
-  let spec = given;
-  checkName(spec.name);
-  await checkReadableFile(spec.model, '/model');
-  if (def.sized) spec = await withNativeSize(spec);
+export async function runMethod<S extends RunSpec, B>(def: MethodDefinition<S, B>, given: Unsized<S>, ctx: JobContext): Promise<JobResult> {
+  checkName(given.name);
+  await checkReadableFile(given.model, '/model');
+  // a method that is not sized has no width and height in its spec
+  let spec = (def.sized ? await withNativeSize(given) : given) as S;
   await checkReadableDir(spec.images, '/images');
   const layout = def.layout(spec);
   const paths = runPaths(spec, layout);

@@ -19,6 +19,7 @@ import { seededNoise } from '../../train/latent-cache.ts';
 import { offsetNoise } from '../../nets/noise-schedule.ts';
 import { Rng } from '../../random.ts';
 import type { JobContext } from '../../job.ts';
+import type { FinetuneJob } from '../../../schemas/types.ts';
 import type { BucketedImage, FinetuneSpec, FtBatch, FtRun, Sample } from './types.ts';
 
 /** The buckets of a resolution: steps of 64, sides from half the resolution (at least 64). */
@@ -27,7 +28,7 @@ export function finetuneBuckets(resolution: number): Bucket[] {
 }
 
 /** Read the data set, assign buckets, print the table, and report undecodable images. */
-export async function prepareData(spec: FinetuneSpec, ctx: JobContext) {
+export async function prepareData(spec: FinetuneJob, ctx: JobContext) {
   const set = await loadCaptionedSet({ root: spec.images, manifest: spec.manifest, validationSplit: spec.validationSplit, seed: spec.seed });
   if (set.skipped.length) ctx.emit({ type: 'log', level: 'warn', message: formatSkipped(set.skipped) });
   if (set.train.length === 0) throw new Error(`${spec.images}: no training images found`);
@@ -94,7 +95,7 @@ export function makeBatch(run: FtRun, samples: Sample[], labels: (string | numbe
  * loads no model. Only the image headers are read, so a file whose pixel data is broken shows up
  * when its latent is encoded (listed in the job's log then), not here.
  */
-export async function finetuneDryRun(spec: FinetuneSpec): Promise<string> {
+export async function finetuneDryRun(spec: FinetuneJob): Promise<string> {
   const logs: string[] = [];
   const data = await prepareData(spec, { signal: new AbortController().signal, emit: (e) => void (e.type === 'log' && logs.push(e.message)) });
   const items = expandRepeats(data.train.map((t) => t.image));

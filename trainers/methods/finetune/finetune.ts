@@ -2,18 +2,19 @@
  * @file Fine-tune (EveryDream2 / the text-to-pokemon fine-tunes, diffusers train_text_to_image.py):
  * every UNet weight (and optionally the text encoder) trains on a captioned data set, each image
  * at its own aspect-ratio bucket, with an optional EMA of the weights; the result is a full
- * checkpoint `<checkpointDir>/<name>.safetensors` the webui loads. This file wires the job; the
- * parts live beside it:
- * - finetune-data.ts: data set, buckets (table printed), centre/random crops, latents from the
+ * checkpoint `<checkpointDir>/<name>.safetensors` the webui loads. This file is the method's
+ * definition for the one run (train/run.ts); the parts live beside it:
+ * - data.ts: data set, buckets (table printed), centre/random crops, latents from the
  *   disk cache (`<latentCacheDir or logDir>/latent-cache/`, shared by runs: keyed by content,
  *   bucket, crop and VAE; the VAE is loaded only when some latent is missing), batches;
- * - finetune-loss.ts: p_losses (min-SNR-γ, offset noise), validation loss every `validateEvery`
+ * - loss.ts: p_losses (min-SNR-γ, offset noise), validation loss every `validateEvery`
  *   steps and at the end into `<logDir>/<name>/validation.csv`, the EMA update (trainers/optim/ema.ts)
- *   after optimizer steps (at the next step's first batch, and before saving);
- * - finetune-optim.ts: the UNet and text-encoder groups, each at its own peak rate;
- * - finetune-save.ts: the checkpoint(s) (EMA, raw or both: `<name>.safetensors` raw and
- *   `<name>-ema.safetensors`), snapshots every `saveEvery` steps and on cancel with optimizer and
- *   EMA state, exact `resume` (batches, noise and captions are functions of the step), and the
+ *   after each optimizer step (the run's afterStep hook);
+ * - optim.ts: the UNet and text-encoder groups, each at its own peak rate;
+ * - save.ts: the checkpoint(s) (EMA, raw or both: `<name>.safetensors` raw and
+ *   `<name>-ema.safetensors`), snapshots every `saveEvery` steps and on cancel (the run writes one:
+ *   the output does not continue a run) with optimizer and EMA state, exact `resume` (batches,
+ *   noise and captions are functions of the step), and the
  *   sample images of `samplePrompts` every `sampleEvery` steps in `<logDir>/<name>/images/`.
  */
 import { mkdir } from 'node:fs/promises';
@@ -28,7 +29,8 @@ import { ClipTokenizer } from '../../text/tokenizer.ts';
 import { Rng } from '../../random.ts';
 import { makeTrainable, type TrainableOptimizer } from '../../optim/trainable.ts';
 import { Ema } from '../../optim/ema.ts';
-import { runMethod, type MethodDefinition, type OutputLayout, type Session } from '../../train/run.ts';
+import { runMethod, withFolders, type MethodDefinition, type OutputLayout, type Session } from '../../train/run.ts';
+import type { FinetuneJob } from '../../../schemas/types.ts';
 import type { JobContext, JobResult } from '../../job.ts';
 import { batchItems, cachedLatents, makeBatch, prepareData } from './data.ts';
 import { afterStep, finalValidation, finetuneLoss, logValidation } from './loss.ts';
@@ -109,6 +111,6 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
 };
 
 /** The fine-tune job. */
-export function runFinetune(spec: FinetuneSpec, ctx: JobContext): Promise<JobResult> {
-  return runMethod(finetune, { ...spec, crop: spec.crop ?? 'center' }, ctx);
+export function runFinetune(job: FinetuneJob, ctx: JobContext): Promise<JobResult> {
+  return runMethod(finetune, withFolders(job, ['logDir', 'checkpointDir']), ctx);
 }

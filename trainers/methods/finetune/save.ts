@@ -1,6 +1,6 @@
 /**
  * @file What a fine-tune writes: the output checkpoint(s) (EMA, raw or both, every source key kept,
- * io/checkpoint-write.ts), snapshots for resume in `<runDir>/snapshots/` (the trained weights in TF
+ * nets/checkpoint-write.ts), snapshots for resume in `<runDir>/snapshots/` (the trained weights in TF
  * layout, the optimizer groups via optim/trainable.ts, the EMA state), resume from the newest
  * complete snapshot, and the sample images of `samplePrompts`.
  */

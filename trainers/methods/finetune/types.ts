@@ -1,69 +1,22 @@
 /**
- * @file The shapes a fine-tune run shares between its modules (trainers/methods/finetune/finetune.ts and the
- * finetune-*.ts files it is split into): the validated job spec, one training sample (an image,
+ * @file The shapes a fine-tune run shares between its modules (finetune.ts and data.ts, loss.ts,
+ * optim.ts, save.ts beside it): the validated job spec, one training sample (an image,
  * its bucket and its cached latent), a micro-batch, and the run's state.
  */
-import type { PrecisionOption } from '../../backend/precision.ts';
 import type { tf, Tensor } from '../../backend/tf.ts';
 import type { CaptionedImage } from '../../data/captioned.ts';
-import type { Bucket, CropMode } from '../../data/buckets.ts';
+import type { Bucket } from '../../data/buckets.ts';
 import type { EncodedLatent } from '../../train/latent-disk-cache.ts';
 import type { SdModel } from '../../nets/sd.ts';
 import type { Params } from '../../nets/params.ts';
 import type { VaeConfig } from '../../nets/vae.ts';
 import type { ClipTokenizer } from '../../text/tokenizer.ts';
-import type { SamplerName } from '../../train/sample.ts';
+import type { WithFolders } from '../../train/run.ts';
+import type { FinetuneJob } from '../../../schemas/types.ts';
 import type { Ema } from '../../optim/ema.ts';
 
-/** schemas/finetune.json, defaults filled (descriptions there). */
-export interface FinetuneSpec {
-  /** fp32, bf16 mixed precision, or auto (backend/precision.ts). */
-  precision?: PrecisionOption;
-  model: string;
-  prediction?: 'auto' | 'eps' | 'v';
-  images: string;
-  manifest?: string;
-  name: string;
-  checkpointDir: string;
-  logDir: string;
-  resolution: number;
-  crop: CropMode;
-  steps: number;
-  batchSize: number;
-  gradAccum: number;
-  lr: number;
-  /** Peak learn rate of the text encoder (same warm-up and schedule shape); default `lr`. */
-  textEncoderLr?: number;
-  lrScheduler: 'constant' | 'cosine';
-  warmupSteps: number;
-  optimizer: 'adamw' | 'adamw8bit' | 'adafactor';
-  trainTextEncoder: boolean;
-  minSnrGamma: number;
-  noiseOffset: number;
-  ema: boolean;
-  emaDecay: number;
-  emaEvery: number;
-  save: 'ema' | 'raw' | 'both';
-  validationSplit: number;
-  validateEvery: number;
-  shuffleTags: boolean;
-  keepTokens: number;
-  captionDropout: number;
-  latentCacheDir?: string;
-  half: boolean;
-  overwrite: boolean;
-  resume: boolean;
-  saveEvery: number;
-  samplePrompts: string[];
-  sampleEvery: number;
-  sampler: SamplerName;
-  sampleSteps: number;
-  sampleCfgScale: number;
-  seed: number;
-  fusedBackward?: boolean;
-  /** Trained weights at bfloat16 precision, updates rounded stochastically (optim/bf16-round.ts). */
-  bf16Weights?: boolean;
-}
+/** The job's options (schemas/finetune.json, defaults filled; descriptions there), folders set. */
+export type FinetuneSpec = WithFolders<FinetuneJob, 'logDir' | 'checkpointDir'>;
 
 /** An image assigned to its bucket. */
 export interface BucketedImage {

@@ -22,26 +22,14 @@ import type { XlTextCache } from '../../train/sdxl-text-cache.ts';
 import type { ClassSet, PriorSpec } from '../../train/prior-preservation.ts';
 import type { CaptionMode } from '../../train/instance-prompts.ts';
 import type { CommonSpec, PreparedRun } from '../../train/prepare.ts';
+import type { Sized, WithFolders } from '../../train/run.ts';
+import type { LoraJob } from '../../../schemas/types.ts';
 
-/** The job's options (schemas/lora.json). */
-export interface LoraSpec extends Omit<CommonSpec, 'template'>, Partial<Omit<PriorSpec, keyof CommonSpec>> {
-  template?: string;
-  instancePrompt?: string;
-  /** How an image's caption file and the instance prompt combine (train/instance-prompts.ts; default caption). */
-  captionMode?: CaptionMode;
-  rank: number;
-  alpha: number;
-  dropout: number;
-  targets: LoraTargetKind[];
-  trainTextEncoder: boolean;
-  /** The text encoder's adapters: own learn-rate schedule (default: the UNet's) and step limit (0 = always). */
-  textEncoderLr?: string;
-  textEncoderSteps?: number;
-  optimizer?: OptimizerName;
-  loraDir: string;
+/** The job's options (schemas/lora.json), folders set, and what `train dreambooth --lora` adds. */
+export type LoraSpec = WithFolders<LoraJob, 'logDir' | 'loraDir'> & Sized & {
   /** The job type that trains it (ss_sidetrain_method; `dreambooth` for `train dreambooth --lora`). */
   method?: 'lora' | 'dreambooth';
-}
+};
 
 /** A prepared run, with the class images when prior preservation is on. */
 /** `textCache`: SDXL prompts encoded once while neither encoder trains (the encoders then released). */
@@ -154,7 +142,7 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
     ss_clip_skip: 'None', ss_max_grad_norm: spec.clipGrad === 'norm' ? spec.clipGradValue : '0.0', ss_caption_dropout_rate: '0.0',
     ...tagMetadata(run),
     ss_tag_frequency: tagFrequency(run, spec, s), ss_dataset_dirs: JSON.stringify({ [basename(spec.images)]: { n_repeats: 1, img_count: run.dataset.items.length } }),
-    ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: SS_OPTIMIZER[spec.optimizer ?? 'adamw'],
+    ss_training_comment: 'sidetrain', ss_cache_latents: 'True', ss_optimizer: SS_OPTIMIZER[spec.optimizer],
     ...priorMetadata(run, spec),
     // kohya sd-scripts sai_model_spec: what Forge/SD.Next read to place the LoRA
     ...(xl ? { 'modelspec.architecture': 'stable-diffusion-xl-v1-base/lora', 'modelspec.implementation': 'https://github.com/Stability-AI/generative-models', 'modelspec.sai_model_spec': '1.0.0', 'modelspec.title': spec.name, 'modelspec.resolution': `${spec.width}x${spec.height}`, 'modelspec.prediction_type': run.model.prediction === 'v' ? 'v' : 'epsilon' } : {}),
@@ -208,7 +196,7 @@ export async function addnetHash(path: string): Promise<string> {
  * network part), with the optimizer's name and the LoRA step it belongs to in the metadata.
  */
 async function saveOptimizer(path: string, s: LoraState, spec: LoraSpec, step: number): Promise<string[]> {
-  await writeOptimizerState(path, await s.optimizer.exportGroups(), { optimizer: spec.optimizer ?? 'adamw', lora_step: String(step) });
+  await writeOptimizerState(path, await s.optimizer.exportGroups(), { optimizer: spec.optimizer, lora_step: String(step) });
   return [path];
 }
 
@@ -219,7 +207,7 @@ export async function loadOptimizer(path: string, s: LoraState, spec: LoraSpec, 
     const file = await openSafetensors(path);
     const meta = file.metadata();
     await file.close();
-    const kind = spec.optimizer ?? 'adamw';
+    const kind = spec.optimizer;
     if (meta.optimizer !== kind || Number(meta.lora_step) !== step) {
       warn(`${path} is ${meta.optimizer ?? 'an older format'} state of step ${meta.lora_step}, the run uses ${kind} at step ${step}: optimizer state not loaded`);
       return false;

@@ -24,7 +24,7 @@ import { fileSha256 } from '../../io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
 import { TrainableOptimizer, makeGroupOptimizer, textLimitedTrainable } from '../../optim/trainable.ts';
 import {
-  describePrior, flushingPriorLog, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, PRIOR_DEFAULTS, withClassRows,
+  describePrior, flushingPriorLog, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
   type PriorLoss, type PriorSpec,
 } from '../../train/prior-preservation.ts';
 import { checkReadableDir } from '../../io/paths.ts';
@@ -35,7 +35,10 @@ import {
 import { captionOverrideWarning, instanceTemplates } from '../../train/instance-prompts.ts';
 import { datasetReport, formatDatasetReport, type Dataset } from '../../data/dataset.ts';
 import { loadTemplate } from '../../text/templates.ts';
-import { runMethod, snapshotPath, type MethodDefinition, type OutputLayout, type RunPaths, type Session } from '../../train/run.ts';
+import {
+  runMethod, snapshotPath, withFolders, withNativeSize, type MethodDefinition, type OutputLayout, type RunPaths, type Session, type Unsized,
+} from '../../train/run.ts';
+import type { LoraJob } from '../../../schemas/types.ts';
 import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
 import type { DiffusionBatch } from '../../train/diffusion-loss.ts';
 import type { JobContext, JobResult } from '../../job.ts';
@@ -61,10 +64,10 @@ function warnCaptionOverride(ds: Dataset, spec: LoraSpec, ctx: JobContext): void
 }
 
 /** `--dry-run`: every image with the prompt it trains with, the class images and the output, as the run will use them. */
-export async function loraDryRun(raw: LoraSpec): Promise<string> {
-  const spec = loraSpec(raw);
+export async function loraDryRun(job: LoraJob & Omit<LoraSpec, keyof LoraJob>): Promise<string> {
+  const spec = await withNativeSize(loraSpec(job));
   const warnings: string[] = [];
-  const ds = await loadDataset(spec as CommonSpec, (m) => warnings.push(m), await promptTemplates(spec));
+  const ds = await loadDataset(spec, (m) => warnings.push(m), await promptTemplates(spec));
   const override = !spec.template && spec.instancePrompt ? captionOverrideWarning(ds, spec.captionMode ?? 'caption', spec.instancePrompt) : undefined;
   const report = datasetReport(ds);
   report.template = spec.template ?? `instance prompt ${JSON.stringify(spec.instancePrompt ?? '')}, captions: ${spec.captionMode ?? 'caption'}`;
@@ -85,8 +88,8 @@ function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | un
   const isText = (k: string) => /^lora_te\d?_/.test(k);
   const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
   const text = new Map([...net.weights].filter(([k]) => isText(k)));
-  const kind = spec.optimizer ?? 'adamw';
-  const optimizer = new TrainableOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps ?? 0);
+  const kind = spec.optimizer;
+  const optimizer = new TrainableOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps);
   optimizer.done = done;
   return optimizer;
 }
@@ -194,7 +197,7 @@ function loraSession<B>(
     trainable,
     nextBatch: (step, micro) => ({ batch: ops.next(step, micro, textTrains(step - 1)), dropoutSeed: spec.seed * 1_000_003 + step * 1009 + micro }),
     loss: ({ batch, dropoutSeed }, step) => {
-      const parts = ops.loss(batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight ?? 1 });
+      const parts = ops.loss(batch, { dropout: spec.dropout, seed: dropoutSeed, priorWeight: spec.priorWeight });
       if (run.classes) log.record(step, parts);
       else tf.dispose(parts.instance);
       return parts.loss;
@@ -243,20 +246,19 @@ export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const hashes = { legacy: await legacyModelHash(spec.model), full: await fileSha256(spec.model) };
     const prior = run.classes && { classImagesDir: run.classes.dir, classImagesUsed: run.classes.dataset.items.length };
-    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer ?? 'adamw', ...prior };
+    const settings = { lora: { rank: spec.rank, alpha: spec.alpha, targets: s.net.targets.length }, optimizer: spec.optimizer, ...prior };
     return run.model.textXl
       ? (loraSession(run, spec, s, paths, hashes, settings, xlOps(run, spec, s)) as Session<Seeded<unknown>>)
       : (loraSession(run, spec, s, paths, hashes, settings, sdOps(run, spec, s)) as Session<Seeded<unknown>>);
   },
 };
 
-/** The spec with the folders and prior-preservation options a spec built in code may leave out. */
-export function loraSpec(raw: LoraSpec): LoraSpec {
-  const defined = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)) as LoraSpec;
-  return { ...PRIOR_DEFAULTS, ...defined, loraDir: raw.loraDir ?? 'lora', logDir: raw.logDir ?? 'textual_inversion' };
+/** The spec with its folders set (a spec built in code may leave them to the webui's defaults). */
+export function loraSpec(job: LoraJob & Omit<LoraSpec, keyof LoraJob>): Unsized<LoraSpec> {
+  return withFolders(job, ['logDir', 'loraDir']);
 }
 
 /** The LoRA job: check, prepare, train, save. Cancel saves the current step. */
-export function runLora(raw: LoraSpec, ctx: JobContext): Promise<JobResult> {
-  return runMethod(lora, loraSpec(raw), ctx);
+export function runLora(job: LoraJob, ctx: JobContext): Promise<JobResult> {
+  return runMethod(lora, loraSpec(job), ctx);
 }
