@@ -5,63 +5,42 @@
  * JSON; `jobSpec` (schemas/index.ts) checks each against its schema and gives it its type
  * (schemas/types.ts, generated from the same file), defaults filled in.
  */
-import { jobSpec } from '../../schemas/index.ts';
-import type { MethodEntry } from '../job.ts';
+import { jobSpec, type JobSpecs } from '../../schemas/index.ts';
+import type { JobContext, JobResult, MethodEntry } from '../job.ts';
+
+/** A method's entry: its runner and `--dry-run` report, each given the spec typed by its schema. */
+function entry<K extends keyof JobSpecs>(
+  schema: K,
+  run: () => Promise<(spec: JobSpecs[K], ctx: JobContext) => Promise<JobResult>>,
+  dryRun: () => Promise<(spec: JobSpecs[K]) => Promise<string>>,
+): MethodEntry {
+  return {
+    schema,
+    load: async () => {
+      const runner = await run();
+      return (spec, ctx) => runner(jobSpec(schema, spec), ctx);
+    },
+    dryRun: async () => {
+      const report = await dryRun();
+      return (spec) => report(jobSpec(schema, spec));
+    },
+  };
+}
+
+const datasetDryRun = async () => (await import('../train/prepare.ts')).datasetDryRun;
 
 export const methods: Record<string, MethodEntry> = {
-  textual_inversion: {
-    schema: 'textual-inversion',
-    load: async () => {
-      const { runTextualInversion } = await import('./textual-inversion.ts');
-      return (spec, ctx) => runTextualInversion(jobSpec('textual-inversion', spec), ctx);
-    },
-    dryRun: async () => {
-      const { datasetDryRun } = await import('../train/prepare.ts');
-      return (spec) => datasetDryRun(jobSpec('textual-inversion', spec));
-    },
-  },
-  hypernetwork: {
-    schema: 'hypernetwork',
-    load: async () => {
-      const { runHypernetwork } = await import('./hypernetwork.ts');
-      return (spec, ctx) => runHypernetwork(jobSpec('hypernetwork', spec), ctx);
-    },
-    dryRun: async () => {
-      const { datasetDryRun } = await import('../train/prepare.ts');
-      return (spec) => datasetDryRun(jobSpec('hypernetwork', spec));
-    },
-  },
-  dreambooth: {
-    schema: 'dreambooth',
-    load: async () => {
-      const { runDreambooth } = await import('./dreambooth.ts');
-      return (spec, ctx) => runDreambooth(jobSpec('dreambooth', spec), ctx);
-    },
-    dryRun: async () => {
-      const { dreamboothDryRun } = await import('./dreambooth.ts');
-      return (spec) => dreamboothDryRun(jobSpec('dreambooth', spec));
-    },
-  },
-  lora: {
-    schema: 'lora',
-    load: async () => {
-      const { runLora } = await import('./lora/lora.ts');
-      return (spec, ctx) => runLora(jobSpec('lora', spec), ctx);
-    },
-    dryRun: async () => {
-      const { loraDryRun } = await import('./lora/lora.ts');
-      return (spec) => loraDryRun(jobSpec('lora', spec));
-    },
-  },
-  finetune: {
-    schema: 'finetune',
-    load: async () => {
-      const { runFinetune } = await import('./finetune/finetune.ts');
-      return (spec, ctx) => runFinetune(jobSpec('finetune', spec), ctx);
-    },
-    dryRun: async () => {
-      const { finetuneDryRun } = await import('./finetune/data.ts');
-      return (spec) => finetuneDryRun(jobSpec('finetune', spec));
-    },
-  },
+  textual_inversion: entry('textual-inversion', async () => (await import('./textual-inversion.ts')).runTextualInversion, datasetDryRun),
+  hypernetwork: entry('hypernetwork', async () => (await import('./hypernetwork.ts')).runHypernetwork, datasetDryRun),
+  dreambooth: entry(
+    'dreambooth',
+    async () => (await import('./dreambooth.ts')).runDreambooth,
+    async () => (await import('./dreambooth.ts')).dreamboothDryRun,
+  ),
+  lora: entry('lora', async () => (await import('./lora/lora.ts')).runLora, async () => (await import('./lora/lora.ts')).loraDryRun),
+  finetune: entry(
+    'finetune',
+    async () => (await import('./finetune/finetune.ts')).runFinetune,
+    async () => (await import('./finetune/data.ts')).finetuneDryRun,
+  ),
 };
