@@ -8,8 +8,12 @@ import { readFileSync } from 'node:fs';
 import { jobSpec } from '../schemas/index.ts';
 
 test('schemas/types.ts is up to date with schemas/*.json (npm run schema-types)', async () => {
+  // a checkout installed before json-schema-to-typescript (a devDependency) was added says so, not only "cannot find package"
   // @ts-expect-error -- a plain .mjs script without declarations
-  const { schemaTypes } = (await import('../scripts/schema-types.mjs')) as { schemaTypes(): Promise<string> };
+  const generator = await import('../scripts/schema-types.mjs').catch((err: Error) => {
+    throw new Error(`${err.message}\nrun npm install: the generator of schemas/types.ts (json-schema-to-typescript) is a devDependency`);
+  });
+  const { schemaTypes } = generator as { schemaTypes(): Promise<string> };
   assert.equal(readFileSync(new URL('../schemas/types.ts', import.meta.url), 'utf8'), await schemaTypes(), 'schemas/types.ts is stale: run npm run schema-types');
 });
 
