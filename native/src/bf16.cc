@@ -73,6 +73,24 @@ unsigned long long xcr0() {
   return (static_cast<unsigned long long>(hi) << 32) | lo;
 }
 
+// Merges a register tile (rows r < nrows: columns 0-15 in c0[r], 16-31 in c1[r]) into C's rows,
+// masked to ncols columns.
+__attribute__((target("avx512f")))
+inline void merge_zmm(const __m512* c0, const __m512* c1, float* const* rows, int nrows, int ncols, bool acc) {
+  const __mmask16 m0 = ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << ncols) - 1);
+  const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols <= 16 ? 0 : static_cast<__mmask16>((1u << (ncols - 16)) - 1);
+  for (int r = 0; r < nrows; r++) {
+    float* c = rows[r];
+    __m512 v0 = c0[r], v1 = c1[r];
+    if (acc) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+    }
+    _mm512_mask_storeu_ps(c, m0, v0);
+    _mm512_mask_storeu_ps(c + 16, m1, v1);
+  }
+}
+
 // ---- avx512-bf16: vdpbf16ps, 12 rows × 32 columns in 24 zmm accumulators ----------------------
 constexpr int MRZ = 12;
 
@@ -91,18 +109,7 @@ void tile_avx512bf16(long kpad, const uint16_t* a, const uint16_t* b, float* con
       c1[r] = _mm512_dpbf16_ps(c1[r], (__m512bh)av, (__m512bh)b1);
     }
   }
-  const __mmask16 m0 = ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << ncols) - 1);
-  const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols <= 16 ? 0 : static_cast<__mmask16>((1u << (ncols - 16)) - 1);
-  for (int r = 0; r < nrows; r++) {
-    float* c = rows[r];
-    __m512 v0 = c0[r], v1 = c1[r];
-    if (acc) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
-    }
-    _mm512_mask_storeu_ps(c, m0, v0);
-    _mm512_mask_storeu_ps(c + 16, m1, v1);
-  }
+  merge_zmm(c0, c1, rows, nrows, ncols, acc);
 }
 
 bool cpu_has_avx512bf16() {
@@ -140,18 +147,7 @@ void tile_avx512fma(long kpad, const uint16_t* a16, const uint16_t* b, float* co
       c1[r] = _mm512_fmadd_ps(ae, b1e, _mm512_fmadd_ps(ao, b1o, c1[r]));
     }
   }
-  const __mmask16 m0 = ncols >= 16 ? 0xffff : static_cast<__mmask16>((1u << ncols) - 1);
-  const __mmask16 m1 = ncols >= 32 ? 0xffff : ncols <= 16 ? 0 : static_cast<__mmask16>((1u << (ncols - 16)) - 1);
-  for (int r = 0; r < nrows; r++) {
-    float* c = rows[r];
-    __m512 v0 = c0[r], v1 = c1[r];
-    if (acc) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
-    }
-    _mm512_mask_storeu_ps(c, m0, v0);
-    _mm512_mask_storeu_ps(c + 16, m1, v1);
-  }
+  merge_zmm(c0, c1, rows, nrows, ncols, acc);
 }
 
 bool cpu_has_avx512f() {
