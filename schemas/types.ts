@@ -116,7 +116,7 @@ export interface TextualInversionJob {
    */
   logDir?: string;
   /**
-   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16 or, on other CPUs, float32 arithmetic on the rounded values; norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
+   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) and the native attention core multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16, or float32 FMA on the rounded values (AVX-512 CPUs whose vdpbf16ps is the slower, and every other CPU); norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
    */
   precision: "fp32" | "bf16" | "auto";
   /**
@@ -333,7 +333,7 @@ export interface HypernetworkJob {
    */
   logDir?: string;
   /**
-   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16 or, on other CPUs, float32 arithmetic on the rounded values; norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
+   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) and the native attention core multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16, or float32 FMA on the rounded values (AVX-512 CPUs whose vdpbf16ps is the slower, and every other CPU); norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
    */
   precision: "fp32" | "bf16" | "auto";
   /**
@@ -539,7 +539,7 @@ export interface DreamboothJob {
    */
   logDir?: string;
   /**
-   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16 or, on other CPUs, float32 arithmetic on the rounded values; norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
+   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) and the native attention core multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16, or float32 FMA on the rounded values (AVX-512 CPUs whose vdpbf16ps is the slower, and every other CPU); norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
    */
   precision: "fp32" | "bf16" | "auto";
   /**
@@ -755,7 +755,7 @@ export interface LoraJob {
    */
   logDir?: string;
   /**
-   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16 or, on other CPUs, float32 arithmetic on the rounded values; norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
+   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) and the native attention core multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16, or float32 FMA on the rounded values (AVX-512 CPUs whose vdpbf16ps is the slower, and every other CPU); norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
    */
   precision: "fp32" | "bf16" | "auto";
   /**
@@ -949,7 +949,7 @@ export interface FinetuneJob {
    */
   logDir?: string;
   /**
-   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16 or, on other CPUs, float32 arithmetic on the rounded values; norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
+   * Precision of the heavy products (cpu-native backend). fp32 = float32 throughout. bf16 = mixed precision: conv, its input gradient and matmul (attention projections, feed-forwards, attention scores of the WASM/pure-JS path) and the native attention core multiply bfloat16 operands with float32 accumulation, through AMX tiles, AVX512-BF16, or float32 FMA on the rounded values (AVX-512 CPUs whose vdpbf16ps is the slower, and every other CPU); norms, softmax, losses, filter gradients, trained parameters and optimizer states stay float32. auto = bf16 only where this CPU runs it faster than fp32 (AMX, or an AVX512-BF16 unit measured faster than its float32 FMA), else fp32. Other backends have no bf16 kernels: bf16 is an error there, auto gives fp32.
    */
   precision: "fp32" | "bf16" | "auto";
   /**
