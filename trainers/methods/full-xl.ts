@@ -14,11 +14,11 @@
  * pooled vector, and train (kohya trains them the same way).
  */
 import { tf } from '../backend/tf.ts';
-import type { Params } from '../nets/params.ts';
 import { textBlockKeys, textKeyNames } from '../nets/clip.ts';
 import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
 import { sgmLoss } from '../train/sgm-loss.ts';
 import { splitPriorLoss, type PriorLoss } from '../train/prior-preservation.ts';
+import { makeTrainable } from '../optim/trainable.ts';
 import type { Denoiser, DiffusionBatch } from '../train/diffusion-loss.ts';
 
 /** SDXL's two text encoders: `l` = CLIP-L (embedders.0, kohya te1), `g` = OpenCLIP-G (embedders.1, te2). */
@@ -46,25 +46,11 @@ export function xlEncoderTrainedKeys(text: SdxlText, which: XlEncoder): string[]
   return keys.filter((k) => !unreached.has(k));
 }
 
-/** The weights `keys` of `params` become trainable variables, in place (the replaced tensors are disposed). */
-function makeVariables(params: Params, keys: Iterable<string> = params.keys()): Map<string, tf.Variable> {
-  const vars = new Map<string, tf.Variable>();
-  for (const key of [...keys]) {
-    const v = tf.variable(params.get(key)!, true);
-    params.get(key)!.dispose();
-    params.set(key, v);
-    vars.set(key, v);
-  }
-  return vars;
-}
-
 /** The trained weights as variables, in place in the model: the UNet always, each encoder in `encoders`. */
 export function makeXlVariables(model: XlFullModel, encoders: Iterable<XlEncoder>): { unet: Map<string, tf.Variable>; text: Map<string, tf.Variable> } {
-  const unet = makeVariables(model.unet.params);
+  const unet = makeTrainable(model.unet.params);
   const text = new Map<string, tf.Variable>();
-  for (const which of new Set(encoders)) {
-    for (const [k, v] of makeVariables(model.textXl.params, xlEncoderTrainedKeys(model.textXl, which))) text.set(k, v);
-  }
+  for (const which of new Set(encoders)) makeTrainable(model.textXl.params, text, xlEncoderTrainedKeys(model.textXl, which));
   return { unet, text };
 }
 

@@ -64,11 +64,14 @@ export function makeGroupOptimizer(name: OptimizerName, params: Map<string, tf.V
 }
 
 /**
- * Every weight of `params` becomes a trainable variable, in place (same keys; the replaced
- * tensors are disposed); returns them, in the params' order, also added to `into` when given.
+ * The weights `keys` of `params` (default: every one) become trainable variables, in place (same
+ * keys; the replaced tensors are disposed); returns them in that order, also added to `into`.
  */
-export function makeTrainable(params: Params, into = new Map<string, tf.Variable>()): Map<string, tf.Variable> {
-  for (const [key, t] of params) {
+export function makeTrainable(
+  params: Params, into = new Map<string, tf.Variable>(), keys: Iterable<string> = params.keys(),
+): Map<string, tf.Variable> {
+  for (const key of [...keys]) {
+    const t = params.get(key)!;
     const v = tf.variable(t, true);
     t.dispose();
     params.set(key, v);
