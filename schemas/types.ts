@@ -447,6 +447,10 @@ export interface DreamboothJob {
    */
   trainTextEncoder: boolean;
   /**
+   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, at the text encoder learn rate. CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
+   */
+  textEncoders: "both" | "clip-l" | "clip-g";
+  /**
    * Text-encoder learn-rate schedule (only with trainTextEncoder). Default 5e-6, with lora the UNet's rate.
    */
   textEncoderLr?: string;
@@ -858,6 +862,10 @@ export interface FinetuneJob {
    * Also train the text encoder (more memory; usually a lower learn rate is wise).
    */
   trainTextEncoder: boolean;
+  /**
+   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, at the text encoder learn rate. CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
+   */
+  textEncoders: "both" | "clip-l" | "clip-g";
   /**
    * Peak learn rate of the text encoder (with trainTextEncoder), on the same schedule as the UNet's (warm-up, then constant or cosine); its own optimizer group. Default: lr. Often lower than lr (e.g. half).
    */

@@ -11,8 +11,7 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { currentBackend, initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
@@ -27,8 +26,9 @@ import {
   dreamboothLoss, dreamboothSession, dreamboothPaths, dreamboothSpec, initDreamboothState, nextDbBatch, prepareDreambooth,
   releaseDreambooth, runDreambooth, type DbBatch, type DbSpec,
 } from '../trainers/methods/dreambooth.ts';
-import type { JobContext, JobEvent } from '../trainers/job.ts';
+import type { JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
+import { ctxFor, tempWithImages } from './helpers/job-run.ts';
 
 const SD1 = 'test/fixtures/sd-tiny';
 let tmp: string;
@@ -37,17 +37,9 @@ let counter = 0;
 
 before(async () => {
   await initBackend();
-  tmp = mkdtempSync(join(tmpdir(), 'sidetrain-db-'));
-  images = join(tmp, 'images');
-  mkdirSync(images);
-  for (const f of ['01-orange cat.png', 'green_triangle.png']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+  ({ tmp, images } = tempWithImages('sidetrain-db-'));
 });
 after(() => rmSync(tmp, { recursive: true, force: true }));
-
-function ctxFor(events: JobEvent[], onEvent?: (e: JobEvent, abort: () => void) => void): JobContext {
-  const controller = new AbortController();
-  return { emit: (e) => { events.push(e); onEvent?.(e, () => controller.abort()); }, signal: controller.signal };
-}
 
 /** A validated spec (schema defaults) for the tiny model: 64 px, class images from a shared log dir. */
 function specFor(extra: Record<string, unknown> = {}): DbSpec {

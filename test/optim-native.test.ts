@@ -96,7 +96,7 @@ function assertSameState(a: ExportedOptimizerState, b: ExportedOptimizerState): 
       assert.equal(ba.dtype, bb.dtype, `${name} ${key}`);
       assert.deepEqual(ba.shape, bb.shape, `${name} ${key}`);
       // byte codes and absmax identical (NaN where the other has NaN)
-      assert.deepEqual(Array.from(ba.data), Array.from(bb.data), `${name} ${key} differs`);
+      assert.deepEqual(Array.from(ba.data as Float32Array), Array.from(bb.data as Float32Array), `${name} ${key} differs`);
     }
   }
 }

@@ -20,8 +20,11 @@ import { paramToTorch } from '../trainers/nets/params.ts';
 import { lossAndGrads } from '../trainers/nets/recompute.ts';
 import { writeCheckpoint } from '../trainers/nets/checkpoint-write.ts';
 import { createHypernetwork } from '../trainers/nets/hypernet.ts';
-import { attentionWidths } from '../trainers/methods/hypernetwork.ts';
-import { hypernetworkWebuiWarning, xlHypernetworkLoss } from '../trainers/methods/hypernetwork-xl.ts';
+import { attentionWidths, runHypernetwork, type HnSpec } from '../trainers/methods/hypernetwork.ts';
+import { readHypernetwork } from '../trainers/io/pt-hypernet.ts';
+import { validate } from '../schemas/index.ts';
+import type { JobEvent } from '../trainers/job.ts';
+import { xlHypernetworkLoss } from '../trainers/methods/hypernetwork-xl.ts';
 import { makeXlVariables, xlConditioning, xlFullLoss, type XlFullModel } from '../trainers/methods/full-xl.ts';
 
 await initBackend();
@@ -160,8 +163,23 @@ test('sdxl-tiny: hypernetwork modules apply by context width (cross-attention 80
   assert.equal((await identity.data())[0], (await plain.data())[0]);
   assert.ok(Number.isFinite((await value.data())[0]!));
   tf.dispose([value, identity, plain, cond.crossattn, cond.pooled, ...Object.values(grads), ...params.values()]);
-  assert.equal(hypernetworkWebuiWarning('forge', 'sd1')?.includes('Forge'), true);
-  assert.equal(hypernetworkWebuiWarning('a1111', 'sdxl'), undefined);
   await gs.close();
   await model.source.close();
+});
+
+test('sdxl-tiny: a hypernetwork job on SDXL takes the model\'s widths for the default sizes, trains with the size vector, writes the webui file', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'sidetrain-hnxl-'));
+  const raw = {
+    model: MODEL, images: 'assets/demo-images', name: 'hnxl', steps: 2, width: 64, height: 64, lr: '0.00001', previewEvery: 2, previewSteps: 2, saveEvery: 0,
+    hypernetworkDir: join(dir, 'hn'), logDir: join(dir, 'logs'), seed: 2,
+  };
+  assert.deepEqual(validate('hypernetwork', raw), []);
+  const events: JobEvent[] = [];
+  const r = await runHypernetwork(raw as unknown as HnSpec, { emit: (e) => events.push(e), signal: new AbortController().signal });
+  assert.equal(r.step, 2);
+  assert.ok(events.some((e) => e.type === 'preview'), 'an SDXL preview with the modules applied');
+  assert.ok(events.some((e) => e.type === 'log' && /attentions take 64, 80/.test(e.message)));
+  const hn = await readHypernetwork(r.output);
+  assert.deepEqual([...hn.modules.keys()].sort((a, b) => a - b), [64, 80]);
+  await assert.rejects(runHypernetwork({ ...raw, name: 'bad', sizes: [768] } as unknown as HnSpec, { emit: () => {}, signal: new AbortController().signal }), /size 768 is not a context width.*64, 80/);
 });

@@ -38,6 +38,15 @@ export interface MethodPlan {
    * prompts: each prompt encoded once, train/sdxl-text-cache.ts): counted while preparing only.
    */
   textReleased?: boolean;
+  /**
+   * Full-weight jobs: the bytes per trained parameter that stay through a save (optimizer state,
+   * EMA; no gradient then). The optimizer state is streamed into its file one tensor at a time
+   * (optim/trainable.ts exportGroups); when it was exported whole first, SD1.5 AdamW's save
+   * peaked at 15.4 GB (bench/steps.ts, 256 px), above its training step.
+   */
+  save?: { stateBytesPerTrainable: number };
+  /** Full-weight jobs: the optimizer's temporaries while it updates the largest tensor. */
+  stepTransientBytes?: number;
 }
 
 const F32 = 4;
@@ -48,8 +57,12 @@ const num = (v: unknown, d: number) => (typeof v === 'number' && Number.isFinite
 const OPTIMIZER_BYTES: Record<string, number> = { adamw: 8, adamw8bit: 2 + 8 / 2048, adafactor: 0.1 };
 
 function count(shapes: Shapes, test: (key: string) => boolean): number {
+  return countShapes(shapes, (k) => test(k));
+}
+
+function countShapes(shapes: Shapes, test: (key: string, shape: number[]) => boolean): number {
   let n = 0;
-  for (const [k, s] of shapes) if (test(k) && !k.endsWith('position_ids')) n += numel(s);
+  for (const [k, s] of shapes) if (test(k, s) && !k.endsWith('position_ids')) n += numel(s);
   return n;
 }
 
@@ -103,22 +116,59 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
     case 'dreambooth':
     case 'finetune': {
       const unet = count(shapes, (k) => k.startsWith('model.diffusion_model.'));
-      const text = trainTe ? count(shapes, (k) => k.startsWith('cond_stage_model.')) : 0;
+      const text = trainTe ? count(shapes, trainedTextKey(spec)) : 0;
       const ema = type === 'finetune' && spec.ema === true ? F32 : 0;
       const side = type === 'finetune' ? num(spec.resolution, 512) : undefined;
       const fused = spec.fusedBackward === true;
+      const optimizer = String(spec.optimizer ?? 'adamw');
+      const trained = (k: string) => k.startsWith('model.diffusion_model.') || (trainTe && trainedTextKey(spec)(k));
+      const state = optimizerStateBytes(shapes, trained, optimizer) / Math.max(1, unet + text); // per trained parameter
       return {
         ...base, ...(side ? { width: side, height: side } : {}),
         trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe, fusedUnetGradients: fused,
         // the UNet's share of the gradient bytes leaves the per-parameter cost when fused (estimate.ts adds one block's)
-        bytesPerTrainable: chosen + ema - (fused ? (F32 * unet) / Math.max(1, unet + text) : 0),
+        bytesPerTrainable: F32 + state + ema - (fused ? (F32 * unet) / Math.max(1, unet + text) : 0),
+        stepTransientBytes: largestTensor(shapes, trained) * F32 * (STEP_TEMPORARIES[optimizer] ?? 4),
         batchRows: base.batchRows * (type === 'dreambooth' && priorPreservation(spec) ? 2 : 1),
         decoderAtPrep: type === 'dreambooth' && priorPreservation(spec), frozen: { text: false, unet: false }, // their loaders keep float32
+        save: { stateBytesPerTrainable: state + ema },
       };
     }
     default:
       throw new Error(`estimate: no estimate for job type '${type}' (known: ${METHODS.join(', ')})`);
   }
+}
+
+/**
+ * Optimizer state of the trained tensors, bytes. Adafactor (optim/adafactor.ts) factors the last
+ * two dims in torch layout: a Linear [out, in] keeps out + in values, but a conv filter
+ * [out, in, kh, kw] keeps out·in·(kh + kw) — 2/3 of a 3×3 filter, not a small share (SD1.5's
+ * convs are 69% of its UNet); 1-D tensors keep a full second moment.
+ */
+function optimizerStateBytes(shapes: Shapes, trained: (key: string) => boolean, optimizer: string): number {
+  if (optimizer !== 'adafactor') return count(shapes, trained) * (OPTIMIZER_BYTES[optimizer] ?? OPTIMIZER_BYTES.adamw!);
+  let n = 0;
+  for (const [k, s] of shapes) {
+    if (!trained(k) || k.endsWith('position_ids')) continue;
+    n += s.length < 2 ? numel(s) : numel(s) / s[s.length - 1]! + numel(s) / s[s.length - 2]!;
+  }
+  return n * F32;
+}
+
+/** Full-size temporaries of one tensor's update (g², layout copies, the update): AdamW's native kernel updates in place. */
+const STEP_TEMPORARIES: Record<string, number> = { adamw: 2, adamw8bit: 4, adafactor: 6 };
+
+function largestTensor(shapes: Shapes, trained: (key: string) => boolean): number {
+  let max = 0;
+  for (const [k, s] of shapes) if (trained(k)) max = Math.max(max, numel(s));
+  return max;
+}
+
+/** SD1/SD2's text encoder; on SDXL the encoders `textEncoders` names (both by default: CLIP-L embedders.0, OpenCLIP-G embedders.1). */
+function trainedTextKey(spec: Record<string, unknown>): (key: string) => boolean {
+  const which = String(spec.textEncoders ?? 'both');
+  const xl = [...(which !== 'clip-g' ? ['conditioner.embedders.0.'] : []), ...(which !== 'clip-l' ? ['conditioner.embedders.1.'] : [])];
+  return (k) => k.startsWith('cond_stage_model.') || xl.some((p) => k.startsWith(p));
 }
 
 export const METHODS = ['textual_inversion', 'hypernetwork', 'lora', 'dreambooth', 'finetune'];

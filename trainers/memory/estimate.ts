@@ -48,9 +48,10 @@ export interface JobEstimate {
     unetActivationBytes: number;
     attentionScoreBytes: number;
     textActivationBytes: number;
-    /** Peak while loading and caching latents, and while training. */
+    /** Peak while loading and caching latents, while training, and while saving (full-weight jobs; else 0). */
     prepPeakBytes: number;
     trainPeakBytes: number;
+    savePeakBytes: number;
     /** Forward+backward FLOPs of one micro-batch: dense (conv, Linear) and attention. */
     denseGflop: number;
     attentionGflop: number;
@@ -363,7 +364,13 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
 
   const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
   const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
-  const trainPeakBytes = CAL.runtimeBytes + (plan.textReleased ? 0 : weightBytes.text) + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes +
+  // the final save (and each snapshot) of a full-weight job: weights, the state that stays, one
+  // tensor in conversion (the optimizer state streams into its file, estimate-methods.ts)
+  const largest = Math.max(...[...shapes.values()].map((s) => numel(s))) * F32;
+  const savePeakBytes = plan.save
+    ? CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeDecoder + plan.trainableParams * plan.save.stateBytesPerTrainable + 2 * largest
+    : 0;
+  const trainPeakBytes = CAL.runtimeBytes + (plan.textReleased ? 0 : weightBytes.text) + weightBytes.unet + weightBytes.vaeDecoder + weightBytes.trainable + mergedBytes + (plan.stepTransientBytes ?? 0) +
     CAL.activationSlack * (unetActivationBytes + textActivationBytes) + CAL.scoreSlack * attentionScoreBytes;
 
   // forward, input gradients (+ weight gradients when the UNet trains) of every block, and the forward again of checkpointed ones
@@ -389,10 +396,10 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   if (plan.textReleased) notes.push('SDXL text encoders: each prompt encoded once, then the encoders are released (counted while preparing only)');
   if (plan.fusedUnetGradients) notes.push('fused backward: each UNet block\'s gradients applied and freed as its recompute ends (no whole-model gradient buffer)');
   return {
-    peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes)), secondsPerStep, backend, notes, memory,
+    peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes, savePeakBytes)), secondsPerStep, backend, notes, memory,
     breakdown: {
       runtimeBytes: CAL.runtimeBytes, weightBytes, vaeEncodeBytes, unetActivationBytes, attentionScoreBytes, textActivationBytes,
-      prepPeakBytes: Math.round(prepPeakBytes), trainPeakBytes: Math.round(trainPeakBytes),
+      prepPeakBytes: Math.round(prepPeakBytes), trainPeakBytes: Math.round(trainPeakBytes), savePeakBytes: Math.round(savePeakBytes),
       denseGflop: +(denseFlop / 1e9).toFixed(1), attentionGflop: +(attnFlop / 1e9).toFixed(1),
       elementGiga: +((elements + optimizerElements) / 1e9).toFixed(2),
     },

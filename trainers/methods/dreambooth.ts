@@ -19,13 +19,13 @@ import { tf, type Tensor } from '../backend/tf.ts';
 import { checkReadableDir } from '../io/paths.ts';
 import { datasetReport, formatDatasetReport } from '../data/dataset.ts';
 import { ClipTokenizer } from '../text/tokenizer.ts';
-import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
+import { loadSdModel, paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
 import { chooseUNetMemory } from '../memory/choice.ts';
 import { disposeParams, paramFromTorch, type Params } from '../nets/params.ts';
 import { loadVae } from '../nets/vae.ts';
 import { encodeText, type ClipTextConfig } from '../nets/clip.ts';
 import { encodeFrozenText, releaseTextCache } from '../train/context-cache.ts';
-import { modelHash, openCheckpoint, openTensorFile } from '../io/checkpoint.ts';
+import { modelHash, openCheckpoint, openTensorFile, peekFamily } from '../io/checkpoint.ts';
 import { writeCheckpoint } from '../nets/checkpoint-write.ts';
 import { LatentCache } from '../train/latent-cache.ts';
 import type { Denoiser, DiffusionBatch } from '../train/diffusion-loss.ts';
@@ -39,7 +39,9 @@ import type { JobContext, JobResult } from '../job.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
 import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
-import { datasetSession, diffusionBatch, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { datasetSession, diffusionBatch, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { xlDreamboothOps, type DbFamilyOps } from './dreambooth-xl.ts';
+import { encodersOf, makeXlTextVariables } from './full-xl.ts';
 import {
   runMethod, runPaths, snapshotPath, withFolders, withNativeSize, type MethodDefinition, type OutputLayout, type RunPaths, type Session,
   type Sized, type Unsized, type WithFolders,
@@ -92,7 +94,7 @@ export interface DbRun extends PreparedRun {
 
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
 export async function prepareDreambooth(spec: DbSpec, ctx: JobContext, backend: string): Promise<DbRun> {
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], {}, { what: 'dreambooth (full UNet)', prediction: spec.prediction })) as PreparedRun['model'] & SdModel;
+  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], {}, { xl: true, prediction: spec.prediction })) as PreparedRun['model'] & SdModel;
   model.unet.memory = await chooseUNetMemory('dreambooth', spec, backend, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
@@ -104,7 +106,7 @@ export async function prepareDreambooth(spec: DbSpec, ctx: JobContext, backend: 
   dataset.releasePixels();
   disposeParams(model.vae!.params);
   delete model.vae;
-  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;
+  const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: scaleFactorOf(model) }) : undefined;
   return {
     dataset, model, latents, decoder, tokenizer, modelHash: hash, modelName: basename(spec.model, extname(spec.model)),
     classes, raw: await openTensorFile(spec.model),
@@ -130,7 +132,9 @@ const optimPath = (paths: RunPaths, name: string, step: number) => snapshotPath(
 /** Trainable variables (from the resumed checkpoint when resuming) and the optimizer (with its saved state). */
 export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPaths, from: string | undefined, ctx: JobContext): Promise<DbState> {
   const unet = makeTrainable(run.model.unet.params);
-  const text = makeTrainable(run.model.text.params);
+  // SDXL: only the chosen encoders' weights that reach the loss become variables (full-xl.ts)
+  const { textXl } = run.model;
+  const text = textXl ? makeXlTextVariables(textXl, spec.trainTextEncoder ? encodersOf(spec) : []) : makeTrainable(run.model.text.params);
   for (const v of text.values()) v.trainable = spec.trainTextEncoder;
   let step = 0;
   if (from) {
@@ -206,29 +210,40 @@ export function nextDbBatch(run: DbRun, spec: DbSpec, step: number, micro: numbe
   return batch;
 }
 
-export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths, settings: object = {}): Session<DbBatch> {
+export function dreamboothSession(run: DbRun, spec: DbSpec, s: DbState, paths: RunPaths, settings: object = {}): Session<unknown> {
   // past the text encoder's step limit its weights stop being trained (and differentiated)
   const all = new Map<string, tf.Variable>([...s.unet, ...(spec.trainTextEncoder ? s.text : [])]);
   const { trainable, prune } = textLimitedTrainable(s.optimizer, all, s.text.keys(), s.step);
-  const model: DbModel = { ...run.model };
-  const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, spec.previewPrompt || previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
+  const ops = (run.model.textXl ? xlDreamboothOps(run, spec) : sdOps(run, spec)) as DbFamilyOps<unknown>;
   const log = new PriorLossLog(join(paths.runDir, 'prior-loss.csv'));
   return flushingPriorLog(log, {
     ...datasetSession(run, spec, settings),
     startStep: s.step,
     optimizer: s.optimizer,
     trainable,
-    nextBatch: (step, micro) => nextDbBatch(run, spec, step, micro, !s.optimizer.textActive(step - 1)),
+    nextBatch: (step, micro) => ops.next(step, micro, s.optimizer.textActive(step - 1)),
     loss: (batch, step) => {
-      const parts = dreamboothLoss(model, batch, spec.priorWeight);
+      const parts = ops.loss(batch);
       log.record(step, parts);
       return parts.loss;
     },
     afterStep: prune,
-    disposeBatch: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
+    disposeBatch: (b) => ops.dispose(b),
     save: (step, final) => saveDreambooth(run, spec, s, paths, step, final),
-    preview: (step) => renderPreview(run, spec, join(paths.images, `${spec.name}-${step}.png`), previewPrompt, {}),
+    preview: (step) => ops.preview(step, paths.images),
   });
+}
+
+/** SD1/SD2: the text encoder's context, precomputed while it is frozen; previews from the sampler. */
+function sdOps(run: DbRun, spec: DbSpec): DbFamilyOps<DbBatch> {
+  const model: DbModel = { ...run.model };
+  const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, spec.previewPrompt || previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
+  return {
+    next: (step, micro, textTrains) => nextDbBatch(run, spec, step, micro, !textTrains),
+    loss: (batch) => dreamboothLoss(model, batch, spec.priorWeight),
+    dispose: (b) => tf.dispose([b.latents, b.noise, ...(b.context ? [b.context] : [])]),
+    preview: (step, dir) => renderPreview(run, spec, join(dir, `${spec.name}-${step}.png`), previewPrompt, {}),
+  };
 }
 
 /** `--dry-run`: the instance dataset report (prompts = the instance prompt) and where class images come from. */
@@ -260,7 +275,7 @@ const DB_LR = '5e-6';
 const LORA_LR = '1e-4';
 
 /** Dreambooth (a full checkpoint) as the one run (train/run.ts) drives it; `--lora` runs the LoRA definition. */
-export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
+export const dreambooth: MethodDefinition<DbSpec, unknown> = {
   kind: 'checkpoint',
   sized: true,
   usage: (spec) => spec.name,
@@ -270,6 +285,9 @@ export const dreambooth: MethodDefinition<DbSpec, DbBatch> = {
   async preflight(spec, _paths, _from, ctx) {
     if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
     textSchedule(spec); // a bad schedule fails before anything loads
+    if ((spec.textEncoders ?? 'both') !== 'both' && (await peekFamily(spec.model)) !== 'sdxl') {
+      throw new Error(`/textEncoders: '${spec.textEncoders}' picks one of SDXL's two text encoders; ${spec.model} has one (use both)`);
+    }
     if (spec.classPrompt && !priorOn(spec) && !spec.classImagesDir) {
       ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
     }
@@ -297,12 +315,8 @@ export function runDreambooth(job: DreamboothJob, ctx: JobContext): Promise<JobR
 }
 
 export async function releaseDreambooth(run: DbRun): Promise<void> {
-  run.latents.dispose();
   run.classes?.latents.dispose();
-  releaseTextCache(run.model.text.params);
-  disposeParams(run.model.text.params);
-  disposeParams(run.model.unet.params);
-  if (run.decoder) disposeParams(run.decoder.params);
+  releaseRun(run);
   await run.raw.close();
   await run.model.source.close();
 }

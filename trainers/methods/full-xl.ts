@@ -14,11 +14,14 @@
  * pooled vector, and train (kohya trains them the same way).
  */
 import { tf } from '../backend/tf.ts';
+import { makeTrainable } from '../optim/trainable.ts';
+import { diffusionBatch, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { textBlockKeys, textKeyNames } from '../nets/clip.ts';
 import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../nets/sdxl-conditioner.ts';
 import { sgmLoss } from '../train/sgm-loss.ts';
-import { splitPriorLoss, type PriorLoss } from '../train/prior-preservation.ts';
-import { makeTrainable } from '../optim/trainable.ts';
+import { splitPriorLoss, withClassRows, type ClassSet, type PriorBatch, type PriorLoss } from '../train/prior-preservation.ts';
+import { sizeCondOf } from './textual-inversion-xl-job.ts';
+import { xlIds } from '../train/sdxl-sampling.ts';
 import type { Denoiser, DiffusionBatch } from '../train/diffusion-loss.ts';
 
 /** SDXL's two text encoders: `l` = CLIP-L (embedders.0, kohya te1), `g` = OpenCLIP-G (embedders.1, te2). */
@@ -46,12 +49,19 @@ export function xlEncoderTrainedKeys(text: SdxlText, which: XlEncoder): string[]
   return keys.filter((k) => !unreached.has(k));
 }
 
+/** The encoders' weights that train (each in `encoders`), as variables in place in the model. */
+export function makeXlTextVariables(text: SdxlText, encoders: Iterable<XlEncoder>): Map<string, tf.Variable> {
+  return makeTrainable(text.params, new Map(), [...new Set(encoders)].flatMap((which) => xlEncoderTrainedKeys(text, which)));
+}
+
+/** `textEncoders` of a job (schemas: both | clip-l | clip-g) as the encoders it names. */
+export function encodersOf(spec: { textEncoders?: 'both' | 'clip-l' | 'clip-g' }): XlEncoder[] {
+  return spec.textEncoders === 'clip-l' ? ['l'] : spec.textEncoders === 'clip-g' ? ['g'] : ['l', 'g'];
+}
+
 /** The trained weights as variables, in place in the model: the UNet always, each encoder in `encoders`. */
 export function makeXlVariables(model: XlFullModel, encoders: Iterable<XlEncoder>): { unet: Map<string, tf.Variable>; text: Map<string, tf.Variable> } {
-  const unet = makeTrainable(model.unet.params);
-  const text = new Map<string, tf.Variable>();
-  for (const which of new Set(encoders)) makeTrainable(model.textXl.params, text, xlEncoderTrainedKeys(model.textXl, which));
-  return { unet, text };
+  return { unet: makeTrainable(model.unet.params), text: makeXlTextVariables(model.textXl, encoders) };
 }
 
 /** Both encoders' conditioning of the batch's prompts (outside the tape when called outside a loss). */
@@ -59,12 +69,45 @@ export function xlConditioning(model: XlFullModel, batch: Pick<XlFullBatch, 'ids
   return encodeSdxlText(model.textXl, batch.idsL, batch.idsG);
 }
 
-/** sgm loss of the batch; with class rows, instance mean + priorWeight × class mean. */
-export function xlFullLoss(model: XlFullModel, batch: XlFullBatch, priorWeight = 1): PriorLoss {
+/**
+ * A micro-batch of zero-padded ids (OpenCLIP-G's tokenizer; CLIP-L's EOS padding derived) with
+ * each row's size conditioning; with `encodeNow` (no encoder trains) the conditioning is computed
+ * here, outside the tape, once per batch.
+ */
+export function toXlBatch(model: XlFullModel, batch: PriorBatch & { sizes: SizeCond[] }, encodeNow: boolean): XlFullBatch {
+  if (batch.sizes.length !== batch.timesteps.length) throw new Error(`SDXL batch: ${batch.sizes.length} size conditionings for ${batch.timesteps.length} rows`);
+  const xl: XlFullBatch = { ...batch, ...xlIds(batch.ids) };
+  if (encodeNow) xl.cond = xlConditioning(model, xl);
+  return xl;
+}
+
+/** The class rows' size conditioning: generated at the job's size, nothing cropped. */
+export const generatedSize = (width: number, height: number): SizeCond => ({ original: [height, width], crop: [0, 0], target: [height, width] });
+
+/**
+ * The instance rows of (step, micro) with their images' size conditioning, then the class rows
+ * (prior-preservation.ts) at the job's size: what Dreambooth and LoRA train on SDXL.
+ */
+export function xlPriorBatch(
+  run: PreparedRun & { classes?: ClassSet }, spec: CommonSpec, step: number, micro: number,
+): PriorBatch & { sizes: SizeCond[] } {
+  const { prompts, ...inst } = diffusionBatch(run, spec, step, micro, new Map());
+  const items = run.dataset.batchAt(step - 1, micro).items;
+  const at = { step, micro, gradAccum: run.dataset.gradAccum };
+  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
+  const batch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
+  const sizes = [...items.map((i) => sizeCondOf(run, i)), ...new Array<SizeCond>(batch.classRows).fill(generatedSize(spec.width, spec.height))];
+  return { ...batch, sizes };
+}
+
+/** sgm loss of the batch; with class rows, instance mean + priorWeight × class mean; `rowWeights` scale each row's loss. */
+export function xlFullLoss(model: XlFullModel, batch: XlFullBatch, priorWeight = 1, rowWeights?: number[]): PriorLoss {
   return tf.tidy(() => {
     const cond = batch.cond ?? xlConditioning(model, batch);
     const vector = vectorConditioning(cond.pooled, batch.sizes, model.unet.cfg.admInChannels); // [B, adm]
     const { perSample } = sgmLoss(model, batch, { crossattn: cond.crossattn, vector });
-    return splitPriorLoss(perSample, batch.classRows, priorWeight);
+    // min-SNR-γ (fine-tune): sgm's per-sample loss is the DDPM one, so the same per-row weights apply
+    const weighted = rowWeights ? perSample.mul(tf.tensor1d(rowWeights, 'float32')) : perSample;
+    return splitPriorLoss(weighted, batch.classRows, priorWeight);
   });
 }

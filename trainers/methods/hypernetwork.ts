@@ -33,6 +33,7 @@ import type { HypernetworkJob } from '../../schemas/types.ts';
 import { tokenizeWithEmbeddings } from '../text/tokenizer.ts';
 import { paddingFor } from '../nets/sd.ts';
 import { denoisingLoss, type Denoiser, type DiffusionBatch } from '../train/diffusion-loss.ts';
+import { nextXlHnBatch, xlHnPreview, xlHypernetworkLoss, type XlHnBatch } from './hypernetwork-xl.ts';
 import { Rng } from '../random.ts';
 import type { JobContext, JobResult } from '../job.ts';
 
@@ -237,6 +238,7 @@ const layout = (spec: HnSpec): OutputLayout => ({ dir: resolve(spec.hypernetwork
 
 function hnSession(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths): Session<HnBatch> {
   const model: HnModel = { ...run.model, hypernetwork: { params: s.params, spec: s.hn } };
+  if (run.model.textXl) return xlHnSession(run, spec, s, paths, model) as unknown as Session<HnBatch>;
   const { text } = run.model;
   const previewPrompt = tokenizeWithEmbeddings(run.tokenizer, previewPromptText(run, spec), new Map(), paddingFor(run.model.family));
   return {
@@ -259,6 +261,24 @@ function hnSession(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths):
   };
 }
 
+/** SDXL (hypernetwork-xl.ts): both frozen encoders per batch, each image's size conditioning, sgm's loss, SDXL previews. */
+function xlHnSession(run: PreparedRun, spec: HnSpec, s: HnState, paths: RunPaths, model: HnModel): Session<XlHnBatch> {
+  return {
+    ...datasetSession(run, spec, { hypernetwork: s.hn }),
+    startStep: s.step,
+    optimizer: s.optimizer,
+    trainable: s.trainable,
+    nextBatch: (step, micro) => nextXlHnBatch(run, spec, step, micro),
+    loss: (batch) => xlHypernetworkLoss(model, model.hypernetwork, batch, batch.dropoutSeed),
+    disposeBatch: (b) => tf.dispose([b.latents, b.noise, b.cond.crossattn, b.cond.pooled]),
+    save: (step, final) => saveHypernetwork(run, spec, s, final ? paths.output : snapshotPath(paths, spec.name, step, layout(spec)), step),
+    preview: (step) => xlHnPreview(run, spec, model.hypernetwork, step, paths.images),
+  };
+}
+
+/** The schema's default sizes are SD1's; on another model a job that kept them gets the model's own widths. */
+const DEFAULT_SIZES = [768, 320, 640, 1280];
+
 /** Warn about rates that destroy hypernetworks (any piece of the schedule above HN_LR_WARN). */
 function warnHighLr(lr: LrSchedule, ctx: JobContext): void {
   const high = Math.max(...lr.segments.map((s) => s.rate));
@@ -278,7 +298,13 @@ export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
   async preflight(spec, _paths, from, ctx) {
     warnHighLr(parseLrSchedule(spec.lr, spec.steps), ctx);
     // a resumed file keeps its own structure; a new one must fit the model's attentions
-    if (!from) checkSizes(hypernetSpecFromJob(spec).sizes, await modelWidths(spec.model), spec.model);
+    if (from) return;
+    const widths = await modelWidths(spec.model);
+    if (spec.sizes.join() === DEFAULT_SIZES.join() && !DEFAULT_SIZES.every((w) => widths.includes(w))) {
+      ctx.emit({ type: 'log', level: 'info', message: `sizes: this model's attentions take ${widths.join(', ')} (SDXL: 2048 cross-attention, 640/1280 self-attention), so the modules get those` });
+      return { ...spec, sizes: widths };
+    }
+    checkSizes(hypernetSpecFromJob(spec).sizes, widths, spec.model);
   },
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const s = await initState(spec, from?.path, await modelWidths(spec.model), ctx);
@@ -286,7 +312,7 @@ export const hypernetwork: MethodDefinition<HnSpec, HnBatch> = {
       tf.dispose([...s.params.values()]);
       s.optimizer.dispose();
     });
-    const run = await prepareRun(spec, ctx, 'hypernetwork', backend);
+    const run = await prepareRun(spec, ctx, 'hypernetwork', backend, { xl: true });
     onRelease(() => closeRun(run));
     return hnSession(run, spec, s, paths);
   },

@@ -145,15 +145,28 @@ export class AdamW {
   /** torch's state_dict() layout; reads the moments from the backend (async, once per save). */
   async stateDict(): Promise<AdamWStateDict> {
     const state = new Map<number, AdamWParamState>();
-    let index = 0;
-    for (const [name, p] of this.params) {
-      const s = this.slots.get(name);
-      if (s) {
-        const [m, v] = await Promise.all([readTorchLayout(s.m), readTorchLayout(s.v)]);
-        state.set(index, { step: s.step, exp_avg: m, exp_avg_sq: v, shape: torchShape(p.shape) });
-      }
-      index++;
+    const names = [...this.params.keys()];
+    for (const e of this.moments()) {
+      const [m, v] = await Promise.all([e.expAvg(), e.expAvgSq()]);
+      state.set(names.indexOf(e.name), { step: e.step, exp_avg: m, exp_avg_sq: v, shape: e.shape });
     }
+    return { state, param_groups: [this.paramGroup()] };
+  }
+
+  /**
+   * Each updated parameter's moments in torch layout, read only when asked: a save streams them
+   * into its file one at a time instead of holding a copy of every moment (a 4-D moment is
+   * transposed, i.e. copied, on the way).
+   */
+  moments(): { name: string; step: number; shape: number[]; expAvg: () => Promise<Float32Array>; expAvgSq: () => Promise<Float32Array> }[] {
+    return [...this.params].flatMap(([name, p]) => {
+      const s = this.slots.get(name);
+      return s ? [{ name, step: s.step, shape: torchShape(p.shape), expAvg: () => readTorchLayout(s.m), expAvgSq: () => readTorchLayout(s.v) }] : [];
+    });
+  }
+
+  /** torch's param_groups[0] (hyper-parameters; params by index). */
+  paramGroup(): AdamWParamGroup {
     const group: AdamWParamGroup = {
       lr: this.lr,
       betas: [...this.betas],
@@ -165,7 +178,7 @@ export class AdamW {
       capturable: false,
       params: [...this.params.keys()].map((_, i) => i),
     };
-    return { state, param_groups: [group] };
+    return group;
   }
 
   /**

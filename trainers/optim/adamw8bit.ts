@@ -243,16 +243,21 @@ export class AdamW8bit implements StatefulOptimizer {
   }
 
   /** bitsandbytes' state layout per parameter: state1/state2 (U8 codes) + absmax1/absmax2, or F32 moments. */
-  async exportState(): Promise<ExportedOptimizerState> {
+  async exportState(lazy = false): Promise<ExportedOptimizerState> {
     const params: ExportedOptimizerState['params'] = new Map();
     for (const [name, s] of this.slots) {
       const buffers = new Map<string, ExportedBuffer>();
       for (const [key, q] of [['1', s.m], ['2', s.v]] as const) {
         if (isQuantized(q)) {
-          const codes = unpackCodes(q.packed);
-          const data = Uint8Array.from((await codes.data()) as Float32Array);
-          codes.dispose();
-          buffers.set(`state${key}`, { dtype: 'U8', shape: [data.length], data });
+          const read = async () => {
+            const codes = unpackCodes(q.packed);
+            try {
+              return Uint8Array.from((await codes.data()) as Float32Array);
+            } finally {
+              codes.dispose();
+            }
+          };
+          buffers.set(`state${key}`, { dtype: 'U8', shape: [q.packed.size * 3], data: lazy ? read : await read() });
           buffers.set(`absmax${key}`, { dtype: 'F32', shape: [q.absmax.size], data: (await q.absmax.data()) as Float32Array });
         } else {
           buffers.set(`state${key}`, { dtype: 'F32', shape: [...q.shape], data: (await q.data()) as Float32Array });
@@ -298,9 +303,10 @@ export class AdamW8bit implements StatefulOptimizer {
     const absmax = buffers.get(`absmax${key}`);
     if (!absmax || absmax.data.length !== blocks) throw new Error(`AdamW8bit state: '${name}' absmax${key} does not have ${blocks} blocks`);
     const len = Math.ceil((blocks * blockSize) / 3) * 3;
-    if (state.data.length !== len) throw new Error(`AdamW8bit state: '${name}' state${key} has ${state.data.length} codes, expected ${len}`);
+    const codes = state.data as Uint8Array;
+    if (codes.length !== len) throw new Error(`AdamW8bit state: '${name}' state${key} has ${codes.length} codes, expected ${len}`);
     const [packed, scales] = tf.tidy(() => {
-      const triples = tf.tensor2d(Float32Array.from(state.data), [len / 3, 3]);
+      const triples = tf.tensor2d(Float32Array.from(codes), [len / 3, 3]);
       return [tf.variable(triples.mul(tf.tensor1d([1, 256, 65536])).sum(1), false), tf.variable(tf.tensor1d(absmax.data as Float32Array), false)];
     });
     return { packed: packed as tf.Variable, absmax: scales as tf.Variable };

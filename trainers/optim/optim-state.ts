@@ -18,13 +18,15 @@ export interface ExportedOptimizerState {
 export interface ExportedBuffer {
   dtype: 'F32' | 'U8';
   shape: number[];
-  data: Float32Array | Uint8Array;
+  /** The values, or (a lazy export, for writing) a reader of them. */
+  data: Float32Array | Uint8Array | (() => Promise<Float32Array | Uint8Array>);
 }
 
 /** What every trainer optimizer offers besides the loop's step(). */
 export interface StatefulOptimizer {
   step(grads: Map<string, Tensor>, lr: number): void;
-  exportState(): Promise<ExportedOptimizerState>;
+  /** `lazy`: buffers as readers, read one at a time by the writer (trainable.ts writeOptimizerState). */
+  exportState(lazy?: boolean): Promise<ExportedOptimizerState>;
   importState(state: ExportedOptimizerState): void;
   dispose(): void;
 }

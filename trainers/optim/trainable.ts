@@ -23,18 +23,16 @@ class AdamWGroup implements StatefulOptimizer {
   step(grads: Map<string, Tensor>, lr: number): void {
     this.inner.step(grads, lr);
   }
-  async exportState(): Promise<ExportedOptimizerState> {
-    const sd = await this.inner.stateDict();
-    const names = [...this.inner.params.keys()];
+  async exportState(lazy = false): Promise<ExportedOptimizerState> {
     const params: ExportedOptimizerState['params'] = new Map();
-    for (const [index, e] of sd.state) {
+    for (const e of this.inner.moments()) {
       const buffers = new Map<string, ExportedBuffer>([
-        ['exp_avg', { dtype: 'F32', shape: e.shape, data: e.exp_avg }],
-        ['exp_avg_sq', { dtype: 'F32', shape: e.shape, data: e.exp_avg_sq }],
+        ['exp_avg', { dtype: 'F32', shape: e.shape, data: lazy ? e.expAvg : await e.expAvg() }],
+        ['exp_avg_sq', { dtype: 'F32', shape: e.shape, data: lazy ? e.expAvgSq : await e.expAvgSq() }],
       ]);
-      params.set(names[index]!, { step: e.step, buffers });
+      params.set(e.name, { step: e.step, buffers });
     }
-    const { params: _indices, ...hyper } = sd.param_groups[0]!;
+    const { params: _indices, ...hyper } = this.inner.paramGroup();
     return { optimizer: 'adamw', hyper, params };
   }
   importState(state: ExportedOptimizerState): void {
@@ -129,8 +127,9 @@ export class TrainableOptimizer {
   }
 
   async exportGroups(): Promise<Map<string, ExportedOptimizerState>> {
-    const groups = new Map([['unet', await this.unet.exportState()]]);
-    if (this.text) groups.set('text', await this.text.exportState());
+    // lazy buffers: the writer reads one at a time (no copy of every moment at once; estimate-methods.ts)
+    const groups = new Map([['unet', await this.unet.exportState(true)]]);
+    if (this.text) groups.set('text', await this.text.exportState(true));
     return groups;
   }
 
@@ -173,8 +172,7 @@ export async function writeOptimizerState(path: string, groups: Map<string, Expo
     for (const [param, e] of state.params) {
       steps[param] = e.step;
       for (const [buf, b] of e.buffers) {
-        const data = b.dtype === 'U8' ? (b.data as Uint8Array) : (b.data as Float32Array);
-        tensors.push({ name: `${group}:${param}#${buf}`, dtype: b.dtype, shape: b.shape, data });
+        tensors.push({ name: `${group}:${param}#${buf}`, dtype: b.dtype, shape: b.shape, data: b.data });
       }
     }
     meta[`${group}.optimizer`] = state.optimizer;

@@ -13,6 +13,7 @@ import { loadCaptionedSet, expandRepeats, formatSkipped, type CaptionedImage } f
 import { makeBuckets, nearestBucket, bucketBatches, bucketTable, formatBucketTable, loadBucketImage, cropBox, cropRng, cropVariant, type Bucket, type CropMode } from '../../data/buckets.ts';
 import { LatentDiskCache, vaeHash, vaeLatentEncoder, type EncodedLatent, type LatentJob } from '../../train/latent-disk-cache.ts';
 import { paddingFor, type SdModel } from '../../nets/sd.ts';
+import type { SizeCond } from '../../nets/sdxl-conditioner.ts';
 import { loadVae } from '../../nets/vae.ts';
 import { disposeParams } from '../../nets/params.ts';
 import { seededNoise } from '../../train/latent-cache.ts';
@@ -41,8 +42,16 @@ export async function prepareData(spec: FinetuneJob, ctx: JobContext) {
 
 /** The cache job of an image in its bucket: key variant = bucket, crop offsets (and mode). */
 export function latentJob({ image, bucket }: BucketedImage, crop: CropMode, seed: number): LatentJob {
-  const box = cropBox(image.width, image.height, bucket, cropRng(crop, seed, image.file));
+  const box = boxOf({ image, bucket }, crop, seed);
   return { path: image.path, variant: cropVariant(box, crop), pixels: () => loadBucketImage(image.path, bucket, cropRng(crop, seed, image.file)) };
+}
+
+const boxOf = ({ image, bucket }: BucketedImage, crop: CropMode, seed: number) => cropBox(image.width, image.height, bucket, cropRng(crop, seed, image.file));
+
+/** SDXL's size conditioning of an image in its bucket (sgm/kohya): its size, the crop's top-left in the resized image, the bucket. */
+export function bucketSizeCond(s: BucketedImage, crop: CropMode, seed: number): SizeCond {
+  const box = boxOf(s, crop, seed);
+  return { original: [s.image.height, s.image.width], crop: [box.top, box.left], target: [s.bucket.height, s.bucket.width] };
 }
 
 /**
@@ -86,7 +95,9 @@ export function makeBatch(run: FtRun, samples: Sample[], labels: (string | numbe
     const rng = Rng.derive(seed, 'timesteps', ...labels);
     const timesteps = samples.map(() => rng.int(run.model.schedule.timesteps));
     const padding = paddingFor(run.model.family);
-    return { latents, noise, timesteps, ids: samples.map((s, k) => run.tokenizer.encode(caption(s, k), padding)) } as unknown as tf.TensorContainer;
+    const ids = samples.map((s, k) => run.tokenizer.encode(caption(s, k), padding));
+    const sizes = run.model.textXl ? samples.map((s) => bucketSizeCond(s, run.spec.crop, seed)) : undefined;
+    return { latents, noise, timesteps, ids, sizes } as unknown as tf.TensorContainer;
   }) as unknown as FtBatch;
 }
 

@@ -21,7 +21,8 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { tf } from '../../backend/tf.ts';
 import { expandRepeats, makeCaption } from '../../data/captioned.ts';
-import { loadSdModel } from '../../nets/sd.ts';
+import { loadSdModel, scaleFactorOf } from '../../nets/sd.ts';
+import { encodersOf, makeXlTextVariables } from '../full-xl.ts';
 import { chooseUNetMemory } from '../../memory/choice.ts';
 import { loadVae } from '../../nets/vae.ts';
 import { disposeParams } from '../../nets/params.ts';
@@ -81,10 +82,10 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
   freshStart: () => 'starting from the model',
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const data = await prepareData(spec, ctx);
-    const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { what: 'finetune', prediction: spec.prediction })) as FtRun['model'];
+    const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { xl: true, prediction: spec.prediction })) as FtRun['model'];
     onRelease(async () => {
       disposeParams(model.unet.params);
-      disposeParams(model.text.params);
+      disposeParams((model.text ?? model.textXl!).params);
       await model.source.close();
     });
     const latents = await cachedLatents(spec, model, [...data.train, ...data.validation], ctx);
@@ -93,9 +94,11 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
     if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
     const trainable = makeTrainable(model.unet.params);
     model.unet.memory = await chooseUNetMemory('finetune', spec, backend, ctx);
-    if (spec.trainTextEncoder) makeTrainable(model.text.params, trainable);
+    // SDXL: the chosen encoders' weights that reach the loss (full-xl.ts); SD1/SD2: the whole encoder
+    const textVars = !spec.trainTextEncoder ? new Map() : model.textXl ? makeXlTextVariables(model.textXl, encodersOf(spec)) : makeTrainable(model.text.params);
+    for (const [k, v] of textVars) trainable.set(k, v);
     const samples = spec.sampleEvery > 0 && spec.samplePrompts.length > 0;
-    const decoder = samples ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: model.overrides.scaleFactor }) : undefined;
+    const decoder = samples ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: scaleFactorOf(model) }) : undefined;
     if (decoder) onRelease(() => disposeParams(decoder.params));
     await mkdir(paths.runDir, { recursive: true });
     const run: FtRun = {
@@ -103,7 +106,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
       items: expandRepeats(trainSamples.map((s) => s.image)),
       trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, runDir: paths.runDir, decoder,
     };
-    const optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(run.model.text.params.keys()));
+    const optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(textVars.keys()));
     onRelease(() => optimizer.dispose());
     const startStep = from?.step ? await resume(run, optimizer, from.step, ctx) : 0;
     return ftSession(run, optimizer, startStep, ctx);

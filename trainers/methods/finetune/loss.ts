@@ -11,16 +11,30 @@ import { tf } from '../../backend/tf.ts';
 import { encodeText } from '../../nets/clip.ts';
 import { denoisingLoss } from '../../train/diffusion-loss.ts';
 import { makeBatch } from './data.ts';
+import { xlIds } from '../../train/sdxl-sampling.ts';
+import { xlFullLoss, type XlFullModel } from '../full-xl.ts';
 import type { JobContext } from '../../job.ts';
 import type { FtBatch, FtRun } from './types.ts';
 
 /** p_losses (train/diffusion-loss.ts) with optional min-SNR-γ weights; the text encoder runs inside (it may be training). */
 export function finetuneLoss(run: Pick<FtRun, 'model' | 'spec'>, batch: FtBatch): tf.Scalar {
   const { text } = run.model;
+  if (run.model.textXl) return xlFinetuneLoss(run, batch);
   return tf.tidy(() => {
     const encoderHiddenStates = encodeText(text.params, text.cfg, batch.ids); // [B, 77, W]
     return denoisingLoss(run.model, batch, encoderHiddenStates, { minSnrGamma: run.spec.minSnrGamma });
   });
+}
+
+/** SDXL: sgm's loss with both encoders inside the tape and each image's size conditioning (full-xl.ts). */
+function xlFinetuneLoss(run: Pick<FtRun, 'model' | 'spec'>, batch: FtBatch): tf.Scalar {
+  const { schedule, prediction } = run.model;
+  const gamma = run.spec.minSnrGamma;
+  const weights = gamma > 0 ? schedule.minSnrWeights(batch.timesteps, gamma, prediction) : undefined;
+  const xl = { ...batch, ...xlIds(batch.ids), sizes: batch.sizes!, classRows: 0 };
+  const { loss, instance } = xlFullLoss(run.model as unknown as XlFullModel, xl, 1, weights);
+  instance.dispose();
+  return loss;
 }
 
 /** Mean loss over the validation images at fixed noise/timesteps (one image at a time). */

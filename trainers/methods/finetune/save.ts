@@ -16,6 +16,7 @@ import { openTensorFile } from '../../io/checkpoint.ts';
 import { writeCheckpoint } from '../../nets/checkpoint-write.ts';
 import { openSafetensors, writeSafetensors } from '../../io/safetensors.ts';
 import { sampleImage, savePreviewPng } from '../../train/sample.ts';
+import { renderXlPreview } from '../../train/sdxl-sampling.ts';
 import { readOptimizerState, writeOptimizerState, type TrainableOptimizer } from '../../optim/trainable.ts';
 import { Ema } from '../../optim/ema.ts';
 import type { JobContext } from '../../job.ts';
@@ -52,6 +53,7 @@ export async function saveCheckpoints(run: FtRun, step: number): Promise<string[
 
 /** Sample images of the current weights, one per prompt (`<runDir>/images/<name>-<step>-<i>.png`). */
 export async function renderSamples(run: FtRun, step: number): Promise<string> {
+  if (run.model.textXl) return renderXlSamples(run, step);
   const { spec, model, tokenizer } = run;
   const { text, unet, schedule, prediction, family } = model;
   const encode = (prompt: string) => encodeText(text.params, text.cfg, [tokenizer.encode(prompt, paddingFor(family))]);
@@ -67,6 +69,19 @@ export async function renderSamples(run: FtRun, step: number): Promise<string> {
     const infotext = `${prompt}\nSteps: ${options.steps}, Sampler: ${options.sampler}, CFG scale: ${options.cfgScale}, Seed: ${options.seed}, Size: ${options.width}x${options.height}`;
     await savePreviewPng(path, image.rgb, image.width, image.height, infotext);
     paths.push(path);
+  }
+  return paths[0]!;
+}
+
+/** SDXL: each prompt sampled with the pooled + size vector (train/sdxl-sampling.ts), at the resolution, uncropped. */
+async function renderXlSamples(run: FtRun, step: number): Promise<string> {
+  const { spec, model } = run;
+  const m = { text: model.textXl!, unet: model.unet, schedule: model.schedule, prediction: model.prediction, decoder: run.decoder!, tokenizer: run.tokenizer };
+  const paths: string[] = [];
+  for (const [i, prompt] of spec.samplePrompts.entries()) {
+    const options = { previewSampler: spec.sampler, previewSteps: spec.sampleSteps, previewCfgScale: spec.sampleCfgScale, seed: spec.seed + i, width: spec.resolution, height: spec.resolution };
+    const infotext = `${prompt}\nSteps: ${spec.sampleSteps}, Sampler: ${spec.sampler}, CFG scale: ${spec.sampleCfgScale}, Seed: ${options.seed}, Size: ${spec.resolution}x${spec.resolution}`;
+    paths.push(await renderXlPreview(m, options, join(run.runDir, 'images', `${spec.name}-${step}-${i}.png`), run.tokenizer.encode(prompt, 'zero'), infotext));
   }
   return paths[0]!;
 }

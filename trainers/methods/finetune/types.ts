@@ -8,6 +8,7 @@ import type { CaptionedImage } from '../../data/captioned.ts';
 import type { Bucket } from '../../data/buckets.ts';
 import type { EncodedLatent } from '../../train/latent-disk-cache.ts';
 import type { SdModel } from '../../nets/sd.ts';
+import type { SizeCond } from '../../nets/sdxl-conditioner.ts';
 import type { Params } from '../../nets/params.ts';
 import type { VaeConfig } from '../../nets/vae.ts';
 import type { ClipTokenizer } from '../../text/tokenizer.ts';
@@ -34,6 +35,8 @@ export interface FtBatch {
   noise: Tensor; // [B, h, w, C]
   timesteps: number[];
   ids: number[][];
+  /** SDXL: each row's size conditioning (source size, crop top-left in the resized image, bucket). */
+  sizes?: SizeCond[];
 }
 
 export interface FtRun {

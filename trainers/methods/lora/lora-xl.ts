@@ -6,18 +6,15 @@
  * While the encoders do not train their outputs are computed outside the tape, once per batch, or
  * — prompts known before training — once per prompt, and the encoders released (cacheXlText).
  */
-import { mkdir } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import { tf } from '../../backend/index.ts';
 import { mergeLora, withLora, type LoraNetwork } from '../../nets/lora.ts';
 import { overlayParams } from '../../nets/half-params.ts';
-import { sampleImage, savePreviewPng } from '../../train/sample.ts';
 import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlText, type SizeCond } from '../../nets/sdxl-conditioner.ts';
 import { sgmLoss } from '../../train/sgm-loss.ts';
-import { xlIds, xlSampling } from '../../train/sdxl-sampling.ts';
-import { diffusionBatch, type CommonSpec, type PreparedRun } from '../../train/prepare.ts';
-import { withClassRows, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
-import { sizeCondOf } from '../textual-inversion-xl-job.ts';
+import { renderXlPreview, xlIds } from '../../train/sdxl-sampling.ts';
+import type { CommonSpec, PreparedRun } from '../../train/prepare.ts';
+import { splitPriorLoss, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
+import { xlPriorBatch } from '../full-xl.ts';
 import { MAX_CACHED_PROMPTS, XlTextCache, releaseTextXl } from '../../train/sdxl-text-cache.ts';
 import { paddingFor } from '../../nets/sd.ts';
 import { tokenizeWithEmbeddings } from '../../text/tokenizer.ts';
@@ -39,15 +36,8 @@ function conditioning(run: PreparedRun, net: LoraNetwork, ids: number[][], opts:
 
 /** Instance rows (+ class rows, generated at the job's size: nothing cropped), with sizes; text encoded now when it does not train. */
 export function nextXlLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, step: number, micro: number, textTrains: boolean): XlLoraBatch {
-  const { prompts, ...inst } = diffusionBatch(run, spec as CommonSpec, step, micro, new Map());
-  const items = run.dataset.batchAt(step - 1, micro).items;
-  const at = { step, micro, gradAccum: run.dataset.gradAccum };
-  const model = { tokenizer: run.tokenizer, family: run.model.family, timesteps: run.model.schedule.timesteps };
-  const batch = withClassRows({ ...inst, ids: prompts.map((p) => p.ids) }, run.classes, spec, at, model);
-  const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
-  const sizes = [...items.map((i) => sizeCondOf(run, i)), ...new Array<SizeCond>(batch.classRows).fill(size)];
-  const xl: XlLoraBatch = { ...batch, sizes };
-  if (!textTrains) xl.cond = run.textCache ? run.textCache.conditioning(batch.ids) : conditioning(run, net, batch.ids); // encodeSdxlText tidies its intermediates
+  const xl: XlLoraBatch = xlPriorBatch(run, spec as CommonSpec, step, micro);
+  if (!textTrains) xl.cond = run.textCache ? run.textCache.conditioning(xl.ids) : conditioning(run, net, xl.ids); // encodeSdxlText tidies its intermediates
   return xl;
 }
 
@@ -88,14 +78,7 @@ export function xlLoraLoss(run: PreparedRun, net: LoraNetwork, batch: XlLoraBatc
     const vector = vectorConditioning(cond.pooled, batch.sizes, unet.cfg.admInChannels);
     const model = { ...run.model, unet: { params: withLora(unet.params, net, opts), cfg: unet.cfg, memory: unet.memory } };
     const { perSample } = sgmLoss(model, batch, { crossattn: cond.crossattn, vector });
-    const n = batch.timesteps.length - batch.classRows;
-    if (!batch.classRows) {
-      const loss = perSample.mean() as tf.Scalar;
-      return { loss, instance: loss.clone() };
-    }
-    const instance = perSample.slice(0, n).mean() as tf.Scalar;
-    const prior = perSample.slice(n).mean() as tf.Scalar;
-    return { loss: instance.add(prior.mul(opts.priorWeight)) as tf.Scalar, instance, prior };
+    return splitPriorLoss(perSample, batch.classRows, opts.priorWeight);
   });
 }
 
@@ -108,23 +91,13 @@ export async function xlLoraPreview(run: LoraRun, spec: CommonSpec, net: LoraNet
   const { unet, schedule, prediction } = run.model;
   const merged = { unet: mergeLora(unet.params, net), text: mergeLora(text.params, net) };
   const params = { unet: overlayParams(unet.params, merged.unet), text: overlayParams(text.params, merged.text) };
-  const adaptedText = { params: params.text, cfg: text.cfg };
-  const { idsL, idsG } = xlIds([ids]);
-  const size: SizeCond = { original: [spec.height, spec.width], crop: [0, 0], target: [spec.height, spec.width] };
+  const model = { text: { params: params.text, cfg: text.cfg }, unet: { ...unet, params: params.unet }, schedule, prediction, decoder: run.decoder!, tokenizer: run.tokenizer };
   // with the encoders released, the prompt's and the empty prompt's conditioning come from the cache
   const cache = run.textCache;
-  const cond = cache ? cache.conditioning([ids]) : encodeSdxlText(adaptedText, idsL, idsG);
-  const inputs = xlSampling(adaptedText, { ...unet, params: params.unet }, cond, run.tokenizer, size, cache?.conditioning([run.tokenizer.encode('', 'zero')]));
+  const conds = cache ? { cond: cache.conditioning([ids]), uncond: cache.conditioning([run.tokenizer.encode('', 'zero')]) } : {};
   try {
-    const image = await sampleImage(
-      { ...inputs, schedule, vae: run.decoder! },
-      { sampler: spec.previewSampler, steps: spec.previewSteps, cfgScale: spec.previewCfgScale, seed: spec.seed, width: spec.width, height: spec.height, parameterization: prediction },
-    );
-    await mkdir(dirname(path), { recursive: true });
-    await savePreviewPng(path, image.rgb, image.width, image.height, `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}`);
-    return path;
+    return await renderXlPreview(model, spec, path, ids, `${spec.previewPrompt ?? ''}\nSteps: ${spec.previewSteps}, Seed: ${spec.seed}, Size: ${spec.width}x${spec.height}, Model hash: ${run.modelHash}`, conds.cond, conds.uncond);
   } finally {
-    inputs.dispose();
     tf.dispose([...merged.unet.values(), ...merged.text.values()]);
   }
 }

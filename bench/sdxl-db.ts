@@ -1,0 +1,23 @@
+/**
+ * @file SDXL-shaped Dreambooth (UNet trained, batch 1, prior preservation with one class image)
+ * at 1024 px in each memory combination of the estimate's ladder (trainers/memory/estimate-fit.ts),
+ * as step rows for bench/steps.ts (issue 19). Each row runs only where its estimate fits the
+ * machine (steps.ts skips the others and lists them with their estimate). On a 24 GB machine the
+ * estimate has only the last combination fitting (about 22 GB); the others are listed with theirs.
+ */
+import type { StepRowSpec } from './steps.ts';
+
+/** The ladder's combinations, cumulative, as the estimate walks them. */
+export const SDXL_DB_COMBINATIONS: { label: string; options: Record<string, unknown> }[] = [
+  { label: 'adamw', options: { optimizer: 'adamw', gradientCheckpointing: 'off' } },
+  { label: 'adamw+ckpt', options: { optimizer: 'adamw', gradientCheckpointing: 'on' } },
+  { label: 'adamw+ckpt+fused', options: { optimizer: 'adamw', gradientCheckpointing: 'on', fusedBackward: true } },
+  { label: 'adamw8bit+ckpt+fused', options: { optimizer: 'adamw8bit', gradientCheckpointing: 'on', fusedBackward: true } },
+  { label: 'adafactor+ckpt+fused', options: { optimizer: 'adafactor', gradientCheckpointing: 'on', fusedBackward: true } },
+  { label: 'adafactor+ckpt+fused+bf16', options: { optimizer: 'adafactor', gradientCheckpointing: 'on', fusedBackward: true, bf16Weights: true } },
+];
+
+/** The rows: SDXL-shaped Dreambooth at `px` (1024 by default) on `backend`, one per combination. */
+export function sdxlDreamboothRows(backend: string, px = 1024): StepRowSpec[] {
+  return SDXL_DB_COMBINATIONS.map((c) => ({ model: 'sdxl-shaped', method: 'dreambooth', px, steps: 2, backend, options: c.options, label: c.label }));
+}
