@@ -52,12 +52,13 @@ export async function runBenchChild(script: string, args: string[], backend: str
   const load = { load1: +(loads.reduce((a, b) => a + b, 0) / loads.length).toFixed(2), load1Max: Math.max(...loads) };
   const line = stdout.split('\n').reverse().find((l) => l.startsWith('{'));
   if (code === 0 && line) return { ...(JSON.parse(line) as Row), ...load };
-  if (stopped && line) {
-    // the peak so far: the last row's, or the process's high-water mark at the stop if higher
+  const why = (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code ?? 'by a signal'}`).slice(0, 200);
+  const atStop = Math.round(hwmAtStopKb / 1024);
+  if (line) {
+    // stopped, killed from outside or failed after printing a row so far: that row, with why it ended
+    // (the peak: the last row's, or the process's high-water mark at our stop if higher)
     const row = JSON.parse(line) as Row;
-    const atStop = Math.round(hwmAtStopKb / 1024);
-    return { ...row, peakRssMB: Math.max(Number(row.peakRssMB) || 0, atStop), error: stopped, vmHwmAtStopMB: atStop, ...load };
+    return { ...row, ...(stopped ? { peakRssMB: Math.max(Number(row.peakRssMB) || 0, atStop), vmHwmAtStopMB: atStop } : {}), error: why, ...load };
   }
-  const why = (stopped || stderr.split('\n').find((l) => /Error|Aborted|out of memory/i.test(l)) || `exit ${code}`).slice(0, 200);
-  return { error: why, ...(stopped ? { peakRssMB: Math.round(hwmAtStopKb / 1024) } : {}), ...load };
+  return { error: why, ...(stopped ? { peakRssMB: atStop } : {}), ...load };
 }
