@@ -16,7 +16,8 @@
  * peak probes those rows' GFLOP/s compare with.
  *
  * SDXL (issue 18): an SDXL-shaped model (random F16 weights from keys-sdxl.json) for TI and LoRA
- * at 512 and 1024 px, batch 1, with the memory levers (float16 frozen weights, checkpointing).
+ * at 512 and 1024 px, batch 1, with the memory levers (float16 frozen weights, checkpointing), and
+ * Dreambooth at 1024 px in each memory combination (bench/sdxl-db.ts).
  *
  * Each row is handed to `onRow` as soon as it is measured (a run cut off still shows its rows).
  *
@@ -30,6 +31,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SDXL_KEYS, writeRandomCheckpoint, writeRandomSd15 } from './sd15-checkpoint.ts';
 import { pytorchTiStep } from './pytorch.ts';
+import { sdxlDreamboothRows } from './sdxl-db.ts';
 import { estimateJob, type JobEstimate } from '../trainers/memory/estimate.ts';
 import { RSS_LIMIT_BYTES, runBenchChild, statusKb, type Row } from './child.ts';
 
@@ -89,6 +91,9 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean, s
     for (const px of [512, 1024]) {
       for (const method of methods.filter((m) => m === 'textual_inversion' || m === 'lora')) rows.push({ model: 'sdxl-shaped', method, px, steps: 2, backend: backends[0]!, options: XL_LEVERS, label: 'half+ckpt' });
     }
+    // Dreambooth at 1024 px in each memory combination (bench/sdxl-db.ts); those whose estimate
+    // does not fit the machine are listed with their estimate, not run
+    if (varied.includes('dreambooth')) rows.push(...sdxlDreamboothRows(backends[0]!));
   }
   // bf16 mixed precision beside them (issue 20): SD1.5 TI at 256 and 512 px, LoRA at 512 px in
   // fp32 and bf16, on cpu-native only (the other backends have no bf16 kernels)
