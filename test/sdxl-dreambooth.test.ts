@@ -5,40 +5,29 @@
  * backward gives the same weights as the unfused step; cancel + resume ends bit-identical to an
  * uninterrupted run; `lora` writes an SDXL LoRA; textEncoders other than both need SDXL.
  */
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { initBackend } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { dreamboothSpec, runDreambooth, type DbSpec } from '../trainers/methods/dreambooth.ts';
 import type { JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
-import { ctxFor, readTensors, tempWithImages } from './helpers/job-run.ts';
+import { ctxFor, jobSuite, readTensors } from './helpers/job-run.ts';
 
 const XL = 'test/fixtures/sdxl-tiny';
-let tmp: string;
-let images: string;
+const suite = jobSuite('sidetrain-dbxl-');
 let counter = 0;
-
-before(async () => {
-  await initBackend();
-  ({ tmp, images } = tempWithImages('sidetrain-dbxl-'));
-});
-after(() => rmSync(tmp, { recursive: true, force: true }));
-
 
 function specFor(extra: Record<string, unknown> = {}): DbSpec {
   const raw: Record<string, unknown> = {
-    model: join(XL, 'model.safetensors'), images, name: `dbxl${++counter}`, instancePrompt: 'a photo of sks cat', classPrompt: 'a photo of a cat',
+    model: join(XL, 'model.safetensors'), images: suite.images, name: `dbxl${++counter}`, instancePrompt: 'a photo of sks cat', classPrompt: 'a photo of a cat',
     classImages: 1, classSteps: 2, width: 64, height: 64, steps: 4, lr: '0.001', seed: 3, trainTextEncoder: true, textEncoderLr: '0.0005',
-    logDir: join(tmp, 'logs'), checkpointDir: join(tmp, 'ckpt'), ...extra,
+    logDir: join(suite.tmp, 'logs'), checkpointDir: join(suite.tmp, 'ckpt'), ...extra,
   };
   assert.deepEqual(validate('dreambooth', raw), []);
   return dreamboothSpec(raw as unknown as DbSpec);
 }
-
 
 const L_LAST = 'conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc1.weight';
 const L_FINAL = 'conditioner.embedders.0.transformer.text_model.final_layer_norm.weight';
@@ -88,7 +77,7 @@ test('SDXL Dreambooth: fused backward equals the unfused step; cancel + resume e
 
 test('SDXL Dreambooth --lora writes an SDXL LoRA; textEncoders other than both are refused on SD1', async () => {
   await onGradBackend(async () => {
-    const r = await runDreambooth(specFor({ lora: true, loraDir: join(tmp, 'lora'), steps: 2, trainTextEncoder: false }), ctxFor([]));
+    const r = await runDreambooth(specFor({ lora: true, loraDir: join(suite.tmp, 'lora'), steps: 2, trainTextEncoder: false }), ctxFor([]));
     assert.equal(r.kind, 'lora');
     const f = await openSafetensors(r.output);
     assert.equal(f.metadata().ss_base_model_version, 'sdxl_base_v1-0');

@@ -4,11 +4,11 @@
  * with every key, shape and dtype of the input, renders SDXL samples, and cancel + resume from
  * its snapshot ends bit-identical to an uninterrupted run.
  */
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { initBackend, tf } from '../trainers/backend/index.ts';
+import { tf } from '../trainers/backend/index.ts';
 import { validate } from '../schemas/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
 import { loadSdModel } from '../trainers/nets/sd.ts';
@@ -16,24 +16,17 @@ import { finetuneLoss, runFinetune, type FinetuneSpec } from '../trainers/method
 import type { FtRun } from '../trainers/methods/finetune/types.ts';
 import type { JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
-import { ctxFor, readTensors, tempWithImages } from './helpers/job-run.ts';
+import { ctxFor, jobSuite, readTensors } from './helpers/job-run.ts';
 
 const XL = 'test/fixtures/sdxl-tiny';
-let tmp: string;
-let images: string;
+const suite = jobSuite('sidetrain-ftxl-', ['an orange cat', 'a green triangle']);
 let counter = 0;
-
-before(async () => {
-  await initBackend();
-  ({ tmp, images } = tempWithImages('sidetrain-ftxl-', ['an orange cat', 'a green triangle']));
-});
-after(() => rmSync(tmp, { recursive: true, force: true }));
 
 
 function specFor(extra: Record<string, unknown> = {}): FinetuneSpec {
   const raw: Record<string, unknown> = {
-    model: join(XL, 'model.safetensors'), images, name: `ftxl${++counter}`, resolution: 64, steps: 4, lr: 0.001, seed: 5, trainTextEncoder: true,
-    textEncoderLr: 0.0005, ema: true, save: 'both', crop: 'random', logDir: join(tmp, 'logs'), checkpointDir: join(tmp, 'ckpt'), ...extra,
+    model: join(XL, 'model.safetensors'), images: suite.images, name: `ftxl${++counter}`, resolution: 64, steps: 4, lr: 0.001, seed: 5, trainTextEncoder: true,
+    textEncoderLr: 0.0005, ema: true, save: 'both', crop: 'random', logDir: join(suite.tmp, 'logs'), checkpointDir: join(suite.tmp, 'ckpt'), ...extra,
   };
   assert.deepEqual(validate('finetune', raw), []);
   return raw as unknown as FinetuneSpec;

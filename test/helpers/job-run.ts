@@ -1,7 +1,9 @@
 /** @file What the method tests that run whole jobs share: a temp dir with two fixture images, a job context that can cancel, a file's tensors. */
-import { copyFileSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { before, after } from 'node:test';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { initBackend } from '../../trainers/backend/index.ts';
 import { openSafetensors } from '../../trainers/io/safetensors.ts';
 import type { JobContext, JobEvent } from '../../trainers/job.ts';
 
@@ -15,6 +17,17 @@ export function tempWithImages(prefix: string, captions?: [string, string]): { t
     if (captions) writeFileSync(join(images, f.replace(/\.png$/, '.txt')), captions[i]!);
   });
   return { tmp, images };
+}
+
+/** The suite's backend and temp dir with images (tempWithImages), set up before its tests and removed after. */
+export function jobSuite(prefix: string, captions?: [string, string]): { tmp: string; images: string } {
+  const suite = { tmp: '', images: '' };
+  before(async () => {
+    await initBackend();
+    Object.assign(suite, tempWithImages(prefix, captions));
+  });
+  after(() => rmSync(suite.tmp, { recursive: true, force: true }));
+  return suite;
 }
 
 /** A job context collecting events into `events`; `onEvent` may abort the job (cancel). */
