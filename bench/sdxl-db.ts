@@ -2,8 +2,9 @@
  * @file SDXL-shaped Dreambooth (UNet trained, batch 1, prior preservation with one class image)
  * at 1024 px in each memory combination of the estimate's ladder (trainers/memory/estimate-fit.ts),
  * as step rows for bench/steps.ts (issue 19). Each row runs only where its estimate fits the
- * machine (steps.ts skips the others and lists them with their estimate). On a 24 GB machine the
- * estimate has only the last combination fitting (about 22 GB); the others are listed with theirs.
+ * machine (steps.ts skips the others and lists them with their estimate). With the text encoders
+ * frozen (released after encoding the prompts) the estimate fits 24 GB with 8-bit AdamW (~23 GB) and
+ * Adafactor (~19.5 GB), both with checkpointing and the fused backward; the others do not.
  */
 import type { StepRowSpec } from './steps.ts';
 

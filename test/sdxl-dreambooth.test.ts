@@ -75,6 +75,19 @@ test('SDXL Dreambooth: fused backward equals the unfused step; cancel + resume e
   });
 });
 
+test('SDXL Dreambooth with frozen text encoders: prompts encoded once, the encoders released, the checkpoint keeps them as they were', async () => {
+  await onGradBackend(async () => {
+    const events: JobEvent[] = [];
+    const r = await runDreambooth(specFor({ trainTextEncoder: false, steps: 2, previewEvery: 2, previewSteps: 2 }), ctxFor(events));
+    assert.equal(r.step, 2);
+    assert.ok(events.some((e) => e.type === 'log' && /prompt\(s\) encoded once; the encoders are released/.test(e.message)));
+    assert.ok(events.some((e) => e.type === 'preview'), 'a preview from the cached conditioning');
+    const [a, b] = [await readTensors(join(XL, 'model.safetensors')), await readTensors(r.output)];
+    for (const [k, v] of a) if (k.startsWith('conditioner.')) assert.deepEqual(b.get(k), v, k);
+    assert.ok(a.get('model.diffusion_model.out.2.weight')!.some((v, i) => v !== b.get('model.diffusion_model.out.2.weight')![i]));
+  });
+});
+
 test('SDXL Dreambooth --lora writes an SDXL LoRA; textEncoders other than both are refused on SD1', async () => {
   await onGradBackend(async () => {
     const r = await runDreambooth(specFor({ lora: true, loraDir: join(suite.tmp, 'lora'), steps: 2, trainTextEncoder: false }), ctxFor([]));

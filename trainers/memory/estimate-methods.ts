@@ -126,6 +126,8 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       return {
         ...base, ...(side ? { width: side, height: side } : {}),
         trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe, fusedUnetGradients: fused,
+        // SDXL Dreambooth with frozen encoders: its fixed prompts encoded once, the encoders released (dreambooth-xl.ts)
+        textReleased: type === 'dreambooth' && xl && !trainTe,
         // the UNet's share of the gradient bytes leaves the per-parameter cost when fused (estimate.ts adds one block's)
         bytesPerTrainable: F32 + state + ema - (fused ? (F32 * unet) / Math.max(1, unet + text) : 0),
         stepTransientBytes: largestTensor(shapes, trained) * F32 * (STEP_TEMPORARIES[optimizer] ?? 4),

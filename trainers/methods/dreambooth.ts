@@ -41,6 +41,7 @@ import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerSta
 import { useBf16Weights } from '../optim/bf16-round.ts';
 import { datasetSession, diffusionBatch, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { xlDreamboothOps, type DbFamilyOps } from './dreambooth-xl.ts';
+import type { XlTextCache } from '../train/sdxl-text-cache.ts';
 import { encodersOf, makeXlTextVariables } from './full-xl.ts';
 import {
   runMethod, runPaths, snapshotPath, withFolders, withNativeSize, type MethodDefinition, type OutputLayout, type RunPaths, type Session,
@@ -90,6 +91,8 @@ export interface DbRun extends PreparedRun {
   classes?: ClassSet;
   /** The input checkpoint, opened raw: keys and dtypes of the output. */
   raw: Awaited<ReturnType<typeof openTensorFile>>;
+  /** SDXL with frozen encoders: every prompt encoded once, the encoders released (dreambooth-xl.ts). */
+  textCache?: XlTextCache;
 }
 
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
@@ -302,7 +305,9 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
     s.optimizer.textSteps = spec.textEncoderSteps;
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const settings = { classImagesDir: run.classes?.dir, classImagesUsed: run.classes?.dataset.items.length ?? 0, optimizer: spec.optimizer };
-    return dreamboothSession(run, spec, s, paths, settings);
+    const session = dreamboothSession(run, spec, s, paths, settings);
+    if (run.textCache) ctx.emit({ type: 'log', level: 'info', message: `SDXL text encoders: ${run.textCache.size} prompt(s) encoded once; the encoders are released for training (they do not train)` });
+    return session;
   },
 };
 
@@ -316,6 +321,7 @@ export function runDreambooth(job: DreamboothJob, ctx: JobContext): Promise<JobR
 
 export async function releaseDreambooth(run: DbRun): Promise<void> {
   run.classes?.latents.dispose();
+  run.textCache?.dispose();
   releaseRun(run);
   await run.raw.close();
   await run.model.source.close();

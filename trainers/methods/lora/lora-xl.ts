@@ -13,7 +13,7 @@ import { encodeSdxlText, vectorConditioning, type SdxlConditioning, type SdxlTex
 import { sgmLoss } from '../../train/sgm-loss.ts';
 import { renderXlPreview, xlIds } from '../../train/sdxl-sampling.ts';
 import type { CommonSpec, PreparedRun } from '../../train/prepare.ts';
-import { splitPriorLoss, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
+import { splitPriorLoss, type ClassSet, type PriorBatch, type PriorLoss } from '../../train/prior-preservation.ts';
 import { xlPriorBatch } from '../full-xl.ts';
 import { MAX_CACHED_PROMPTS, XlTextCache, releaseTextXl } from '../../train/sdxl-text-cache.ts';
 import { paddingFor } from '../../nets/sd.ts';
@@ -45,7 +45,7 @@ export function nextXlLoraBatch(run: LoraRun, spec: LoraSpec, net: LoraNetwork, 
  * Every id row the run will encode — the instance and class images' fixed prompts, the preview
  * prompt and the empty one — or undefined when prompts change per use (tag shuffling / drop-out).
  */
-function knownRows(run: LoraRun, previewIds: number[]): number[][] | undefined {
+export function knownRows(run: PreparedRun & { classes?: ClassSet }, previewIds: number[]): number[][] | undefined {
   const sets = [run.dataset, ...(run.classes ? [run.classes.dataset] : [])];
   if (sets.some((ds) => ds.items.some((it) => it.fixedPrompt === undefined))) return undefined;
   const padding = paddingFor(run.model.family);
