@@ -288,7 +288,7 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
   async preflight(spec, _paths, _from, ctx) {
     if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
     textSchedule(spec); // a bad schedule fails before anything loads
-    if ((spec.textEncoders ?? 'both') !== 'both' && (await peekFamily(spec.model)) !== 'sdxl') {
+    if (spec.textEncoders !== 'both' && (await peekFamily(spec.model)) !== 'sdxl') {
       throw new Error(`/textEncoders: '${spec.textEncoders}' picks one of SDXL's two text encoders; ${spec.model} has one (use both)`);
     }
     if (spec.classPrompt && !priorOn(spec) && !spec.classImagesDir) {
