@@ -9,11 +9,16 @@
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { loadavg, totalmem } from 'node:os';
+import { FIT_SHARE } from '../trainers/memory/estimate.ts';
 
 export type Row = Record<string, unknown>;
 
-/** Memory a row may take before it is stopped (the machine is shared with the rest of the bench). */
-export const RSS_LIMIT_BYTES = 0.8 * totalmem();
+/**
+ * Memory a row may take before it is stopped: the share of the machine a job may plan for
+ * (the estimate's own fit rule), so a row the estimate says fits is run, and one that outgrows it
+ * is stopped before the machine runs out.
+ */
+export const RSS_LIMIT_BYTES = FIT_SHARE * totalmem();
 
 /** A /proc/self/status field in kB (VmHWM: peak RSS, VmRSS: now). */
 export function statusKb(field: string): number {

@@ -94,6 +94,10 @@ export function stepRows(methods: string[], backends: string[], sd15: boolean, s
     // Dreambooth at 1024 px in each memory combination (bench/sdxl-db.ts); those whose estimate
     // does not fit the machine are listed with their estimate, not run
     if (varied.includes('dreambooth')) rows.push(...sdxlDreamboothRows(backends[0]!));
+    // and TI and LoRA at 512 px in bf16 mixed precision (issue 20), beside the float32 rows above
+    if (backends[0] === 'cpu-native') {
+      for (const method of methods.filter((m) => m === 'textual_inversion' || m === 'lora')) rows.push({ model: 'sdxl-shaped', method, px: 512, steps: 2, backend: backends[0], options: { ...XL_LEVERS, precision: 'bf16' }, label: 'half+ckpt+bf16' });
+    }
   }
   // bf16 mixed precision beside them (issue 20): SD1.5 TI at 256 and 512 px, LoRA at 512 px in
   // fp32 and bf16, on cpu-native only (the other backends have no bf16 kernels)

@@ -227,15 +227,15 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const budget = opts.memoryBudget ?? gpuSide?.budget ?? AUTO_BUDGET_SHARE * totalmem();
   const estimate = estimateShapes(type, spec, shapes, family, backend, budget, gpuSide);
   if ((type === 'dreambooth' && spec.lora !== true) || type === 'finetune') {
-    const limit = opts.memoryLimit ?? gpuSide?.budget ?? LIMIT_SHARE * totalmem();
+    const limit = opts.memoryLimit ?? gpuSide?.budget ?? FIT_SHARE * totalmem();
     estimate.fit = await fitLadder(spec, limit, async (s) => estimateShapes(type, s, shapes, family, backend, budget, gpuSide));
     estimate.notes.push(describeFit(estimate.fit));
   }
   return estimate;
 }
 
-/** The most of RAM a job may need (the webui and the OS keep the rest). */
-const LIMIT_SHARE = 0.85;
+/** The share of the machine's memory a job may plan for (the rest: the OS, the webui's process, page cache). */
+export const FIT_SHARE = 0.85;
 
 function estimateShapes(
   type: string, spec: Record<string, unknown>, shapes: Shapes, family: Family, backend: string, budget: number,
@@ -251,7 +251,7 @@ function estimateShapes(
   }
   if (gpuSide) estimate.notes.push(...gpuSide.notes);
   if (gpuSide?.budget !== undefined && estimate.peakBytes > gpuSide.budget) estimate.notes.push(`needs more than the GPU's ${gb(gpuSide.budget / 0.9)} GB free: lower the resolution or batch, or turn on halfFrozenWeights`);
-  else if (estimate.peakBytes > LIMIT_SHARE * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
+  else if (estimate.peakBytes > FIT_SHARE * totalmem()) estimate.notes.push(`needs more than 85% of this machine's ${gb(totalmem())} GB: lower the resolution or batch, or turn on gradientCheckpointing / halfFrozenWeights`);
   return estimate;
 }
 
