@@ -447,13 +447,17 @@ export interface DreamboothJob {
    */
   trainTextEncoder: boolean;
   /**
-   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, at the text encoder learn rate. CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
+   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, CLIP-L at textEncoderLr, OpenCLIP-G at textEncoder2Lr (default: the same). CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
    */
   textEncoders: "both" | "clip-l" | "clip-g";
   /**
    * Text-encoder learn-rate schedule (only with trainTextEncoder). Default 5e-6, with lora the UNet's rate.
    */
   textEncoderLr?: string;
+  /**
+   * SDXL: learn-rate schedule of OpenCLIP-G (kohya te2, learning_rate_te2), its own optimizer group; textEncoderLr is then CLIP-L's (te1). Default: the same as textEncoderLr. Only with trainTextEncoder; SD1/SD2 have one encoder: leave it out.
+   */
+  textEncoder2Lr?: string;
   /**
    * Train the text encoder for this many steps, then freeze it; 0 = every step.
    */
@@ -667,6 +671,10 @@ export interface LoraJob {
    */
   textEncoderLr?: string;
   /**
+   * SDXL: learn-rate schedule of OpenCLIP-G's adapters (lora_te2_…, kohya te2), their own optimizer group; textEncoderLr is then CLIP-L's (lora_te1_…). Default: the same as textEncoderLr. SD1/SD2 have one encoder: leave it out.
+   */
+  textEncoder2Lr?: string;
+  /**
    * Train the text encoder's adapters for this many steps, then freeze them; 0 = every step.
    */
   textEncoderSteps: number;
@@ -863,13 +871,17 @@ export interface FinetuneJob {
    */
   trainTextEncoder: boolean;
   /**
-   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, at the text encoder learn rate. CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
+   * SDXL has two text encoders: with trainTextEncoder, train CLIP-L (kohya te1), OpenCLIP-G (te2) or both, CLIP-L at textEncoderLr, OpenCLIP-G at textEncoder2Lr (default: the same). CLIP-L's last block and final layer norm never reach the UNet (it reads the second-to-last layer) and stay as they are. SD1/SD2 have one encoder: only "both" applies.
    */
   textEncoders: "both" | "clip-l" | "clip-g";
   /**
    * Peak learn rate of the text encoder (with trainTextEncoder), on the same schedule as the UNet's (warm-up, then constant or cosine); its own optimizer group. Default: lr. Often lower than lr (e.g. half).
    */
   textEncoderLr?: number;
+  /**
+   * SDXL: peak learn rate of OpenCLIP-G (kohya te2, learning_rate_te2), its own optimizer group on the same schedule; textEncoderLr is then CLIP-L's (te1). Default: the same as textEncoderLr. Only with trainTextEncoder; SD1/SD2 have one encoder: leave it out.
+   */
+  textEncoder2Lr?: number;
   /**
    * Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off, 5 is the paper's value.
    */

@@ -37,12 +37,12 @@ import { lora, loraDryRun, loraSpec, type LoraSpec } from './lora/lora.ts';
 import { captionOverrideWarning, type CaptionMode } from '../train/instance-prompts.ts';
 import type { JobContext, JobResult } from '../job.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
-import { TrainableOptimizer, makeGroupOptimizer, makeTrainable, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
+import { TrainableOptimizer, makeTrainable, makeTrainableOptimizer, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
 import { datasetSession, diffusionBatch, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { xlDreamboothOps, type DbFamilyOps } from './dreambooth-xl.ts';
 import type { XlTextCache } from '../train/sdxl-text-cache.ts';
-import { encodersOf, makeXlTextVariables } from './full-xl.ts';
+import { checkTextEncoder2Lr, encodersOf, makeXlTextVariables, xlText2Keys } from './full-xl.ts';
 import {
   runMethod, runPaths, snapshotPath, withFolders, withNativeSize, type MethodDefinition, type OutputLayout, type RunPaths, type Session,
   type Sized, type Unsized, type WithFolders,
@@ -154,11 +154,8 @@ export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPa
       await source.close();
     }
   }
-  const optimizer = new TrainableOptimizer(
-    makeGroupOptimizer(spec.optimizer, unet),
-    spec.trainTextEncoder ? makeGroupOptimizer(spec.optimizer, text) : undefined,
-    new Set(text.keys()),
-  );
+  // SDXL: OpenCLIP-G its own group (its own rate, textEncoder2Lr), CLIP-L the text group
+  const optimizer = makeTrainableOptimizer(spec.optimizer, unet, spec.trainTextEncoder ? text : new Map(), { text2Keys: textXl ? xlText2Keys(textXl) : undefined });
   if (spec.bf16Weights) useBf16Weights(optimizer, new Map([...unet, ...(spec.trainTextEncoder ? text : [])]), spec.seed);
   if (from) await restoreOptimizer(optimizer, optimPath(paths, spec.name, step), ctx);
   ctx.emit({ type: 'log', level: 'info', message: from ? `continuing ${from} from step ${step}` : `training ${unet.size + (spec.trainTextEncoder ? text.size : 0)} tensors with ${spec.optimizer}` });
@@ -181,7 +178,8 @@ function checkpointMetadata(run: DbRun, spec: DbSpec, step: number): Record<stri
     sidetrain_method: 'dreambooth', sidetrain_step: String(step), sidetrain_base_model: run.modelName, sidetrain_base_model_hash: run.modelHash,
     sidetrain_instance_prompt: spec.instancePrompt, sidetrain_class_prompt: spec.classPrompt, sidetrain_class_images: String(run.classes ? spec.classImages : 0),
     sidetrain_prior_weight: String(spec.priorWeight), sidetrain_lr: spec.lr, sidetrain_optimizer: spec.optimizer, sidetrain_resolution: `${spec.width}x${spec.height}`,
-    sidetrain_train_text_encoder: String(spec.trainTextEncoder), sidetrain_text_encoder_lr: spec.textEncoderLr, sidetrain_seed: String(spec.seed),
+    sidetrain_train_text_encoder: String(spec.trainTextEncoder), sidetrain_text_encoder_lr: spec.textEncoderLr,
+    ...(spec.textEncoder2Lr ? { sidetrain_text_encoder2_lr: spec.textEncoder2Lr } : {}), sidetrain_seed: String(spec.seed),
     sidetrain_batch_size: String(run.dataset.batchSize), sidetrain_grad_accum: String(run.dataset.gradAccum), sidetrain_images: String(run.dataset.items.length),
   };
 }
@@ -261,7 +259,7 @@ export async function dreamboothDryRun(job: DreamboothJob): Promise<string> {
   if (override) report.warnings.push(override);
   const paths = dreamboothPaths(spec);
   return [
-    formatDatasetReport(report), describePrior(spec), `learn rate ${spec.lr}${spec.trainTextEncoder ? `, text encoder ${spec.textEncoderLr}` : ''}`,
+    formatDatasetReport(report), describePrior(spec), `learn rate ${spec.lr}${spec.trainTextEncoder ? `, text encoder ${spec.textEncoderLr}` : ''}${spec.trainTextEncoder && spec.textEncoder2Lr ? `, OpenCLIP-G ${spec.textEncoder2Lr}` : ''}`,
     `output: ${paths.output} (pick '${spec.name}' in the webui's checkpoint list)`, `snapshots, previews, loss CSV: ${paths.runDir}`,
   ].join('\n');
 }
@@ -288,6 +286,8 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
   async preflight(spec, _paths, _from, ctx) {
     if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
     textSchedule(spec); // a bad schedule fails before anything loads
+    text2Schedule(spec);
+    await checkTextEncoder2Lr(spec);
     if (spec.textEncoders !== 'both' && (await peekFamily(spec.model)) !== 'sdxl') {
       throw new Error(`/textEncoders: '${spec.textEncoders}' picks one of SDXL's two text encoders; ${spec.model} has one (use both)`);
     }
@@ -302,6 +302,7 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
     onRelease(() => s.optimizer.dispose());
     s.optimizer.done = s.step;
     s.optimizer.textLr = textSchedule(spec);
+    if (s.optimizer.text2) s.optimizer.text2.lr = text2Schedule(spec);
     s.optimizer.textSteps = spec.textEncoderSteps;
     await new PriorLossLog(join(paths.runDir, 'prior-loss.csv')).truncate(s.step);
     const settings = { classImagesDir: run.classes?.dir, classImagesUsed: run.classes?.dataset.items.length ?? 0, optimizer: spec.optimizer };
@@ -312,6 +313,9 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
 };
 
 const textSchedule = (spec: DbSpec) => (spec.trainTextEncoder ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined);
+/** OpenCLIP-G's schedule (SDXL): textEncoder2Lr, default the text encoder's. */
+const text2Schedule = (spec: DbSpec) =>
+  spec.trainTextEncoder ? parseLrSchedule(spec.textEncoder2Lr ?? spec.textEncoderLr, spec.steps, 0, 'OpenCLIP-G (textEncoder2Lr) learn rate') : undefined;
 
 /** The Dreambooth job: check, generate class images, prepare, train, save the checkpoint (or, with `lora`, the LoRA). */
 export function runDreambooth(job: DreamboothJob, ctx: JobContext): Promise<JobResult> {

@@ -14,6 +14,7 @@
  * pooled vector, and train (kohya trains them the same way).
  */
 import { tf } from '../backend/tf.ts';
+import { peekFamily } from '../io/checkpoint.ts';
 import { makeTrainable } from '../optim/trainable.ts';
 import { diffusionBatch, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { textBlockKeys, textKeyNames } from '../nets/clip.ts';
@@ -57,6 +58,23 @@ export function makeXlTextVariables(text: SdxlText, encoders: Iterable<XlEncoder
 /** `textEncoders` of a job (schemas: both | clip-l | clip-g) as the encoders it names. */
 export function encodersOf(spec: { textEncoders?: 'both' | 'clip-l' | 'clip-g' }): XlEncoder[] {
   return spec.textEncoders === 'clip-l' ? ['l'] : spec.textEncoders === 'clip-g' ? ['g'] : ['l', 'g'];
+}
+
+/** OpenCLIP-G's weights (embedders.1, kohya te2): the group that trains at `textEncoder2Lr`. */
+export function xlText2Keys(text: SdxlText): Set<string> {
+  return new Set([...text.params.keys()].filter((k) => k.startsWith(text.cfg.g.prefix)));
+}
+
+/**
+ * `textEncoder2Lr` is OpenCLIP-G's rate (kohya `learning_rate_te2`): on a model with one text
+ * encoder (SD1/SD2) a set value is a mistake, said before anything loads.
+ */
+export async function checkTextEncoder2Lr(spec: { textEncoder2Lr?: unknown; model: string }): Promise<void> {
+  if (spec.textEncoder2Lr === undefined) return;
+  const family = await peekFamily(spec.model);
+  if (family !== 'sdxl') {
+    throw new Error(`/textEncoder2Lr: the learn rate of SDXL's second text encoder (OpenCLIP-G); ${spec.model} is ${family} with one text encoder: leave it out and use textEncoderLr`);
+  }
 }
 
 /** The trained weights as variables, in place in the model: the UNet always, each encoder in `encoders`. */

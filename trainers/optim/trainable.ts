@@ -2,7 +2,8 @@
  * @file The optimizer of every method that trains network weights (Dreambooth, LoRA, fine-tune):
  * the weights made trainable variables, one optimizer per parameter group (UNet,
  * optionally the text encoder with its own learn-rate schedule and step limit, as diffusers'
- * two param groups), chosen by name (adamw | adamw8bit | adafactor), and its state saved beside a
+ * two param groups; on SDXL OpenCLIP-G may be a third group at its own rate, as kohya's
+ * `learning_rate_te2` / `text_encoder_lr` list), chosen by name (adamw | adamw8bit | adafactor), and its state saved beside a
  * snapshot as `<name>-<step>.optim.safetensors`: tensors `<group>:<param>#<buffer>` (F32 or U8),
  * the per-parameter steps and hyper-parameters in `__metadata__`.
  */
@@ -89,6 +90,11 @@ export class TrainableOptimizer {
    * stochastically to bfloat16 precision, keyed by its name and the step.
    */
   round?: { vars: Map<string, tf.Variable>; apply: (name: string, variable: tf.Variable, step: number) => void };
+  /**
+   * SDXL's second text encoder (OpenCLIP-G, kohya te2) as its own group (`withText2`): its keys
+   * are also in `textKeys` (the text side: same step limit), their updates at `text2Lr`.
+   */
+  text2?: { optimizer: StatefulOptimizer; keys: ReadonlySet<string>; lr?: LrSchedule };
   constructor(
     readonly unet: StatefulOptimizer,
     readonly text?: StatefulOptimizer,
@@ -98,8 +104,16 @@ export class TrainableOptimizer {
     public textSteps = 0,
   ) {}
 
+  /** OpenCLIP-G's weights `keys` (also in `textKeys`) as their own group at `lr`. */
+  withText2(optimizer: StatefulOptimizer, keys: ReadonlySet<string>, lr?: LrSchedule): this {
+    const stray = [...keys].find((k) => !this.textKeys.has(k));
+    if (stray) throw new Error(`second text-encoder group: '${stray}' is not a text-encoder weight`);
+    this.text2 = { optimizer, keys, lr };
+    return this;
+  }
+
   textActive(done: number): boolean {
-    return !!this.text && (this.textSteps === 0 || done < this.textSteps);
+    return (!!this.text || !!this.text2) && (this.textSteps === 0 || done < this.textSteps);
   }
 
   step(grads: Map<string, Tensor>, lr: number): void {
@@ -113,13 +127,26 @@ export class TrainableOptimizer {
     const unetGrads = new Map<string, Tensor>();
     for (const [k, g] of grads) (this.textKeys.has(k) ? textGrads : unetGrads).set(k, g);
     if (unetGrads.size) this.unet.step(unetGrads, lr);
-    const textUpdated = !!this.text && textGrads.size > 0 && this.textActive(this.done);
-    if (textUpdated) this.text!.step(textGrads, this.textLr?.getLr(this.done) ?? lr);
+    const textUpdated = textGrads.size > 0 && this.textActive(this.done);
+    if (textUpdated) this.stepText(textGrads, lr);
     if (!this.round) return;
     for (const name of [...unetGrads.keys(), ...(textUpdated ? textGrads.keys() : [])]) {
       const v = this.round.vars.get(name);
       if (v) this.round.apply(name, v, this.done);
     }
+  }
+
+  /** The text side's gradients: OpenCLIP-G's (with `text2`) at its rate, the rest at the text rate. */
+  private stepText(grads: Map<string, Tensor>, lr: number): void {
+    const second = new Map<string, Tensor>();
+    const first = new Map<string, Tensor>();
+    for (const [k, g] of grads) (this.text2?.keys.has(k) ? second : first).set(k, g);
+    const textLr = this.textLr?.getLr(this.done) ?? lr;
+    if (first.size) {
+      if (!this.text) throw new Error(`text-encoder gradient for '${[...first.keys()][0]}' but no text-encoder group`);
+      this.text.step(first, textLr);
+    }
+    if (second.size) this.text2!.optimizer.step(second, this.text2!.lr?.getLr(this.done) ?? textLr);
   }
 
   endStep(): void {
@@ -130,21 +157,59 @@ export class TrainableOptimizer {
     // lazy buffers: the writer reads one at a time (no copy of every moment at once; estimate-methods.ts)
     const groups = new Map([['unet', await this.unet.exportState(true)]]);
     if (this.text) groups.set('text', await this.text.exportState(true));
+    if (this.text2) groups.set('text2', await this.text2.optimizer.exportState(true));
     return groups;
   }
 
   importGroups(groups: Map<string, ExportedOptimizerState>): void {
     const unet = groups.get('unet');
     if (!unet) throw new Error('no unet group');
-    if (this.text && !groups.has('text')) throw new Error('the saved state has no text-encoder group (the run did not train it)');
+    const saved = this.text2 && !groups.has('text2') ? splitText2(groups, this.text2.keys) : groups;
+    if (this.text && !saved.has('text')) throw new Error('the saved state has no text-encoder group (the run did not train it)');
+    if (this.text2 && !saved.has('text2')) throw new Error('the saved state has no OpenCLIP-G group (the run did not train it)');
     this.unet.importState(unet);
-    if (this.text) this.text.importState(groups.get('text')!);
+    if (this.text) this.text.importState(saved.get('text')!);
+    if (this.text2) this.text2.optimizer.importState(saved.get('text2')!);
   }
 
   dispose(): void {
     this.unet.dispose();
     this.text?.dispose();
+    this.text2?.optimizer.dispose();
   }
+}
+
+/**
+ * The optimizer `name` over the UNet's `unet` and the text encoders' `text` weights: those in
+ * `text2Keys` (SDXL's OpenCLIP-G) a group of their own at `text2Lr`, the rest of `text` the text
+ * group at `textLr`; both text groups stop after `textSteps` updates (0 = never).
+ */
+export function makeTrainableOptimizer(
+  name: OptimizerName, unet: Map<string, tf.Variable>, text: Map<string, tf.Variable>,
+  opts: { text2Keys?: ReadonlySet<string>; textLr?: LrSchedule; text2Lr?: LrSchedule; textSteps?: number } = {},
+): TrainableOptimizer {
+  const second = new Map([...text].filter(([k]) => opts.text2Keys?.has(k)));
+  const first = new Map([...text].filter(([k]) => !second.has(k)));
+  const optimizer = new TrainableOptimizer(
+    makeGroupOptimizer(name, unet), first.size ? makeGroupOptimizer(name, first) : undefined, new Set(text.keys()), opts.textLr, opts.textSteps ?? 0,
+  );
+  return second.size ? optimizer.withText2(makeGroupOptimizer(name, second), new Set(second.keys()), opts.text2Lr) : optimizer;
+}
+
+/**
+ * A state saved with both SDXL encoders in one 'text' group (before OpenCLIP-G had its own rate)
+ * as 'text' and 'text2': each parameter's moments and step are its own, so they split as they are.
+ */
+function splitText2(groups: Map<string, ExportedOptimizerState>, keys: ReadonlySet<string>): Map<string, ExportedOptimizerState> {
+  const text = groups.get('text');
+  if (!text) return groups;
+  const part = (second: boolean): ExportedOptimizerState => ({ ...text, params: new Map([...text.params].filter(([k]) => keys.has(k) === second)) });
+  const out = new Map(groups);
+  const first = part(false);
+  if (first.params.size) out.set('text', first);
+  else out.delete('text');
+  out.set('text2', part(true));
+  return out;
 }
 
 /**

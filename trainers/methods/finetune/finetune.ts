@@ -22,7 +22,7 @@ import { resolve } from 'node:path';
 import { tf } from '../../backend/tf.ts';
 import { expandRepeats, makeCaption } from '../../data/captioned.ts';
 import { loadSdModel, scaleFactorOf } from '../../nets/sd.ts';
-import { encodersOf, makeXlTextVariables } from '../full-xl.ts';
+import { checkTextEncoder2Lr, encodersOf, makeXlTextVariables, xlText2Keys } from '../full-xl.ts';
 import { chooseUNetMemory } from '../../memory/choice.ts';
 import { loadVae } from '../../nets/vae.ts';
 import { disposeParams } from '../../nets/params.ts';
@@ -80,6 +80,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
   layout: (spec): OutputLayout => ({ dir: resolve(spec.checkpointDir), ext: '.safetensors', snapshots: 'snapshots', snapshotSuffix: '.weights.safetensors', outputResumes: false }),
   schedule: (spec) => finetuneLrSchedule(spec, spec.lr),
   freshStart: () => 'starting from the model',
+  preflight: (spec) => checkTextEncoder2Lr(spec),
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const data = await prepareData(spec, ctx);
     const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { xl: true, prediction: spec.prediction })) as FtRun['model'];
@@ -106,7 +107,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
       items: expandRepeats(trainSamples.map((s) => s.image)),
       trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, runDir: paths.runDir, decoder,
     };
-    const optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(textVars.keys()));
+    const optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(textVars.keys()), model.textXl ? xlText2Keys(model.textXl) : undefined);
     onRelease(() => optimizer.dispose());
     const startStep = from?.step ? await resume(run, optimizer, from.step, ctx) : 0;
     return ftSession(run, optimizer, startStep, ctx);

@@ -126,13 +126,17 @@ export async function loraMetadata(run: LoraRun, spec: LoraSpec, s: LoraState, s
   if (spec.dropout > 0) args.rank_dropout = String(spec.dropout);
   const lr = parseLrSchedule(spec.lr, spec.steps).segments[0]?.rate ?? 0;
   const textLr = spec.textEncoderLr ? parseLrSchedule(spec.textEncoderLr, spec.steps).segments[0]?.rate ?? 0 : lr;
+  // kohya (train_network.py, networks.lora with several text-encoder rates) writes str() of its
+  // `text_encoder_lr` list, "[te1, te2]"; one value as before when OpenCLIP-G has no rate of its own
+  const text2Lr = xl && spec.textEncoder2Lr ? parseLrSchedule(spec.textEncoder2Lr, spec.steps).segments[0]?.rate ?? 0 : textLr;
+  const textLrs = text2Lr === textLr ? String(textLr) : `[${textLr}, ${text2Lr}]`;
   return {
     ss_session_id: randomUUID(), ss_training_started_at: String(s.startedAt), ss_training_finished_at: String(Date.now() / 1000),
     ss_output_name: spec.name, ss_sd_model_name: basename(spec.model), ss_sd_model_hash: hashes.legacy, ss_new_sd_model_hash: hashes.full,
     ss_base_model_version: xl ? 'sdxl_base_v1-0' : sd2 ? 'sd_v2' : 'sd_v1', ss_v2: sd2 ? 'True' : 'False', ss_v_parameterization: run.model.prediction === 'v' ? 'True' : 'False',
     ss_network_module: 'networks.lora', ss_network_dim: String(s.net.rank), ss_network_alpha: String(s.net.alpha),
     ss_network_dropout: 'None', ss_network_args: JSON.stringify(args),
-    ss_learning_rate: String(lr), ss_unet_lr: String(lr), ss_text_encoder_lr: targetKinds(spec).includes('text') ? String(textLr) : 'None',
+    ss_learning_rate: String(lr), ss_unet_lr: String(lr), ss_text_encoder_lr: targetKinds(spec).includes('text') ? textLrs : 'None',
     ss_lr_scheduler: 'constant', ss_sidetrain_lr_schedule: spec.lr, ss_lr_warmup_steps: '0',
     ss_resolution: `(${spec.width}, ${spec.height})`, ss_num_train_images: String(run.dataset.items.length), 
     ss_num_batches_per_epoch: String(run.dataset.stepsPerEpoch), ss_num_epochs: String(Math.ceil(spec.steps / run.dataset.stepsPerEpoch)),

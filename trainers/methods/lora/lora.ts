@@ -22,7 +22,8 @@ import { encodeText } from '../../nets/clip.ts';
 import { encodeFrozenText } from '../../train/context-cache.ts';
 import { fileSha256 } from '../../io/checkpoint.ts';
 import { parseLrSchedule, type LrSchedule } from '../../optim/lr.ts';
-import { TrainableOptimizer, makeGroupOptimizer, textLimitedTrainable } from '../../optim/trainable.ts';
+import { makeTrainableOptimizer, textLimitedTrainable, type TrainableOptimizer } from '../../optim/trainable.ts';
+import { checkTextEncoder2Lr } from '../full-xl.ts';
 import {
   describePrior, flushingPriorLog, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
   type PriorLoss, type PriorSpec,
@@ -83,13 +84,16 @@ export async function loraDryRun(job: LoraJob & Omit<LoraSpec, keyof LoraJob>): 
 // ---------------------------------------------------------------------------------------------
 // State
 
-/** The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group. */
+/**
+ * The optimizer: the UNet adapters at the loop's rate, the text encoder's as their own group; on
+ * SDXL OpenCLIP-G's (`lora_te2_…`) a group of their own at textEncoder2Lr (kohya's te2 rate).
+ */
 function loraOptimizer(net: LoraNetwork, spec: LoraSpec, textLr: LrSchedule | undefined, done: number): TrainableOptimizer {
   const isText = (k: string) => /^lora_te\d?_/.test(k);
   const unet = new Map([...net.weights].filter(([k]) => !isText(k)));
   const text = new Map([...net.weights].filter(([k]) => isText(k)));
-  const kind = spec.optimizer;
-  const optimizer = new TrainableOptimizer(makeGroupOptimizer(kind, unet), text.size ? makeGroupOptimizer(kind, text) : undefined, new Set(text.keys()), textLr, spec.textEncoderSteps);
+  const text2Keys = new Set([...text.keys()].filter((k) => k.startsWith('lora_te2_')));
+  const optimizer = makeTrainableOptimizer(spec.optimizer, unet, text, { text2Keys, textLr, text2Lr: text2Schedule(spec), textSteps: spec.textEncoderSteps });
   optimizer.done = done;
   return optimizer;
 }
@@ -212,6 +216,10 @@ function loraSession<B>(
 const textSchedule = (spec: LoraSpec): LrSchedule | undefined =>
   spec.textEncoderLr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoderLr, spec.steps, 0, 'text encoder learn rate') : undefined;
 
+/** OpenCLIP-G's adapters (SDXL): textEncoder2Lr; unset, the text encoder's rate. */
+const text2Schedule = (spec: LoraSpec): LrSchedule | undefined =>
+  spec.textEncoder2Lr && targetKinds(spec).includes('text') ? parseLrSchedule(spec.textEncoder2Lr, spec.steps, 0, 'OpenCLIP-G (textEncoder2Lr) learn rate') : textSchedule(spec);
+
 /** LoRA (and `train dreambooth --lora`) as the one run (train/run.ts) drives it. */
 export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
   kind: 'lora',
@@ -223,6 +231,8 @@ export const lora: MethodDefinition<LoraSpec, Seeded<unknown>> = {
   async preflight(spec, _paths, _from, ctx) {
     if (spec.rank < 1 || !Number.isInteger(spec.rank)) throw new Error(`rank must be an integer ≥ 1, got ${spec.rank}`);
     textSchedule(spec); // a bad schedule fails before anything loads
+    text2Schedule(spec);
+    await checkTextEncoder2Lr(spec);
     if (spec.classImagesDir) await checkReadableDir(spec.classImagesDir, '/classImagesDir');
     if (spec.classPrompt && !priorOn(spec as PriorSpec)) ctx.emit({ type: 'log', level: 'warn', message: 'classPrompt given but classImages is 0: training without prior preservation' });
     if (spec.template && spec.instancePrompt) ctx.emit({ type: 'log', level: 'warn', message: `template ${spec.template} gives every prompt: the instance prompt is not used` });
