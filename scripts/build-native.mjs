@@ -60,9 +60,10 @@ function main() {
     failIfRequired('node-gyp not found');
     return;
   }
-  // -march=native first (vectorised for this CPU); a portable build if the compiler refuses it
+  // every ISA variant of the kernels (native/binding.gyp), chosen at load; the portable one alone
+  // if the compiler refuses the x86 variants' flags
   let res = build(gyp, []);
-  if (res.status !== 0) res = build(gyp, ['--', '-Dnative_arch=x86-64-v2']);
+  if (res.status !== 0) res = build(gyp, ['--', '-Dst_isa_variants=0']);
   if (res.status === 0) {
     rmSync(errorFile, { force: true });
     console.log('sidetrain: native CPU kernels built (native/build/Release/sidetrain_native.node)');

@@ -1,13 +1,9 @@
-// N-API bindings. Every function takes the inputs' and the output's Float32Arrays (the CPU
-// backend's own buffers; the output is allocated by the caller) plus an Int32Array or
-// Float64Array of sizes, checks lengths, and runs synchronously on the calling thread plus
-// the pool.
+// N-API bindings of one ISA variant (variant.h): init_exports() fills an exports object with
+// this variant's kernels; dispatch.cc (the module's entry point) calls the chosen variant's.
+// Every function takes the inputs' and the output's Float32Arrays (the CPU backend's own
+// buffers; the output is allocated by the caller) plus an Int32Array or Float64Array of sizes,
+// checks lengths, and runs synchronously on the calling thread plus the pool.
 #include <node_api.h>
-
-#include <cstdlib>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include <string>
 #include <thread>
@@ -21,6 +17,7 @@
 #include "kernels.h"
 #include "napi_args.h"
 
+ST_BEGIN_NAMESPACE
 namespace {
 
 using st::NapiArgs;
@@ -187,14 +184,25 @@ napi_value Unary(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// -> { threads, isa, kernels: { class: path } }: the variant's vector ISA and the path each
+// kernel class runs (bf16 GEMMs and float16 conversion choose their own at run time)
 napi_value Info(napi_env env, napi_callback_info) {
-  napi_value obj, v;
+  napi_value obj, kernels, v;
   napi_create_object(env, &obj);
   napi_create_int32(env, st::pool_threads(), &v);
   napi_set_named_property(env, obj, "threads", v);
-  const char* isa = st::VW == 16 ? "avx512" : st::VW == 8 ? "avx2" : "generic";
-  napi_create_string_utf8(env, isa, NAPI_AUTO_LENGTH, &v);
+  napi_create_string_utf8(env, ST_ISA_NAME, NAPI_AUTO_LENGTH, &v);
   napi_set_named_property(env, obj, "isa", v);
+  napi_create_object(env, &kernels);
+  for (const char* cls : {"gemm", "conv", "attention", "norm", "elementwise", "optim"}) {
+    napi_create_string_utf8(env, ST_ISA_NAME, NAPI_AUTO_LENGTH, &v);
+    napi_set_named_property(env, kernels, cls, v);
+  }
+  napi_create_string_utf8(env, st::half_isa(), NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, kernels, "half", v);
+  napi_create_string_utf8(env, st::bf16_kernel().name, NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, kernels, "bf16", v);
+  napi_set_named_property(env, obj, "kernels", kernels);
   return obj;
 }
 
@@ -227,23 +235,9 @@ napi_value PeakProbe(napi_env env, napi_callback_info info) {
   return v;
 }
 
-// Keep freed memory in the process instead of returning it to the OS (what PyTorch gets from
-// jemalloc in the issue-10 setup): tensors' buffers come from calloc, and glibc serves big ones
-// with fresh mmaps, so every new activation paid first-touch page faults, which are expensive
-// in VMs (a 64 MB elementwise op spent most of its time faulting). SIDETRAIN_MALLOC_KEEP=0
-// turns this off.
-void keep_freed_memory() {
-#if defined(__GLIBC__)
-  const char* env = std::getenv("SIDETRAIN_MALLOC_KEEP");
-  if (env && env[0] == '0') return;
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  mallopt(M_TOP_PAD, 64 << 20);
-#endif
-}
+}  // namespace
 
-napi_value Init(napi_env env, napi_value exports) {
-  keep_freed_memory();
+napi_value init_exports(napi_env env, napi_value exports) {
   const napi_property_descriptor props[] = {
       {"conv2d", nullptr, Conv<0>, nullptr, nullptr, nullptr, napi_default, nullptr},
       {"conv2dBackpropInput", nullptr, Conv<1>, nullptr, nullptr, nullptr, napi_default, nullptr},
@@ -268,6 +262,4 @@ napi_value Init(napi_env env, napi_value exports) {
   return exports;
 }
 
-}  // namespace
-
-NAPI_MODULE(NODE_GYP_MODULE_NAME, Init)
+ST_END_NAMESPACE  // st::ST_ISA

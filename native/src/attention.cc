@@ -27,8 +27,9 @@
 #include "napi_args.h"
 #include "pool.h"
 #include "vexp.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 #if defined(__AVX512F__)
@@ -445,4 +446,4 @@ void define_attention(napi_env env, napi_value exports) {
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -3,8 +3,9 @@
 // (attentionForward, attentionBackward) to the exports (addon.cc Init).
 #pragma once
 #include <node_api.h>
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 // Per head: out = softmax(q·kᵀ·scale)·v, lse = per-row log-sum-exp of q·kᵀ·scale. q/out
 // [batch, tq, heads·d], k/v [batch, tk, heads·d] (head h in channels h·d..h·d+d: no head
@@ -21,4 +22,4 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 
 void define_attention(napi_env env, napi_value exports);
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -8,7 +8,9 @@
 #include <cstring>
 #include <string>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ST_NO_X86)
+// Only the avx512 variant (variant.h) has the x86 kernels: a lower variant runs because the CPU
+// lacks AVX-512 or because SIDETRAIN_CPU_ISA asked for it, and then none of them may run either.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__) && !defined(ST_NO_X86)
 #include <cpuid.h>
 #include <immintrin.h>
 #if defined(__linux__)
@@ -22,7 +24,7 @@
 #endif
 #endif
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 namespace {
 
@@ -287,4 +289,4 @@ const Bf16Kernel& bf16_kernel() {
   return *current;
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

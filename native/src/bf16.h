@@ -20,8 +20,9 @@
 #include <cstring>
 
 #include "gemm.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 // bf16 panels: B is [kp][NRB][2] (k pairs interleaved per column — the VNNI layout both
 // vdpbf16ps and an AMX B tile read), A is either [kp][mr][2] (register kernels) or [mr][kpad]
@@ -205,4 +206,4 @@ void gemm_any(bool bf16, long count, long M, long N, long K, bool accumulate, co
     gemm_batched(count, M, N, K, accumulate, make);
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

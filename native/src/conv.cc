@@ -11,8 +11,9 @@
 #include "bf16.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 struct Tap {
@@ -210,4 +211,4 @@ void matmul(const float* a, const float* b, float* out, long count, const double
   });
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -7,8 +7,9 @@
 #include "kernels.h"
 #include "pool.h"
 #include "vexp.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
@@ -103,4 +104,4 @@ void binary(int op, const float* a, const float* b, float* out, int rank, const 
   }
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -15,8 +15,9 @@
 #endif
 
 #include "pool.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 #if defined(__AVX512F__)
 constexpr int VW = 16, MR = 12;
@@ -80,9 +81,6 @@ static inline void edge_kernel(long kc, const float* a, const float* b, float* c
     for (int j = 0; j < ncols; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
 }
 
-// A 64-byte aligned buffer kept between calls (grown when a call needs more) so that big
-// kernels do not pay first-touch page faults each time; slot 0 float32 packed B, 1 bf16 (bf16.h).
-void* kept_buffer(int slot, size_t bytes);
 // Packed B of every problem. Layout per problem: for each KC block pc, the NR-column panels of
 // that block, panel jr at pc*Npad + jr*kc.
 inline float* packed_b_buffer(size_t floats) { return static_cast<float*>(kept_buffer(0, floats * sizeof(float))); }
@@ -237,4 +235,4 @@ struct StridedB {
   void pack(float* dst, long n, int cols, long k0, long kc) const { s.pack_t<NR>(dst, n, cols, k0, kc); }
 };
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -1,8 +1,8 @@
 // float16 <-> float32 for frozen weights kept in half precision (trainers/nets/half-params.ts):
 // a 2 GB F16 UNet is upcast one layer at a time on every forward, so this runs over ~860M
-// values per pass and must be memory-bound. F16C (VCVTPH2PS / VCVTPS2PH, 8 lanes) when the
-// compiler targets a CPU that has it (-march=native in binding.gyp, as for the other kernels),
-// else a portable bit-level version with the same results, bit for bit (half_test in
+// values per pass and must be memory-bound. F16C (VCVTPH2PS / VCVTPS2PH, 8 lanes) in the avx2
+// and avx512 variants (variant.h: compiled with -mf16c, picked at load by dispatch.cc), else a
+// portable bit-level version with the same results, bit for bit (half_test in
 // test/half-params.test.ts checks both against a JS reference on all 65536 halves).
 #include "half.h"
 
@@ -18,8 +18,9 @@
 
 #include "napi_args.h"
 #include "pool.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 // Elements per pool task: big enough to amortise the hand-out, small enough to balance.
@@ -148,14 +149,18 @@ napi_value FloatToHalf(napi_env env, napi_callback_info info) {
   return out;
 }
 
+const char* half_isa() {
+#if defined(__F16C__)
+  return "f16c";
+#else
+  return "portable";
+#endif
+}
+
 napi_value HalfIsa(napi_env env, napi_callback_info) {
   napi_value out;
-#if defined(__F16C__)
-  napi_create_string_utf8(env, "f16c", NAPI_AUTO_LENGTH, &out);
-#else
-  napi_create_string_utf8(env, "portable", NAPI_AUTO_LENGTH, &out);
-#endif
+  napi_create_string_utf8(env, half_isa(), NAPI_AUTO_LENGTH, &out);
   return out;
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -4,8 +4,9 @@
 #include <node_api.h>
 
 #include <cstdint>
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 // dst[i] = float(src[i]) (exact; a NaN keeps its payload and becomes quiet).
 void half_to_float(const uint16_t* src, float* dst, long n);
@@ -17,7 +18,9 @@ long float_to_half(const float* src, uint16_t* dst, long n);
 napi_value HalfToFloat(napi_env env, napi_callback_info info);
 // floatToHalf(src: Float32Array, dst: Uint16Array): number of finite values that overflowed
 napi_value FloatToHalf(napi_env env, napi_callback_info info);
-// halfIsa(): 'f16c' or 'portable'
+// 'f16c' or 'portable': how this variant converts
+const char* half_isa();
+// halfIsa(): half_isa()
 napi_value HalfIsa(napi_env env, napi_callback_info info);
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

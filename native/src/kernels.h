@@ -1,8 +1,9 @@
 // The kernels the addon exports, on raw float32 buffers (NHWC activations, [kh,kw,in,out]
 // filters, as in TF.js). Outputs are fully written (callers may pass uninitialised memory).
 #pragma once
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 struct ConvShape {
   long batch, inH, inW, inC, outH, outW, outC, fH, fW, sH, sW, dH, dW, padT, padL;
@@ -37,4 +38,4 @@ void reduce_sum(const float* x, float* out, int G, const long* size, const bool*
 // y = op(x): 0 neg, 1 exp, 2 sigmoid, 3 erf, 4 square, 5 sqrt.
 void unary(int op, const float* x, float* y, long n);
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -10,8 +10,9 @@
 
 #include "kernels.h"
 #include "pool.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 static long offset_of(long idx, int rank, const long* shape, const long* stride) {
   long off = 0;
@@ -145,4 +146,4 @@ void unary(int op, const float* x, float* y, long n) {
   }
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -8,8 +8,9 @@
 
 #include <cstdint>
 #include <string>
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 class NapiArgs {
  public:
@@ -136,4 +137,4 @@ class NapiArgs {
   }
 };
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

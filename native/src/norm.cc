@@ -20,8 +20,9 @@
 #include "napi_args.h"
 #include "pool.h"
 #include "vexp.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -461,4 +462,4 @@ void define_norm(napi_env env, napi_value exports) {
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

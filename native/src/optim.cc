@@ -23,8 +23,9 @@
 
 #include "napi_args.h"
 #include "pool.h"
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 // Elements per pool task: big enough to amortise the hand-out, small enough to balance.
@@ -600,4 +601,4 @@ void define_optim(napi_env env, napi_value exports) {
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -10,12 +10,13 @@
 
 #include "bf16.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// the AVX-512 probes in the avx512 variant only, as the bf16 kernels (bf16.cc)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
 #include <immintrin.h>
 #define ST_X86 1
 #endif
 
-namespace st {
+ST_BEGIN_NAMESPACE
 namespace {
 
 double thread_seconds() {
@@ -138,4 +139,4 @@ double peak_probe(const char* kind, double seconds) {
   return probe ? rate(probe, seconds) : -1;
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

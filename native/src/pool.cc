@@ -81,12 +81,6 @@ Pool& pool() {
 int pool_threads() { return pool().size(); }
 void parallel_for(int n, const std::function<void(int)>& f) { pool().run(n, f); }
 
-}  // namespace st
-
-#include "gemm.h"
-
-namespace st {
-
 void* kept_buffer(int slot, size_t bytes) {
   static void* buf[2] = {};
   static size_t cap[2] = {};

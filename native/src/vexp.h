@@ -4,8 +4,9 @@
 // Vectorised, unlike libm's expf, which made softmax exp-bound. Shared by elementwise.cc,
 // norm.cc and attention.cc.
 #pragma once
+#include "variant.h"
 
-namespace st {
+ST_BEGIN_NAMESPACE
 
 template <class VF, class VI>
 inline VF vexp(VF x) {
@@ -27,4 +28,4 @@ inline VF vexp(VF x) {
   return e * reinterpret_cast<VF>((ni + 127) << 23);
 }
 
-}  // namespace st
+ST_END_NAMESPACE  // st::ST_ISA

@@ -36,6 +36,7 @@ const loaders: Record<BackendName, Loader> = {
     const native = await import('./native/index.ts');
     native.registerNativeKernels();
     await setOrThrow('cpu');
+    return native.nativeDescription();
   },
   wasm: async () => {
     const wasm = require('@tensorflow/tfjs-backend-wasm') as { setWasmPaths(p: string): void };

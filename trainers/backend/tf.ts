@@ -42,7 +42,7 @@ export interface BackendChoice {
   name: BackendName;
   /** Why the better ones were not used (one line each), for `health` and logs. */
   skipped: string[];
-  /** 'webgpu': the adapter, one line (vendor, architecture, name, limits). */
+  /** 'webgpu': the adapter, one line (vendor, architecture, name, limits); 'cpu-native': the kernels' ISA paths and threads. */
   adapter?: string;
 }
 

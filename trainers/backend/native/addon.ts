@@ -121,8 +121,37 @@ export interface NativeAddon {
     q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, dout: Float32Array, lse: Float32Array,
     dq: Float32Array, dk: Float32Array, dv: Float32Array, batch: number, heads: number, tq: number, tk: number, d: number, scale: number, bf16?: boolean,
   ): void;
-  /** Threads in the pool and the vector ISA it was compiled for. */
-  info(): { threads: number; isa: string };
+  /** Threads in the pool, the ISA variant in use and the path each kernel class runs. */
+  info(): NativeInfo;
+  /** The ISA variants this CPU runs (and this build has), best first (native/src/dispatch.cc). */
+  isaVariants?: NativeIsa[];
+  /** SIDETRAIN_CPU_ISA as read at load, when set. */
+  isaCap?: NativeIsa;
+  /** That variant's kernels (tests compare them); throws when the CPU does not run it. */
+  variant?(isa: NativeIsa): NativeAddon;
+}
+
+/**
+ * The kernels' ISA variants (native/src/variant.h): AVX-512 (F/BW/VL/DQ/CD), AVX2 + FMA + F16C,
+ * and portable (the baseline ISA: SSE2 on x86-64, plain C++ elsewhere), picked at load — the best
+ * this CPU runs, capped by env SIDETRAIN_CPU_ISA.
+ */
+export type NativeIsa = 'avx512' | 'avx2' | 'portable';
+
+export interface NativeInfo {
+  threads: number;
+  isa: NativeIsa;
+  /** Path per kernel class: gemm, conv, attention, norm, elementwise, optim (the variant), half ('f16c' | 'portable'), bf16 (bf16Isa()). */
+  kernels?: Record<string, string>;
+}
+
+/** One line for logs: the ISA variant, the bf16 and float16 paths, and the threads. */
+export function describeNative(addon: NativeAddon): string {
+  const info = addon.info();
+  const k = info.kernels;
+  const cap = addon.isaCap && addon.isaCap !== info.isa ? ` (SIDETRAIN_CPU_ISA=${addon.isaCap})` : '';
+  const paths = k ? `, bf16 ${k.bf16}, float16 ${k.half}` : '';
+  return `${info.isa} kernels${cap}${paths}, ${info.threads} threads`;
 }
 
 const builtPath = fileURLToPath(new URL('../../../native/build/Release/sidetrain_native.node', import.meta.url));

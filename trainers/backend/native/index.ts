@@ -5,7 +5,7 @@
  * the 'cpu-native' backend; it throws with the reason when the addon did not build.
  */
 import { tf } from '../tf.ts';
-import { loadAddon } from './addon.ts';
+import { loadAddon, describeNative, type NativeInfo } from './addon.ts';
 import { nativeKernelFuncs } from './kernels.ts';
 import { elementwiseKernelFuncs } from './elementwise.ts';
 import { layoutKernelFuncs } from './layout.ts';
@@ -48,8 +48,13 @@ export function unregisterNativeKernels(): void {
   registered = false;
 }
 
-/** Whether the addon loads, and if so its thread count and ISA; else why not. */
-export function nativeStatus(): { available: true; threads: number; isa: string } | { available: false; reason: string } {
+/** The kernels' one-line description for logs (the backend's adapter line; addon.ts describeNative). */
+export function nativeDescription(): string {
+  return describeNative(loadAddon());
+}
+
+/** Whether the addon loads, and if so its thread count, ISA variant and kernel paths; else why not. */
+export function nativeStatus(): ({ available: true } & NativeInfo) | { available: false; reason: string } {
   try {
     return { available: true, ...loadAddon().info() };
   } catch (err) {
