@@ -4,7 +4,9 @@
  * products at head width 40, a 3×3 conv and its input gradient — in fp32 and in bf16 on every
  * bf16 kernel this CPU reaches (the default one marked), each as GFLOP/s per core and % of its
  * unit's peak (float32 FMA for the kernels that widen bf16 to float32); then the fused attention
- * core at SD1.5's 512 px level-0 shapes (self and cross), fp32 and bf16.
+ * core at SD1.5's 512 px level-0 shapes (self and cross), fp32 and bf16. The fp32 rows name the
+ * ISA variant of the kernels (avx512, avx2, portable: native/src/variant.h), the default one and
+ * every lower one this CPU also runs.
  * GFLOP/s per core divides by the process's CPU seconds (not wall time), so a shared machine's
  * other load costs little accuracy; wall ms are shown too. Run: `node --import tsx bench/precision.ts`.
  */
@@ -109,11 +111,19 @@ export async function benchPrecision(reps = 3): Promise<Row[]> {
       peakOf: k === 'amx' || k === 'avx512-bf16' ? k : 'fp32-fma',
     })),
   ];
+  // the lower ISA variants of the fp32 kernels this CPU also runs (native/src/variant.h), against
+  // the same float32 FMA peak (the default variant's vector width)
+  const isa = addon.info().isa;
+  const lower = (addon.isaVariants ?? []).filter((v) => v !== isa).map((v) => ({ name: v, kernels: addon.variant!(v) }));
   for (const c of CASES()) {
     for (const v of variants) {
       addon.bf16Isa(v.isa);
       const t = time(c, addon, v.bf16, reps);
-      rows.push({ bench: 'gemm', case: c.name, variant: v.variant, ...t, pctOfPeak: Math.round((100 * t.gflopsPerCore) / peak[v.peakOf]!) });
+      rows.push({ bench: 'gemm', case: c.name, variant: v.variant === 'fp32' && isa ? `fp32 ${isa}` : v.variant, ...t, pctOfPeak: Math.round((100 * t.gflopsPerCore) / peak[v.peakOf]!) });
+    }
+    for (const v of lower) {
+      const t = time(c, v.kernels, false, reps);
+      rows.push({ bench: 'gemm', case: c.name, variant: `fp32 ${v.name}`, ...t, pctOfPeak: Math.round((100 * t.gflopsPerCore) / peak['fp32-fma']!) });
     }
   }
   addon.bf16Isa('');

@@ -166,7 +166,8 @@ const CASES = (): Case[] => [
 /** The variants to compare: every one this CPU runs (the first, the best, is the reference). */
 function variants(): NativeIsa[] {
   const addon = loadAddon();
-  return addon.isaVariants ?? [addon.info().isa];
+  assert.ok(addon.isaVariants && addon.variant, `${addonPath} predates the ISA variants (native/src/dispatch.cc): rebuild it with \`node scripts/build-native.mjs\``);
+  return addon.isaVariants;
 }
 
 test('every ISA variant this CPU runs computes what the best one does, within float32 rounding', { skip }, () => {
