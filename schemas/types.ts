@@ -563,7 +563,7 @@ export interface DreamboothJob {
    */
   fusedBackward: boolean;
   /**
-   * Keep the trained weights at bfloat16 precision: they start at their nearest bf16 values and each optimizer update is rounded stochastically (up with the probability of the dropped bits), so updates smaller than a bf16 step still move the weights on average, as bf16 training with stochastic rounding does on GPUs. On these backends the values are still held in float32 arrays, so this does not lower memory yet.
+   * Store the trained weights as bfloat16 (2 bytes a weight instead of 4: SDXL's UNet 5.1 GB instead of 10.3): they start at their nearest bf16 values and each optimizer update is rounded stochastically (up with the probability of the dropped bits), so updates smaller than a bf16 step still move the weights on average, as bf16 training with stochastic rounding does on GPUs. A float32 copy of a weight exists only while its checkpointed block runs or its update is applied, so this needs fusedBackward; the cpu-native and cpu backends only.
    */
   bf16Weights: boolean;
   /**
@@ -985,7 +985,7 @@ export interface FinetuneJob {
    */
   fusedBackward: boolean;
   /**
-   * Keep the trained weights at bfloat16 precision: they start at their nearest bf16 values and each optimizer update is rounded stochastically (up with the probability of the dropped bits), so updates smaller than a bf16 step still move the weights on average, as bf16 training with stochastic rounding does on GPUs. On these backends the values are still held in float32 arrays, so this does not lower memory yet.
+   * Store the trained weights as bfloat16 (2 bytes a weight instead of 4: SDXL's UNet 5.1 GB instead of 10.3): they start at their nearest bf16 values and each optimizer update is rounded stochastically (up with the probability of the dropped bits), so updates smaller than a bf16 step still move the weights on average, as bf16 training with stochastic rounding does on GPUs. A float32 copy of a weight exists only while its checkpointed block runs or its update is applied, so this needs fusedBackward; the cpu-native and cpu backends only.
    */
   bf16Weights: boolean;
   seed: number;

@@ -223,11 +223,22 @@ test('full-weight jobs: the memory-lever ladder against a limit, the least chang
     const job = { model: sparseSd15(dir), width: 512, height: 512, instancePrompt: 'sks', gradientCheckpointing: 'off' };
     const e = await estimateJob('dreambooth', job, { backend: 'cpu-native', memoryLimit: 8 * 2 ** 30 });
     const fit = e.fit!;
+    const bf16 = 'gradient checkpointing on, fused backward, trained weights stored in bf16';
     assert.deepEqual(fit.combinations.map((c) => c.label), [
-      'as given', 'gradient checkpointing on', 'gradient checkpointing on, fused backward', 'gradient checkpointing on, fused backward, optimizer adamw8bit',
+      'as given', 'gradient checkpointing on', 'gradient checkpointing on, fused backward', bf16, `${bf16}, optimizer adamw8bit`,
     ]);
     // SD1.5's UNet is 69% 3×3 convs, whose Adafactor state is 2/3 of their size: more than 8-bit AdamW's, so not offered
-    assert.match(fit.skipped.join('\n'), /optimizer adafactor: needs [\d.]+ GB, no less than gradient checkpointing on, fused backward, optimizer adamw8bit/);
+    assert.match(fit.skipped.join('\n'), /optimizer adafactor: needs [\d.]+ GB, no less than gradient checkpointing on, fused backward, trained weights stored in bf16, optimizer adamw8bit/);
+    // bf16 storage: the UNet's 3.4 GB of float32 weights become 1.7 GB of bits plus the largest block's copy (and the tape's)
+    const [fused, stored] = [fit.combinations[2]!, fit.combinations[3]!];
+    const saved = fused.peakBytes - stored.peakBytes;
+    assert.ok(saved > 1.2 * 2 ** 30 && saved < 1.75 * 2 ** 30, `bf16 storage saves ${saved / 2 ** 30} GB on SD1.5`);
+    const noted = await estimateJob('dreambooth', { ...job, gradientCheckpointing: 'on', fusedBackward: true, bf16Weights: true }, { backend: 'cpu-native', memoryLimit: 8 * 2 ** 30 });
+    assert.equal(noted.peakBytes, stored.peakBytes);
+    assert.ok(noted.notes.some((n) => /trained weights stored in bfloat16/.test(n)), noted.notes.join('\n'));
+    // a backend without host arrays: no bf16 rung, said why
+    const wasm = await estimateJob('dreambooth', job, { backend: 'wasm', memoryLimit: 8 * 2 ** 30 });
+    assert.match(wasm.fit!.skipped.join('\n'), /trained weights in bf16: the wasm backend has no host arrays/);
     const peaks = fit.combinations.map((c) => c.peakBytes);
     peaks.slice(1).forEach((p, i) => assert.ok(p < peaks[i]!, `each rung needs less: ${peaks}`));
     assert.equal(fit.pick, fit.combinations.findIndex((c) => c.peakBytes <= 8 * 2 ** 30));
@@ -236,6 +247,7 @@ test('full-weight jobs: the memory-lever ladder against a limit, the least chang
     const accum = await estimateJob('finetune', { ...job, gradAccum: 2, optimizer: 'adafactor', resolution: 512 }, { backend: 'cpu-native', memoryLimit: 1 });
     assert.deepEqual(accum.fit!.combinations.map((c) => c.label), ['as given', 'gradient checkpointing on']);
     assert.match(accum.fit!.skipped.join(), /fused backward: needs gradAccum 1/);
+    assert.match(accum.fit!.skipped.join(), /trained weights in bf16: needs the fused backward/);
     assert.equal(accum.fit!.pick, undefined);
     assert.ok(accum.notes.some((n) => /does not fit 0\.0 GB with any memory lever/.test(n)));
     // LoRA and the other methods have no ladder

@@ -4,9 +4,13 @@
  * memory, the one the job would pick (the first that fits: the least change from what was asked),
  * and a sentence saying which. The ladder, each rung adding to the one before:
  *   as given → gradient checkpointing on (every block recomputed) → fused backward (no whole
- *   gradient buffer) → 8-bit AdamW moments → Adafactor's factored moments.
- * A rung that cannot apply to the job is left out and said why (fused backward: gradAccum > 1 or
- * clipping by norm); an optimizer rung only where it uses less state than the job's own.
+ *   gradient buffer) → trained weights stored in bf16 (2 bytes a weight; needs the fused backward)
+ *   → 8-bit AdamW moments → Adafactor's factored moments.
+ * bf16 storage comes before the optimizer rungs: stochastic rounding keeps each update unbiased,
+ * while a different optimizer changes the training's dynamics. A rung that cannot apply to the job
+ * is left out and said why (fused backward: gradAccum > 1 or clipping by norm; bf16 storage: no
+ * fused backward, or a backend without host arrays); an optimizer rung only where it uses less
+ * state than the job's own.
  */
 
 /** Optimizer state per parameter, most to least (estimate-methods.ts OPTIMIZER_BYTES). */
@@ -31,8 +35,11 @@ export interface MemoryFit {
   skipped: string[];
 }
 
-/** The ladder's option changes for `spec` (cumulative), and the rungs that cannot apply. */
-export function ladderFor(spec: Record<string, unknown>): { rungs: Record<string, unknown>[]; skipped: string[] } {
+/** Backends whose tensors live in host arrays, where bf16Weights can store them (nets/bf16-store.ts). */
+const BF16_STORE_BACKENDS = ['cpu-native', 'cpu'];
+
+/** The ladder's option changes for `spec` on `backend` (cumulative), and the rungs that cannot apply. */
+export function ladderFor(spec: Record<string, unknown>, backend = 'cpu-native'): { rungs: Record<string, unknown>[]; skipped: string[] } {
   const rungs: Record<string, unknown>[] = [{}];
   const skipped: string[] = [];
   let at: Record<string, unknown> = {};
@@ -45,6 +52,10 @@ export function ladderFor(spec: Record<string, unknown>): { rungs: Record<string
   if (spec.fusedBackward === true) { /* already on */ } else if (accum > 1) skipped.push(`fused backward: needs gradAccum 1 (the job sums ${accum})`);
   else if (spec.clipGrad === 'norm') skipped.push('fused backward: cannot clip by the global norm (clipGrad norm)');
   else add({ fusedBackward: true });
+  const fused = spec.fusedBackward === true || at.fusedBackward === true;
+  if (spec.bf16Weights === true) { /* already on */ } else if (!fused) skipped.push('trained weights in bf16: needs the fused backward');
+  else if (!BF16_STORE_BACKENDS.includes(backend)) skipped.push(`trained weights in bf16: the ${backend} backend has no host arrays to store them in`);
+  else add({ bf16Weights: true });
   const own = OPTIMIZERS.indexOf(String(spec.optimizer ?? 'adamw'));
   for (const name of OPTIMIZERS.slice(Math.max(0, own) + 1)) add({ optimizer: name });
   return { rungs, skipped };
@@ -54,6 +65,7 @@ export function describeChanges(changes: Record<string, unknown>): string {
   const parts: string[] = [];
   if (changes.gradientCheckpointing === 'on') parts.push('gradient checkpointing on');
   if (changes.fusedBackward === true) parts.push('fused backward');
+  if (changes.bf16Weights === true) parts.push('trained weights stored in bf16');
   if (typeof changes.optimizer === 'string') parts.push(`optimizer ${changes.optimizer}`);
   return parts.length ? parts.join(', ') : 'as given';
 }
@@ -62,8 +74,9 @@ export function describeChanges(changes: Record<string, unknown>): string {
 export async function fitLadder(
   spec: Record<string, unknown>, limitBytes: number,
   estimate: (spec: Record<string, unknown>) => Promise<{ peakBytes: number; secondsPerStep: number }>,
+  backend?: string,
 ): Promise<MemoryFit> {
-  const { rungs, skipped } = ladderFor(spec);
+  const { rungs, skipped } = ladderFor(spec, backend);
   const combinations: MemoryCombination[] = [];
   for (const changes of rungs) {
     const e = await estimate({ ...spec, ...changes });

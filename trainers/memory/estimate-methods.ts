@@ -34,6 +34,11 @@ export interface MethodPlan {
    */
   fusedUnetGradients: boolean;
   /**
+   * bf16Weights with the fused backward (nets/bf16-store.ts): the trained weights held as 2-byte
+   * bf16 bits; float32 copies only of the running block's and of those read outside every block.
+   */
+  bf16Stored?: boolean;
+  /**
    * The text encoders are freed after preparation (SDXL LoRA without text adapters and with fixed
    * prompts: each prompt encoded once, train/sdxl-text-cache.ts): counted while preparing only.
    */
@@ -126,6 +131,7 @@ export function methodPlan(type: string, spec: Record<string, unknown>, shapes: 
       return {
         ...base, ...(side ? { width: side, height: side } : {}),
         trainableParams: unet + text, ownValueBytes: 0, unetWeightsTrain: true, textTrains: trainTe, fusedUnetGradients: fused,
+        bf16Stored: fused && spec.bf16Weights === true,
         // SDXL Dreambooth with frozen encoders: its fixed prompts encoded once, the encoders released (dreambooth-xl.ts)
         textReleased: type === 'dreambooth' && xl && !trainTe,
         // the UNet's share of the gradient bytes leaves the per-parameter cost when fused (estimate.ts adds one block's)

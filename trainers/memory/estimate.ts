@@ -228,7 +228,7 @@ export async function estimateJob(type: string, spec: Record<string, unknown>, o
   const estimate = estimateShapes(type, spec, shapes, family, backend, budget, gpuSide);
   if ((type === 'dreambooth' && spec.lora !== true) || type === 'finetune') {
     const limit = opts.memoryLimit ?? gpuSide?.budget ?? FIT_SHARE * totalmem();
-    estimate.fit = await fitLadder(spec, limit, async (s) => estimateShapes(type, s, shapes, family, backend, budget, gpuSide));
+    estimate.fit = await fitLadder(spec, limit, async (s) => estimateShapes(type, s, shapes, family, backend, budget, gpuSide), backend);
     estimate.notes.push(describeFit(estimate.fit));
   }
   return estimate;
@@ -342,10 +342,14 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const half = spec.halfFrozenWeights === true;
   const unetF32 = paramBytes(shapes, ['model.diffusion_model.']);
   const textF32 = paramBytes(shapes, ['cond_stage_model.', 'conditioner.']);
-  const upcastUnet = memory.checkpointing ? Math.max(...job.blocks.map((b) => b.weightBytes)) : unetF32;
+  const largestBlock = Math.max(...job.blocks.map((b) => b.weightBytes));
+  const upcastUnet = memory.checkpointing ? largestBlock : unetF32;
+  // bf16-stored trained UNet: the bits, the running block's float32 copy, and the weights read
+  // outside every block (time/label embeddings, out.*), float32 for the whole step
+  const onTapeUnet = Math.max(0, unetF32 - job.blocks.reduce((a, b) => a + b.weightBytes, 0));
   const weightBytes = {
     text: half && plan.frozen.text ? textF32 / 2 + textF32 / Math.max(1, text.layers) : textF32,
-    unet: half && plan.frozen.unet ? unetF32 / 2 + upcastUnet : unetF32,
+    unet: plan.bf16Stored ? unetF32 / 2 + largestBlock + onTapeUnet : half && plan.frozen.unet ? unetF32 / 2 + upcastUnet : unetF32,
     vaeEncoder: paramBytes(shapes, ['first_stage_model.encoder.', 'first_stage_model.quant_conv.']),
     vaeDecoder: num(spec.previewEvery ?? spec.sampleEvery, job.type === 'finetune' ? 0 : 500) > 0 ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0,
     // fused backward: the gradients of the block whose recompute just ended (at most the largest block's)
@@ -363,7 +367,8 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const mergedBytes = plan.mergedWeightBytes * blockShare;
 
   const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
-  const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + weightBytes.unet + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
+  // the model loads in float32; a bf16 store takes the trained weights over once it is loaded
+  const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + (plan.bf16Stored ? unetF32 : weightBytes.unet) + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
   // the final save (and each snapshot) of a full-weight job: weights, the state that stays, one
   // tensor in conversion (the optimizer state streams into its file, estimate-methods.ts)
   const largest = Math.max(...[...shapes.values()].map((s) => numel(s))) * F32;
@@ -394,6 +399,7 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   notes.push(half && (plan.frozen.unet || plan.frozen.text) ? `frozen weights held in ${bf16 ? 'bfloat16' : 'float16'}, upcast per layer` : 'weights are held in float32 (F16/BF16 checkpoints are upcast when loaded)');
   notes.push(`${describeMemory(memory)}`);
   if (plan.textReleased) notes.push('SDXL text encoders: each prompt encoded once, then the encoders are released (counted while preparing only)');
+  if (plan.bf16Stored) notes.push('trained weights stored in bfloat16 (2 bytes each), float32 only for the running block and the weights read outside every block');
   if (plan.fusedUnetGradients) notes.push('fused backward: each UNet block\'s gradients applied and freed as its recompute ends (no whole-model gradient buffer)');
   return {
     peakBytes: Math.round(Math.max(prepPeakBytes, trainPeakBytes, savePeakBytes)), secondsPerStep, backend, notes, memory,

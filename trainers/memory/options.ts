@@ -13,6 +13,8 @@ export interface MemorySpec {
   halfFrozenWeights: boolean;
   /** Each gradient applied and freed as the backward pass completes it (train/loop.ts); needs every block checkpointed. */
   fusedBackward?: boolean;
+  /** Trained weights stored as bfloat16 (nets/bf16-store.ts); needs fusedBackward. */
+  bf16Weights?: boolean;
 }
 
 /** What unetForward does; absent = everything whole (the reference path the goldens check). */
@@ -45,6 +47,8 @@ export function unetMemoryFor(spec: Partial<MemorySpec>, fits: boolean): UNetMem
   const ckpt = spec.gradientCheckpointing ?? 'auto';
   const slicing = spec.attentionSlicing ?? 'auto';
   // a block's weight gradients are complete when its recompute ends; without checkpointing they all arrive at the end
+  // a weight's float32 copy may be dropped only when its block's gradient has been applied, which the fused backward does mid-pass
+  if (spec.bf16Weights === true && spec.fusedBackward !== true) throw new Error('bf16Weights stores the trained weights as 2-byte bfloat16, which needs fusedBackward (a float32 copy lives only while its checkpointed block runs and its update is applied): turn fusedBackward on (with gradAccum 1 and clipGrad value or disabled), or turn bf16Weights off');
   if (spec.fusedBackward === true && ckpt === 'off') throw new Error('fusedBackward needs gradient checkpointing (every UNet block is recomputed and its gradients applied at once): set gradientCheckpointing auto or on, or turn fusedBackward off');
   return {
     checkpointing: ckpt === 'on' || (ckpt === 'auto' && (!fits || spec.halfFrozenWeights === true || spec.fusedBackward === true)),

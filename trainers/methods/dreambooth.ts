@@ -156,7 +156,8 @@ export async function initDreamboothState(run: DbRun, spec: DbSpec, paths: RunPa
   }
   // SDXL: OpenCLIP-G its own group (its own rate, textEncoder2Lr), CLIP-L the text group
   const optimizer = makeTrainableOptimizer(spec.optimizer, unet, spec.trainTextEncoder ? text : new Map(), { text2Keys: textXl ? xlText2Keys(textXl) : undefined });
-  if (spec.bf16Weights) useBf16Weights(optimizer, new Map([...unet, ...(spec.trainTextEncoder ? text : [])]), spec.seed);
+  // stored as bf16 bits (the job requires fusedBackward with it: memory/options.ts)
+  if (spec.bf16Weights) useBf16Weights(optimizer, new Map([...unet, ...(spec.trainTextEncoder ? text : [])]), spec.seed, { store: true });
   if (from) await restoreOptimizer(optimizer, optimPath(paths, spec.name, step), ctx);
   ctx.emit({ type: 'log', level: 'info', message: from ? `continuing ${from} from step ${step}` : `training ${unet.size + (spec.trainTextEncoder ? text.size : 0)} tensors with ${spec.optimizer}` });
   return { unet, text, step, optimizer };
@@ -296,10 +297,12 @@ export const dreambooth: MethodDefinition<DbSpec, unknown> = {
     }
   },
   async load({ spec, paths, from, backend, onRelease }, ctx) {
+    let state: DbState | undefined;
+    // runs after the weights are freed: a bf16 weight store (optim/bf16-round.ts) then refills nothing
+    onRelease(() => state?.optimizer.dispose());
     const run = await prepareDreambooth(spec, ctx, backend);
     onRelease(() => releaseDreambooth(run));
-    const s = await initDreamboothState(run, spec, paths, from?.path, ctx);
-    onRelease(() => s.optimizer.dispose());
+    const s = (state = await initDreamboothState(run, spec, paths, from?.path, ctx));
     s.optimizer.done = s.step;
     s.optimizer.textLr = textSchedule(spec);
     if (s.optimizer.text2) s.optimizer.text2.lr = text2Schedule(spec);

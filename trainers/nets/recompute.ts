@@ -26,8 +26,13 @@
  * replaces `engine.state.activeTape` (engine.js startTape/gradients, tfjs-core 4.22) and the outer
  * pass still needs its own at the end, so it is put back; the fused census wraps
  * `engine.runKernelFunc` (every op and customGrad goes through it) for the forward pass only.
+ *
+ * Trained weights stored as bf16 (nets/bf16-store.ts) are released here: a block's float32 copies
+ * after its forward and after its recompute (once its complete gradients were applied), the
+ * tape's (`onTape`) at the end of the step.
  */
 import { tf, type Tensor } from '../backend/tf.ts';
+import { activeBf16Store } from './bf16-store.ts';
 
 interface Collection {
   vars: tf.Variable[];
@@ -79,6 +84,7 @@ export function checkpointed(fn: (...xs: Tensor[]) => Tensor, inputs: Tensor[]):
   } finally {
     for (const v of census.block) census.pending.set(v, (census.pending.get(v) ?? 0) + 1);
     census.block = undefined;
+    activeBf16Store()?.release(census.onTape);
   }
 }
 
@@ -111,6 +117,7 @@ function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor,
     state.activeTape = outerTape;
   }
   if (c.fused) handOver(c, c.fused, complete);
+  activeBf16Store()?.release(c.fused?.onTape ?? new Set(c.vars));
   return inputGrads;
 }
 
@@ -175,6 +182,8 @@ export function lossAndGrads(
     c.fused = { onGrad: (v, g) => onGrad(names.get(v)!, g), known: new Set(c.vars), pending: new Map(), onTape: new Set(), forward: false };
   }
   collection = c;
+  const store = activeBf16Store();
+  if (store) store.sticky = true; // float32 copies stay until released at block ends (the file comment)
   try {
     const loss = () => {
       const run = () => {
@@ -199,5 +208,9 @@ export function lossAndGrads(
   } finally {
     tf.dispose([...c.side.values()]);
     collection = undefined;
+    if (store) {
+      store.sticky = false;
+      store.release();
+    }
   }
 }

@@ -17,6 +17,7 @@ import type { tf } from '../backend/tf.ts';
 import { Rng } from '../random.ts';
 import { assignValues, hostValues } from './native.ts';
 import type { TrainableOptimizer } from './trainable.ts';
+import { Bf16Store } from '../nets/bf16-store.ts';
 
 /** `values` stochastically rounded to bfloat16 precision (a new array; NaN/Inf kept). */
 export function stochasticRoundBf16(values: Float32Array, rng: Rng): Float32Array {
@@ -60,12 +61,34 @@ export function bf16Rounder(seed: number): (name: string, variable: tf.Variable,
   };
 }
 
+let storeOn = true;
+
+/** false: jobs keep bf16Weights as float32 arrays of bf16-exact values (the emulation), for tests comparing both. */
+export function setBf16Store(on: boolean): void {
+  storeOn = on;
+}
+
 /**
  * Turn on bf16Weights for `optimizer` over `vars` (the trained ones): the weights start at their
  * nearest bf16 values (as loading the checkpoint in bfloat16 would give) and every update is
- * rounded stochastically from then on.
+ * rounded stochastically from then on. With `store` (the jobs, which run the fused backward) the
+ * weights are also HELD as bf16 bits between uses (nets/bf16-store.ts: 2 bytes a weight instead of
+ * 4); without it they stay float32 arrays of bf16-exact values — the same numbers, bit for bit.
  */
-export function useBf16Weights(optimizer: TrainableOptimizer, vars: Map<string, tf.Variable>, seed: number): void {
+export function useBf16Weights(optimizer: TrainableOptimizer, vars: Map<string, tf.Variable>, seed: number, opts: { store?: boolean } = {}): void {
   for (const v of vars.values()) assignValues(v, nearestBf16(hostValues(v) ?? (v.dataSync() as Float32Array)));
-  optimizer.round = { vars, apply: bf16Rounder(seed) };
+  const round = bf16Rounder(seed);
+  if (!opts.store || !storeOn) {
+    optimizer.round = { vars, apply: round };
+    return;
+  }
+  const store = new Bf16Store(vars.values());
+  optimizer.round = {
+    vars,
+    apply: (name, v, step) => {
+      round(name, v, step);
+      store.commit(v); // the rounded values are bf16-exact: their upper halves are kept, the float32 array dropped
+    },
+    dispose: () => store.dispose(),
+  };
 }

@@ -12,6 +12,7 @@
  */
 import { tf, currentBackend, type Tensor } from '../backend/tf.ts';
 import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
+import { storedValues } from '../nets/bf16-store.ts';
 
 export type OptimKernels = Required<Pick<NativeAddon, 'adamwStep' | 'adamw8bitStep' | 'emaUpdate' | 'finiteWithin' | 'sumSquares'>>;
 
@@ -38,9 +39,14 @@ interface CpuBackend {
   data: { get(dataId: object): { values?: unknown } };
 }
 
-/** A float32 CPU tensor's own values (read only!), or undefined when it has none on the host. */
+/**
+ * A float32 CPU tensor's own values (read only!), or undefined when it has none on the host. A
+ * weight held as bf16 bits (nets/bf16-store.ts) gives a decoded copy when it is not resident.
+ */
 export function hostValues(t: Tensor): Float32Array | undefined {
   if (t.dtype !== 'float32' || tf.getBackend() !== 'cpu') return undefined;
+  const stored = storedValues(t);
+  if (stored) return stored;
   const v = (tf.backend() as unknown as CpuBackend).data.get(t.dataId).values;
   return v instanceof Float32Array && v.length === t.size ? v : undefined;
 }

@@ -89,7 +89,7 @@ export class TrainableOptimizer {
    * bf16Weights (optim/bf16-round.ts): after each update a parameter's values are rounded
    * stochastically to bfloat16 precision, keyed by its name and the step.
    */
-  round?: { vars: Map<string, tf.Variable>; apply: (name: string, variable: tf.Variable, step: number) => void };
+  round?: { vars: Map<string, tf.Variable>; apply: (name: string, variable: tf.Variable, step: number) => void; dispose?: () => void };
   /**
    * SDXL's second text encoder (OpenCLIP-G, kohya te2) as its own group (`withText2`): its keys
    * are also in `textKeys` (the text side: same step limit), their updates at `text2Lr`.
@@ -176,6 +176,7 @@ export class TrainableOptimizer {
     this.unet.dispose();
     this.text?.dispose();
     this.text2?.optimizer.dispose();
+    this.round?.dispose?.();
   }
 }
 

@@ -83,6 +83,9 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
   preflight: (spec) => checkTextEncoder2Lr(spec),
   async load({ spec, paths, from, backend, onRelease }, ctx) {
     const data = await prepareData(spec, ctx);
+    let optimizer: TrainableOptimizer | undefined;
+    // runs after the weights are freed: a bf16 weight store (optim/bf16-round.ts) then refills nothing
+    onRelease(() => optimizer?.dispose());
     const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { xl: true, prediction: spec.prediction })) as FtRun['model'];
     onRelease(async () => {
       disposeParams(model.unet.params);
@@ -107,8 +110,7 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
       items: expandRepeats(trainSamples.map((s) => s.image)),
       trainable, ema: spec.ema ? await Ema.fromParams(trainable, { decay: spec.emaDecay, every: spec.emaEvery }) : undefined, runDir: paths.runDir, decoder,
     };
-    const optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(textVars.keys()), model.textXl ? xlText2Keys(model.textXl) : undefined);
-    onRelease(() => optimizer.dispose());
+    optimizer = makeFinetuneOptimizer(spec, run.trainable, new Set(textVars.keys()), model.textXl ? xlText2Keys(model.textXl) : undefined);
     const startStep = from?.step ? await resume(run, optimizer, from.step, ctx) : 0;
     return ftSession(run, optimizer, startStep, ctx);
   },

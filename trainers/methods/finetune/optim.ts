@@ -38,6 +38,7 @@ export function makeFinetuneOptimizer(
   const optimizer = makeTrainableOptimizer(spec.optimizer, unetVars, textVars, {
     text2Keys, textLr: finetuneLrSchedule(spec, textPeak), text2Lr: finetuneLrSchedule(spec, spec.textEncoder2Lr ?? textPeak),
   });
-  if (spec.bf16Weights) useBf16Weights(optimizer, trainable, spec.seed ?? 0);
+  // stored as bf16 bits (the job requires fusedBackward with it: memory/options.ts)
+  if (spec.bf16Weights) useBf16Weights(optimizer, trainable, spec.seed ?? 0, { store: true });
   return optimizer;
 }
