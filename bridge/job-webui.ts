@@ -4,13 +4,15 @@
  * outcome), the gentler mode (pause the job while the webui is generating: between steps when the
  * method calls ctx.waitIfPaused, else frozen with SIGSTOP; see WorkerProcess.pause), and after an
  * output: refresh the webui's list, then check it really registered the file ("ready: use
- * `pallas_cat`" or the webui's reason).
+ * `pallas_cat`" or the webui's reason). A job whose output this webui cannot use at all (a
+ * hypernetwork on Forge or SD.Next: webui-flavours.ts) is told so as it starts, not only after.
  */
 import type { JobRecord, WebuiEvent } from '../schemas/index.ts';
+import type { JobEvent, OutputKind } from '../trainers/job.ts';
 import type { WebuiClient, WebuiOutcome } from './webui.ts';
 import type { WorkerProcess } from './worker-host.ts';
 
-type Publish = (jobId: string, event: WebuiEvent) => void;
+type Publish = (jobId: string, event: WebuiEvent | Extract<JobEvent, { type: 'log' }>) => void;
 
 const POLL_MS = 1000;
 
@@ -28,9 +30,12 @@ export class JobWebui {
     this.publish(jobId, { type: 'webui', action, ok: o.ok, message: o.message, ...(o.ready === undefined ? {} : { ready: o.ready }) });
   }
 
-  /** Before the worker starts (unload) or as it starts (pause poller). */
-  async before(jobId: string, worker: WorkerProcess): Promise<void> {
+  /** Before the worker starts (unload; a warning when the webui cannot use the output) or as it starts (pause poller). */
+  async before(jobId: string, worker: WorkerProcess, kind?: OutputKind): Promise<void> {
     if (!this.webui.configured) return;
+    // the flavour is known only while the webui answers; unknown (taken as A1111), nothing is claimed
+    const unusable = kind ? await this.webui.unusable(kind) : undefined;
+    if (unusable) this.publish(jobId, { type: 'log', level: 'warn', message: unusable });
     if (this.vram === 'unload') this.report(jobId, 'unload', await this.webui.unload());
     if (this.vram === 'pause') this.startPoller(jobId, worker);
   }

@@ -270,7 +270,7 @@ export class JobManager {
     const lockFile = join(this.store.jobDir(job.id), LOCK_FILE);
     if (!(await this.previousWorkerGone(job, lockFile))) return;
     await cleanOutputFolders(job.spec);
-    await this.webuiSide.before(job.id, worker);
+    await this.webuiSide.before(job.id, worker, this.opts.methods[job.type]?.outputKind);
     let lastPersist = Date.now();
     let terminal = false;
     const outcome = await worker.run(job.type, job.spec, lockFile, {

@@ -103,8 +103,12 @@ export const routes: RouteDef[] = [
   },
   {
     method: 'get', path: '/api/methods', tag: 'jobs', summary: 'Training methods and their job schemas', response: S('MethodList'),
-    handler: (_req, _res, ctx) => ({
-      methods: Object.entries(ctx.manager.methods).map(([type, m]) => ({ type, schema: m.schema, jsonSchema: getSchema(m.schema) })),
+    handler: async (_req, _res, ctx) => ({
+      methods: await Promise.all(Object.entries(ctx.manager.methods).map(async ([type, m]) => {
+        // what the webui cannot use at all (a hypernetwork on Forge or SD.Next), said where the method is picked
+        const webuiNote = m.outputKind && ctx.webui.configured ? await ctx.webui.unusable(m.outputKind) : undefined;
+        return { type, schema: m.schema, jsonSchema: getSchema(m.schema), ...(m.outputKind ? { outputKind: m.outputKind } : {}), ...(webuiNote ? { webuiNote } : {}) };
+      })),
     }),
   },
   {

@@ -16,8 +16,11 @@
  *   re-scans them) and no hypernetworks at all; `/sdapi/v1/embeddings` answers name lists.
  *
  * Detection asks for a route only one flavour registers: any answer but 404 (401 included: the
- * route exists behind Basic auth) means it is there.
+ * route exists behind Basic auth) means it is there. A webui folder alone (the CLI's `--webui-dir`)
+ * tells Forge by its `modules_forge/` package; A1111 and SD.Next are not told apart that way.
  */
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { OutputKind } from '../trainers/job.ts';
 
 export type Flavour = 'a1111' | 'forge' | 'sdnext';
@@ -81,4 +84,16 @@ export function embeddingLists(body: unknown): { loaded: string[]; skipped: Skip
     return typeof detail?.shape === 'number' ? { name, shape: detail.shape } : { name };
   });
   return { loaded: names(b.loaded), skipped };
+}
+
+/** The flavour a webui folder shows by its files: Forge (its `modules_forge/` package), else unknown. */
+export async function flavourOfDir(dir: string): Promise<Flavour | undefined> {
+  const forge = await stat(join(dir, 'modules_forge')).then((st) => st.isDirectory(), () => false);
+  return forge ? 'forge' : undefined;
+}
+
+/** Why the webui in `dir` cannot use an output of `kind` at all (a hypernetwork on Forge), as far as its folder tells. */
+export async function unusableInDir(dir: string, kind: OutputKind): Promise<string | undefined> {
+  const flavour = await flavourOfDir(dir);
+  return flavour ? SUPPORT[flavour][kind].unusable : undefined;
 }

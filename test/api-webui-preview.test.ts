@@ -3,7 +3,8 @@
  * webui's folder under a temporary name, refreshed, rendered with `POST /sdapi/v1/txt2img`
  * (the user's sampler and VAE: neither is sent) and saved as `<name>-<step>-webui.png` with a
  * preview event; the copy is gone afterwards. A webui that is down or fails the generation only
- * costs a log event; `--webui-previews off` turns it off.
+ * costs a log event; `--webui-previews off` turns it off. A hypernetwork job on Forge or SD.Next
+ * (which never apply one) is warned as it starts.
  */
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
@@ -79,11 +80,13 @@ describe('previews through the webui', () => {
 
   test('a hypernetwork snapshot is used as <hypernet:…:1> after the extension refresh', async () => {
     await withWebui({}, async (t, webui, dirs) => {
-      const { job } = await runJob(t, 'stub_hypernetwork', 'hn');
+      const { job, messages } = await runJob(t, 'stub_hypernetwork', 'hn');
       assert.equal(job.state, 'finished', job.error);
       assert.ok(webui.txt2img.length >= 1);
       assert.equal(webui.txt2img[0]!.payload.prompt, `a photo <hypernet:${PREVIEW_PREFIX}hn-5:1>`);
       assert.ok(paths(webui).includes('POST /sidetrain/refresh-hypernetworks'));
+      assert.ok(!messages.some((m) => m.type === 'log' && m.level === 'warn'), 'AUTOMATIC1111 applies hypernetworks: no warning');
+      assert.ok(!(await t.api('/api/methods')).body.methods.some((m: { webuiNote?: string }) => m.webuiNote));
       assert.deepEqual(leftovers(dirs), []);
     });
   });
@@ -95,6 +98,12 @@ describe('previews through the webui', () => {
         assert.equal(job.state, 'finished', job.error);
         assert.equal(webui.txt2img.length, 0, flavour);
         assert.ok(messages.some((m) => m.type === 'log' && /webui preview at step 5 failed \((Forge lists hypernetworks|SD.Next does not support hypernetworks)/.test(m.message)), flavour);
+        // said where the method is picked (GET /api/methods) and as the job starts, before its first step
+        const picked = (await t.api('/api/methods')).body.methods as { type: string; webuiNote?: string }[];
+        assert.match(picked.find((m) => m.type === 'stub_hypernetwork')?.webuiNote ?? '', /^(Forge lists hypernetworks|SD.Next does not support hypernetworks)/, flavour);
+        assert.equal(picked.find((m) => m.type === 'stub')?.webuiNote, undefined, `${flavour}: embeddings are fine`);
+        const warned = messages.findIndex((m) => m.type === 'log' && m.level === 'warn' && /^(Forge lists hypernetworks|SD.Next does not support hypernetworks)/.test(m.message));
+        assert.ok(warned >= 0 && warned < messages.findIndex((m) => m.type === 'step'), `${flavour}: warned before the first step`);
         assert.match(job.webui.message, /^not usable here: /);
         assert.deepEqual(leftovers(dirs), []);
       }, flavour);

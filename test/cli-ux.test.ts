@@ -2,7 +2,8 @@
  * @file The CLI as a new user meets it (issue 22): `--help` shows what to type and the defaults;
  * a bad value or an unknown flag gives one line naming the flag; missing fields are named as
  * flags; `--webui-dir` puts the output into that webui's folders, is checked before anything
- * runs, and the run ends with a summary of every path; without a terminal, progress comes as
+ * runs (a hypernetwork into a Forge folder is warned: Forge ignores them), and the run ends with
+ * a summary of every path; without a terminal, progress comes as
  * lines.
  */
 import { test } from 'node:test';
@@ -58,6 +59,21 @@ test('a bad value, an unknown flag and a missing field: one line each, naming th
   assert.doesNotMatch(missing.stderr, /\/instancePrompt/);
 });
 
+test('train hn --webui-dir on Forge: a warning that Forge ignores hypernetworks, before anything runs; none for A1111', async () => {
+  const a1111 = await fakeWebui();
+  const forge = await fakeWebui();
+  await mkdir(join(forge, 'modules_forge'));
+  const args = (dir: string) => ['train', 'hn', '--model', MODEL, '--images', IMAGES, '--name', 'x', '--webui-dir', dir, '--dry-run'];
+  const f = cli(args(forge));
+  assert.equal(f.code, 0, f.stderr);
+  assert.match(f.stderr, /^warning: Forge lists hypernetworks but never applies them/);
+  const a = cli(args(a1111));
+  assert.equal(a.code, 0, a.stderr);
+  assert.doesNotMatch(a.stderr, /warning/);
+  const ti = cli(['train', 'ti', '--model', MODEL, '--images', IMAGES, '--name', 'x', '--webui-dir', forge, '--dry-run']);
+  assert.doesNotMatch(ti.stderr, /warning/, 'embeddings work in Forge');
+});
+
 test('--webui-dir that is not a webui is refused before anything runs, naming the flag', () => {
   const r = cli(['train', 'ti', '--model', MODEL, '--images', IMAGES, '--name', 'x', '--webui-dir', '/nonexistent/webui']);
   assert.equal(r.code, 1);
@@ -95,6 +111,21 @@ test('estimate answers how long in total and whether it fits this machine now; t
   assert.ok(json.startSeconds >= 4, String(json.startSeconds));
   assert.equal(json.totalSeconds, json.startSeconds + json.secondsPerStep * 400);
   assert.equal(typeof json.fitsNow, 'boolean');
+});
+
+test('estimate on an SDXL checkpoint: Dreambooth, fine-tune and hypernetwork, each at the size its run trains at', () => {
+  const xl = ['--model', 'test/fixtures/sdxl-tiny/model.safetensors', '--images', IMAGES, '--name', 'x'];
+  const db = cli(['estimate', 'dreambooth', ...xl, '--instance-prompt', 'a sks cat']);
+  assert.equal(db.code, 0, db.stderr);
+  assert.match(db.stdout, /^dreambooth on \S+ at 1024×1024 \(the model's native size\)/m);
+  assert.match(db.stdout, /^memory levers against/m, 'the fit ladder');
+  assert.match(cli(['estimate', 'finetune', ...xl, '--resolution', '256']).stdout, /^finetune on \S+ at buckets of at most 256² px/m);
+  const hn = cli(['estimate', 'hn', ...xl, '--width', '512', '--height', '768']);
+  assert.match(hn.stdout, /^hypernetwork on \S+ at 512×768,/m);
+  for (const args of [['dreambooth', '--instance-prompt', 'a sks cat'], ['finetune'], ['hn']]) {
+    const json = JSON.parse(cli(['estimate', args[0]!, ...xl, ...args.slice(1), '--json']).stdout);
+    assert.ok(json.peakBytes > 0 && json.secondsPerStep > 0 && json.breakdown.weightBytes.trainable > 0, args[0]);
+  }
 });
 
 test('names in any alphabet, as the webui allows them ("café", "猫"); path characters still refused', async () => {

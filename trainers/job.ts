@@ -65,4 +65,6 @@ export interface MethodEntry {
   load(): Promise<JobRunner>;
   /** `--dry-run` report of the method's data (the dataset report, buckets, class images); loads no model. */
   dryRun?(): Promise<(spec: Record<string, unknown>) => Promise<string>>;
+  /** What it writes when every job of it writes the same kind (the bridge warns before a run the webui cannot use). */
+  outputKind?: OutputKind;
 }

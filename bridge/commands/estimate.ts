@@ -14,6 +14,7 @@ import { getSchema, validate } from '../../schemas/index.ts';
 import { addSchemaOptions, flagErrors, type Prop } from './flags.ts';
 import { methods } from '../../trainers/methods/index.ts';
 import { estimateJob, type JobEstimate } from '../../trainers/memory/estimate.ts';
+import { headerFamily, nativeResolution } from '../../trainers/io/checkpoint.ts';
 
 const ALIASES: Record<string, string> = { textual_inversion: 'ti', hypernetwork: 'hn' };
 
@@ -58,10 +59,21 @@ export function verdict(spec: Record<string, unknown>, e: JobEstimate, mem = { f
   return [...(time ? [time] : []), `memory        ${fits}`];
 }
 
-export function formatEstimate(type: string, spec: Record<string, unknown>, e: JobEstimate): string {
+/**
+ * The size the run trains at, as the estimate assumes it: fine-tune's buckets of at most
+ * resolution² pixels, else width × height, else the model's native size (SDXL 1024) as the run fills it in.
+ */
+export async function trainedSize(spec: Record<string, unknown>): Promise<string> {
+  if (typeof spec.resolution === 'number') return `buckets of at most ${spec.resolution}² px`;
+  if (typeof spec.width === 'number' && typeof spec.height === 'number') return `${spec.width}×${spec.height}`;
+  const side = nativeResolution((typeof spec.model === 'string' ? await headerFamily(spec.model) : undefined) ?? 'sd1');
+  return `${side}×${side} (the model's native size)`;
+}
+
+export function formatEstimate(type: string, spec: Record<string, unknown>, e: JobEstimate, size = `${spec.width}×${spec.height}`): string {
   const w = e.breakdown.weightBytes;
   return [
-    `${type} on ${spec.model} at ${spec.width}×${spec.height}, batch ${spec.batchSize}, backend ${e.backend}`,
+    `${type} on ${spec.model} at ${size}, batch ${spec.batchSize}, backend ${e.backend}`,
     ...verdict(spec, e),
     `peak memory   ${gb(e.peakBytes)}  (loading + caching latents ${gb(e.breakdown.prepPeakBytes)}, training ${gb(e.breakdown.trainPeakBytes)})`,
     `time per step ${e.secondsPerStep.toFixed(1)} s  (${e.breakdown.denseGflop} GFLOP dense + ${e.breakdown.attentionGflop} GFLOP attention)`,
@@ -91,7 +103,7 @@ export function registerEstimate(program: Command): void {
       const e = await estimateJob(type, spec, { backend: typeof opts.backend === 'string' ? opts.backend : undefined, memoryLimit });
       const steps = typeof spec.steps === 'number' ? spec.steps : undefined;
       const answer = { ...e, startSeconds: startSeconds(e), totalSeconds: steps ? totalSeconds(e, steps) : undefined, freeBytes: freemem(), totalBytes: totalmem(), fitsNow: e.peakBytes <= freemem() };
-      console.log(opts.json ? JSON.stringify(answer, null, 2) : formatEstimate(type, spec, e));
+      console.log(opts.json ? JSON.stringify(answer, null, 2) : formatEstimate(type, spec, e, await trainedSize(spec)));
     });
   }
 }

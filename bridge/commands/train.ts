@@ -14,6 +14,7 @@ import { PathError } from '../../trainers/io/paths.ts';
 import { roleOf } from '../spec.ts';
 import { checkWebuiDir, folderResolver, fromEnv } from '../config.ts';
 import type { WebuiClient } from '../webui.ts';
+import { unusableInDir } from '../webui-flavours.ts';
 import { lrScheduleError } from '../../trainers/optim/lr.ts';
 import { methods } from '../../trainers/methods/index.ts';
 import type { JobEvent, JobResult } from '../../trainers/job.ts';
@@ -107,7 +108,10 @@ export function registerTrain(program: Command): void {
     addSchemaOptions(cmd, props);
     cmd.action(async (opts: Record<string, unknown>) => {
       const spec = specFrom(props, opts);
+      // a webui that cannot use the output at all (Forge ignores hypernetworks): said before anything runs
+      const note = typeof spec.webuiDir === 'string' && entry.outputKind ? await unusableInDir(spec.webuiDir, entry.outputKind) : undefined;
       await fillOutputFolders(entry.schema, spec); // before a dry run too: it shows the paths the run uses
+      if (note) console.error(`warning: ${note}`);
       if (spec.dryRun) return dryRun(type, spec);
       const report = progressReporter();
       const result = await runJobInProcess(type, spec, report);

@@ -172,6 +172,9 @@ function showMethod(type) {
   current = forms.find((f) => f.type === type);
   for (const f of forms) f.node.hidden = f !== current;
   for (const b of document.querySelectorAll('.method-tab')) b.classList.toggle('active', b.dataset.method === type);
+  // e.g. Forge ignores hypernetworks: said before anything is trained (GET /api/methods webuiNote)
+  $('.webui-note').textContent = current?.webuiNote ?? '';
+  $('.webui-note').hidden = !current?.webuiNote;
   // the previous method's numbers must not stay up, nor its answer still in flight land here
   estimateSeq++;
   showEstimate('Estimate: …');
@@ -179,7 +182,7 @@ function showMethod(type) {
 }
 
 function buildForms(methods, components, models) {
-  forms = methods.map((m) => ({ ...buildForm(m, components, models), type: m.type, required: m.jsonSchema?.required ?? [] }));
+  forms = methods.map((m) => ({ ...buildForm(m, components, models), type: m.type, required: m.jsonSchema?.required ?? [], webuiNote: m.webuiNote }));
   const label = (m) => (m.jsonSchema?.title ?? m.type).replace(/ job$/i, '');
   $('.method-tabs').replaceChildren(...methods.map((m) => el('button', { type: 'button', class: 'method-tab', 'data-method': m.type, onclick: () => showMethod(m.type) }, label(m))));
   $('.forms').replaceChildren(...forms.map((f) => f.node));

@@ -111,7 +111,7 @@ function makeRunner(kind: OutputKind) {
 }
 
 export const methods: Record<string, MethodEntry> = {
-  stub: { schema: 'stub-method', load: async () => makeRunner('embedding') },
-  stub_hypernetwork: { schema: 'stub-hypernetwork', load: async () => makeRunner('hypernetwork') },
+  stub: { schema: 'stub-method', load: async () => makeRunner('embedding'), outputKind: 'embedding' },
+  stub_hypernetwork: { schema: 'stub-hypernetwork', load: async () => makeRunner('hypernetwork'), outputKind: 'hypernetwork' },
   stub_no_schema: { schema: 'does-not-exist', load: async () => makeRunner('embedding') },
 };

@@ -6,16 +6,18 @@
  * (schemas/types.ts, generated from the same file), defaults filled in.
  */
 import { jobSpec, type JobSpecs } from '../../schemas/index.ts';
-import type { JobContext, JobResult, MethodEntry } from '../job.ts';
+import type { JobContext, JobResult, MethodEntry, OutputKind } from '../job.ts';
 
 /** A method's entry: its runner and `--dry-run` report, each given the spec typed by its schema. */
 function entry<K extends keyof JobSpecs>(
   schema: K,
   run: () => Promise<(spec: JobSpecs[K], ctx: JobContext) => Promise<JobResult>>,
   dryRun: () => Promise<(spec: JobSpecs[K]) => Promise<string>>,
+  outputKind?: OutputKind,
 ): MethodEntry {
   return {
     schema,
+    outputKind,
     load: async () => {
       const runner = await run();
       return (spec, ctx) => runner(jobSpec(schema, spec), ctx);
@@ -30,8 +32,8 @@ function entry<K extends keyof JobSpecs>(
 const datasetDryRun = async () => (await import('../train/prepare.ts')).datasetDryRun;
 
 export const methods: Record<string, MethodEntry> = {
-  textual_inversion: entry('textual-inversion', async () => (await import('./textual-inversion.ts')).runTextualInversion, datasetDryRun),
-  hypernetwork: entry('hypernetwork', async () => (await import('./hypernetwork.ts')).runHypernetwork, datasetDryRun),
+  textual_inversion: entry('textual-inversion', async () => (await import('./textual-inversion.ts')).runTextualInversion, datasetDryRun, 'embedding'),
+  hypernetwork: entry('hypernetwork', async () => (await import('./hypernetwork.ts')).runHypernetwork, datasetDryRun, 'hypernetwork'),
   dreambooth: entry(
     'dreambooth',
     async () => (await import('./dreambooth.ts')).runDreambooth,
