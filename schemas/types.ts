@@ -471,7 +471,7 @@ export interface DreamboothJob {
    */
   gradAccum: number;
   /**
-   * Training width in pixels (multiple of 8). Default: the model's native size, 1024 for SDXL and 512 for SD1/SD2. SD1/SD2: images are stretched to width × height unless doNotResize (the webui's rule). SDXL: each image is cut to the aspect-ratio bucket nearest its shape, of about width × height pixels with sides in steps of 64 (resized to cover it, centre crop), and trains with its original size, crop and bucket as size conditioning, as sgm and kohya do.
+   * Training width in pixels (multiple of 8). Default: the model's native size, 1024 for SDXL and 512 for SD1/SD2. SD1/SD2: images are stretched to width × height unless doNotResize (the webui's rule). SDXL: each image is cut to the aspect-ratio bucket nearest its shape, of about width × height pixels with sides in steps of 64 (resized to cover it, centre crop; with class images, which share every batch, cut to width × height itself), and trains with its original size, crop and bucket as size conditioning, as sgm and kohya do.
    */
   width?: number;
   /**

@@ -3,14 +3,16 @@
  * the UNet and both text encoders train and the output is a full checkpoint with every key,
  * shape and dtype of the input (CLIP-L's last block and final_layer_norm untouched); the fused
  * backward gives the same weights as the unfused step; cancel + resume ends bit-identical to an
- * uninterrupted run; `lora` writes an SDXL LoRA; textEncoders other than both need SDXL.
+ * uninterrupted run; `lora` writes an SDXL LoRA; textEncoders other than both need SDXL; each
+ * image is cut to its aspect bucket (to width × height when class images share the batches).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { copyFileSync, mkdtempSync } from 'node:fs';
 import { validate } from '../schemas/index.ts';
 import { openSafetensors } from '../trainers/io/safetensors.ts';
-import { dreamboothSpec, runDreambooth, type DbSpec } from '../trainers/methods/dreambooth.ts';
+import { dreamboothDryRun, dreamboothSpec, runDreambooth, type DbSpec } from '../trainers/methods/dreambooth.ts';
 import type { JobEvent } from '../trainers/job.ts';
 import { onGradBackend } from './helpers/golden.ts';
 import { ctxFor, jobSuite, readTensors } from './helpers/job-run.ts';
@@ -97,5 +99,17 @@ test('SDXL Dreambooth --lora writes an SDXL LoRA; textEncoders other than both a
     assert.ok(f.keys().some((k) => k.startsWith('lora_unet_input_blocks_')));
     await f.close();
     await assert.rejects(runDreambooth(specFor({ model: 'test/fixtures/sd-tiny/model.safetensors', textEncoders: 'clip-l' }), ctxFor([])), /textEncoders.*SDXL/);
+  });
+});
+
+test('SDXL Dreambooth: each image in its aspect bucket, as LoRA; with class images cut to width × height', async () => {
+  await onGradBackend(async () => {
+    const images = mkdtempSync(join(suite.tmp, 'wide-'));
+    for (const f of ['0042 blue square.jpg', '01-orange cat.png']) copyFileSync(join('test/fixtures/images', f), join(images, f));
+    const wide = { images, width: 256, height: 256, steps: 2, classPrompt: '', classImages: 0, trainTextEncoder: false };
+    assert.match(await dreamboothDryRun(specFor(wide)), /0042 blue square\.jpg {2}96×64 → 320×192/);
+    assert.match(await dreamboothDryRun(specFor({ ...wide, classPrompt: 'a photo of a cat', classImages: 1 })), /0042 blue square\.jpg {2}96×64 → 256×256/);
+    const r = await runDreambooth(specFor(wide), ctxFor([]));
+    assert.equal(r.step, 2, 'trains across buckets of two sizes');
   });
 });

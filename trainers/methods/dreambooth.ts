@@ -39,7 +39,7 @@ import type { JobContext, JobResult } from '../job.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
 import { TrainableOptimizer, makeTrainable, makeTrainableOptimizer, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
-import { datasetSession, diffusionBatch, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { datasetSession, diffusionBatch, imageFit, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { xlDreamboothOps, type DbFamilyOps } from './dreambooth-xl.ts';
 import type { XlTextCache } from '../train/sdxl-text-cache.ts';
 import { checkTextEncoder2Lr, encodersOf, makeXlTextVariables, xlText2Keys } from './full-xl.ts';
@@ -101,7 +101,8 @@ export async function prepareDreambooth(spec: DbSpec, ctx: JobContext, backend: 
   model.unet.memory = await chooseUNetMemory('dreambooth', spec, backend, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
-  const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx, spec.captionMode);
+  // SDXL: each image cut to its aspect bucket (to width × height with class images), as LoRA's (train/prepare.ts imageFit)
+  const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx, spec.captionMode, await imageFit(spec));
   const override = captionOverrideWarning(dataset, spec.captionMode, spec.instancePrompt);
   if (override) ctx.emit({ type: 'log', level: 'warn', message: override });
   const classes = await prepareClassSet(spec, model, tokenizer, hash, dataset.batchSize, ctx, model.vae);
@@ -253,7 +254,7 @@ export async function dreamboothDryRun(job: DreamboothJob): Promise<string> {
   const spec = dreamboothSpec(await withNativeSize(job));
   const quiet = { emit: () => {}, signal: new AbortController().signal };
   if (spec.lora) return loraDryRun(loraSpecOf(spec, quiet));
-  const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, quiet, spec.captionMode);
+  const set = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, quiet, spec.captionMode, await imageFit(spec));
   const report = datasetReport(set);
   report.template = `instance prompt ${JSON.stringify(spec.instancePrompt)}, captions: ${spec.captionMode}`;
   const override = captionOverrideWarning(set, spec.captionMode, spec.instancePrompt);

@@ -94,7 +94,7 @@ export interface PromptTemplates {
  * itself when class images share every batch (prior preservation: one latent size per batch).
  * SD1/SD2 images are stretched to width × height, as the webui does.
  */
-async function imageFit(spec: { model: string }): Promise<ImageFit> {
+export async function imageFit(spec: { model: string }): Promise<ImageFit> {
   if ((await headerFamily(spec.model)) !== 'sdxl') return 'stretch';
   const prior = spec as Partial<Pick<PriorSpec, 'classPrompt' | 'classImages'>>;
   return priorOn({ classPrompt: prior.classPrompt, classImages: prior.classImages ?? 0 }) ? 'crop' : 'buckets';

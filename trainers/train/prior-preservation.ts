@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import { tf, type Tensor } from '../backend/tf.ts';
 import { Dataset } from '../data/dataset.ts';
-import type { LatentSampling } from '../data/dataset.ts';
+import type { ImageFit, LatentSampling } from '../data/dataset.ts';
 import { instanceTemplates, type CaptionMode } from './instance-prompts.ts';
 import type { ClipTokenizer } from '../text/tokenizer.ts';
 import { paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
@@ -118,9 +118,11 @@ function classSampling(model: Generator, tokenizer: ClipTokenizer, spec: PriorSp
 }
 
 /** A folder whose every image has `prompt` ([filewords] = its caption), images with a caption file as `captionMode` says. */
-export async function loadPromptSet(spec: PriorSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext, captionMode: CaptionMode = 'ignore'): Promise<Dataset> {
+export async function loadPromptSet(
+  spec: PriorSpec, dir: string, prompt: string, batchSize: number, ctx: JobContext, captionMode: CaptionMode = 'ignore', fit: ImageFit = 'stretch',
+): Promise<Dataset> {
   return Dataset.load({
-    dir, width: spec.width, height: spec.height, name: spec.name, ...instanceTemplates(prompt, captionMode), latentSampling: spec.latentSampling,
+    dir, width: spec.width, height: spec.height, name: spec.name, ...instanceTemplates(prompt, captionMode), latentSampling: spec.latentSampling, fit,
     // one fixed prompt per image: class and instance prompts are not tag lists
     shuffleTags: false, tagDropOut: 0, doNotResize: false, useWeight: false, filenameWordRegex: '', filenameJoinString: ' ',
     batchSize, gradAccum: spec.gradAccum, seed: spec.seed, onWarning: (message) => ctx.emit({ type: 'log', level: 'warn', message }),
