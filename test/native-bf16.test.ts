@@ -14,19 +14,11 @@ import { loadAddon } from '../trainers/backend/native/addon.ts';
 import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
 import { assertClose } from './helpers/close.ts';
 import { nativeSkip } from './helpers/native.ts';
+import { values } from './helpers/values.ts';
 
 const status = nativeStatus();
 const skip = nativeSkip(status.available ? false : status.reason);
 
-function values(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  const v = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    v[i] = s / 2 ** 31 - 1;
-  }
-  return v;
-}
 const bf16 = (v: Float32Array) => v.map((x) => bf16BitsToFloat(floatToBf16Bits(x)));
 const rand = (shape: number[], seed: number, round = false): Tensor => {
   const v = values(shape.reduce((a, b) => a * b, 1), seed);

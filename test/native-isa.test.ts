@@ -18,19 +18,11 @@ import { addonPath, loadAddon, type NativeAddon, type NativeIsa } from '../train
 import { nativeStatus } from '../trainers/backend/native/index.ts';
 import { assertClose } from './helpers/close.ts';
 import { nativeSkip } from './helpers/native.ts';
+import { values } from './helpers/values.ts';
 
 const status = nativeStatus();
 const skip = nativeSkip(status.available ? false : status.reason);
 
-function values(n: number, seed: number): Float32Array {
-  let s = seed >>> 0;
-  const v = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    v[i] = s / 2 ** 31 - 1;
-  }
-  return v;
-}
 const f64 = (...v: number[]) => Float64Array.from(v);
 
 /** One kernel call per case: its outputs, and the k of its longest float32 sum (1: element-wise). */
