@@ -3,10 +3,7 @@
  * at 1024 px in memory combinations of the estimate's ladder (trainers/memory/estimate-fit.ts:
  * checkpointing → fused backward → trained weights stored in bf16 → 8-bit AdamW → Adafactor), as
  * step rows for bench/steps.ts (issue 19). Each row runs only where its estimate fits the machine
- * (steps.ts skips the others and lists them with their estimate). With the text encoders frozen
- * (released after encoding the prompts) and float32 weights the estimate fits 24 GB with 8-bit
- * AdamW (~23 GB) and Adafactor (~19.5 GB), both with checkpointing and the fused backward; storing
- * the trained weights as bf16 takes 5.1 GB off either.
+ * (steps.ts skips the others and lists them with their estimate).
  */
 import type { StepRowSpec } from './steps.ts';
 
@@ -21,7 +18,14 @@ export const SDXL_DB_COMBINATIONS: { label: string; options: Record<string, unkn
   { label: 'adafactor+ckpt+fused+bf16', options: { optimizer: 'adafactor', gradientCheckpointing: 'on', fusedBackward: true, bf16Weights: true } },
 ];
 
-/** The rows: SDXL-shaped Dreambooth at `px` (1024 by default) on `backend`, one per combination. */
+/**
+ * The rows: SDXL-shaped Dreambooth at `px` (1024 by default) on `backend`, each combination twice:
+ * batch 1 as the issue sizes it (one instance image a step, prior preservation off: `+noprior`),
+ * and with prior preservation (one class image beside it: a batch of 2, twice the activations).
+ */
 export function sdxlDreamboothRows(backend: string, px = 1024): StepRowSpec[] {
-  return SDXL_DB_COMBINATIONS.map((c) => ({ model: 'sdxl-shaped', method: 'dreambooth', px, steps: 2, backend, options: c.options, label: c.label }));
+  return SDXL_DB_COMBINATIONS.flatMap((c) => [
+    { model: 'sdxl-shaped' as const, method: 'dreambooth', px, steps: 2, backend, options: { ...c.options, classPrompt: '' }, label: `${c.label}+noprior` },
+    { model: 'sdxl-shaped' as const, method: 'dreambooth', px, steps: 2, backend, options: c.options, label: c.label },
+  ]);
 }
