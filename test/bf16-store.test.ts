@@ -16,7 +16,8 @@ import { hostValues, assignValues } from '../trainers/optim/native.ts';
 import { validate } from '../schemas/index.ts';
 import { dreamboothSpec, runDreambooth, type DbSpec } from '../trainers/methods/dreambooth.ts';
 import { onGradBackend } from './helpers/golden.ts';
-import { ctxFor, jobSuite, readTensors } from './helpers/job-run.ts';
+import { ctxFor, jobSuite, readTensors, tempWithImages } from './helpers/job-run.ts';
+import { runFinetune, type FinetuneSpec } from '../trainers/methods/finetune/finetune.ts';
 
 const suite = jobSuite('sidetrain-bf16store-');
 
@@ -100,6 +101,33 @@ test('Dreambooth on sd-tiny: bf16 storage is bit-identical to the emulated bf16W
 
 test('Dreambooth on sdxl-tiny: bf16 storage is bit-identical to the emulated bf16Weights', async () => {
   await storedEqualsEmulated('test/fixtures/sdxl-tiny/model.safetensors', { trainTextEncoder: true, textEncoderLr: '0.0005', optimizer: 'adamw8bit' });
+});
+
+test('fine-tune on sd-tiny with EMA: bf16 storage writes the same raw and EMA checkpoints as the emulation', async () => {
+  const { images } = tempWithImages('sidetrain-bf16store-ft-', ['an orange cat', 'a green triangle']);
+  const specFor = (name: string) => {
+    const raw: Record<string, unknown> = {
+      model: 'test/fixtures/sd-tiny/model.safetensors', images, name, resolution: 64, steps: 3, lr: 1e-3, seed: 4, ema: true, emaDecay: 0.5, save: 'both',
+      validationSplit: 0, checkpointDir: join(suite.tmp, 'ft-ckpt'), logDir: join(suite.tmp, 'ft-logs'), bf16Weights: true, fusedBackward: true, trainTextEncoder: true,
+    };
+    assert.deepEqual(validate('finetune', raw), []);
+    return raw as unknown as FinetuneSpec;
+  };
+  await onGradBackend(async () => {
+    setBf16Store(false);
+    let emulated;
+    try {
+      emulated = await runFinetune(specFor('ft-emulated'), ctxFor([]));
+    } finally {
+      setBf16Store(true);
+    }
+    const stored = await runFinetune(specFor('ft-stored'), ctxFor([]));
+    assert.equal(stored.outputs.length, 2, 'raw and EMA');
+    for (const [i, path] of emulated.outputs.entries()) {
+      const [e, s] = [await readTensors(path), await readTensors(stored.outputs[i]!)];
+      for (const [k, v] of e) assert.deepEqual(s.get(k), v, `${k}: stored = emulated`);
+    }
+  });
 });
 
 test('bf16Weights without fusedBackward is refused, naming both', async () => {
