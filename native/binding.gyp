@@ -1,6 +1,7 @@
 # The addon is built for the baseline ISA (x86-64: SSE2; other architectures: plain -O3), and
 # the kernels once per ISA variant (src/variant.h) as static libraries with their own flags:
-# portable everywhere, avx2 and avx512 on x86-64. src/dispatch.cc picks one at load.
+# portable everywhere, avx2 and avx512 on x86-64 with GCC or Clang (not MSVC, which takes no
+# -m flags). src/dispatch.cc picks one at load.
 # The variants are linked lowest first: where they share an inline function of the standard
 # library, the linker keeps the first copy, so a copy that portable code calls is portable code.
 # -Dst_isa_variants=0 builds the portable variant alone (scripts/build-native.mjs falls back to
@@ -33,7 +34,7 @@
       "dependencies": ["st_isa_portable"],
       "ldflags": ["-pthread"],
       "conditions": [
-        ["target_arch=='x64' and st_isa_variants==1", {
+        ["target_arch=='x64' and OS!='win' and st_isa_variants==1", {
           "dependencies": ["st_isa_avx2", "st_isa_avx512"],
           "defines": ["ST_X86_VARIANTS=1"]
         }]
@@ -47,7 +48,7 @@
     }
   ],
   "conditions": [
-    ["target_arch=='x64' and st_isa_variants==1", {
+    ["target_arch=='x64' and OS!='win' and st_isa_variants==1", {
       "targets": [
         {
           "target_name": "st_isa_avx2",
