@@ -367,8 +367,13 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const mergedBytes = plan.mergedWeightBytes * blockShare;
 
   const decoderAtPrep = plan.decoderAtPrep ? paramBytes(shapes, ['first_stage_model.decoder.', 'first_stage_model.post_quant_conv.']) : 0;
-  // the model loads in float32; a bf16 store takes the trained weights over once it is loaded
-  const prepPeakBytes = CAL.runtimeBytes + weightBytes.text + (plan.bf16Stored ? unetF32 : weightBytes.unet) + weightBytes.vaeEncoder + decoderAtPrep + vaeEncodeBytes;
+  // preparation in two stages (train/prepare.ts encodeFirst): the latents with the VAE encoder
+  // alone, then the model, in float32 (a bf16 store takes the trained weights over once it is
+  // loaded); class images (prior preservation) are generated and encoded with the model loaded
+  const encodeStage = CAL.runtimeBytes + weightBytes.vaeEncoder + vaeEncodeBytes;
+  const classStage = decoderAtPrep ? decoderAtPrep + weightBytes.vaeEncoder + vaeEncodeBytes : 0;
+  const modelStage = CAL.runtimeBytes + weightBytes.text + (plan.bf16Stored ? unetF32 : weightBytes.unet) + classStage;
+  const prepPeakBytes = Math.max(encodeStage, modelStage);
   // the final save (and each snapshot) of a full-weight job: weights, the state that stays, one
   // tensor in conversion (the optimizer state streams into its file, estimate-methods.ts)
   const largest = Math.max(...[...shapes.values()].map((s) => numel(s))) * F32;

@@ -19,15 +19,14 @@ import { tf, type Tensor } from '../backend/tf.ts';
 import { checkReadableDir } from '../io/paths.ts';
 import { datasetReport, formatDatasetReport } from '../data/dataset.ts';
 import { ClipTokenizer } from '../text/tokenizer.ts';
-import { loadSdModel, paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
+import { loadSdParts, openSdModel, paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
 import { chooseUNetMemory } from '../memory/choice.ts';
-import { disposeParams, paramFromTorch, type Params } from '../nets/params.ts';
+import { paramFromTorch, type Params } from '../nets/params.ts';
 import { loadVae } from '../nets/vae.ts';
 import { encodeText, type ClipTextConfig } from '../nets/clip.ts';
 import { encodeFrozenText, releaseTextCache } from '../train/context-cache.ts';
 import { modelHash, openCheckpoint, openTensorFile, peekFamily } from '../io/checkpoint.ts';
 import { writeCheckpoint } from '../nets/checkpoint-write.ts';
-import { LatentCache } from '../train/latent-cache.ts';
 import type { Denoiser, DiffusionBatch } from '../train/diffusion-loss.ts';
 import {
   describePrior, flushingPriorLog, loadPromptSet, prepareClassSet, priorOn, priorPreservationLoss, PriorLossLog, withClassRows,
@@ -39,7 +38,7 @@ import type { JobContext, JobResult } from '../job.ts';
 import { parseLrSchedule } from '../optim/lr.ts';
 import { TrainableOptimizer, makeTrainable, makeTrainableOptimizer, readOptimizerState, textLimitedTrainable, writeOptimizerState } from '../optim/trainable.ts';
 import { useBf16Weights } from '../optim/bf16-round.ts';
-import { datasetSession, diffusionBatch, imageFit, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
+import { closing, datasetSession, diffusionBatch, encodeFirst, imageFit, releaseRun, renderPreview, previewPromptText, type CommonSpec, type PreparedRun } from '../train/prepare.ts';
 import { xlDreamboothOps, type DbFamilyOps } from './dreambooth-xl.ts';
 import type { XlTextCache } from '../train/sdxl-text-cache.ts';
 import { checkTextEncoder2Lr, encodersOf, makeXlTextVariables, xlText2Keys } from './full-xl.ts';
@@ -97,19 +96,19 @@ export interface DbRun extends PreparedRun {
 
 /** Model, class images, both datasets' latents (the VAE encoder is released). */
 export async function prepareDreambooth(spec: DbSpec, ctx: JobContext, backend: string): Promise<DbRun> {
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], {}, { xl: true, prediction: spec.prediction })) as PreparedRun['model'] & SdModel;
-  model.unet.memory = await chooseUNetMemory('dreambooth', spec, backend, ctx);
   const tokenizer = await ClipTokenizer.load();
   const hash = await modelHash(spec.model);
   // SDXL: each image cut to its aspect bucket (to width × height with class images), as LoRA's (train/prepare.ts imageFit)
   const dataset = await loadPromptSet(spec, spec.images, spec.instancePrompt, spec.batchSize, ctx, spec.captionMode, await imageFit(spec));
   const override = captionOverrideWarning(dataset, spec.captionMode, spec.instancePrompt);
   if (override) ctx.emit({ type: 'log', level: 'warn', message: override });
-  const classes = await prepareClassSet(spec, model, tokenizer, hash, dataset.batchSize, ctx, model.vae);
-  const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
-  dataset.releasePixels();
-  disposeParams(model.vae!.params);
-  delete model.vae;
+  // the instance latents with the VAE encoder alone, before the model's weights load (train/prepare.ts)
+  const opened = await openSdModel(spec.model, { xl: true });
+  const { latents } = await encodeFirst(dataset, opened, spec.seed).catch(closing(opened));
+  const model = (await loadSdParts(opened, ['text', 'unet'], {}, { prediction: spec.prediction }).catch(closing(opened))) as PreparedRun['model'] & SdModel;
+  model.unet.memory = await chooseUNetMemory('dreambooth', spec, backend, ctx);
+  // class images need the whole model to be generated; their latents load the encoder again
+  const classes = await prepareClassSet(spec, model, tokenizer, hash, dataset.batchSize, ctx);
   const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor: scaleFactorOf(model) }) : undefined;
   return {
     dataset, model, latents, decoder, tokenizer, modelHash: hash, modelName: basename(spec.model, extname(spec.model)),

@@ -107,6 +107,8 @@ export interface SdModel {
   schedule: NoiseSchedule;
   /** eps or v: from the file's config/metadata, else decided the webui way (a test UNet run). */
   prediction: Prediction;
+  /** The file or its config says eps or v (no test run needed). */
+  fileSaysPrediction?: boolean;
 }
 
 export type SdPart = 'text' | 'unet' | 'vae-encoder' | 'vae-decoder';
@@ -148,31 +150,45 @@ export interface HalfParts { unet?: boolean; text?: boolean; format?: HalfFormat
 export async function loadSdModel(
   path: string, parts: SdPart[], half: HalfParts = {}, opts: { xl?: boolean; what?: string; prediction?: Prediction | 'auto' } = {},
 ): Promise<SdModel> {
+  return loadSdParts(await openSdModel(path, opts), parts, half, opts);
+}
+
+/**
+ * The checkpoint opened, its family, schedule and overrides read, no weights loaded yet
+ * (loadSdParts adds them): a job can encode its latents with the VAE encoder alone first.
+ */
+export async function openSdModel(path: string, opts: { xl?: boolean; what?: string } = {}): Promise<SdModel> {
   const ckpt = await openCheckpoint(path);
   if (ckpt.family === 'sdxl' && !opts.xl) {
     await ckpt.source.close();
     throw new Error(`${path}: an SDXL checkpoint; ${opts.what ?? 'this method'} trains SD1.x/SD2.x checkpoints only`);
   }
   const overrides = modelOverrides(path);
-  const source = ckpt.source;
-  const model: SdModel = {
-    path, source, family: ckpt.family, overrides,
-    schedule: await loadSchedule(source),
+  return {
+    path, source: ckpt.source, family: ckpt.family, overrides,
+    schedule: await loadSchedule(ckpt.source),
     prediction: ckpt.prediction ?? overrides.prediction ?? 'eps',
+    fileSaysPrediction: ckpt.prediction !== undefined || overrides.prediction !== undefined,
   };
-  const xl = ckpt.family === 'sdxl';
+}
+
+/** Load `parts` into an opened model (openSdModel); returns it. */
+export async function loadSdParts(
+  model: SdModel, parts: SdPart[], half: HalfParts = {}, opts: { prediction?: Prediction | 'auto' } = {},
+): Promise<SdModel> {
+  const { source, overrides, family } = model;
+  const xl = family === 'sdxl';
   if (parts.includes('text') && !xl) model.text = await loadText(source, overrides.textHeads);
   if (parts.includes('text') && xl) model.textXl = await loadTextXl(source, overrides);
   if (model.text && half.text) model.text.params = await halfFrozen(model.text.params, undefined, half.format);
   if (model.textXl && half.text) model.textXl.params = await halfFrozen(model.textXl.params, undefined, half.format);
   if (parts.includes('unet')) model.unet = half.unet ? await loadUnetHalf(source, overrides.unetHeads, undefined, half.format) : await loadUnet(source, overrides.unetHeads);
   const vaeParts = (['encoder', 'decoder'] as const).filter((p) => parts.includes(`vae-${p}`));
-  const scaleFactor = scaleFactorOf({ overrides, family: ckpt.family });
-  if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor });
+  if (vaeParts.length) model.vae = await loadVae(source, { parts: [...vaeParts], scaleFactor: scaleFactorOf(model) });
   // the job's --prediction eps|v wins: models whose file carries no hint (v-prediction SDXL finetunes)
   if (opts.prediction === 'eps' || opts.prediction === 'v') model.prediction = opts.prediction;
   // SD2 without a config saying which: the webui's test run (needs the UNet)
-  else if (!ckpt.prediction && !overrides.prediction && ckpt.family === 'sd2' && model.unet) {
+  else if (!model.fileSaysPrediction && family === 'sd2' && model.unet) {
     model.prediction = (await detectVPrediction(model.unet.params, model.unet.cfg)) ? 'v' : 'eps';
   }
   return model;

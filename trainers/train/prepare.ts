@@ -12,7 +12,7 @@ import { tf, type Tensor } from '../backend/tf.ts';
 import { Dataset, datasetReport, formatDatasetReport, type ImageFit } from '../data/dataset.ts';
 import { loadTemplate, type Template } from '../text/templates.ts';
 import { ClipTokenizer, tokenizeWithEmbeddings, type TokenizedPrompt } from '../text/tokenizer.ts';
-import { loadSdModel, paddingFor, type SdModel } from '../nets/sd.ts';
+import { loadSdParts, openSdModel, paddingFor, scaleFactorOf, type SdModel } from '../nets/sd.ts';
 import { loadVae, type VaeConfig } from '../nets/vae.ts';
 import { disposeParams, type Params } from '../nets/params.ts';
 import { unetForward, type UNetHooks } from '../nets/unet.ts';
@@ -68,19 +68,38 @@ export async function prepareRun(
   const textTrains = type === 'textual_inversion' || (spec as { trainTextEncoder?: boolean }).trainTextEncoder === true;
   // under bf16 precision the store is bfloat16: the operands the bf16 kernels use anyway
   const half = spec.halfFrozenWeights ? { unet: true, text: !textTrains, format: computePrecision() === 'bf16' ? ('bf16' as const) : ('f16' as const) } : {};
-  const model = (await loadSdModel(spec.model, ['text', 'unet', 'vae-encoder'], half, { xl: opts.xl, what: type, prediction: spec.prediction })) as PreparedRun['model'];
+  const opened = await openSdModel(spec.model, { xl: opts.xl, what: type });
+  const { latents, scaleFactor } = await encodeFirst(dataset, opened, spec.seed).catch(closing(opened));
+  const model = (await loadSdParts(opened, ['text', 'unet'], half, { prediction: spec.prediction }).catch(closing(opened))) as PreparedRun['model'];
   model.unet.memory = memory;
-  const latents = await LatentCache.build(dataset, model.vae!, spec.seed);
-  const scaleFactor = model.vae!.cfg.scaleFactor; // the family's (SDXL 0.13025) or the config's
-  disposeParams(model.vae!.params);
-  delete model.vae;
-  dataset.releasePixels();
   const decoder = spec.previewEvery > 0 ? await loadVae(model.source, { parts: ['decoder'], scaleFactor }) : undefined;
   return {
     dataset, model, latents, decoder, tokenizer: await ClipTokenizer.load(),
     modelHash: await modelHash(spec.model), modelName: basename(spec.model, extname(spec.model)),
   };
 }
+
+/**
+ * The dataset's latents, encoded with the VAE encoder alone before the text encoders and the UNet
+ * load (and released, with the pixels, before they do): the encoder's activations (~7 GB for one
+ * 1024 px image) and the model's float32 weights (13.5 GB for SDXL) are never held at once.
+ */
+export async function encodeFirst(dataset: Dataset, model: SdModel, seed: number): Promise<{ latents: LatentCache; scaleFactor: number }> {
+  const vae = await loadVae(model.source, { parts: ['encoder'], scaleFactor: scaleFactorOf(model) });
+  try {
+    // the family's (SDXL 0.13025) or the config's
+    return { latents: await LatentCache.build(dataset, vae, seed), scaleFactor: vae.cfg.scaleFactor };
+  } finally {
+    disposeParams(vae.params);
+    dataset.releasePixels();
+  }
+}
+
+/** A rejection handler that closes the opened checkpoint, then rethrows. */
+export const closing = (model: SdModel) => async (err: unknown): Promise<never> => {
+  await model.source.close().catch(() => undefined);
+  throw err;
+};
 
 /** The prompts of a method that does not take them from `spec.template` (LoRA: the instance prompt and captions). */
 export interface PromptTemplates {

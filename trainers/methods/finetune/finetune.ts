@@ -21,7 +21,8 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { tf } from '../../backend/tf.ts';
 import { expandRepeats, makeCaption } from '../../data/captioned.ts';
-import { loadSdModel, scaleFactorOf } from '../../nets/sd.ts';
+import { loadSdParts, openSdModel, scaleFactorOf } from '../../nets/sd.ts';
+import { closing } from '../../train/prepare.ts';
 import { checkTextEncoder2Lr, encodersOf, makeXlTextVariables, xlText2Keys } from '../full-xl.ts';
 import { chooseUNetMemory } from '../../memory/choice.ts';
 import { loadVae } from '../../nets/vae.ts';
@@ -86,13 +87,15 @@ export const finetune: MethodDefinition<FinetuneSpec, FtBatch> = {
     let optimizer: TrainableOptimizer | undefined;
     // runs after the weights are freed: a bf16 weight store (optim/bf16-round.ts) then refills nothing
     onRelease(() => optimizer?.dispose());
-    const model = (await loadSdModel(spec.model, ['text', 'unet'], {}, { xl: true, prediction: spec.prediction })) as FtRun['model'];
+    // the latents first, with the VAE encoder alone, then the weights (train/prepare.ts encodeFirst)
+    const opened = await openSdModel(spec.model, { xl: true });
+    const latents = await cachedLatents(spec, opened, [...data.train, ...data.validation], ctx).catch(closing(opened));
+    const model = (await loadSdParts(opened, ['text', 'unet'], {}, { prediction: spec.prediction }).catch(closing(opened))) as FtRun['model'];
     onRelease(async () => {
       disposeParams(model.unet.params);
       disposeParams((model.text ?? model.textXl!).params);
       await model.source.close();
     });
-    const latents = await cachedLatents(spec, model, [...data.train, ...data.validation], ctx);
     const sample = (s: BucketedImage, i: number): Sample[] => (latents[i] ? [{ ...s, latent: latents[i] }] : []);
     const trainSamples = data.train.flatMap(sample);
     if (trainSamples.length === 0) throw new Error(`${spec.images}: none of the training images could be decoded`);
