@@ -1,6 +1,6 @@
 /**
- * @file SDXL-shaped Dreambooth (UNet trained, batch 1, prior preservation with one class image)
- * at 1024 px in memory combinations of the estimate's ladder (trainers/memory/estimate-fit.ts:
+ * @file SDXL-shaped Dreambooth (UNet trained, text encoders frozen), batch 1 with and without prior
+ * preservation, at 1024 px in memory combinations of the estimate's ladder (trainers/memory/estimate-fit.ts:
  * checkpointing → fused backward → trained weights stored in bf16 → 8-bit AdamW → Adafactor), as
  * step rows for bench/steps.ts (issue 19). Each row runs only where its estimate fits the machine
  * (steps.ts skips the others and lists them with their estimate).

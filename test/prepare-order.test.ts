@@ -1,7 +1,7 @@
 /**
  * @file Preparation in two stages (train/prepare.ts encodeFirst, issue 19 "fit 24 GB"): the
  * latents are encoded with the VAE encoder alone, before the text encoders and the UNet load, so
- * the encoder's activations (~7 GB for one SDXL image at 1024 px) never sit on top of the model's
+ * the encoder's activations (~6.5 GB for one SDXL image at 1024 px) never sit on top of the model's
  * float32 weights. Proved by the bytes TF.js holds when the encoding starts: at most the encoder's
  * own weights more than before the job. And the estimate counts the stages, not their sum.
  */

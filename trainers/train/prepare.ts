@@ -81,8 +81,8 @@ export async function prepareRun(
 
 /**
  * The dataset's latents, encoded with the VAE encoder alone before the text encoders and the UNet
- * load (and released, with the pixels, before they do): the encoder's activations (~7 GB for one
- * 1024 px image) and the model's float32 weights (13.5 GB for SDXL) are never held at once.
+ * load (and released, with the pixels, before they do): the encoder's activations (~6.5 GB for one
+ * 1024 px image) and the model's float32 weights (12.6 GB for SDXL) are never held at once.
  */
 export async function encodeFirst(dataset: Dataset, model: SdModel, seed: number): Promise<{ latents: LatentCache; scaleFactor: number }> {
   const vae = await loadVae(model.source, { parts: ['encoder'], scaleFactor: scaleFactorOf(model) });
