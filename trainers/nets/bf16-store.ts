@@ -7,7 +7,7 @@
  * upper half loses nothing: a run is bit-identical to the float32-held emulation it replaces.
  *
  * A float32 copy exists only while needed ("resident"):
- * - a kernel reads the weight (engine.runKernelFunc is wrapped: the values are refilled from the
+ * - a kernel reads the weight (the kernel entry is hooked, kernel-hook.ts: the values are refilled from the
  *   bits before the kernel runs). Inside a training step (`sticky`) the copy stays until
  *   recompute.ts releases it — after its checkpointed block's forward, and after the block's
  *   recompute in the backward pass; weights read outside every block (the census's `onTape`:
@@ -22,6 +22,7 @@
  */
 import { tf, type Tensor } from '../backend/tf.ts';
 import { decodeBf16 as bf16ToFloat32 } from '../io/half.ts';
+import { hookKernelInputs } from './kernel-hook.ts';
 
 interface Entry {
   variable: tf.Variable;
@@ -36,7 +37,6 @@ interface CpuBackend {
   readSync(dataId: object): unknown;
   read(dataId: object): Promise<unknown>;
 }
-interface EngineWithKernels { runKernelFunc(params: { inputs?: Record<string, unknown> }): unknown }
 
 let active: Bf16Store | undefined;
 let lastReport: Bf16StoreReport | undefined;
@@ -93,11 +93,7 @@ export class Bf16Store {
     this.backend = tf.backend() as unknown as CpuBackend;
     for (const v of vars) {
       if (v.dtype !== 'float32') throw new Error(`bf16Weights: variable '${v.name}' is ${v.dtype}, not float32`);
-      const values = v.dataSync() as Float32Array;
-      const e: Entry = { variable: v, dataId: v.dataId, bits: upperBits(values), resident: true };
-      this.byId.set(e.dataId, e);
-      this.byVar.set(v, e);
-      this.evict(e);
+      this.adopt(v);
     }
     this.install();
     active = this;
@@ -161,8 +157,12 @@ export class Bf16Store {
       this.evict(old);
       return;
     }
-    const values = v.dataSync() as Float32Array;
-    const e: Entry = { variable: v, dataId: v.dataId, bits: upperBits(values), resident: true };
+    this.adopt(v);
+  }
+
+  /** Take `v`'s current (bf16-exact) values as bits and drop its float32 array. */
+  private adopt(v: tf.Variable): void {
+    const e: Entry = { variable: v, dataId: v.dataId, bits: upperBits(v.dataSync() as Float32Array), resident: true };
     this.byId.set(e.dataId, e);
     this.byVar.set(v, e);
     this.evict(e);
@@ -170,32 +170,17 @@ export class Bf16Store {
 
   /** Wrap the engine's kernel entry and the backend's reads (see the file comment). */
   private install(): void {
-    const engine = tf.engine() as unknown as EngineWithKernels;
-    const original = engine.runKernelFunc;
-    const own = Object.hasOwn(engine, 'runKernelFunc');
     const store = this;
-    engine.runKernelFunc = function (this: EngineWithKernels, params) {
+    this.restore.push(hookKernelInputs((inputs) => {
       let transient: Entry[] | undefined;
-      if (params.inputs) {
-        for (const t of Object.values(params.inputs)) {
-          for (const x of Array.isArray(t) ? t : [t]) {
-            const e = x && store.byId.get((x as Tensor).dataId);
-            if (!e || e.resident) continue;
-            store.refill(e);
-            if (!store.sticky) (transient ??= []).push(e);
-          }
-        }
+      for (const x of inputs) {
+        const e = store.byId.get(x.dataId);
+        if (!e || e.resident) continue;
+        store.refill(e);
+        if (!store.sticky) (transient ??= []).push(e);
       }
-      try {
-        return original.call(this, params);
-      } finally {
-        if (transient) for (const e of transient) store.evict(e);
-      }
-    };
-    this.restore.push(() => {
-      if (own) engine.runKernelFunc = original;
-      else delete (engine as Partial<EngineWithKernels>).runKernelFunc;
-    });
+      return transient && (() => transient.forEach((e) => store.evict(e)));
+    }));
     const b = this.backend;
     const readSync = b.readSync;
     const read = b.read;

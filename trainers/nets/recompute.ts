@@ -24,14 +24,15 @@
  *
  * The reaches into TF.js internals: a gradient computation nested inside the outer backward pass
  * replaces `engine.state.activeTape` (engine.js startTape/gradients, tfjs-core 4.22) and the outer
- * pass still needs its own at the end, so it is put back; the fused census wraps
- * `engine.runKernelFunc` (every op and customGrad goes through it) for the forward pass only.
+ * pass still needs its own at the end, so it is put back; the fused census hooks the kernel entry
+ * (kernel-hook.ts) for the forward pass only.
  *
  * Trained weights stored as bf16 (nets/bf16-store.ts) are released here: a block's float32 copies
  * after its forward and after its recompute (once its complete gradients were applied), the
  * tape's (`onTape`) at the end of the step.
  */
 import { tf, type Tensor } from '../backend/tf.ts';
+import { hookKernelInputs } from './kernel-hook.ts';
 import { activeBf16Store } from './bf16-store.ts';
 
 interface Collection {
@@ -137,31 +138,18 @@ function handOver(c: Collection, census: Census, seen: tf.Variable[]): void {
   }
 }
 
-interface EngineWithKernels { runKernelFunc(params: { inputs?: Record<string, unknown> }): unknown }
-
 /** Watch every kernel's inputs while `f` runs forward: which variables each checkpointed block reads. */
 function withCensus<T>(census: Census, f: () => T): T {
-  const engine = tf.engine() as unknown as EngineWithKernels;
-  const original = engine.runKernelFunc;
-  const own = Object.hasOwn(engine, 'runKernelFunc');
-  engine.runKernelFunc = function (this: EngineWithKernels, params) {
-    if (census.forward && params.inputs) {
-      for (const t of Object.values(params.inputs)) {
-        for (const x of Array.isArray(t) ? t : [t]) {
-          if (!census.known.has(x as Tensor)) continue;
-          (census.block ?? census.onTape).add(x as tf.Variable);
-        }
-      }
-    }
-    return original.call(this, params);
-  };
+  const unhook = hookKernelInputs((inputs) => {
+    if (!census.forward) return;
+    for (const x of inputs) if (census.known.has(x)) (census.block ?? census.onTape).add(x as tf.Variable);
+  });
   census.forward = true;
   try {
     return f();
   } finally {
     census.forward = false;
-    if (own) engine.runKernelFunc = original;
-    else delete (engine as Partial<EngineWithKernels>).runKernelFunc; // the prototype's again
+    unhook();
   }
 }
 
