@@ -55,6 +55,10 @@ const convCases: ConvCase[] = [
   { x: [1, 7, 9, 8], w: [1, 1, 8, 6], stride: 2, pad: 'valid' }, // 1×1 stride 2: empty phases
   { x: [1, 11, 10, 3], w: [5, 5, 3, 4], stride: 3, pad: 'same' },
   { x: [1, 20, 20, 40], w: [3, 3, 40, 33], stride: 1, pad: 'same' }, // K > one k-block, many row blocks
+  // few output pixels (a UNet's 4×4 and 8×8 levels): the filter read in place (forward) or packed a
+  // panel at a time (input gradient), over two full column panels, a partial one and two k-blocks
+  { x: [1, 4, 5, 40], w: [3, 3, 40, 70], stride: 1, pad: 'same' },
+  { x: [1, 8, 8, 40], w: [3, 3, 40, 96], stride: 2, pad: 'same' },
 ];
 
 test('native conv2d and its gradients match the stock CPU kernels', { skip }, async () => {
@@ -94,6 +98,8 @@ const matmulCases: Array<{ a: number[]; b: number[]; ta: boolean; tb: boolean; g
   { a: [2, 3, 4, 5], b: [5, 6], ta: false, tb: false, grad: false }, // b broadcast over the batch
   { a: [1, 4, 5], b: [3, 5, 6], ta: false, tb: false, grad: false }, // a broadcast
   { a: [300, 600], b: [600, 100], ta: false, tb: false }, // several k- and row blocks
+  { a: [20, 300], b: [300, 70], ta: false, tb: false }, // few rows: B read in place, partial last panel
+  { a: [20, 300], b: [70, 300], ta: false, tb: true }, // few rows: B packed a panel at a time
 ];
 
 test('native batched matmul matches the stock CPU kernel', { skip }, async () => {

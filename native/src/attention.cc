@@ -168,7 +168,7 @@ void score_tile(const float* apanels, long rows, const float* bpanels, long cols
     for (long r = 0; r < rows; r += MR) {
       float* ptr[MR];
       for (int i = 0; i < MR; i++) ptr[i] = s + (r + i) * ld + j;
-      micro_kernel(d, apanels + r * d, b, ptr, false);
+      micro_kernel(d, apanels + r * d, b, NR, ptr, false);
     }
   }
 }

@@ -56,9 +56,22 @@ struct TapB {
   const float* w;
   long C, kStride, nStride;
   const Tap* taps;
+  bool rowMajor;  // every tap, in order: B[k][n] = w[k*kStride + n] (the forward filter [fH, fW, C, N])
+
+  DirectB direct() const { return rowMajor ? DirectB{w, kStride} : DirectB{nullptr, 0}; }
 
   void pack(float* dst, long n, int cols, long k0, long kc) const {
     long t = k0 / C, c = k0 % C;
+    if (kStride == 1) {
+      // the input gradient's B, w[tap][n][k] (k contiguous): per tap, the transposing pack of a
+      // strided operand (16×16 register transposes), not a gather of one float per page
+      for (long k = 0; k < kc; t++, c = 0) {
+        const long run = std::min(C - c, kc - k);
+        Strided{w + taps[t].wBase, nStride, 1}.pack_t<NR>(dst + k * NR, n, cols, c, run);
+        k += run;
+      }
+      return;
+    }
     for (long k = 0; k < kc; k++) {
       const float* p = w + taps[t].wBase + c * kStride + n * nStride;
       float* d = dst + k * NR;
@@ -145,7 +158,7 @@ void conv2d(const float* x, const float* w, float* y, const ConvShape& s, bool b
     for (long kw = 0; kw < s.fW; kw++)
       taps.push_back({kh * s.dH - s.padT, kw * s.dW - s.padL, (kh * s.fW + kw) * s.inC * s.outC});
   const GatherA a{x, s.inH, s.inW, s.inC, s.outH, s.outW, s.sH, s.sW, taps.data()};
-  const TapB b{w, s.inC, s.outC, 1, taps.data()};
+  const TapB b{w, s.inC, s.outC, 1, taps.data(), true};
   const RowPtr c{y, s.outC};
   const long M = s.batch * s.outH * s.outW, K = s.fH * s.fW * s.inC;
   if (K == 0) {
@@ -172,7 +185,7 @@ void conv2d_backprop_input(const float* dy, const float* w, float* dx, const Con
       const long U = (s.inH - py + s.sH - 1) / s.sH, V = (s.inW - px + s.sW - 1) / s.sW;
       if (taps.empty() || U == 0 || V == 0) continue;
       const GatherA a{dy, s.outH, s.outW, s.outC, U, V, 1, 1, taps.data()};
-      const TapB b{w, s.outC, 1, s.outC, taps.data()};
+      const TapB b{w, s.outC, 1, s.outC, taps.data(), false};
       const PhaseRow c{dx, U, V, s.inH, s.inW, s.inC, py, px, s.sH, s.sW};
       const long M = s.batch * U * V, K = static_cast<long>(taps.size()) * s.outC;
       gemm_any(bf16, 1, M, s.inC, K, false, [&](long) { return Problem<GatherA, TapB, PhaseRow>{a, b, c}; });

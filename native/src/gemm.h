@@ -28,28 +28,36 @@ constexpr int VW = 4, MR = 6;
 #endif
 constexpr int NR = 2 * VW;
 constexpr long KC = 256, MC = MR * 8;
+constexpr long PREFETCH_ROWS = 16;  // how far ahead the micro-kernel fetches the rows of an in-place B
 
 typedef float vfa __attribute__((vector_size(VW * 4)));                 // aligned (packed B)
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));     // unaligned (C rows)
 
-// Per-thread A-packing buffer, allocated once per thread and reused by every kernel call.
+// Per-thread packing buffers, allocated once per thread and reused by every kernel call: the A
+// block, and one B panel (the edge panel when B is read in place).
 struct Scratch {
   float* a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MC * KC));
+  float* b = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * NR));
 };
 inline Scratch& scratch() {
   thread_local Scratch s;
   return s;
 }
 
-// MR×NR tile: rows[r][0..NR) (=|+=) Σ_k A[k*MR+r]·B[k*NR..].
-static inline void micro_kernel(long kc, const float* __restrict a, const float* __restrict b,
+// MR×NR tile: rows[r][0..NR) (=|+=) Σ_k A[k*MR+r]·B[k*ldb..]: B is a packed panel (ldb = NR) or,
+// read in place, NR columns of a row-major matrix (ldb = its row stride; see gemm_batched).
+static inline void micro_kernel(long kc, const float* __restrict a, const float* __restrict b, long ldb,
                                 float* const* rows, bool acc) {
   vfa c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; r++) c0[r] = c1[r] = vfa{};
   for (long k = 0; k < kc; k++) {
-    const vfa b0 = *reinterpret_cast<const vfa*>(b + k * NR);
-    const vfa b1 = *reinterpret_cast<const vfa*>(b + k * NR + VW);
+    if (ldb != NR) {  // rows of an in-place B are a page apart: no hardware prefetcher follows them
+      __builtin_prefetch(b + (k + PREFETCH_ROWS) * ldb);
+      __builtin_prefetch(b + (k + PREFETCH_ROWS) * ldb + NR - 1);
+    }
+    const vfa b0 = *reinterpret_cast<const vfu*>(b + k * ldb);
+    const vfa b1 = *reinterpret_cast<const vfu*>(b + k * ldb + VW);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) {
       const float av = a[k * MR + r];
@@ -76,7 +84,7 @@ static inline void edge_kernel(long kc, const float* a, const float* b, float* c
   alignas(64) float tile[MR * NR];
   float* trows[MR];
   for (int r = 0; r < MR; r++) trows[r] = tile + r * NR;
-  micro_kernel(kc, a, b, trows, false);
+  micro_kernel(kc, a, b, NR, trows, false);
   for (int r = 0; r < nrows; r++)
     for (int j = 0; j < ncols; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
 }
@@ -93,26 +101,47 @@ inline long n_chunks(long count, long mblocks, long npanels, int threads) {
   return nchunks;
 }
 
+// B laid out as a row-major block: B[k][n] = p[k*ld + n] (gemm_batched's `direct`).
+struct DirectB {
+  const float* p;
+  long ld;
+};
+
+// Below this many rows of C, B is read in place where its layout allows (a row-major [K, N]
+// block: the packer's `direct`), and otherwise packed panel by panel as the tasks use it, not in a
+// pass over all of B before the multiply. Packing reads and writes all of B once per call, which
+// is the whole cost when M is small: at the 8×8 and 4×4 levels of a UNet a 3×3 conv has 64 or 16
+// output pixels against 14.7M weights, and the pack pass took more time than the multiply-adds.
+// With many rows the contiguous packed panel pays for itself (B is reread for every row block).
+constexpr long DIRECT_B_MAX_M = 2 * MC;
+
 // Multi-threaded GEMM over `count` problems of equal shape; make(i) returns problem i's
 // packers and row functor as a struct with members a, b, c.
 // PA::pack(dst, m, rows, k0, kc): dst[k*MR + r] = A[m+r][k0+k], zero for r >= rows.
 // PB::pack(dst, n, cols, k0, kc): dst[k*NR + j] = B[k0+k][n+j], zero for j >= cols.
+// PB::direct(): B as {p, ld} with B[k][n] = p[k*ld + n], or {nullptr, 0} when it is not laid out so.
 // CR(m) -> float*: start of row m of C.
-// B is packed once (in parallel) and shared; then tasks of MC rows × an N chunk each pack their
-// own A block and run the micro-kernels. Tasks are many and small, so a thread that the OS
-// deschedules does not hold the others up.
+// B is packed once (in parallel) and shared, or, when M is small, read in place or packed a panel
+// at a time by the task that uses it; then tasks of MC
+// rows × an N chunk each pack their own A block and run the micro-kernels. Tasks are many and
+// small, so a thread that the OS deschedules does not hold the others up.
 template <class Make>
 void gemm_batched(long count, long M, long N, long K, bool accumulate, const Make& make) {
   if (count <= 0 || M <= 0 || N <= 0 || K <= 0) return;
   const long npanels = (N + NR - 1) / NR, Npad = npanels * NR, kblocks = (K + KC - 1) / KC;
-  float* bp = packed_b_buffer(static_cast<size_t>(count) * K * Npad);
-  const long bTasks = count * kblocks;
-  parallel_for(static_cast<int>(bTasks), [&](int task) {
-    const long i = task / kblocks, pc = (task % kblocks) * KC, kc = std::min(KC, K - pc);
-    const auto prob = make(i);
-    float* dst = bp + i * K * Npad + pc * Npad;
-    for (long jr = 0; jr < N; jr += NR) prob.b.pack(dst + jr * kc, jr, static_cast<int>(std::min<long>(NR, N - jr)), pc, kc);
-  });
+  // few rows: B in place where it is row-major, else each panel packed by the task that uses it
+  // (into an L1-sized buffer, so B is read once and never written back whole)
+  const bool few = M <= DIRECT_B_MAX_M, direct = few && make(0).b.direct().p != nullptr;
+  float* bp = few ? nullptr : packed_b_buffer(static_cast<size_t>(count) * K * Npad);
+  if (!few) {
+    const long bTasks = count * kblocks;
+    parallel_for(static_cast<int>(bTasks), [&](int task) {
+      const long i = task / kblocks, pc = (task % kblocks) * KC, kc = std::min(KC, K - pc);
+      const auto prob = make(i);
+      float* dst = bp + i * K * Npad + pc * Npad;
+      for (long jr = 0; jr < N; jr += NR) prob.b.pack(dst + jr * kc, jr, static_cast<int>(std::min<long>(NR, N - jr)), pc, kc);
+    });
+  }
   const int threads = pool_threads();
   const long mblocks = (M + MC - 1) / MC;
   const long nchunks = n_chunks(count, mblocks, npanels, threads);
@@ -124,8 +153,9 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
     const long j0 = (rest % nchunks) * panelsPerChunk * NR, j1 = std::min(N, j0 + panelsPerChunk * NR);
     if (j0 >= j1) return;
     const auto prob = make(i);
+    const auto db = prob.b.direct();
     Scratch& s = scratch();
-    const float* bi = bp + i * K * Npad;
+    const float* bi = few ? nullptr : bp + i * K * Npad;
     for (long pc = 0; pc < K; pc += KC) {
       const long kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
@@ -133,15 +163,32 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
         prob.a.pack(s.a + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
       for (long jr = j0; jr < j1; jr += NR) {
         const int ncols = static_cast<int>(std::min<long>(NR, j1 - jr));
-        const float* b = bi + pc * Npad + jr * kc;
+        const float* b;
+        long ldb = NR;
+        if (!few) {
+          b = bi + pc * Npad + jr * kc;
+        } else if (direct && ncols == NR) {
+          b = db.p + pc * db.ld + jr, ldb = db.ld;
+        } else {  // packed here (a partial last panel too, so no column past N is read)
+          prob.b.pack(s.b, jr, ncols, pc, kc);
+          b = s.b;
+        }
         for (long ir = 0; ir < mc; ir += MR) {
           const int nrows = static_cast<int>(std::min<long>(MR, mc - ir));
           float* rows[MR];
           for (int r = 0; r < MR; r++) rows[r] = r < nrows ? prob.c(ic + ir + r) + jr : nullptr;
-          if (nrows == MR && ncols == NR)
-            micro_kernel(kc, s.a + ir * kc, b, rows, acc);
-          else
+          if (nrows == MR && ncols == NR) {
+            micro_kernel(kc, s.a + ir * kc, b, ldb, rows, acc);
+          } else if (ldb == NR) {
             edge_kernel(kc, s.a + ir * kc, b, rows, nrows, ncols, acc);
+          } else {  // fewer rows of a full panel read in place
+            alignas(64) float tile[MR * NR];
+            float* trows[MR];
+            for (int r = 0; r < MR; r++) trows[r] = tile + r * NR;
+            micro_kernel(kc, s.a + ir * kc, b, ldb, trows, false);
+            for (int r = 0; r < nrows; r++)
+              for (int j = 0; j < NR; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
+          }
         }
       }
     }
@@ -233,6 +280,7 @@ struct Strided {
 struct StridedB {
   Strided s;
   void pack(float* dst, long n, int cols, long k0, long kc) const { s.pack_t<NR>(dst, n, cols, k0, kc); }
+  DirectB direct() const { return s.rs == 1 ? DirectB{s.p, s.cs} : DirectB{nullptr, 0}; }
 };
 
 ST_END_NAMESPACE  // st::ST_ISA
