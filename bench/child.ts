@@ -10,6 +10,7 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { loadavg, totalmem } from 'node:os';
 import { FIT_SHARE } from '../trainers/memory/estimate.ts';
+import { TRAINING_NODE_FLAGS } from '../trainers/backend/process-flags.ts';
 
 export type Row = Record<string, unknown>;
 
@@ -27,7 +28,7 @@ export function statusKb(field: string): number {
 }
 
 export async function runBenchChild(script: string, args: string[], backend: string, timeoutMs: number): Promise<Row> {
-  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', script, ...args], {
+  const child = spawn(process.execPath, [...TRAINING_NODE_FLAGS, '--import', 'tsx', '--expose-gc', script, ...args], {
     env: { ...process.env, SIDETRAIN_BACKEND: backend }, stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '', stderr = '', stopped = '', hwmAtStopKb = 0;

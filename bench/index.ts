@@ -25,6 +25,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { TRAINING_NODE_FLAGS } from '../trainers/backend/process-flags.ts';
 
 type Row = Record<string, unknown>;
 /** A section's rows: returned at the end, or handed to `emit` one by one as they are measured. */
@@ -95,7 +96,7 @@ export function rowLine(r: Row): string {
  * line the child prints is a row, handed to `onRow` as it arrives.
  */
 async function runSectionChild(name: string, argv: string[], onRow: (r: Row) => void): Promise<void> {
-  const child = spawn(process.execPath, ['--import', 'tsx', '--expose-gc', fileURLToPath(import.meta.url), '--section', name, ...argv], {
+  const child = spawn(process.execPath, [...TRAINING_NODE_FLAGS, '--import', 'tsx', '--expose-gc', fileURLToPath(import.meta.url), '--section', name, ...argv], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   let rows = 0;

@@ -10,6 +10,7 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import type { JobEvent, JobResult } from '../trainers/job.ts';
 import type { HostMessage, WorkerMessage } from './worker.ts';
+import { TRAINING_NODE_FLAGS } from '../trainers/backend/process-flags.ts';
 
 export const WORKER_PATH = fileURLToPath(new URL('./worker.ts', import.meta.url));
 
@@ -57,7 +58,7 @@ export class WorkerProcess {
 
   /** Start the job; resolves when the worker has exited, with what happened. */
   run(jobType: string, spec: Record<string, unknown>, lockFile: string | undefined, cb: WorkerCallbacks): Promise<WorkerOutcome> {
-    const execArgv = ['--import', 'tsx'];
+    const execArgv = [...TRAINING_NODE_FLAGS, '--import', 'tsx'];
     if (this.opts.maxOldSpaceMb) execArgv.push(`--max-old-space-size=${this.opts.maxOldSpaceMb}`);
     const child = fork(WORKER_PATH, [], {
       execArgv,
