@@ -231,3 +231,16 @@ test('native Neg, Exp, Sigmoid, Erf, Square, Sqrt match the stock kernels; int32
   assert.deepEqual(Array.from(await outs[3]!.data()), [0, 0, 0, 0, 1, 2, 3, 0, 4, 5, 6, 0]);
   tf.dispose([ints, ...outs]);
 });
+
+test('the compute kernels read denormals as zero (they cost a hundredfold) and leave JavaScript IEEE', { skip }, async () => {
+  await initBackend('cpu-native');
+  const denormal = 1e-39; // float32-denormal: |x| < 1.18e-38, as CLIP's masked attention probabilities
+  const a = tf.tensor2d([denormal, denormal, 1, 0], [2, 2]), b = tf.tensor2d([1e30, 0, 0, 1e30], [2, 2]);
+  const { native, stock } = await both(() => [tf.matMul(a, b)]);
+  assert.deepEqual([...stock[0]!].map((v) => v > 0), [true, true, true, false], 'stock: 1e-39·1e30 = 1e-9');
+  assert.deepEqual([...native[0]!], [0, 0, 1e30, 0].map(Math.fround), 'native: the denormal reads as zero');
+  // the flags are the call's alone: JS arithmetic on denormal doubles and float32s is unchanged
+  const tiny = [Number.MIN_VALUE, 1e-39][Number(a.shape[0] > 5)]!;
+  assert.ok(tiny * 3 > 0 && Math.fround(1e-39) * 2 > 0);
+  tf.dispose([a, b]);
+});

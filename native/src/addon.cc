@@ -16,6 +16,7 @@
 #include "optim.h"
 #include "kernels.h"
 #include "napi_args.h"
+#include "denormals.h"
 
 ST_BEGIN_NAMESPACE
 namespace {
@@ -25,6 +26,7 @@ using st::NapiArgs;
 // (x|dy, w|dy, out, Int32Array[15] ConvShape, bf16?: boolean — forward and input gradient)
 template <int Which>
 napi_value Conv(napi_env env, napi_callback_info info) {
+  const st::DenormalsAsZero daz;
   NapiArgs args(env, info, Which == 0 ? "conv2d" : Which == 1 ? "conv2dBackpropInput" : "conv2dBackpropFilter");
   const bool bf16 = args.optional_boolean(4, "bf16");
   const int* p = args.i32(3, 15, "shape");
@@ -53,6 +55,7 @@ napi_value Conv(napi_env env, napi_callback_info info) {
 
 // (a, b, out, aOffsets: Float64Array, bOffsets: Float64Array, M, N, K, transA, transB, bf16?)
 napi_value MatMul(napi_env env, napi_callback_info info) {
+  const st::DenormalsAsZero daz;
   NapiArgs args(env, info, "matmul");
   const long M = args.integer(5, "M"), N = args.integer(6, "N"), K = args.integer(7, "K");
   const bool ta = args.boolean(8, "transA"), tb = args.boolean(9, "transB");

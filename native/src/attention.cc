@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "denormals.h"
 #include "gemm.h"
 #include "napi_args.h"
 #include "pool.h"
@@ -403,6 +404,7 @@ bool arrays(NapiArgs& a, int n, const size_t* need, const char* const* names, fl
 
 // (q, k, v, out, lse, batch, heads, tq, tk, d, scale, bf16?)
 napi_value Forward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "attentionForward", 11);
   Dims m;
   const bool bf16 = a.optional_boolean(11, "bf16");
@@ -418,6 +420,7 @@ napi_value Forward(napi_env env, napi_callback_info info) {
 
 // (q, k, v, out, dout, lse, dq, dk, dv, batch, heads, tq, tk, d, scale, bf16?)
 napi_value Backward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "attentionBackward", 15);
   Dims m;
   const bool bf16 = a.optional_boolean(15, "bf16");

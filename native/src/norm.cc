@@ -10,6 +10,7 @@
 //   dbias = Σ dz, dweight = Σ dz·xhat,
 //   dx = rstd·(w·dz − mean_N(w·dz) − xhat·mean_N(w·dz·xhat)).
 #include "norm.h"
+#include "denormals.h"
 
 #include <algorithm>
 #include <cmath>
@@ -356,6 +357,7 @@ bool gn_shape(NapiArgs& a, size_t i, GnShape& s) {
 
 // (x, weight, bias, y, mean, rstd, dims, eps, silu)
 napi_value GroupNormForward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "groupNormForward");
   GnShape s;
   if (!gn_shape(a, 6, s)) return nullptr;
@@ -370,6 +372,7 @@ napi_value GroupNormForward(napi_env env, napi_callback_info info) {
 
 // (dy, x, mean, rstd, weight, bias, dx, dweight, dbias, dims, silu)
 napi_value GroupNormBackward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "groupNormBackward");
   GnShape s;
   if (!gn_shape(a, 9, s)) return nullptr;
@@ -391,6 +394,7 @@ bool ln_dims(NapiArgs& a, size_t i, long& rows, long& n) {
 
 // (x, weight, bias, y, mean, rstd, rows, n, eps)
 napi_value LayerNormForward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "layerNormForward");
   long rows, n;
   if (!ln_dims(a, 6, rows, n)) return nullptr;
@@ -403,6 +407,7 @@ napi_value LayerNormForward(napi_env env, napi_callback_info info) {
 
 // (dy, x, mean, rstd, weight, dx, dweight, dbias, rows, n)
 napi_value LayerNormBackward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "layerNormBackward");
   long rows, n;
   if (!ln_dims(a, 8, rows, n)) return nullptr;
@@ -426,6 +431,7 @@ void run_activation(int op, const float* dy, const float* x, float* out, long n)
 
 // (op, x, y)
 napi_value ActivationForward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "activationForward");
   const int op = static_cast<int>(a.number(0, "op"));
   const size_t n = a.length(1);
@@ -438,6 +444,7 @@ napi_value ActivationForward(napi_env env, napi_callback_info info) {
 
 // (op, dy, x, dx)
 napi_value ActivationBackward(napi_env env, napi_callback_info info) {
+  const DenormalsAsZero daz;
   NapiArgs a(env, info, "activationBackward");
   const int op = static_cast<int>(a.number(0, "op"));
   const size_t n = a.length(2);

@@ -2,6 +2,8 @@
 // workers are torn down with the process, so exit never waits on a join.
 #include "pool.h"
 
+#include "denormals.h"
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -28,6 +30,7 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &f;
       ntasks_ = n;
+      csr_ = fp_control();  // workers compute with the caller's denormal flags (denormals.h)
       next_.store(0);
       active_ = static_cast<int>(workers_.size());
       generation_++;
@@ -51,6 +54,7 @@ class Pool {
         wake_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
       }
+      set_fp_control(csr_);
       work();
       std::lock_guard<std::mutex> lk(mu_);
       if (--active_ == 0) done_.notify_one();
@@ -62,6 +66,7 @@ class Pool {
   std::condition_variable wake_, done_;
   const std::function<void(int)>* job_ = nullptr;
   int ntasks_ = 0;
+  unsigned csr_ = 0;
   std::atomic<int> next_{0};
   int active_ = 0;
   unsigned long generation_ = 0;
