@@ -76,6 +76,7 @@ namespace bf16_detail {
 struct Scratch16 {
   float* f = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * (KCB + 1) * NR));  // one float32 panel (+1 k row)
   uint16_t* a = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * 32 * 8 * (KCB + 32)));
+  uint16_t* b = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * NRB * (KCB + 32)));  // one B panel (few rows)
 };
 inline Scratch16& scratch16() {
   thread_local Scratch16 s;
@@ -157,8 +158,10 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
   // padded K of every block: KCB is a multiple of every kAlign, so only the last block pads
   const long Kpad = (kblocks - 1) * KCB + ((K - (kblocks - 1) * KCB + al - 1) / al) * al;
   const long npanels = (N + NRB - 1) / NRB, Npad = npanels * NRB;
-  uint16_t* bp = packed_b16_buffer(static_cast<size_t>(count) * Kpad * Npad);
-  parallel_for(static_cast<int>(count * kblocks), [&](int task) {
+  // few rows of C: each B panel packed by the task that uses it, as in gemm_batched
+  const bool few = M <= DIRECT_B_MAX_M;
+  uint16_t* bp = few ? nullptr : packed_b16_buffer(static_cast<size_t>(count) * Kpad * Npad);
+  if (!few) parallel_for(static_cast<int>(count * kblocks), [&](int task) {
     const long i = task / kblocks, pc = (task % kblocks) * KCB, kc = std::min(KCB, K - pc);
     const long kpad = ((kc + al - 1) / al) * al;
     const auto prob = make(i);
@@ -177,7 +180,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
     if (j0 >= j1) return;
     const auto prob = make(i);
     uint16_t* ap = scratch16().a;
-    const uint16_t* bi = bp + i * Kpad * Npad;
+    const uint16_t* bi = few ? nullptr : bp + i * Kpad * Npad;
     for (long pc = 0; pc < K; pc += KCB) {
       const long kc = std::min(KCB, K - pc), kpad = ((kc + al - 1) / al) * al;
       const bool acc = accumulate || pc > 0;
@@ -185,7 +188,8 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
         pack_a16(kern, prob.a, ap + ir * kpad * aw, ic + ir, static_cast<int>(std::min<long>(kern.mr, mc - ir)), pc, kc, kpad);
       for (long jr = j0; jr < j1; jr += NRB) {
         const int ncols = static_cast<int>(std::min<long>(NRB, j1 - jr));
-        const uint16_t* b = bi + pc * Npad + jr * kpad;
+        const uint16_t* b = few ? scratch16().b : bi + pc * Npad + jr * kpad;
+        if (few) pack_b16(prob.b, scratch16().b, jr, ncols, pc, kc, kpad);
         for (long ir = 0; ir < mc; ir += kern.mr) {
           const int nrows = static_cast<int>(std::min<long>(kern.mr, mc - ir));
           float* rows[32];
