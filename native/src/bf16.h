@@ -158,8 +158,9 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
   // padded K of every block: KCB is a multiple of every kAlign, so only the last block pads
   const long Kpad = (kblocks - 1) * KCB + ((K - (kblocks - 1) * KCB + al - 1) / al) * al;
   const long npanels = (N + NRB - 1) / NRB, Npad = npanels * NRB;
-  // few rows of C: each B panel packed by the task that uses it, as in gemm_batched
-  const bool few = M <= DIRECT_B_MAX_M;
+  // rows of C in one row block: each B panel packed by the one task that uses it (gemm_batched's `few`)
+  const long MCB = static_cast<long>(kern.mr) * kern.mcPanels;
+  const bool few = M <= MCB;
   uint16_t* bp = few ? nullptr : packed_b16_buffer(static_cast<size_t>(count) * Kpad * Npad);
   if (!few) parallel_for(static_cast<int>(count * kblocks), [&](int task) {
     const long i = task / kblocks, pc = (task % kblocks) * KCB, kc = std::min(KCB, K - pc);
@@ -170,7 +171,7 @@ void gemm_batched_bf16(long count, long M, long N, long K, bool accumulate, cons
       pack_b16(prob.b, dst + jr * kpad, jr, static_cast<int>(std::min<long>(NRB, N - jr)), pc, kc, kpad);
   });
   const int threads = pool_threads();
-  const long MCB = static_cast<long>(kern.mr) * kern.mcPanels, mblocks = (M + MCB - 1) / MCB;
+  const long mblocks = (M + MCB - 1) / MCB;
   const long nchunks = n_chunks(count, mblocks, npanels, threads);
   const long panelsPerChunk = (npanels + nchunks - 1) / nchunks, perProblem = mblocks * nchunks;
   parallel_for(static_cast<int>(count * perProblem), [&](int task) {

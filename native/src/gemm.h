@@ -37,6 +37,7 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));     // unali
 // block, and one B panel (the edge panel when B is read in place).
 struct Scratch {
   float* a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MC * KC));
+  float* aFew = nullptr;  // all rows of a call with few (≤ DIRECT_B_MAX_M), allocated on first use
   float* b = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * NR));
 };
 inline Scratch& scratch() {
@@ -113,7 +114,7 @@ struct DirectB {
 // is the whole cost when M is small: at the 8×8 and 4×4 levels of a UNet a 3×3 conv has 64 or 16
 // output pixels against 14.7M weights, and the pack pass took more time than the multiply-adds.
 // With many rows the contiguous packed panel pays for itself (B is reread for every row block).
-constexpr long DIRECT_B_MAX_M = 2 * MC;
+constexpr long DIRECT_B_MAX_M = 4 * MC;
 
 // Multi-threaded GEMM over `count` problems of equal shape; make(i) returns problem i's
 // packers and row functor as a struct with members a, b, c.
@@ -143,24 +144,27 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
     });
   }
   const int threads = pool_threads();
-  const long mblocks = (M + MC - 1) / MC;
+  // with few rows a task takes all of them (its A block stays in L2), so each B panel is read once
+  const long mcTask = few ? M : MC, mblocks = (M + mcTask - 1) / mcTask;
   const long nchunks = n_chunks(count, mblocks, npanels, threads);
   const long panelsPerChunk = (npanels + nchunks - 1) / nchunks;
   const long perProblem = mblocks * nchunks;
   parallel_for(static_cast<int>(count * perProblem), [&](int task) {
     const long i = task / perProblem, rest = task % perProblem;
-    const long ic = (rest / nchunks) * MC, mc = std::min(MC, M - ic);
+    const long ic = (rest / nchunks) * mcTask, mc = std::min(mcTask, M - ic);
     const long j0 = (rest % nchunks) * panelsPerChunk * NR, j1 = std::min(N, j0 + panelsPerChunk * NR);
     if (j0 >= j1) return;
     const auto prob = make(i);
     const auto db = prob.b.direct();
     Scratch& s = scratch();
+    if (few && !s.aFew) s.aFew = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * DIRECT_B_MAX_M * KC));
+    float* const ap = few ? s.aFew : s.a;
     const float* bi = few ? nullptr : bp + i * K * Npad;
     for (long pc = 0; pc < K; pc += KC) {
       const long kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
       for (long ir = 0; ir < mc; ir += MR)
-        prob.a.pack(s.a + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
+        prob.a.pack(ap + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
       for (long jr = j0; jr < j1; jr += NR) {
         const int ncols = static_cast<int>(std::min<long>(NR, j1 - jr));
         const float* b;
@@ -178,14 +182,14 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
           float* rows[MR];
           for (int r = 0; r < MR; r++) rows[r] = r < nrows ? prob.c(ic + ir + r) + jr : nullptr;
           if (nrows == MR && ncols == NR) {
-            micro_kernel(kc, s.a + ir * kc, b, ldb, rows, acc);
+            micro_kernel(kc, ap + ir * kc, b, ldb, rows, acc);
           } else if (ldb == NR) {
-            edge_kernel(kc, s.a + ir * kc, b, rows, nrows, ncols, acc);
+            edge_kernel(kc, ap + ir * kc, b, rows, nrows, ncols, acc);
           } else {  // fewer rows of a full panel read in place
             alignas(64) float tile[MR * NR];
             float* trows[MR];
             for (int r = 0; r < MR; r++) trows[r] = tile + r * NR;
-            micro_kernel(kc, s.a + ir * kc, b, ldb, trows, false);
+            micro_kernel(kc, ap + ir * kc, b, ldb, trows, false);
             for (int r = 0; r < nrows; r++)
               for (int j = 0; j < NR; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
           }
