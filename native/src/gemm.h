@@ -80,12 +80,12 @@ static inline void micro_kernel(long kc, const float* __restrict a, const float*
 }
 
 // Edge tile (fewer than MR rows or NR columns): compute into a local tile, then merge.
-static inline void edge_kernel(long kc, const float* a, const float* b, float* const* rows,
+static inline void edge_kernel(long kc, const float* a, const float* b, long ldb, float* const* rows,
                                int nrows, int ncols, bool acc) {
   alignas(64) float tile[MR * NR];
   float* trows[MR];
   for (int r = 0; r < MR; r++) trows[r] = tile + r * NR;
-  micro_kernel(kc, a, b, NR, trows, false);
+  micro_kernel(kc, a, b, ldb, trows, false);
   for (int r = 0; r < nrows; r++)
     for (int j = 0; j < ncols; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
 }
@@ -181,18 +181,10 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
           const int nrows = static_cast<int>(std::min<long>(MR, mc - ir));
           float* rows[MR];
           for (int r = 0; r < MR; r++) rows[r] = r < nrows ? prob.c(ic + ir + r) + jr : nullptr;
-          if (nrows == MR && ncols == NR) {
+          if (nrows == MR && ncols == NR)
             micro_kernel(kc, ap + ir * kc, b, ldb, rows, acc);
-          } else if (ldb == NR) {
-            edge_kernel(kc, ap + ir * kc, b, rows, nrows, ncols, acc);
-          } else {  // fewer rows of a full panel read in place
-            alignas(64) float tile[MR * NR];
-            float* trows[MR];
-            for (int r = 0; r < MR; r++) trows[r] = tile + r * NR;
-            micro_kernel(kc, ap + ir * kc, b, ldb, trows, false);
-            for (int r = 0; r < nrows; r++)
-              for (int j = 0; j < NR; j++) rows[r][j] = acc ? rows[r][j] + tile[r * NR + j] : tile[r * NR + j];
-          }
+          else
+            edge_kernel(kc, ap + ir * kc, b, ldb, rows, nrows, ncols, acc);
         }
       }
     }

@@ -13,8 +13,3 @@
  * command line of each such process.
  */
 export const TRAINING_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
-
-/** Whether this process runs with the training flags (a `node bin/sidetrain.mjs` without them still works, slower). */
-export function hasTrainingFlags(): boolean {
-  return TRAINING_NODE_FLAGS.every((f) => process.execArgv.includes(f));
-}
