@@ -12,6 +12,9 @@ import { initBackend, setComputePrecision, tf, type Tensor } from '../trainers/b
 import { bf16BitsToFloat, floatToBf16Bits } from '../trainers/io/half.ts';
 import { attention } from '../trainers/nets/layers.ts';
 import { nativeSkip } from './helpers/native.ts';
+import { poisonOutputs } from '../trainers/backend/native/output.ts';
+
+poisonOutputs(true); // outputs start as NaN: an element a kernel leaves unwritten fails a comparison
 import { hasNativeAttention, nativeAttention, nativeAttentionCore, slicedAttentionCore, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 
 await initBackend();

@@ -10,6 +10,11 @@ import { initBackend, tf, type Tensor } from '../trainers/backend/index.ts';
 import { nativeStatus, registerNativeKernels, unregisterNativeKernels } from '../trainers/backend/native/index.ts';
 import { nativeSkip } from './helpers/native.ts';
 import { assertClose } from './helpers/close.ts';
+import { poisonOutputs } from '../trainers/backend/native/output.ts';
+
+// Every native output starts as NaN (the arrays are not zero-filled): an element a kernel leaves
+// unwritten fails the comparison with the stock kernel.
+poisonOutputs(true);
 
 const status = nativeStatus();
 const skip = nativeSkip(status.available ? false : status.reason);
@@ -139,7 +144,9 @@ test('native fused matmul and conv2d apply bias and activation like the stock ke
 
 test('native softmax and broadcasting binary ops match the stock CPU kernels', { skip }, async () => {
   await initBackend('cpu-native');
-  const pairs: Array<[number[], number[]]> = [[[6, 7], [6, 7]], [[6, 7], []], [[6, 7], [6, 1]], [[1, 7], [6, 7]], [[2, 1, 5], [3, 1]], [[4, 3, 1, 5], [3, 2, 1]]];
+  const pairs: Array<[number[], number[]]> = [[[6, 7], [6, 7]], [[6, 7], []], [[6, 7], [6, 1]], [[1, 7], [6, 7]], [[2, 1, 5], [3, 1]], [[4, 3, 1, 5], [3, 2, 1]],
+    // rows long enough to be split between tasks (a same-shape add is one row of them all)
+    [[140001], [140001]], [[3, 70001], [1, 70001]], [[2, 70001], [2, 1]]];
   const { native, stock } = await both(() => [
     tf.softmax(rand([5, 33], 1).mul(4)),
     tf.softmax(rand([2, 3, 200], 2).mul(10)),
@@ -196,6 +203,7 @@ test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exa
   const perms: Array<[number[], number[]]> = [
     [[5, 7], [1, 0]], [[2, 3, 4, 5], [0, 2, 1, 3]], [[2, 3, 4, 5], [3, 2, 1, 0]], [[1, 6, 1, 9], [2, 3, 0, 1]],
     [[2, 3, 4, 5, 6], [0, 3, 1, 4, 2]], [[3, 1, 4], [0, 1, 2]], [[2, 70, 3], [1, 0, 2]],
+    [[70001, 3], [1, 0]], // rows long enough to be split between tasks
   ];
   const shapes: number[][] = [];
   const { native, stock } = await both(() => {
@@ -203,7 +211,7 @@ test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exa
     const outs = [
       ...perms.map(([s, p], i) => rand(s, 30 + i).transpose(p)),
       ...[0, 1, 2, 3, -1].flatMap((axis) => tf.split(x, [1, x.shape.at(axis)! - 3, 2], axis)),
-      ...tf.split(x, 2, 2), ...tf.split(rand([2, 8, 10], 3), 2, -1),
+      ...tf.split(x, 2, 2), ...tf.split(rand([2, 8, 10], 3), 2, -1), ...tf.split(rand([2, 140001], 8), 2, 0),
       ...[0, 1, 2, 3, -1].flatMap((axis) => tf.unstack(x, axis)),
       x.pad([[0, 0], [1, 1], [1, 1], [0, 0]]), x.pad([[1, 0], [0, 2], [3, 0], [0, 1]], 2.5), rand([5], 4).pad([[2, 3]], -1),
       rand([3, 4], 5).pad([[0, 0], [0, 0]]),

@@ -169,27 +169,38 @@ void conv2d(const float* x, const float* w, float* y, const ConvShape& s, bool b
 }
 
 void conv2d_backprop_input(const float* dy, const float* w, float* dx, const ConvShape& s, bool bf16) {
-  std::memset(dx, 0, sizeof(float) * s.batch * s.inH * s.inW * s.inC);
+  // One GEMM per stride phase (py, px): the dx pixels p with p ≡ (py, px) mod the stride. The
+  // taps with (p + pad - k) divisible by the stride reach the phase; the dy row is
+  // u + (p + pad - k) / stride. Each GEMM writes all of its phase's pixels, so dx needs zeroing
+  // only when some phase has pixels and no tap (a filter smaller than the stride).
+  struct Phase {
+    long py, px, U, V;
+    std::vector<Tap> taps;
+  };
+  std::vector<Phase> phases;
+  bool untouched = false;
   for (long py = 0; py < s.sH && py < s.inH; py++) {
     for (long px = 0; px < s.sW && px < s.inW; px++) {
-      // taps with (p + pad - k) divisible by the stride reach this phase; the dy row is
-      // u + (p + pad - k) / stride
-      std::vector<Tap> taps;
+      Phase ph{py, px, (s.inH - py + s.sH - 1) / s.sH, (s.inW - px + s.sW - 1) / s.sW, {}};
       for (long kh = 0; kh < s.fH; kh++) {
         if ((py + s.padT - kh) % s.sH != 0) continue;
         for (long kw = 0; kw < s.fW; kw++) {
           if ((px + s.padL - kw) % s.sW != 0) continue;
-          taps.push_back({(py + s.padT - kh) / s.sH, (px + s.padL - kw) / s.sW, (kh * s.fW + kw) * s.inC * s.outC});
+          ph.taps.push_back({(py + s.padT - kh) / s.sH, (px + s.padL - kw) / s.sW, (kh * s.fW + kw) * s.inC * s.outC});
         }
       }
-      const long U = (s.inH - py + s.sH - 1) / s.sH, V = (s.inW - px + s.sW - 1) / s.sW;
-      if (taps.empty() || U == 0 || V == 0) continue;
-      const GatherA a{dy, s.outH, s.outW, s.outC, U, V, 1, 1, taps.data()};
-      const TapB b{w, s.outC, 1, s.outC, taps.data(), false};
-      const PhaseRow c{dx, U, V, s.inH, s.inW, s.inC, py, px, s.sH, s.sW};
-      const long M = s.batch * U * V, K = static_cast<long>(taps.size()) * s.outC;
-      gemm_any(bf16, 1, M, s.inC, K, false, [&](long) { return Problem<GatherA, TapB, PhaseRow>{a, b, c}; });
+      if (ph.U == 0 || ph.V == 0) continue;
+      if (ph.taps.empty() || s.outC == 0) untouched = true;
+      else phases.push_back(std::move(ph));
     }
+  }
+  if (untouched) std::memset(dx, 0, sizeof(float) * s.batch * s.inH * s.inW * s.inC);
+  for (const Phase& ph : phases) {
+    const GatherA a{dy, s.outH, s.outW, s.outC, ph.U, ph.V, 1, 1, ph.taps.data()};
+    const TapB b{w, s.outC, 1, s.outC, ph.taps.data(), false};
+    const PhaseRow c{dx, ph.U, ph.V, s.inH, s.inW, s.inC, ph.py, ph.px, s.sH, s.sW};
+    const long M = s.batch * ph.U * ph.V, K = static_cast<long>(ph.taps.size()) * s.outC;
+    gemm_any(bf16, 1, M, s.inC, K, false, [&](long) { return Problem<GatherA, TapB, PhaseRow>{a, b, c}; });
   }
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "parallel_rows.h"
 #include "pool.h"
 #include "vexp.h"
 #include "variant.h"
@@ -65,31 +66,27 @@ static void binary_t(const float* a, const float* b, float* out, int rank, const
   const long n = shape[rank - 1], sa = as[rank - 1], sb = bs[rank - 1];
   long outer = 1;
   for (int d = 0; d < rank - 1; d++) outer *= shape[d];
-  const long chunk = std::max(1L, 32768 / std::max(1L, n));
-  const long tasks = (outer + chunk - 1) / chunk;
-  parallel_for(static_cast<int>(tasks), [&](int t) {
-    for (long o = t * chunk; o < std::min(outer, (t + 1) * chunk); o++) {
-      long rem = o, ao = 0, bo = 0;
-      for (int d = rank - 2; d >= 0; d--) {
-        const long i = rem % shape[d];
-        rem /= shape[d];
-        ao += i * as[d];
-        bo += i * bs[d];
-      }
-      const float* pa = a + ao;
-      const float* pb = b + bo;
-      float* po = out + o * n;
-      if (sa == 1 && sb == 1) {
-        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i], pb[i]);
-      } else if (sa == 1) {
-        const float vb = pb[0];
-        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i], vb);
-      } else if (sb == 1) {
-        const float va = pa[0];
-        for (long i = 0; i < n; i++) po[i] = apply<Op>(va, pb[i]);
-      } else {
-        for (long i = 0; i < n; i++) po[i] = apply<Op>(pa[i * sa], pb[i * sb]);
-      }
+  parallel_rows(outer, n, 32768, [&](long o, long i0, long i1) {
+    long rem = o, ao = 0, bo = 0;
+    for (int d = rank - 2; d >= 0; d--) {
+      const long i = rem % shape[d];
+      rem /= shape[d];
+      ao += i * as[d];
+      bo += i * bs[d];
+    }
+    const float* pa = a + ao;
+    const float* pb = b + bo;
+    float* po = out + o * n;
+    if (sa == 1 && sb == 1) {
+      for (long i = i0; i < i1; i++) po[i] = apply<Op>(pa[i], pb[i]);
+    } else if (sa == 1) {
+      const float vb = pb[0];
+      for (long i = i0; i < i1; i++) po[i] = apply<Op>(pa[i], vb);
+    } else if (sb == 1) {
+      const float va = pa[0];
+      for (long i = i0; i < i1; i++) po[i] = apply<Op>(va, pb[i]);
+    } else {
+      for (long i = i0; i < i1; i++) po[i] = apply<Op>(pa[i * sa], pb[i * sb]);
     }
   });
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "parallel_rows.h"
 #include "pool.h"
 #include "variant.h"
 
@@ -28,19 +29,15 @@ void strided_copy(const float* src, float* dst, int rank, const long* shape, con
   const long n = shape[rank - 1], s1 = ss[rank - 1], d1 = ds[rank - 1];
   long outer = 1;
   for (int d = 0; d < rank - 1; d++) outer *= shape[d];
-  const long chunk = std::max(1L, 65536 / std::max(1L, n));
-  const long tasks = (outer + chunk - 1) / chunk;
-  parallel_for(static_cast<int>(tasks), [&](int t) {
-    for (long o = t * chunk; o < std::min(outer, (t + 1) * chunk); o++) {
-      const float* ps = src + offset_of(o, rank - 1, shape, ss);
-      float* pd = dst + offset_of(o, rank - 1, shape, ds);
-      if (s1 == 1 && d1 == 1) {
-        std::memcpy(pd, ps, n * sizeof(float));
-      } else if (d1 == 1) {
-        for (long i = 0; i < n; i++) pd[i] = ps[i * s1];
-      } else {
-        for (long i = 0; i < n; i++) pd[i * d1] = ps[i * s1];
-      }
+  parallel_rows(outer, n, 65536, [&](long o, long i0, long i1) {
+    const float* ps = src + offset_of(o, rank - 1, shape, ss);
+    float* pd = dst + offset_of(o, rank - 1, shape, ds);
+    if (s1 == 1 && d1 == 1) {
+      std::memcpy(pd + i0, ps + i0, (i1 - i0) * sizeof(float));
+    } else if (d1 == 1) {
+      for (long i = i0; i < i1; i++) pd[i] = ps[i * s1];
+    } else {
+      for (long i = i0; i < i1; i++) pd[i * d1] = ps[i * s1];
     }
   });
 }

@@ -11,6 +11,7 @@
  */
 import { currentBackend, tf, type Tensor } from '../backend/tf.ts';
 import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
+import { outputArray } from '../backend/native/output.ts';
 import type { CpuBackend } from '../backend/native/kernels.ts';
 
 type Required<T> = { [K in keyof T]-?: T[K] };
@@ -63,7 +64,7 @@ function registerKernels(addon: NormAddon): void {
       const be = backend as CpuBackend, { x, weight, bias } = inputs as Record<string, tf.TensorInfo>;
       const { groups, eps, silu } = attrs as unknown as NormAttrs;
       const [b, h, w, c] = x!.shape as [number, number, number, number];
-      const y = new Float32Array(sizeOf(x!.shape)), mean = new Float32Array(b * groups), rstd = new Float32Array(b * groups);
+      const y = outputArray(sizeOf(x!.shape)), mean = outputArray(b * groups), rstd = outputArray(b * groups);
       addon.groupNormForward(f32(be, x!), f32(be, weight!), f32(be, bias!), y, mean, rstd, Float64Array.of(b, h * w, c, groups), eps, silu);
       return [be.makeTensorInfo(x!.shape, 'float32', y), be.makeTensorInfo([b, groups], 'float32', mean), be.makeTensorInfo([b, groups], 'float32', rstd)];
     },
@@ -71,7 +72,7 @@ function registerKernels(addon: NormAddon): void {
       const be = backend as CpuBackend, { dy, x, mean, rstd, weight, bias } = inputs as Record<string, tf.TensorInfo>;
       const { groups, silu } = attrs as unknown as NormAttrs;
       const [b, h, w, c] = x!.shape as [number, number, number, number];
-      const dx = new Float32Array(sizeOf(x!.shape)), dw = new Float32Array(c), db = new Float32Array(c);
+      const dx = outputArray(sizeOf(x!.shape)), dw = outputArray(c), db = outputArray(c);
       addon.groupNormBackward(
         f32(be, dy!), f32(be, x!), f32(be, mean!), f32(be, rstd!), f32(be, weight!), f32(be, bias!), dx, dw, db,
         Float64Array.of(b, h * w, c, groups), silu,
@@ -81,26 +82,26 @@ function registerKernels(addon: NormAddon): void {
     SidetrainLayerNorm: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { x, weight, bias } = inputs as Record<string, tf.TensorInfo>;
       const n = x!.shape[x!.shape.length - 1]!, rows = sizeOf(x!.shape) / n;
-      const y = new Float32Array(rows * n), mean = new Float32Array(rows), rstd = new Float32Array(rows);
+      const y = outputArray(rows * n), mean = outputArray(rows), rstd = outputArray(rows);
       addon.layerNormForward(f32(be, x!), f32(be, weight!), f32(be, bias!), y, mean, rstd, rows, n, (attrs as unknown as NormAttrs).eps);
       return [be.makeTensorInfo(x!.shape, 'float32', y), be.makeTensorInfo([rows], 'float32', mean), be.makeTensorInfo([rows], 'float32', rstd)];
     },
     SidetrainLayerNormGrad: ({ inputs, backend }) => {
       const be = backend as CpuBackend, { dy, x, mean, rstd, weight, bias } = inputs as Record<string, tf.TensorInfo>;
       const n = x!.shape[x!.shape.length - 1]!, rows = sizeOf(x!.shape) / n;
-      const dx = new Float32Array(rows * n), dw = new Float32Array(n), db = new Float32Array(n);
+      const dx = outputArray(rows * n), dw = outputArray(n), db = outputArray(n);
       addon.layerNormBackward(f32(be, dy!), f32(be, x!), f32(be, mean!), f32(be, rstd!), f32(be, weight!), dx, dw, db, rows, n);
       return [be.makeTensorInfo(x!.shape, 'float32', dx), be.makeTensorInfo(weight!.shape, 'float32', dw), be.makeTensorInfo(bias!.shape, 'float32', db)];
     },
     SidetrainActivation: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, x = inputs.x!;
-      const y = new Float32Array(sizeOf(x.shape));
+      const y = outputArray(sizeOf(x.shape));
       addon.activationForward((attrs as { op: number }).op, f32(be, x), y);
       return be.makeTensorInfo(x.shape, 'float32', y);
     },
     SidetrainActivationGrad: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { dy, x } = inputs as Record<string, tf.TensorInfo>;
-      const dx = new Float32Array(sizeOf(x!.shape));
+      const dx = outputArray(sizeOf(x!.shape));
       addon.activationBackward((attrs as { op: number }).op, f32(be, dy!), f32(be, x!), dx);
       return be.makeTensorInfo(x!.shape, 'float32', dx);
     },

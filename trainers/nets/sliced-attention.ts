@@ -18,6 +18,7 @@
  */
 import { currentBackend, tf, type Tensor } from '../backend/tf.ts';
 import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
+import { outputArray } from '../backend/native/output.ts';
 import type { CpuBackend } from '../backend/native/kernels.ts';
 import { computePrecision } from '../backend/precision.ts';
 
@@ -68,14 +69,14 @@ function registerKernels(addon: AttentionAddon): void {
     SidetrainAttention: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { q, k, v } = inputs as Record<string, tf.TensorInfo>;
       const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
-      const out = new Float32Array(b * tq * heads * d), lse = new Float32Array(b * heads * tq);
+      const out = outputArray(b * tq * heads * d), lse = outputArray(b * heads * tq);
       addon.attentionForward(f32(be, q!), f32(be, k!), f32(be, v!), out, lse, b, heads, tq, tk, d, scale, computePrecision() === 'bf16');
       return [be.makeTensorInfo(q!.shape, 'float32', out), be.makeTensorInfo([b * heads, tq], 'float32', lse)];
     },
     SidetrainAttentionGrad: ({ inputs, backend, attrs }) => {
       const be = backend as CpuBackend, { q, k, v, out, dout, lse } = inputs as Record<string, tf.TensorInfo>;
       const { b, heads, tq, tk, d, scale } = dims(q!, k!, attrs as unknown as AttentionAttrs);
-      const dq = new Float32Array(b * tq * heads * d), dk = new Float32Array(b * tk * heads * d), dv = new Float32Array(b * tk * heads * d);
+      const dq = outputArray(b * tq * heads * d), dk = outputArray(b * tk * heads * d), dv = outputArray(b * tk * heads * d);
       const arrays = [q, k, v, out, dout, lse].map((t) => f32(be, t!)) as [Float32Array, Float32Array, Float32Array, Float32Array, Float32Array, Float32Array];
       addon.attentionBackward(...arrays, dq, dk, dv, b, heads, tq, tk, d, scale, computePrecision() === 'bf16');
       return [be.makeTensorInfo(q!.shape, 'float32', dq), be.makeTensorInfo(k!.shape, 'float32', dk), be.makeTensorInfo(v!.shape, 'float32', dv)];

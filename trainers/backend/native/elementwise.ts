@@ -5,6 +5,7 @@
  */
 import { tf } from '../tf.ts';
 import type { NativeAddon } from './addon.ts';
+import { outputArray } from './output.ts';
 import type { CpuBackend, StockLookup } from './kernels.ts';
 
 type KernelFunc = tf.KernelFunc;
@@ -60,7 +61,7 @@ export function elementwiseKernelFuncs(addon: NativeAddon, stock: StockLookup): 
     const rank = logits.shape.length;
     if (!x || rank === 0 || (dim !== -1 && dim !== rank - 1)) return stock('Softmax')(args);
     const n = logits.shape[rank - 1]!;
-    const y = new Float32Array(x.length);
+    const y = outputArray(x.length);
     addon.softmax(x, y, n === 0 ? 0 : x.length / n, n);
     return backend.makeTensorInfo(logits.shape, 'float32', y);
   };
@@ -70,7 +71,7 @@ export function elementwiseKernelFuncs(addon: NativeAddon, stock: StockLookup): 
     const av = f32(backend, a!), bv = f32(backend, b!);
     if (!av || !bv) return stock(name)(args);
     const outShape = tf.broadcast_util.assertAndGetBroadcastShape(a!.shape, b!.shape);
-    const out = new Float32Array(outShape.reduce((x, y) => x * y, 1));
+    const out = outputArray(outShape.reduce((x, y) => x * y, 1));
     const l = broadcastLayout(a!.shape, b!.shape, outShape);
     addon.binary(op, av, bv, out, l.shape, l.aStrides, l.bStrides);
     return backend.makeTensorInfo(outShape, 'float32', out);

@@ -11,6 +11,7 @@
  */
 import { tf } from '../tf.ts';
 import type { NativeAddon } from './addon.ts';
+import { outputArray } from './output.ts';
 import { computePrecision } from '../precision.ts';
 
 type TensorInfo = tf.TensorInfo;
@@ -65,7 +66,7 @@ function nativeConv2D(addon: NativeAddon, backend: CpuBackend, x: TensorInfo, fi
   const xv = f32(backend, x), wv = f32(backend, filter);
   if (!xv || !wv || attrs.dataFormat === 'NCHW' || x.shape.length !== 4) return undefined;
   const info = conv2dInfo(x.shape, filter.shape, attrs, attrs.dilations ?? 1);
-  const y = new Float32Array(size(info.outShape));
+  const y = outputArray(size(info.outShape));
   addon.conv2d(xv, wv, y, convShape(info), computePrecision() === 'bf16');
   return backend.makeTensorInfo(info.outShape, 'float32', y);
 }
@@ -119,7 +120,7 @@ function nativeMatMul(addon: NativeAddon, backend: CpuBackend, a: TensorInfo, b:
   const aOuter = a.shape.slice(0, -2), bOuter = b.shape.slice(0, -2);
   const outOuter = tf.broadcast_util.assertAndGetBroadcastShape(aOuter, bOuter);
   const { aOff, bOff } = batchOffsets(aOuter, bOuter, outOuter, M * K, K * N);
-  const out = new Float32Array(size(outOuter) * M * N);
+  const out = outputArray(size(outOuter) * M * N);
   addon.matmul(av, bv, out, aOff, bOff, M, N, K, transposeA, transposeB, computePrecision() === 'bf16');
   return backend.makeTensorInfo([...outOuter, M, N], 'float32', out);
 }
@@ -139,7 +140,7 @@ export function nativeKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     if (!dyv || !wv || attrs.dataFormat === 'NCHW') return stock('Conv2DBackpropInput')(args);
     const info = conv2dInfo(attrs.inputShape, filter!.shape, attrs);
     tf.util.assert(same(info.outShape, dy!.shape), () => `conv2dBackpropInput: dy shape ${dy!.shape} does not match ${info.outShape}`);
-    const dx = new Float32Array(size(info.inShape));
+    const dx = outputArray(size(info.inShape));
     addon.conv2dBackpropInput(dyv, wv, dx, convShape(info), computePrecision() === 'bf16');
     return backend.makeTensorInfo(info.inShape, 'float32', dx);
   };
@@ -151,7 +152,7 @@ export function nativeKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     if (!xv || !dyv || attrs.dataFormat === 'NCHW') return stock('Conv2DBackpropFilter')(args);
     const info = conv2dInfo(x!.shape, attrs.filterShape, attrs);
     tf.util.assert(same(info.outShape, dy!.shape), () => `conv2dBackpropFilter: dy shape ${dy!.shape} does not match ${info.outShape}`);
-    const dw = new Float32Array(size(info.filterShape));
+    const dw = outputArray(size(info.filterShape));
     addon.conv2dBackpropFilter(xv, dyv, dw, convShape(info));
     return backend.makeTensorInfo(info.filterShape, 'float32', dw);
   };

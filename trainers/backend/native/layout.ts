@@ -11,6 +11,7 @@
 import { tf } from '../tf.ts';
 import type { NativeAddon } from './addon.ts';
 import type { CpuBackend, StockLookup } from './kernels.ts';
+import { outputArray } from './output.ts';
 
 type KernelFunc = tf.KernelFunc;
 type TensorInfo = tf.TensorInfo;
@@ -72,7 +73,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     const { axis, keepDims } = args.attrs as { axis: number | number[]; keepDims: boolean };
     const axes = tf.util.parseAxisParam(axis, x.shape);
     const [outShape, reduceShape] = tf.backend_util.computeOutAndReduceShapes(x.shape, axes);
-    const out = new Float32Array(tf.util.sizeFromShape(outShape));
+    const out = outputArray(tf.util.sizeFromShape(outShape));
     const { sizes, reduced } = reduceGroups(x.shape, axes);
     addon.reduceSum(xv, out, sizes, reduced, name === 'Mean' ? tf.util.sizeFromShape(reduceShape) : 1);
     const shape = keepDims ? tf.backend_util.expandShapeToKeepDim(outShape, axes) : outShape;
@@ -86,7 +87,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     const perm = (args.attrs as { perm: number[] }).perm;
     const outShape = perm.map((p) => x.shape[p]!);
     const xs = contiguousStrides(x.shape);
-    const out = new Float32Array(xv.length);
+    const out = outputArray(xv.length);
     copy(addon, xv, out, outShape, perm.map((p) => xs[p]!), contiguousStrides(outShape));
     return backend.makeTensorInfo(outShape, 'float32', out);
   };
@@ -96,7 +97,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     let start = 0;
     return sizes.map((n) => {
       const shape = x.shape.map((s, d) => (d === axis ? n : s));
-      const out = new Float32Array(tf.util.sizeFromShape(shape));
+      const out = outputArray(tf.util.sizeFromShape(shape));
       copy(addon, xv, out, shape, xs, contiguousStrides(shape), start * xs[axis]!);
       start += n;
       return backend.makeTensorInfo(squeeze ? shape.filter((_, d) => d !== axis) : shape, 'float32', out);
@@ -145,7 +146,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     if (!xv || tf.slice_util.isSliceContinous(x.shape, begin, size)) return stock('Slice')(args);
     tf.slice_util.assertParamsValid(x as tf.Tensor, begin, size);
     const xs = contiguousStrides(x.shape);
-    const out = new Float32Array(tf.util.sizeFromShape(size));
+    const out = outputArray(tf.util.sizeFromShape(size));
     copy(addon, xv, out, size, xs, contiguousStrides(size), begin.reduce((o, b, d) => o + b * xs[d]!, 0));
     return backend.makeTensorInfo(size, 'float32', out);
   };
@@ -154,7 +155,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     const x = args.inputs.x!;
     const xv = f32(backend, x);
     if (!xv) return stock(name)(args);
-    const out = new Float32Array(xv.length);
+    const out = outputArray(xv.length);
     addon.unary(op, xv, out);
     return backend.makeTensorInfo(x.shape, 'float32', out);
   };
