@@ -198,7 +198,7 @@ test('native Sum and Mean match the stock kernels on every axis subset, keepDims
   for (let i = 0; i < native.length; i++) assertClose(`reduction ${i}`, native[i]!, stock[i]!, 2);
 });
 
-test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exactly', { skip }, async () => {
+test('native Transpose, Slice, SplitV, Unpack, PadV2, Concat equal the stock kernels exactly', { skip }, async () => {
   await initBackend('cpu-native');
   const perms: Array<[number[], number[]]> = [
     [[5, 7], [1, 0]], [[2, 3, 4, 5], [0, 2, 1, 3]], [[2, 3, 4, 5], [3, 2, 1, 0]], [[1, 6, 1, 9], [2, 3, 0, 1]],
@@ -215,6 +215,8 @@ test('native Transpose, Slice, SplitV, Unpack, PadV2 equal the stock kernels exa
       ...[0, 1, 2, 3, -1].flatMap((axis) => tf.unstack(x, axis)),
       x.pad([[0, 0], [1, 1], [1, 1], [0, 0]]), x.pad([[1, 0], [0, 2], [3, 0], [0, 1]], 2.5), rand([5], 4).pad([[2, 3]], -1),
       rand([3, 4], 5).pad([[0, 0], [0, 0]]),
+      ...[0, 1, 2, 3, -1].map((axis) => tf.concat([x, rand(x.shape.map((n, d) => (d === (axis + 4) % 4 ? 2 : n)), 9), x.slice([0, 0, 0, 0], x.shape.map((n, d) => (d === (axis + 4) % 4 ? 0 : n)))], axis)),
+      tf.concat([rand([256, 700], 10), rand([256, 300], 11)], 1), tf.concat([rand([5], 12)], 0),
       x.slice([0, 1, 2, 3], [2, 3, 4, 4]), x.slice([1, 0, 0, 0], [2, 5, 6, 7]), rand([64, 320], 6).slice([0, 40], [64, 40]), x.slice([0, 0, 0, 6], [-1, -1, -1, 1]),
     ];
     shapes.push(...outs.map((t) => t.shape));
@@ -233,9 +235,10 @@ test('native Neg, Exp, Sigmoid, Erf, Square, Sqrt match the stock kernels; int32
   for (let i = 0; i < native.length; i++) assertClose(`unary ${i}`, native[i]!, stock[i]!, 1);
   registerNativeKernels();
   const ints = tf.tensor2d([1, 2, 3, 4, 5, 6], [2, 3], 'int32');
-  const outs = [ints.sum(0), ints.mean(1), ints.transpose(), ints.pad([[1, 0], [0, 1]]), ints.neg(), ...tf.split(ints, 3, 1), ...tf.unstack(ints)];
-  assert.deepEqual(outs.map((t) => t.dtype), ['int32', 'float32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32']);
+  const outs = [ints.sum(0), ints.mean(1), ints.transpose(), ints.pad([[1, 0], [0, 1]]), ints.neg(), tf.concat([ints, ints], 1), ...tf.split(ints, 3, 1), ...tf.unstack(ints)];
+  assert.deepEqual(outs.map((t) => t.dtype), ['int32', 'float32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32', 'int32']);
   assert.deepEqual(Array.from(await outs[0]!.data()), [5, 7, 9]);
+  assert.deepEqual(Array.from(await outs[5]!.data()), [1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]);
   assert.deepEqual(Array.from(await outs[3]!.data()), [0, 0, 0, 0, 1, 2, 3, 0, 4, 5, 6, 0]);
   tf.dispose([ints, ...outs]);
 });

@@ -2,7 +2,7 @@
  * @file Native layout, reduction and unary kernels — where the stock pure-JS ones took most of
  * an SD1.5 UNet step once conv and matmul were native (profile of fwd+bwd at 32×32 latents:
  * Sum 9.0 s, PadV2 3.0 s, Transpose 2.8 s, Mean 2.5 s, SplitV 1.7 s, Unpack 0.9 s, Neg, Erf,
- * Sigmoid, Exp, Square). Transpose, Slice (non-contiguous), SplitV, Unpack and PadV2 are one
+ * Sigmoid, Exp, Square). Transpose, Slice (non-contiguous), SplitV, Unpack, PadV2 and Concat are one
  * strided copy each (exact); Sum and Mean sum in double like the stock loop (kernels/Sum.js;
  * Mean divides each element by the count first, as kernels/Mean.js does); the unary kernels
  * evaluate the stock formulas (in double where the stock one rounds from double). Anything
@@ -150,6 +150,26 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     copy(addon, xv, out, size, xs, contiguousStrides(size), begin.reduce((o, b, d) => o + b * xs[d]!, 0));
     return backend.makeTensorInfo(size, 'float32', out);
   };
+  /** Float32 Concat: each input copied into its columns of the output seen as [outer, Σ inner] (the stock kernel loops in JS). */
+  const concat: KernelFunc = (args) => {
+    const backend = args.backend as CpuBackend;
+    const inputs = args.inputs as unknown as TensorInfo[];
+    const values = inputs.map((t) => f32(backend, t));
+    if (inputs.length === 0 || values.some((v) => !v)) return stock('Concat')(args);
+    const shapes = inputs.map((t) => t.shape);
+    const axis = tf.util.parseAxisParam((args.attrs as { axis: number | number[] }).axis, shapes[0]!)[0]!;
+    tf.backend_util.assertParamsConsistent(shapes, axis);
+    const outShape = tf.backend_util.computeOutShape(shapes, axis);
+    const out = outputArray(tf.util.sizeFromShape(outShape));
+    const outer = tf.util.sizeFromShape(outShape.slice(0, axis)), outInner = tf.util.sizeFromShape(outShape.slice(axis));
+    let column = 0;
+    inputs.forEach((t, i) => {
+      const inner = tf.util.sizeFromShape(t.shape.slice(axis));
+      copy(addon, values[i]!, out, [outer, inner], [inner, 1], [outInner, 1], 0, column);
+      column += inner;
+    });
+    return backend.makeTensorInfo(outShape, 'float32', out);
+  };
   const unary = (name: string, op: number): KernelFunc => (args) => {
     const backend = args.backend as CpuBackend;
     const x = args.inputs.x!;
@@ -160,7 +180,7 @@ export function layoutKernelFuncs(addon: NativeAddon, stock: StockLookup): Recor
     return backend.makeTensorInfo(x.shape, 'float32', out);
   };
   return {
-    Sum: reduce('Sum'), Mean: reduce('Mean'), Transpose: transpose, Slice: slice, SplitV: splitV, Unpack: unpack, PadV2: padV2,
+    Sum: reduce('Sum'), Mean: reduce('Mean'), Transpose: transpose, Slice: slice, SplitV: splitV, Unpack: unpack, PadV2: padV2, Concat: concat,
     Neg: unary('Neg', 0), Exp: unary('Exp', 1), Sigmoid: unary('Sigmoid', 2), Erf: unary('Erf', 3),
     Square: unary('Square', 4), Sqrt: unary('Sqrt', 5),
   };
