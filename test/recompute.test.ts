@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { tf, initBackend, type Tensor } from '../trainers/backend/index.ts';
 import { attention, headsAttention } from '../trainers/nets/layers.ts';
-import { sliceRows, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
+import { hasNativeAttention, nativeAttention, sliceRows, slicedAttentionOps } from '../trainers/nets/sliced-attention.ts';
 import { checkpointed, lossAndGrads } from '../trainers/nets/recompute.ts';
 import { hypernetHook, hypernetSpecFromWebui, createHypernetwork } from '../trainers/nets/hypernet.ts';
 import { maxAbsDiff } from './helpers/golden.ts';
@@ -49,6 +49,29 @@ test('checkpointed: gradients of inputs and of variables read inside equal the p
   tf.dispose([ours.value, ...Object.values(ours.grads)]);
   assert.equal(tf.memory().numTensors, before, 'no tensor left behind');
   tf.dispose([plain.value, ...Object.values(plain.grads), w, u, x]);
+});
+
+test("a checkpointed block's recompute takes its attention cores' outputs from the forward: each runs once, the gradients are the plain tape's, nothing leaks", { skip: hasNativeAttention() ? false : 'native attention kernels not available on this backend' }, async () => {
+  const w = tf.variable(tf.randomNormal([16, 16], 0, 0.3, 'float32', 11), true);
+  const x = tf.randomNormal([1, 24, 16], 0, 1, 'float32', 12);
+  const context = tf.randomNormal([1, 9, 16], 0, 1, 'float32', 13);
+  const block = (h: Tensor) => {
+    const q = tf.matMul(h.reshape([24, 16]), w).reshape([1, 24, 16]);
+    return nativeAttention(q, context, context, 2).add(nativeAttention(q, q, h, 2)).tanh(); // cross, then self
+  };
+  const plain = tf.variableGrads(() => block(block(x)).sum() as tf.Scalar, [w]);
+  const before = tf.memory().numTensors;
+  let ours: ReturnType<typeof lossAndGrads> | undefined;
+  const info = await tf.profile(() => {
+    ours = lossAndGrads(() => checkpointed(block, [checkpointed(block, [x])]).sum() as tf.Scalar, new Map([['w', w]]));
+    return [];
+  });
+  assert.equal(info.kernels.filter((k) => k.name === 'SidetrainAttention').length, 4, 'two blocks × two attentions, none run again in the recompute');
+  assert.ok(Math.abs((await ours!.value.data())[0]! - (await plain.value.data())[0]!) < 1e-5);
+  assert.ok((await maxAbsDiff(ours!.grads.w!, plain.grads[w.name]!)) < 1e-5);
+  tf.dispose([ours!.value, ...Object.values(ours!.grads)]);
+  assert.equal(tf.memory().numTensors, before, 'no tensor left behind');
+  tf.dispose([plain.value, ...Object.values(plain.grads), w, x, context]);
 });
 
 test('checkpointed blocks whose inputs are constants still give their variables a gradient', async () => {

@@ -315,8 +315,11 @@ function unetLive(job: Job, memory: UNetMemory, hnSizes: number[]): { activation
   let activations = 0;
   let kept = 0;
   let recompute = { dense: 0, scores: 0 };
+  // with the attention core (native or WGSL) a checkpointed block also keeps each core's output
+  // and log-sum-exp for its recompute (nets/recompute.ts reuseInRecompute)
+  const coreOutputs = (b: BlockCost) => (job.nativeAttention ? b.attention.reduce((s, op) => s + op.tq * (op.width + op.heads), 0) : 0);
   job.blocks.forEach((b, i) => {
-    activations += ckpt[i] ? b.output : dense(b);
+    activations += ckpt[i] ? b.output + coreOutputs(b) : dense(b);
     kept += ckpt[i] ? 0 : scores[i]!.kept;
     if (ckpt[i] && dense(b) + scores[i]!.kept > recompute.dense + recompute.scores) recompute = { dense: dense(b), scores: scores[i]!.kept };
   });
@@ -390,7 +393,8 @@ function estimateWith(job: Job, memory: UNetMemory, backend: string, spec: Recor
   const scoreElements = (b: BlockCost) => (job.nativeAttention ? 0 : b.attention.reduce((s, op) => s + 3 * op.heads * op.tq * op.tk, 0));
   const textFlop = 2 * text.tokens * (4 * text.width ** 2 + 2 * text.width * text.mlp) * text.layers * (plan.textTrains ? 2 : 1);
   const denseFlop = ((2 + (plan.unetWeightsTrain ? 1 : 0)) * sum((b) => b.denseFlop) + sum((b) => b.denseFlop, ckpt) + textFlop) * batch;
-  const attnFlop = (3 * sum((b) => b.attnFlop) + sum((b) => b.attnFlop, ckpt) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes, job.nativeAttention)) * batch;
+  // (a checkpointed block's recompute takes the attention core's forward results: no attention FLOPs again)
+  const attnFlop = (3 * sum((b) => b.attnFlop) + (job.nativeAttention ? 0 : sum((b) => b.attnFlop, ckpt)) + slicedAttnFlop(job.blocks, memory.attentionSliceBytes, job.nativeAttention)) * batch;
   const elements = (2 * sum((b) => b.dense + scoreElements(b)) + sum((b) => b.dense + scoreElements(b), ckpt)) * batch;
   const optimizerElements = plan.trainableParams * CAL.optimizerElementsPerParam;
   const recomputedShare = sum((b) => b.denseFlop, ckpt) / Math.max(1, 2 * sum((b) => b.denseFlop));

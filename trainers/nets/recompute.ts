@@ -58,6 +58,58 @@ interface Census {
 
 let collection: Collection | undefined;
 
+/** What one checkpointed block's forward kept for its recompute (reuseInRecompute), in call order. */
+interface Kept {
+  items: Array<{ key: string; outs: Tensor[] }>;
+}
+/** The checkpointed block now running: its forward (record) or its recompute (replay). */
+let reuse: { record: boolean; kept: Kept } | undefined;
+/** Every block's kept results not yet replayed: disposed when the step ends, whatever happened. */
+const pendingKept = new Set<Kept>();
+
+function withReuse<T>(record: boolean, kept: Kept, f: () => T): T {
+  const outer = reuse;
+  reuse = { record, kept };
+  try {
+    return f();
+  } finally {
+    reuse = outer;
+  }
+}
+
+function disposeKept(kept: Kept): void {
+  for (const item of kept.items) tf.dispose(item.outs);
+  kept.items = [];
+  pendingKept.delete(kept);
+}
+
+/**
+ * compute(), with its results kept by a checkpointed block's forward and taken by the block's
+ * recompute instead of computing them again: for kernels whose outputs are small next to their
+ * cost (the attention core: out [B, Tq, C] and the log-sum-exp [B·heads, Tq] for 2·Tq·Tk·C
+ * multiply-adds; at 512 px the five level-1 self-attentions were ~0.6 s of every recompute). The
+ * recompute runs the same deterministic kernels on the same inputs in the same order, so the kept
+ * results are the ones it would compute; the inputs' shapes are checked as a guard, and on a
+ * mismatch it computes. Outside a checkpointed block it just computes.
+ */
+export function reuseInRecompute(inputs: Tensor[], compute: () => Tensor[]): Tensor[] {
+  const r = reuse;
+  if (!r) return compute();
+  const key = inputs.map((t) => t.shape.join('x')).join(',');
+  if (r.record) {
+    const outs = compute();
+    r.kept.items.push({ key, outs: outs.map((t) => tf.keep(t.clone())) });
+    return outs;
+  }
+  const item = r.kept.items.shift();
+  if (!item) return compute();
+  try {
+    return item.key === key ? item.outs.map((t) => t.clone()) : compute();
+  } finally {
+    tf.dispose(item.outs);
+  }
+}
+
 interface EngineState { activeTape: unknown }
 const engineState = () => (tf.engine() as unknown as { state: EngineState }).state;
 
@@ -72,11 +124,13 @@ export function checkpointed(fn: (...xs: Tensor[]) => Tensor, inputs: Tensor[]):
   if (!c) throw new Error('gradient checkpointing: take gradients with lossAndGrads (trainers/nets/recompute.ts), not tf.variableGrads');
   const census = c.fused;
   if (census?.block) throw new Error('fused backward: checkpointed blocks cannot nest');
+  const kept: Kept = { items: [] };
+  pendingKept.add(kept);
   const run = tf.customGrad((...args) => {
     const xs = args.slice(0, inputs.length) as Tensor[];
-    const value = tf.tidy(() => fn(...xs));
+    const value = tf.tidy(() => withReuse(true, kept, () => fn(...xs)));
     (args[args.length - 1] as tf.GradSaveFunc)(xs);
-    return { value, gradFunc: (dy, saved) => [...recompute(fn, saved, dy as Tensor, c), tf.zeros([])] };
+    return { value, gradFunc: (dy, saved) => [...recompute(fn, saved, dy as Tensor, c, kept), tf.zeros([])] };
   });
   if (!census?.forward) return run(...inputs, c.anchor!);
   census.block = new Set();
@@ -96,14 +150,14 @@ function anchorOf(vars: tf.Variable[]): Tensor {
 }
 
 /** The block again, under its own tape: gradients of its inputs (returned) and of the variables it read (collected). */
-function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor, c: Collection): Tensor[] {
+function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor, c: Collection, kept: Kept): Tensor[] {
   const state = engineState();
   const complete: tf.Variable[] = [];
   const outerTape = state.activeTape;
   let inputGrads: Tensor[];
   try {
     inputGrads = tf.tidy(() => {
-      const { grads } = tf.engine().gradients(() => fn(...saved), [...saved, ...c.vars], dy, true);
+      const { grads } = tf.engine().gradients(() => withReuse(false, kept, () => fn(...saved)), [...saved, ...c.vars], dy, true);
       c.vars.forEach((v, i) => {
         const g = grads[saved.length + i];
         if (!g) return;
@@ -116,6 +170,7 @@ function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor,
     });
   } finally {
     state.activeTape = outerTape;
+    disposeKept(kept);
   }
   if (c.fused) handOver(c, c.fused, complete);
   activeBf16Store()?.release(c.fused?.onTape ?? new Set(c.vars));
@@ -195,6 +250,7 @@ export function lossAndGrads(
     return { value: value as tf.Scalar, grads: out };
   } finally {
     tf.dispose([...c.side.values()]);
+    for (const kept of pendingKept) disposeKept(kept);
     collection = undefined;
     if (store) {
       store.sticky = false;

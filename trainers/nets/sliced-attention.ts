@@ -21,6 +21,7 @@ import { loadAddon, type NativeAddon } from '../backend/native/addon.ts';
 import { outputArray } from '../backend/native/output.ts';
 import type { CpuBackend } from '../backend/native/kernels.ts';
 import { computePrecision } from '../backend/precision.ts';
+import { reuseInRecompute } from './recompute.ts';
 
 type AttentionAddon = { [K in 'attentionForward' | 'attentionBackward']-?: NonNullable<NativeAddon[K]> };
 
@@ -104,7 +105,8 @@ export function nativeAttention(q: Tensor, k: Tensor, v: Tensor, heads: number):
   const attrs = { heads, scale: (q.shape[2]! / heads) ** -0.5 };
   const run = tf.customGrad((qi, ki, vi, save) => {
     const inputs = { q: qi as Tensor, k: ki as Tensor, v: vi as Tensor };
-    const [out, lse] = runKernel('SidetrainAttention', inputs, attrs) as [Tensor, Tensor];
+    // a checkpointed block's recompute takes the forward's output and log-sum-exp (recompute.ts)
+    const [out, lse] = reuseInRecompute([inputs.q, inputs.k, inputs.v], () => runKernel('SidetrainAttention', inputs, attrs)) as [Tensor, Tensor];
     (save as tf.GradSaveFunc)([inputs.q, inputs.k, inputs.v, out, lse]);
     return {
       value: out,
