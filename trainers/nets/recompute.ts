@@ -41,6 +41,8 @@ interface Collection {
   /** A scalar 0 that depends on a trainable variable (made on the tape when the loss starts). */
   anchor?: Tensor;
   fused?: Census;
+  /** Each checkpointed block's kept results not yet replayed: disposed when the step ends, whatever happened. */
+  kept: Set<Kept>;
 }
 
 /** The fused backward's bookkeeping (see the file comment). */
@@ -64,8 +66,6 @@ interface Kept {
 }
 /** The checkpointed block now running: its forward (record) or its recompute (replay). */
 let reuse: { record: boolean; kept: Kept } | undefined;
-/** Every block's kept results not yet replayed: disposed when the step ends, whatever happened. */
-const pendingKept = new Set<Kept>();
 
 function withReuse<T>(record: boolean, kept: Kept, f: () => T): T {
   const outer = reuse;
@@ -77,10 +77,10 @@ function withReuse<T>(record: boolean, kept: Kept, f: () => T): T {
   }
 }
 
-function disposeKept(kept: Kept): void {
+function disposeKept(c: Collection, kept: Kept): void {
   for (const item of kept.items) tf.dispose(item.outs);
   kept.items = [];
-  pendingKept.delete(kept);
+  c.kept.delete(kept);
 }
 
 /**
@@ -125,7 +125,7 @@ export function checkpointed(fn: (...xs: Tensor[]) => Tensor, inputs: Tensor[]):
   const census = c.fused;
   if (census?.block) throw new Error('fused backward: checkpointed blocks cannot nest');
   const kept: Kept = { items: [] };
-  pendingKept.add(kept);
+  c.kept.add(kept);
   const run = tf.customGrad((...args) => {
     const xs = args.slice(0, inputs.length) as Tensor[];
     const value = tf.tidy(() => withReuse(true, kept, () => fn(...xs)));
@@ -170,7 +170,7 @@ function recompute(fn: (...xs: Tensor[]) => Tensor, saved: Tensor[], dy: Tensor,
     });
   } finally {
     state.activeTape = outerTape;
-    disposeKept(kept);
+    disposeKept(c, kept);
   }
   if (c.fused) handOver(c, c.fused, complete);
   activeBf16Store()?.release(c.fused?.onTape ?? new Set(c.vars));
@@ -219,7 +219,7 @@ export function lossAndGrads(
   f: () => tf.Scalar, trainable: Map<string, tf.Variable>, onGrad?: (name: string, grad: Tensor) => void,
 ): { value: tf.Scalar; grads: Record<string, Tensor> } {
   if (collection) throw new Error('lossAndGrads: already taking gradients (nested calls are not supported)');
-  const c: Collection = { vars: [...trainable.values()], side: new Map() };
+  const c: Collection = { vars: [...trainable.values()], side: new Map(), kept: new Set() };
   if (onGrad) {
     const names = new Map([...trainable].map(([name, v]) => [v, name]));
     c.fused = { onGrad: (v, g) => onGrad(names.get(v)!, g), known: new Set(c.vars), pending: new Map(), onTape: new Set(), forward: false };
@@ -250,7 +250,7 @@ export function lossAndGrads(
     return { value: value as tf.Scalar, grads: out };
   } finally {
     tf.dispose([...c.side.values()]);
-    for (const kept of pendingKept) disposeKept(kept);
+    for (const kept of c.kept) disposeKept(c, kept);
     collection = undefined;
     if (store) {
       store.sticky = false;
