@@ -10,6 +10,7 @@ import type { JobContext } from '../job.ts';
 import { LossLog } from './loss-log.ts';
 import { lossAndGrads } from '../nets/recompute.ts';
 import { allFiniteWithin } from '../optim/check.ts';
+import { releaseIdleOutputs } from '../backend/native/output.ts';
 
 /** What a method gives the loop. */
 export interface TrainMethod<Batch> {
@@ -155,16 +156,21 @@ export async function trainLoop<B>(method: TrainMethod<B>, opts: LoopOptions, ct
     step = next;
     await method.afterStep?.(step);
     await report(opts, ctx, log, step, loss, started);
-    if (opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps) {
+    const saving = opts.saveEvery > 0 && step % opts.saveEvery === 0 && step < opts.steps;
+    const previewing = method.preview && opts.previewEvery > 0 && step % opts.previewEvery === 0;
+    // a snapshot's buffers and a preview's other shapes: not beside the steps' idle outputs
+    if (saving || previewing) releaseIdleOutputs();
+    if (saving) {
       const paths = await atomicGroup(() => method.save(step, false), (p) => p[0]); // snapshot + .optim together
       // the snapshot itself; its side files (.optim) are not snapshots of their own
       lastSnapshot = paths[0] ?? lastSnapshot;
       if (paths[0]) ctx.emit({ type: 'snapshot', step, path: paths[0] });
     }
-    if (method.preview && opts.previewEvery > 0 && step % opts.previewEvery === 0) {
-      ctx.emit({ type: 'preview', step, path: await method.preview(step) });
+    if (previewing) {
+      ctx.emit({ type: 'preview', step, path: await method.preview!(step) });
     }
   }
+  releaseIdleOutputs(); // the final save and sampling come next
   return { step, cancelled: ctx.signal.aborted && step < opts.steps };
 }
 

@@ -9,6 +9,7 @@ import { loadAddon, describeNative, type NativeInfo } from './addon.ts';
 import { nativeKernelFuncs } from './kernels.ts';
 import { elementwiseKernelFuncs } from './elementwise.ts';
 import { layoutKernelFuncs } from './layout.ts';
+import { recycleOutputs, type RecyclingBackend } from './output.ts';
 
 /** Stock CPU kernels that were replaced, by kernel name (to fall back and to restore). */
 const stockKernels = new Map<string, tf.KernelConfig>();
@@ -34,6 +35,7 @@ export function registerNativeKernels(): void {
     }
     tf.registerKernel({ kernelName, backendName: 'cpu', kernelFunc });
   }
+  recycleOutputs(tf.findBackend('cpu') as unknown as RecyclingBackend);
   registered = true;
 }
 
