@@ -47,8 +47,10 @@ inline Scratch& scratch() {
 
 // MR×NR tile: rows[r][0..NR) (=|+=) Σ_k A[k*MR+r]·B[k*ldb..]: B is a packed panel (ldb = NR) or,
 // read in place, NR columns of a row-major matrix (ldb = its row stride; see gemm_batched).
+// With Copy, B's k rows are also stored to `copy` as a packed panel (copy[k*NR..]) for the next tiles.
+template <bool Copy = false>
 static inline void micro_kernel(long kc, const float* __restrict a, const float* __restrict b, long ldb,
-                                float* const* rows, bool acc) {
+                                float* const* rows, bool acc, float* __restrict copy = nullptr) {
   vfa c0[MR], c1[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; r++) c0[r] = c1[r] = vfa{};
@@ -59,6 +61,10 @@ static inline void micro_kernel(long kc, const float* __restrict a, const float*
     }
     const vfa b0 = *reinterpret_cast<const vfu*>(b + k * ldb);
     const vfa b1 = *reinterpret_cast<const vfu*>(b + k * ldb + VW);
+    if (Copy) {
+      *reinterpret_cast<vfa*>(copy + k * NR) = b0;
+      *reinterpret_cast<vfa*>(copy + k * NR + VW) = b1;
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) {
       const float av = a[k * MR + r];
@@ -181,10 +187,18 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
           const int nrows = static_cast<int>(std::min<long>(MR, mc - ir));
           float* rows[MR];
           for (int r = 0; r < MR; r++) rows[r] = r < nrows ? prob.c(ic + ir + r) + jr : nullptr;
-          if (nrows == MR && ncols == NR)
-            micro_kernel(kc, ap + ir * kc, b, ldb, rows, acc);
-          else
+          if (nrows == MR && ncols == NR) {
+            // an in-place B panel: the first tile reads it (prefetched) and packs it as it goes, so
+            // the other tiles read it from L1 (its rows, ld apart, alias in L1 and stay in L2 only)
+            if (ldb != NR && mc > MR) {
+              micro_kernel<true>(kc, ap + ir * kc, b, ldb, rows, acc, s.b);
+              b = s.b, ldb = NR;
+            } else {
+              micro_kernel(kc, ap + ir * kc, b, ldb, rows, acc);
+            }
+          } else {
             edge_kernel(kc, ap + ir * kc, b, ldb, rows, nrows, ncols, acc);
+          }
         }
       }
     }
