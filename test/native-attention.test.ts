@@ -52,13 +52,16 @@ function maxDiff(a: Float32Array, b: Float32Array): number {
   return m;
 }
 
-// [BH, Tq, Tk, d]: the kernel's blocks are 2·MR query rows (12 or 24) and 4·NR keys (64 or 128)
+// [BH, Tq, Tk, d]: the kernel's blocks are 2·MR query rows (12 or 24) forward, 8·MR backward
+// (summed 2·MR at a time), and 4·NR keys (64 or 128); [2, 500, 64, 40] splits each head's rows
+// between tasks at multiples of 2·MR, into full and partial backward blocks
 const shapes: Array<[number, number, number, number]> = [
   [3, 29, 53, 8],
   [5, 31, 77, 40],
   [2, 61, 150, 64],
   [1, 7, 200, 160],
   [3, 1, 1, 40],
+  [2, 500, 64, 40],
 ];
 
 test('native attention core = whole TF-ops attention (output, dq, dk, dv within 1e-5)', { skip }, async () => {
