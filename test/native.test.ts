@@ -64,6 +64,8 @@ const convCases: ConvCase[] = [
   // panel at a time (input gradient), over two full column panels, a partial one and two k-blocks
   { x: [1, 4, 5, 40], w: [3, 3, 40, 70], stride: 1, pad: 'same' },
   { x: [1, 8, 8, 40], w: [3, 3, 40, 96], stride: 2, pad: 'same' },
+  // 144 output pixels in several column chunks: A packed once for all chunks, by two tasks of rows
+  { x: [1, 12, 12, 16], w: [3, 3, 16, 70], stride: 1, pad: 'same' },
 ];
 
 test('native conv2d and its gradients match the stock CPU kernels', { skip }, async () => {

@@ -99,6 +99,7 @@ static inline void edge_kernel(long kc, const float* a, const float* b, long ldb
 // Packed B of every problem. Layout per problem: for each KC block pc, the NR-column panels of
 // that block, panel jr at pc*Npad + jr*kc.
 inline float* packed_b_buffer(size_t floats) { return static_cast<float*>(kept_buffer(0, floats * sizeof(float))); }
+inline float* packed_a_buffer(size_t floats) { return static_cast<float*>(kept_buffer(2, floats * sizeof(float))); }
 
 // How many N chunks the row blocks of `count` problems are split into: enough tasks (4 per
 // thread) to keep every thread busy when the row blocks alone are too few.
@@ -121,6 +122,10 @@ struct DirectB {
 // output pixels against 14.7M weights, and the pack pass took more time than the multiply-adds.
 // With many rows the contiguous packed panel pays for itself (B is reread for every row block).
 constexpr long DIRECT_B_MAX_M = 4 * MC;
+// With few rows split into column chunks, every chunk's task needs all of A: packed once for all
+// of them (a conv's A is its im2col gather, 9× its input) while it is at most this many floats.
+// Packing it per task cost 10–30% of the 8×8 and 16×16 levels' convs and the 256-row matmuls.
+constexpr long SHARED_A_MAX = 16L << 20;
 
 // Multi-threaded GEMM over `count` problems of equal shape; make(i) returns problem i's
 // packers and row functor as a struct with members a, b, c.
@@ -155,6 +160,19 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
   const long nchunks = n_chunks(count, mblocks, npanels, threads);
   const long panelsPerChunk = (npanels + nchunks - 1) / nchunks;
   const long perProblem = mblocks * nchunks;
+  // few rows in several column chunks: A packed once, shared (problem i's block pc at i·Mp·K + pc·Mp)
+  const long Mp = (M + MR - 1) / MR * MR;
+  float* const sharedA = few && nchunks > 1 && count * Mp * K <= SHARED_A_MAX ? packed_a_buffer(count * Mp * K) : nullptr;
+  if (sharedA) {
+    const long groups = (Mp / MR + 7) / 8;  // tasks of up to 8 row panels
+    parallel_for(static_cast<int>(count * kblocks * groups), [&](int task) {
+      const long i = task / (kblocks * groups), pc = (task / groups % kblocks) * KC, kc = std::min(KC, K - pc);
+      const auto prob = make(i);
+      float* dst = sharedA + i * Mp * K + pc * Mp;
+      for (long ir = task % groups * 8 * MR; ir < std::min(M, (task % groups + 1) * 8 * MR); ir += MR)
+        prob.a.pack(dst + ir * kc, ir, static_cast<int>(std::min<long>(MR, M - ir)), pc, kc);
+    });
+  }
   parallel_for(static_cast<int>(count * perProblem), [&](int task) {
     const long i = task / perProblem, rest = task % perProblem;
     const long ic = (rest / nchunks) * mcTask, mc = std::min(mcTask, M - ic);
@@ -163,14 +181,16 @@ void gemm_batched(long count, long M, long N, long K, bool accumulate, const Mak
     const auto prob = make(i);
     const auto db = prob.b.direct();
     Scratch& s = scratch();
-    if (few && !s.aFew) s.aFew = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * DIRECT_B_MAX_M * KC));
-    float* const ap = few ? s.aFew : s.a;
+    if (few && !sharedA && !s.aFew) s.aFew = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * DIRECT_B_MAX_M * KC));
+    float* const own = few ? s.aFew : s.a;
     const float* bi = few ? nullptr : bp + i * K * Npad;
     for (long pc = 0; pc < K; pc += KC) {
       const long kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
-      for (long ir = 0; ir < mc; ir += MR)
-        prob.a.pack(ap + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
+      const float* ap = sharedA ? sharedA + i * Mp * K + pc * Mp : own;
+      if (!sharedA)
+        for (long ir = 0; ir < mc; ir += MR)
+          prob.a.pack(own + ir * kc, ic + ir, static_cast<int>(std::min<long>(MR, mc - ir)), pc, kc);
       for (long jr = j0; jr < j1; jr += NR) {
         const int ncols = static_cast<int>(std::min<long>(NR, j1 - jr));
         const float* b;

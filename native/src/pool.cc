@@ -87,8 +87,8 @@ int pool_threads() { return pool().size(); }
 void parallel_for(int n, const std::function<void(int)>& f) { pool().run(n, f); }
 
 void* kept_buffer(int slot, size_t bytes) {
-  static void* buf[2] = {};
-  static size_t cap[2] = {};
+  static void* buf[3] = {};
+  static size_t cap[3] = {};
   if (bytes > cap[slot]) {
     std::free(buf[slot]);
     cap[slot] = bytes + bytes / 4;
